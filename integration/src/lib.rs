@@ -1,0 +1,1 @@
+//! Helpers shared by vrio's cross-process and VM tests.

@@ -1,0 +1,35 @@
+#!/bin/bash
+# Installs everything vrio's demo and test suite need on a fresh Debian 12
+# machine (root). Idempotent: a second run only checks.
+#   - build tools for sideway (cmake, clang/libclang)
+#   - QEMU 10 from bookworm-backports (matching the image's qemu-utils),
+#     the guest kernel, busybox and rdma-core for the Soft-RoCE guest
+#   - the nightly toolchain's cargo-fuzz for the fuzz target
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+STAMP=/var/lib/vrio-setup.v1
+need_apt=0
+for p in cmake clang libclang-dev qemu-system-x86 linux-image-amd64 busybox-static cpio \
+         rdma-core ibverbs-providers ibverbs-utils perftest rdmacm-utils iproute2 e2fsprogs; do
+  dpkg -s "$p" >/dev/null 2>&1 || { need_apt=1; break; }
+done
+if [ ! -f "$STAMP" ] || [ "$need_apt" = 1 ]; then
+  echo "setup: installing system packages (apt)"
+  MIRROR=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+  [ -n "$MIRROR" ] || MIRROR=$(awk '/^deb / {print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
+  [ -n "$MIRROR" ] || { echo "setup: cannot find the Debian mirror in /etc/apt" >&2; exit 1; }
+  echo "deb $MIRROR bookworm-backports main" > /etc/apt/sources.list.d/bookworm-backports.list
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends build-essential pkg-config cmake clang libclang-dev \
+    busybox-static cpio iproute2 e2fsprogs kmod \
+    rdma-core ibverbs-providers ibverbs-utils perftest rdmacm-utils libibverbs-dev librdmacm-dev
+  apt-get install -y -q --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils
+  ls /boot/vmlinuz-*-amd64 >/dev/null 2>&1 || apt-get install -y -q --no-install-recommends linux-image-amd64
+  dpkg -s linux-image-amd64 >/dev/null 2>&1 || apt-get install -y -q --no-install-recommends linux-image-amd64
+  touch "$STAMP"
+fi
+if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+  echo "setup: installing cargo-fuzz"
+  cargo install --locked cargo-fuzz
+fi
+echo "setup: ok ($(qemu-system-x86_64 --version | head -1); $(cmake --version | head -1))"

@@ -1,0 +1,277 @@
+//! Guest memory as the ring engine and device models see it.
+//!
+//! Everything vrio knows about a guest's memory goes through two things:
+//! a [`MemoryMap`], the set of guest-physical ranges the guest registered
+//! (used to validate every guest-supplied address before it is touched), and
+//! the [`GuestMemory`] trait, the only way the engine reads or writes. Local
+//! models implement it over `vm-memory`; the remote I/O server implements it
+//! over a shadow of ring pages fetched with RDMA READ.
+
+use std::sync::atomic::Ordering;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+/// Errors from a guest memory access or a range check.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MemoryError {
+    #[error("guest range {addr:#x}+{len:#x} overflows the address space")]
+    Overflow { addr: u64, len: u64 },
+    #[error("guest range {addr:#x}+{len:#x} is outside the guest's registered memory")]
+    OutOfBounds { addr: u64, len: u64 },
+    #[error("guest range {addr:#x}+{len:#x} is not present locally (fetch it first)")]
+    NotPresent { addr: u64, len: u64 },
+    #[error("invalid guest memory map: {0}")]
+    InvalidMap(String),
+    #[error("guest memory access at {addr:#x} failed: {reason}")]
+    Access { addr: u64, reason: String },
+}
+
+/// One guest-physical range of a guest's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestRegion {
+    pub gpa: u64,
+    pub len: u64,
+}
+
+impl GuestRegion {
+    /// Exclusive end, or `None` when the region wraps the address space.
+    pub fn end(&self) -> Option<u64> {
+        self.gpa.checked_add(self.len)
+    }
+}
+
+/// The guest-physical ranges one guest registered, sorted and disjoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MemoryMap {
+    regions: Vec<GuestRegion>,
+}
+
+impl MemoryMap {
+    /// Builds a map; rejects empty, wrapping or overlapping regions.
+    pub fn new(mut regions: Vec<GuestRegion>) -> Result<Self, MemoryError> {
+        regions.sort_by_key(|r| r.gpa);
+        for r in &regions {
+            if r.len == 0 || r.end().is_none() {
+                return Err(MemoryError::InvalidMap(format!(
+                    "region {:#x}+{:#x} is empty or wraps",
+                    r.gpa, r.len
+                )));
+            }
+        }
+        for w in regions.windows(2) {
+            // `end()` was checked above.
+            if w[0].gpa + w[0].len > w[1].gpa {
+                return Err(MemoryError::InvalidMap(format!(
+                    "regions at {:#x} and {:#x} overlap",
+                    w[0].gpa, w[1].gpa
+                )));
+            }
+        }
+        Ok(Self { regions })
+    }
+
+    /// The map of a `vm-memory` guest memory object.
+    pub fn of<B: GuestMemoryBackend>(mem: &B) -> Result<Self, MemoryError> {
+        Self::new(
+            mem.iter()
+                .map(|r| GuestRegion {
+                    gpa: r.start_addr().0,
+                    len: r.len(),
+                })
+                .collect(),
+        )
+    }
+
+    pub fn regions(&self) -> &[GuestRegion] {
+        &self.regions
+    }
+
+    /// Total registered bytes.
+    pub fn size(&self) -> u64 {
+        self.regions.iter().map(|r| r.len).sum()
+    }
+
+    /// Checks that `addr..addr+len` lies inside one registered region.
+    ///
+    /// A buffer that straddles two adjacent regions is refused: the fabric
+    /// registers each region separately, so one transfer cannot span two.
+    pub fn check(&self, addr: u64, len: u64) -> Result<(), MemoryError> {
+        let end = addr
+            .checked_add(len)
+            .ok_or(MemoryError::Overflow { addr, len })?;
+        let i = self.regions.partition_point(|r| r.gpa <= addr);
+        if i == 0 {
+            return Err(MemoryError::OutOfBounds { addr, len });
+        }
+        let r = &self.regions[i - 1];
+        if end <= r.gpa + r.len {
+            Ok(())
+        } else {
+            Err(MemoryError::OutOfBounds { addr, len })
+        }
+    }
+
+    /// The region holding `addr`, with its index.
+    pub fn region_of(&self, addr: u64) -> Option<(usize, &GuestRegion)> {
+        let i = self.regions.partition_point(|r| r.gpa <= addr);
+        if i == 0 {
+            return None;
+        }
+        let r = &self.regions[i - 1];
+        (addr < r.gpa + r.len).then_some((i - 1, r))
+    }
+}
+
+/// The engine's only way into guest memory.
+///
+/// Implementations must refuse (not clamp) any access outside what they hold.
+pub trait GuestMemory {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemoryError>;
+    fn write(&self, addr: u64, buf: &[u8]) -> Result<(), MemoryError>;
+
+    /// Reads a ring index with acquire ordering.
+    fn load_u16(&self, addr: u64) -> Result<u16, MemoryError> {
+        let mut b = [0u8; 2];
+        self.read(addr, &mut b)?;
+        std::sync::atomic::fence(Ordering::Acquire);
+        Ok(u16::from_le_bytes(b))
+    }
+
+    /// Publishes a ring index with release ordering.
+    fn store_u16(&self, addr: u64, val: u16) -> Result<(), MemoryError> {
+        std::sync::atomic::fence(Ordering::Release);
+        self.write(addr, &val.to_le_bytes())
+    }
+}
+
+impl<T: GuestMemory + ?Sized> GuestMemory for &T {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        (**self).read(addr, buf)
+    }
+    fn write(&self, addr: u64, buf: &[u8]) -> Result<(), MemoryError> {
+        (**self).write(addr, buf)
+    }
+    fn load_u16(&self, addr: u64) -> Result<u16, MemoryError> {
+        (**self).load_u16(addr)
+    }
+    fn store_u16(&self, addr: u64, val: u16) -> Result<(), MemoryError> {
+        (**self).store_u16(addr, val)
+    }
+}
+
+fn access_err(addr: u64, e: impl std::fmt::Display) -> MemoryError {
+    MemoryError::Access {
+        addr,
+        reason: e.to_string(),
+    }
+}
+
+/// Local guest memory: what the local models, the synthetic guests and the
+/// VM-host agent use. `vm-memory` does the bounds checks and volatile copies.
+pub type LocalMemory = vm_memory::GuestMemoryMmap<()>;
+
+impl GuestMemory for LocalMemory {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        self.read_slice(buf, GuestAddress(addr))
+            .map_err(|e| access_err(addr, e))
+    }
+    fn write(&self, addr: u64, buf: &[u8]) -> Result<(), MemoryError> {
+        self.write_slice(buf, GuestAddress(addr))
+            .map_err(|e| access_err(addr, e))
+    }
+    fn load_u16(&self, addr: u64) -> Result<u16, MemoryError> {
+        self.load::<u16>(GuestAddress(addr), Ordering::Acquire)
+            .map(u16::from_le)
+            .map_err(|e| access_err(addr, e))
+    }
+    fn store_u16(&self, addr: u64, val: u16) -> Result<(), MemoryError> {
+        self.store(val.to_le(), GuestAddress(addr), Ordering::Release)
+            .map_err(|e| access_err(addr, e))
+    }
+}
+
+/// Anonymous local guest memory of `size` bytes at guest address 0.
+pub fn anonymous_memory(size: usize) -> Result<LocalMemory, MemoryError> {
+    LocalMemory::from_ranges(&[(GuestAddress(0), size)]).map_err(|e| access_err(0, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map() -> MemoryMap {
+        MemoryMap::new(vec![
+            GuestRegion {
+                gpa: 0x1000,
+                len: 0x1000,
+            },
+            GuestRegion {
+                gpa: 0x10000,
+                len: 0x10000,
+            },
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn check_accepts_inside_and_refuses_outside() {
+        let m = map();
+        assert_eq!(m.check(0x1000, 0x1000), Ok(()));
+        assert_eq!(m.check(0x1fff, 1), Ok(()));
+        assert_eq!(m.check(0x1fff, 0), Ok(()));
+        assert!(matches!(
+            m.check(0x1fff, 2),
+            Err(MemoryError::OutOfBounds { .. })
+        ));
+        assert!(matches!(
+            m.check(0x0, 1),
+            Err(MemoryError::OutOfBounds { .. })
+        ));
+        assert!(matches!(
+            m.check(0x2000, 1),
+            Err(MemoryError::OutOfBounds { .. })
+        ));
+        assert!(matches!(
+            m.check(0x1fff0, 0x20),
+            Err(MemoryError::OutOfBounds { .. })
+        ));
+        assert!(matches!(
+            m.check(u64::MAX - 1, 4),
+            Err(MemoryError::Overflow { .. })
+        ));
+    }
+
+    #[test]
+    fn map_rejects_overlap_and_wrap() {
+        assert!(MemoryMap::new(vec![
+            GuestRegion {
+                gpa: 0,
+                len: 0x2000
+            },
+            GuestRegion {
+                gpa: 0x1000,
+                len: 0x1000
+            }
+        ])
+        .is_err());
+        assert!(MemoryMap::new(vec![GuestRegion {
+            gpa: u64::MAX,
+            len: 2
+        }])
+        .is_err());
+        assert!(MemoryMap::new(vec![GuestRegion { gpa: 0, len: 0 }]).is_err());
+    }
+
+    #[test]
+    fn local_memory_round_trips_and_refuses_out_of_range() {
+        let mem = anonymous_memory(0x4000).unwrap();
+        mem.write(0x100, b"hello").unwrap();
+        let mut b = [0u8; 5];
+        mem.read(0x100, &mut b).unwrap();
+        assert_eq!(&b, b"hello");
+        mem.store_u16(0x200, 0xbeef).unwrap();
+        assert_eq!(mem.load_u16(0x200).unwrap(), 0xbeef);
+        assert!(mem.read(0x3ffe, &mut [0u8; 4]).is_err());
+        assert_eq!(MemoryMap::of(&mem).unwrap().size(), 0x4000);
+    }
+}

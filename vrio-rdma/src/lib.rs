@@ -1,0 +1,17 @@
+//! vrio-rdma: the fabric. One-sided verbs (READ, WRITE, WRITE_WITH_IMM) plus
+//! SEND/RECV over reliable connected endpoints, with two back-ends that share
+//! one API and one conformance suite:
+//!
+//! - `verbs`: real RDMA through sideway (RoCE, InfiniBand, Soft-RoCE);
+//! - `soft`: the same semantics in user space over TCP or Unix sockets.
+//!
+//! The API mirrors verbs closely on purpose: work requests name local memory
+//! by `(lkey, addr, len)` and remote memory by `(rkey, addr)`, and every
+//! outcome (including protection faults and dead peers) arrives as a
+//! [`Completion`] with a [`WcStatus`], never as a panic.
+//!
+//! See `docs/fabric.md`.
+
+pub mod api;
+
+pub use api::*;
