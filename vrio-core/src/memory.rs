@@ -265,13 +265,13 @@ mod tests {
     #[test]
     fn local_memory_round_trips_and_refuses_out_of_range() {
         let mem = anonymous_memory(0x4000).unwrap();
-        mem.write(0x100, b"hello").unwrap();
+        GuestMemory::write(&mem, 0x100, b"hello").unwrap();
         let mut b = [0u8; 5];
-        mem.read(0x100, &mut b).unwrap();
+        GuestMemory::read(&mem, 0x100, &mut b).unwrap();
         assert_eq!(&b, b"hello");
         mem.store_u16(0x200, 0xbeef).unwrap();
         assert_eq!(mem.load_u16(0x200).unwrap(), 0xbeef);
-        assert!(mem.read(0x3ffe, &mut [0u8; 4]).is_err());
+        assert!(GuestMemory::read(&mem, 0x3ffe, &mut [0u8; 4]).is_err());
         assert_eq!(MemoryMap::of(&mem).unwrap().size(), 0x4000);
     }
 }
