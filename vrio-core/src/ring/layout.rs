@@ -127,7 +127,8 @@ impl RingLayout {
     }
 }
 
-/// §2.7.10: `vring_need_event`, true when `event` lies in `(old, new]`.
+/// §2.7.10: `vring_need_event`, true when the index moved from `old` to
+/// `new` past `event`, i.e. `event` lies in `[old, new)`.
 pub fn vring_need_event(event: u16, new: u16, old: u16) -> bool {
     new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
 }
@@ -181,9 +182,10 @@ mod tests {
 
     #[test]
     fn need_event_window() {
-        // event in (old, new]
+        // event in [old, new)
         assert!(vring_need_event(5, 6, 4));
-        assert!(vring_need_event(5, 5, 4));
+        assert!(vring_need_event(4, 5, 4));
+        assert!(!vring_need_event(5, 5, 4));
         assert!(!vring_need_event(5, 5, 5));
         assert!(!vring_need_event(3, 6, 4));
         // wrap-around
