@@ -1,1 +1,162 @@
-//! Shared code of the vrio example binaries.
+//! Shared code of the vrio example binaries: progress output and tables.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vrio_core::models::ModelReport;
+
+/// Prints a live progress line to stderr until stopped.
+pub struct Progress {
+    stop: Arc<AtomicBool>,
+    join: Option<JoinHandle<()>>,
+}
+
+impl Progress {
+    pub fn start(label: String, done: Arc<AtomicU64>, total: u64) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let join = std::thread::spawn(move || {
+            let t0 = Instant::now();
+            let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let mut last_line = Instant::now() - Duration::from_secs(10);
+            while !s.load(Relaxed) {
+                std::thread::sleep(Duration::from_millis(200));
+                let n = done.load(Relaxed);
+                let rate = n as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+                let pct = if total > 0 {
+                    format!(" ({:5.1}%)", 100.0 * n as f64 / total as f64)
+                } else {
+                    String::new()
+                };
+                let line = format!("  {label}: {n:>9} requests{pct}  {rate:>10.0} req/s");
+                // On a terminal redraw in place; in logs print every 2 s.
+                if tty {
+                    eprint!("\r{line}   ");
+                } else if last_line.elapsed() >= Duration::from_secs(2) {
+                    eprintln!("{line}");
+                    last_line = Instant::now();
+                }
+                let _ = std::io::stderr().flush();
+            }
+            if tty {
+                eprintln!();
+            }
+        });
+        Self {
+            stop,
+            join: Some(join),
+        }
+    }
+
+    pub fn finish(mut self) {
+        self.stop.store(true, Relaxed);
+        if let Some(j) = self.join.take() {
+            let _ = j.join();
+        }
+    }
+}
+
+/// A plain text table with right-aligned numeric columns.
+pub fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+    let mut w: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let s: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if i == 0 {
+                    format!("{c:<w$}", w = w[i])
+                } else {
+                    format!("{c:>w$}", w = w[i])
+                }
+            })
+            .collect();
+        println!("| {} |", s.join(" | "));
+    };
+    line(headers.iter().map(|s| s.to_string()).collect());
+    println!(
+        "|{}|",
+        w.iter()
+            .map(|n| "-".repeat(n + 2))
+            .collect::<Vec<_>>()
+            .join("|")
+    );
+    for r in rows {
+        line(r.clone());
+    }
+}
+
+/// The demo's per-model row.
+pub fn model_row(r: &ModelReport) -> Vec<String> {
+    vec![
+        r.model.clone(),
+        r.io.completed.to_string(),
+        format!("{:.0}", r.requests_per_sec()),
+        format!("{:.1}", r.mb_per_sec()),
+        format!("{:.1}", r.p50_us()),
+        format!("{:.1}", r.p99_us()),
+        format!("{:.2}", r.device_cores()),
+        r.io.failures().to_string(),
+    ]
+}
+
+pub const MODEL_HEADERS: [&str; 8] = [
+    "model",
+    "requests",
+    "req/s",
+    "MB/s",
+    "p50 us",
+    "p99 us",
+    "device cores",
+    "errors",
+];
+
+/// JSON of one model run.
+pub fn model_json(r: &ModelReport) -> serde_json::Value {
+    serde_json::json!({
+        "model": r.model,
+        "requests": r.io.completed,
+        "reads": r.io.reads,
+        "writes": r.io.writes,
+        "flushes": r.io.flushes,
+        "bytes": r.io.bytes,
+        "wall_s": r.wall.as_secs_f64(),
+        "requests_per_s": r.requests_per_sec(),
+        "mb_per_s": r.mb_per_sec(),
+        "p50_us": r.p50_us(),
+        "p99_us": r.p99_us(),
+        "device_cpu_s": r.device_cpu_ns as f64 / 1e9,
+        "process_cpu_s": r.process_cpu_ns as f64 / 1e9,
+        "device_cores": r.device_cores(),
+        "requests_per_device_core_s": r.requests_per_core_sec(),
+        "io_errors": r.io.io_errors,
+        "corrupt": r.io.corrupt,
+        "lost": r.io.lost,
+        "protocol_errors": r.io.protocol_errors,
+        "sidecore": {
+            "polls": r.stats.polls,
+            "empty_polls": r.stats.empty_polls,
+            "sleeps": r.stats.sleeps,
+            "busy_s": r.stats.busy_ns as f64 / 1e9,
+            "poll_mode_on": r.stats.poll_mode_on,
+            "poll_mode_off": r.stats.poll_mode_off,
+        },
+    })
+}
+
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

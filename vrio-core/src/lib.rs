@@ -4,7 +4,13 @@
 //!
 //! See `docs/architecture.md` for a tour.
 
+pub mod blk;
+pub mod cputime;
+pub mod device;
+pub mod guest;
 pub mod memory;
+pub mod models;
 pub mod ring;
+pub mod sidecore;
 
 pub use memory::{GuestMemory, GuestRegion, LocalMemory, MemoryError, MemoryMap};

@@ -1,0 +1,245 @@
+//! Runs synthetic guests against one local I/O model and gathers the
+//! figures the demo and the benchmark print.
+
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::blk::{BlockBackend, BlockConfig, BlockDevice};
+use crate::cputime::process_cpu_ns;
+use crate::guest::{
+    run_queue, GuestConfig, GuestError, QueueReport, SyntheticGuest, WorkloadConfig,
+};
+use crate::models::{LocalQueue, VhostWorker};
+use crate::ring::RingFeatures;
+use crate::sidecore::{ServedQueue, SidecoreConfig, SidecoreThread, StatsSnapshot};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalModel {
+    /// One worker thread per device, woken by every kick.
+    VhostStyle,
+    /// `cores` polling sidecores shared by all queues.
+    Sidecore { cores: usize, cfg: SidecoreConfig },
+}
+
+impl LocalModel {
+    pub fn name(&self) -> String {
+        match self {
+            LocalModel::VhostStyle => "vhost-style".into(),
+            LocalModel::Sidecore { cores, .. } => format!("local-sidecore x{cores}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct RunConfig {
+    pub guests: u32,
+    pub queues_per_guest: u16,
+    pub queue_size: u16,
+    pub features: RingFeatures,
+    /// Template for every queue; each gets its own seed and block range.
+    pub workload: WorkloadConfig,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            guests: 4,
+            queues_per_guest: 1,
+            queue_size: 256,
+            features: RingFeatures {
+                indirect: true,
+                event_idx: true,
+            },
+            workload: WorkloadConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelReport {
+    pub model: String,
+    pub io: QueueReport,
+    pub wall: Duration,
+    /// CPU time of the device side (workers or sidecores).
+    pub device_cpu_ns: u64,
+    /// CPU time of the whole process (guests included).
+    pub process_cpu_ns: u64,
+    pub stats: StatsSnapshot,
+}
+
+impl ModelReport {
+    pub fn requests_per_sec(&self) -> f64 {
+        self.io.completed as f64 / self.wall.as_secs_f64().max(1e-9)
+    }
+    pub fn mb_per_sec(&self) -> f64 {
+        self.io.bytes as f64 / 1e6 / self.wall.as_secs_f64().max(1e-9)
+    }
+    /// Device-side cores busy on average.
+    pub fn device_cores(&self) -> f64 {
+        self.device_cpu_ns as f64 / 1e9 / self.wall.as_secs_f64().max(1e-9)
+    }
+    pub fn requests_per_core_sec(&self) -> f64 {
+        self.io.completed as f64 / (self.device_cpu_ns as f64 / 1e9).max(1e-9)
+    }
+    pub fn p50_us(&self) -> f64 {
+        self.io.latency.value_at_quantile(0.5) as f64 / 1e3
+    }
+    pub fn p99_us(&self) -> f64 {
+        self.io.latency.value_at_quantile(0.99) as f64 / 1e3
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Guest(#[from] GuestError),
+    #[error("device setup: {0}")]
+    Device(String),
+    #[error("i/o model: {0}")]
+    Model(String),
+}
+
+/// Sets up guests whose queues own disjoint block ranges.
+pub fn make_guests(rc: &RunConfig) -> Result<Vec<SyntheticGuest>, GuestError> {
+    (0..rc.guests)
+        .map(|id| {
+            SyntheticGuest::new(GuestConfig {
+                id,
+                queues: rc.queues_per_guest,
+                queue_size: rc.queue_size,
+                depth: rc.workload.depth,
+                features: rc.features,
+            })
+        })
+        .collect()
+}
+
+/// The workload of queue `q` of guest `g`: own seed, own block range.
+pub fn queue_workload(rc: &RunConfig, g: u32, q: u16) -> WorkloadConfig {
+    let n = u64::from(g) * u64::from(rc.queues_per_guest) + u64::from(q);
+    WorkloadConfig {
+        first_block: n * rc.workload.blocks,
+        seed: rc.workload.seed ^ (n + 1).wrapping_mul(0x9e37_79b9),
+        ..rc.workload
+    }
+}
+
+/// Runs every guest queue on its own thread until the workload ends.
+pub fn drive_guests(
+    guests: Vec<SyntheticGuest>,
+    rc: &RunConfig,
+    progress: &Arc<AtomicU64>,
+    stop: &Arc<AtomicBool>,
+) -> QueueReport {
+    let mut threads = Vec::new();
+    for (g, guest) in guests.into_iter().enumerate() {
+        let (mem, queues) = guest.into_queues();
+        for (q, mut gq) in queues.into_iter().enumerate() {
+            let wl = queue_workload(rc, g as u32, q as u16);
+            let (mem, progress, stop) = (mem.clone(), progress.clone(), stop.clone());
+            threads.push(std::thread::spawn(move || {
+                run_queue(&mut gq, &mem, &wl, &progress, &stop)
+            }));
+        }
+    }
+    let mut total = QueueReport::empty();
+    for t in threads {
+        match t.join() {
+            Ok(r) => total.merge(&r),
+            Err(_) => total.protocol_errors += 1,
+        }
+    }
+    total
+}
+
+fn sum(a: StatsSnapshot, b: StatsSnapshot) -> StatsSnapshot {
+    StatsSnapshot {
+        requests: a.requests + b.requests,
+        bytes: a.bytes + b.bytes,
+        errors: a.errors + b.errors,
+        polls: a.polls + b.polls,
+        empty_polls: a.empty_polls + b.empty_polls,
+        busy_ns: a.busy_ns + b.busy_ns,
+        sleeps: a.sleeps + b.sleeps,
+        poll_mode_on: a.poll_mode_on + b.poll_mode_on,
+        poll_mode_off: a.poll_mode_off + b.poll_mode_off,
+    }
+}
+
+/// Runs `rc` against a local model over `backend`.
+pub fn run_local(
+    model: LocalModel,
+    backend: Arc<dyn BlockBackend>,
+    blk: BlockConfig,
+    rc: &RunConfig,
+    progress: &Arc<AtomicU64>,
+) -> Result<ModelReport, RunError> {
+    let guests = make_guests(rc)?;
+    let mut devices: Vec<Vec<Box<dyn ServedQueue>>> = Vec::new();
+    for g in &guests {
+        let mut qs: Vec<Box<dyn ServedQueue>> = Vec::new();
+        for q in 0..usize::from(rc.queues_per_guest) {
+            let dev = BlockDevice::new(backend.clone(), blk.clone());
+            let lq = LocalQueue::new(g.device_side(q)?, dev)
+                .map_err(|e| RunError::Device(e.to_string()))?;
+            qs.push(Box::new(lq));
+        }
+        devices.push(qs);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let cpu0 = process_cpu_ns();
+    let t0 = Instant::now();
+    let (io, device_cpu_ns, stats) = match model {
+        LocalModel::VhostStyle => {
+            let mut workers = Vec::new();
+            for (i, qs) in devices.into_iter().enumerate() {
+                workers.push(
+                    VhostWorker::spawn(&format!("vhost-{i}"), qs)
+                        .map_err(|e| RunError::Model(e.to_string()))?,
+                );
+            }
+            let io = drive_guests(guests, rc, progress, &stop);
+            let mut cpu = 0;
+            let mut st = StatsSnapshot::default();
+            for w in workers.iter_mut() {
+                w.stop();
+                cpu += w.cpu_ns();
+                st = sum(st, w.stats().snapshot());
+            }
+            (io, cpu, st)
+        }
+        LocalModel::Sidecore { cores, cfg } => {
+            let mut scs = Vec::new();
+            for i in 0..cores.max(1) {
+                scs.push(
+                    SidecoreThread::spawn(&format!("sidecore-{i}"), cfg)
+                        .map_err(|e| RunError::Model(e.to_string()))?,
+                );
+            }
+            for (i, q) in devices.into_iter().flatten().enumerate() {
+                scs[i % scs.len()]
+                    .add(q)
+                    .map_err(|e| RunError::Model(e.to_string()))?;
+            }
+            let io = drive_guests(guests, rc, progress, &stop);
+            let mut cpu = 0;
+            let mut st = StatsSnapshot::default();
+            for s in scs.iter_mut() {
+                s.stop();
+                cpu += s.cpu_ns();
+                st = sum(st, s.stats().snapshot());
+            }
+            (io, cpu, st)
+        }
+    };
+    let wall = t0.elapsed();
+    Ok(ModelReport {
+        model: model.name(),
+        io,
+        wall,
+        device_cpu_ns,
+        process_cpu_ns: process_cpu_ns().saturating_sub(cpu0),
+        stats,
+    })
+}

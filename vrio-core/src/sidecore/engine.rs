@@ -1,0 +1,192 @@
+//! The sidecore's scheduling state machine: one round visits every queue
+//! once, round-robin, with a bounded batch each (no queue starves others).
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{Backoff, ServedQueue, SidecoreStats};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SidecoreConfig {
+    /// Requests served from one queue per visit.
+    pub batch: usize,
+    /// A polled queue idle this long goes back to guest notifications.
+    /// Elvis used 3 s; a shorter default keeps idle guests cheap.
+    pub poll_idle: Duration,
+    pub backoff: Backoff,
+}
+
+impl Default for SidecoreConfig {
+    fn default() -> Self {
+        Self {
+            batch: 32,
+            poll_idle: Duration::from_millis(100),
+            backoff: Backoff::default(),
+        }
+    }
+}
+
+/// What a round did, and what the runtime should do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoundOutcome {
+    /// At least one request was served: go again at once.
+    Worked,
+    /// Nothing to do. `sleep`: back off this long (None: spin on).
+    /// `all_notify`: every queue waits for kicks, so blocking on the kick
+    /// fds is safe.
+    Idle {
+        sleep: Option<Duration>,
+        all_notify: bool,
+    },
+}
+
+struct Slot {
+    id: u64,
+    queue: Box<dyn ServedQueue>,
+    polling: bool,
+    last_work: Instant,
+}
+
+pub struct Sidecore {
+    cfg: SidecoreConfig,
+    slots: Vec<Slot>,
+    stats: Arc<SidecoreStats>,
+    empty_rounds: u32,
+    next_id: u64,
+}
+
+impl Sidecore {
+    pub fn new(cfg: SidecoreConfig) -> Self {
+        Self {
+            cfg,
+            slots: Vec::new(),
+            stats: Arc::default(),
+            empty_rounds: 0,
+            next_id: 1,
+        }
+    }
+
+    pub fn stats(&self) -> &Arc<SidecoreStats> {
+        &self.stats
+    }
+    pub fn config(&self) -> &SidecoreConfig {
+        &self.cfg
+    }
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+    /// Whether queue `id` is in poll mode (kicks suppressed).
+    pub fn is_polling(&self, id: u64) -> Option<bool> {
+        self.slots.iter().find(|s| s.id == id).map(|s| s.polling)
+    }
+    pub fn kick_fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.slots
+            .iter()
+            .filter_map(|s| s.queue.kick_fd())
+            .collect()
+    }
+
+    /// Adds a queue. It starts in poll mode, so work posted before it
+    /// arrived is found without waiting for a kick.
+    pub fn add(&mut self, mut queue: Box<dyn ServedQueue>, now: Instant) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        if let Err(e) = queue.set_notifications(false) {
+            tracing::warn!(queue = queue.name(), error = %e, "cannot suppress kicks");
+        }
+        self.slots.push(Slot {
+            id,
+            queue,
+            polling: true,
+            last_work: now,
+        });
+        self.empty_rounds = 0;
+        id
+    }
+
+    /// Removes a queue (to move it elsewhere or detach it). Guest kicks are
+    /// turned back on, so the queue's next owner sees them.
+    pub fn remove(&mut self, id: u64) -> Option<Box<dyn ServedQueue>> {
+        let i = self.slots.iter().position(|s| s.id == id)?;
+        let mut slot = self.slots.remove(i);
+        if let Err(e) = slot.queue.set_notifications(true) {
+            tracing::warn!(queue = slot.queue.name(), error = %e, "cannot re-enable kicks");
+        }
+        Some(slot.queue)
+    }
+
+    /// One round over all queues.
+    pub fn round(&mut self, now: Instant) -> RoundOutcome {
+        let started = Instant::now();
+        let (batch, poll_idle) = (self.cfg.batch, self.cfg.poll_idle);
+        let stats = &self.stats;
+        let mut worked = false;
+        self.slots.retain_mut(|slot| {
+            if !slot.polling && !slot.queue.take_kick() {
+                return true;
+            }
+            stats.polls.fetch_add(1, Relaxed);
+            let out = match slot.queue.poll(batch) {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::error!(error = %e, "queue failed; dropping it from the sidecore");
+                    return false;
+                }
+            };
+            let served = out.requests + out.errors;
+            stats.requests.fetch_add(u64::from(out.requests), Relaxed);
+            stats.errors.fetch_add(u64::from(out.errors), Relaxed);
+            stats.bytes.fetch_add(out.bytes, Relaxed);
+            if served > 0 {
+                worked = true;
+                slot.last_work = now;
+                if !slot.polling {
+                    match slot.queue.set_notifications(false) {
+                        Ok(_) => {
+                            slot.polling = true;
+                            stats.poll_mode_on.fetch_add(1, Relaxed);
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "queue failed; dropping it");
+                            return false;
+                        }
+                    }
+                }
+                return true;
+            }
+            stats.empty_polls.fetch_add(1, Relaxed);
+            if slot.polling && now.saturating_duration_since(slot.last_work) >= poll_idle {
+                match slot.queue.set_notifications(true) {
+                    // Work raced in while we switched: keep polling.
+                    Ok(true) => slot.last_work = now,
+                    Ok(false) => {
+                        slot.polling = false;
+                        stats.poll_mode_off.fetch_add(1, Relaxed);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "queue failed; dropping it");
+                        return false;
+                    }
+                }
+            }
+            true
+        });
+        if worked {
+            self.empty_rounds = 0;
+            stats
+                .busy_ns
+                .fetch_add(started.elapsed().as_nanos() as u64, Relaxed);
+            RoundOutcome::Worked
+        } else {
+            self.empty_rounds = self.empty_rounds.saturating_add(1);
+            RoundOutcome::Idle {
+                sleep: self.cfg.backoff.delay(self.empty_rounds),
+                all_notify: self.slots.iter().all(|s| !s.polling),
+            }
+        }
+    }
+}

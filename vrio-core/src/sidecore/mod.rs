@@ -1,0 +1,60 @@
+//! Sidecores: one polling thread serving many queues (Elvis's fine-grained
+//! scheduling), with per-queue poll mode and an idle back-off.
+//!
+//! The scheduling logic ([`Sidecore`]) is a state machine driven one round at
+//! a time, so tests drive it deterministically with fake queues and a fake
+//! clock. [`SidecoreThread`] is the thin runtime around it: a thread, an
+//! epoll set of kick fds for when every queue sleeps, and a command channel.
+
+mod backoff;
+mod engine;
+mod stats;
+mod thread;
+
+use std::os::fd::RawFd;
+
+pub use backoff::Backoff;
+pub use engine::{RoundOutcome, Sidecore, SidecoreConfig};
+pub use stats::{SidecoreStats, StatsSnapshot};
+pub use thread::{SidecoreHandle, SidecoreThread};
+
+/// What one poll of a queue did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PollOutcome {
+    pub requests: u32,
+    pub bytes: u64,
+    /// Requests that failed validation (bad chains); already completed.
+    pub errors: u32,
+}
+
+/// A queue a sidecore can serve: local rings, or remote rings reached over
+/// the fabric. Implementations do the per-request work; the sidecore only
+/// schedules.
+pub trait ServedQueue: Send {
+    /// Serves at most `budget` requests without blocking.
+    fn poll(&mut self, budget: usize) -> Result<PollOutcome, QueueFailure>;
+    /// Turns guest kicks on (`true`) or off (polling). Turning them on
+    /// returns whether work arrived meanwhile, which must then be served.
+    fn set_notifications(&mut self, enabled: bool) -> Result<bool, QueueFailure>;
+    /// Readable when the guest kicked (for sleeping when all queues idle).
+    fn kick_fd(&self) -> Option<RawFd>;
+    /// Consumes a pending guest kick; true when there was one. Queues in
+    /// notification mode are only polled after a kick, so that a remote
+    /// queue costs no fabric traffic while its guest is idle.
+    fn take_kick(&mut self) -> bool {
+        true
+    }
+    fn name(&self) -> &str;
+}
+
+/// A queue that cannot go on (its device needs a reset); the sidecore drops
+/// it and keeps serving the others.
+#[derive(Debug, thiserror::Error)]
+#[error("queue {queue}: {reason}")]
+pub struct QueueFailure {
+    pub queue: String,
+    pub reason: String,
+}
+
+#[cfg(test)]
+mod tests;
