@@ -5,11 +5,29 @@
 #   - QEMU 10 from bookworm-backports (matching the image's qemu-utils),
 #     the guest kernel, busybox and rdma-core for the Soft-RoCE guest
 #   - the nightly toolchain's cargo-fuzz for the fuzz target
+#
+# Usage: scripts/setup.sh [build|all]   (default all)
+#   build: only what compiling vrio needs (the demo)
+#   all:   also QEMU, the guest kernel, rdma-core and cargo-fuzz (the tests)
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
-STAMP=/var/lib/vrio-setup.v1
+MODE=${1:-all}
+if [ "$(id -u)" != 0 ]; then
+  echo "setup: must run as root (apt-get installs system packages)" >&2; exit 1
+fi
+BUILD_PKGS="build-essential pkg-config cmake clang libclang-dev"
 need_apt=0
-for p in cmake clang libclang-dev qemu-system-x86 linux-image-amd64 busybox-static cpio \
+for p in $BUILD_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || need_apt=1; done
+if [ "$need_apt" = 1 ]; then
+  echo "setup: installing build packages: $BUILD_PKGS"
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends $BUILD_PKGS
+fi
+if [ "$MODE" = build ]; then
+  echo "setup: build dependencies ok ($(cmake --version | head -1))"; exit 0
+fi
+STAMP=/var/lib/vrio-setup.v1
+for p in qemu-system-x86 linux-image-amd64 busybox-static cpio \
          rdma-core ibverbs-providers ibverbs-utils perftest rdmacm-utils iproute2 e2fsprogs; do
   dpkg -s "$p" >/dev/null 2>&1 || { need_apt=1; break; }
 done
