@@ -12,7 +12,8 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use vrio_core::blk::{BlockBackend, BlockConfig, FileBackend, MemoryBackend};
 use vrio_core::guest::WorkloadConfig;
-use vrio_core::models::{run_local, LocalModel, ModelReport, RunConfig};
+use vrio_core::models::{run_local, run_remote, LocalModel, ModelReport, RunConfig};
+use vrio_core::remote::NotifyMode;
 use vrio_core::sidecore::SidecoreConfig;
 use vrio_examples::{init_tracing, model_json, model_row, print_table, Progress, MODEL_HEADERS};
 
@@ -22,6 +23,13 @@ enum Model {
     Vhost,
     /// Polling sidecore(s) on the same host (Elvis).
     Sidecore,
+    /// Remote sidecore(s) on an I/O server, reached over the fabric; the VM
+    /// host pushes doorbells (vRIO).
+    Remote,
+    /// Remote sidecores that READ the avail ring themselves.
+    RemotePoll,
+    /// Remote sidecores switching between doorbells and polling by load.
+    RemoteAdaptive,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -61,7 +69,7 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     sidecores: usize,
     /// Models to run, in order.
-    #[arg(long, value_enum, value_delimiter = ',', default_values = ["vhost", "sidecore"])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values = ["vhost", "sidecore", "remote"])]
     models: Vec<Model>,
     /// Disk back-end.
     #[arg(long, value_enum, default_value_t = Disk::Memory)]
@@ -123,19 +131,49 @@ fn run(a: &Args) -> Result<bool, Box<dyn std::error::Error>> {
                 Arc::new(FileBackend::create(&path, capacity)?)
             }
         };
-        let model = match m {
-            Model::Vhost => LocalModel::VhostStyle,
-            Model::Sidecore => LocalModel::Sidecore {
-                cores: a.sidecores,
-                cfg: SidecoreConfig::default(),
-            },
-        };
         let done = Arc::new(AtomicU64::new(0));
         let total = a.requests * u64::from(a.guests) * u64::from(a.queues);
-        let progress = Progress::start(model.name(), done.clone(), total);
-        let r = run_local(model, backend, BlockConfig::default(), &rc, &done);
-        progress.finish();
-        let r = r?;
+        let remote = match m {
+            Model::Remote => Some(NotifyMode::Doorbell),
+            Model::RemotePoll => Some(NotifyMode::RemotePoll),
+            Model::RemoteAdaptive => Some(NotifyMode::Adaptive),
+            _ => None,
+        };
+        let r = if let Some(mode) = remote {
+            let progress = Progress::start(format!("remote-{}", mode.name()), done.clone(), total);
+            let r = run_remote(
+                mode,
+                a.sidecores,
+                backend,
+                BlockConfig::default(),
+                &rc,
+                &done,
+            );
+            progress.finish();
+            let (r, fig) = r?;
+            println!(
+                "  {}: {:.2} fabric ops/request, {:.2} round trips/request on the critical path, VM-host CPU {:.2} us/request, {} doorbells, {} interrupts",
+                r.model,
+                fig.fabric.ops_per_request(),
+                fig.fabric.rtts_per_request(),
+                fig.vmhost_cpu_ns as f64 / 1e3 / r.io.completed.max(1) as f64,
+                fig.doorbells,
+                fig.interrupts
+            );
+            r
+        } else {
+            let model = match m {
+                Model::Vhost => LocalModel::VhostStyle,
+                _ => LocalModel::Sidecore {
+                    cores: a.sidecores,
+                    cfg: SidecoreConfig::default(),
+                },
+            };
+            let progress = Progress::start(model.name(), done.clone(), total);
+            let r = run_local(model, backend, BlockConfig::default(), &rc, &done);
+            progress.finish();
+            r?
+        };
         println!(
             "  {}: {} requests in {:.2} s, {} errors",
             r.model,

@@ -243,3 +243,98 @@ pub fn run_local(
         stats,
     })
 }
+
+/// Extra figures of a remote run.
+#[derive(Debug, Clone, Default)]
+pub struct RemoteFigures {
+    pub fabric: crate::remote::RemoteSnapshot,
+    /// CPU time of the VM-host agents (what vRIO leaves on the VM host).
+    pub vmhost_cpu_ns: u64,
+    pub doorbells: u64,
+    pub interrupts: u64,
+}
+
+/// Runs `rc` against remote sidecores: an in-process I/O server and one
+/// agent per guest, over the software fabric on loopback TCP.
+pub fn run_remote(
+    mode: crate::remote::NotifyMode,
+    sidecores: usize,
+    backend: Arc<dyn BlockBackend>,
+    blk: BlockConfig,
+    rc: &RunConfig,
+    progress: &Arc<AtomicU64>,
+) -> Result<(ModelReport, RemoteFigures), RunError> {
+    use crate::remote::{attach, AgentConfig, DeviceAttach, IoServer, IoServerConfig, QueueAttach};
+    use std::sync::atomic::Ordering::Relaxed;
+    let open = || -> Result<Arc<dyn vrio_rdma::Domain>, RunError> {
+        vrio_rdma::open(vrio_rdma::Backend::Soft, None)
+            .map(Arc::from)
+            .map_err(|e| RunError::Model(e.to_string()))
+    };
+    let mut server = IoServer::start(
+        open()?,
+        backend,
+        IoServerConfig {
+            sidecores,
+            blk,
+            ..IoServerConfig::default()
+        },
+    )
+    .map_err(|e| RunError::Model(e.to_string()))?;
+    let guests = make_guests(rc)?;
+    let mut agents = Vec::new();
+    for (g, guest) in guests.iter().enumerate() {
+        let mut queues = Vec::new();
+        for q in 0..usize::from(rc.queues_per_guest) {
+            let side = guest.device_side(q)?;
+            queues.push(QueueAttach {
+                layout: side.layout,
+                features: side.features,
+                kick: side.kick,
+                call: side.call,
+            });
+        }
+        // One protection domain per guest.
+        let dev = attach(
+            open()?,
+            server.addr(),
+            DeviceAttach {
+                device_id: g as u64,
+                mem: guest.memory().clone(),
+                queues,
+            },
+            AgentConfig {
+                mode,
+                ..AgentConfig::default()
+            },
+        )
+        .map_err(|e| RunError::Model(e.to_string()))?;
+        agents.push(dev);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let cpu0 = process_cpu_ns();
+    let t0 = Instant::now();
+    let io = drive_guests(guests, rc, progress, &stop);
+    let wall = t0.elapsed();
+    let mut fig = RemoteFigures::default();
+    for a in agents.iter_mut() {
+        a.detach();
+        fig.vmhost_cpu_ns += a.stats().cpu_ns.load(Relaxed);
+        fig.doorbells += a.stats().doorbells.load(Relaxed);
+        fig.interrupts += a.stats().interrupts.load(Relaxed);
+    }
+    let stats = server.sidecore_stats();
+    fig.fabric = server.stats().snapshot();
+    let device_cpu_ns = server.stop();
+    Ok((
+        ModelReport {
+            model: format!("remote {} x{}", mode.name(), sidecores.max(1)),
+            io,
+            wall,
+            device_cpu_ns,
+            process_cpu_ns: process_cpu_ns().saturating_sub(cpu0),
+            stats,
+        },
+        fig,
+    ))
+}

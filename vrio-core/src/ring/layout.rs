@@ -177,7 +177,7 @@ mod tests {
         assert!(RingLayout::new(8, 8, 0x1000, 0x2000).is_err());
         assert!(RingLayout::new(8, 0, 0x1001, 0x2000).is_err());
         assert!(RingLayout::new(8, 0, 0x1000, 0x2002).is_err());
-        assert!(RingLayout::new(8, u64::MAX & !15, 0x1000, 0x2000).is_err());
+        assert!(RingLayout::new(8, !15u64, 0x1000, 0x2000).is_err());
     }
 
     #[test]

@@ -133,7 +133,7 @@ impl Sidecore {
             let out = match slot.queue.poll(batch) {
                 Ok(o) => o,
                 Err(e) => {
-                    tracing::error!(error = %e, "queue failed; dropping it from the sidecore");
+                    tracing::warn!(error = %e, "queue stopped; dropping it from the sidecore");
                     return false;
                 }
             };

@@ -1,0 +1,406 @@
+//! Messages between a VM-host agent and an I/O server, on each queue's
+//! endpoint. All little-endian; every field from the peer is checked.
+//!
+//! | kind | direction | carried by | content |
+//! |------|-----------|------------|---------|
+//! | ATTACH | agent → server | SEND | device, queue layout, mode, guest regions with rkeys |
+//! | ATTACH_REPLY | server → agent | SEND | status, virtio-blk config space |
+//! | DOORBELL | agent → server | SEND | new avail.idx, avail entries, their descriptors |
+//! | SET_MODE | server → agent | SEND | remote-poll or doorbell, and where the server stopped |
+//! | (completion) | server → agent | WRITE_WITH_IMM, len 0 | imm = new used.idx |
+
+use vrio_rdma::RemoteRegion;
+
+use crate::ring::{RingFeatures, RingLayout};
+
+pub const MAGIC: u32 = 0x4f49_5256; // "VRIO"
+pub const VERSION: u16 = 1;
+/// Largest message (and receive buffer).
+pub const MAX_MSG: usize = 4096;
+
+const ATTACH: u16 = 1;
+const ATTACH_REPLY: u16 = 2;
+const DOORBELL: u16 = 3;
+const SET_MODE: u16 = 4;
+
+/// How the server learns of new requests on a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotifyMode {
+    /// The server READs the avail ring; guest kicks are suppressed.
+    RemotePoll,
+    /// The agent pushes new avail entries with their descriptors.
+    Doorbell,
+    /// Doorbells while quiet, remote polling while busy.
+    Adaptive,
+}
+
+impl NotifyMode {
+    fn code(self) -> u8 {
+        match self {
+            NotifyMode::RemotePoll => 0,
+            NotifyMode::Doorbell => 1,
+            NotifyMode::Adaptive => 2,
+        }
+    }
+    fn from_code(c: u8) -> Result<Self, WireError> {
+        Ok(match c {
+            0 => NotifyMode::RemotePoll,
+            1 => NotifyMode::Doorbell,
+            2 => NotifyMode::Adaptive,
+            _ => return Err(WireError::Bad("notify mode")),
+        })
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            NotifyMode::RemotePoll => "remote-poll",
+            NotifyMode::Doorbell => "doorbell",
+            NotifyMode::Adaptive => "adaptive",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("message truncated")]
+    Truncated,
+    #[error("bad magic or version")]
+    BadHeader,
+    #[error("unexpected message kind {0}")]
+    UnexpectedKind(u16),
+    #[error("invalid {0}")]
+    Bad(&'static str),
+    #[error("message larger than {MAX_MSG} bytes")]
+    TooLarge,
+}
+
+/// A guest region as the server sees it: guest-physical range plus how to
+/// reach it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WireRegion {
+    pub gpa: u64,
+    pub remote: RemoteRegion,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attach {
+    pub device_id: u64,
+    pub queue: u16,
+    pub layout: RingLayout,
+    pub features: RingFeatures,
+    pub mode: NotifyMode,
+    pub regions: Vec<WireRegion>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachReply {
+    /// 0 on success; otherwise the server refused the queue.
+    pub status: u16,
+    pub config: Vec<u8>,
+}
+
+/// One new avail entry: its ring position, head, and the descriptors (and
+/// indirect table entries) the agent copied, by guest address.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DoorbellEntry {
+    pub pos: u16,
+    pub head: u16,
+    pub descs: Vec<(u64, [u8; 16])>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Doorbell {
+    pub avail_idx: u16,
+    pub entries: Vec<DoorbellEntry>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SetMode {
+    pub poll: bool,
+    /// The server's next avail index: the agent pushes from here.
+    pub next_avail: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Attach(Attach),
+    AttachReply(AttachReply),
+    Doorbell(Doorbell),
+    SetMode(SetMode),
+}
+
+struct W<'a> {
+    b: &'a mut Vec<u8>,
+}
+impl W<'_> {
+    fn u8(&mut self, v: u8) {
+        self.b.push(v);
+    }
+    fn u16(&mut self, v: u16) {
+        self.b.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.b.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.b.extend_from_slice(&v.to_le_bytes());
+    }
+    fn bytes(&mut self, s: &[u8]) {
+        self.b.extend_from_slice(s);
+    }
+}
+
+struct R<'a> {
+    b: &'a [u8],
+}
+impl R<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], WireError> {
+        if self.b.len() < n {
+            return Err(WireError::Truncated);
+        }
+        let (h, t) = self.b.split_at(n);
+        self.b = t;
+        Ok(h)
+    }
+    fn u8(&mut self) -> Result<u8, WireError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, WireError> {
+        let s = self.take(2)?;
+        Ok(u16::from_le_bytes([s[0], s[1]]))
+    }
+    fn u32(&mut self) -> Result<u32, WireError> {
+        let s = self.take(4)?;
+        Ok(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, WireError> {
+        let s = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(s);
+        Ok(u64::from_le_bytes(a))
+    }
+}
+
+/// Bytes of a doorbell entry carrying `n` descriptors.
+pub fn doorbell_entry_size(n: usize) -> usize {
+    6 + 24 * n
+}
+/// Bytes of a doorbell's fixed part.
+pub const DOORBELL_HEADER: usize = 12;
+
+impl Message {
+    /// Encodes into `out` (cleared first).
+    pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), WireError> {
+        out.clear();
+        let mut w = W { b: out };
+        w.u32(MAGIC);
+        w.u16(VERSION);
+        match self {
+            Message::Attach(a) => {
+                w.u16(ATTACH);
+                w.u64(a.device_id);
+                w.u16(a.queue);
+                w.u16(a.layout.size);
+                w.u32(a.features.bits() as u32);
+                w.u8(a.mode.code());
+                w.u64(a.layout.desc);
+                w.u64(a.layout.avail);
+                w.u64(a.layout.used);
+                w.u16(a.regions.len() as u16);
+                for r in &a.regions {
+                    w.u64(r.gpa);
+                    w.u64(r.remote.addr);
+                    w.u64(r.remote.len);
+                    w.u32(r.remote.rkey);
+                }
+            }
+            Message::AttachReply(r) => {
+                w.u16(ATTACH_REPLY);
+                w.u16(r.status);
+                w.u16(r.config.len() as u16);
+                w.bytes(&r.config);
+            }
+            Message::Doorbell(d) => {
+                w.u16(DOORBELL);
+                w.u16(d.avail_idx);
+                w.u16(d.entries.len() as u16);
+                for e in &d.entries {
+                    w.u16(e.pos);
+                    w.u16(e.head);
+                    w.u16(e.descs.len() as u16);
+                    for (gpa, b) in &e.descs {
+                        w.u64(*gpa);
+                        w.bytes(b);
+                    }
+                }
+            }
+            Message::SetMode(m) => {
+                w.u16(SET_MODE);
+                w.u8(u8::from(m.poll));
+                w.u16(m.next_avail);
+            }
+        }
+        if out.len() > MAX_MSG {
+            return Err(WireError::TooLarge);
+        }
+        Ok(())
+    }
+
+    /// Decodes one message, refusing anything malformed.
+    pub fn decode(b: &[u8]) -> Result<Message, WireError> {
+        if b.len() > MAX_MSG {
+            return Err(WireError::TooLarge);
+        }
+        let mut r = R { b };
+        if r.u32()? != MAGIC || r.u16()? != VERSION {
+            return Err(WireError::BadHeader);
+        }
+        let kind = r.u16()?;
+        Ok(match kind {
+            ATTACH => {
+                let device_id = r.u64()?;
+                let queue = r.u16()?;
+                let size = r.u16()?;
+                let features = RingFeatures::from_bits(u64::from(r.u32()?));
+                let mode = NotifyMode::from_code(r.u8()?)?;
+                let (desc, avail, used) = (r.u64()?, r.u64()?, r.u64()?);
+                let layout = RingLayout::new(size, desc, avail, used)
+                    .map_err(|_| WireError::Bad("ring layout"))?;
+                let n = r.u16()?;
+                let mut regions = Vec::with_capacity(usize::from(n).min(64));
+                for _ in 0..n {
+                    let gpa = r.u64()?;
+                    let remote = RemoteRegion {
+                        addr: r.u64()?,
+                        len: r.u64()?,
+                        rkey: r.u32()?,
+                    };
+                    regions.push(WireRegion { gpa, remote });
+                }
+                Message::Attach(Attach {
+                    device_id,
+                    queue,
+                    layout,
+                    features,
+                    mode,
+                    regions,
+                })
+            }
+            ATTACH_REPLY => {
+                let status = r.u16()?;
+                let n = r.u16()?;
+                let config = r.take(usize::from(n))?.to_vec();
+                Message::AttachReply(AttachReply { status, config })
+            }
+            DOORBELL => {
+                let avail_idx = r.u16()?;
+                let n = r.u16()?;
+                let mut entries = Vec::with_capacity(usize::from(n).min(256));
+                for _ in 0..n {
+                    let pos = r.u16()?;
+                    let head = r.u16()?;
+                    let nd = r.u16()?;
+                    let mut descs = Vec::with_capacity(usize::from(nd).min(64));
+                    for _ in 0..nd {
+                        let gpa = r.u64()?;
+                        let mut d = [0u8; 16];
+                        d.copy_from_slice(r.take(16)?);
+                        descs.push((gpa, d));
+                    }
+                    entries.push(DoorbellEntry { pos, head, descs });
+                }
+                Message::Doorbell(Doorbell { avail_idx, entries })
+            }
+            SET_MODE => Message::SetMode(SetMode {
+                poll: r.u8()? != 0,
+                next_avail: r.u16()?,
+            }),
+            k => return Err(WireError::UnexpectedKind(k)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(m: Message) {
+        let mut b = Vec::new();
+        m.encode(&mut b).unwrap();
+        assert_eq!(Message::decode(&b).unwrap(), m);
+        // Every truncation is refused, never a panic.
+        for n in 0..b.len() {
+            assert!(Message::decode(&b[..n]).is_err(), "prefix {n} accepted");
+        }
+    }
+
+    #[test]
+    fn messages_round_trip_and_truncations_fail() {
+        round_trip(Message::Attach(Attach {
+            device_id: 7,
+            queue: 1,
+            layout: RingLayout::new(256, 0x1000, 0x2000, 0x3000).unwrap(),
+            features: RingFeatures {
+                indirect: true,
+                event_idx: true,
+            },
+            mode: NotifyMode::Adaptive,
+            regions: vec![WireRegion {
+                gpa: 0,
+                remote: RemoteRegion {
+                    addr: 0x7f00_0000_0000,
+                    len: 1 << 20,
+                    rkey: 42,
+                },
+            }],
+        }));
+        round_trip(Message::AttachReply(AttachReply {
+            status: 0,
+            config: vec![1, 2, 3],
+        }));
+        round_trip(Message::Doorbell(Doorbell {
+            avail_idx: 9,
+            entries: vec![DoorbellEntry {
+                pos: 8,
+                head: 3,
+                descs: vec![(0x1030, [7u8; 16])],
+            }],
+        }));
+        round_trip(Message::SetMode(SetMode {
+            poll: true,
+            next_avail: 65535,
+        }));
+    }
+
+    #[test]
+    fn garbage_is_refused() {
+        assert_eq!(Message::decode(&[0u8; 3]), Err(WireError::Truncated));
+        assert_eq!(Message::decode(&[0u8; 16]), Err(WireError::BadHeader));
+        let mut b = Vec::new();
+        Message::SetMode(SetMode {
+            poll: false,
+            next_avail: 0,
+        })
+        .encode(&mut b)
+        .unwrap();
+        b[6] = 99;
+        assert_eq!(Message::decode(&b), Err(WireError::UnexpectedKind(99)));
+        assert_eq!(
+            Message::decode(&vec![0u8; MAX_MSG + 1]),
+            Err(WireError::TooLarge)
+        );
+        // A bad ring layout inside an attach is refused.
+        let mut a = Vec::new();
+        Message::Attach(Attach {
+            device_id: 1,
+            queue: 0,
+            layout: RingLayout::new(8, 0, 0x100, 0x200).unwrap(),
+            features: RingFeatures::default(),
+            mode: NotifyMode::Doorbell,
+            regions: vec![],
+        })
+        .encode(&mut a)
+        .unwrap();
+        a[18] = 3; // size 3: not a power of two
+        assert!(Message::decode(&a).is_err());
+    }
+}
