@@ -119,7 +119,7 @@ pub fn make_guests(rc: &RunConfig) -> Result<Vec<SyntheticGuest>, GuestError> {
 pub fn queue_workload(rc: &RunConfig, g: u32, q: u16) -> WorkloadConfig {
     let n = u64::from(g) * u64::from(rc.queues_per_guest) + u64::from(q);
     WorkloadConfig {
-        first_block: n * rc.workload.blocks,
+        first_block: rc.workload.first_block + n * rc.workload.blocks,
         seed: rc.workload.seed ^ (n + 1).wrapping_mul(0x9e37_79b9),
         ..rc.workload
     }
