@@ -815,7 +815,7 @@ impl<D: DeviceModel> RemoteQueue<D> {
             if n == 0 {
                 self.idle_run += 1;
                 if self.idle_run >= self.cfg.idle_polls {
-                    self.to_doorbells()?;
+                    self.switch_to_doorbells()?;
                 }
             } else {
                 self.idle_run = 0;
@@ -841,7 +841,7 @@ impl<D: DeviceModel> RemoteQueue<D> {
     /// Hands discovery back to the agent. It pushes everything from our
     /// `next_avail` on, so a request posted during the switch is not
     /// stranded.
-    fn to_doorbells(&mut self) -> Result<(), QueueFailure> {
+    fn switch_to_doorbells(&mut self) -> Result<(), QueueFailure> {
         self.polling_remote = false;
         self.idle_run = 0;
         self.stats.mode_switches.fetch_add(1, Relaxed);
@@ -871,7 +871,7 @@ impl<D: DeviceModel> ServedQueue for RemoteQueue<D> {
             // A remote-poll queue has no notifications: keep polling.
             (NotifyMode::RemotePoll, _) => Ok(true),
             (NotifyMode::Adaptive, true) if self.polling_remote => {
-                self.to_doorbells()?;
+                self.switch_to_doorbells()?;
                 Ok(false)
             }
             (_, true) => {
