@@ -13,5 +13,13 @@
 //! See `docs/fabric.md`.
 
 pub mod api;
+pub mod async_endpoint;
+pub mod conformance;
+pub mod select;
+pub mod soft;
+#[cfg(feature = "verbs")]
+pub mod verbs;
 
 pub use api::*;
+pub use async_endpoint::AsyncEndpoint;
+pub use select::{open, open_auto};

@@ -1,0 +1,350 @@
+//! Benchmark of the soft fabric over loopback TCP against its limit: a plain
+//! TCP request/response of the same sizes, measured in the same run.
+//!
+//! READ n: soft READ of n bytes vs. TCP 16-byte request -> n-byte response.
+//! WRITE n: soft WRITE of n bytes vs. TCP (16 + n)-byte request -> 16-byte
+//! response. Depth 1 gives latency; depth 32 (pipelined) gives throughput.
+
+use std::collections::VecDeque;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use vrio_rdma::conformance::memory::MemfdMemory;
+use vrio_rdma::soft::SoftDomain;
+use vrio_rdma::{
+    Access, Completion, Domain, Endpoint, EndpointConfig, MemoryRegion, Opcode, SendRequest, Sge,
+    WcOpcode, WcStatus,
+};
+
+#[derive(Debug, Parser)]
+#[command(about = "soft fabric vs plain TCP request/response on loopback")]
+struct Args {
+    /// Total measuring time, split evenly over all rows and both transports.
+    #[arg(long, default_value_t = 4.0)]
+    seconds: f64,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Read,
+    Write,
+}
+
+#[derive(Debug, Serialize, Clone, Copy)]
+struct Measure {
+    ops: u64,
+    ops_per_sec: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Row {
+    op: &'static str,
+    size: usize,
+    depth: usize,
+    soft: Measure,
+    tcp: Measure,
+    /// soft ops/s divided by TCP ops/s.
+    ratio: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    transport: &'static str,
+    seconds_per_measurement: f64,
+    rows: Vec<Row>,
+}
+
+type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn measure(lat: &Histogram<u64>, ops: u64, elapsed: Duration) -> Measure {
+    Measure {
+        ops,
+        ops_per_sec: ops as f64 / elapsed.as_secs_f64().max(1e-9),
+        p50_us: lat.value_at_quantile(0.5) as f64 / 1000.0,
+        p99_us: lat.value_at_quantile(0.99) as f64 / 1000.0,
+    }
+}
+
+struct SoftRig {
+    ep: Box<dyn Endpoint>,
+    _peer: Box<dyn Endpoint>,
+    remote: vrio_rdma::RemoteRegion,
+    lmr: Box<dyn MemoryRegion>,
+    _rmr: Box<dyn MemoryRegion>,
+    lmem: MemfdMemory,
+    _rmem: MemfdMemory,
+    _domains: (SoftDomain, SoftDomain),
+}
+
+fn soft_rig() -> BenchResult<SoftRig> {
+    let (td, id) = (SoftDomain::new(), SoftDomain::new());
+    let rmem = MemfdMemory::new("bench-target", 1 << 20)?;
+    let lmem = MemfdMemory::new("bench-initiator", 1 << 20)?;
+    // SAFETY: both memories live in the rig and are dropped after the regions
+    // (field order of SoftRig).
+    let rmr = unsafe { td.register(rmem.ptr(), rmem.len(), Access::GUEST_RAM)? };
+    // SAFETY: as above.
+    let lmr = unsafe { id.register(lmem.ptr(), lmem.len(), Access::LOCAL_ONLY)? };
+    let mut l = td.listen("127.0.0.1:0", EndpointConfig::default())?;
+    let addr = l.local_addr();
+    let acc = std::thread::spawn(move || l.accept());
+    let ep = id.connect(&addr, EndpointConfig::default())?;
+    let peer = acc.join().map_err(|_| "accept thread panicked")??;
+    Ok(SoftRig {
+        ep,
+        _peer: peer,
+        remote: rmr.remote(),
+        lmr,
+        _rmr: rmr,
+        lmem,
+        _rmem: rmem,
+        _domains: (td, id),
+    })
+}
+
+fn bench_soft(
+    rig: &mut SoftRig,
+    op: Op,
+    size: usize,
+    depth: usize,
+    dur: Duration,
+) -> BenchResult<Measure> {
+    let mut lat = Histogram::<u64>::new(3)?;
+    let mut posted = vec![Instant::now(); depth];
+    let wr = |k: usize| SendRequest {
+        wr_id: k as u64,
+        opcode: match op {
+            Op::Read => Opcode::Read {
+                remote_addr: rig.remote.addr + (k * size) as u64,
+                rkey: rig.remote.rkey,
+            },
+            Op::Write => Opcode::Write {
+                remote_addr: rig.remote.addr + (k * size) as u64,
+                rkey: rig.remote.rkey,
+            },
+        },
+        local: Sge {
+            lkey: rig.lmr.lkey(),
+            addr: rig.lmem.addr() + (k * size) as u64,
+            len: size as u32,
+        },
+        signaled: true,
+    };
+    let wrs: Vec<SendRequest> = (0..depth).map(wr).collect();
+    let mut done = [Completion {
+        wr_id: 0,
+        status: WcStatus::Success,
+        opcode: WcOpcode::Read,
+        byte_len: 0,
+        imm: None,
+    }; 64];
+    let start = Instant::now();
+    for p in posted.iter_mut() {
+        *p = start;
+    }
+    rig.ep.post_send(&wrs)?;
+    let (mut ops, mut outstanding) = (0u64, depth);
+    let mut again = Vec::with_capacity(depth);
+    while outstanding > 0 {
+        let mut n = rig.ep.poll(&mut done)?;
+        if n == 0 {
+            rig.ep.wait(Duration::from_secs(5))?;
+            n = rig.ep.poll(&mut done)?;
+            if n == 0 {
+                return Err("soft: no completion within 5 s".into());
+            }
+        }
+        let now = Instant::now();
+        let stop = now.duration_since(start) >= dur;
+        again.clear();
+        for c in &done[..n] {
+            if !c.status.is_ok() {
+                return Err(format!("soft: wr {} completed {:?}", c.wr_id, c.status).into());
+            }
+            let k = c.wr_id as usize;
+            lat.record(now.duration_since(posted[k]).as_nanos() as u64)?;
+            ops += 1;
+            outstanding -= 1;
+            if !stop {
+                posted[k] = now;
+                again.push(wrs[k]);
+            }
+        }
+        if !again.is_empty() {
+            rig.ep.post_send(&again)?;
+            outstanding += again.len();
+        }
+    }
+    Ok(measure(&lat, ops, start.elapsed()))
+}
+
+/// The baseline server: 16-byte header `[op u32, len u32, pad u64]`; READ
+/// answers `len` bytes, WRITE reads `len` bytes and answers 16.
+fn tcp_server(l: TcpListener) -> std::io::Result<()> {
+    let (s, _) = l.accept()?;
+    s.set_nodelay(true)?;
+    let mut r = BufReader::with_capacity(256 << 10, s.try_clone()?);
+    let mut w = BufWriter::with_capacity(256 << 10, s);
+    let data = vec![0x5Au8; 1 << 20];
+    let mut sink = vec![0u8; 1 << 20];
+    let mut h = [0u8; 16];
+    loop {
+        if r.read_exact(&mut h).is_err() {
+            return Ok(());
+        }
+        let op = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
+        let len = (u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize).min(data.len());
+        if op == 0 {
+            w.write_all(&data[..len])?;
+        } else {
+            r.read_exact(&mut sink[..len])?;
+            w.write_all(&[0u8; 16])?;
+        }
+        // Answer a pipelined batch with one write.
+        if r.buffer().is_empty() {
+            w.flush()?;
+        }
+    }
+}
+
+fn bench_tcp(op: Op, size: usize, depth: usize, dur: Duration) -> BenchResult<Measure> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let server = std::thread::spawn(move || tcp_server(l));
+    let mut s = TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    let mut req = vec![0u8; 16 + size];
+    req[0..4].copy_from_slice(&(if op == Op::Read { 0u32 } else { 1 }).to_le_bytes());
+    req[4..8].copy_from_slice(&(size as u32).to_le_bytes());
+    let req = if op == Op::Read {
+        req[..16].to_vec()
+    } else {
+        req
+    };
+    let resp_len = if op == Op::Read { size } else { 16 };
+    let mut resp = vec![0u8; resp_len];
+    let mut rd = BufReader::with_capacity(256 << 10, s.try_clone()?);
+    let mut lat = Histogram::<u64>::new(3)?;
+    let mut posted: VecDeque<Instant> = VecDeque::with_capacity(depth);
+    let start = Instant::now();
+    // The pipeline's first `depth` requests go out in one write.
+    let first: Vec<u8> = req
+        .iter()
+        .copied()
+        .cycle()
+        .take(req.len() * depth)
+        .collect();
+    s.write_all(&first)?;
+    posted.extend(std::iter::repeat_n(start, depth));
+    let mut ops = 0u64;
+    while let Some(t0) = posted.pop_front() {
+        rd.read_exact(&mut resp)?;
+        let now = Instant::now();
+        lat.record(now.duration_since(t0).as_nanos() as u64)?;
+        let mut n = 1;
+        // Take every response already buffered, then refill the pipeline
+        // with one write, as the soft side batches its reposts.
+        while rd.buffer().len() >= resp_len {
+            let Some(t) = posted.pop_front() else { break };
+            rd.read_exact(&mut resp)?;
+            lat.record(now.duration_since(t).as_nanos() as u64)?;
+            n += 1;
+        }
+        ops += n as u64;
+        if now.duration_since(start) < dur {
+            s.write_all(&first[..req.len() * n])?;
+            posted.extend(std::iter::repeat_n(now, n));
+        }
+    }
+    let m = measure(&lat, ops, start.elapsed());
+    drop(rd);
+    s.shutdown(std::net::Shutdown::Both)?;
+    server.join().map_err(|_| "server panicked")??;
+    Ok(m)
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vrio-fabric-bench: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> BenchResult<()> {
+    let configs: Vec<(Op, usize, usize)> = [Op::Read, Op::Write]
+        .into_iter()
+        .flat_map(|op| {
+            [64usize, 4096]
+                .into_iter()
+                .flat_map(move |s| [1usize, 32].map(|d| (op, s, d)))
+        })
+        .collect();
+    let per = Duration::from_secs_f64((args.seconds / (2 * configs.len()) as f64).max(0.01));
+    let mut rig = soft_rig()?;
+    let mut rows = Vec::new();
+    for (op, size, depth) in configs {
+        let soft = bench_soft(&mut rig, op, size, depth, per)?;
+        let tcp = bench_tcp(op, size, depth, per)?;
+        rows.push(Row {
+            op: if op == Op::Read { "READ" } else { "WRITE" },
+            size,
+            depth,
+            soft,
+            tcp,
+            ratio: soft.ops_per_sec / tcp.ops_per_sec.max(1e-9),
+        });
+    }
+    println!(
+        "soft fabric vs plain TCP request/response, loopback, {:.2} s per measurement",
+        per.as_secs_f64()
+    );
+    println!(
+        "{:<6} {:>5} {:>5} | {:>11} {:>8} {:>8} | {:>11} {:>8} {:>8} | {:>9}",
+        "op",
+        "size",
+        "depth",
+        "soft op/s",
+        "p50 us",
+        "p99 us",
+        "tcp op/s",
+        "p50 us",
+        "p99 us",
+        "soft/tcp"
+    );
+    for r in &rows {
+        println!(
+            "{:<6} {:>5} {:>5} | {:>11.0} {:>8.1} {:>8.1} | {:>11.0} {:>8.1} {:>8.1} | {:>9.2}",
+            r.op,
+            r.size,
+            r.depth,
+            r.soft.ops_per_sec,
+            r.soft.p50_us,
+            r.soft.p99_us,
+            r.tcp.ops_per_sec,
+            r.tcp.p50_us,
+            r.tcp.p99_us,
+            r.ratio
+        );
+    }
+    let report = Report {
+        transport: "tcp loopback",
+        seconds_per_measurement: per.as_secs_f64(),
+        rows,
+    };
+    if let Some(p) = &args.json {
+        std::fs::write(p, serde_json::to_string_pretty(&report)?)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,94 @@
+//! The `soft` back-end: verbs RC semantics in user space over TCP or Unix
+//! stream sockets. See `docs/fabric.md` for the semantics and the protocol.
+
+mod endpoint;
+mod region;
+mod socket;
+mod tx;
+pub mod wire;
+
+use std::sync::Arc;
+
+pub use endpoint::SoftEndpoint;
+pub use region::SoftRegion;
+
+use crate::api::{Access, Domain, Endpoint, EndpointConfig, FabricError, Listener, MemoryRegion};
+use region::Registry;
+use socket::SoftSocketListener;
+
+/// A soft protection domain: its regions are reachable only through
+/// endpoints created from it.
+#[derive(Debug)]
+pub struct SoftDomain {
+    reg: Arc<Registry>,
+}
+
+/// Opens a soft domain (always succeeds; kept fallible like `verbs`).
+pub fn open_domain() -> Result<Box<dyn Domain>, FabricError> {
+    Ok(Box::new(SoftDomain::new()))
+}
+
+impl SoftDomain {
+    pub fn new() -> Self {
+        Self {
+            reg: Registry::new(),
+        }
+    }
+}
+
+impl Default for SoftDomain {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Domain for SoftDomain {
+    unsafe fn register(
+        &self,
+        ptr: *mut u8,
+        len: usize,
+        access: Access,
+    ) -> Result<Box<dyn MemoryRegion>, FabricError> {
+        Ok(Box::new(self.reg.register(ptr, len, access)?))
+    }
+
+    fn listen(&self, addr: &str, cfg: EndpointConfig) -> Result<Box<dyn Listener>, FabricError> {
+        Ok(Box::new(SoftListener {
+            sock: SoftSocketListener::bind(addr)?,
+            reg: Arc::clone(&self.reg),
+            cfg,
+        }))
+    }
+
+    fn connect(&self, addr: &str, cfg: EndpointConfig) -> Result<Box<dyn Endpoint>, FabricError> {
+        let (fd, peer) = socket::connect(addr)?;
+        Ok(Box::new(SoftEndpoint::start(
+            fd,
+            peer,
+            Arc::clone(&self.reg),
+            cfg,
+        )?))
+    }
+}
+
+pub struct SoftListener {
+    sock: SoftSocketListener,
+    reg: Arc<Registry>,
+    cfg: EndpointConfig,
+}
+
+impl Listener for SoftListener {
+    fn accept(&mut self) -> Result<Box<dyn Endpoint>, FabricError> {
+        let (fd, peer) = self.sock.accept()?;
+        Ok(Box::new(SoftEndpoint::start(
+            fd,
+            peer,
+            Arc::clone(&self.reg),
+            self.cfg,
+        )?))
+    }
+
+    fn local_addr(&self) -> String {
+        self.sock.local_addr()
+    }
+}
