@@ -1,1 +1,6 @@
 //! Helpers shared by vrio's cross-process and VM tests.
+//!
+//! [`rxe`] boots a QEMU (TCG) guest with Soft-RoCE and runs a script in it;
+//! see `integration/rxe/README.md`.
+
+pub mod rxe;

@@ -556,6 +556,10 @@ impl Endpoint for VerbsEndpoint {
                 return Ok(());
             }
             self.check_cm();
+            // Dead with nothing outstanding: no completion can come any more.
+            if self.dead && self.sq.is_empty() && self.rq.is_empty() && self.fill_pending()? == 0 {
+                return Err(FabricError::EndpointDead);
+            }
             self.drain_channel();
             self.req_notify()?;
             // A completion may have landed before the CQ was armed.

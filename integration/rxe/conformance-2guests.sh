@@ -1,0 +1,22 @@
+#!/bin/sh
+# Guest script for run-2guests.sh: the conformance suite over verbs between
+# two guests. ROLE, IP and PEER come from /init.
+PORT=7471
+if [ "$ROLE" = target ]; then
+  # serves until the initiator sends QUIT; the time limit covers a lost peer
+  timeout 400 vrio-fabric-conformance --backend verbs --role target --addr "$IP:$PORT"
+  exit $?
+fi
+# The target guest may still be booting: retry while nobody listens.
+n=0
+while :; do
+  vrio-fabric-conformance --backend verbs --role initiator --addr "$PEER:$PORT" > /tmp/init.log 2>&1; rc=$?
+  n=$((n + 1))
+  if grep -q "passed, " /tmp/init.log || [ $n -ge 40 ]; then
+    break
+  fi
+  echo "attempt $n: rc=$rc, target not ready yet"; tail -n 2 /tmp/init.log
+  sleep 3
+done
+cat /tmp/init.log
+exit $rc
