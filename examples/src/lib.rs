@@ -160,3 +160,86 @@ pub fn init_tracing() {
         .with_writer(std::io::stderr)
         .try_init();
 }
+
+/// `--fabric` choices of the server and client binaries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FabricChoice {
+    /// Real verbs when an RDMA device exists, else the software fabric.
+    Auto,
+    /// The software fabric (TCP or Unix sockets).
+    Soft,
+    /// Real verbs (RoCE, InfiniBand, Soft-RoCE); fails without a device.
+    Verbs,
+}
+
+/// Resolves `--fabric` to a back-end once, so every later domain (one per
+/// guest) uses the same one.
+pub fn resolve_fabric(
+    choice: FabricChoice,
+    device: Option<&str>,
+) -> Result<vrio_rdma::Backend, vrio_rdma::FabricError> {
+    use vrio_rdma::Backend;
+    match choice {
+        FabricChoice::Soft => Ok(Backend::Soft),
+        FabricChoice::Verbs => vrio_rdma::open(Backend::Verbs, device).map(|_| Backend::Verbs),
+        FabricChoice::Auto => match vrio_rdma::open(Backend::Verbs, device) {
+            Ok(_) => Ok(Backend::Verbs),
+            Err(vrio_rdma::FabricError::NoDevice(why)) => {
+                eprintln!("no RDMA device ({why}); using the software fabric");
+                Ok(Backend::Soft)
+            }
+            Err(e) => Err(e),
+        },
+    }
+}
+
+pub fn backend_name(b: vrio_rdma::Backend) -> &'static str {
+    match b {
+        vrio_rdma::Backend::Soft => "soft",
+        vrio_rdma::Backend::Verbs => "verbs",
+    }
+}
+
+/// Blocks SIGINT and SIGTERM in the calling thread (and the threads it
+/// starts afterwards), so that [`wait_for_signal`] can take them.
+pub fn block_signals() {
+    // SAFETY: sigset operations on a local, zero-initialised sigset_t, and
+    // pthread_sigmask with valid pointers; no memory is shared.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// Waits for SIGINT or SIGTERM, or until `timeout` passes.
+pub fn wait_for_signal(timeout: Option<std::time::Duration>) -> Option<i32> {
+    // SAFETY: as in `block_signals`; sigtimedwait only writes `info`.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        loop {
+            let left = match deadline {
+                Some(d) => d.saturating_duration_since(std::time::Instant::now()),
+                None => std::time::Duration::from_secs(3600),
+            };
+            if deadline.is_some() && left.is_zero() {
+                return None;
+            }
+            let ts = libc::timespec {
+                tv_sec: left.as_secs() as libc::time_t,
+                tv_nsec: left.subsec_nanos() as libc::c_long,
+            };
+            let s = libc::sigtimedwait(&set, &mut info, &ts);
+            if s > 0 {
+                return Some(s);
+            }
+        }
+    }
+}

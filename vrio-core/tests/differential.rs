@@ -194,6 +194,10 @@ impl Pair {
                     assert!(mine.starts_with(&seen), "over-4GiB chain: vq must truncate");
                 }
                 assert_eq!(usize::from(self.chain.descriptors), mine.len());
+                // What virtio-queue does not check, vrio must have.
+                for &(addr, len, _) in &mine {
+                    assert!(self.map.check(addr, u64::from(len)).is_ok());
+                }
                 t.accepted += 1;
                 t.indirect_accepted += usize::from(self.chain.indirect);
             }
@@ -529,6 +533,7 @@ fn vrio_matches_virtio_queue_on_random_rings() {
         "IndirectWithNext",
         "IndirectBadLength",
         "IndirectTooLarge",
+        "TooLong",
         "ReadableAfterWritable",
         "BadBuffer",
         "BadIndirectTable",

@@ -14,7 +14,9 @@ use std::cell::RefCell;
 
 use common::{assert_inside, CellMemory, Input, VecMemory};
 use libfuzzer_sys::fuzz_target;
-use vrio_core::ring::{DescriptorChain, DeviceQueue, QueueError, RingFeatures, RingLayout, RingState};
+use vrio_core::ring::{
+    DescriptorChain, DeviceQueue, QueueError, RingFeatures, RingLayout, RingState,
+};
 use vrio_core::GuestMemory;
 
 fuzz_target!(|data: &[u8]| {
@@ -32,7 +34,9 @@ fuzz_target!(|data: &[u8]| {
     let mem = CellMemory(RefCell::new(VecMemory {
         regions: vec![(0, image)],
     }));
-    let Some(map) = mem.0.borrow().map() else { return };
+    let Some(map) = mem.0.borrow().map() else {
+        return;
+    };
     let Ok(layout) = RingLayout::new(size, desc, avail, used) else {
         return;
     };

@@ -124,7 +124,8 @@ impl DriverQueue {
                 (true, Some(a)) => a,
                 _ => return Err(DriverError::IndirectUnavailable),
             };
-            if n > usize::from(area.max_entries) {
+            // §2.7.5.3.1: no chain longer than the queue, indirect or not.
+            if n > usize::from(area.max_entries) || n > usize::from(self.layout.size) {
                 return Err(DriverError::TooManySegments(n));
             }
             head = self.take(1)?[0];

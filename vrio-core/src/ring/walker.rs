@@ -105,11 +105,16 @@ impl Walker {
             return Err(ChainError::IndirectBadLength { len });
         }
         let entries = len / DESC_SIZE as u32;
-        if entries + before > u32::from(size) {
+        if entries > u32::from(size) {
             return Err(ChainError::IndirectTooLarge {
                 entries,
                 limit: size,
             });
+        }
+        // The table fits, but with the direct descriptors before it the
+        // chain would exceed the queue size (§2.7.5.3.1).
+        if entries + before > u32::from(size) {
+            return Err(ChainError::TooLong { limit: size });
         }
         map.check(table.addr, u64::from(len))
             .map_err(|source| ChainError::BadIndirectTable {

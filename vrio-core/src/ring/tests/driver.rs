@@ -49,6 +49,17 @@ fn indirect_needs_feature_and_area_and_fits_the_area() {
         drv.add(&rig.mem, &[seg(BUF, 1); 3], &[], true),
         Err(DriverError::TooManySegments(3))
     );
+    // A big indirect area does not allow chains longer than the queue.
+    let big = IndirectArea {
+        base: TABLES,
+        max_entries: 16,
+    };
+    let mut drv16 = rig.driver(Some(big));
+    assert_eq!(
+        drv16.add(&rig.mem, &[seg(BUF, 1); 9], &[], true),
+        Err(DriverError::TooManySegments(9))
+    );
+    drv16.add(&rig.mem, &[seg(BUF, 1); 8], &[], true).unwrap();
     assert_eq!(drv.num_free(), 8, "a refused add takes nothing");
 }
 

@@ -1,0 +1,143 @@
+//! vrio-server: an I/O server. Its sidecores serve the virtqueues of remote
+//! guests through the fabric; VM-host agents (`vrio-client`, or a VMM
+//! linking vrio's agent) attach queues to it.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use vrio_core::blk::{BlockBackend, BlockConfig, FileBackend, MemoryBackend};
+use vrio_core::remote::{IoServer, IoServerConfig};
+use vrio_examples::{
+    backend_name, block_signals, init_tracing, resolve_fabric, wait_for_signal, FabricChoice,
+};
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum Disk {
+    /// Sparse in-memory disk (lost at exit).
+    Memory,
+    /// Raw image file (see --file).
+    File,
+}
+
+/// Serve remote guests' virtio-blk queues with polling sidecores.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// Address to listen on: IP:PORT (port 0 picks one), or unix:PATH for
+    /// the software fabric.
+    #[arg(long, default_value = "127.0.0.1:7420")]
+    listen: String,
+    /// Sidecore threads.
+    #[arg(long, default_value_t = 1)]
+    sidecores: usize,
+    /// Disk back-end shared by all attached devices.
+    #[arg(long, value_enum, default_value_t = Disk::Memory)]
+    disk: Disk,
+    /// Image file for --disk file (created or grown to --size-mib).
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Disk size in MiB.
+    #[arg(long, default_value_t = 1024)]
+    size_mib: u64,
+    /// Fabric back-end.
+    #[arg(long, value_enum, default_value_t = FabricChoice::Auto)]
+    fabric: FabricChoice,
+    /// RDMA device for verbs (default: the first one).
+    #[arg(long)]
+    device: Option<String>,
+    /// Print statistics every this many seconds (0: only at exit).
+    #[arg(long, default_value_t = 5)]
+    stats_every: u64,
+    /// Exit after this many seconds (default: run until SIGINT or SIGTERM).
+    #[arg(long)]
+    duration: Option<f64>,
+}
+
+fn main() -> ExitCode {
+    init_tracing();
+    let a = Args::parse();
+    block_signals();
+    match run(&a) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vrio-server: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    let size = a
+        .size_mib
+        .checked_mul(1 << 20)
+        .ok_or("--size-mib too large")?;
+    let backend: Arc<dyn BlockBackend> = match a.disk {
+        Disk::Memory => Arc::new(MemoryBackend::new(size)),
+        Disk::File => {
+            let p = a.file.as_ref().ok_or("--disk file needs --file PATH")?;
+            Arc::new(FileBackend::create(p, size)?)
+        }
+    };
+    let fabric = resolve_fabric(a.fabric, a.device.as_deref())?;
+    let domain: Arc<dyn vrio_rdma::Domain> =
+        Arc::from(vrio_rdma::open(fabric, a.device.as_deref())?);
+    let mut server = IoServer::start(
+        domain,
+        backend,
+        IoServerConfig {
+            listen: a.listen.clone(),
+            sidecores: a.sidecores,
+            blk: BlockConfig::default(),
+            ..IoServerConfig::default()
+        },
+    )?;
+    // The first line is machine-readable: tests wait for it.
+    println!(
+        "vrio-server: listening on {} (fabric {}), {} sidecore(s), {:?} disk of {} MiB",
+        server.addr(),
+        backend_name(fabric),
+        a.sidecores.max(1),
+        a.disk,
+        a.size_mib
+    );
+    let t0 = std::time::Instant::now();
+    let end = a.duration.map(Duration::from_secs_f64);
+    loop {
+        let step = if a.stats_every == 0 {
+            end.map(|e| e.saturating_sub(t0.elapsed()))
+        } else {
+            let s = Duration::from_secs(a.stats_every);
+            Some(end.map_or(s, |e| s.min(e.saturating_sub(t0.elapsed()))))
+        };
+        if let Some(sig) = wait_for_signal(step) {
+            println!("vrio-server: signal {sig}, stopping");
+            break;
+        }
+        if end.is_some_and(|e| t0.elapsed() >= e) {
+            break;
+        }
+        print_stats(&server, "stats");
+    }
+    print_stats(&server, "final");
+    server.stop();
+    Ok(())
+}
+
+fn print_stats(server: &IoServer, what: &str) {
+    let f = server.stats().snapshot();
+    let s = server.sidecore_stats();
+    println!(
+        "vrio-server: {what}: {} requests ({} refused), {} doorbells, {} remote polls, {:.2} fabric ops/request, {:.2} round trips/request, {} sidecore polls ({} empty)",
+        f.requests,
+        f.bad_requests,
+        f.doorbells,
+        f.remote_polls,
+        f.ops_per_request(),
+        f.rtts_per_request(),
+        s.polls,
+        s.empty_polls
+    );
+}

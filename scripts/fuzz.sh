@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Runs vrio-core's cargo-fuzz targets for a bounded time and fails on a crash.
+#
+#   scripts/fuzz.sh [TOTAL_SECONDS]   (default 60, split evenly over the targets)
+#
+# Needs the nightly toolchain and cargo-fuzz (scripts/setup.sh installs both).
+# Seeds are checked in under vrio-core/fuzz/seeds/<target>; the working corpus
+# grows in vrio-core/fuzz/corpus/<target> (git-ignored). A crash leaves its
+# input in vrio-core/fuzz/artifacts/<target>/ and makes this script exit 1.
+set -euo pipefail
+
+total=${1:-${FUZZ_SECONDS:-60}}
+targets=(walker device)
+per=$(( total / ${#targets[@]} ))
+(( per >= 1 )) || per=1
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+fuzz_dir="$root/vrio-core/fuzz"
+cd "$fuzz_dir"
+
+if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+    echo "FUZZ FAILED: cargo +nightly fuzz is not available (run scripts/setup.sh)" >&2
+    exit 1
+fi
+
+target_dir=${CARGO_TARGET_DIR:-$fuzz_dir/target}
+# The fuzz build uses sanitizer flags; keep it apart from normal builds.
+target_dir="$target_dir/fuzz"
+
+echo "fuzz: building ${targets[*]} (release, sanitizers)"
+cargo +nightly fuzz build --target-dir "$target_dir"
+mkdir -p "$target_dir"
+
+status=0
+for t in "${targets[@]}"; do
+    mkdir -p "corpus/$t"
+    log="$target_dir/$t.log"
+    echo "fuzz: $t for ${per}s"
+    if ! cargo +nightly fuzz run --target-dir "$target_dir" "$t" "corpus/$t" "seeds/$t" -- \
+        -max_total_time="$per" -print_final_stats=1 2>"$log"; then
+        tail -n 40 "$log" >&2
+        echo "FUZZ FAILED: target $t crashed; input saved under $fuzz_dir/artifacts/$t/" >&2
+        status=1
+    else
+        grep -E "stat::number_of_executed_units|stat::new_units_added" "$log" | sed "s/^/fuzz: $t /"
+    fi
+done
+exit $status
