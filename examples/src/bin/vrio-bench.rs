@@ -1,8 +1,11 @@
-//! vrio-bench: 4 KiB reads on the memory back-end, vhost-style against
-//! local sidecore, for several guest counts and queue depths, all in one run.
-//! Prints a table and writes JSON. Figures are ratios against the
-//! vhost-style baseline measured in the same run, because these machines are
-//! noisy.
+//! vrio-bench: the paper's comparison on one machine, in one run. 4 KiB
+//! random reads on the memory back-end, for several guest counts and queue
+//! depths, against vhost-style, local sidecore, and remote sidecores over the
+//! software fabric in each notification mode. Prints a table and writes
+//! JSON. Throughput figures are ratios against the vhost-style baseline
+//! measured in the same run, because these machines are noisy; the remote
+//! rows add VM-host CPU per request and fabric operations and round trips
+//! per request (counts, not times).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,7 +16,8 @@ use std::time::Duration;
 use clap::Parser;
 use vrio_core::blk::{BlockConfig, MemoryBackend};
 use vrio_core::guest::WorkloadConfig;
-use vrio_core::models::{run_local, LocalModel, ModelReport, RunConfig};
+use vrio_core::models::{run_local, run_remote, LocalModel, ModelReport, RemoteFigures, RunConfig};
+use vrio_core::remote::NotifyMode;
 use vrio_core::sidecore::SidecoreConfig;
 use vrio_examples::{init_tracing, model_json, print_table};
 
@@ -33,6 +37,24 @@ struct Args {
     /// Where to write the JSON results.
     #[arg(long, default_value = "target/vrio-bench.json")]
     json: PathBuf,
+    /// Leave out the remote-sidecore models (local models only).
+    #[arg(long)]
+    local_only: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Model {
+    Local(LocalModel),
+    Remote(NotifyMode),
+}
+
+impl Model {
+    fn name(&self) -> String {
+        match self {
+            Model::Local(m) => m.name(),
+            Model::Remote(m) => format!("remote {} x1", m.name()),
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -47,12 +69,14 @@ fn main() -> ExitCode {
     }
 }
 
+type Point = (ModelReport, Option<RemoteFigures>);
+
 fn point(
-    model: LocalModel,
+    model: Model,
     guests: u32,
     depth: u16,
     secs: f64,
-) -> Result<ModelReport, Box<dyn std::error::Error>> {
+) -> Result<Point, Box<dyn std::error::Error>> {
     let blocks = 256;
     let rc = RunConfig {
         guests,
@@ -70,23 +94,33 @@ fn point(
     };
     let backend = Arc::new(MemoryBackend::new(u64::from(guests) * blocks * 4096));
     let done = Arc::new(AtomicU64::new(0));
-    Ok(run_local(
-        model,
-        backend,
-        BlockConfig::default(),
-        &rc,
-        &done,
-    )?)
+    Ok(match model {
+        Model::Local(m) => (
+            run_local(m, backend, BlockConfig::default(), &rc, &done)?,
+            None,
+        ),
+        Model::Remote(mode) => {
+            let (r, f) = run_remote(mode, 1, backend, BlockConfig::default(), &rc, &done)?;
+            (r, Some(f))
+        }
+    })
 }
 
 fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
-    let models = [
-        LocalModel::VhostStyle,
-        LocalModel::Sidecore {
+    let mut models = vec![
+        Model::Local(LocalModel::VhostStyle),
+        Model::Local(LocalModel::Sidecore {
             cores: 1,
             cfg: SidecoreConfig::default(),
-        },
+        }),
     ];
+    if !a.local_only {
+        models.extend([
+            Model::Remote(NotifyMode::Doorbell),
+            Model::Remote(NotifyMode::RemotePoll),
+            Model::Remote(NotifyMode::Adaptive),
+        ]);
+    }
     let mut rows = Vec::new();
     let mut json = Vec::new();
     let points = a.guests.len() * a.depths.len() * models.len();
@@ -94,10 +128,14 @@ fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
     for &g in &a.guests {
         for &d in &a.depths {
             let mut base: Option<ModelReport> = None;
-            for m in models {
+            for &m in &models {
                 n += 1;
                 eprintln!("[{n}/{points}] {} guests={g} depth={d} ...", m.name());
-                let r = point(m, g, d, a.seconds)?;
+                let (r, fig) = point(m, g, d, a.seconds)?;
+                // VM-host CPU: all of the device work for local models, only
+                // the agent's for remote ones.
+                let vmhost_ns = fig.as_ref().map_or(r.device_cpu_ns, |f| f.vmhost_cpu_ns);
+                let per_req = |ns: u64| ns as f64 / 1e3 / r.io.completed.max(1) as f64;
                 if r.io.failures() > 0 {
                     return Err(format!("{}: {} failed requests", r.model, r.io.failures()).into());
                 }
@@ -113,11 +151,26 @@ fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
                     format!("{ratio:.2}"),
                     format!("{:.1}", r.p50_us()),
                     format!("{:.1}", r.p99_us()),
+                    format!("{:.2}", per_req(vmhost_ns)),
+                    fig.as_ref()
+                        .map_or("-".into(), |f| format!("{:.2}", f.fabric.ops_per_request())),
+                    fig.as_ref().map_or("-".into(), |f| {
+                        format!("{:.2}", f.fabric.rtts_per_request())
+                    }),
                 ]);
                 let mut j = model_json(&r);
                 j["guests"] = g.into();
                 j["depth"] = d.into();
                 j["ratio_req_per_core_vs_vhost"] = ratio.into();
+                j["vmhost_cpu_us_per_request"] = per_req(vmhost_ns).into();
+                if let Some(f) = &fig {
+                    j["fabric_ops_per_request"] = f.fabric.ops_per_request().into();
+                    j["round_trips_per_request"] = f.fabric.rtts_per_request().into();
+                    j["doorbells"] = f.doorbells.into();
+                    j["interrupts"] = f.interrupts.into();
+                    j["remote_polls"] = f.fabric.remote_polls.into();
+                    j["mode_switches"] = f.fabric.mode_switches.into();
+                }
                 json.push(j);
             }
         }
@@ -132,11 +185,14 @@ fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
             "guests",
             "QD",
             "req/s",
-            "device cores",
+            "sidecore/worker cores",
             "req/s per core",
             "x vhost (per core)",
             "p50 us",
             "p99 us",
+            "VM-host CPU us/req",
+            "fabric ops/req",
+            "RTT/req",
         ],
         &rows,
     );
@@ -146,7 +202,7 @@ fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
     std::fs::write(
         &a.json,
         serde_json::to_string_pretty(&serde_json::json!({
-            "benchmark": "local-models-4k-read",
+            "benchmark": "io-models-4k-read",
             "seconds_per_point": a.seconds,
             "points": json,
         }))?,

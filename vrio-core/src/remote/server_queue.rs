@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use vrio_rdma::{
     Access, Completion, Domain, Endpoint, MemoryRegion, Opcode, RecvRequest, SendRequest, Sge,
-    WcOpcode,
+    WcOpcode, WcStatus,
 };
 
 use super::shadow::Shadow;
@@ -220,7 +220,7 @@ impl<D: DeviceModel> RemoteQueue<D> {
             cqes: vec![
                 Completion {
                     wr_id: 0,
-                    status: vrio_rdma::WcStatus::Success,
+                    status: WcStatus::Success,
                     opcode: WcOpcode::Send,
                     byte_len: 0,
                     imm: None,
@@ -349,10 +349,13 @@ impl<D: DeviceModel> RemoteQueue<D> {
             let mut res = Ok(());
             for c in &cqes[..n] {
                 if !c.status.is_ok() {
-                    res = Err(fail(
-                        &self.name,
-                        format!("fabric completion {:?} for wr {:#x}", c.status, c.wr_id),
-                    ));
+                    let why = match c.status {
+                        WcStatus::Flushed | WcStatus::RetryExceeded => {
+                            format!("the VM host disconnected ({:?})", c.status)
+                        }
+                        s => format!("fabric completion {:?} for wr {:#x}", s, c.wr_id),
+                    };
+                    res = Err(fail(&self.name, why));
                     break;
                 }
                 if c.wr_id & RECV_TAG != 0 {

@@ -125,6 +125,10 @@ impl Sidecore {
         let (batch, poll_idle) = (self.cfg.batch, self.cfg.poll_idle);
         let stats = &self.stats;
         let mut worked = false;
+        // Spun long enough without work: hand every queue back to guest
+        // kicks now (as NAPI does), so that the runtime can block on the
+        // kick fds instead of sleeping blind and adding latency.
+        let spun_out = self.empty_rounds >= self.cfg.backoff.spin_rounds;
         self.slots.retain_mut(|slot| {
             if !slot.polling && !slot.queue.take_kick() {
                 return true;
@@ -133,7 +137,7 @@ impl Sidecore {
             let out = match slot.queue.poll(batch) {
                 Ok(o) => o,
                 Err(e) => {
-                    tracing::warn!(error = %e, "queue stopped; dropping it from the sidecore");
+                    tracing::info!(error = %e, "queue stopped; dropping it from the sidecore");
                     return false;
                 }
             };
@@ -159,7 +163,9 @@ impl Sidecore {
                 return true;
             }
             stats.empty_polls.fetch_add(1, Relaxed);
-            if slot.polling && now.saturating_duration_since(slot.last_work) >= poll_idle {
+            if slot.polling
+                && (spun_out || now.saturating_duration_since(slot.last_work) >= poll_idle)
+            {
                 match slot.queue.set_notifications(true) {
                     // Work raced in while we switched: keep polling.
                     Ok(true) => slot.last_work = now,

@@ -211,3 +211,28 @@ fn removed_queue_gets_notifications_back() {
     assert!(sc.remove(id).is_none());
     assert!(sc.is_empty());
 }
+
+#[test]
+fn spinning_out_hands_queues_back_to_kicks_before_poll_idle() {
+    let t0 = Instant::now();
+    let mut c = cfg();
+    c.poll_idle = Duration::from_secs(3600);
+    let mut sc = Sidecore::new(c);
+    let (a, sa) = fake("a");
+    let id = sc.add(a, t0);
+    // spin_rounds = 2: two empty rounds keep polling...
+    sc.round(t0);
+    sc.round(t0);
+    assert_eq!(sc.is_polling(id), Some(true));
+    // ...the third switches to notifications, so the runtime may block.
+    let out = sc.round(t0);
+    assert_eq!(sc.is_polling(id), Some(false));
+    assert!(sa.lock().unwrap().notifications);
+    assert!(matches!(
+        out,
+        RoundOutcome::Idle {
+            all_notify: true,
+            ..
+        }
+    ));
+}
