@@ -131,7 +131,7 @@ fn serve_until_empty(
             stats.requests.fetch_add(u64::from(out.requests), Relaxed);
             stats.errors.fetch_add(u64::from(out.errors), Relaxed);
             stats.bytes.fetch_add(out.bytes, Relaxed);
-            if out.requests + out.errors == 0 {
+            if out.requests + out.errors + out.pending == 0 {
                 stats.empty_polls.fetch_add(1, Relaxed);
                 break;
             }

@@ -76,6 +76,15 @@ struct Areas {
 }
 
 const FETCH_MAX: usize = 64 << 10;
+
+/// Where the current batch is: waiting for nothing, for its READ wave, or
+/// for its reply wave (each names the signalled work request that ends it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Idle,
+    Reading(u64),
+    Writing(u64),
+}
 const RECV_TAG: u64 = 1 << 63;
 
 fn align(x: usize) -> usize {
@@ -106,7 +115,15 @@ pub struct RemoteQueue<D> {
     device: D,
     walker: Walker,
     shadow: Shadow,
-    chains: Vec<(u16, Result<DescriptorChain, ChainError>)>,
+    batch: Vec<(u16, Result<DescriptorChain, ChainError>)>,
+    bases: Vec<usize>,
+    used_lens: Vec<u32>,
+    batch_rtts: u64,
+    batch_out: PollOutcome,
+    stage: Stage,
+    stage_started: Instant,
+    /// Highest signalled work request known complete.
+    done_wr: u64,
     spare_chains: Vec<DescriptorChain>,
     wrs: Vec<SendRequest>,
     cqes: Vec<Completion>,
@@ -214,7 +231,14 @@ impl<D: DeviceModel> RemoteQueue<D> {
             device,
             walker: Walker::new(),
             shadow: Shadow::default(),
-            chains: Vec::new(),
+            batch: Vec::new(),
+            bases: Vec::new(),
+            used_lens: Vec::new(),
+            batch_rtts: 0,
+            batch_out: PollOutcome::default(),
+            stage: Stage::Idle,
+            stage_started: Instant::now(),
+            done_wr: 0,
             spare_chains: Vec::new(),
             wrs: Vec::new(),
             cqes: vec![
@@ -302,21 +326,13 @@ impl<D: DeviceModel> RemoteQueue<D> {
         self.wr_seq
     }
 
-    /// Posts the queued work requests; the last one is signalled and waited
-    /// for. One call is one round trip.
+    /// Posts the queued work requests and waits for the last one. One call
+    /// is one round trip; used only off the common path (remote polls,
+    /// fetches, control messages).
     fn flush_and_wait(&mut self) -> Result<(), QueueFailure> {
-        if self.wrs.is_empty() {
+        let Some(target) = self.post_wave()? else {
             return Ok(());
-        }
-        let last = self.wrs.len() - 1;
-        self.wrs[last].signaled = true;
-        let target = self.wrs[last].wr_id;
-        self.stats
-            .fabric_ops
-            .fetch_add(self.wrs.len() as u64, Relaxed);
-        let r = self.ep.post_send(&self.wrs);
-        self.wrs.clear();
-        r.map_err(|e| fail(&self.name, e))?;
+        };
         let deadline = Instant::now() + self.cfg.op_timeout;
         let mut spins = 0u32;
         loop {
@@ -335,7 +351,6 @@ impl<D: DeviceModel> RemoteQueue<D> {
 
     /// Handles completions; true when `target` completed.
     fn drain_cq(&mut self, target: Option<u64>) -> Result<bool, QueueFailure> {
-        let mut hit = false;
         loop {
             let mut cqes = std::mem::take(&mut self.cqes);
             let n = self.ep.poll(&mut cqes);
@@ -365,14 +380,16 @@ impl<D: DeviceModel> RemoteQueue<D> {
                         res = Err(e);
                         break;
                     }
-                } else if Some(c.wr_id) == target {
-                    hit = true;
+                } else {
+                    // RC completes in order: a signalled request done means
+                    // every earlier one is done too.
+                    self.done_wr = self.done_wr.max(c.wr_id);
                 }
             }
             self.cqes = cqes;
             res?;
             if n < self.cqes.len() {
-                return Ok(hit);
+                return Ok(target.is_some_and(|t| self.done_wr >= t));
             }
         }
     }
@@ -580,10 +597,65 @@ impl<D: DeviceModel> RemoteQueue<D> {
         )
     }
 
+    /// Advances this queue's batch without blocking on the fabric: a
+    /// sidecore visits its other queues while a wave is in flight, so round
+    /// trips overlap across queues.
     fn serve(&mut self, budget: usize) -> Result<PollOutcome, QueueFailure> {
-        let mut out = PollOutcome::default();
-        let mut rtts: u64 = 0;
         self.drain_cq(None)?;
+        let mut out = PollOutcome::default();
+        loop {
+            match self.stage {
+                Stage::Idle => {
+                    if self.start_batch(budget)? {
+                        out.pending = 1;
+                    }
+                    return Ok(out);
+                }
+                Stage::Reading(target) | Stage::Writing(target) if self.done_wr < target => {
+                    if self.stage_started.elapsed() > self.cfg.op_timeout {
+                        return Err(fail(&self.name, "fabric operation timed out"));
+                    }
+                    out.pending = 1;
+                    return Ok(out);
+                }
+                Stage::Reading(_) => {
+                    self.process_and_reply()?;
+                    out.pending = 1;
+                    return Ok(out);
+                }
+                Stage::Writing(_) => {
+                    let done = self.finish_batch();
+                    out.requests += done.requests;
+                    out.errors += done.errors;
+                    out.bytes += done.bytes;
+                    // Go on with the next batch in the same visit.
+                }
+            }
+        }
+    }
+
+    /// Posts a wave without waiting; returns its signalled target.
+    fn post_wave(&mut self) -> Result<Option<u64>, QueueFailure> {
+        if self.wrs.is_empty() {
+            return Ok(None);
+        }
+        let last = self.wrs.len() - 1;
+        self.wrs[last].signaled = true;
+        let target = self.wrs[last].wr_id;
+        self.stats
+            .fabric_ops
+            .fetch_add(self.wrs.len() as u64, Relaxed);
+        let r = self.ep.post_send(&self.wrs);
+        self.wrs.clear();
+        r.map_err(|e| fail(&self.name, e))?;
+        self.stage_started = Instant::now();
+        Ok(Some(target))
+    }
+
+    /// Learns of requests, validates their chains and posts the READ wave.
+    /// False when there is nothing to do.
+    fn start_batch(&mut self, budget: usize) -> Result<bool, QueueFailure> {
+        let mut rtts: u64 = 0;
         if self.polling_remote {
             self.read_avail()?;
             rtts += 1;
@@ -595,7 +667,7 @@ impl<D: DeviceModel> RemoteQueue<D> {
             if rtts > 0 {
                 self.stats.idle_rtts.fetch_add(rtts, Relaxed);
             }
-            return Ok(out);
+            return Ok(false);
         }
         // 1-2. Chains, validated over the shadow.
         self.shadow.clear();
@@ -626,20 +698,18 @@ impl<D: DeviceModel> RemoteQueue<D> {
             let (r, w) = self.walk(head, &mut chain);
             walk_rtts = walk_rtts.max(w);
             let r = r.and_then(|_| {
-                if StagedChain::bytes_needed(&chain) > self.cfg.max_request as u64 {
+                let need = StagedChain::bytes_needed(&chain);
+                if need > self.cfg.max_request as u64 {
                     Err(ChainError::BadBuffer {
                         addr: 0,
                         len: u32::MAX,
-                        source: MemoryError::OutOfBounds {
-                            addr: 0,
-                            len: StagedChain::bytes_needed(&chain),
-                        },
+                        source: MemoryError::OutOfBounds { addr: 0, len: need },
                     })
                 } else {
                     Ok(())
                 }
             });
-            self.chains.push((head, r.map(|_| chain)));
+            self.batch.push((head, r.map(|_| chain)));
         }
         // Fetches of different chains happen one after another.
         rtts += walk_rtts as u64;
@@ -647,10 +717,10 @@ impl<D: DeviceModel> RemoteQueue<D> {
 
         // 3. One wave of READs for every readable segment.
         let mut off = self.areas.data;
-        let chains = std::mem::take(&mut self.chains);
-        let mut bases = Vec::with_capacity(chains.len());
-        for (_, c) in &chains {
-            bases.push(off);
+        let batch = std::mem::take(&mut self.batch);
+        self.bases.clear();
+        for (_, c) in &batch {
+            self.bases.push(off);
             let Ok(c) = c else { continue };
             for s in &c.readable {
                 if s.len == 0 {
@@ -674,22 +744,35 @@ impl<D: DeviceModel> RemoteQueue<D> {
             }
             // Writable bytes start zeroed, so nothing stale leaks back.
             let wl = c.writable_len() as usize;
-            let zero_at = off;
-            // SAFETY-free path: `put` checks bounds.
-            let z = vec![0u8; wl];
             self.staging()
-                .put(zero_at, &z)
+                .zero(off, wl)
                 .map_err(|e| fail(&self.name, e))?;
             off += wl;
         }
-        if !self.wrs.is_empty() {
-            self.flush_and_wait()?;
-            rtts += 1;
+        self.batch = batch;
+        self.batch_rtts = rtts;
+        match self.post_wave()? {
+            Some(target) => {
+                self.batch_rtts += 1;
+                self.stage = Stage::Reading(target);
+            }
+            // Nothing to read (only bad chains): reply at once.
+            None => {
+                self.stage = Stage::Reading(0);
+                self.process_and_reply()?;
+            }
         }
+        Ok(true)
+    }
 
-        // 4. The device model over the staged bytes.
-        let mut used_lens = Vec::with_capacity(chains.len());
-        for ((head, c), base) in chains.iter().zip(&bases) {
+    /// 4-5. Runs the device model over the staged bytes and posts the reply
+    /// wave: data, used elements, then the immediate.
+    fn process_and_reply(&mut self) -> Result<(), QueueFailure> {
+        let batch = std::mem::take(&mut self.batch);
+        let bases = std::mem::take(&mut self.bases);
+        let mut out = PollOutcome::default();
+        self.used_lens.clear();
+        for ((head, c), base) in batch.iter().zip(&bases) {
             let len = match c {
                 Ok(chain) => {
                     let view = StagedChain {
@@ -714,11 +797,9 @@ impl<D: DeviceModel> RemoteQueue<D> {
                     0
                 }
             };
-            used_lens.push(len);
+            self.used_lens.push(len);
         }
-
-        // 5. One wave back: data, used elements, then the immediate.
-        for ((_, c), base) in chains.iter().zip(&bases) {
+        for ((_, c), base) in batch.iter().zip(&bases) {
             let Ok(c) = c else { continue };
             let mut o = *base + c.readable_len() as usize;
             for s in &c.writable {
@@ -741,8 +822,9 @@ impl<D: DeviceModel> RemoteQueue<D> {
                 o += s.len as usize;
             }
         }
+        let n = batch.len();
         let first = self.next_used;
-        for ((head, _), len) in chains.iter().zip(&used_lens) {
+        for ((head, _), len) in batch.iter().zip(self.used_lens.clone()) {
             let slot = usize::from(self.next_used.0 % self.layout.size);
             let mut b = [0u8; 8];
             b[..4].copy_from_slice(&u32::from(*head).to_le_bytes());
@@ -792,10 +874,20 @@ impl<D: DeviceModel> RemoteQueue<D> {
             local,
             signaled: true,
         });
-        self.flush_and_wait()?;
-        rtts += 1;
+        let target = self.post_wave()?.unwrap_or(0);
+        self.batch_rtts += 1;
+        self.batch = batch;
+        self.bases = bases;
+        self.batch_out = out;
+        self.stage = Stage::Writing(target);
+        Ok(())
+    }
 
-        for (_, c) in chains {
+    /// The reply wave landed: the batch is complete.
+    fn finish_batch(&mut self) -> PollOutcome {
+        let out = std::mem::take(&mut self.batch_out);
+        let n = self.batch.len() as u64;
+        for (_, c) in self.batch.drain(..) {
             if let Ok(mut c) = c {
                 c.clear();
                 self.spare_chains.push(c);
@@ -803,10 +895,11 @@ impl<D: DeviceModel> RemoteQueue<D> {
         }
         let st = &self.stats;
         st.batches.fetch_add(1, Relaxed);
-        st.requests.fetch_add(n as u64, Relaxed);
+        st.requests.fetch_add(n, Relaxed);
         st.bad_requests.fetch_add(u64::from(out.errors), Relaxed);
-        st.critical_rtts.fetch_add(rtts * n as u64, Relaxed);
-        Ok(out)
+        st.critical_rtts.fetch_add(self.batch_rtts * n, Relaxed);
+        self.stage = Stage::Idle;
+        out
     }
 
     /// Adaptive mode: remote polling while busy, doorbells while quiet.
@@ -870,6 +963,10 @@ impl<D: DeviceModel> ServedQueue for RemoteQueue<D> {
     }
 
     fn set_notifications(&mut self, enabled: bool) -> Result<bool, QueueFailure> {
+        if enabled && self.stage != Stage::Idle {
+            // A batch is in flight: keep polling until it lands.
+            return Ok(true);
+        }
         match (self.mode, enabled) {
             // A remote-poll queue has no notifications: keep polling.
             (NotifyMode::RemotePoll, _) => Ok(true),
@@ -892,7 +989,7 @@ impl<D: DeviceModel> ServedQueue for RemoteQueue<D> {
     }
 
     fn take_kick(&mut self) -> bool {
-        if self.polling_remote {
+        if self.polling_remote || self.stage != Stage::Idle {
             return true;
         }
         if self.drain_cq(None).is_err() {

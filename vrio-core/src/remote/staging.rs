@@ -71,6 +71,20 @@ impl StagingBuffer {
         Ok(())
     }
 
+    /// Zeroes `len` bytes at `off`.
+    pub fn zero(&mut self, off: usize, len: usize) -> Result<(), MemoryError> {
+        let end = off.checked_add(len).filter(|&e| e <= self.len);
+        if end.is_none() {
+            return Err(MemoryError::OutOfBounds {
+                addr: off as u64,
+                len: len as u64,
+            });
+        }
+        // SAFETY: bounds checked above; see `put` for why no DMA races.
+        unsafe { std::ptr::write_bytes(self.ptr.add(off), 0, len) };
+        Ok(())
+    }
+
     /// Reads `dst.len()` bytes at `off`.
     pub fn get(&self, off: usize, dst: &mut [u8]) -> Result<(), MemoryError> {
         let end = off.checked_add(dst.len()).filter(|&e| e <= self.len);

@@ -32,6 +32,9 @@ impl Default for SidecoreConfig {
 pub enum RoundOutcome {
     /// At least one request was served: go again at once.
     Worked,
+    /// Nothing completed, but fabric operations are in flight: go again
+    /// soon, yielding the CPU to whoever completes them.
+    InFlight,
     /// Nothing to do. `sleep`: back off this long (None: spin on).
     /// `all_notify`: every queue waits for kicks, so blocking on the kick
     /// fds is safe.
@@ -125,6 +128,7 @@ impl Sidecore {
         let (batch, poll_idle) = (self.cfg.batch, self.cfg.poll_idle);
         let stats = &self.stats;
         let mut worked = false;
+        let mut completed = false;
         // Spun long enough without work: hand every queue back to guest
         // kicks now (as NAPI does), so that the runtime can block on the
         // kick fds instead of sleeping blind and adding latency.
@@ -141,12 +145,13 @@ impl Sidecore {
                     return false;
                 }
             };
-            let served = out.requests + out.errors;
+            let served = out.requests + out.errors + out.pending;
             stats.requests.fetch_add(u64::from(out.requests), Relaxed);
             stats.errors.fetch_add(u64::from(out.errors), Relaxed);
             stats.bytes.fetch_add(out.bytes, Relaxed);
             if served > 0 {
                 worked = true;
+                completed |= out.requests + out.errors > 0;
                 slot.last_work = now;
                 if !slot.polling {
                     match slot.queue.set_notifications(false) {
@@ -186,7 +191,11 @@ impl Sidecore {
             stats
                 .busy_ns
                 .fetch_add(started.elapsed().as_nanos() as u64, Relaxed);
-            RoundOutcome::Worked
+            if completed {
+                RoundOutcome::Worked
+            } else {
+                RoundOutcome::InFlight
+            }
         } else {
             self.empty_rounds = self.empty_rounds.saturating_add(1);
             RoundOutcome::Idle {

@@ -25,6 +25,9 @@ pub struct PollOutcome {
     pub bytes: u64,
     /// Requests that failed validation (bad chains); already completed.
     pub errors: u32,
+    /// Work in flight that needs further polls (a fabric wave that has not
+    /// landed yet): the queue is busy even if nothing completed.
+    pub pending: u32,
 }
 
 /// A queue a sidecore can serve: local rings, or remote rings reached over

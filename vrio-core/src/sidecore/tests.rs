@@ -41,6 +41,7 @@ impl ServedQueue for FakeQueue {
             requests: n,
             bytes: u64::from(n) * 4096,
             errors: 0,
+            pending: 0,
         })
     }
     fn set_notifications(&mut self, enabled: bool) -> Result<bool, QueueFailure> {
@@ -174,7 +175,7 @@ fn idle_backs_off_after_spinning() {
     let sleeps: Vec<_> = (0..6)
         .map(|_| match sc.round(t0) {
             RoundOutcome::Idle { sleep, .. } => sleep,
-            RoundOutcome::Worked => panic!("no work was queued"),
+            RoundOutcome::Worked | RoundOutcome::InFlight => panic!("no work was queued"),
         })
         .collect();
     assert_eq!(sleeps[0], None);
@@ -235,4 +236,47 @@ fn spinning_out_hands_queues_back_to_kicks_before_poll_idle() {
             ..
         }
     ));
+}
+
+#[test]
+fn in_flight_work_keeps_the_queue_polled_without_counting_as_done() {
+    struct InFlightQueue(u32);
+    impl ServedQueue for InFlightQueue {
+        fn poll(&mut self, _budget: usize) -> Result<PollOutcome, QueueFailure> {
+            self.0 += 1;
+            // Two polls with a wave in flight, then the batch completes.
+            Ok(if self.0 < 3 {
+                PollOutcome {
+                    pending: 1,
+                    ..PollOutcome::default()
+                }
+            } else {
+                PollOutcome {
+                    requests: 4,
+                    ..PollOutcome::default()
+                }
+            })
+        }
+        fn set_notifications(&mut self, _: bool) -> Result<bool, QueueFailure> {
+            Ok(false)
+        }
+        fn kick_fd(&self) -> Option<RawFd> {
+            None
+        }
+        fn name(&self) -> &str {
+            "inflight"
+        }
+    }
+    let t0 = Instant::now();
+    let mut sc = Sidecore::new(cfg());
+    let id = sc.add(Box::new(InFlightQueue(0)), t0);
+    // Long after poll_idle, in-flight work still keeps the queue polled.
+    let late = t0 + Duration::from_secs(1);
+    assert_eq!(sc.round(late), RoundOutcome::InFlight);
+    assert_eq!(sc.round(late), RoundOutcome::InFlight);
+    assert_eq!(sc.is_polling(id), Some(true));
+    assert_eq!(sc.round(late), RoundOutcome::Worked);
+    let st = sc.stats().snapshot();
+    assert_eq!(st.requests, 4);
+    assert_eq!(st.empty_polls, 0);
 }

@@ -157,6 +157,7 @@ fn run(
         }
         match core.round(Instant::now()) {
             RoundOutcome::Worked => {}
+            RoundOutcome::InFlight => std::thread::yield_now(),
             RoundOutcome::Idle { sleep: None, .. } => std::hint::spin_loop(),
             RoundOutcome::Idle {
                 sleep: Some(d),
