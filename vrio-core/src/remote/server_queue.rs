@@ -824,7 +824,8 @@ impl<D: DeviceModel> RemoteQueue<D> {
         }
         let n = batch.len();
         let first = self.next_used;
-        for ((head, _), len) in batch.iter().zip(self.used_lens.clone()) {
+        for (i, (head, _)) in batch.iter().enumerate() {
+            let len = self.used_lens[i];
             let slot = usize::from(self.next_used.0 % self.layout.size);
             let mut b = [0u8; 8];
             b[..4].copy_from_slice(&u32::from(*head).to_le_bytes());
