@@ -877,6 +877,13 @@ impl<D: DeviceModel> RemoteQueue<D> {
         });
         let target = self.post_wave()?.unwrap_or(0);
         self.batch_rtts += 1;
+        // Count now: the guest may see these completions before this queue
+        // is polled again.
+        let st = &self.stats;
+        st.batches.fetch_add(1, Relaxed);
+        st.requests.fetch_add(n as u64, Relaxed);
+        st.bad_requests.fetch_add(u64::from(out.errors), Relaxed);
+        st.critical_rtts.fetch_add(self.batch_rtts * n as u64, Relaxed);
         self.batch = batch;
         self.bases = bases;
         self.batch_out = out;
@@ -887,18 +894,12 @@ impl<D: DeviceModel> RemoteQueue<D> {
     /// The reply wave landed: the batch is complete.
     fn finish_batch(&mut self) -> PollOutcome {
         let out = std::mem::take(&mut self.batch_out);
-        let n = self.batch.len() as u64;
         for (_, c) in self.batch.drain(..) {
             if let Ok(mut c) = c {
                 c.clear();
                 self.spare_chains.push(c);
             }
         }
-        let st = &self.stats;
-        st.batches.fetch_add(1, Relaxed);
-        st.requests.fetch_add(n, Relaxed);
-        st.bad_requests.fetch_add(u64::from(out.errors), Relaxed);
-        st.critical_rtts.fetch_add(self.batch_rtts * n, Relaxed);
         self.stage = Stage::Idle;
         out
     }
