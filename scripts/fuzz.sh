@@ -18,8 +18,17 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 fuzz_dir="$root/vrio-core/fuzz"
 cd "$fuzz_dir"
 
-if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
-    echo "FUZZ FAILED: cargo +nightly fuzz is not available (run scripts/setup.sh)" >&2
+# cargo-fuzz needs nightly features: use the nightly toolchain when the
+# machine has one, otherwise the stable compiler with RUSTC_BOOTSTRAP=1.
+if cargo +nightly --version >/dev/null 2>&1; then
+    fuzz=(cargo +nightly fuzz)
+else
+    echo "fuzz: no nightly toolchain; using stable with RUSTC_BOOTSTRAP=1"
+    export RUSTC_BOOTSTRAP=1
+    fuzz=(cargo fuzz)
+fi
+if ! "${fuzz[@]}" --version >/dev/null 2>&1; then
+    echo "FUZZ FAILED: cargo-fuzz is not available (run scripts/setup.sh)" >&2
     exit 1
 fi
 
@@ -28,7 +37,7 @@ target_dir=${CARGO_TARGET_DIR:-$fuzz_dir/target}
 target_dir="$target_dir/fuzz"
 
 echo "fuzz: building ${targets[*]} (release, sanitizers)"
-cargo +nightly fuzz build --target-dir "$target_dir"
+"${fuzz[@]}" build --target-dir "$target_dir"
 mkdir -p "$target_dir"
 
 status=0
@@ -36,7 +45,7 @@ for t in "${targets[@]}"; do
     mkdir -p "corpus/$t"
     log="$target_dir/$t.log"
     echo "fuzz: $t for ${per}s"
-    if ! cargo +nightly fuzz run --target-dir "$target_dir" "$t" "corpus/$t" "seeds/$t" -- \
+    if ! "${fuzz[@]}" run --target-dir "$target_dir" "$t" "corpus/$t" "seeds/$t" -- \
         -max_total_time="$per" -print_final_stats=1 2>"$log"; then
         tail -n 40 "$log" >&2
         echo "FUZZ FAILED: target $t crashed; input saved under $fuzz_dir/artifacts/$t/" >&2

@@ -46,7 +46,7 @@ if [ ! -f "$STAMP" ] || [ "$need_apt" = 1 ]; then
   dpkg -s linux-image-amd64 >/dev/null 2>&1 || apt-get install -y -q --no-install-recommends linux-image-amd64
   touch "$STAMP"
 fi
-if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+if ! cargo fuzz --version >/dev/null 2>&1; then
   echo "setup: installing cargo-fuzz"
   cargo install --locked cargo-fuzz
 fi
