@@ -14,4 +14,7 @@ pub mod remote;
 pub mod ring;
 pub mod sidecore;
 
-pub use memory::{GuestMemory, GuestRegion, LocalMemory, MemoryError, MemoryMap};
+pub use memory::{
+    memory_from_fds, memory_from_pointers, GuestMemory, GuestRegion, LocalMemory, MemoryError,
+    MemoryMap,
+};

@@ -195,6 +195,54 @@ pub fn anonymous_memory(size: usize) -> Result<LocalMemory, MemoryError> {
     LocalMemory::from_ranges(&[(GuestAddress(0), size)]).map_err(|e| access_err(0, e))
 }
 
+/// Guest RAM as a VMM holds it: shared files (memfds) mapped at guest
+/// physical addresses. Each entry is `(gpa, file, offset in file, size)`.
+pub fn memory_from_fds(
+    regions: Vec<(u64, std::fs::File, u64, usize)>,
+) -> Result<LocalMemory, MemoryError> {
+    let mut v = Vec::with_capacity(regions.len());
+    for (gpa, file, offset, size) in regions {
+        let m = vm_memory::MmapRegion::from_file(vm_memory::FileOffset::new(file, offset), size)
+            .map_err(|e| access_err(gpa, e))?;
+        v.push(
+            vm_memory::GuestRegionMmap::new(m, GuestAddress(gpa))
+                .ok_or_else(|| MemoryError::InvalidMap(format!("region at {gpa:#x} wraps")))?,
+        );
+    }
+    v.sort_by_key(|r| r.start_addr());
+    LocalMemory::from_regions(v).map_err(|e| MemoryError::InvalidMap(e.to_string()))
+}
+
+/// Guest RAM already mapped in this process, as `(gpa, host pointer, size)`.
+///
+/// # Safety
+/// Each pointer must start a page-aligned, shared, read-write mapping of at
+/// least `size` bytes that stays mapped as long as the returned memory (and
+/// any fabric registration of it) lives.
+pub unsafe fn memory_from_pointers(
+    regions: &[(u64, *mut u8, usize)],
+) -> Result<LocalMemory, MemoryError> {
+    let mut v = Vec::with_capacity(regions.len());
+    for &(gpa, ptr, size) in regions {
+        // SAFETY: the caller guarantees the mapping (see above).
+        let m = unsafe {
+            vm_memory::MmapRegion::build_raw(
+                ptr,
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+            )
+        }
+        .map_err(|e| access_err(gpa, e))?;
+        v.push(
+            vm_memory::GuestRegionMmap::new(m, GuestAddress(gpa))
+                .ok_or_else(|| MemoryError::InvalidMap(format!("region at {gpa:#x} wraps")))?,
+        );
+    }
+    v.sort_by_key(|r| r.start_addr());
+    LocalMemory::from_regions(v).map_err(|e| MemoryError::InvalidMap(e.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,5 +321,62 @@ mod tests {
         assert_eq!(mem.load_u16(0x200).unwrap(), 0xbeef);
         assert!(GuestMemory::read(&mem, 0x3ffe, &mut [0u8; 4]).is_err());
         assert_eq!(MemoryMap::of(&mem).unwrap().size(), 0x4000);
+    }
+
+    fn memfd(size: u64) -> std::fs::File {
+        use std::os::fd::FromRawFd;
+        // SAFETY: memfd_create with a valid C string; the fd is checked and
+        // then owned by the File.
+        let fd = unsafe { libc::memfd_create(c"vrio-test".as_ptr(), 0) };
+        assert!(fd >= 0);
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        let f = unsafe { std::fs::File::from_raw_fd(fd) };
+        f.set_len(size).unwrap();
+        f
+    }
+
+    #[test]
+    fn memory_from_fds_shares_the_file() {
+        let f = memfd(0x4000);
+        let g = f.try_clone().unwrap();
+        // Two regions of one memfd, at guest 0 and 1 MiB.
+        let mem = memory_from_fds(vec![(0x10_0000, g, 0x2000, 0x2000), (0, f, 0, 0x2000)]).unwrap();
+        let map = MemoryMap::of(&mem).unwrap();
+        assert_eq!(map.size(), 0x4000);
+        assert!(map.check(0x10_1fff, 1).is_ok());
+        assert!(map.check(0x2000, 1).is_err());
+        GuestMemory::write(&mem, 0x10_0010, b"vrio").unwrap();
+        let mut b = [0u8; 4];
+        GuestMemory::read(&mem, 0x10_0010, &mut b).unwrap();
+        assert_eq!(&b, b"vrio");
+    }
+
+    #[test]
+    fn memory_from_pointers_wraps_an_existing_mapping() {
+        let size = 0x4000usize;
+        // SAFETY: a fresh anonymous shared mapping, checked, unmapped below
+        // after the wrapper is gone.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        {
+            // SAFETY: `p` is the mapping made above and outlives `mem`.
+            let mem = unsafe { memory_from_pointers(&[(0x8000, p.cast(), size)]) }.unwrap();
+            GuestMemory::write(&mem, 0x8004, &[7, 8]).unwrap();
+            // SAFETY: reading two bytes inside the mapping.
+            let host = unsafe { std::slice::from_raw_parts(p.cast::<u8>().add(4), 2) };
+            assert_eq!(host, &[7, 8]);
+            assert!(GuestMemory::read(&mem, 0x8000 + size as u64, &mut [0u8; 1]).is_err());
+        }
+        // SAFETY: unmapping the mapping made above; nothing refers to it.
+        unsafe { libc::munmap(p, size) };
     }
 }
