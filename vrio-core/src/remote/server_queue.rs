@@ -883,7 +883,8 @@ impl<D: DeviceModel> RemoteQueue<D> {
         st.batches.fetch_add(1, Relaxed);
         st.requests.fetch_add(n as u64, Relaxed);
         st.bad_requests.fetch_add(u64::from(out.errors), Relaxed);
-        st.critical_rtts.fetch_add(self.batch_rtts * n as u64, Relaxed);
+        st.critical_rtts
+            .fetch_add(self.batch_rtts * n as u64, Relaxed);
         self.batch = batch;
         self.bases = bases;
         self.batch_out = out;
