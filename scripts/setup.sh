@@ -28,7 +28,8 @@ if [ "$MODE" = build ]; then
 fi
 STAMP=/var/lib/vrio-setup.v1
 for p in qemu-system-x86 linux-image-amd64 busybox-static cpio \
-         rdma-core ibverbs-providers ibverbs-utils perftest rdmacm-utils iproute2 e2fsprogs; do
+         rdma-core ibverbs-providers ibverbs-utils perftest rdmacm-utils iproute2 e2fsprogs \
+         etcd-server protobuf-compiler libprotobuf-dev; do
   dpkg -s "$p" >/dev/null 2>&1 || { need_apt=1; break; }
 done
 if [ ! -f "$STAMP" ] || [ "$need_apt" = 1 ]; then
@@ -41,6 +42,9 @@ if [ ! -f "$STAMP" ] || [ "$need_apt" = 1 ]; then
   apt-get install -y -q --no-install-recommends build-essential pkg-config cmake clang libclang-dev \
     busybox-static cpio iproute2 e2fsprogs kmod \
     rdma-core ibverbs-providers ibverbs-utils perftest rdmacm-utils libibverbs-dev librdmacm-dev
+  # vrio-control's etcd store (feature etcd): the test runs etcd, and etcd-client's
+  # build script needs protoc with the well-known types.
+  apt-get install -y -q --no-install-recommends etcd-server protobuf-compiler libprotobuf-dev
   apt-get install -y -q --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils
   ls /boot/vmlinuz-*-amd64 >/dev/null 2>&1 || apt-get install -y -q --no-install-recommends linux-image-amd64
   dpkg -s linux-image-amd64 >/dev/null 2>&1 || apt-get install -y -q --no-install-recommends linux-image-amd64

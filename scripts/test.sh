@@ -25,10 +25,12 @@ step "cargo test --workspace"
 cargo test --workspace --no-fail-fast 2>&1 | tee target/test-output.txt
 grep -E '^test result:' target/test-output.txt | awk '{p+=$4; f+=$6} END {print "all cargo tests:", p, "passed,", f, "failed"}'
 
-if [ -x scripts/fuzz.sh ] || [ -f scripts/fuzz.sh ]; then
-  step "fuzz targets (bounded)"
-  bash scripts/fuzz.sh
-fi
+step "control plane against a real etcd (feature etcd)"
+cargo test -p vrio-control --features etcd --test etcd 2>&1 | tee target/test-etcd.txt
+grep -qE '^test result: ok\. [1-9]' target/test-etcd.txt
+
+step "fuzz targets (bounded)"
+bash scripts/fuzz.sh
 
 step "benchmark smoke runs"
 ./target/release/vrio-bench --seconds 0.2 --guests 1,4 --depths 1,32 --json target/bench-smoke.json

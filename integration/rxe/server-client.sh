@@ -9,8 +9,8 @@ while ! grep -q "listening on" /tmp/server.log 2>/dev/null && [ $n -lt 150 ]; do
   kill -0 $S 2>/dev/null || break
   sleep 0.2; n=$((n+1))
 done
-vrio-client --fabric verbs --server "$IP:$PORT" --guests 2 --queues 1 --requests 300 --depth 4 --blocks 64; C1=$?
-vrio-client --fabric verbs --server "$IP:$PORT" --guests 1 --queues 2 --requests 150 --depth 4 --blocks 64 --first-block 4096 --mode remote-poll; C2=$?
+vrio-client synthetic --fabric verbs --server "$IP:$PORT" --guests 2 --queues 1 --requests 300 --depth 4 --blocks 64; C1=$?
+vrio-client synthetic --fabric verbs --server "$IP:$PORT" --guests 1 --queues 2 --requests 150 --depth 4 --blocks 64 --first-block 4096 --mode remote-poll; C2=$?
 kill -INT $S 2>/dev/null
 wait $S; SR=$?
 echo "--- server (rc=$SR):"; cat /tmp/server.log

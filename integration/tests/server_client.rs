@@ -38,13 +38,29 @@ fn client_processes_verify_their_guests_through_a_server_process() {
     // Two VM hosts at once, on disjoint disk ranges, in two modes.
     let c1 = Command::new(&client)
         .args([
-            "--fabric", "soft", "--server", &addr, "--guests", "3", "--queues", "2",
+            "synthetic",
+            "--fabric",
+            "soft",
+            "--server",
+            &addr,
+            "--guests",
+            "3",
+            "--queues",
+            "2",
         ])
         .args(["--requests", "2000", "--mode", "doorbell"])
         .output()
         .unwrap();
     let c2 = Command::new(&client)
-        .args(["--fabric", "soft", "--server", &addr, "--guests", "2"])
+        .args([
+            "synthetic",
+            "--fabric",
+            "soft",
+            "--server",
+            &addr,
+            "--guests",
+            "2",
+        ])
         .args([
             "--requests",
             "1000",

@@ -13,6 +13,7 @@ pub mod models;
 pub mod remote;
 pub mod ring;
 pub mod sidecore;
+pub mod vhost_user;
 
 pub use memory::{
     memory_from_fds, memory_from_pointers, GuestMemory, GuestRegion, LocalMemory, MemoryError,

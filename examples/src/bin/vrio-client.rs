@@ -1,18 +1,26 @@
-//! vrio-client: a VM host. It runs synthetic guests whose virtio-blk queues
-//! are served by a remote `vrio-server`, through vrio's VM-host agent: the
-//! guests' memory is registered with the fabric (one protection domain per
-//! guest), kicks become doorbells, completions become interrupts. Every
-//! block written is verified when read back.
+//! vrio-client: a VM host whose guests' virtio-blk queues are served by a
+//! remote `vrio-server`, through vrio's VM-host agent: guest memory is
+//! registered with the fabric (one protection domain per guest), kicks
+//! become doorbells, completions become interrupts.
+//!
+//! - `vrio-client synthetic`: synthetic guests; every block written is
+//!   verified when read back.
+//! - `vrio-client vhost-user-blk`: a vhost-user-blk back-end, so an
+//!   unmodified VMM (QEMU `vhost-user-blk-pci`) and its guest's stock
+//!   virtio_blk driver are served by the I/O server.
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::{Parser, ValueEnum};
+use std::path::PathBuf;
+
+use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
 use vrio_core::guest::WorkloadConfig;
 use vrio_core::models::{drive_guests, make_guests, RunConfig};
 use vrio_core::remote::{attach, AgentConfig, DeviceAttach, NotifyMode, QueueAttach};
+use vrio_core::vhost_user::{fetch_config, serve, FrontConfig};
 use vrio_examples::{
     backend_name, init_tracing, print_table, resolve_fabric, FabricChoice, Progress,
 };
@@ -27,9 +35,78 @@ enum Mode {
     Adaptive,
 }
 
-/// Run verified synthetic guests against a remote vrio I/O server.
+impl Mode {
+    fn notify(self) -> NotifyMode {
+        match self {
+            Mode::Doorbell => NotifyMode::Doorbell,
+            Mode::RemotePoll => NotifyMode::RemotePoll,
+            Mode::Adaptive => NotifyMode::Adaptive,
+        }
+    }
+}
+
+/// A VM host whose guests' virtio-blk queues a remote vrio I/O server serves.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(
+    version,
+    long_about = None,
+    after_help = "Examples:\n  \
+        vrio-client synthetic --server 127.0.0.1:7420 --guests 4 --queues 2\n  \
+        vrio-client vhost-user-blk --socket /tmp/vub.sock --server 127.0.0.1:7420 --queues 2\n    \
+        (then QEMU: -object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem\n     \
+        -chardev socket,id=vub0,path=/tmp/vub.sock -device vhost-user-blk-pci,chardev=vub0,num-queues=2)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run verified synthetic guests against the I/O server.
+    Synthetic(Args),
+    /// Serve a vhost-user-blk socket (QEMU -device vhost-user-blk-pci) from
+    /// the I/O server.
+    VhostUserBlk(VhostArgs),
+}
+
+#[derive(ClapArgs, Debug)]
+struct VhostArgs {
+    /// The vhost-user socket to create and listen on.
+    #[arg(long)]
+    socket: PathBuf,
+    /// The I/O server's address (as vrio-server printed it).
+    #[arg(long, default_value = "127.0.0.1:7420")]
+    server: String,
+    /// Queues offered to the VMM (match the VMM's num-queues).
+    #[arg(long, default_value_t = 1)]
+    queues: u16,
+    /// Largest vring the VMM may set up.
+    #[arg(long, default_value_t = 1024)]
+    max_queue_size: u16,
+    /// Largest request the I/O server accepts, in KiB (its
+    /// RemoteQueueConfig::max_request); the guest is kept under it.
+    #[arg(long, default_value_t = 128)]
+    max_request_kib: u32,
+    /// Device id the queue attachments carry (distinguishes VM hosts in
+    /// the server's logs).
+    #[arg(long, default_value_t = 0)]
+    device_id: u64,
+    /// How the server learns of requests.
+    #[arg(long, value_enum, default_value_t = Mode::Doorbell)]
+    mode: Mode,
+    /// Fabric back-end.
+    #[arg(long, value_enum, default_value_t = FabricChoice::Auto)]
+    fabric: FabricChoice,
+    /// RDMA device for verbs (default: the first one).
+    #[arg(long)]
+    device: Option<String>,
+    /// Exit when the first VMM disconnects instead of waiting for the next.
+    #[arg(long)]
+    once: bool,
+}
+
+#[derive(ClapArgs, Debug)]
 struct Args {
     /// The I/O server's address (as vrio-server printed it).
     #[arg(long, default_value = "127.0.0.1:7420")]
@@ -71,8 +148,63 @@ struct Args {
 
 fn main() -> ExitCode {
     init_tracing();
-    let a = Args::parse();
-    match run(&a) {
+    match Cli::parse().cmd {
+        Cmd::Synthetic(a) => synthetic(&a),
+        Cmd::VhostUserBlk(a) => match vhost_user_blk(&a) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vrio-client: error: {e}");
+                ExitCode::from(2)
+            }
+        },
+    }
+}
+
+fn vhost_user_blk(a: &VhostArgs) -> Result<(), Box<dyn std::error::Error>> {
+    if a.queues == 0 || a.queues > 64 {
+        return Err("--queues must be between 1 and 64".into());
+    }
+    if a.max_request_kib < 8 {
+        return Err("--max-request-kib must be at least 8".into());
+    }
+    let fabric = resolve_fabric(a.fabric, a.device.as_deref())?;
+    let cfg = FrontConfig {
+        server: a.server.clone(),
+        fabric,
+        device: a.device.clone(),
+        queues: a.queues,
+        max_queue_size: a.max_queue_size,
+        max_request: a.max_request_kib.saturating_mul(1024),
+        device_id: a.device_id,
+        agent: AgentConfig {
+            mode: a.mode.notify(),
+            ..AgentConfig::default()
+        },
+    };
+    let domain = Arc::from(vrio_rdma::open(fabric, a.device.as_deref())?);
+    let config = fetch_config(domain, &a.server, a.device_id << 16 | 0xffff, cfg.agent)?;
+    // The first line is machine-readable: tests wait for it.
+    println!(
+        "vrio-client: vhost-user-blk on {} served by {} (fabric {}, {} queue(s), {} mode, {} sectors)",
+        a.socket.display(),
+        a.server,
+        backend_name(fabric),
+        a.queues,
+        a.mode.notify().name(),
+        config
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+            .unwrap_or(0)
+    );
+    let once = a.once;
+    serve(&a.socket, &cfg, &config, || !once)?;
+    println!("vrio-client: the VMM disconnected, exiting");
+    Ok(())
+}
+
+fn synthetic(a: &Args) -> ExitCode {
+    match run(a) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => {
             eprintln!("vrio-client: FAILED: requests were lost, failed or corrupt");
@@ -89,11 +221,7 @@ fn run(a: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     if a.guests == 0 || a.queues == 0 || a.depth == 0 || a.blocks == 0 {
         return Err("--guests, --queues, --depth and --blocks must be at least 1".into());
     }
-    let mode = match a.mode {
-        Mode::Doorbell => NotifyMode::Doorbell,
-        Mode::RemotePoll => NotifyMode::RemotePoll,
-        Mode::Adaptive => NotifyMode::Adaptive,
-    };
+    let mode = a.mode.notify();
     let fabric = resolve_fabric(a.fabric, a.device.as_deref())?;
     let rc = RunConfig {
         guests: a.guests,

@@ -1,0 +1,167 @@
+//! vrio-controller: the control-plane daemon. Prints the bound address as its
+//! first stdout line (so `--listen 127.0.0.1:0` works for scripts and tests).
+
+use clap::Parser;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use vrio_control::placement::LeastLoaded;
+use vrio_control::server::{serve, ServeOptions};
+use vrio_control::store::{FileStore, MemoryStore, StateStore};
+use vrio_control::{Controller, ControllerConfig};
+
+#[derive(Parser, Debug)]
+#[command(about = "vrio control plane: places guest queues on I/O server sidecores")]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7470")]
+    listen: String,
+    /// Directory of the crash-safe state snapshot.
+    #[arg(
+        long,
+        default_value = "vrio-controller-state",
+        conflicts_with = "memory"
+    )]
+    state_dir: PathBuf,
+    /// Keep state in memory only (lost on exit).
+    #[arg(long)]
+    memory: bool,
+    /// Keep state in etcd (comma-separated endpoints) and serve only while
+    /// leader of the etcd election; standbys wait their turn.
+    #[cfg(feature = "etcd")]
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["memory", "state_dir"])]
+    etcd: Vec<String>,
+    /// etcd lease TTL in seconds: how long a crashed leader blocks takeover.
+    #[cfg(feature = "etcd")]
+    #[arg(long, default_value_t = 3)]
+    etcd_lease_secs: i64,
+    /// Bearer token clients must present.
+    #[arg(long, env = "VRIO_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Run without authentication (only for isolated test setups).
+    #[arg(long, conflicts_with = "token")]
+    insecure: bool,
+    /// Server lease length; a server that does not renew within it is failed over.
+    #[arg(long, default_value_t = 10_000)]
+    lease_ttl_ms: u64,
+    /// How often leases are checked.
+    #[arg(long, default_value_t = 500)]
+    tick_ms: u64,
+    /// Rebalance period in seconds; 0 turns periodic rebalancing off.
+    #[arg(long, default_value_t = 5)]
+    rebalance_secs: u64,
+    /// Rebalance only when sidecore scores differ by more than this.
+    #[arg(long, default_value_t = 0.2)]
+    rebalance_threshold: f64,
+    /// A queue is not rebalanced again within this many seconds.
+    #[arg(long, default_value_t = 10)]
+    rebalance_cooldown_secs: u64,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    vrio_examples::init_tracing();
+    let args = Args::parse();
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vrio-controller: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let token = match (args.token, args.insecure) {
+        (Some(t), _) if t.is_empty() => return Err("--token / VRIO_TOKEN is empty".into()),
+        (Some(t), _) => Some(t),
+        (None, true) => None,
+        (None, false) => {
+            return Err("set --token or VRIO_TOKEN (or --insecure to run without auth)".into())
+        }
+    };
+    #[cfg(feature = "etcd")]
+    let mut leadership = None;
+    let store: Box<dyn StateStore> = if args.memory {
+        Box::new(MemoryStore::default())
+    } else {
+        #[cfg(feature = "etcd")]
+        if !args.etcd.is_empty() {
+            use vrio_control::store_etcd::{campaign, EtcdStore};
+            tracing::info!(endpoints = ?args.etcd, "campaigning for leadership");
+            let lead = campaign(
+                args.etcd.clone(),
+                "/vrio/controller/leader",
+                &args.listen,
+                args.etcd_lease_secs,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            let fence = Some(lead.fence.clone());
+            leadership = Some(lead);
+            Box::new(
+                EtcdStore::connect(args.etcd.clone(), "/vrio/controller/state", fence)
+                    .map_err(|e| e.to_string())?,
+            )
+        } else {
+            Box::new(FileStore::open(&args.state_dir).map_err(|e| e.to_string())?)
+        }
+        #[cfg(not(feature = "etcd"))]
+        Box::new(FileStore::open(&args.state_dir).map_err(|e| e.to_string())?)
+    };
+    let policy = LeastLoaded {
+        threshold: args.rebalance_threshold,
+        cooldown_ms: args.rebalance_cooldown_secs.saturating_mul(1000),
+        ..LeastLoaded::default()
+    };
+    let ctrl = Controller::open(
+        ControllerConfig {
+            lease_ttl_ms: args.lease_ttl_ms,
+            ..ControllerConfig::default()
+        },
+        store,
+        Box::new(policy),
+        vrio_control::service::now_ms(),
+    )
+    .map_err(|e| format!("cannot recover state: {e}"))?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .map_err(|e| format!("listen on {}: {e}", args.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{addr}").map_err(|e| e.to_string())?;
+        out.flush().map_err(|e| e.to_string())?;
+    }
+    tracing::info!(%addr, "vrio-controller listening");
+    let opts = ServeOptions {
+        token,
+        tick: Duration::from_millis(args.tick_ms.max(1)),
+        rebalance_every: (args.rebalance_secs > 0)
+            .then(|| Duration::from_secs(args.rebalance_secs)),
+    };
+    let shutdown = async {
+        #[cfg(feature = "etcd")]
+        if let Some(mut lead) = leadership {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {
+                    let _ = lead.resign().await;
+                }
+                _ = lead.lost() => {
+                    // Another controller may already lead: stop serving now.
+                    eprintln!("vrio-controller: lost etcd leadership, exiting");
+                    std::process::exit(3);
+                }
+            }
+            tracing::info!("shutting down");
+            return;
+        }
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutting down");
+    };
+    serve(listener, Arc::new(ctrl), opts, shutdown)
+        .await
+        .map_err(|e| e.to_string())
+}

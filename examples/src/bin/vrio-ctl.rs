@@ -1,0 +1,458 @@
+//! vrio-ctl: operator CLI for vrio-controller.
+//!
+//!   vrio-ctl servers | devices | assignments | stats   [--json]
+//!   vrio-ctl move DEVICE QUEUE SERVER SIDECORE
+//!   vrio-ctl drain SERVER
+//!   vrio-ctl watch [--count N]
+
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+use std::process::ExitCode;
+use tonic::Code;
+use vrio_control::client::{connect, Client};
+use vrio_control::pb;
+
+#[derive(Parser, Debug)]
+#[command(about = "Control vrio queue placement")]
+struct Args {
+    /// Controller address.
+    #[arg(
+        long,
+        env = "VRIO_CONTROLLER",
+        default_value = "127.0.0.1:7470",
+        global = true
+    )]
+    addr: String,
+    /// Bearer token.
+    #[arg(long, env = "VRIO_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// I/O servers, their sidecores, load and leases.
+    Servers,
+    /// Attached devices.
+    Devices,
+    /// Which sidecore serves each queue.
+    Assignments {
+        #[arg(long)]
+        device: Option<String>,
+        #[arg(long)]
+        server: Option<String>,
+    },
+    /// Controller totals.
+    Stats,
+    /// Move one queue to a server's sidecore.
+    Move {
+        device: String,
+        queue: u32,
+        server: String,
+        sidecore: u32,
+    },
+    /// Move every queue off a server and stop placing queues on it.
+    Drain { server: String },
+    /// Run one rebalance round now.
+    Rebalance,
+    /// Detach a device and free its queues.
+    Detach { device: String },
+    /// Stream assignment changes (starting with the current assignments).
+    Watch {
+        #[arg(long)]
+        device: Option<String>,
+        #[arg(long)]
+        server: Option<String>,
+        /// Exit after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    // Die quietly on a closed pipe (`vrio-ctl servers | head`) like other
+    // CLI tools, instead of panicking in println!.
+    // SAFETY: signal() only resets the process-wide SIGPIPE disposition to
+    // its default; it touches no memory Rust manages and is thread-safe.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    vrio_examples::init_tracing();
+    let args = Args::parse();
+    let mut client = match connect(&args.addr, args.token.as_deref()).await {
+        Ok(c) => c,
+        Err(e) => {
+            let mut msg = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                // tonic repeats each layer's text in its source; print it once.
+                let text = s.to_string();
+                if !msg.ends_with(&text) {
+                    msg = format!("{msg}: {text}");
+                }
+                source = s.source();
+            }
+            eprintln!("vrio-ctl: {msg}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match run(&mut client, &args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(s) => {
+            eprintln!("vrio-ctl: {}", explain(&s));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn explain(s: &tonic::Status) -> String {
+    let what = match s.code() {
+        Code::Unauthenticated => "not authenticated (pass --token or set VRIO_TOKEN)",
+        Code::PermissionDenied => "permission denied",
+        Code::NotFound => "not found",
+        Code::AlreadyExists => "already exists",
+        Code::InvalidArgument => "invalid request",
+        Code::FailedPrecondition => "not possible now",
+        Code::ResourceExhausted => "no capacity",
+        Code::Unavailable => "controller unavailable",
+        _ => "error",
+    };
+    format!("{what}: {}", s.message())
+}
+
+async fn run(c: &mut Client, args: &Args) -> Result<(), tonic::Status> {
+    match &args.cmd {
+        Cmd::Servers => {
+            let servers = c
+                .list_servers(pb::ListServersRequest {})
+                .await?
+                .into_inner()
+                .servers;
+            if args.json {
+                print_json(&Value::Array(servers.iter().map(server_json).collect()));
+            } else {
+                let now = vrio_control::service::now_ms();
+                let rows = servers
+                    .iter()
+                    .map(|s| {
+                        let state = match (s.alive, s.draining) {
+                            (false, _) => "dead".to_string(),
+                            (true, true) => "draining".to_string(),
+                            (true, false) => "alive".to_string(),
+                        };
+                        let lease = if s.alive {
+                            format!(
+                                "{:.1}s",
+                                s.lease_expires_unix_ms.saturating_sub(now) as f64 / 1e3
+                            )
+                        } else {
+                            "-".into()
+                        };
+                        let busy: Vec<String> = s
+                            .load
+                            .iter()
+                            .map(|l| format!("{:.0}%", l.busy * 100.0))
+                            .collect();
+                        let rps: f64 = s.load.iter().map(|l| l.requests_per_sec).sum();
+                        vec![
+                            s.id.clone(),
+                            s.address.clone(),
+                            state,
+                            s.sidecores.to_string(),
+                            format!("{}/{}", s.assigned_queues, s.capacity),
+                            busy.join(" "),
+                            format!("{rps:.0}"),
+                            lease,
+                        ]
+                    })
+                    .collect::<Vec<_>>();
+                print_table(
+                    &[
+                        "SERVER",
+                        "ADDRESS",
+                        "STATE",
+                        "SIDECORES",
+                        "QUEUES",
+                        "BUSY",
+                        "REQ/S",
+                        "LEASE",
+                    ],
+                    &rows,
+                );
+            }
+        }
+        Cmd::Devices => {
+            let devices = c
+                .list_devices(pb::ListDevicesRequest {})
+                .await?
+                .into_inner()
+                .devices;
+            if args.json {
+                print_json(&Value::Array(devices.iter().map(device_json).collect()));
+            } else {
+                let rows = devices
+                    .iter()
+                    .map(|d| {
+                        vec![
+                            d.id.clone(),
+                            d.vm_id.clone(),
+                            device_type(d.r#type).into(),
+                            d.queues.to_string(),
+                            d.agent_address.clone(),
+                            dash(&d.pinned_server_id),
+                        ]
+                    })
+                    .collect::<Vec<_>>();
+                print_table(
+                    &["DEVICE", "VM", "TYPE", "QUEUES", "AGENT", "PINNED"],
+                    &rows,
+                );
+            }
+        }
+        Cmd::Assignments { device, server } => {
+            let list = c
+                .list_assignments(pb::ListAssignmentsRequest {
+                    device_id: device.clone().unwrap_or_default(),
+                    server_id: server.clone().unwrap_or_default(),
+                })
+                .await?
+                .into_inner()
+                .assignments;
+            print_assignments(&list, args.json);
+        }
+        Cmd::Stats => {
+            let s = c.stats(pb::StatsRequest {}).await?.into_inner();
+            let v = json!({
+                "servers": s.servers, "alive_servers": s.alive_servers, "devices": s.devices,
+                "queues": s.queues, "unassigned_queues": s.unassigned_queues, "moves": s.moves,
+                "failovers": s.failovers, "rebalance_moves": s.rebalance_moves,
+                "uptime_ms": s.uptime_ms,
+            });
+            if args.json {
+                print_json(&v);
+            } else if let Value::Object(m) = v {
+                let rows = m
+                    .iter()
+                    .map(|(k, v)| vec![k.clone(), v.to_string()])
+                    .collect::<Vec<_>>();
+                print_table(&["STAT", "VALUE"], &rows);
+            }
+        }
+        Cmd::Move {
+            device,
+            queue,
+            server,
+            sidecore,
+        } => {
+            let a = c
+                .move_queue(pb::MoveQueueRequest {
+                    device_id: device.clone(),
+                    queue: *queue,
+                    server_id: server.clone(),
+                    sidecore: *sidecore,
+                })
+                .await?
+                .into_inner()
+                .assignment
+                .unwrap_or_default();
+            print_assignments(&[a], args.json);
+        }
+        Cmd::Drain { server } => {
+            let moved = c
+                .drain_server(pb::DrainServerRequest {
+                    server_id: server.clone(),
+                })
+                .await?
+                .into_inner()
+                .moved;
+            print_assignments(&moved, args.json);
+        }
+        Cmd::Rebalance => {
+            let moved = c
+                .rebalance(pb::RebalanceRequest {})
+                .await?
+                .into_inner()
+                .moved;
+            print_assignments(&moved, args.json);
+        }
+        Cmd::Detach { device } => {
+            c.detach_device(pb::DetachDeviceRequest {
+                device_id: device.clone(),
+            })
+            .await?;
+            if args.json {
+                print_json(&json!({ "detached": device }));
+            } else {
+                println!("detached {device}");
+            }
+        }
+        Cmd::Watch {
+            device,
+            server,
+            count,
+        } => {
+            let mut stream = c
+                .watch_assignments(pb::WatchAssignmentsRequest {
+                    device_id: device.clone().unwrap_or_default(),
+                    server_id: server.clone().unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            let mut seen = 0u64;
+            if !args.json {
+                println!(
+                    "{:<9} {:<10} {:<20} {:<22} {:<22} GEN",
+                    "EVENT", "REASON", "QUEUE", "FROM", "TO"
+                );
+            }
+            while count.is_none_or(|n| seen < n) {
+                let Some(e) = stream.message().await? else {
+                    break;
+                };
+                seen += 1;
+                let a = e.assignment.clone().unwrap_or_default();
+                if args.json {
+                    println!(
+                        "{}",
+                        json!({
+                            "kind": event_kind(e.kind),
+                            "reason": e.reason,
+                            "assignment": assignment_json(&a),
+                            "previous": e.previous.as_ref().map(assignment_json),
+                        })
+                    );
+                } else {
+                    let from = e.previous.as_ref().map(place).unwrap_or_else(|| "-".into());
+                    println!(
+                        "{:<9} {:<10} {:<20} {:<22} {:<22} {}",
+                        event_kind(e.kind),
+                        e.reason,
+                        format!("{}/{}", a.device_id, a.queue),
+                        from,
+                        place(&a),
+                        a.generation
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s.into()
+    }
+}
+
+fn place(a: &pb::Assignment) -> String {
+    if a.server_id.is_empty() {
+        "(unassigned)".into()
+    } else {
+        format!("{}:{}", a.server_id, a.sidecore)
+    }
+}
+
+fn device_type(t: i32) -> &'static str {
+    match pb::DeviceType::try_from(t) {
+        Ok(pb::DeviceType::Blk) => "blk",
+        Ok(pb::DeviceType::Net) => "net",
+        _ => "unknown",
+    }
+}
+
+fn event_kind(k: i32) -> &'static str {
+    match pb::EventKind::try_from(k) {
+        Ok(pb::EventKind::Snapshot) => "snapshot",
+        Ok(pb::EventKind::Assigned) => "assigned",
+        Ok(pb::EventKind::Moved) => "moved",
+        Ok(pb::EventKind::Removed) => "removed",
+        _ => "unknown",
+    }
+}
+
+fn assignment_json(a: &pb::Assignment) -> Value {
+    json!({
+        "device": a.device_id, "queue": a.queue,
+        "server": if a.server_id.is_empty() { Value::Null } else { json!(a.server_id) },
+        "sidecore": a.sidecore, "generation": a.generation,
+    })
+}
+
+fn server_json(s: &pb::IoServer) -> Value {
+    json!({
+        "id": s.id, "address": s.address, "sidecores": s.sidecores, "capacity": s.capacity,
+        "assigned_queues": s.assigned_queues, "alive": s.alive, "draining": s.draining,
+        "lease_expires_unix_ms": s.lease_expires_unix_ms,
+        "load": s.load.iter().map(|l| json!({
+            "sidecore": l.sidecore, "busy": l.busy, "requests_per_sec": l.requests_per_sec,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn device_json(d: &pb::Device) -> Value {
+    json!({
+        "id": d.id, "vm_id": d.vm_id, "type": device_type(d.r#type), "queues": d.queues,
+        "agent_address": d.agent_address,
+        "pinned_server": if d.pinned_server_id.is_empty() { Value::Null } else { json!(d.pinned_server_id) },
+    })
+}
+
+fn print_assignments(list: &[pb::Assignment], json: bool) {
+    if json {
+        print_json(&Value::Array(list.iter().map(assignment_json).collect()));
+        return;
+    }
+    let rows = list
+        .iter()
+        .map(|a| {
+            vec![
+                a.device_id.clone(),
+                a.queue.to_string(),
+                dash(&a.server_id),
+                if a.server_id.is_empty() {
+                    "-".into()
+                } else {
+                    a.sidecore.to_string()
+                },
+                a.generation.to_string(),
+            ]
+        })
+        .collect::<Vec<_>>();
+    print_table(&["DEVICE", "QUEUE", "SERVER", "SIDECORE", "GEN"], &rows);
+}
+
+fn print_json(v: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+    );
+}
+
+fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut width: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, cell) in width.iter_mut().zip(r) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let s: Vec<String> = cells
+            .iter()
+            .zip(&width)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}

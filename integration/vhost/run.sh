@@ -1,0 +1,126 @@
+#!/bin/bash
+# Host side of the vhost-user-blk end-to-end run:
+#   QEMU (TCG, stock Debian kernel, virtio_blk on vhost-user-blk-pci)
+#     -> vrio-client vhost-user-blk (the VM-host agent)
+#     -> soft fabric -> vrio-server --disk file (the I/O server).
+# The guest runs GUEST-SCRIPT (default blk.sh); afterwards the host checks
+# the server's backing file: the pattern's md5, e2fsck -fn on the ext4 part
+# and a file's md5 read with debugfs.
+#
+# Usage: run.sh VRIO-SERVER VRIO-CLIENT [GUEST-SCRIPT]
+# Env:   NQ (queues, default 2), SMP (2), MEM (512 MiB), TMO (guest timeout s, 300),
+#        BLKMB (64), PATOFF (192), FSMB (128), DISKMB (256), WORK (temp dir),
+#        BACKEND (vrio, or qsd: qemu-storage-daemon's vhost-user-blk export
+#        on the same kind of file, the baseline for compare.sh),
+#        CHECKS (1: the blk.sh checks on the backing file; 0: none),
+#        BOOTS (guests booted one after another against the same vrio-client,
+#        default 1: the client must survive each VMM disconnect)
+set -uo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+SERVER=${1:?usage: run.sh VRIO-SERVER VRIO-CLIENT [GUEST-SCRIPT]}
+CLIENT=${2:?vrio-client missing}
+SCRIPT=${3:-$HERE/blk.sh}
+NQ=${NQ:-2}; SMP=${SMP:-2}; MEM=${MEM:-512}; TMO=${TMO:-300}
+BLKMB=${BLKMB:-64}; PATOFF=${PATOFF:-192}; FSMB=${FSMB:-128}; DISKMB=${DISKMB:-256}
+KVER=${KVER:-$(ls /boot/vmlinuz-*-amd64 | sed "s|/boot/vmlinuz-||" | sort -V | tail -n1)}
+WORK=${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/vrio-vhost.XXXXXX")}
+mkdir -p "$WORK"
+DISK=$WORK/disk.raw; SOCK=$WORK/vub.sock; SERIAL=$WORK/serial.log
+SPID=; CPID=
+cleanup() {
+  [ -n "$CPID" ] && kill "$CPID" 2>/dev/null
+  [ -n "$SPID" ] && kill "$SPID" 2>/dev/null
+  wait 2>/dev/null
+  [ -z "${KEEP:-}" ] && rm -rf "$WORK"
+}
+trap cleanup EXIT
+T0=$(date +%s.%N)
+el() { awk -v a="$(date +%s.%N)" -v b="$T0" 'BEGIN{printf "%.1f", a-b}'; }
+
+"$HERE/build-initramfs.sh" "$WORK/initramfs.cpio.gz" "$SCRIPT" || { echo "RESULT: FAIL (initramfs)"; exit 1; }
+
+BACKEND=${BACKEND:-vrio}; CHECKS=${CHECKS:-1}; BOOTS=${BOOTS:-1}
+ONCE=; [ "$BOOTS" = 1 ] && ONCE=--once
+if [ "$BACKEND" = qsd ]; then
+  qemu-img create -f raw "$DISK" "${DISKMB}M" > /dev/null
+  qemu-storage-daemon --blockdev driver=file,node-name=file0,filename="$DISK",cache.direct=off \
+    --blockdev driver=raw,node-name=disk0,file=file0 \
+    --export type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path="$SOCK",writable=on,num-queues="$NQ" \
+    > "$WORK/client.log" 2>&1 &
+  CPID=$!
+  for _ in $(seq 100); do [ -S "$SOCK" ] && break; sleep 0.1; done
+  [ -S "$SOCK" ] || { echo "qemu-storage-daemon did not create $SOCK:"; cat "$WORK/client.log"; echo "RESULT: FAIL"; exit 1; }
+  echo "host: qemu-storage-daemon on $SOCK (baseline)"
+else
+"$SERVER" --fabric soft --listen 127.0.0.1:0 --disk file --file "$DISK" --size-mib "$DISKMB" \
+  --sidecores 1 --stats-every 0 > "$WORK/server.log" 2>&1 &
+SPID=$!
+for _ in $(seq 100); do grep -q "listening on" "$WORK/server.log" && break; sleep 0.1; done
+ADDR=$(sed -n 's/.*listening on \([^ ]*\).*/\1/p' "$WORK/server.log" | head -n1)
+[ -n "$ADDR" ] || { echo "vrio-server did not start:"; cat "$WORK/server.log"; echo "RESULT: FAIL"; exit 1; }
+echo "host: vrio-server on $ADDR (backing file $DISK, ${DISKMB} MiB)"
+
+RUST_LOG=${RUST_LOG:-info} "$CLIENT" vhost-user-blk --fabric soft --socket "$SOCK" --server "$ADDR" --queues "$NQ" $ONCE \
+  > "$WORK/client.log" 2>&1 &
+CPID=$!
+for _ in $(seq 100); do [ -S "$SOCK" ] && break; sleep 0.1; done
+[ -S "$SOCK" ] || { echo "vrio-client did not create $SOCK:"; cat "$WORK/client.log"; echo "RESULT: FAIL"; exit 1; }
+head -n1 "$WORK/client.log"
+fi
+
+QRC=0
+for boot in $(seq "$BOOTS"); do
+echo "host: booting guest $boot of $BOOTS ($(el) s)"
+rm -f "$SERIAL"
+timeout "$TMO" qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp "$SMP" -m "${MEM}M" \
+  -object memory-backend-memfd,id=mem,size=${MEM}M,share=on -numa node,memdev=mem \
+  -chardev socket,id=vub0,path="$SOCK" \
+  -device vhost-user-blk-pci,chardev=vub0,num-queues="$NQ" \
+  -kernel "/boot/vmlinuz-$KVER" -initrd "$WORK/initramfs.cpio.gz" \
+  -append "console=ttyS0 loglevel=4 panic=-1 blkmb=$BLKMB patoff=$PATOFF fsmb=$FSMB" \
+  -nic none -display none -monitor none -serial "file:$SERIAL" -no-reboot
+rc=$?
+echo "host: qemu exit rc=$rc after $(el) s (124 = timeout)"
+[ "$rc" = 0 ] || QRC=$rc
+echo "---- guest $boot serial:"; tr -d '\r' < "$SERIAL" | grep -avE '^\s*$' | tail -n 200
+if [ "$boot" -lt "$BOOTS" ]; then
+  grep -aq "VRIO-GUEST-DONE rc=0" "$SERIAL" && echo "host: guest $boot OK" || { echo "host: guest $boot failed"; QRC=1; }
+  # The next VMM finds the socket again once the client is back in accept.
+  for _ in $(seq 100); do [ "$(grep -c 'waiting for a VMM' "$WORK/client.log")" -gt "$boot" ] && break; sleep 0.1; done
+fi
+done
+if [ "$BACKEND" = qsd ]; then
+  kill "$CPID"; wait "$CPID"; CPID=; CRC=0; SRC=0
+else
+if [ -n "$ONCE" ]; then
+# --once: the client exits when QEMU disconnects.
+for _ in $(seq 50); do kill -0 "$CPID" 2>/dev/null || break; sleep 0.1; done
+if kill -0 "$CPID" 2>/dev/null; then echo "host: vrio-client still running after the VMM left"; CRC=99; kill "$CPID"; wait "$CPID"; else wait "$CPID"; CRC=$?; fi
+else
+# Still serving, waiting for the next VMM.
+if kill -0 "$CPID" 2>/dev/null; then echo "host: vrio-client alive after $BOOTS VMM session(s)"; CRC=0; kill "$CPID"; wait "$CPID"; else echo "host: vrio-client died"; wait "$CPID"; CRC=98; fi
+fi
+CPID=
+kill -TERM "$SPID"; wait "$SPID"; SRC=$?; SPID=
+echo "---- vrio-client (rc=$CRC):"; cat "$WORK/client.log"
+echo "---- vrio-server (rc=$SRC):"; cat "$WORK/server.log"
+fi
+
+ok=1
+G=$(tr -d '\r' < "$SERIAL")
+grep -q "VRIO-GUEST-DONE rc=0" <<< "$G" || { echo "host: the guest script failed"; ok=0; }
+if [ "$CHECKS" = 1 ]; then
+grep -q "BLK CHECKS OK" <<< "$G" || { echo "host: the guest checks did not pass"; ok=0; }
+GP=$(sed -n 's/.*PATTERN md5=\([0-9a-f]*\).*/\1/p' <<< "$G" | head -n1)
+HP=$(dd if="$DISK" bs=1M skip="$PATOFF" count="$BLKMB" 2>/dev/null | md5sum | cut -d' ' -f1)
+if [ -n "$GP" ] && [ "$GP" = "$HP" ]; then echo "HOST PATTERN OK md5=$HP"; else echo "HOST PATTERN MISMATCH guest=${GP:-none} host=$HP"; ok=0; fi
+if e2fsck -fn "$DISK" > "$WORK/e2fsck.log" 2>&1; then echo "HOST E2FSCK OK"; else echo "HOST E2FSCK FAILED:"; cat "$WORK/e2fsck.log"; ok=0; fi
+GF=$(sed -n 's|.*FILE /big md5=\([0-9a-f]*\).*|\1|p' <<< "$G" | head -n1)
+HF=$(debugfs -R "cat /big" "$DISK" 2>/dev/null | md5sum | cut -d' ' -f1)
+if [ -n "$GF" ] && [ "$GF" = "$HF" ]; then echo "HOST FILE /big OK md5=$HF"; else echo "HOST FILE /big MISMATCH guest=${GF:-none} host=$HF"; ok=0; fi
+fi
+[ "$QRC" = 0 ] || ok=0
+[ "$CRC" = 0 ] || ok=0
+[ "$SRC" = 0 ] || ok=0
+echo "host: total $(el) s"
+if [ $ok = 1 ]; then echo "RESULT: PASS"; exit 0; else echo "RESULT: FAIL (qemu $QRC, client $CRC, server $SRC)"; exit 1; fi

@@ -1,0 +1,119 @@
+//! Runs the controller as a gRPC server: the Control service behind the
+//! token check, plus gRPC health and reflection (open, so probes and grpcurl
+//! `list`/`describe` work without a token), plus the lease and rebalance timer.
+
+use crate::auth::{AllowAll, RequireToken};
+use crate::pb;
+use crate::service::{now_ms, ControlService};
+use crate::state::Controller;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// None turns authentication off.
+    pub token: Option<String>,
+    /// How often leases are checked.
+    pub tick: Duration,
+    /// How often the placement policy may rebalance; None disables it.
+    pub rebalance_every: Option<Duration>,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            token: None,
+            tick: Duration::from_millis(500),
+            rebalance_every: Some(Duration::from_secs(5)),
+        }
+    }
+}
+
+/// Expires leases every tick and rebalances on its own period, until dropped.
+pub fn spawn_maintenance(
+    ctrl: Arc<Controller>,
+    opts: &ServeOptions,
+) -> tokio::task::JoinHandle<()> {
+    let tick = opts.tick;
+    let rebalance_every = opts.rebalance_every;
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(tick);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_rebalance = tokio::time::Instant::now();
+        loop {
+            interval.tick().await;
+            if let Err(e) = ctrl.expire_leases(now_ms()) {
+                tracing::error!(error = %e, "lease expiry failed");
+            }
+            if let Some(every) = rebalance_every {
+                if last_rebalance.elapsed() >= every {
+                    last_rebalance = tokio::time::Instant::now();
+                    match ctrl.rebalance(now_ms()) {
+                        Ok(m) if !m.is_empty() => tracing::info!(moves = m.len(), "rebalanced"),
+                        Ok(_) => {}
+                        Err(e) => tracing::error!(error = %e, "rebalance failed"),
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// Serves on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    ctrl: Arc<Controller>,
+    opts: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let maintenance = spawn_maintenance(ctrl.clone(), &opts);
+    let svc = ControlService::new(ctrl);
+    let mut builder = tonic::transport::Server::builder();
+    let router = match &opts.token {
+        Some(t) => {
+            health_reporter
+                .set_serving::<pb::control_server::ControlServer<ControlService>>()
+                .await;
+            builder
+                .add_service(health)
+                .add_service(reflection)
+                .add_service(pb::control_server::ControlServer::with_interceptor(
+                    svc,
+                    RequireToken::new(t),
+                ))
+        }
+        None => {
+            tracing::warn!("authentication is off: anyone who reaches the port controls placement");
+            health_reporter
+                .set_serving::<pb::control_server::ControlServer<ControlService>>()
+                .await;
+            builder
+                .add_service(health)
+                .add_service(reflection)
+                .add_service(pb::control_server::ControlServer::with_interceptor(
+                    svc, AllowAll,
+                ))
+        }
+    };
+    let out = router
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    maintenance.abort();
+    Ok(out?)
+}

@@ -1,0 +1,284 @@
+//! The gRPC `Control` service over a [`Controller`].
+
+use crate::model::{CoreLoad, Device, QueueKey, Slot};
+use crate::pb;
+use crate::state::{device_kind, Controller, Registration};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[derive(Clone, Debug)]
+pub struct ControlService {
+    ctrl: Arc<Controller>,
+    started: std::time::Instant,
+}
+
+impl ControlService {
+    pub fn new(ctrl: Arc<Controller>) -> Self {
+        ControlService {
+            ctrl,
+            started: std::time::Instant::now(),
+        }
+    }
+}
+
+fn matches(a: &pb::Assignment, device: &str, server: &str) -> bool {
+    (device.is_empty() || a.device_id == device) && (server.is_empty() || a.server_id == server)
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::AssignmentEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::control_server::Control for ControlService {
+    async fn register_server(
+        &self,
+        req: Request<pb::RegisterServerRequest>,
+    ) -> Result<Response<pb::RegisterServerResponse>, Status> {
+        let r = req.into_inner();
+        let lease_ttl_ms = self.ctrl.register_server(
+            Registration {
+                id: r.id,
+                address: r.address,
+                sidecores: r.sidecores,
+                capacity: r.capacity,
+            },
+            now_ms(),
+        )?;
+        Ok(Response::new(pb::RegisterServerResponse { lease_ttl_ms }))
+    }
+
+    async fn renew_lease(
+        &self,
+        req: Request<pb::RenewLeaseRequest>,
+    ) -> Result<Response<pb::RenewLeaseResponse>, Status> {
+        let lease_ttl_ms = self
+            .ctrl
+            .renew_lease(&req.into_inner().server_id, now_ms())?;
+        Ok(Response::new(pb::RenewLeaseResponse { lease_ttl_ms }))
+    }
+
+    async fn report_load(
+        &self,
+        req: Request<pb::ReportLoadRequest>,
+    ) -> Result<Response<pb::ReportLoadResponse>, Status> {
+        let r = req.into_inner();
+        let load: Vec<(u32, CoreLoad)> = r
+            .load
+            .iter()
+            .map(|l| {
+                (
+                    l.sidecore,
+                    CoreLoad {
+                        busy: l.busy,
+                        requests_per_sec: l.requests_per_sec,
+                    },
+                )
+            })
+            .collect();
+        let lease_ttl_ms = self.ctrl.report_load(&r.server_id, &load, now_ms())?;
+        Ok(Response::new(pb::ReportLoadResponse { lease_ttl_ms }))
+    }
+
+    async fn attach_device(
+        &self,
+        req: Request<pb::AttachDeviceRequest>,
+    ) -> Result<Response<pb::AttachDeviceResponse>, Status> {
+        let d = req
+            .into_inner()
+            .device
+            .ok_or_else(|| Status::invalid_argument("device is missing"))?;
+        let device = Device {
+            kind: device_kind(d.r#type)?,
+            id: d.id,
+            vm_id: d.vm_id,
+            queues: d.queues,
+            agent_address: d.agent_address,
+            pinned_server: Some(d.pinned_server_id).filter(|p| !p.is_empty()),
+        };
+        let assignments = self.ctrl.attach_device(device, now_ms())?;
+        Ok(Response::new(pb::AttachDeviceResponse {
+            assignments: assignments.iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn detach_device(
+        &self,
+        req: Request<pb::DetachDeviceRequest>,
+    ) -> Result<Response<pb::DetachDeviceResponse>, Status> {
+        self.ctrl.detach_device(&req.into_inner().device_id)?;
+        Ok(Response::new(pb::DetachDeviceResponse {}))
+    }
+
+    async fn list_servers(
+        &self,
+        _req: Request<pb::ListServersRequest>,
+    ) -> Result<Response<pb::ListServersResponse>, Status> {
+        let servers = self
+            .ctrl
+            .servers()
+            .into_iter()
+            .map(|(s, assigned_queues)| pb::IoServer {
+                load: s
+                    .load
+                    .iter()
+                    .enumerate()
+                    .map(|(i, l)| pb::SidecoreLoad {
+                        sidecore: i as u32,
+                        busy: l.busy,
+                        requests_per_sec: l.requests_per_sec,
+                    })
+                    .collect(),
+                id: s.id,
+                address: s.address,
+                sidecores: s.sidecores,
+                capacity: s.capacity,
+                lease_expires_unix_ms: s.lease_expires_ms,
+                alive: s.alive,
+                draining: s.draining,
+                assigned_queues,
+            })
+            .collect();
+        Ok(Response::new(pb::ListServersResponse { servers }))
+    }
+
+    async fn list_devices(
+        &self,
+        _req: Request<pb::ListDevicesRequest>,
+    ) -> Result<Response<pb::ListDevicesResponse>, Status> {
+        let devices = self.ctrl.devices().iter().map(Into::into).collect();
+        Ok(Response::new(pb::ListDevicesResponse { devices }))
+    }
+
+    async fn list_assignments(
+        &self,
+        req: Request<pb::ListAssignmentsRequest>,
+    ) -> Result<Response<pb::ListAssignmentsResponse>, Status> {
+        let r = req.into_inner();
+        let assignments = self
+            .ctrl
+            .assignments()
+            .iter()
+            .map(pb::Assignment::from)
+            .filter(|a| matches(a, &r.device_id, &r.server_id))
+            .collect();
+        Ok(Response::new(pb::ListAssignmentsResponse { assignments }))
+    }
+
+    async fn move_queue(
+        &self,
+        req: Request<pb::MoveQueueRequest>,
+    ) -> Result<Response<pb::MoveQueueResponse>, Status> {
+        let r = req.into_inner();
+        let a = self.ctrl.move_queue(
+            &QueueKey {
+                device: r.device_id,
+                queue: r.queue,
+            },
+            Slot {
+                server: r.server_id,
+                sidecore: r.sidecore,
+            },
+            now_ms(),
+        )?;
+        Ok(Response::new(pb::MoveQueueResponse {
+            assignment: Some((&a).into()),
+        }))
+    }
+
+    async fn drain_server(
+        &self,
+        req: Request<pb::DrainServerRequest>,
+    ) -> Result<Response<pb::DrainServerResponse>, Status> {
+        let moved = self
+            .ctrl
+            .drain_server(&req.into_inner().server_id, now_ms())?;
+        Ok(Response::new(pb::DrainServerResponse {
+            moved: moved.iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn rebalance(
+        &self,
+        _req: Request<pb::RebalanceRequest>,
+    ) -> Result<Response<pb::RebalanceResponse>, Status> {
+        let moved = self.ctrl.rebalance(now_ms())?;
+        Ok(Response::new(pb::RebalanceResponse {
+            moved: moved.iter().map(Into::into).collect(),
+        }))
+    }
+
+    type WatchAssignmentsStream = EventStream;
+
+    async fn watch_assignments(
+        &self,
+        req: Request<pb::WatchAssignmentsRequest>,
+    ) -> Result<Response<Self::WatchAssignmentsStream>, Status> {
+        let r = req.into_inner();
+        let (current, rx) = self.ctrl.subscribe();
+        let snapshot: Vec<Result<pb::AssignmentEvent, Status>> = current
+            .iter()
+            .map(|a| pb::AssignmentEvent {
+                kind: pb::EventKind::Snapshot as i32,
+                assignment: Some(a.into()),
+                previous: None,
+                reason: "snapshot".into(),
+            })
+            .map(Ok)
+            .collect();
+        let (dev, srv) = (r.device_id.clone(), r.server_id.clone());
+        let keep = move |e: &pb::AssignmentEvent| {
+            e.assignment
+                .as_ref()
+                .is_some_and(|a| matches(a, &dev, &srv))
+                || e.previous.as_ref().is_some_and(|a| matches(a, &dev, &srv))
+        };
+        let keep2 = keep.clone();
+        let snapshot = tokio_stream::iter(snapshot).filter(move |e| match e {
+            Ok(e) => keep2(e),
+            Err(_) => true,
+        });
+        // A watcher that falls behind the channel must resync: end its stream
+        // with an error instead of silently skipping changes.
+        let live = BroadcastStream::new(rx)
+            .map(|e| match e {
+                Ok(e) => Ok(pb::AssignmentEvent::from(&e)),
+                Err(BroadcastStreamRecvError::Lagged(n)) => Err(Status::data_loss(format!(
+                    "watch fell {n} events behind; watch again to resync"
+                ))),
+            })
+            .filter(move |e| match e {
+                Ok(e) => keep(e),
+                Err(_) => true,
+            });
+        Ok(Response::new(Box::pin(snapshot.chain(live)) as EventStream))
+    }
+
+    async fn stats(
+        &self,
+        _req: Request<pb::StatsRequest>,
+    ) -> Result<Response<pb::StatsResponse>, Status> {
+        let s = self.ctrl.stats();
+        Ok(Response::new(pb::StatsResponse {
+            servers: s.servers,
+            alive_servers: s.alive_servers,
+            devices: s.devices,
+            queues: s.queues,
+            unassigned_queues: s.unassigned_queues,
+            moves: s.counters.moves,
+            failovers: s.counters.failovers,
+            rebalance_moves: s.counters.rebalance_moves,
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+        }))
+    }
+}

@@ -1,0 +1,674 @@
+//! The controller: servers, devices and assignments, and every rule that
+//! changes them. Synchronous and clock-free (callers pass `now_ms`), so tests
+//! drive leases deterministically.
+//!
+//! Each change runs on a copy of the state, is saved to the store, and only
+//! then replaces the live state and is announced: a rejected request or a
+//! failed save leaves nothing behind.
+
+use crate::error::ControlError;
+use crate::model::{
+    Assignment, CoreLoad, Device, DeviceKind, Event, EventKind, QueueKey, Server, Slot,
+};
+use crate::placement::{ClusterView, PlacementPolicy};
+use crate::store::{Counters, Snapshot, StateStore, SNAPSHOT_VERSION};
+use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard};
+use tokio::sync::broadcast;
+
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    pub lease_ttl_ms: u64,
+    /// Most sidecores / queues a request may ask for (guards against absurd input).
+    pub max_sidecores: u32,
+    pub max_queues: u32,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        ControllerConfig {
+            lease_ttl_ms: 10_000,
+            max_sidecores: 1024,
+            max_queues: 1024,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct State {
+    servers: BTreeMap<String, Server>,
+    devices: BTreeMap<String, Device>,
+    assignments: BTreeMap<QueueKey, Assignment>,
+    counters: Counters,
+}
+
+/// Totals for the Stats RPC.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Stats {
+    pub servers: u32,
+    pub alive_servers: u32,
+    pub devices: u32,
+    pub queues: u32,
+    pub unassigned_queues: u32,
+    pub counters: Counters,
+}
+
+/// A new server's registration.
+#[derive(Clone, Debug)]
+pub struct Registration {
+    pub id: String,
+    pub address: String,
+    pub sidecores: u32,
+    pub capacity: u32,
+}
+
+pub struct Controller {
+    state: Mutex<State>,
+    store: Box<dyn StateStore>,
+    policy: Box<dyn PlacementPolicy>,
+    events: broadcast::Sender<Event>,
+    cfg: ControllerConfig,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller")
+            .field("policy", &self.policy)
+            .field("cfg", &self.cfg)
+            .finish()
+    }
+}
+
+fn bad(msg: impl Into<String>) -> ControlError {
+    ControlError::InvalidArgument(msg.into())
+}
+
+impl State {
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            version: SNAPSHOT_VERSION,
+            servers: self.servers.values().cloned().collect(),
+            devices: self.devices.values().cloned().collect(),
+            assignments: self.assignments.values().cloned().collect(),
+            counters: self.counters.clone(),
+        }
+    }
+
+    fn view(&self, now_ms: u64) -> ClusterView {
+        let pins: BTreeMap<String, String> = self
+            .devices
+            .values()
+            .filter_map(|d| d.pinned_server.clone().map(|p| (d.id.clone(), p)))
+            .collect();
+        ClusterView::build(
+            self.servers.values(),
+            self.assignments.values(),
+            &pins,
+            now_ms,
+        )
+    }
+
+    fn pin_of(&self, device: &str) -> Option<String> {
+        self.devices
+            .get(device)
+            .and_then(|d| d.pinned_server.clone())
+    }
+
+    /// Moves one queue and records the event.
+    fn set_slot(
+        &mut self,
+        key: &QueueKey,
+        to: Option<Slot>,
+        now_ms: u64,
+        reason: &'static str,
+        events: &mut Vec<Event>,
+    ) {
+        let from = match self.assignments.get(key) {
+            Some(a) => a.slot.clone(),
+            None => return,
+        };
+        if let (Some(from), Some(to)) = (&from, &to) {
+            self.shift_load(from, to);
+        }
+        let Some(a) = self.assignments.get_mut(key) else {
+            return;
+        };
+        let previous = a.clone();
+        a.slot = to;
+        a.generation += 1;
+        a.last_moved_ms = now_ms;
+        let kind = if previous.slot.is_none() {
+            EventKind::Assigned
+        } else {
+            EventKind::Moved
+        };
+        events.push(Event {
+            kind,
+            assignment: a.clone(),
+            previous: Some(previous),
+            reason,
+        });
+    }
+
+    /// Until the servers' next load report, assume a moved queue takes its
+    /// share of the source sidecore's load along; otherwise the stale report
+    /// would make the next rebalance round move even more queues away.
+    fn shift_load(&mut self, from: &Slot, to: &Slot) {
+        let queues = self
+            .assignments
+            .values()
+            .filter(|a| a.slot.as_ref() == Some(from))
+            .count()
+            .max(1) as f64;
+        let Some(src) = self
+            .servers
+            .get_mut(&from.server)
+            .and_then(|s| s.load.get_mut(from.sidecore as usize))
+        else {
+            return;
+        };
+        let share = CoreLoad {
+            busy: src.busy / queues,
+            requests_per_sec: src.requests_per_sec / queues,
+        };
+        src.busy = (src.busy - share.busy).max(0.0);
+        src.requests_per_sec = (src.requests_per_sec - share.requests_per_sec).max(0.0);
+        if let Some(dst) = self
+            .servers
+            .get_mut(&to.server)
+            .and_then(|s| s.load.get_mut(to.sidecore as usize))
+        {
+            dst.busy = (dst.busy + share.busy).min(1.0);
+            dst.requests_per_sec += share.requests_per_sec;
+        }
+    }
+
+    /// Places every queue that has no slot, where room allows.
+    fn place_pending(
+        &mut self,
+        policy: &dyn PlacementPolicy,
+        now_ms: u64,
+        reason: &'static str,
+        events: &mut Vec<Event>,
+    ) {
+        let pending: Vec<QueueKey> = self
+            .assignments
+            .values()
+            .filter(|a| a.slot.is_none())
+            .map(|a| a.key.clone())
+            .collect();
+        let mut view = self.view(now_ms);
+        for key in pending {
+            let pin = self.pin_of(&key.device);
+            if let Some(slot) = policy.place(&view, &key, pin.as_deref()) {
+                view.apply(&key, Some(slot.clone()));
+                self.set_slot(&key, Some(slot), now_ms, reason, events);
+            }
+        }
+    }
+
+    /// Takes every queue off `server` and places it elsewhere. With
+    /// `all_or_nothing`, fails if any queue finds no room.
+    fn evacuate(
+        &mut self,
+        policy: &dyn PlacementPolicy,
+        server: &str,
+        now_ms: u64,
+        reason: &'static str,
+        all_or_nothing: bool,
+        events: &mut Vec<Event>,
+    ) -> Result<Vec<Assignment>, ControlError> {
+        let victims: Vec<QueueKey> = self
+            .assignments
+            .values()
+            .filter(|a| a.slot.as_ref().is_some_and(|s| s.server == server))
+            .map(|a| a.key.clone())
+            .collect();
+        let mut view = self.view(now_ms);
+        let mut moved = Vec::new();
+        for key in victims {
+            let pin = self.pin_of(&key.device);
+            let to = policy.place(&view, &key, pin.as_deref());
+            if to.is_none() && all_or_nothing {
+                return Err(ControlError::FailedPrecondition(format!(
+                    "no other server has room for {}/{}",
+                    key.device, key.queue
+                )));
+            }
+            view.apply(&key, to.clone());
+            self.set_slot(&key, to, now_ms, reason, events);
+            if let Some(a) = self.assignments.get(&key) {
+                moved.push(a.clone());
+            }
+        }
+        self.counters.moves += moved.len() as u64;
+        Ok(moved)
+    }
+}
+
+impl Controller {
+    /// Opens the controller, recovering state from `store`. Recovered servers
+    /// get a fresh lease: the controller was down, not them.
+    pub fn open(
+        cfg: ControllerConfig,
+        store: Box<dyn StateStore>,
+        policy: Box<dyn PlacementPolicy>,
+        now_ms: u64,
+    ) -> Result<Self, ControlError> {
+        let mut state = State::default();
+        if let Some(snap) = store.load()? {
+            for mut s in snap.servers {
+                if s.alive {
+                    s.lease_expires_ms = now_ms.saturating_add(cfg.lease_ttl_ms);
+                }
+                state.servers.insert(s.id.clone(), s);
+            }
+            for d in snap.devices {
+                state.devices.insert(d.id.clone(), d);
+            }
+            for a in snap.assignments {
+                state.assignments.insert(a.key.clone(), a);
+            }
+            state.counters = snap.counters;
+            tracing::info!(
+                servers = state.servers.len(),
+                devices = state.devices.len(),
+                assignments = state.assignments.len(),
+                "recovered controller state"
+            );
+        }
+        let (events, _) = broadcast::channel(1024);
+        Ok(Controller {
+            state: Mutex::new(state),
+            store,
+            policy,
+            events,
+            cfg,
+        })
+    }
+
+    pub fn config(&self) -> &ControllerConfig {
+        &self.cfg
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Changes are applied by swapping in a finished copy, so a panic while
+        // the lock was held cannot have left the state half-changed.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn mutate<R>(
+        &self,
+        f: impl FnOnce(&mut State, &dyn PlacementPolicy, &mut Vec<Event>) -> Result<R, ControlError>,
+    ) -> Result<R, ControlError> {
+        let mut live = self.lock();
+        let mut next = live.clone();
+        let mut events = Vec::new();
+        let out = f(&mut next, self.policy.as_ref(), &mut events)?;
+        self.store.save(&next.snapshot())?;
+        *live = next;
+        // Sent under the lock so watchers see changes in commit order.
+        for e in events {
+            let _ = self.events.send(e);
+        }
+        Ok(out)
+    }
+
+    pub fn register_server(&self, r: Registration, now_ms: u64) -> Result<u64, ControlError> {
+        if r.id.is_empty() {
+            return Err(bad("server id is empty"));
+        }
+        if r.sidecores == 0 || r.sidecores > self.cfg.max_sidecores {
+            return Err(bad(format!(
+                "sidecores must be 1..={}",
+                self.cfg.max_sidecores
+            )));
+        }
+        if r.capacity == 0 {
+            return Err(bad("capacity must be at least 1"));
+        }
+        let ttl = self.cfg.lease_ttl_ms;
+        self.mutate(|st, policy, events| {
+            if let Some(old) = st.servers.get(&r.id) {
+                if old.alive {
+                    return Err(ControlError::AlreadyExists(format!(
+                        "server {} is registered and its lease is live",
+                        r.id
+                    )));
+                }
+            }
+            // A dead server may come back under its id: it starts empty.
+            st.servers.insert(
+                r.id.clone(),
+                Server {
+                    id: r.id.clone(),
+                    address: r.address.clone(),
+                    sidecores: r.sidecores,
+                    capacity: r.capacity,
+                    load: vec![CoreLoad::default(); r.sidecores as usize],
+                    lease_expires_ms: now_ms.saturating_add(ttl),
+                    alive: true,
+                    draining: false,
+                },
+            );
+            st.place_pending(policy, now_ms, "register", events);
+            tracing::info!(server = %r.id, address = %r.address, "server registered");
+            Ok(ttl)
+        })
+    }
+
+    fn live_server<'a>(st: &'a mut State, id: &str) -> Result<&'a mut Server, ControlError> {
+        let s = st
+            .servers
+            .get_mut(id)
+            .ok_or_else(|| ControlError::NotFound(format!("server {id}")))?;
+        if !s.alive {
+            return Err(ControlError::FailedPrecondition(format!(
+                "server {id}: lease expired, register again"
+            )));
+        }
+        Ok(s)
+    }
+
+    pub fn renew_lease(&self, id: &str, now_ms: u64) -> Result<u64, ControlError> {
+        let ttl = self.cfg.lease_ttl_ms;
+        // Leases are not persisted (a restarted controller grants fresh ones)
+        // and this is the hot path, so no copy of the state: one field changes.
+        let mut st = self.lock();
+        Self::live_server(&mut st, id)?.lease_expires_ms = now_ms.saturating_add(ttl);
+        Ok(ttl)
+    }
+
+    pub fn report_load(
+        &self,
+        id: &str,
+        load: &[(u32, CoreLoad)],
+        now_ms: u64,
+    ) -> Result<u64, ControlError> {
+        for (core, l) in load {
+            if !(0.0..=1.0).contains(&l.busy)
+                || !l.requests_per_sec.is_finite()
+                || l.requests_per_sec < 0.0
+            {
+                return Err(bad(format!(
+                    "sidecore {core}: busy must be in 0..=1 and requests/s >= 0"
+                )));
+            }
+        }
+        let ttl = self.cfg.lease_ttl_ms;
+        // Like renew_lease: in place, after every check has passed.
+        let mut st = self.lock();
+        let s = Self::live_server(&mut st, id)?;
+        if let Some((core, _)) = load.iter().find(|(c, _)| *c >= s.sidecores) {
+            return Err(bad(format!("server {id} has no sidecore {core}")));
+        }
+        for (core, l) in load {
+            if let Some(slot) = s.load.get_mut(*core as usize) {
+                *slot = *l;
+            }
+        }
+        s.lease_expires_ms = now_ms.saturating_add(ttl);
+        Ok(ttl)
+    }
+
+    pub fn attach_device(&self, d: Device, now_ms: u64) -> Result<Vec<Assignment>, ControlError> {
+        if d.id.is_empty() {
+            return Err(bad("device id is empty"));
+        }
+        if d.queues == 0 || d.queues > self.cfg.max_queues {
+            return Err(bad(format!("queues must be 1..={}", self.cfg.max_queues)));
+        }
+        self.mutate(|st, policy, events| {
+            if st.devices.contains_key(&d.id) {
+                return Err(ControlError::AlreadyExists(format!("device {}", d.id)));
+            }
+            if let Some(p) = &d.pinned_server {
+                if !st.servers.contains_key(p) {
+                    return Err(ControlError::NotFound(format!("pinned server {p}")));
+                }
+            }
+            let mut view = st.view(now_ms);
+            let mut out = Vec::new();
+            for q in 0..d.queues {
+                let key = QueueKey {
+                    device: d.id.clone(),
+                    queue: q,
+                };
+                view.add_queue(key.clone(), d.pinned_server.clone());
+                let slot = policy
+                    .place(&view, &key, d.pinned_server.as_deref())
+                    .ok_or_else(|| {
+                        ControlError::ResourceExhausted(format!(
+                            "no live server has room for queue {q} of device {}",
+                            d.id
+                        ))
+                    })?;
+                view.apply(&key, Some(slot.clone()));
+                let a = Assignment {
+                    key: key.clone(),
+                    slot: Some(slot),
+                    generation: 1,
+                    last_moved_ms: now_ms,
+                };
+                events.push(Event {
+                    kind: EventKind::Assigned,
+                    assignment: a.clone(),
+                    previous: None,
+                    reason: "attach",
+                });
+                st.assignments.insert(key, a.clone());
+                out.push(a);
+            }
+            tracing::info!(device = %d.id, vm = %d.vm_id, queues = d.queues, "device attached");
+            st.devices.insert(d.id.clone(), d.clone());
+            Ok(out)
+        })
+    }
+
+    pub fn detach_device(&self, id: &str) -> Result<(), ControlError> {
+        self.mutate(|st, _, events| {
+            let d = st
+                .devices
+                .remove(id)
+                .ok_or_else(|| ControlError::NotFound(format!("device {id}")))?;
+            for q in 0..d.queues {
+                let key = QueueKey {
+                    device: d.id.clone(),
+                    queue: q,
+                };
+                if let Some(a) = st.assignments.remove(&key) {
+                    events.push(Event {
+                        kind: EventKind::Removed,
+                        assignment: a,
+                        previous: None,
+                        reason: "detach",
+                    });
+                }
+            }
+            Ok(())
+        })
+    }
+
+    pub fn move_queue(
+        &self,
+        key: &QueueKey,
+        to: Slot,
+        now_ms: u64,
+    ) -> Result<Assignment, ControlError> {
+        self.mutate(|st, _, events| {
+            let dev = st
+                .devices
+                .get(&key.device)
+                .ok_or_else(|| ControlError::NotFound(format!("device {}", key.device)))?;
+            if key.queue >= dev.queues {
+                return Err(bad(format!(
+                    "device {} has {} queues, no queue {}",
+                    dev.id, dev.queues, key.queue
+                )));
+            }
+            if let Some(p) = &dev.pinned_server {
+                if *p != to.server {
+                    return Err(ControlError::FailedPrecondition(format!(
+                        "device {} is pinned to server {p}",
+                        dev.id
+                    )));
+                }
+            }
+            let server = st
+                .servers
+                .get(&to.server)
+                .ok_or_else(|| ControlError::NotFound(format!("server {}", to.server)))?;
+            if to.sidecore >= server.sidecores {
+                return Err(bad(format!(
+                    "server {} has {} sidecores, no sidecore {}",
+                    server.id, server.sidecores, to.sidecore
+                )));
+            }
+            if !server.eligible() {
+                return Err(ControlError::FailedPrecondition(format!(
+                    "server {} is {}",
+                    server.id,
+                    if server.alive { "draining" } else { "dead" }
+                )));
+            }
+            let current = st.assignments.get(key).ok_or_else(|| {
+                ControlError::NotFound(format!("queue {}/{}", key.device, key.queue))
+            })?;
+            if current.slot.as_ref() == Some(&to) {
+                return Ok(current.clone());
+            }
+            let same_server = current.slot.as_ref().is_some_and(|s| s.server == to.server);
+            let used = st
+                .assignments
+                .values()
+                .filter(|a| a.slot.as_ref().is_some_and(|s| s.server == to.server))
+                .count() as u32;
+            if !same_server && used >= server.capacity {
+                return Err(ControlError::FailedPrecondition(format!(
+                    "server {} is full ({} queues)",
+                    server.id, server.capacity
+                )));
+            }
+            st.set_slot(key, Some(to), now_ms, "move", events);
+            st.counters.moves += 1;
+            st.assignments.get(key).cloned().ok_or_else(|| {
+                ControlError::NotFound(format!("queue {}/{}", key.device, key.queue))
+            })
+        })
+    }
+
+    pub fn drain_server(&self, id: &str, now_ms: u64) -> Result<Vec<Assignment>, ControlError> {
+        self.mutate(|st, policy, events| {
+            let s = Self::live_server(st, id)?;
+            s.draining = true;
+            st.evacuate(policy, id, now_ms, "drain", true, events)
+        })
+    }
+
+    /// One rebalance round of the policy.
+    pub fn rebalance(&self, now_ms: u64) -> Result<Vec<Assignment>, ControlError> {
+        // Cheap check first, so a balanced cluster costs no snapshot write.
+        let moves = self.policy.rebalance(&self.lock().view(now_ms));
+        if moves.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.mutate(|st, policy, events| {
+            let moves = policy.rebalance(&st.view(now_ms));
+            let mut out = Vec::new();
+            for m in moves {
+                st.set_slot(&m.key, Some(m.to), now_ms, "rebalance", events);
+                if let Some(a) = st.assignments.get(&m.key) {
+                    out.push(a.clone());
+                }
+            }
+            st.counters.moves += out.len() as u64;
+            st.counters.rebalance_moves += out.len() as u64;
+            Ok(out)
+        })
+    }
+
+    /// Marks servers whose lease ran out as dead and moves their queues to
+    /// survivors (queues with no room wait, unassigned). Returns dead server ids.
+    pub fn expire_leases(&self, now_ms: u64) -> Result<Vec<String>, ControlError> {
+        let any = self
+            .lock()
+            .servers
+            .values()
+            .any(|s| s.alive && s.lease_expires_ms <= now_ms);
+        if !any {
+            return Ok(Vec::new());
+        }
+        self.mutate(|st, policy, events| {
+            let dead: Vec<String> = st
+                .servers
+                .values()
+                .filter(|s| s.alive && s.lease_expires_ms <= now_ms)
+                .map(|s| s.id.clone())
+                .collect();
+            for id in &dead {
+                if let Some(s) = st.servers.get_mut(id) {
+                    s.alive = false;
+                    s.load.iter_mut().for_each(|l| *l = CoreLoad::default());
+                }
+                tracing::warn!(server = %id, "lease expired, failing over its queues");
+            }
+            for id in &dead {
+                st.evacuate(policy, id, now_ms, "failover", false, events)?;
+                st.counters.failovers += 1;
+            }
+            Ok(dead)
+        })
+    }
+
+    pub fn servers(&self) -> Vec<(Server, u32)> {
+        let st = self.lock();
+        st.servers
+            .values()
+            .map(|s| {
+                let n = st
+                    .assignments
+                    .values()
+                    .filter(|a| a.slot.as_ref().is_some_and(|x| x.server == s.id))
+                    .count() as u32;
+                (s.clone(), n)
+            })
+            .collect()
+    }
+
+    pub fn devices(&self) -> Vec<Device> {
+        self.lock().devices.values().cloned().collect()
+    }
+
+    pub fn assignments(&self) -> Vec<Assignment> {
+        self.lock().assignments.values().cloned().collect()
+    }
+
+    pub fn stats(&self) -> Stats {
+        let st = self.lock();
+        Stats {
+            servers: st.servers.len() as u32,
+            alive_servers: st.servers.values().filter(|s| s.alive).count() as u32,
+            devices: st.devices.len() as u32,
+            queues: st.assignments.len() as u32,
+            unassigned_queues: st.assignments.values().filter(|a| a.slot.is_none()).count() as u32,
+            counters: st.counters.clone(),
+        }
+    }
+
+    /// Current assignments plus a receiver for every later change, taken
+    /// atomically so a watcher misses nothing and sees nothing twice.
+    pub fn subscribe(&self) -> (Vec<Assignment>, broadcast::Receiver<Event>) {
+        let st = self.lock();
+        let rx = self.events.subscribe();
+        (st.assignments.values().cloned().collect(), rx)
+    }
+}
+
+/// Parses the wire device type.
+pub fn device_kind(t: i32) -> Result<DeviceKind, ControlError> {
+    match crate::pb::DeviceType::try_from(t) {
+        Ok(crate::pb::DeviceType::Blk) => Ok(DeviceKind::Blk),
+        Ok(crate::pb::DeviceType::Net) => Ok(DeviceKind::Net),
+        _ => Err(bad("device type must be BLK or NET")),
+    }
+}

@@ -1,0 +1,194 @@
+//! Where controller state survives restarts. [`FileStore`] is the embedded
+//! default: every change writes a full snapshot to a temp file, fsyncs it,
+//! renames it over the old one and fsyncs the directory, so a crash leaves
+//! either the old or the new snapshot, never a torn one.
+
+use crate::model::{Assignment, Device, Server};
+use serde::{Deserialize, Serialize};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+pub const SNAPSHOT_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Counters {
+    pub moves: u64,
+    pub failovers: u64,
+    pub rebalance_moves: u64,
+}
+
+/// Everything the controller must not forget.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub version: u32,
+    pub servers: Vec<Server>,
+    pub devices: Vec<Device>,
+    pub assignments: Vec<Assignment>,
+    pub counters: Counters,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: corrupt snapshot: {source}")]
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("snapshot version {0} is not supported (want {SNAPSHOT_VERSION})")]
+    Version(u32),
+    #[error("{0}")]
+    Other(String),
+}
+
+pub trait StateStore: Send + Sync {
+    /// The last saved snapshot, or None on first start.
+    fn load(&self) -> Result<Option<Snapshot>, StoreError>;
+    /// Durably replaces the saved snapshot; returns only once it is on disk.
+    fn save(&self, snapshot: &Snapshot) -> Result<(), StoreError>;
+}
+
+/// Keeps state in memory only (tests, single-shot demos).
+#[derive(Debug, Default)]
+pub struct MemoryStore(Mutex<Option<Snapshot>>);
+
+impl StateStore for MemoryStore {
+    fn load(&self) -> Result<Option<Snapshot>, StoreError> {
+        Ok(self.0.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+    fn save(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(snapshot.clone());
+        Ok(())
+    }
+}
+
+/// Crash-safe snapshot file.
+#[derive(Debug)]
+pub struct FileStore {
+    path: PathBuf,
+    tmp: PathBuf,
+}
+
+impl FileStore {
+    /// Uses `dir/state.json`, creating `dir` if needed.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let dir = dir.as_ref();
+        fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        Ok(FileStore {
+            path: dir.join("state.json"),
+            tmp: dir.join("state.json.tmp"),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn io(&self, path: &Path) -> impl FnOnce(io::Error) -> StoreError {
+        let path = path.to_path_buf();
+        move |source| StoreError::Io { path, source }
+    }
+}
+
+impl StateStore for FileStore {
+    fn load(&self) -> Result<Option<Snapshot>, StoreError> {
+        // A leftover temp file is a save that crashed before its rename: the
+        // snapshot it meant to replace is still the committed one.
+        let _ = fs::remove_file(&self.tmp);
+        let bytes = match fs::read(&self.path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(self.io(&self.path)(e)),
+        };
+        let snap: Snapshot =
+            serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt {
+                path: self.path.clone(),
+                source,
+            })?;
+        if snap.version != SNAPSHOT_VERSION {
+            return Err(StoreError::Version(snap.version));
+        }
+        Ok(Some(snap))
+    }
+
+    fn save(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
+        let bytes =
+            serde_json::to_vec_pretty(snapshot).map_err(|e| StoreError::Other(e.to_string()))?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&self.tmp)
+            .map_err(self.io(&self.tmp))?;
+        f.write_all(&bytes).map_err(self.io(&self.tmp))?;
+        f.sync_all().map_err(self.io(&self.tmp))?;
+        drop(f);
+        fs::rename(&self.tmp, &self.path).map_err(self.io(&self.path))?;
+        // The rename is durable only once the directory entry is.
+        if let Some(dir) = self.path.parent() {
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(self.io(dir))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(n: u64) -> Snapshot {
+        Snapshot {
+            version: SNAPSHOT_VERSION,
+            servers: vec![],
+            devices: vec![],
+            assignments: vec![],
+            counters: Counters {
+                moves: n,
+                ..Counters::default()
+            },
+        }
+    }
+
+    #[test]
+    fn file_store_round_trips_and_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        assert_eq!(store.load().unwrap(), None);
+        store.save(&snap(1)).unwrap();
+        store.save(&snap(2)).unwrap();
+        let again = FileStore::open(dir.path()).unwrap();
+        assert_eq!(again.load().unwrap(), Some(snap(2)));
+    }
+
+    #[test]
+    fn crashed_save_keeps_previous_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        store.save(&snap(7)).unwrap();
+        // A save that died half-way through writing the temp file.
+        fs::write(dir.path().join("state.json.tmp"), b"{\"version\":1,\"serv").unwrap();
+        assert_eq!(store.load().unwrap(), Some(snap(7)));
+        assert!(!dir.path().join("state.json.tmp").exists());
+    }
+
+    #[test]
+    fn corrupt_snapshot_is_an_error_not_empty_state() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("state.json"), b"garbage").unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        assert!(matches!(store.load(), Err(StoreError::Corrupt { .. })));
+    }
+}

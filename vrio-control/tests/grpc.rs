@@ -1,0 +1,411 @@
+//! The gRPC surface: auth, status codes, watch streams, lease failover over
+//! the wire, health. Runs a real server on 127.0.0.1:0.
+
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
+use tonic::Code;
+use vrio_control::client::{connect, Client};
+use vrio_control::pb;
+use vrio_control::placement::LeastLoaded;
+use vrio_control::server::{serve, ServeOptions};
+use vrio_control::store::MemoryStore;
+use vrio_control::{Controller, ControllerConfig};
+
+const TOKEN: &str = "test-token";
+
+async fn start(lease_ttl_ms: u64) -> (String, tokio::sync::oneshot::Sender<()>) {
+    let ctrl = Arc::new(
+        Controller::open(
+            ControllerConfig {
+                lease_ttl_ms,
+                ..ControllerConfig::default()
+            },
+            Box::new(MemoryStore::default()),
+            Box::new(LeastLoaded::default()),
+            vrio_control::service::now_ms(),
+        )
+        .unwrap(),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let opts = ServeOptions {
+        token: Some(TOKEN.into()),
+        tick: Duration::from_millis(20),
+        rebalance_every: None,
+    };
+    tokio::spawn(async move {
+        serve(listener, ctrl, opts, async {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+    });
+    (addr, tx)
+}
+
+fn register(id: &str, cores: u32, cap: u32) -> pb::RegisterServerRequest {
+    pb::RegisterServerRequest {
+        id: id.into(),
+        address: format!("{id}.example:7471"),
+        sidecores: cores,
+        capacity: cap,
+    }
+}
+
+fn attach(id: &str, queues: u32) -> pb::AttachDeviceRequest {
+    pb::AttachDeviceRequest {
+        device: Some(pb::Device {
+            id: id.into(),
+            vm_id: "vm1".into(),
+            r#type: pb::DeviceType::Blk as i32,
+            queues,
+            agent_address: "host1:7000".into(),
+            pinned_server_id: String::new(),
+        }),
+    }
+}
+
+fn code<T>(r: Result<T, tonic::Status>) -> Code {
+    match r {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e.code(),
+    }
+}
+
+async fn assignments(c: &mut Client) -> Vec<pb::Assignment> {
+    c.list_assignments(pb::ListAssignmentsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .assignments
+}
+
+#[tokio::test]
+async fn calls_without_the_right_token_are_rejected() {
+    let (addr, _stop) = start(60_000).await;
+    for token in [None, Some("wrong"), Some("")] {
+        let mut c = connect(&addr, token).await.unwrap();
+        let err = c.stats(pb::StatsRequest {}).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "token {token:?}");
+        let err = c.register_server(register("a", 1, 1)).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "token {token:?}");
+        let err = c
+            .watch_assignments(pb::WatchAssignmentsRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "token {token:?}");
+    }
+    // Nothing the rejected calls tried took effect.
+    let mut c = connect(&addr, Some(TOKEN)).await.unwrap();
+    let stats = c.stats(pb::StatsRequest {}).await.unwrap().into_inner();
+    assert_eq!(stats.servers, 0);
+}
+
+#[tokio::test]
+async fn health_is_served_without_a_token() {
+    let (addr, _stop) = start(60_000).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let resp = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "vrio.control.v1.Control".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        resp.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+}
+
+#[tokio::test]
+async fn reflection_lists_the_services_for_grpcurl() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let (addr, _stop) = start(60_000).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = ServerReflectionClient::new(channel);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut resp = client
+        .server_reflection_info(tokio_stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let msg = resp.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else {
+        panic!("unexpected reflection answer {msg:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"vrio.control.v1.Control".to_string()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_string()),
+        "{names:?}"
+    );
+}
+
+#[tokio::test]
+async fn bad_requests_map_to_status_codes() {
+    let (addr, _stop) = start(60_000).await;
+    let mut c = connect(&addr, Some(TOKEN)).await.unwrap();
+    c.register_server(register("a", 2, 8)).await.unwrap();
+    c.attach_device(attach("disk0", 2)).await.unwrap();
+    let before = assignments(&mut c).await;
+
+    assert_eq!(
+        code(c.register_server(register("a", 2, 8)).await),
+        Code::AlreadyExists
+    );
+    assert_eq!(
+        code(c.attach_device(attach("disk0", 1)).await),
+        Code::AlreadyExists
+    );
+    assert_eq!(
+        code(c.attach_device(attach("big", 100)).await),
+        Code::ResourceExhausted
+    );
+    let mut untyped = attach("x", 1);
+    untyped.device.as_mut().unwrap().r#type = 0;
+    assert_eq!(code(c.attach_device(untyped).await), Code::InvalidArgument);
+    assert_eq!(
+        code(
+            c.attach_device(pb::AttachDeviceRequest { device: None })
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    let mv = |d: &str, q: u32, s: &str, core: u32| pb::MoveQueueRequest {
+        device_id: d.into(),
+        queue: q,
+        server_id: s.into(),
+        sidecore: core,
+    };
+    assert_eq!(
+        code(c.move_queue(mv("nope", 0, "a", 0)).await),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(c.move_queue(mv("disk0", 0, "nope", 0)).await),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(c.move_queue(mv("disk0", 0, "a", 9)).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(c.move_queue(mv("disk0", 5, "a", 0)).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            c.detach_device(pb::DetachDeviceRequest {
+                device_id: "nope".into()
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            c.drain_server(pb::DrainServerRequest {
+                server_id: "a".into()
+            })
+            .await
+        ),
+        Code::FailedPrecondition,
+        "draining the only server has nowhere to go"
+    );
+    assert_eq!(assignments(&mut c).await, before);
+    let servers = c
+        .list_servers(pb::ListServersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .servers;
+    assert!(
+        !servers[0].draining,
+        "a failed drain must not leave the server draining"
+    );
+}
+
+#[tokio::test]
+async fn watch_streams_snapshot_moves_and_lease_failover() {
+    // Short lease: server b stops renewing and its queues must fail over to a.
+    let (addr, _stop) = start(1500).await;
+    let mut c = connect(&addr, Some(TOKEN)).await.unwrap();
+    c.register_server(register("a", 2, 8)).await.unwrap();
+    // Keep a alive until b's queues have failed over.
+    let renewer = {
+        let mut c = c.clone();
+        tokio::spawn(async move {
+            loop {
+                let _ = c
+                    .renew_lease(pb::RenewLeaseRequest {
+                        server_id: "a".into(),
+                    })
+                    .await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    c.register_server(register("b", 2, 8)).await.unwrap();
+    let b_last_renewed = std::time::Instant::now();
+    let placed = c
+        .attach_device(attach("disk0", 4))
+        .await
+        .unwrap()
+        .into_inner()
+        .assignments;
+    let on_b: Vec<u32> = placed
+        .iter()
+        .filter(|a| a.server_id == "b")
+        .map(|a| a.queue)
+        .collect();
+    assert_eq!(on_b.len(), 2);
+
+    let mut watch = c
+        .watch_assignments(pb::WatchAssignmentsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    for _ in 0..4 {
+        let e = watch.next().await.unwrap().unwrap();
+        assert_eq!(e.kind, pb::EventKind::Snapshot as i32);
+    }
+
+    let mut failed_over = Vec::new();
+    let deadline = tokio::time::sleep(Duration::from_secs(20));
+    tokio::pin!(deadline);
+    while failed_over.len() < on_b.len() {
+        tokio::select! {
+            e = watch.next() => {
+                let e = e.unwrap().unwrap();
+                assert_eq!(e.kind, pb::EventKind::Moved as i32);
+                assert_eq!(e.reason, "failover");
+                assert_eq!(e.previous.unwrap().server_id, "b");
+                let a = e.assignment.unwrap();
+                assert_eq!(a.server_id, "a");
+                failed_over.push(a.queue);
+            }
+            _ = &mut deadline => panic!("no failover within 20 s; got {failed_over:?}"),
+        }
+    }
+    renewer.abort();
+    // A figure for the notes, not an assertion: lease 1500 ms, tick 20 ms.
+    eprintln!(
+        "failover: b's queues moved {} ms after its last renewal (lease 1500 ms, tick 20 ms)",
+        b_last_renewed.elapsed().as_millis()
+    );
+    failed_over.sort();
+    assert_eq!(failed_over, on_b);
+    let stats = c.stats(pb::StatsRequest {}).await.unwrap().into_inner();
+    assert_eq!(stats.failovers, 1);
+    assert_eq!(stats.alive_servers, 1);
+    assert_eq!(
+        c.renew_lease(pb::RenewLeaseRequest {
+            server_id: "b".into()
+        })
+        .await
+        .unwrap_err()
+        .code(),
+        Code::FailedPrecondition
+    );
+}
+
+#[tokio::test]
+async fn agent_keeps_its_lease_while_a_silent_server_fails_over() {
+    let (addr, _stop) = start(1500).await;
+    let mut c = connect(&addr, Some(TOKEN)).await.unwrap();
+    let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(vrio_control::agent::keep_registered(
+        c.clone(),
+        register("a", 1, 8),
+        || {
+            vec![pb::SidecoreLoad {
+                sidecore: 0,
+                busy: 0.0,
+                requests_per_sec: 1234.0,
+            }]
+        },
+        async {
+            let _ = agent_stopped.await;
+        },
+    ));
+    // Wait until the agent has registered a.
+    loop {
+        let servers = c
+            .list_servers(pb::ListServersRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .servers;
+        if servers.iter().any(|s| s.id == "a") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    c.register_server(register("b", 1, 8)).await.unwrap();
+    let mut watch = c
+        .watch_assignments(pb::WatchAssignmentsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let placed = c
+        .attach_device(attach("disk0", 2))
+        .await
+        .unwrap()
+        .into_inner()
+        .assignments;
+    // With both registered, one queue lands on each.
+    let mut servers: Vec<&str> = placed.iter().map(|a| a.server_id.as_str()).collect();
+    servers.sort();
+    assert_eq!(servers, ["a", "b"]);
+    // b never renews; its queue must move to a, whose agent keeps it alive.
+    let deadline = tokio::time::sleep(Duration::from_secs(20));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            e = watch.next() => {
+                let e = e.unwrap().unwrap();
+                if e.reason == "failover" {
+                    assert_eq!(e.assignment.unwrap().server_id, "a");
+                    break;
+                }
+            }
+            _ = &mut deadline => panic!("b's queue never failed over"),
+        }
+    }
+    let servers = c
+        .list_servers(pb::ListServersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .servers;
+    let a = servers.iter().find(|s| s.id == "a").unwrap();
+    let b = servers.iter().find(|s| s.id == "b").unwrap();
+    assert!(a.alive && !b.alive);
+    // Its lease outlived the TTL only through load reports, so one arrived.
+    assert_eq!(a.load[0].requests_per_sec, 1234.0);
+    assert_eq!(a.assigned_queues, 2);
+    let _ = stop_agent.send(());
+    agent.await.unwrap();
+}

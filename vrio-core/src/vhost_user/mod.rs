@@ -1,0 +1,20 @@
+//! A vhost-user-blk front: unmodified VMMs (QEMU `vhost-user-blk-pci`) and
+//! their guests' stock virtio_blk driver, served by a remote vrio I/O server.
+//!
+//! The VMM shares guest RAM (memfd) and the vrings over the vhost-user
+//! socket; this back-end hands them to the VM-host agent
+//! ([`crate::remote::attach`]), which registers the memory with the fabric
+//! and never touches request data. Kicks are forwarded to the agent, the
+//! agent's interrupts to the vring's call fd.
+//!
+//! - [`probe`]: learns the server's virtio-blk config space;
+//! - [`backend`]: the `VhostUserBackend` (features, config, per-queue attach);
+//! - [`serve`]: the socket loop (one VMM at a time, waits for reconnects).
+
+pub mod backend;
+pub mod probe;
+pub mod serve;
+
+pub use backend::{FrontConfig, VrioBlkBackend};
+pub use probe::fetch_config;
+pub use serve::{serve, ServeError};

@@ -1,0 +1,48 @@
+//! The vhost-user socket loop: serve one VMM connection at a time, detach
+//! its queues when it goes away, and wait for it (or another) to connect.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use super::backend::{FrontConfig, VrioBlkBackend};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("vhost-user daemon: {0}")]
+    Daemon(String),
+}
+
+/// Serves `socket` until `keep_going` says stop (checked after each VMM
+/// connection ends). `server_config` is the I/O server's config space.
+pub fn serve(
+    socket: &Path,
+    cfg: &FrontConfig,
+    server_config: &[u8],
+    mut keep_going: impl FnMut() -> bool,
+) -> Result<(), ServeError> {
+    loop {
+        // Fresh back-end and daemon per connection: vhost-user state
+        // (features, vrings, memory) belongs to one front-end session.
+        let backend = Arc::new(VrioBlkBackend::new(cfg.clone(), server_config));
+        let mut daemon = VhostUserDaemon::new(
+            "vrio-vhost-user-blk".into(),
+            backend.clone(),
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .map_err(|e| ServeError::Daemon(e.to_string()))?;
+        backend.set_handlers(&daemon.get_epoll_handlers());
+        tracing::info!(socket = %socket.display(), "waiting for a VMM");
+        let r = daemon.serve(socket);
+        backend.detach_all();
+        match r {
+            Ok(()) => tracing::info!("the VMM disconnected"),
+            Err(e) => tracing::warn!(error = %e, "the VMM session ended with an error"),
+        }
+        if !keep_going() {
+            return Ok(());
+        }
+    }
+}
