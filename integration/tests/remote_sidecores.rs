@@ -418,3 +418,81 @@ fn hostile_guest_cannot_hurt_the_server_or_other_guests() {
     d3.detach();
     server.stop();
 }
+
+#[test]
+fn oversized_request_fails_with_an_error_status_not_silently() {
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    use vrio_core::ring::{DriverQueue, RingLayout, Segment};
+    let mut server = IoServer::start(
+        soft(),
+        Arc::new(MemoryBackend::new(16 << 20)),
+        IoServerConfig::default(),
+    )
+    .unwrap();
+    let mem = Arc::new(vrio_core::memory::anonymous_memory(2 << 20).unwrap());
+    let features = RingFeatures {
+        indirect: false,
+        event_idx: true,
+    };
+    let (layout, _) = RingLayout::packed(16, 0x1000).unwrap();
+    let mut drv = DriverQueue::new(layout, features, None);
+    drv.init(&*mem).unwrap();
+    let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+    let call = EventFd::new(EFD_NONBLOCK).unwrap();
+    let mut dev = attach(
+        soft(),
+        server.addr(),
+        DeviceAttach {
+            device_id: 5,
+            mem: mem.clone(),
+            queues: vec![QueueAttach {
+                layout,
+                features,
+                kick: kick.try_clone().unwrap(),
+                call: call.try_clone().unwrap(),
+            }],
+        },
+        AgentConfig::default(),
+    )
+    .unwrap();
+    // A 256 KiB read: twice the server's default staging limit.
+    let (hdr, data, status) = (0x10000u64, 0x20000u64, 0x1f000u64);
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&0u32.to_le_bytes()); // VIRTIO_BLK_T_IN
+    mem.write(hdr, &h).unwrap();
+    mem.write(status, &[0xff]).unwrap();
+    let head = drv
+        .add(
+            &*mem,
+            &[Segment { addr: hdr, len: 16 }],
+            &[
+                Segment {
+                    addr: data,
+                    len: 256 << 10,
+                },
+                Segment {
+                    addr: status,
+                    len: 1,
+                },
+            ],
+            false,
+        )
+        .unwrap();
+    drv.publish(&*mem).unwrap();
+    kick.write(1).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (id, len) = loop {
+        if let Some(x) = drv.pop_used(&*mem).unwrap() {
+            break x;
+        }
+        assert!(Instant::now() < deadline, "no completion");
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    assert_eq!(id, head);
+    assert_eq!(len, 1, "only the status byte is written");
+    let mut st = [0u8];
+    mem.read(status, &mut st).unwrap();
+    assert_eq!(st[0], 1, "VIRTIO_BLK_S_IOERR, not a silent success");
+    dev.detach();
+    server.stop();
+}

@@ -15,6 +15,16 @@ pub trait DeviceModel: Send {
         mem: &M,
         chain: &DescriptorChain,
     ) -> Result<u32, RequestError>;
+
+    /// Completes a request the queue cannot serve (larger than it stages)
+    /// with the device's error status, so the guest sees a failure rather
+    /// than a silent success. `status` holds just the chain's last writable
+    /// byte. Returns the used length.
+    fn fail_request<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        status: &DescriptorChain,
+    ) -> Result<u32, RequestError>;
 }
 
 impl DeviceModel for crate::blk::BlockDevice {
@@ -24,5 +34,20 @@ impl DeviceModel for crate::blk::BlockDevice {
         chain: &DescriptorChain,
     ) -> Result<u32, RequestError> {
         crate::blk::BlockDevice::process(self, mem, chain).map_err(|e| e.into())
+    }
+
+    fn fail_request<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        status: &DescriptorChain,
+    ) -> Result<u32, RequestError> {
+        let s = status
+            .writable
+            .last()
+            .filter(|s| s.len > 0)
+            .ok_or("no status byte")?;
+        let ioerr = virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR as u8;
+        mem.write(s.addr + u64::from(s.len) - 1, &[ioerr])?;
+        Ok(1)
     }
 }

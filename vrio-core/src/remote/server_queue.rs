@@ -117,6 +117,8 @@ pub struct RemoteQueue<D> {
     shadow: Shadow,
     batch: Vec<(u16, Result<DescriptorChain, ChainError>)>,
     bases: Vec<usize>,
+    /// Per batch entry: too large to serve, failed with an error status.
+    oversize: Vec<bool>,
     used_lens: Vec<u32>,
     batch_rtts: u64,
     batch_out: PollOutcome,
@@ -233,6 +235,7 @@ impl<D: DeviceModel> RemoteQueue<D> {
             shadow: Shadow::default(),
             batch: Vec::new(),
             bases: Vec::new(),
+            oversize: Vec::new(),
             used_lens: Vec::new(),
             batch_rtts: 0,
             batch_out: PollOutcome::default(),
@@ -671,6 +674,7 @@ impl<D: DeviceModel> RemoteQueue<D> {
         }
         // 1-2. Chains, validated over the shadow.
         self.shadow.clear();
+        self.oversize.clear();
         let mut heads = Vec::with_capacity(n);
         for k in 0..n {
             let pos = self.next_avail + Wrapping(k as u16);
@@ -697,19 +701,33 @@ impl<D: DeviceModel> RemoteQueue<D> {
             let mut chain = self.spare_chains.pop().unwrap_or_default();
             let (r, w) = self.walk(head, &mut chain);
             walk_rtts = walk_rtts.max(w);
+            let need = StagedChain::bytes_needed(&chain);
+            let mut oversize = false;
             let r = r.and_then(|_| {
-                let need = StagedChain::bytes_needed(&chain);
-                if need > self.cfg.max_request as u64 {
-                    Err(ChainError::BadBuffer {
+                if need <= self.cfg.max_request as u64 {
+                    return Ok(());
+                }
+                // Too large to stage: fail it with the device's error status,
+                // written to the chain's last byte, never silently.
+                let last = chain.writable.last().copied().filter(|s| s.len > 0);
+                let Some(last) = last else {
+                    return Err(ChainError::BadBuffer {
                         addr: 0,
                         len: u32::MAX,
                         source: MemoryError::OutOfBounds { addr: 0, len: need },
-                    })
-                } else {
-                    Ok(())
-                }
+                    });
+                };
+                chain.readable.clear();
+                chain.writable.clear();
+                chain.writable.push(crate::ring::Segment {
+                    addr: last.addr + u64::from(last.len) - 1,
+                    len: 1,
+                });
+                oversize = true;
+                Ok(())
             });
             self.batch.push((head, r.map(|_| chain)));
+            self.oversize.push(oversize);
         }
         // Fetches of different chains happen one after another.
         rtts += walk_rtts as u64;
@@ -772,8 +790,18 @@ impl<D: DeviceModel> RemoteQueue<D> {
         let bases = std::mem::take(&mut self.bases);
         let mut out = PollOutcome::default();
         self.used_lens.clear();
-        for ((head, c), base) in batch.iter().zip(&bases) {
+        for (i, ((head, c), base)) in batch.iter().zip(&bases).enumerate() {
             let len = match c {
+                Ok(chain) if self.oversize.get(i).copied().unwrap_or(false) => {
+                    let view = StagedChain {
+                        buf: &self.staging,
+                        chain,
+                        base: *base,
+                    };
+                    tracing::warn!(queue = %self.name, head, max = self.cfg.max_request, "request too large; failed with the device's error status");
+                    out.errors += 1;
+                    self.device.fail_request(&view, chain).unwrap_or(0)
+                }
                 Ok(chain) => {
                     let view = StagedChain {
                         buf: &self.staging,
