@@ -77,6 +77,14 @@ struct Areas {
 
 const FETCH_MAX: usize = 64 << 10;
 
+/// Direction of a one-sided request, seen from the server.
+#[derive(Debug, Clone, Copy)]
+enum Dir {
+    Read,
+    Write,
+    WriteImm(u32),
+}
+
 /// Where the current batch is: waiting for nothing, for its READ wave, or
 /// for its reply wave (each names the signalled work request that ends it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -324,6 +332,30 @@ impl<D: DeviceModel> RemoteQueue<D> {
         Ok((w.remote.addr + (gpa - r.gpa), w.remote.rkey))
     }
 
+    /// Queues one one-sided request between staging offset `off` and guest
+    /// range `gpa..gpa+len` (validated against the guest's map first).
+    fn queue_wr(&mut self, dir: Dir, gpa: u64, off: usize, len: usize) -> Result<(), MemoryError> {
+        let (remote_addr, rkey) = self.translate(gpa, len as u64)?;
+        let opcode = match dir {
+            Dir::Read => Opcode::Read { remote_addr, rkey },
+            Dir::Write => Opcode::Write { remote_addr, rkey },
+            Dir::WriteImm(imm) => Opcode::WriteWithImm {
+                remote_addr,
+                rkey,
+                imm,
+            },
+        };
+        let wr_id = self.next_wr();
+        let local = self.sge(off, len);
+        self.wrs.push(SendRequest {
+            wr_id,
+            opcode,
+            local,
+            signaled: false,
+        });
+        Ok(())
+    }
+
     fn next_wr(&mut self) -> u64 {
         self.wr_seq += 1;
         self.wr_seq
@@ -470,20 +502,8 @@ impl<D: DeviceModel> RemoteQueue<D> {
     /// READs the avail ring (flags, idx, ring) in one operation.
     fn read_avail(&mut self) -> Result<(), QueueFailure> {
         let len = 4 + 2 * usize::from(self.layout.size);
-        let (raddr, rkey) = self
-            .translate(self.layout.avail, len as u64)
+        self.queue_wr(Dir::Read, self.layout.avail, self.areas.avail, len)
             .map_err(|e| fail(&self.name, e))?;
-        let wr_id = self.next_wr();
-        let local = self.sge(self.areas.avail, len);
-        self.wrs.push(SendRequest {
-            wr_id,
-            opcode: Opcode::Read {
-                remote_addr: raddr,
-                rkey,
-            },
-            local,
-            signaled: true,
-        });
         self.flush_and_wait()?;
         self.stats.remote_polls.fetch_add(1, Relaxed);
         let mut b = [0u8; 2];
@@ -528,24 +548,12 @@ impl<D: DeviceModel> RemoteQueue<D> {
                 limit: self.layout.size,
             });
         }
-        let (raddr, rkey) = self
-            .translate(gpa, len)
+        self.queue_wr(Dir::Read, gpa, off, len as usize)
             .map_err(|source| ChainError::BadBuffer {
                 addr: gpa,
                 len: len as u32,
                 source,
             })?;
-        let wr_id = self.next_wr();
-        let local = self.sge(off, len as usize);
-        self.wrs.push(SendRequest {
-            wr_id,
-            opcode: Opcode::Read {
-                remote_addr: raddr,
-                rkey,
-            },
-            local,
-            signaled: true,
-        });
         self.stats.fetches.fetch_add(1, Relaxed);
         self.flush_and_wait().map_err(|e| {
             ChainError::Memory(MemoryError::Access {
@@ -744,20 +752,8 @@ impl<D: DeviceModel> RemoteQueue<D> {
                 if s.len == 0 {
                     continue;
                 }
-                let (raddr, rkey) = self
-                    .translate(s.addr, u64::from(s.len))
+                self.queue_wr(Dir::Read, s.addr, off, s.len as usize)
                     .map_err(|e| fail(&self.name, e))?;
-                let wr_id = self.next_wr();
-                let local = self.sge(off, s.len as usize);
-                self.wrs.push(SendRequest {
-                    wr_id,
-                    opcode: Opcode::Read {
-                        remote_addr: raddr,
-                        rkey,
-                    },
-                    local,
-                    signaled: false,
-                });
                 off += s.len as usize;
             }
             // Writable bytes start zeroed, so nothing stale leaks back.
@@ -832,20 +828,8 @@ impl<D: DeviceModel> RemoteQueue<D> {
             let mut o = *base + c.readable_len() as usize;
             for s in &c.writable {
                 if s.len > 0 {
-                    let (raddr, rkey) = self
-                        .translate(s.addr, u64::from(s.len))
+                    self.queue_wr(Dir::Write, s.addr, o, s.len as usize)
                         .map_err(|e| fail(&self.name, e))?;
-                    let wr_id = self.next_wr();
-                    let local = self.sge(o, s.len as usize);
-                    self.wrs.push(SendRequest {
-                        wr_id,
-                        opcode: Opcode::Write {
-                            remote_addr: raddr,
-                            rkey,
-                        },
-                        local,
-                        signaled: false,
-                    });
                 }
                 o += s.len as usize;
             }
@@ -871,38 +855,14 @@ impl<D: DeviceModel> RemoteQueue<D> {
             let slot = usize::from(start.0 % self.layout.size);
             let run = left.min(usize::from(self.layout.size) - slot);
             let gpa = self.layout.used_ring(start.0);
-            let (raddr, rkey) = self
-                .translate(gpa, 8 * run as u64)
+            self.queue_wr(Dir::Write, gpa, self.areas.used + 8 * slot, 8 * run)
                 .map_err(|e| fail(&self.name, e))?;
-            let wr_id = self.next_wr();
-            let local = self.sge(self.areas.used + 8 * slot, 8 * run);
-            self.wrs.push(SendRequest {
-                wr_id,
-                opcode: Opcode::Write {
-                    remote_addr: raddr,
-                    rkey,
-                },
-                local,
-                signaled: false,
-            });
             start += Wrapping(run as u16);
             left -= run;
         }
-        let (raddr, rkey) = self
-            .translate(self.layout.used_idx(), 0)
+        let imm = Dir::WriteImm(u32::from(self.next_used.0));
+        self.queue_wr(imm, self.layout.used_idx(), self.areas.send, 0)
             .map_err(|e| fail(&self.name, e))?;
-        let wr_id = self.next_wr();
-        let local = self.sge(self.areas.send, 0);
-        self.wrs.push(SendRequest {
-            wr_id,
-            opcode: Opcode::WriteWithImm {
-                remote_addr: raddr,
-                rkey,
-                imm: u32::from(self.next_used.0),
-            },
-            local,
-            signaled: true,
-        });
         let target = self.post_wave()?.unwrap_or(0);
         self.batch_rtts += 1;
         // Count now: the guest may see these completions before this queue
