@@ -43,6 +43,8 @@ impl Default for SoftDomain {
 }
 
 impl Domain for SoftDomain {
+    // SAFETY: the caller upholds `Domain::register`'s contract (api.rs): the
+    // memory stays mapped for as long as the returned region lives.
     unsafe fn register(
         &self,
         ptr: *mut u8,

@@ -181,6 +181,8 @@ impl DomainInner {
 }
 
 impl Domain for VerbsDomain {
+    // SAFETY: the caller upholds `Domain::register`'s contract (api.rs): the
+    // memory stays mapped for as long as the returned region lives.
     unsafe fn register(
         &self,
         ptr: *mut u8,
