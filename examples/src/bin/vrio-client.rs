@@ -18,8 +18,8 @@ use std::path::PathBuf;
 
 use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
 use vrio_core::guest::WorkloadConfig;
-use vrio_core::models::{drive_guests, make_guests, RunConfig};
-use vrio_core::remote::{attach, AgentConfig, DeviceAttach, NotifyMode, QueueAttach};
+use vrio_core::models::{attach_guests, drive_guests, make_guests, RunConfig};
+use vrio_core::remote::{AgentConfig, NotifyMode};
 use vrio_core::vhost_user::{fetch_config, serve, FrontConfig};
 use vrio_examples::{
     backend_name, init_tracing, print_table, resolve_fabric, FabricChoice, Progress,
@@ -239,34 +239,7 @@ fn run(a: &Args) -> Result<bool, Box<dyn std::error::Error>> {
         ..RunConfig::default()
     };
     let guests = make_guests(&rc)?;
-    let mut agents = Vec::new();
-    for (g, guest) in guests.iter().enumerate() {
-        let mut queues = Vec::new();
-        for q in 0..usize::from(a.queues) {
-            let s = guest.device_side(q)?;
-            queues.push(QueueAttach {
-                layout: s.layout,
-                features: s.features,
-                kick: s.kick,
-                call: s.call,
-            });
-        }
-        let domain = Arc::from(vrio_rdma::open(fabric, a.device.as_deref())?);
-        let dev = attach(
-            domain,
-            &a.server,
-            DeviceAttach {
-                device_id: g as u64,
-                mem: guest.memory().clone(),
-                queues,
-            },
-            AgentConfig {
-                mode,
-                ..AgentConfig::default()
-            },
-        )?;
-        agents.push(dev);
-    }
+    let mut agents = attach_guests(&guests, &a.server, fabric, a.device.as_deref(), mode)?;
     println!(
         "vrio-client: {} guest(s) x {} queue(s) attached to {} (fabric {}, {} mode)",
         a.guests,

@@ -244,6 +244,50 @@ pub fn run_local(
     })
 }
 
+/// Attaches every queue of `guests` to the I/O server at `server` through
+/// the VM-host agent, one protection domain per guest.
+pub fn attach_guests(
+    guests: &[SyntheticGuest],
+    server: &str,
+    backend: vrio_rdma::Backend,
+    device: Option<&str>,
+    mode: crate::remote::NotifyMode,
+) -> Result<Vec<crate::remote::AttachedDevice>, RunError> {
+    use crate::remote::{attach, AgentConfig, DeviceAttach, QueueAttach};
+    let mut agents = Vec::with_capacity(guests.len());
+    for (g, guest) in guests.iter().enumerate() {
+        let mut queues = Vec::new();
+        for q in 0..usize::from(guest.cfg.queues) {
+            let side = guest.device_side(q)?;
+            queues.push(QueueAttach {
+                layout: side.layout,
+                features: side.features,
+                kick: side.kick,
+                call: side.call,
+            });
+        }
+        let domain = vrio_rdma::open(backend, device)
+            .map(Arc::from)
+            .map_err(|e| RunError::Model(e.to_string()))?;
+        let dev = attach(
+            domain,
+            server,
+            DeviceAttach {
+                device_id: g as u64,
+                mem: guest.memory().clone(),
+                queues,
+            },
+            AgentConfig {
+                mode,
+                ..AgentConfig::default()
+            },
+        )
+        .map_err(|e| RunError::Model(e.to_string()))?;
+        agents.push(dev);
+    }
+    Ok(agents)
+}
+
 /// Extra figures of a remote run.
 #[derive(Debug, Clone, Default)]
 pub struct RemoteFigures {
@@ -264,7 +308,7 @@ pub fn run_remote(
     rc: &RunConfig,
     progress: &Arc<AtomicU64>,
 ) -> Result<(ModelReport, RemoteFigures), RunError> {
-    use crate::remote::{attach, AgentConfig, DeviceAttach, IoServer, IoServerConfig, QueueAttach};
+    use crate::remote::{IoServer, IoServerConfig};
     use std::sync::atomic::Ordering::Relaxed;
     let open = || -> Result<Arc<dyn vrio_rdma::Domain>, RunError> {
         vrio_rdma::open(vrio_rdma::Backend::Soft, None)
@@ -282,35 +326,7 @@ pub fn run_remote(
     )
     .map_err(|e| RunError::Model(e.to_string()))?;
     let guests = make_guests(rc)?;
-    let mut agents = Vec::new();
-    for (g, guest) in guests.iter().enumerate() {
-        let mut queues = Vec::new();
-        for q in 0..usize::from(rc.queues_per_guest) {
-            let side = guest.device_side(q)?;
-            queues.push(QueueAttach {
-                layout: side.layout,
-                features: side.features,
-                kick: side.kick,
-                call: side.call,
-            });
-        }
-        // One protection domain per guest.
-        let dev = attach(
-            open()?,
-            server.addr(),
-            DeviceAttach {
-                device_id: g as u64,
-                mem: guest.memory().clone(),
-                queues,
-            },
-            AgentConfig {
-                mode,
-                ..AgentConfig::default()
-            },
-        )
-        .map_err(|e| RunError::Model(e.to_string()))?;
-        agents.push(dev);
-    }
+    let mut agents = attach_guests(&guests, server.addr(), vrio_rdma::Backend::Soft, None, mode)?;
     let stop = Arc::new(AtomicBool::new(false));
     let cpu0 = process_cpu_ns();
     let t0 = Instant::now();
