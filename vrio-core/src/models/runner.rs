@@ -264,6 +264,7 @@ pub fn attach_guests(
                 features: side.features,
                 kick: side.kick,
                 call: side.call,
+                start: 0,
             });
         }
         let domain = vrio_rdma::open(backend, device)

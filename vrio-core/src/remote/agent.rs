@@ -3,11 +3,20 @@
 //! forwards guest kicks as doorbells, and on each completion publishes
 //! used.idx and raises the guest interrupt when the guest asks for one.
 //! It never touches request data.
+//!
+//! Queues can move while the guest runs ([`AttachedDevice::move_queue`]):
+//! the agent asks the serving I/O server to QUIESCE, which finishes the
+//! batch in flight and answers with the ring index where it stopped; the
+//! agent then ATTACHes the queue to the new place with that index. If the
+//! server is gone instead (failover), the agent resumes at the used index it
+//! published itself: servers complete strictly in avail order, so every
+//! request after it is re-served, which virtio allows (it never completed).
+//! Closing the old endpoint fences the old server out of guest memory.
 
 use std::num::Wrapping;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{fence, AtomicU64, Ordering, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering, Ordering::Relaxed};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -22,7 +31,7 @@ use vrio_rdma::{
 use super::staging::StagingBuffer;
 use super::wire::{
     doorbell_entry_size, Attach, Doorbell, DoorbellEntry, Message, NotifyMode, WireRegion,
-    DOORBELL_HEADER, MAX_MSG,
+    ANY_SIDECORE, DOORBELL_HEADER, MAX_MSG,
 };
 use crate::cputime::thread_cpu_ns;
 use crate::memory::{GuestMemory, LocalMemory, MemoryMap};
@@ -37,6 +46,12 @@ pub enum AgentError {
     Refused { queue: u16, status: u16 },
     #[error("attach protocol: {0}")]
     Protocol(String),
+    #[error("no queue {0} on this device")]
+    NoSuchQueue(u16),
+    #[error("queue {0} is already moving")]
+    Busy(u16),
+    #[error("the agent has stopped")]
+    Stopped,
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
@@ -49,12 +64,64 @@ pub struct QueueAttach {
     pub kick: EventFd,
     /// The agent writes it to interrupt the guest.
     pub call: EventFd,
+    /// Ring index to resume at: 0 for a fresh ring, the VMM's vring base
+    /// for one that already ran (next avail == next used).
+    pub start: u16,
 }
 
 pub struct DeviceAttach {
     pub device_id: u64,
     pub mem: Arc<LocalMemory>,
     pub queues: Vec<QueueAttach>,
+}
+
+/// Where a queue is served: an I/O server's fabric address and one of its
+/// sidecores ([`ANY_SIDECORE`]: the server chooses).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueTarget {
+    pub server: String,
+    pub sidecore: u16,
+}
+
+impl QueueTarget {
+    pub fn any(server: &str) -> Self {
+        Self {
+            server: server.to_string(),
+            sidecore: ANY_SIDECORE,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    /// An I/O server serves the queue.
+    Serving,
+    /// Handing over: the old server is finishing its batch.
+    Moving,
+    /// The server was lost; requests wait in the ring for a new placement.
+    Orphaned,
+}
+
+#[derive(Debug, Clone)]
+pub struct QueueStatus {
+    pub queue: u16,
+    pub target: QueueTarget,
+    pub state: LinkState,
+    /// The used index the agent last published.
+    pub used: u16,
+    pub moves: u64,
+    pub failovers: u64,
+}
+
+/// What a move did.
+#[derive(Debug, Clone, Copy)]
+pub struct MoveReport {
+    pub queue: u16,
+    /// The ring index the new server resumed at.
+    pub resumed_at: u16,
+    /// The old server was gone: requests after `resumed_at` were re-served.
+    pub failover: bool,
+    pub took: Duration,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -64,6 +131,7 @@ pub struct AgentConfig {
     /// Descriptors copied per chain into a doorbell (the server fetches
     /// the rest).
     pub chain_copy: usize,
+    /// Attach replies and quiesce answers must arrive within this.
     pub timeout: Duration,
 }
 
@@ -85,17 +153,51 @@ pub struct AgentStats {
     pub interrupts: AtomicU64,
     pub kicks: AtomicU64,
     pub cpu_ns: AtomicU64,
+    /// Handovers from a live server.
+    pub moves: AtomicU64,
+    /// Re-attachments after a lost server.
+    pub failovers: AtomicU64,
+    /// Queues that lost their server.
+    pub orphaned: AtomicU64,
 }
 
 const SEND_SLOTS: usize = 64;
 const RECV_SLOTS: usize = 32;
 const RECV_TAG: u64 = 1 << 63;
+const WAKE: u64 = u64::MAX;
 
-struct AgentQueue {
-    // Registrations before the buffers they cover (drop order).
+/// One queue's link to its server: the endpoint and its message buffers.
+struct Conn {
+    // Registration before the buffers it covers (drop order).
     mr: Box<dyn MemoryRegion>,
     ep: Box<dyn Endpoint>,
     bufs: StagingBuffer,
+    free_send: Vec<usize>,
+}
+
+/// What every queue of a device shares on the agent thread.
+struct Ctx {
+    domain: Arc<dyn Domain>,
+    device_id: u64,
+    wire: Vec<WireRegion>,
+    cfg: AgentConfig,
+    mem: Arc<LocalMemory>,
+    stats: Arc<AgentStats>,
+    status: Arc<Mutex<Vec<QueueStatus>>>,
+}
+
+enum Link {
+    Serving,
+    Quiescing {
+        to: QueueTarget,
+        reply: Option<mpsc::Sender<Result<MoveReport, AgentError>>>,
+        started: Instant,
+    },
+    Orphaned,
+}
+
+struct AgentQueue {
+    conn: Option<Conn>,
     index: u16,
     layout: RingLayout,
     features: RingFeatures,
@@ -104,16 +206,30 @@ struct AgentQueue {
     call: EventFd,
     last_pushed: Wrapping<u16>,
     polled_by_server: bool,
-    free_send: Vec<usize>,
-    dead: bool,
+    target: QueueTarget,
+    link: Link,
+    moves: u64,
+    failovers: u64,
 }
 
-/// A device attached to an I/O server; dropping it detaches.
+enum Command {
+    Move {
+        queue: u16,
+        to: QueueTarget,
+        reply: mpsc::Sender<Result<MoveReport, AgentError>>,
+    },
+}
+
+/// A device attached to I/O servers; dropping it detaches.
 pub struct AttachedDevice {
-    stop: Arc<EventFd>,
+    wake: Arc<EventFd>,
+    stopping: Arc<AtomicBool>,
+    commands: mpsc::Sender<Command>,
     join: Option<JoinHandle<()>>,
     stats: Arc<AgentStats>,
+    status: Arc<Mutex<Vec<QueueStatus>>>,
     config: Vec<u8>,
+    timeout: Duration,
 }
 
 impl AttachedDevice {
@@ -124,9 +240,37 @@ impl AttachedDevice {
     pub fn config_space(&self) -> &[u8] {
         &self.config
     }
+    /// Where each queue is served, as of the agent's last event.
+    pub fn queues(&self) -> Vec<QueueStatus> {
+        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+    /// Moves `queue` to `to` while the guest keeps running: a handover from
+    /// a live server, or a failover if its server is gone. Blocks until the
+    /// queue is served again (or the move failed; the queue is then
+    /// orphaned and a later move can place it).
+    pub fn move_queue(&self, queue: u16, to: QueueTarget) -> Result<MoveReport, AgentError> {
+        let (tx, rx) = mpsc::channel();
+        self.commands
+            .send(Command::Move {
+                queue,
+                to,
+                reply: tx,
+            })
+            .map_err(|_| AgentError::Stopped)?;
+        self.wake.write(1)?;
+        // A quiesce and an attach, each bounded by the timeout.
+        match rx.recv_timeout(self.timeout * 2 + Duration::from_secs(1)) {
+            Ok(r) => r,
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(AgentError::Protocol(format!(
+                "moving queue {queue} did not finish"
+            ))),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(AgentError::Stopped),
+        }
+    }
     /// Detaches: stops forwarding, closes the endpoints, deregisters memory.
     pub fn detach(&mut self) {
-        let _ = self.stop.write(1);
+        self.stopping.store(true, Relaxed);
+        let _ = self.wake.write(1);
         if let Some(j) = self.join.take() {
             let _ = j.join();
         }
@@ -147,6 +291,25 @@ pub fn attach(
     dev: DeviceAttach,
     cfg: AgentConfig,
 ) -> Result<AttachedDevice, AgentError> {
+    let targets = vec![QueueTarget::any(server); dev.queues.len()];
+    attach_placed(domain, targets, dev, cfg)
+}
+
+/// Like [`attach`], with each queue placed on its own server and sidecore
+/// (`targets[i]` for queue `i`), as a controller decided.
+pub fn attach_placed(
+    domain: Arc<dyn Domain>,
+    targets: Vec<QueueTarget>,
+    dev: DeviceAttach,
+    cfg: AgentConfig,
+) -> Result<AttachedDevice, AgentError> {
+    if targets.len() != dev.queues.len() {
+        return Err(AgentError::Protocol(format!(
+            "{} targets for {} queues",
+            targets.len(),
+            dev.queues.len()
+        )));
+    }
     let mut regions = Vec::new();
     let mut wire = Vec::new();
     for r in dev.mem.iter() {
@@ -160,56 +323,51 @@ pub fn attach(
         regions.push(mr);
     }
     let map = MemoryMap::of(&*dev.mem).map_err(|e| AgentError::Protocol(e.to_string()))?;
+    let ctx = Ctx {
+        domain,
+        device_id: dev.device_id,
+        wire,
+        cfg,
+        mem: dev.mem.clone(),
+        stats: Arc::new(AgentStats::default()),
+        status: Arc::new(Mutex::new(Vec::new())),
+    };
     let mut queues = Vec::new();
     let mut config = Vec::new();
-    for (i, q) in dev.queues.into_iter().enumerate() {
-        let bufs = StagingBuffer::new((SEND_SLOTS + RECV_SLOTS) * MAX_MSG)?;
-        // SAFETY: `bufs` is owned by the queue next to its registration and
-        // outlives it (declared later, dropped later).
-        let mr = unsafe { domain.register(bufs.as_ptr(), bufs.len(), Access::LOCAL_ONLY) }?;
-        let ep = domain.connect(server, cfg.endpoint)?;
-        let dq = DeviceQueue::new(q.layout, q.features, &map)
+    for ((i, q), target) in dev.queues.into_iter().enumerate().zip(targets) {
+        let mut dq = DeviceQueue::new(q.layout, q.features, &map)
             .map_err(|e| AgentError::Protocol(e.to_string()))?;
+        dq.set_state(crate::ring::RingState {
+            next_avail: q.start,
+            next_used: q.start,
+        });
         let mut aq = AgentQueue {
-            mr,
-            ep,
-            bufs,
+            conn: None,
             index: i as u16,
             layout: q.layout,
             features: q.features,
             dq,
             kick: q.kick,
             call: q.call,
-            last_pushed: Wrapping(0),
+            last_pushed: Wrapping(q.start),
             polled_by_server: cfg.mode == NotifyMode::RemotePoll,
-            free_send: (0..SEND_SLOTS).collect(),
-            dead: false,
+            target: target.clone(),
+            link: Link::Serving,
+            moves: 0,
+            failovers: 0,
         };
-        let recvs: Vec<RecvRequest> = (0..RECV_SLOTS).map(|s| aq.recv_wr(s)).collect();
-        aq.ep.post_recv(&recvs)?;
-        aq.send(&Message::Attach(Attach {
-            device_id: dev.device_id,
-            queue: i as u16,
-            layout: q.layout,
-            features: q.features,
-            mode: cfg.mode,
-            regions: wire.clone(),
-        }))?;
-        config = aq.wait_reply(cfg.timeout)?;
-        if aq.polled_by_server {
-            aq.set_kicks(&dev.mem, false);
-        } else {
-            aq.set_kicks(&dev.mem, true);
-        }
+        let (conn, c) = aq.connect(&ctx, &target, q.start)?;
+        aq.conn = Some(conn);
+        config = c;
+        aq.set_kicks(&ctx.mem, !aq.polled_by_server);
         queues.push(aq);
     }
-    let stop = Arc::new(EventFd::new(EFD_NONBLOCK)?);
-    let stats = Arc::new(AgentStats::default());
+    let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
     let epoll = Epoll::new()?;
     epoll.ctl(
         ControlOperation::Add,
-        stop.as_raw_fd(),
-        EpollEvent::new(EventSet::IN, u64::MAX),
+        wake.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, WAKE),
     )?;
     for (i, q) in queues.iter_mut().enumerate() {
         epoll.ctl(
@@ -217,32 +375,61 @@ pub fn attach(
             q.kick.as_raw_fd(),
             EpollEvent::new(EventSet::IN, i as u64),
         )?;
-        epoll.ctl(
-            ControlOperation::Add,
-            q.ep.notify_fd(),
-            EpollEvent::new(EventSet::IN, i as u64),
-        )?;
-        q.ep.arm()?;
+        if let Some(c) = &mut q.conn {
+            epoll.ctl(
+                ControlOperation::Add,
+                c.ep.notify_fd(),
+                EpollEvent::new(EventSet::IN, i as u64),
+            )?;
+            c.ep.arm()?;
+        }
     }
-    let (st, mem) = (stats.clone(), dev.mem.clone());
-    let chain_copy = cfg.chain_copy;
+    if let Ok(mut s) = ctx.status.lock() {
+        *s = queues.iter().map(|q| q.status()).collect();
+    }
+    let status = ctx.status.clone();
+    let stopping = Arc::new(AtomicBool::new(false));
+    let (commands, rx) = mpsc::channel();
+    let stats = ctx.stats.clone();
+    let (w, sp) = (wake.clone(), stopping.clone());
     let join = std::thread::Builder::new()
         .name(format!("vrio-agent-{}", dev.device_id))
         .spawn(move || {
-            run(queues, mem, epoll, &st, chain_copy);
-            st.cpu_ns.store(thread_cpu_ns(), Relaxed);
+            run(queues, &ctx, epoll, &w, &sp, &rx);
+            ctx.stats.cpu_ns.store(thread_cpu_ns(), Relaxed);
+            // Queues (and their endpoints) went with `run`; now the memory.
             drop(regions);
-            drop(domain);
         })?;
     Ok(AttachedDevice {
-        stop,
+        wake,
+        stopping,
+        commands,
         join: Some(join),
         stats,
+        status,
         config,
+        timeout: cfg.timeout,
     })
 }
 
-impl AgentQueue {
+impl Conn {
+    fn open(domain: &dyn Domain, server: &str, cfg: EndpointConfig) -> Result<Self, AgentError> {
+        let bufs = StagingBuffer::new((SEND_SLOTS + RECV_SLOTS) * MAX_MSG)?;
+        // SAFETY: `bufs` is owned by the connection next to its
+        // registration and outlives it (declared later, dropped later).
+        let mr = unsafe { domain.register(bufs.as_ptr(), bufs.len(), Access::LOCAL_ONLY) }?;
+        let ep = domain.connect(server, cfg)?;
+        let mut c = Conn {
+            mr,
+            ep,
+            bufs,
+            free_send: (0..SEND_SLOTS).collect(),
+        };
+        let recvs: Vec<RecvRequest> = (0..RECV_SLOTS).map(|s| c.recv_wr(s)).collect();
+        c.ep.post_recv(&recvs)?;
+        Ok(c)
+    }
+
     fn recv_wr(&self, s: usize) -> RecvRequest {
         RecvRequest {
             wr_id: RECV_TAG | s as u64,
@@ -297,7 +484,21 @@ impl AgentQueue {
         Ok(())
     }
 
-    fn wait_reply(&mut self, timeout: Duration) -> Result<Vec<u8>, AgentError> {
+    /// Reads received message `s` and reposts its buffer.
+    fn take_message(&mut self, s: usize, len: u32) -> Result<Message, AgentError> {
+        if s >= RECV_SLOTS {
+            return Err(AgentError::Protocol("receive id out of range".into()));
+        }
+        let mut b = vec![0u8; (len as usize).min(MAX_MSG)];
+        self.bufs
+            .get((SEND_SLOTS + s) * MAX_MSG, &mut b)
+            .map_err(|e| AgentError::Protocol(e.to_string()))?;
+        let wr = self.recv_wr(s);
+        self.ep.post_recv(&[wr])?;
+        Message::decode(&b).map_err(|e| AgentError::Protocol(format!("bad message: {e}")))
+    }
+
+    fn wait_reply(&mut self, queue: u16, timeout: Duration) -> Result<Vec<u8>, AgentError> {
         let deadline = Instant::now() + timeout;
         let mut c = [empty_cqe(); 16];
         loop {
@@ -313,17 +514,10 @@ impl AgentQueue {
                     self.free_send.push(c.wr_id as usize);
                     continue;
                 }
-                let s = (c.wr_id & !RECV_TAG) as usize;
-                let mut b = vec![0u8; (c.byte_len as usize).min(MAX_MSG)];
-                self.bufs
-                    .get((SEND_SLOTS + s) * MAX_MSG, &mut b)
-                    .map_err(|e| AgentError::Protocol(e.to_string()))?;
-                let wr = self.recv_wr(s);
-                self.ep.post_recv(&[wr])?;
-                return match Message::decode(&b) {
-                    Ok(Message::AttachReply(r)) if r.status == 0 => Ok(r.config),
-                    Ok(Message::AttachReply(r)) => Err(AgentError::Refused {
-                        queue: self.index,
+                return match self.take_message((c.wr_id & !RECV_TAG) as usize, c.byte_len)? {
+                    Message::AttachReply(r) if r.status == 0 => Ok(r.config),
+                    Message::AttachReply(r) => Err(AgentError::Refused {
+                        queue,
                         status: r.status,
                     }),
                     other => Err(AgentError::Protocol(format!(
@@ -337,6 +531,339 @@ impl AgentQueue {
                 ));
             }
             std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+}
+
+impl AgentQueue {
+    fn status(&self) -> QueueStatus {
+        QueueStatus {
+            queue: self.index,
+            target: self.target.clone(),
+            state: match self.link {
+                Link::Serving => LinkState::Serving,
+                Link::Quiescing { .. } => LinkState::Moving,
+                Link::Orphaned => LinkState::Orphaned,
+            },
+            used: self.dq.state().next_used,
+            moves: self.moves,
+            failovers: self.failovers,
+        }
+    }
+
+    /// Updates this queue's entry of the device's status (before any move
+    /// reply, so a caller sees the state the reply describes).
+    fn publish(&self, ctx: &Ctx) {
+        if let Ok(mut s) = ctx.status.lock() {
+            if let Some(e) = s.get_mut(usize::from(self.index)) {
+                *e = self.status();
+            }
+        }
+    }
+
+    /// Connects to `to` and attaches this queue there, resuming at `start`.
+    fn connect(
+        &self,
+        ctx: &Ctx,
+        to: &QueueTarget,
+        start: u16,
+    ) -> Result<(Conn, Vec<u8>), AgentError> {
+        let mut conn = Conn::open(&*ctx.domain, &to.server, ctx.cfg.endpoint)?;
+        conn.send(&Message::Attach(Attach {
+            device_id: ctx.device_id,
+            queue: self.index,
+            layout: self.layout,
+            features: self.features,
+            mode: ctx.cfg.mode,
+            start,
+            sidecore: to.sidecore,
+            regions: ctx.wire.clone(),
+        }))?;
+        let config = conn.wait_reply(self.index, ctx.cfg.timeout)?;
+        Ok((conn, config))
+    }
+
+    fn send(&mut self, m: &Message) -> Result<(), AgentError> {
+        match &mut self.conn {
+            Some(c) => c.send(m),
+            None => Err(AgentError::Protocol("queue has no server".into())),
+        }
+    }
+
+    /// Closes the link to the current server (fencing it out of guest
+    /// memory: its rkeys die with the endpoint's registration scope).
+    fn drop_conn(&mut self, epoll: &Epoll) {
+        if let Some(c) = self.conn.take() {
+            let _ = epoll.ctl(
+                ControlOperation::Delete,
+                c.ep.notify_fd(),
+                EpollEvent::default(),
+            );
+        }
+    }
+
+    /// Attaches the queue to `to` at `start`, replacing the old link.
+    fn reattach(
+        &mut self,
+        ctx: &Ctx,
+        epoll: &Epoll,
+        to: QueueTarget,
+        start: u16,
+        failover: bool,
+        started: Instant,
+    ) -> Result<MoveReport, AgentError> {
+        self.drop_conn(epoll);
+        let r = self.connect(ctx, &to, start).and_then(|(mut conn, _)| {
+            epoll.ctl(
+                ControlOperation::Add,
+                conn.ep.notify_fd(),
+                EpollEvent::new(EventSet::IN, u64::from(self.index)),
+            )?;
+            conn.ep.arm()?;
+            Ok(conn)
+        });
+        let conn = match r {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(queue = self.index, server = %to.server, error = %e, "re-attach failed; the queue waits for another placement");
+                self.link = Link::Orphaned;
+                self.publish(ctx);
+                return Err(e);
+            }
+        };
+        self.conn = Some(conn);
+        self.target = to;
+        self.link = Link::Serving;
+        self.polled_by_server = ctx.cfg.mode == NotifyMode::RemotePoll;
+        self.last_pushed = Wrapping(start);
+        self.set_kicks(&ctx.mem, !self.polled_by_server);
+        if failover {
+            self.failovers += 1;
+            ctx.stats.failovers.fetch_add(1, Relaxed);
+        } else {
+            self.moves += 1;
+            ctx.stats.moves.fetch_add(1, Relaxed);
+        }
+        if !self.polled_by_server {
+            // Requests the guest posted while the queue was moving.
+            self.push(&ctx.mem, &ctx.stats, ctx.cfg.chain_copy)?;
+        }
+        self.publish(ctx);
+        tracing::info!(queue = self.index, server = %self.target.server, sidecore = self.target.sidecore, start, failover, "queue resumed");
+        Ok(MoveReport {
+            queue: self.index,
+            resumed_at: start,
+            failover,
+            took: started.elapsed(),
+        })
+    }
+
+    fn on_move(
+        &mut self,
+        ctx: &Ctx,
+        epoll: &Epoll,
+        to: QueueTarget,
+        reply: mpsc::Sender<Result<MoveReport, AgentError>>,
+    ) {
+        let started = Instant::now();
+        match self.link {
+            Link::Quiescing { .. } => {
+                let _ = reply.send(Err(AgentError::Busy(self.index)));
+            }
+            Link::Serving if to == self.target => {
+                let _ = reply.send(Ok(MoveReport {
+                    queue: self.index,
+                    resumed_at: self.dq.state().next_used,
+                    failover: false,
+                    took: Duration::ZERO,
+                }));
+            }
+            Link::Serving => match self.send(&Message::Quiesce) {
+                Ok(()) => {
+                    self.link = Link::Quiescing {
+                        to,
+                        reply: Some(reply),
+                        started,
+                    };
+                    self.publish(ctx);
+                }
+                Err(e) => {
+                    tracing::warn!(queue = self.index, error = %e, "the old server is unreachable; failing over");
+                    let start = self.dq.state().next_used;
+                    let r = self.reattach(ctx, epoll, to, start, true, started);
+                    let _ = reply.send(r);
+                }
+            },
+            Link::Orphaned => {
+                let start = self.dq.state().next_used;
+                let r = self.reattach(ctx, epoll, to, start, true, started);
+                let _ = reply.send(r);
+            }
+        }
+    }
+
+    /// The old server answered QUIESCE: resume on the new one.
+    fn on_quiesced(&mut self, ctx: &Ctx, epoll: &Epoll, next: u16) {
+        let Link::Quiescing { to, reply, started } =
+            std::mem::replace(&mut self.link, Link::Serving)
+        else {
+            tracing::warn!(queue = self.index, "QUIESCED without a move; ignored");
+            return;
+        };
+        let used = self.dq.state().next_used;
+        if next != used {
+            // Cannot happen on RC; re-serving from our index is safe anyway.
+            tracing::warn!(
+                queue = self.index,
+                server_next = next,
+                used,
+                "server stopped elsewhere than the agent's used index"
+            );
+        }
+        let r = self.reattach(ctx, epoll, to, used, false, started);
+        if let Some(tx) = reply {
+            let _ = tx.send(r);
+        }
+    }
+
+    /// The link failed: fail over if a move was under way, else wait for a
+    /// new placement.
+    fn on_link_error(&mut self, ctx: &Ctx, epoll: &Epoll, e: AgentError) {
+        match std::mem::replace(&mut self.link, Link::Orphaned) {
+            Link::Quiescing { to, reply, started } => {
+                tracing::warn!(queue = self.index, error = %e, "the old server failed during a move; failing over");
+                let start = self.dq.state().next_used;
+                let r = self.reattach(ctx, epoll, to, start, true, started);
+                if let Some(tx) = reply {
+                    let _ = tx.send(r);
+                }
+            }
+            _ => {
+                tracing::error!(queue = self.index, server = %self.target.server, error = %e, "I/O server lost; the queue waits for a new placement");
+                ctx.stats.orphaned.fetch_add(1, Relaxed);
+                self.drop_conn(epoll);
+                self.publish(ctx);
+            }
+        }
+    }
+
+    /// A quiesce that got no answer: treat the old server as lost.
+    fn check_deadline(&mut self, ctx: &Ctx, epoll: &Epoll) {
+        if let Link::Quiescing { started, .. } = &self.link {
+            if started.elapsed() > ctx.cfg.timeout {
+                self.on_link_error(
+                    ctx,
+                    epoll,
+                    AgentError::Protocol("no answer to QUIESCE".into()),
+                );
+            }
+        }
+    }
+
+    /// Handles this queue's events; errors end its link.
+    fn service(&mut self, ctx: &Ctx, epoll: &Epoll) {
+        if self.conn.is_none() {
+            // Orphaned: kicks are remembered by the ring itself.
+            let _ = self.kick.read();
+            return;
+        }
+        match self.pump(ctx) {
+            Ok(None) => {}
+            Ok(Some(next)) => self.on_quiesced(ctx, epoll, next),
+            Err(e) => self.on_link_error(ctx, epoll, e),
+        }
+    }
+
+    fn pump(&mut self, ctx: &Ctx) -> Result<Option<u16>, AgentError> {
+        if let Some(next) = self.on_completions(ctx)? {
+            return Ok(Some(next));
+        }
+        let kicked = self.kick.read().is_ok();
+        if kicked {
+            ctx.stats.kicks.fetch_add(1, Relaxed);
+        }
+        if kicked && !self.polled_by_server && matches!(self.link, Link::Serving) {
+            self.push(&ctx.mem, &ctx.stats, ctx.cfg.chain_copy)?;
+        }
+        if let Some(c) = &mut self.conn {
+            c.ep.arm()?;
+        }
+        // Completions that raced with arming.
+        self.on_completions(ctx)
+    }
+
+    /// Completions: used-index updates, mode changes, send slots. Returns
+    /// the server's stopping index when it answered a QUIESCE.
+    fn on_completions(&mut self, ctx: &Ctx) -> Result<Option<u16>, AgentError> {
+        let mut c = [empty_cqe(); 32];
+        loop {
+            let Some(conn) = &mut self.conn else {
+                return Ok(None);
+            };
+            let n = conn.ep.poll(&mut c)?;
+            for c in &c[..n] {
+                if !c.status.is_ok() {
+                    return Err(AgentError::Protocol(format!(
+                        "fabric completion {:?} (wr {:#x})",
+                        c.status, c.wr_id
+                    )));
+                }
+                let Some(conn) = &mut self.conn else {
+                    return Ok(None);
+                };
+                if c.wr_id & RECV_TAG == 0 {
+                    conn.free_send.push(c.wr_id as usize);
+                    continue;
+                }
+                let s = (c.wr_id & !RECV_TAG) as usize;
+                if c.opcode == WcOpcode::RecvWithImm {
+                    if s >= RECV_SLOTS {
+                        return Err(AgentError::Protocol("receive id out of range".into()));
+                    }
+                    let wr = conn.recv_wr(s);
+                    conn.ep.post_recv(&[wr])?;
+                    let idx = c.imm.unwrap_or(0) as u16;
+                    // The used elements landed before the immediate (RC
+                    // ordering); publishing the index releases them.
+                    self.dq
+                        .publish_used(&*ctx.mem, idx)
+                        .map_err(|e| AgentError::Protocol(e.to_string()))?;
+                    ctx.stats.completions.fetch_add(1, Relaxed);
+                    if self
+                        .dq
+                        .needs_notification(&*ctx.mem)
+                        .map_err(|e| AgentError::Protocol(e.to_string()))?
+                    {
+                        let _ = self.call.write(1);
+                        ctx.stats.interrupts.fetch_add(1, Relaxed);
+                    }
+                    continue;
+                }
+                match conn.take_message(s, c.byte_len)? {
+                    Message::SetMode(m) if m.poll => {
+                        self.polled_by_server = true;
+                        self.set_kicks(&ctx.mem, false);
+                    }
+                    Message::SetMode(m) => {
+                        self.polled_by_server = false;
+                        self.last_pushed = Wrapping(m.next_avail);
+                        self.set_kicks(&ctx.mem, true);
+                        if matches!(self.link, Link::Serving) {
+                            self.push(&ctx.mem, &ctx.stats, ctx.cfg.chain_copy)?;
+                        }
+                    }
+                    // Everything before it arrived first (RC ordering).
+                    Message::Quiesced(q) => return Ok(Some(q.next)),
+                    other => {
+                        return Err(AgentError::Protocol(format!(
+                            "unexpected message from server: {other:?}"
+                        )))
+                    }
+                }
+            }
+            if n < c.len() {
+                return Ok(None);
+            }
         }
     }
 
@@ -445,81 +972,6 @@ impl AgentQueue {
         }
         e
     }
-
-    /// Completions: used-index updates, mode changes, send slots.
-    fn on_completions(
-        &mut self,
-        mem: &LocalMemory,
-        stats: &AgentStats,
-        chain_copy: usize,
-    ) -> Result<(), AgentError> {
-        let mut c = [empty_cqe(); 32];
-        loop {
-            let n = self.ep.poll(&mut c)?;
-            for c in &c[..n] {
-                if !c.status.is_ok() {
-                    return Err(AgentError::Protocol(format!(
-                        "fabric completion {:?} (wr {:#x})",
-                        c.status, c.wr_id
-                    )));
-                }
-                if c.wr_id & RECV_TAG == 0 {
-                    self.free_send.push(c.wr_id as usize);
-                    continue;
-                }
-                let s = (c.wr_id & !RECV_TAG) as usize;
-                if s >= RECV_SLOTS {
-                    return Err(AgentError::Protocol("receive id out of range".into()));
-                }
-                if c.opcode == WcOpcode::RecvWithImm {
-                    let wr = self.recv_wr(s);
-                    self.ep.post_recv(&[wr])?;
-                    let idx = c.imm.unwrap_or(0) as u16;
-                    // The used elements landed before the immediate (RC
-                    // ordering); publishing the index releases them.
-                    self.dq
-                        .publish_used(mem, idx)
-                        .map_err(|e| AgentError::Protocol(e.to_string()))?;
-                    stats.completions.fetch_add(1, Relaxed);
-                    if self
-                        .dq
-                        .needs_notification(mem)
-                        .map_err(|e| AgentError::Protocol(e.to_string()))?
-                    {
-                        let _ = self.call.write(1);
-                        stats.interrupts.fetch_add(1, Relaxed);
-                    }
-                    continue;
-                }
-                let mut b = vec![0u8; (c.byte_len as usize).min(MAX_MSG)];
-                self.bufs
-                    .get((SEND_SLOTS + s) * MAX_MSG, &mut b)
-                    .map_err(|e| AgentError::Protocol(e.to_string()))?;
-                let wr = self.recv_wr(s);
-                self.ep.post_recv(&[wr])?;
-                match Message::decode(&b) {
-                    Ok(Message::SetMode(m)) if m.poll => {
-                        self.polled_by_server = true;
-                        self.set_kicks(mem, false);
-                    }
-                    Ok(Message::SetMode(m)) => {
-                        self.polled_by_server = false;
-                        self.last_pushed = Wrapping(m.next_avail);
-                        self.set_kicks(mem, true);
-                        self.push(mem, stats, chain_copy)?;
-                    }
-                    other => {
-                        return Err(AgentError::Protocol(format!(
-                            "unexpected message from server: {other:?}"
-                        )))
-                    }
-                }
-            }
-            if n < c.len() {
-                return Ok(());
-            }
-        }
-    }
 }
 
 fn empty_cqe() -> Completion {
@@ -534,14 +986,19 @@ fn empty_cqe() -> Completion {
 
 fn run(
     mut queues: Vec<AgentQueue>,
-    mem: Arc<LocalMemory>,
+    ctx: &Ctx,
     epoll: Epoll,
-    stats: &AgentStats,
-    chain_copy: usize,
+    wake: &EventFd,
+    stopping: &AtomicBool,
+    commands: &mpsc::Receiver<Command>,
 ) {
     let mut events = vec![EpollEvent::default(); 32];
+    let mut published = Instant::now();
     loop {
-        let n = match epoll.wait(1000, &mut events) {
+        let moving = queues
+            .iter()
+            .any(|q| matches!(q.link, Link::Quiescing { .. }));
+        let n = match epoll.wait(if moving { 20 } else { 1000 }, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
@@ -549,26 +1006,29 @@ fn run(
                 return;
             }
         };
-        if events[..n].iter().any(|e| e.data() == u64::MAX) {
-            return;
+        if events[..n].iter().any(|e| e.data() == WAKE) {
+            let _ = wake.read();
+            if stopping.load(Relaxed) {
+                return;
+            }
+            while let Ok(Command::Move { queue, to, reply }) = commands.try_recv() {
+                match queues.get_mut(usize::from(queue)) {
+                    Some(q) => q.on_move(ctx, &epoll, to, reply),
+                    None => {
+                        let _ = reply.send(Err(AgentError::NoSuchQueue(queue)));
+                    }
+                }
+            }
         }
-        for q in queues.iter_mut().filter(|q| !q.dead) {
-            let r = (|| {
-                q.on_completions(&mem, stats, chain_copy)?;
-                let kicked = q.kick.read().is_ok();
-                if kicked {
-                    stats.kicks.fetch_add(1, Relaxed);
-                }
-                if kicked && !q.polled_by_server {
-                    q.push(&mem, stats, chain_copy)?;
-                }
-                q.ep.arm()?;
-                // Completions that raced with arming.
-                q.on_completions(&mem, stats, chain_copy)
-            })();
-            if let Err(e) = r {
-                tracing::error!(queue = q.index, error = %e, "queue detached after an error");
-                q.dead = true;
+        for q in queues.iter_mut() {
+            q.service(ctx, &epoll);
+            q.check_deadline(ctx, &epoll);
+        }
+        // Keeps the used indexes fresh; state changes publish at once.
+        if published.elapsed() > Duration::from_millis(100) {
+            published = Instant::now();
+            for q in &queues {
+                q.publish(ctx);
             }
         }
     }

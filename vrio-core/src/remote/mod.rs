@@ -18,9 +18,10 @@ pub mod stats;
 pub mod wire;
 
 pub use agent::{
-    attach, AgentConfig, AgentError, AgentStats, AttachedDevice, DeviceAttach, QueueAttach,
+    attach, attach_placed, AgentConfig, AgentError, AgentStats, AttachedDevice, DeviceAttach,
+    LinkState, MoveReport, QueueAttach, QueueStatus, QueueTarget,
 };
 pub use server::{IoServer, IoServerConfig, ServerError};
 pub use server_queue::{RemoteQueue, RemoteQueueConfig};
 pub use stats::{RemoteSnapshot, RemoteStats};
-pub use wire::NotifyMode;
+pub use wire::{NotifyMode, ANY_SIDECORE};

@@ -1,8 +1,11 @@
 //! The I/O server: accepts queue attachments from VM-host agents and hands
-//! each queue to the least loaded of its sidecores.
+//! each queue to the sidecore its controller chose, or else to the least
+//! loaded one. Queues move between its sidecores as whole objects
+//! ([`IoServer::move_queue`]): the ring state travels with the queue.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -49,13 +52,82 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
     #[error("sidecore: {0}")]
     Sidecore(String),
+    #[error("no queue {0} is served here")]
+    NoSuchQueue(String),
+    #[error("no sidecore {0} (this server has {1})")]
+    NoSuchSidecore(usize, usize),
+}
+
+/// A queue a sidecore serves.
+struct Served {
+    sidecore: usize,
+    id: u64,
+    alive: Weak<()>,
+}
+
+/// The sidecores and which queue each serves.
+struct Sidecores {
+    handles: Vec<SidecoreHandle>,
+    queues: HashMap<String, Served>,
+}
+
+impl Sidecores {
+    /// Forgets queues their sidecore dropped (detached, failed, handed back).
+    fn prune(&mut self) {
+        self.queues.retain(|_, s| s.alive.strong_count() > 0);
+    }
+
+    fn load(&mut self) -> Vec<usize> {
+        self.prune();
+        let mut n = vec![0; self.handles.len()];
+        for s in self.queues.values() {
+            n[s.sidecore] += 1;
+        }
+        n
+    }
+
+    /// Puts a new queue on sidecore `hint` if there is one, else on the
+    /// least loaded.
+    fn place(
+        &mut self,
+        q: RemoteQueue<BlockDevice>,
+        hint: u16,
+    ) -> Result<(String, usize), ServerError> {
+        let load = self.load();
+        let k = if usize::from(hint) < self.handles.len() {
+            usize::from(hint)
+        } else {
+            (0..load.len()).min_by_key(|&i| load[i]).unwrap_or(0)
+        };
+        let name = q.name().to_string();
+        let alive = q.liveness();
+        if let Some(old) = self.queues.get(&name) {
+            // A reconnect raced the old queue's failure: the new one wins.
+            tracing::warn!(queue = %name, sidecore = old.sidecore, "replacing a queue of the same name");
+            if let Some(h) = self.handles.get(old.sidecore) {
+                let _ = h.remove(old.id);
+            }
+        }
+        let id = self.handles[k]
+            .add(Box::new(q))
+            .map_err(|e| ServerError::Sidecore(e.to_string()))?;
+        self.queues.insert(
+            name.clone(),
+            Served {
+                sidecore: k,
+                id,
+                alive,
+            },
+        );
+        Ok((name, k))
+    }
 }
 
 pub struct IoServer {
     addr: String,
     stop: Arc<AtomicBool>,
     accept: Option<JoinHandle<()>>,
-    sidecores: Arc<Mutex<Vec<(SidecoreHandle, usize)>>>,
+    sidecores: Arc<Mutex<Sidecores>>,
     stats: Arc<RemoteStats>,
     domain: Arc<dyn Domain>,
     endpoint: EndpointConfig,
@@ -73,9 +145,12 @@ impl IoServer {
         for i in 0..cfg.sidecores.max(1) {
             let h = SidecoreThread::spawn(&format!("sidecore-{i}"), cfg.sidecore)
                 .map_err(|e| ServerError::Sidecore(e.to_string()))?;
-            scs.push((h, 0usize));
+            scs.push(h);
         }
-        let sidecores = Arc::new(Mutex::new(scs));
+        let sidecores = Arc::new(Mutex::new(Sidecores {
+            handles: scs,
+            queues: HashMap::new(),
+        }));
         let stats = Arc::new(RemoteStats::default());
         let stop = Arc::new(AtomicBool::new(false));
         let (d, s, st, sc) = (
@@ -103,16 +178,11 @@ impl IoServer {
                     }
                     let peer = ep.peer();
                     match admit(&*d, ep, &backend, &cfg, &st) {
-                        Ok(q) => {
-                            let name = q.name().to_string();
+                        Ok((q, hint)) => {
                             let Ok(mut scs) = sc.lock() else { break };
-                            let Some(best) = scs.iter_mut().min_by_key(|(_, n)| *n) else {
-                                break;
-                            };
-                            match best.0.add(Box::new(q)) {
-                                Ok(_) => {
-                                    best.1 += 1;
-                                    tracing::info!(queue = %name, %peer, "queue attached");
+                            match scs.place(q, hint) {
+                                Ok((name, k)) => {
+                                    tracing::info!(queue = %name, %peer, sidecore = k, "queue attached")
                                 }
                                 Err(e) => tracing::error!(error = %e, "sidecore gone"),
                             }
@@ -141,11 +211,82 @@ impl IoServer {
         &self.stats
     }
 
+    /// Number of sidecores.
+    pub fn sidecore_count(&self) -> usize {
+        self.sidecores.lock().map(|s| s.handles.len()).unwrap_or(0)
+    }
+
+    /// Each sidecore's counters and the number of queues it serves.
+    pub fn sidecore_loads(&self) -> Vec<(crate::sidecore::StatsSnapshot, usize)> {
+        let Ok(mut scs) = self.sidecores.lock() else {
+            return Vec::new();
+        };
+        let load = scs.load();
+        scs.handles
+            .iter()
+            .zip(load)
+            .map(|(h, n)| (h.stats().snapshot(), n))
+            .collect()
+    }
+
+    /// The queues served here (`dev<device>.q<queue>`) and their sidecores.
+    pub fn queues(&self) -> Vec<(String, usize)> {
+        let Ok(mut scs) = self.sidecores.lock() else {
+            return Vec::new();
+        };
+        scs.prune();
+        let mut v: Vec<_> = scs
+            .queues
+            .iter()
+            .map(|(n, s)| (n.clone(), s.sidecore))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Moves a served queue to another of this server's sidecores while it
+    /// runs. The queue object, and with it the ring state and any fabric
+    /// wave in flight, passes between the sidecore threads whole.
+    pub fn move_queue(&self, name: &str, to: usize) -> Result<(), ServerError> {
+        let mut scs = self
+            .sidecores
+            .lock()
+            .map_err(|_| ServerError::Sidecore("registry poisoned".into()))?;
+        scs.prune();
+        let n = scs.handles.len();
+        if to >= n {
+            return Err(ServerError::NoSuchSidecore(to, n));
+        }
+        let Some(s) = scs.queues.get(name) else {
+            return Err(ServerError::NoSuchQueue(name.to_string()));
+        };
+        let (from, id) = (s.sidecore, s.id);
+        if from == to {
+            return Ok(());
+        }
+        let q = scs.handles[from]
+            .remove(id)
+            .map_err(|e| ServerError::Sidecore(e.to_string()))?;
+        let Some(q) = q else {
+            scs.queues.remove(name);
+            return Err(ServerError::NoSuchQueue(name.to_string()));
+        };
+        let id = scs.handles[to]
+            .add(q)
+            .map_err(|e| ServerError::Sidecore(e.to_string()))?;
+        if let Some(s) = scs.queues.get_mut(name) {
+            s.sidecore = to;
+            s.id = id;
+        }
+        tracing::info!(queue = %name, from, to, "queue moved between sidecores");
+        Ok(())
+    }
+
     /// Sidecore counters, summed.
     pub fn sidecore_stats(&self) -> crate::sidecore::StatsSnapshot {
         let mut t = crate::sidecore::StatsSnapshot::default();
         if let Ok(scs) = self.sidecores.lock() {
-            for (h, _) in scs.iter() {
+            for h in scs.handles.iter() {
                 let s = h.stats().snapshot();
                 t.requests += s.requests;
                 t.bytes += s.bytes;
@@ -171,7 +312,7 @@ impl IoServer {
         }
         let mut cpu = 0;
         if let Ok(mut scs) = self.sidecores.lock() {
-            for (h, _) in scs.iter_mut() {
+            for h in scs.handles.iter_mut() {
                 h.stop();
                 cpu += h.cpu_ns();
             }
@@ -195,7 +336,7 @@ fn admit(
     backend: &Arc<dyn BlockBackend>,
     cfg: &IoServerConfig,
     stats: &Arc<RemoteStats>,
-) -> Result<RemoteQueue<BlockDevice>, String> {
+) -> Result<(RemoteQueue<BlockDevice>, u16), String> {
     let attach = {
         let buf = StagingBuffer::new(MAX_MSG).map_err(|e| e.to_string())?;
         // SAFETY: `buf` outlives `mr` (dropped at the end of this block,
@@ -239,7 +380,8 @@ fn admit(
             other => return Err(format!("expected ATTACH, got {other:?}")),
         }
     };
-    admit_queue(domain, ep, &attach, backend, cfg, stats)
+    let q = admit_queue(domain, ep, &attach, backend, cfg, stats)?;
+    Ok((q, attach.sidecore))
 }
 
 fn admit_queue(

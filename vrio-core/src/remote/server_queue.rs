@@ -143,6 +143,11 @@ pub struct RemoteQueue<D> {
     idle_run: u32,
     stats: Arc<RemoteStats>,
     failed: Option<String>,
+    /// The agent asked for the queue back: finish the batch, start no other.
+    quiescing: bool,
+    /// Lives as long as the queue; the server's registry holds a weak
+    /// reference to tell served queues from dropped ones.
+    alive: Arc<()>,
 }
 
 fn fail(name: &str, reason: impl std::fmt::Display) -> QueueFailure {
@@ -234,9 +239,9 @@ impl<D: DeviceModel> RemoteQueue<D> {
             features: attach.features,
             map,
             regions,
-            next_avail: Wrapping(0),
-            next_used: Wrapping(0),
-            known_avail: Wrapping(0),
+            next_avail: Wrapping(attach.start),
+            next_used: Wrapping(attach.start),
+            known_avail: Wrapping(attach.start),
             pending: vec![None; size],
             device,
             walker: Walker::new(),
@@ -268,6 +273,8 @@ impl<D: DeviceModel> RemoteQueue<D> {
             idle_run: 0,
             stats,
             failed: None,
+            quiescing: false,
+            alive: Arc::new(()),
         };
         let recvs: Vec<RecvRequest> = (0..size).map(|i| q.recv_wr(i)).collect();
         q.ep.post_recv(&recvs).map_err(|e| fail(&q.name, e))?;
@@ -290,6 +297,14 @@ impl<D: DeviceModel> RemoteQueue<D> {
     }
     pub fn is_polling_remote(&self) -> bool {
         self.polling_remote
+    }
+    /// A token that lives exactly as long as the queue.
+    pub fn liveness(&self) -> std::sync::Weak<()> {
+        Arc::downgrade(&self.alive)
+    }
+    /// The next avail index the queue serves (== next used when idle).
+    pub fn position(&self) -> (u16, u16) {
+        (self.next_avail.0, self.next_used.0)
     }
 
     fn recv_wr(&self, i: usize) -> RecvRequest {
@@ -469,11 +484,30 @@ impl<D: DeviceModel> RemoteQueue<D> {
                 }
                 Ok(())
             }
+            Message::Quiesce => {
+                self.quiescing = true;
+                Ok(())
+            }
             other => Err(fail(
                 &self.name,
                 format!("unexpected message from agent: {other:?}"),
             )),
         }
+    }
+
+    /// The batch in flight has landed: tell the agent where we stopped and
+    /// retire. Idle means next avail == next used (in-order service).
+    fn hand_back(&mut self) -> Result<PollOutcome, QueueFailure> {
+        let next = self.next_used.0;
+        // Counted first: the agent may close the link as soon as it reads
+        // the answer, before our send completes.
+        self.stats.handovers.fetch_add(1, Relaxed);
+        self.send(&Message::Quiesced(super::wire::Quiesced { next }))?;
+        tracing::info!(queue = %self.name, next, "queue handed back to the VM host");
+        Err(fail(
+            &self.name,
+            format!("handed back to the VM host at {next}"),
+        ))
     }
 
     fn send(&mut self, m: &Message) -> Result<(), QueueFailure> {
@@ -616,6 +650,7 @@ impl<D: DeviceModel> RemoteQueue<D> {
         let mut out = PollOutcome::default();
         loop {
             match self.stage {
+                Stage::Idle if self.quiescing => return self.hand_back(),
                 Stage::Idle => {
                     if self.start_batch(budget)? {
                         out.pending = 1;
@@ -954,7 +989,7 @@ impl<D: DeviceModel> ServedQueue for RemoteQueue<D> {
     }
 
     fn set_notifications(&mut self, enabled: bool) -> Result<bool, QueueFailure> {
-        if enabled && self.stage != Stage::Idle {
+        if enabled && (self.stage != Stage::Idle || self.quiescing) {
             // A batch is in flight: keep polling until it lands.
             return Ok(true);
         }
@@ -969,7 +1004,7 @@ impl<D: DeviceModel> ServedQueue for RemoteQueue<D> {
                 self.drain_cq(None)?;
                 let _ = self.ep.arm();
                 self.drain_cq(None)?;
-                Ok(self.known_avail != self.next_avail)
+                Ok(self.known_avail != self.next_avail || self.quiescing)
             }
             (_, false) => Ok(false),
         }
@@ -989,7 +1024,7 @@ impl<D: DeviceModel> ServedQueue for RemoteQueue<D> {
         }
         let _ = self.ep.arm();
         let _ = self.drain_cq(None);
-        self.known_avail != self.next_avail
+        self.known_avail != self.next_avail || self.quiescing
     }
 
     fn name(&self) -> &str {

@@ -18,6 +18,8 @@ pub struct RemoteStats {
     pub remote_polls: AtomicU64,
     pub fetches: AtomicU64,
     pub mode_switches: AtomicU64,
+    /// Queues handed back to their VM host (QUIESCE).
+    pub handovers: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -32,6 +34,7 @@ pub struct RemoteSnapshot {
     pub remote_polls: u64,
     pub fetches: u64,
     pub mode_switches: u64,
+    pub handovers: u64,
 }
 
 impl RemoteStats {
@@ -47,6 +50,7 @@ impl RemoteStats {
             remote_polls: self.remote_polls.load(Relaxed),
             fetches: self.fetches.load(Relaxed),
             mode_switches: self.mode_switches.load(Relaxed),
+            handovers: self.handovers.load(Relaxed),
         }
     }
 }
@@ -63,6 +67,7 @@ impl RemoteSnapshot {
         self.remote_polls += o.remote_polls;
         self.fetches += o.fetches;
         self.mode_switches += o.mode_switches;
+        self.handovers += o.handovers;
     }
     pub fn ops_per_request(&self) -> f64 {
         self.fabric_ops as f64 / (self.requests.max(1)) as f64

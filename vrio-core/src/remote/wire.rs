@@ -7,14 +7,20 @@
 //! | ATTACH_REPLY | server → agent | SEND | status, virtio-blk config space |
 //! | DOORBELL | agent → server | SEND | new avail.idx, avail entries, their descriptors |
 //! | SET_MODE | server → agent | SEND | remote-poll or doorbell, and where the server stopped |
+//! | QUIESCE | agent → server | SEND | finish the batch in flight, start no other |
+//! | QUIESCED | server → agent | SEND | where the server stopped; the queue is handed back |
 //! | (completion) | server → agent | WRITE_WITH_IMM, len 0 | imm = new used.idx |
+//!
+//! A queue is served strictly in avail order, so "where the server stopped"
+//! is one index: every request before it is in the used ring, none after it
+//! was started. ATTACH's `start` resumes a queue there, on any server.
 
 use vrio_rdma::RemoteRegion;
 
 use crate::ring::{RingFeatures, RingLayout};
 
 pub const MAGIC: u32 = 0x4f49_5256; // "VRIO"
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Largest message (and receive buffer).
 pub const MAX_MSG: usize = 4096;
 
@@ -22,6 +28,10 @@ const ATTACH: u16 = 1;
 const ATTACH_REPLY: u16 = 2;
 const DOORBELL: u16 = 3;
 const SET_MODE: u16 = 4;
+const QUIESCE: u16 = 5;
+const QUIESCED: u16 = 6;
+/// `Attach::sidecore` when the server may choose.
+pub const ANY_SIDECORE: u16 = u16::MAX;
 
 /// How the server learns of new requests on a queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +98,11 @@ pub struct Attach {
     pub layout: RingLayout,
     pub features: RingFeatures,
     pub mode: NotifyMode,
+    /// Next avail and next used index: 0 for a new queue, the handed-over
+    /// position for a moved, failed-over or reconnected one.
+    pub start: u16,
+    /// The sidecore the controller placed the queue on, or [`ANY_SIDECORE`].
+    pub sidecore: u16,
     pub regions: Vec<WireRegion>,
 }
 
@@ -120,12 +135,21 @@ pub struct SetMode {
     pub next_avail: u16,
 }
 
+/// The server's answer to QUIESCE: nothing is in flight, and the queue
+/// resumes at `next` (next avail == next used).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quiesced {
+    pub next: u16,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
     Attach(Attach),
     AttachReply(AttachReply),
     Doorbell(Doorbell),
     SetMode(SetMode),
+    Quiesce,
+    Quiesced(Quiesced),
 }
 
 struct W<'a> {
@@ -202,6 +226,8 @@ impl Message {
                 w.u16(a.layout.size);
                 w.u32(a.features.bits() as u32);
                 w.u8(a.mode.code());
+                w.u16(a.start);
+                w.u16(a.sidecore);
                 w.u64(a.layout.desc);
                 w.u64(a.layout.avail);
                 w.u64(a.layout.used);
@@ -238,6 +264,11 @@ impl Message {
                 w.u8(u8::from(m.poll));
                 w.u16(m.next_avail);
             }
+            Message::Quiesce => w.u16(QUIESCE),
+            Message::Quiesced(q) => {
+                w.u16(QUIESCED);
+                w.u16(q.next);
+            }
         }
         if out.len() > MAX_MSG {
             return Err(WireError::TooLarge);
@@ -262,6 +293,7 @@ impl Message {
                 let size = r.u16()?;
                 let features = RingFeatures::from_bits(u64::from(r.u32()?));
                 let mode = NotifyMode::from_code(r.u8()?)?;
+                let (start, sidecore) = (r.u16()?, r.u16()?);
                 let (desc, avail, used) = (r.u64()?, r.u64()?, r.u64()?);
                 let layout = RingLayout::new(size, desc, avail, used)
                     .map_err(|_| WireError::Bad("ring layout"))?;
@@ -282,6 +314,8 @@ impl Message {
                     layout,
                     features,
                     mode,
+                    start,
+                    sidecore,
                     regions,
                 })
             }
@@ -314,6 +348,8 @@ impl Message {
                 poll: r.u8()? != 0,
                 next_avail: r.u16()?,
             }),
+            QUIESCE => Message::Quiesce,
+            QUIESCED => Message::Quiesced(Quiesced { next: r.u16()? }),
             k => return Err(WireError::UnexpectedKind(k)),
         })
     }
@@ -344,6 +380,8 @@ mod tests {
                 event_idx: true,
             },
             mode: NotifyMode::Adaptive,
+            start: 65000,
+            sidecore: 3,
             regions: vec![WireRegion {
                 gpa: 0,
                 remote: RemoteRegion {
@@ -369,6 +407,10 @@ mod tests {
             poll: true,
             next_avail: 65535,
         }));
+        round_trip(Message::Quiesced(Quiesced { next: 4097 }));
+        let mut b = Vec::new();
+        Message::Quiesce.encode(&mut b).unwrap();
+        assert_eq!(Message::decode(&b).unwrap(), Message::Quiesce);
     }
 
     #[test]
@@ -396,6 +438,8 @@ mod tests {
             layout: RingLayout::new(8, 0, 0x100, 0x200).unwrap(),
             features: RingFeatures::default(),
             mode: NotifyMode::Doorbell,
+            start: 0,
+            sidecore: ANY_SIDECORE,
             regions: vec![],
         })
         .encode(&mut a)

@@ -295,6 +295,7 @@ impl VrioBlkBackend {
                     features: RingFeatures::from_bits(acked),
                     kick: agent_kick,
                     call: agent_call,
+                    start: 0,
                 }],
             },
             self.cfg.agent,

@@ -42,6 +42,7 @@ pub fn fetch_config(
                 },
                 kick: EventFd::new(EFD_NONBLOCK)?,
                 call: EventFd::new(EFD_NONBLOCK)?,
+                start: 0,
             }],
         },
         cfg,
