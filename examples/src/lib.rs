@@ -1,4 +1,7 @@
-//! Shared code of the vrio example binaries: progress output and tables.
+//! Shared code of the vrio example binaries: progress output and tables,
+//! and the control-plane glue ([`control`]).
+
+pub mod control;
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};

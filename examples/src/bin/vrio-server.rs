@@ -1,6 +1,10 @@
 //! vrio-server: an I/O server. Its sidecores serve the virtqueues of remote
 //! guests through the fabric; VM-host agents (`vrio-client`, or a VMM
 //! linking vrio's agent) attach queues to it.
+//!
+//! With `--controller` it registers with vrio-controller, renews its lease
+//! with load reports, and follows the controller's moves of its queues
+//! between its sidecores. Without it, it serves whoever attaches (one box).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,6 +14,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use vrio_core::blk::{BlockBackend, BlockConfig, FileBackend, MemoryBackend};
 use vrio_core::remote::{IoServer, IoServerConfig};
+use vrio_examples::control::{join_as_server, ControlOpts};
 use vrio_examples::{
     backend_name, block_signals, init_tracing, resolve_fabric, wait_for_signal, FabricChoice,
 };
@@ -24,7 +29,15 @@ enum Disk {
 
 /// Serve remote guests' virtio-blk queues with polling sidecores.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(
+    version,
+    about,
+    long_about = None,
+    after_help = "Examples:\n  \
+        vrio-server --listen 127.0.0.1:7420 --sidecores 2\n  \
+        VRIO_TOKEN=secret vrio-server --listen 127.0.0.1:7421 --controller 127.0.0.1:7470 --server-id io-1 \\\n    \
+        --disk file --file /var/lib/vrio/disk.img"
+)]
 struct Args {
     /// Address to listen on: IP:PORT (port 0 picks one), or unix:PATH for
     /// the software fabric.
@@ -54,6 +67,19 @@ struct Args {
     /// Exit after this many seconds (default: run until SIGINT or SIGTERM).
     #[arg(long)]
     duration: Option<f64>,
+    /// Register with this vrio-controller (host:port) and follow its
+    /// placement decisions.
+    #[arg(long)]
+    controller: Option<String>,
+    /// This server's id at the controller (default: server-<listen address>).
+    #[arg(long, requires = "controller")]
+    server_id: Option<String>,
+    /// Most queues the controller may place here.
+    #[arg(long, default_value_t = 256, requires = "controller")]
+    capacity: u32,
+    /// Bearer token for the controller.
+    #[arg(long, env = "VRIO_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -84,7 +110,7 @@ fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let fabric = resolve_fabric(a.fabric, a.device.as_deref())?;
     let domain: Arc<dyn vrio_rdma::Domain> =
         Arc::from(vrio_rdma::open(fabric, a.device.as_deref())?);
-    let mut server = IoServer::start(
+    let server = IoServer::start(
         domain,
         backend,
         IoServerConfig {
@@ -103,6 +129,26 @@ fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
         a.disk,
         a.size_mib
     );
+    let server = Arc::new(server);
+    let mut member = match &a.controller {
+        Some(addr) => {
+            let id = a
+                .server_id
+                .clone()
+                .unwrap_or_else(|| format!("server-{}", server.addr()));
+            println!("vrio-server: registering with controller {addr} as {id}");
+            Some(join_as_server(
+                ControlOpts {
+                    addr: addr.clone(),
+                    token: a.token.clone(),
+                },
+                id,
+                a.capacity,
+                server.clone(),
+            )?)
+        }
+        None => None,
+    };
     let t0 = std::time::Instant::now();
     let end = a.duration.map(Duration::from_secs_f64);
     loop {
@@ -121,6 +167,9 @@ fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
         }
         print_stats(&server, "stats");
     }
+    if let Some(m) = member.as_mut() {
+        m.stop();
+    }
     print_stats(&server, "final");
     server.stop();
     Ok(())
@@ -130,7 +179,7 @@ fn print_stats(server: &IoServer, what: &str) {
     let f = server.stats().snapshot();
     let s = server.sidecore_stats();
     println!(
-        "vrio-server: {what}: {} requests ({} refused), {} doorbells, {} remote polls, {:.2} fabric ops/request, {:.2} round trips/request, {} sidecore polls ({} empty)",
+        "vrio-server: {what}: {} requests ({} refused), {} doorbells, {} remote polls, {:.2} fabric ops/request, {:.2} round trips/request, {} sidecore polls ({} empty), {} queues served, {} handed back, {} sidecore moves",
         f.requests,
         f.bad_requests,
         f.doorbells,
@@ -138,6 +187,9 @@ fn print_stats(server: &IoServer, what: &str) {
         f.ops_per_request(),
         f.rtts_per_request(),
         s.polls,
-        s.empty_polls
+        s.empty_polls,
+        server.queues().len(),
+        f.handovers,
+        server.sidecore_moves()
     );
 }

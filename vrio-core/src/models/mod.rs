@@ -8,7 +8,7 @@ mod vhost_style;
 
 pub use local_queue::{DeviceSide, LocalQueue};
 pub use runner::{
-    attach_guests, drive_guests, make_guests, queue_workload, run_local, run_remote, LocalModel,
-    ModelReport, RemoteFigures, RunConfig, RunError,
+    attach_guests, attach_guests_placed, drive_guests, make_guests, queue_workload, run_local,
+    run_remote, LocalModel, ModelReport, RemoteFigures, RunConfig, RunError,
 };
 pub use vhost_style::VhostWorker;

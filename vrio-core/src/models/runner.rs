@@ -253,9 +253,36 @@ pub fn attach_guests(
     device: Option<&str>,
     mode: crate::remote::NotifyMode,
 ) -> Result<Vec<crate::remote::AttachedDevice>, RunError> {
-    use crate::remote::{attach, AgentConfig, DeviceAttach, QueueAttach};
+    let placed: Vec<_> = guests
+        .iter()
+        .enumerate()
+        .map(|(g, guest)| {
+            let t = crate::remote::QueueTarget::any(server);
+            (g as u64, vec![t; usize::from(guest.cfg.queues)])
+        })
+        .collect();
+    attach_guests_placed(guests, &placed, backend, device, mode)
+}
+
+/// Like [`attach_guests`], with a device id and a per-queue placement for
+/// each guest (`placed[g]`), as a controller decided.
+pub fn attach_guests_placed(
+    guests: &[SyntheticGuest],
+    placed: &[(u64, Vec<crate::remote::QueueTarget>)],
+    backend: vrio_rdma::Backend,
+    device: Option<&str>,
+    mode: crate::remote::NotifyMode,
+) -> Result<Vec<crate::remote::AttachedDevice>, RunError> {
+    use crate::remote::{attach_placed, AgentConfig, DeviceAttach, QueueAttach};
+    if placed.len() != guests.len() {
+        return Err(RunError::Model(format!(
+            "{} placements for {} guests",
+            placed.len(),
+            guests.len()
+        )));
+    }
     let mut agents = Vec::with_capacity(guests.len());
-    for (g, guest) in guests.iter().enumerate() {
+    for (guest, (device_id, targets)) in guests.iter().zip(placed) {
         let mut queues = Vec::new();
         for q in 0..usize::from(guest.cfg.queues) {
             let side = guest.device_side(q)?;
@@ -270,11 +297,11 @@ pub fn attach_guests(
         let domain = vrio_rdma::open(backend, device)
             .map(Arc::from)
             .map_err(|e| RunError::Model(e.to_string()))?;
-        let dev = attach(
+        let dev = attach_placed(
             domain,
-            server,
+            targets.clone(),
             DeviceAttach {
-                device_id: g as u64,
+                device_id: *device_id,
                 mem: guest.memory().clone(),
                 queues,
             },
@@ -316,7 +343,7 @@ pub fn run_remote(
             .map(Arc::from)
             .map_err(|e| RunError::Model(e.to_string()))
     };
-    let mut server = IoServer::start(
+    let server = IoServer::start(
         open()?,
         backend,
         IoServerConfig {

@@ -121,7 +121,11 @@ pub struct MoveReport {
     pub resumed_at: u16,
     /// The old server was gone: requests after `resumed_at` were re-served.
     pub failover: bool,
+    /// From the command to the queue being served again.
     pub took: Duration,
+    /// For a failover: how long the queue had no server (from the moment
+    /// the agent saw the link fail to the queue being served again).
+    pub down: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -193,7 +197,9 @@ enum Link {
         reply: Option<mpsc::Sender<Result<MoveReport, AgentError>>>,
         started: Instant,
     },
-    Orphaned,
+    Orphaned {
+        since: Instant,
+    },
 }
 
 struct AgentQueue {
@@ -225,7 +231,7 @@ pub struct AttachedDevice {
     wake: Arc<EventFd>,
     stopping: Arc<AtomicBool>,
     commands: mpsc::Sender<Command>,
-    join: Option<JoinHandle<()>>,
+    join: Mutex<Option<JoinHandle<()>>>,
     stats: Arc<AgentStats>,
     status: Arc<Mutex<Vec<QueueStatus>>>,
     config: Vec<u8>,
@@ -268,10 +274,11 @@ impl AttachedDevice {
         }
     }
     /// Detaches: stops forwarding, closes the endpoints, deregisters memory.
-    pub fn detach(&mut self) {
+    pub fn detach(&self) {
         self.stopping.store(true, Relaxed);
         let _ = self.wake.write(1);
-        if let Some(j) = self.join.take() {
+        let join = self.join.lock().ok().and_then(|mut j| j.take());
+        if let Some(j) = join {
             let _ = j.join();
         }
     }
@@ -404,7 +411,7 @@ pub fn attach_placed(
         wake,
         stopping,
         commands,
-        join: Some(join),
+        join: Mutex::new(Some(join)),
         stats,
         status,
         config,
@@ -543,7 +550,7 @@ impl AgentQueue {
             state: match self.link {
                 Link::Serving => LinkState::Serving,
                 Link::Quiescing { .. } => LinkState::Moving,
-                Link::Orphaned => LinkState::Orphaned,
+                Link::Orphaned { .. } => LinkState::Orphaned,
             },
             used: self.dq.state().next_used,
             moves: self.moves,
@@ -609,9 +616,11 @@ impl AgentQueue {
         epoll: &Epoll,
         to: QueueTarget,
         start: u16,
-        failover: bool,
         started: Instant,
+        // Set for a failover: when the queue lost its server.
+        down_since: Option<Instant>,
     ) -> Result<MoveReport, AgentError> {
+        let failover = down_since.is_some();
         self.drop_conn(epoll);
         let r = self.connect(ctx, &to, start).and_then(|(mut conn, _)| {
             epoll.ctl(
@@ -626,7 +635,9 @@ impl AgentQueue {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(queue = self.index, server = %to.server, error = %e, "re-attach failed; the queue waits for another placement");
-                self.link = Link::Orphaned;
+                self.link = Link::Orphaned {
+                    since: down_since.unwrap_or(started),
+                };
                 self.publish(ctx);
                 return Err(e);
             }
@@ -655,6 +666,7 @@ impl AgentQueue {
             resumed_at: start,
             failover,
             took: started.elapsed(),
+            down: down_since.map(|t| t.elapsed()),
         })
     }
 
@@ -676,6 +688,7 @@ impl AgentQueue {
                     resumed_at: self.dq.state().next_used,
                     failover: false,
                     took: Duration::ZERO,
+                    down: None,
                 }));
             }
             Link::Serving => match self.send(&Message::Quiesce) {
@@ -690,13 +703,13 @@ impl AgentQueue {
                 Err(e) => {
                     tracing::warn!(queue = self.index, error = %e, "the old server is unreachable; failing over");
                     let start = self.dq.state().next_used;
-                    let r = self.reattach(ctx, epoll, to, start, true, started);
+                    let r = self.reattach(ctx, epoll, to, start, started, Some(started));
                     let _ = reply.send(r);
                 }
             },
-            Link::Orphaned => {
+            Link::Orphaned { since } => {
                 let start = self.dq.state().next_used;
-                let r = self.reattach(ctx, epoll, to, start, true, started);
+                let r = self.reattach(ctx, epoll, to, start, started, Some(since));
                 let _ = reply.send(r);
             }
         }
@@ -720,7 +733,7 @@ impl AgentQueue {
                 "server stopped elsewhere than the agent's used index"
             );
         }
-        let r = self.reattach(ctx, epoll, to, used, false, started);
+        let r = self.reattach(ctx, epoll, to, used, started, None);
         if let Some(tx) = reply {
             let _ = tx.send(r);
         }
@@ -729,16 +742,18 @@ impl AgentQueue {
     /// The link failed: fail over if a move was under way, else wait for a
     /// new placement.
     fn on_link_error(&mut self, ctx: &Ctx, epoll: &Epoll, e: AgentError) {
-        match std::mem::replace(&mut self.link, Link::Orphaned) {
+        let now = Instant::now();
+        match std::mem::replace(&mut self.link, Link::Orphaned { since: now }) {
             Link::Quiescing { to, reply, started } => {
                 tracing::warn!(queue = self.index, error = %e, "the old server failed during a move; failing over");
                 let start = self.dq.state().next_used;
-                let r = self.reattach(ctx, epoll, to, start, true, started);
+                let r = self.reattach(ctx, epoll, to, start, started, Some(now));
                 if let Some(tx) = reply {
                     let _ = tx.send(r);
                 }
             }
-            _ => {
+            Link::Orphaned { since } => self.link = Link::Orphaned { since },
+            Link::Serving => {
                 tracing::error!(queue = self.index, server = %self.target.server, error = %e, "I/O server lost; the queue waits for a new placement");
                 ctx.stats.orphaned.fetch_add(1, Relaxed);
                 self.drop_conn(epoll);

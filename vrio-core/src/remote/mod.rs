@@ -25,3 +25,31 @@ pub use server::{IoServer, IoServerConfig, ServerError};
 pub use server_queue::{RemoteQueue, RemoteQueueConfig};
 pub use stats::{RemoteSnapshot, RemoteStats};
 pub use wire::{NotifyMode, ANY_SIDECORE};
+
+/// The wire's numeric device id for a controller's device id: the number
+/// itself when the id is decimal, else a stable 64-bit hash (FNV-1a), so
+/// agents and servers name a queue (`dev<key>.q<queue>`) the same way.
+pub fn device_key(id: &str) -> u64 {
+    if let Ok(n) = id.parse::<u64>() {
+        return n;
+    }
+    id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// The name an I/O server gives a queue.
+pub fn queue_name(device_key: u64, queue: u16) -> String {
+    format!("dev{device_key}.q{queue}")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn device_keys_are_stable_and_numeric_ids_keep_their_value() {
+        assert_eq!(super::device_key("17"), 17);
+        assert_eq!(super::device_key("vm-a"), super::device_key("vm-a"));
+        assert_ne!(super::device_key("vm-a"), super::device_key("vm-b"));
+        assert_eq!(super::queue_name(3, 1), "dev3.q1");
+    }
+}

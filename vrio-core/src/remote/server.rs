@@ -4,7 +4,7 @@
 //! ([`IoServer::move_queue`]): the ring state travels with the queue.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -126,8 +126,9 @@ impl Sidecores {
 pub struct IoServer {
     addr: String,
     stop: Arc<AtomicBool>,
-    accept: Option<JoinHandle<()>>,
+    accept: Mutex<Option<JoinHandle<()>>>,
     sidecores: Arc<Mutex<Sidecores>>,
+    sidecore_moves: AtomicU64,
     stats: Arc<RemoteStats>,
     domain: Arc<dyn Domain>,
     endpoint: EndpointConfig,
@@ -194,8 +195,9 @@ impl IoServer {
         Ok(Self {
             addr,
             stop,
-            accept: Some(accept),
+            accept: Mutex::new(Some(accept)),
             sidecores,
+            sidecore_moves: AtomicU64::new(0),
             stats,
             domain,
             endpoint: EndpointConfig::default(),
@@ -209,6 +211,11 @@ impl IoServer {
 
     pub fn stats(&self) -> &Arc<RemoteStats> {
         &self.stats
+    }
+
+    /// Queues moved between this server's sidecores so far.
+    pub fn sidecore_moves(&self) -> u64 {
+        self.sidecore_moves.load(Relaxed)
     }
 
     /// Number of sidecores.
@@ -278,6 +285,7 @@ impl IoServer {
             s.sidecore = to;
             s.id = id;
         }
+        self.sidecore_moves.fetch_add(1, Relaxed);
         tracing::info!(queue = %name, from, to, "queue moved between sidecores");
         Ok(())
     }
@@ -303,11 +311,12 @@ impl IoServer {
     }
 
     /// Stops accepting and stops the sidecores; returns their CPU time.
-    pub fn stop(&mut self) -> u64 {
+    pub fn stop(&self) -> u64 {
         self.stop.store(true, Relaxed);
-        // Unblock accept() with a connection of our own.
-        let _ = self.domain.connect(&self.addr, self.endpoint);
-        if let Some(j) = self.accept.take() {
+        let accept = self.accept.lock().ok().and_then(|mut a| a.take());
+        if let Some(j) = accept {
+            // Unblock accept() with a connection of our own.
+            let _ = self.domain.connect(&self.addr, self.endpoint);
             let _ = j.join();
         }
         let mut cpu = 0;
@@ -323,7 +332,8 @@ impl IoServer {
 
 impl Drop for IoServer {
     fn drop(&mut self) {
-        if self.accept.is_some() {
+        let running = self.accept.lock().map(|a| a.is_some()).unwrap_or(false);
+        if running {
             self.stop();
         }
     }

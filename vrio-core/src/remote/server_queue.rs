@@ -168,7 +168,7 @@ impl<D: DeviceModel> RemoteQueue<D> {
         cfg: RemoteQueueConfig,
         stats: Arc<RemoteStats>,
     ) -> Result<Self, QueueFailure> {
-        let name = format!("dev{}.q{}", attach.device_id, attach.queue);
+        let name = super::queue_name(attach.device_id, attach.queue);
         let regions = {
             let mut r = attach.regions.clone();
             r.sort_by_key(|w| w.gpa);

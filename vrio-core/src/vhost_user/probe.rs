@@ -28,7 +28,7 @@ pub fn fetch_config(
         .map_err(|e| AgentError::Protocol(format!("scratch memory: {e}")))?;
     let layout =
         RingLayout::new(8, 0, 0x1000, 0x2000).map_err(|e| AgentError::Protocol(e.to_string()))?;
-    let mut dev = attach(
+    let dev = attach(
         domain,
         server,
         DeviceAttach {
@@ -68,8 +68,7 @@ mod tests {
         let domain: Arc<dyn Domain> =
             Arc::from(vrio_rdma::open(vrio_rdma::Backend::Soft, None).unwrap());
         let backend: Arc<dyn BlockBackend> = Arc::new(MemoryBackend::new(4 << 20));
-        let mut server =
-            IoServer::start(domain.clone(), backend, IoServerConfig::default()).unwrap();
+        let server = IoServer::start(domain.clone(), backend, IoServerConfig::default()).unwrap();
         let addr = server.addr().to_string();
         for id in [1, 2] {
             let c = fetch_config(domain.clone(), &addr, id, AgentConfig::default()).unwrap();
