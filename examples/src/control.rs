@@ -300,11 +300,11 @@ pub fn place_devices(
 fn report(device: &str, r: &vrio_core::remote::MoveReport, to: &QueueTarget) {
     match r.down {
         Some(down) => println!(
-            "vrio-client: failover: device {device} queue {} resumed on {} sidecore {} at ring index {} after {} ms without a server",
+            "agent: failover: device {device} queue {} resumed on {} sidecore {} at ring index {} after {} ms without a server",
             r.queue, to.server, to.sidecore, r.resumed_at, down.as_millis()
         ),
         None => println!(
-            "vrio-client: moved: device {device} queue {} to {} sidecore {} at ring index {} in {} ms",
+            "agent: moved: device {device} queue {} to {} sidecore {} at ring index {} in {} ms",
             r.queue, to.server, to.sidecore, r.resumed_at, r.took.as_millis()
         ),
     }
@@ -433,4 +433,96 @@ async fn follow_once(
             }
         }
     }
+}
+
+/// A controller inside this process: the crash-safe file store in
+/// `state_dir`, the default placement policy, the gRPC service on a free
+/// loopback port behind `token`. Returns it and its address.
+pub fn embedded_controller(
+    state_dir: &std::path::Path,
+    token: &str,
+    lease_ttl_ms: u64,
+) -> Result<(Background, String), ControlGlueError> {
+    use vrio_control::placement::LeastLoaded;
+    use vrio_control::server::{serve, ServeOptions};
+    use vrio_control::store::FileStore;
+    use vrio_control::{Controller, ControllerConfig};
+    let store = FileStore::open(state_dir)
+        .map_err(|e| ControlGlueError::Placement(format!("controller state: {e}")))?;
+    let ctrl = Controller::open(
+        ControllerConfig {
+            lease_ttl_ms,
+            ..ControllerConfig::default()
+        },
+        Box::new(store),
+        Box::new(LeastLoaded::default()),
+        vrio_control::service::now_ms(),
+    )
+    .map_err(|e| ControlGlueError::Placement(format!("controller state: {e}")))?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?.to_string();
+    let opts = ServeOptions {
+        token: Some(token.to_string()),
+        tick: Duration::from_millis(100),
+        rebalance_every: None,
+    };
+    let bg = Background::spawn("vrio-controller", move |stop| async move {
+        let listener = match tokio::net::TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "embedded controller cannot listen");
+                return;
+            }
+        };
+        let shutdown = async {
+            let _ = stop.await;
+        };
+        if let Err(e) = serve(listener, Arc::new(ctrl), opts, shutdown).await {
+            tracing::error!(error = %e, "embedded controller failed");
+        }
+    })?;
+    Ok((bg, addr))
+}
+
+/// Blocks until `n` servers are alive at the controller.
+pub fn wait_for_servers(
+    ctl: &ControlOpts,
+    n: usize,
+    within: Duration,
+) -> Result<(), ControlGlueError> {
+    let rt = runtime()?;
+    rt.block_on(async {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(mut c) = connect(&ctl.addr, ctl.token.as_deref()).await {
+                if let Ok(m) = server_addresses(&mut c).await {
+                    if m.values().filter(|(_, alive)| *alive).count() >= n {
+                        return Ok(());
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(ControlGlueError::Placement(format!(
+                    "{n} I/O server(s) did not register within {within:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+}
+
+/// Asks the controller to drain `server_id`; returns how many queues it
+/// moved.
+pub fn drain(ctl: &ControlOpts, server_id: &str) -> Result<usize, ControlGlueError> {
+    let rt = runtime()?;
+    rt.block_on(async {
+        let mut c = connect(&ctl.addr, ctl.token.as_deref()).await?;
+        let r = c
+            .drain_server(pb::DrainServerRequest {
+                server_id: server_id.to_string(),
+            })
+            .await?;
+        Ok(r.into_inner().moved.len())
+    })
 }

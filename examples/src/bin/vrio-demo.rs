@@ -5,16 +5,23 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 use vrio_core::blk::{BlockBackend, BlockConfig, FileBackend, MemoryBackend};
 use vrio_core::guest::WorkloadConfig;
-use vrio_core::models::{run_local, run_remote, LocalModel, ModelReport, RunConfig};
-use vrio_core::remote::NotifyMode;
+use vrio_core::models::{
+    attach_guests_placed, drive_guests, make_guests, run_local, run_remote, LocalModel,
+    ModelReport, RunConfig,
+};
+use vrio_core::remote::{device_key, AttachedDevice, IoServer, IoServerConfig, NotifyMode};
 use vrio_core::sidecore::SidecoreConfig;
+use vrio_examples::control::{
+    drain, embedded_controller, follow_as_agent, join_as_server, place_devices, wait_for_servers,
+    ControlOpts,
+};
 use vrio_examples::{init_tracing, model_json, model_row, print_table, Progress, MODEL_HEADERS};
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -30,6 +37,9 @@ enum Model {
     RemotePoll,
     /// Remote sidecores switching between doorbells and polling by load.
     RemoteAdaptive,
+    /// Two I/O servers placed by an embedded controller; halfway through,
+    /// one is drained and its queues move live to the other.
+    Controlled,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -69,7 +79,7 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     sidecores: usize,
     /// Models to run, in order.
-    #[arg(long, value_enum, value_delimiter = ',', default_values = ["vhost", "sidecore", "remote"])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values = ["vhost", "sidecore", "remote", "controlled"])]
     models: Vec<Model>,
     /// Disk back-end.
     #[arg(long, value_enum, default_value_t = Disk::Memory)]
@@ -139,7 +149,12 @@ fn run(a: &Args) -> Result<bool, Box<dyn std::error::Error>> {
             Model::RemoteAdaptive => Some(NotifyMode::Adaptive),
             _ => None,
         };
-        let r = if let Some(mode) = remote {
+        let r = if *m == Model::Controlled {
+            let progress = Progress::start("controlled".into(), done.clone(), total);
+            let r = run_controlled(a.sidecores, backend, &rc, &done, total);
+            progress.finish();
+            r?
+        } else if let Some(mode) = remote {
             let progress = Progress::start(format!("remote-{}", mode.name()), done.clone(), total);
             let r = run_remote(
                 mode,
@@ -198,4 +213,131 @@ fn run(a: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     Ok(reports
         .iter()
         .all(|r| r.io.failures() == 0 && r.io.completed == expected))
+}
+
+/// The remote model under the control plane: an embedded controller (file
+/// store in a temporary directory), two in-process I/O servers that register
+/// with it, agents attached where it places them; at half the workload the
+/// first server is drained and its queues move live.
+fn run_controlled(
+    sidecores: usize,
+    backend: Arc<dyn BlockBackend>,
+    rc: &RunConfig,
+    done: &Arc<AtomicU64>,
+    total: u64,
+) -> Result<ModelReport, Box<dyn std::error::Error>> {
+    let state = std::env::temp_dir().join(format!("vrio-demo-controller-{}", std::process::id()));
+    let token = format!("demo-{:x}", rand::random::<u64>());
+    let (mut controller, addr) = embedded_controller(&state, &token, 3_000)?;
+    let ctl = ControlOpts {
+        addr: addr.clone(),
+        token: Some(token),
+    };
+    let mut servers = Vec::new();
+    let mut members = Vec::new();
+    for id in ["io-1", "io-2"] {
+        let domain: Arc<dyn vrio_rdma::Domain> =
+            Arc::from(vrio_rdma::open(vrio_rdma::Backend::Soft, None)?);
+        let s = Arc::new(IoServer::start(
+            domain,
+            backend.clone(),
+            IoServerConfig {
+                sidecores,
+                blk: BlockConfig::default(),
+                ..IoServerConfig::default()
+            },
+        )?);
+        members.push(join_as_server(ctl.clone(), id.into(), 256, s.clone())?);
+        servers.push(s);
+    }
+    wait_for_servers(&ctl, 2, Duration::from_secs(10))?;
+    let guests = make_guests(rc)?;
+    let ids: Vec<(String, u16)> = (0..rc.guests)
+        .map(|g| (format!("demo-vm{g}"), rc.queues_per_guest))
+        .collect();
+    let placed = place_devices(&ctl, "demo", "vrio-demo", &ids)?;
+    let targets: Vec<_> = placed
+        .iter()
+        .map(|p| (device_key(&p.device_id), p.targets.clone()))
+        .collect();
+    println!(
+        "  controller {addr} (embedded, state in {}) placed {} queue(s) on io-1 and io-2",
+        state.display(),
+        targets.iter().map(|t| t.1.len()).sum::<usize>()
+    );
+    let agents: Vec<Arc<AttachedDevice>> = attach_guests_placed(
+        &guests,
+        &targets,
+        vrio_rdma::Backend::Soft,
+        None,
+        NotifyMode::Doorbell,
+    )?
+    .into_iter()
+    .map(Arc::new)
+    .collect();
+    let mut follower = follow_as_agent(
+        ctl.clone(),
+        ids.iter()
+            .map(|(id, _)| id.clone())
+            .zip(agents.iter().cloned())
+            .collect(),
+    )?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let cpu0 = vrio_core::cputime::process_cpu_ns();
+    let t0 = Instant::now();
+    let io = std::thread::scope(|s| {
+        let work = s.spawn(|| drive_guests(guests, rc, done, &stop));
+        while done.load(Relaxed) < total / 2 && !work.is_finished() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if !work.is_finished() {
+            match drain(&ctl, "io-1") {
+                Ok(n) => println!("  drained io-1 at 50%: the controller moved {n} queue(s) to io-2 while the guests ran"),
+                Err(e) => eprintln!("  drain failed: {e}"),
+            }
+        }
+        work.join()
+    })
+    .map_err(|_| "the guests' thread panicked")?;
+    let wall = t0.elapsed();
+    follower.stop();
+    let (mut moves, mut failovers) = (0, 0);
+    for d in &agents {
+        d.detach();
+        moves += d.stats().moves.load(Relaxed);
+        failovers += d.stats().failovers.load(Relaxed);
+    }
+    for m in members.iter_mut() {
+        m.stop();
+    }
+    let mut stats = servers[0].sidecore_stats();
+    let s2 = servers[1].sidecore_stats();
+    stats.requests += s2.requests;
+    stats.bytes += s2.bytes;
+    stats.errors += s2.errors;
+    stats.busy_ns += s2.busy_ns;
+    stats.polls += s2.polls;
+    stats.empty_polls += s2.empty_polls;
+    let served: Vec<u64> = servers
+        .iter()
+        .map(|s| s.stats().snapshot().requests)
+        .collect();
+    let device_cpu_ns = servers.iter().map(|s| s.stop()).sum();
+    controller.stop();
+    let _ = std::fs::remove_dir_all(&state);
+    println!(
+        "  controlled: {moves} live handover(s), {failovers} failover(s); io-1 served {}, io-2 served {} requests",
+        served[0], served[1]
+    );
+    Ok(ModelReport {
+        model: format!(
+            "remote via controller x{}x2 (drain at 50%)",
+            sidecores.max(1)
+        ),
+        io,
+        wall,
+        device_cpu_ns,
+        process_cpu_ns: vrio_core::cputime::process_cpu_ns().saturating_sub(cpu0),
+        stats,
+    })
 }
