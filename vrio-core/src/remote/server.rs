@@ -3,7 +3,6 @@
 //! loaded one. Queues move between its sidecores as whole objects
 //! ([`IoServer::move_queue`]): the ring state travels with the queue.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
@@ -60,6 +59,7 @@ pub enum ServerError {
 
 /// A queue a sidecore serves.
 struct Served {
+    name: String,
     sidecore: usize,
     id: u64,
     alive: Weak<()>,
@@ -68,19 +68,21 @@ struct Served {
 /// The sidecores and which queue each serves.
 struct Sidecores {
     handles: Vec<SidecoreHandle>,
-    queues: HashMap<String, Served>,
+    /// In attach order. Names are unique per controller, but two VM hosts
+    /// without one may reuse device ids: a clash never evicts a queue.
+    queues: Vec<Served>,
 }
 
 impl Sidecores {
     /// Forgets queues their sidecore dropped (detached, failed, handed back).
     fn prune(&mut self) {
-        self.queues.retain(|_, s| s.alive.strong_count() > 0);
+        self.queues.retain(|s| s.alive.strong_count() > 0);
     }
 
     fn load(&mut self) -> Vec<usize> {
         self.prune();
         let mut n = vec![0; self.handles.len()];
-        for s in self.queues.values() {
+        for s in &self.queues {
             n[s.sidecore] += 1;
         }
         n
@@ -101,25 +103,26 @@ impl Sidecores {
         };
         let name = q.name().to_string();
         let alive = q.liveness();
-        if let Some(old) = self.queues.get(&name) {
-            // A reconnect raced the old queue's failure: the new one wins.
-            tracing::warn!(queue = %name, sidecore = old.sidecore, "replacing a queue of the same name");
-            if let Some(h) = self.handles.get(old.sidecore) {
-                let _ = h.remove(old.id);
-            }
+        if self.find(&name).is_some() {
+            tracing::warn!(queue = %name, "two live queues share a name; moves by name reach the newer");
         }
         let id = self.handles[k]
             .add(Box::new(q))
             .map_err(|e| ServerError::Sidecore(e.to_string()))?;
-        self.queues.insert(
-            name.clone(),
-            Served {
-                sidecore: k,
-                id,
-                alive,
-            },
-        );
+        self.queues.push(Served {
+            name: name.clone(),
+            sidecore: k,
+            id,
+            alive,
+        });
         Ok((name, k))
+    }
+
+    /// The newest live queue called `name`.
+    fn find(&self, name: &str) -> Option<usize> {
+        self.queues
+            .iter()
+            .rposition(|s| s.name == name && s.alive.strong_count() > 0)
     }
 }
 
@@ -150,7 +153,7 @@ impl IoServer {
         }
         let sidecores = Arc::new(Mutex::new(Sidecores {
             handles: scs,
-            queues: HashMap::new(),
+            queues: Vec::new(),
         }));
         let stats = Arc::new(RemoteStats::default());
         let stop = Arc::new(AtomicBool::new(false));
@@ -245,7 +248,7 @@ impl IoServer {
         let mut v: Vec<_> = scs
             .queues
             .iter()
-            .map(|(n, s)| (n.clone(), s.sidecore))
+            .map(|s| (s.name.clone(), s.sidecore))
             .collect();
         v.sort();
         v
@@ -264,10 +267,10 @@ impl IoServer {
         if to >= n {
             return Err(ServerError::NoSuchSidecore(to, n));
         }
-        let Some(s) = scs.queues.get(name) else {
+        let Some(i) = scs.find(name) else {
             return Err(ServerError::NoSuchQueue(name.to_string()));
         };
-        let (from, id) = (s.sidecore, s.id);
+        let (from, id) = (scs.queues[i].sidecore, scs.queues[i].id);
         if from == to {
             return Ok(());
         }
@@ -275,16 +278,15 @@ impl IoServer {
             .remove(id)
             .map_err(|e| ServerError::Sidecore(e.to_string()))?;
         let Some(q) = q else {
-            scs.queues.remove(name);
+            // Dropped by its sidecore meanwhile (failed or handed back).
+            scs.queues.remove(i);
             return Err(ServerError::NoSuchQueue(name.to_string()));
         };
         let id = scs.handles[to]
             .add(q)
             .map_err(|e| ServerError::Sidecore(e.to_string()))?;
-        if let Some(s) = scs.queues.get_mut(name) {
-            s.sidecore = to;
-            s.id = id;
-        }
+        scs.queues[i].sidecore = to;
+        scs.queues[i].id = id;
         self.sidecore_moves.fetch_add(1, Relaxed);
         tracing::info!(queue = %name, from, to, "queue moved between sidecores");
         Ok(())
