@@ -11,15 +11,58 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 use tonic::Code;
-use vrio_control::client::{connect, Client};
+use vrio_control::client::{connect_with, Client};
 use vrio_control::pb;
 use vrio_core::remote::{device_key, queue_name, AttachedDevice, IoServer, LinkState, QueueTarget};
 
 /// How to reach the controller.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ControlOpts {
     pub addr: String,
     pub token: Option<String>,
+    /// Mutual TLS (see [`TlsArgs`]); None for plain HTTP/2.
+    pub tls: Option<vrio_control::tls::ClientTls>,
+}
+
+/// Command-line flags for mutual TLS to the controller, shared by the
+/// binaries that talk to it.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// CA certificate (PEM) that signed the controller's certificate; turns
+    /// TLS on, together with --tls-cert and --tls-key.
+    #[arg(long, env = "VRIO_TLS_CA", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// This client's certificate (PEM), signed by the controller's client CA.
+    #[arg(long, env = "VRIO_TLS_CERT", requires = "tls_ca")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// This client's private key (PEM).
+    #[arg(long, env = "VRIO_TLS_KEY", requires = "tls_ca")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Name the controller's certificate carries.
+    #[arg(long, env = "VRIO_TLS_DOMAIN", default_value = "localhost")]
+    pub tls_domain: String,
+}
+
+impl TlsArgs {
+    pub fn load(&self) -> Result<Option<vrio_control::tls::ClientTls>, ControlGlueError> {
+        match (&self.tls_ca, &self.tls_cert, &self.tls_key) {
+            (Some(ca), Some(cert), Some(key)) => {
+                let f = vrio_control::tls::TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    ca: ca.clone(),
+                };
+                Ok(Some(vrio_control::tls::ClientTls::load(
+                    &f,
+                    &self.tls_domain,
+                )?))
+            }
+            (None, None, None) => Ok(None),
+            _ => Err(ControlGlueError::Placement(
+                "--tls-ca, --tls-cert and --tls-key go together".into(),
+            )),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +75,8 @@ pub enum ControlGlueError {
     Placement(String),
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] vrio_control::tls::TlsError),
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
@@ -125,7 +170,7 @@ pub fn join_as_server(
     };
     Ok(Background::spawn("vrio-control", move |stop| async move {
         let client = loop {
-            match connect(&ctl.addr, ctl.token.as_deref()).await {
+            match connect_with(&ctl.addr, ctl.token.as_deref(), ctl.tls.as_ref()).await {
                 Ok(c) => break c,
                 Err(e) => {
                     tracing::warn!(error = %e, "controller unreachable; retrying");
@@ -253,7 +298,7 @@ pub fn place_devices(
 ) -> Result<Vec<Placed>, ControlGlueError> {
     let rt = runtime()?;
     rt.block_on(async {
-        let mut client = connect(&ctl.addr, ctl.token.as_deref()).await?;
+        let mut client = connect_with(&ctl.addr, ctl.token.as_deref(), ctl.tls.as_ref()).await?;
         let mut assigned = Vec::new();
         for (id, queues) in devices {
             let req = pb::AttachDeviceRequest {
@@ -345,14 +390,15 @@ pub fn follow_as_agent(
     Ok(Background::spawn("vrio-follow", move |stop| async move {
         let run = async {
             loop {
-                let mut client = match connect(&ctl.addr, ctl.token.as_deref()).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "controller unreachable; retrying");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                        continue;
-                    }
-                };
+                let mut client =
+                    match connect_with(&ctl.addr, ctl.token.as_deref(), ctl.tls.as_ref()).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "controller unreachable; retrying");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            continue;
+                        }
+                    };
                 if let Err(e) = follow_once(&mut client, &devices).await {
                     tracing::warn!(error = %e, "lost the controller; reconnecting");
                 }
@@ -466,6 +512,7 @@ pub fn embedded_controller(
         token: Some(token.to_string()),
         tick: Duration::from_millis(100),
         rebalance_every: None,
+        tls: None,
     };
     let bg = Background::spawn("vrio-controller", move |stop| async move {
         let listener = match tokio::net::TcpListener::from_std(listener) {
@@ -495,7 +542,8 @@ pub fn wait_for_servers(
     rt.block_on(async {
         let deadline = Instant::now() + within;
         loop {
-            if let Ok(mut c) = connect(&ctl.addr, ctl.token.as_deref()).await {
+            if let Ok(mut c) = connect_with(&ctl.addr, ctl.token.as_deref(), ctl.tls.as_ref()).await
+            {
                 if let Ok(m) = server_addresses(&mut c).await {
                     if m.values().filter(|(_, alive)| *alive).count() >= n {
                         return Ok(());
@@ -517,7 +565,7 @@ pub fn wait_for_servers(
 pub fn drain(ctl: &ControlOpts, server_id: &str) -> Result<usize, ControlGlueError> {
     let rt = runtime()?;
     rt.block_on(async {
-        let mut c = connect(&ctl.addr, ctl.token.as_deref()).await?;
+        let mut c = connect_with(&ctl.addr, ctl.token.as_deref(), ctl.tls.as_ref()).await?;
         let r = c
             .drain_server(pb::DrainServerRequest {
                 server_id: server_id.to_string(),

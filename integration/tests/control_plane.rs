@@ -352,3 +352,80 @@ async fn killed_controller_restarts_with_every_assignment() {
     assert_eq!(stats["alive_servers"], 2);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Writes a CA and two leaves it signs (the controller for localhost, an
+/// operator) as PEM files; returns (ca, controller cert, key, operator cert, key).
+fn write_pki(dir: &Path) -> [PathBuf; 5] {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap();
+    let paths = ["ca.pem", "ctl.pem", "ctl.key", "op.pem", "op.key"].map(|n| dir.join(n));
+    std::fs::write(&paths[0], ca.pem()).unwrap();
+    for (i, sans) in [
+        (1, vec!["localhost".to_string()]),
+        (3, vec!["operator".to_string()]),
+    ] {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(sans)
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        std::fs::write(&paths[i], cert.pem()).unwrap();
+        std::fs::write(&paths[i + 1], key.serialize_pem()).unwrap();
+    }
+    paths
+}
+
+/// The binaries over mutual TLS: vrio-ctl with a certificate from the
+/// controller's CA gets in; without one, or in plaintext, it is refused
+/// with an error that says so.
+#[test]
+fn ctl_talks_to_the_controller_over_mutual_tls() {
+    let (controller, ctl_bin) = bins();
+    let dir = std::env::temp_dir().join(format!("vrio-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let [ca, cert, key, op_cert, op_key] = write_pki(&dir);
+    let c = start_controller(
+        &controller,
+        &[
+            "--memory",
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+            "--tls-client-ca",
+            ca.to_str().unwrap(),
+        ],
+    );
+    let tls = [
+        "--tls-ca",
+        ca.to_str().unwrap(),
+        "--tls-cert",
+        op_cert.to_str().unwrap(),
+        "--tls-key",
+        op_key.to_str().unwrap(),
+    ];
+    let args: Vec<&str> = tls.iter().copied().chain(["stats", "--json"]).collect();
+    let stats = json(ctl(&ctl_bin, &c.addr, Some(TOKEN), &args));
+    assert_eq!(stats["servers"], 0, "{stats}");
+    // Plaintext to the TLS port.
+    let out = ctl(&ctl_bin, &c.addr, Some(TOKEN), &["stats"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--tls-ca"), "should point at TLS: {err}");
+    // TLS, but no client certificate: only the CA.
+    let out = ctl(
+        &ctl_bin,
+        &c.addr,
+        Some(TOKEN),
+        &["--tls-ca", ca.to_str().unwrap(), "stats"],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("tls-cert"),
+        "should say what is missing: {err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -151,7 +151,7 @@ fn polled_and_adaptive_queues_move_every_100ms_without_loss_or_duplicates() {
 #[test]
 fn failover_re_serves_in_flight_requests_and_loses_nothing() {
     let backend = Arc::new(MemoryBackend::new(6 * 128 * 4096));
-    let mut dying = server(&backend);
+    let dying = server(&backend);
     let survivor = server(&backend);
     let rc = run_config(3_000);
     let guests = make_guests(&rc).unwrap();

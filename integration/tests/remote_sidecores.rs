@@ -138,7 +138,7 @@ fn post_raw(
 fn hostile_guest_cannot_hurt_the_server_or_other_guests() {
     let server_domain = soft();
     let backend = Arc::new(MemoryBackend::new(64 << 20));
-    let mut server = IoServer::start(
+    let server = IoServer::start(
         server_domain,
         backend.clone(),
         IoServerConfig {
@@ -163,7 +163,7 @@ fn hostile_guest_cannot_hurt_the_server_or_other_guests() {
     let side = hostile.device_side(0).unwrap();
     let layout = side.layout;
     let hmem = hostile.memory().clone();
-    let mut hdev = attach(
+    let hdev = attach(
         soft(),
         server.addr(),
         DeviceAttach {
@@ -197,7 +197,7 @@ fn hostile_guest_cannot_hurt_the_server_or_other_guests() {
     let good = vrio_core::models::make_guests(&rc).unwrap();
     let gmem = good[0].memory().clone();
     let gside = good[0].device_side(0).unwrap();
-    let mut gdev = attach(
+    let gdev = attach(
         soft(),
         server.addr(),
         DeviceAttach {
@@ -398,7 +398,7 @@ fn hostile_guest_cannot_hurt_the_server_or_other_guests() {
     };
     let g3 = vrio_core::models::make_guests(&rc3).unwrap();
     let s3 = g3[0].device_side(0).unwrap();
-    let mut d3 = attach(
+    let d3 = attach(
         soft(),
         server.addr(),
         DeviceAttach {
@@ -426,7 +426,7 @@ fn hostile_guest_cannot_hurt_the_server_or_other_guests() {
 fn oversized_request_fails_with_an_error_status_not_silently() {
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
     use vrio_core::ring::{DriverQueue, RingLayout, Segment};
-    let mut server = IoServer::start(
+    let server = IoServer::start(
         soft(),
         Arc::new(MemoryBackend::new(16 << 20)),
         IoServerConfig::default(),
@@ -442,7 +442,7 @@ fn oversized_request_fails_with_an_error_status_not_silently() {
     drv.init(&*mem).unwrap();
     let kick = EventFd::new(EFD_NONBLOCK).unwrap();
     let call = EventFd::new(EFD_NONBLOCK).unwrap();
-    let mut dev = attach(
+    let dev = attach(
         soft(),
         server.addr(),
         DeviceAttach {

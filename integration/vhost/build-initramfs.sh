@@ -1,10 +1,11 @@
 #!/bin/bash
 # Builds the vhost-user-blk guest image: busybox, the stock virtio_blk and
 # ext4 modules of the host's Debian kernel, e2fsprogs (mke2fs, e2fsck) with
-# their libraries, and the script the guest runs as /vrio/run.sh.
+# their libraries, and the script the guest runs as /vrio/run.sh; with
+# FIO=1 also fio, its libraries and the dynamic loader (for compare.sh).
 #
 # Usage: build-initramfs.sh OUT.cpio.gz GUEST-SCRIPT
-# Env:   KVER (default: newest /boot/vmlinuz-*-amd64)
+# Env:   KVER (default: newest /boot/vmlinuz-*-amd64), FIO (0)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 OUT=${1:?usage: build-initramfs.sh OUT.cpio.gz GUEST-SCRIPT}
@@ -70,6 +71,13 @@ for b in mke2fs e2fsck; do
   copy_with_libs "$p" "/usr/sbin/$b"
 done
 ln -sf mke2fs "$ROOT/usr/sbin/mkfs.ext4"
+if [ "${FIO:-0}" = 1 ]; then
+  [ -x /usr/bin/fio ] || { echo "missing host tool fio (run scripts/setup.sh)" >&2; exit 1; }
+  rm -f "$ROOT/usr/bin/fio"
+  copy_with_libs /usr/bin/fio /usr/bin/fio
+  # fio links ceph, gluster and friends: keep the image small.
+  find "$ROOT/usr/lib" "$ROOT/usr/lib64" -name '*.so*' -type f -exec strip --strip-unneeded {} + 2>/dev/null || true
+fi
 [ -f /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$ROOT/etc/"
 install -m 0755 "$SCRIPT" "$ROOT/vrio/run.sh"
 

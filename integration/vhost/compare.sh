@@ -1,35 +1,73 @@
 #!/bin/bash
-# vrio (vrio-client vhost-user-blk -> soft fabric -> vrio-server) against
-# qemu-storage-daemon's vhost-user-blk export, same guest, same dd runs
-# (bench.sh), measured in the same invocation. Prints a table of MiB/s and
-# the vrio/qsd ratio, and writes JSON. Under TCG both sides are dominated by
-# emulation: read the ratios, not the absolute numbers.
+# Three vhost-user-blk back-ends, same guest, same fio runs (fio.sh),
+# measured in the same invocation:
+#   qsd    qemu-storage-daemon's vhost-user-blk export (the baseline),
+#   local  vrio-client --local-file: a local sidecore on the VM host,
+#   remote vrio-client -> soft fabric -> vrio-server (remote sidecore).
+# Each back-end serves a raw file in the same temp dir. Prints a table of
+# IOPS and MiB/s with each vrio back-end's ratio to qsd, and writes JSON.
+# Under TCG every back-end is dominated by emulation: read the ratios, not
+# the absolute numbers.
 #
 # Usage: compare.sh VRIO-SERVER VRIO-CLIENT [OUT.json]
+# Env:   FIOTIME (seconds per workload, 5), NQ (1), MEM (1024 MiB)
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 SERVER=${1:?usage: compare.sh VRIO-SERVER VRIO-CLIENT [OUT.json]}
 CLIENT=${2:?vrio-client missing}
 OUT=${3:-vhost-compare.json}
 command -v qemu-storage-daemon > /dev/null || { echo "qemu-storage-daemon missing (qemu-utils; run scripts/setup.sh)"; exit 1; }
-declare -A R
-for b in qsd vrio; do
-  log=$(BACKEND=$b CHECKS=0 NQ=${NQ:-1} "$HERE/run.sh" "$SERVER" "$CLIENT" "$HERE/bench.sh" 2>&1)
-  grep -q "RESULT: PASS" <<< "$log" || { echo "$log" | tail -40; echo "compare: the $b run failed"; exit 1; }
-  while read -r _ name mib secs; do R[$b.$name]="$mib $secs"; done < <(grep -a "^BENCH " <<< "$log" | tr -d '\r')
+command -v fio > /dev/null || { echo "fio missing on the host (run scripts/setup.sh)"; exit 1; }
+command -v python3 > /dev/null || { echo "python3 missing (parses fio's JSON)"; exit 1; }
+LOGS=$(mktemp -d "${TMPDIR:-/tmp}/vrio-compare.XXXXXX")
+trap 'rm -rf "$LOGS"' EXIT
+for b in qsd local vrio; do
+  echo "compare: $b ..."
+  BACKEND=$b CHECKS=0 FIO=1 SERIAL_TAIL=100000 NQ=${NQ:-1} MEM=${MEM:-1024} TMO=${TMO:-600} \
+    APPEND="fiotime=${FIOTIME:-5}" "$HERE/run.sh" "$SERVER" "$CLIENT" "$HERE/fio.sh" > "$LOGS/$b.log" 2>&1
+  grep -q "RESULT: PASS" "$LOGS/$b.log" || { tail -60 "$LOGS/$b.log"; echo "compare: the $b run failed"; exit 1; }
 done
-printf "%-22s %12s %12s %12s\n" workload "qsd MiB/s" "vrio MiB/s" "vrio/qsd"
-json="["
-sep=
-for name in seq-write-1M-direct seq-read-1M-direct write-4k-direct-qd1 read-4k-direct-qd1 seq-read-buffered; do
-  read -r mib qs <<< "${R[qsd.$name]:-0 0}"
-  read -r _ vs <<< "${R[vrio.$name]:-0 0}"
-  line=$(awk -v m="$mib" -v q="$qs" -v v="$vs" 'BEGIN{ qr = q > 0 ? m/q : 0; vr = v > 0 ? m/v : 0; printf "%.1f %.1f %.3f", qr, vr, (qr > 0 ? vr/qr : 0) }')
-  read -r qr vr ratio <<< "$line"
-  printf "%-22s %12s %12s %12s\n" "$name" "$qr" "$vr" "$ratio"
-  json+="$sep{\"workload\":\"$name\",\"mib\":$mib,\"qsd_s\":$qs,\"vrio_s\":$vs,\"qsd_mib_s\":$qr,\"vrio_mib_s\":$vr,\"ratio\":$ratio}"
-  sep=,
-done
-json+="]"
-echo "$json" > "$OUT"
-echo "compare: wrote $OUT"
+python3 - "$LOGS" "$OUT" <<'PY'
+import json, sys
+logs, out = sys.argv[1], sys.argv[2]
+names = {"qsd": "qsd", "local": "vrio-local", "vrio": "vrio-remote"}
+
+def parse(path):
+    """name -> (iops, MiB/s) from the FIO-BEGIN/END blocks of a serial log."""
+    res, cur, buf = {}, None, []
+    for line in open(path, errors="replace"):
+        line = line.rstrip("\r\n")
+        if line.startswith("FIO-BEGIN "):
+            cur, buf = line.split()[1], []
+        elif line.startswith("FIO-END ") and cur:
+            text = "\n".join(buf)
+            job = json.loads(text[text.index("{"):])["jobs"][0]
+            side = job["read"] if job["read"]["io_bytes"] > 0 else job["write"]
+            res[cur] = (side["iops"], side["bw_bytes"] / (1 << 20))
+            cur = None
+        elif cur:
+            buf.append(line)
+    return res
+
+r = {b: parse(f"{logs}/{b}.log") for b in names}
+order = ["seq-read-1M", "seq-write-1M", "rand-read-4k-qd1", "rand-read-4k-qd32",
+         "rand-write-4k-qd1", "rand-write-4k-qd32"]
+missing = [(b, w) for b in names for w in order if w not in r[b]]
+if missing:
+    sys.exit(f"compare: no fio result for {missing}")
+hdr = f"{'workload':20} {'qsd IOPS':>10} {'qsd MiB/s':>10} {'local IOPS':>11} {'local/qsd':>10} {'remote IOPS':>12} {'remote/qsd':>11}"
+print(hdr)
+rows = []
+for w in order:
+    q, l, v = r["qsd"][w], r["local"][w], r["vrio"][w]
+    lr = l[0] / q[0] if q[0] else 0.0
+    vr = v[0] / q[0] if q[0] else 0.0
+    print(f"{w:20} {q[0]:10.0f} {q[1]:10.1f} {l[0]:11.0f} {lr:10.3f} {v[0]:12.0f} {vr:11.3f}")
+    rows.append({"workload": w,
+                 **{f"{names[b]}_iops": round(r[b][w][0], 1) for b in names},
+                 **{f"{names[b]}_mib_s": round(r[b][w][1], 2) for b in names},
+                 "local_ratio": round(lr, 3), "remote_ratio": round(vr, 3)})
+json.dump({"baseline": "qsd", "ratio": "IOPS / qsd IOPS (same as MiB/s ratio)",
+           "results": rows}, open(out, "w"), indent=1)
+print(f"compare: wrote {out}")
+PY

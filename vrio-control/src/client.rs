@@ -1,4 +1,5 @@
-//! Connecting to the controller with a bearer token.
+//! Connecting to the controller with a bearer token, over plain HTTP/2 or
+//! mutual TLS.
 
 use crate::auth::AddToken;
 use crate::pb::control_client::ControlClient;
@@ -23,19 +24,42 @@ pub enum ConnectError {
     },
     #[error("{0}")]
     Token(tonic::Status),
+    #[error("TLS setup for {addr}: {source}")]
+    Tls {
+        addr: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
 }
 
 /// Connects to `addr` (`host:port` or `http://host:port`).
 pub async fn connect(addr: &str, token: Option<&str>) -> Result<Client, ConnectError> {
-    let uri = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
+    connect_with(addr, token, None).await
+}
+
+/// Connects to `addr`, over mutual TLS when `tls` is given.
+pub async fn connect_with(
+    addr: &str,
+    token: Option<&str>,
+    tls: Option<&crate::tls::ClientTls>,
+) -> Result<Client, ConnectError> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let uri = match addr.split_once("://") {
+        Some((_, rest)) => format!("{scheme}://{rest}"),
+        None => format!("{scheme}://{addr}"),
     };
-    let endpoint = Endpoint::from_shared(uri).map_err(|source| ConnectError::Address {
+    let mut endpoint = Endpoint::from_shared(uri).map_err(|source| ConnectError::Address {
         addr: addr.to_string(),
         source,
     })?;
+    if let Some(t) = tls {
+        endpoint = endpoint
+            .tls_config(t.config())
+            .map_err(|source| ConnectError::Tls {
+                addr: addr.to_string(),
+                source,
+            })?;
+    }
     let channel = endpoint
         .connect()
         .await

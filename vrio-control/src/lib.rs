@@ -17,6 +17,7 @@ pub mod state;
 pub mod store;
 #[cfg(feature = "etcd")]
 pub mod store_etcd;
+pub mod tls;
 
 /// Generated protobuf and gRPC types.
 pub mod pb {

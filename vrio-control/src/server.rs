@@ -28,6 +28,8 @@ pub struct ServeOptions {
     pub tick: Duration,
     /// How often the placement policy may rebalance; None disables it.
     pub rebalance_every: Option<Duration>,
+    /// Mutual TLS; None serves plain HTTP/2 (loopback and test setups).
+    pub tls: Option<crate::tls::ServerTls>,
 }
 
 impl Default for ServeOptions {
@@ -36,6 +38,7 @@ impl Default for ServeOptions {
             token: None,
             tick: Duration::from_millis(500),
             rebalance_every: Some(Duration::from_secs(5)),
+            tls: None,
         }
     }
 }
@@ -85,6 +88,11 @@ pub async fn serve(
     let maintenance = spawn_maintenance(ctrl.clone(), &opts);
     let svc = ControlService::new(ctrl);
     let mut builder = tonic::transport::Server::builder();
+    if let Some(t) = &opts.tls {
+        builder = builder.tls_config(t.config())?;
+    } else {
+        tracing::warn!("TLS is off: tokens and placement travel in the clear");
+    }
     let router = match &opts.token {
         Some(t) => {
             health_reporter

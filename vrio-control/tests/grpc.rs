@@ -35,6 +35,7 @@ async fn start(lease_ttl_ms: u64) -> (String, tokio::sync::oneshot::Sender<()>) 
         token: Some(TOKEN.into()),
         tick: Duration::from_millis(20),
         rebalance_every: None,
+        tls: None,
     };
     tokio::spawn(async move {
         serve(listener, ctrl, opts, async {

@@ -7,7 +7,8 @@
 //!   verified when read back.
 //! - `vrio-client vhost-user-blk`: a vhost-user-blk back-end, so an
 //!   unmodified VMM (QEMU `vhost-user-blk-pci`) and its guest's stock
-//!   virtio_blk driver are served by the I/O server.
+//!   virtio_blk driver are served by the I/O server, or (`--local-file`)
+//!   by a local sidecore on a disk image, the local model to compare with.
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -17,10 +18,16 @@ use std::time::{Duration, Instant};
 use std::path::PathBuf;
 
 use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
+use vrio_core::blk::{BlockBackend, BlockConfig, FileBackend};
 use vrio_core::guest::WorkloadConfig;
-use vrio_core::models::{attach_guests, drive_guests, make_guests, RunConfig};
+use vrio_core::models::{
+    attach_guests, attach_guests_placed, drive_guests, make_guests, RunConfig,
+};
+use vrio_core::remote::{device_key, AttachedDevice};
 use vrio_core::remote::{AgentConfig, NotifyMode};
-use vrio_core::vhost_user::{fetch_config, serve, FrontConfig};
+use vrio_core::sidecore::{SidecoreConfig, SidecoreThread};
+use vrio_core::vhost_user::{fetch_config, serve, FrontConfig, LocalFront, RemoteFront, Serving};
+use vrio_examples::control::{follow_as_agent, place_devices, ControlOpts};
 use vrio_examples::{
     backend_name, init_tracing, print_table, resolve_fabric, FabricChoice, Progress,
 };
@@ -52,7 +59,8 @@ impl Mode {
     long_about = None,
     after_help = "Examples:\n  \
         vrio-client synthetic --server 127.0.0.1:7420 --guests 4 --queues 2\n  \
-        vrio-client vhost-user-blk --socket /tmp/vub.sock --server 127.0.0.1:7420 --queues 2\n    \
+        vrio-client vhost-user-blk --socket /tmp/vub.sock --server 127.0.0.1:7420 --queues 2\n  \
+        vrio-client vhost-user-blk --socket /tmp/vub.sock --local-file disk.raw --queues 2\n    \
         (then QEMU: -object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem\n     \
         -chardev socket,id=vub0,path=/tmp/vub.sock -device vhost-user-blk-pci,chardev=vub0,num-queues=2)"
 )]
@@ -66,7 +74,7 @@ enum Cmd {
     /// Run verified synthetic guests against the I/O server.
     Synthetic(Args),
     /// Serve a vhost-user-blk socket (QEMU -device vhost-user-blk-pci) from
-    /// the I/O server.
+    /// the I/O server, or from a local sidecore with --local-file.
     VhostUserBlk(VhostArgs),
 }
 
@@ -78,6 +86,13 @@ struct VhostArgs {
     /// The I/O server's address (as vrio-server printed it).
     #[arg(long, default_value = "127.0.0.1:7420")]
     server: String,
+    /// Serve the vrings here, with a local sidecore on this raw disk image
+    /// (no I/O server).
+    #[arg(long, conflicts_with = "server")]
+    local_file: Option<PathBuf>,
+    /// With --local-file: create the image, or extend it, to this size.
+    #[arg(long, requires = "local_file")]
+    size_mib: Option<u64>,
     /// Queues offered to the VMM (match the VMM's num-queues).
     #[arg(long, default_value_t = 1)]
     queues: u16,
@@ -120,6 +135,9 @@ struct Args {
     /// Requests per queue.
     #[arg(long, default_value_t = 10_000)]
     requests: u64,
+    /// Run for this many seconds instead of a number of requests.
+    #[arg(long, conflicts_with = "requests")]
+    seconds: Option<f64>,
     /// Requests in flight per queue.
     #[arg(long, default_value_t = 16)]
     depth: u16,
@@ -144,6 +162,18 @@ struct Args {
     /// RDMA device for verbs (default: the first one).
     #[arg(long)]
     device: Option<String>,
+    /// Place the devices through this vrio-controller (host:port) instead
+    /// of --server, and follow its moves and failovers.
+    #[arg(long, conflicts_with = "server")]
+    controller: Option<String>,
+    /// VM id reported to the controller; device ids are <vm-id>-d<guest>.
+    #[arg(long, default_value = "synthetic", requires = "controller")]
+    vm_id: String,
+    /// Bearer token for the controller.
+    #[arg(long, env = "VRIO_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    #[command(flatten)]
+    tls: vrio_examples::control::TlsArgs,
 }
 
 fn main() -> ExitCode {
@@ -167,13 +197,14 @@ fn vhost_user_blk(a: &VhostArgs) -> Result<(), Box<dyn std::error::Error>> {
     if a.max_request_kib < 8 {
         return Err("--max-request-kib must be at least 8".into());
     }
+    if let Some(image) = &a.local_file {
+        return vhost_user_blk_local(a, image);
+    }
     let fabric = resolve_fabric(a.fabric, a.device.as_deref())?;
-    let cfg = FrontConfig {
+    let remote = RemoteFront {
         server: a.server.clone(),
         fabric,
         device: a.device.clone(),
-        queues: a.queues,
-        max_queue_size: a.max_queue_size,
         max_request: a.max_request_kib.saturating_mul(1024),
         device_id: a.device_id,
         agent: AgentConfig {
@@ -182,7 +213,7 @@ fn vhost_user_blk(a: &VhostArgs) -> Result<(), Box<dyn std::error::Error>> {
         },
     };
     let domain = Arc::from(vrio_rdma::open(fabric, a.device.as_deref())?);
-    let config = fetch_config(domain, &a.server, a.device_id << 16 | 0xffff, cfg.agent)?;
+    let config = fetch_config(domain, &a.server, a.device_id << 16 | 0xffff, remote.agent)?;
     // The first line is machine-readable: tests wait for it.
     println!(
         "vrio-client: vhost-user-blk on {} served by {} (fabric {}, {} queue(s), {} mode, {} sectors)",
@@ -191,12 +222,64 @@ fn vhost_user_blk(a: &VhostArgs) -> Result<(), Box<dyn std::error::Error>> {
         backend_name(fabric),
         a.queues,
         a.mode.notify().name(),
-        config
-            .get(..8)
-            .and_then(|b| b.try_into().ok())
-            .map(u64::from_le_bytes)
-            .unwrap_or(0)
+        capacity(&config)
     );
+    let cfg = FrontConfig {
+        serving: Serving::Remote(remote),
+        queues: a.queues,
+        max_queue_size: a.max_queue_size,
+    };
+    let once = a.once;
+    serve(&a.socket, &cfg, &config, || !once)?;
+    println!("vrio-client: the VMM disconnected, exiting");
+    Ok(())
+}
+
+fn capacity(config: &[u8]) -> u64 {
+    config
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+        .unwrap_or(0)
+}
+
+/// The local model: one sidecore on this host serves every vring straight
+/// from the guest memory the VMM shared, on a file image.
+fn vhost_user_blk_local(
+    a: &VhostArgs,
+    image: &std::path::Path,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let file = match a.size_mib {
+        Some(mib) => FileBackend::create(image, mib.saturating_mul(1 << 20))?,
+        None => FileBackend::open(image, false)?,
+    };
+    let backend: Arc<dyn BlockBackend> = Arc::new(file);
+    let sidecore = Arc::new(SidecoreThread::spawn(
+        "vhost-sidecore",
+        SidecoreConfig::default(),
+    )?);
+    let local = LocalFront {
+        backend,
+        blk: BlockConfig {
+            num_queues: a.queues,
+            ..BlockConfig::default()
+        },
+        sidecore,
+    };
+    let config = local.config_space();
+    // The first line is machine-readable: tests wait for it.
+    println!(
+        "vrio-client: vhost-user-blk on {} served by a local sidecore (file {}, {} queue(s), {} sectors)",
+        a.socket.display(),
+        image.display(),
+        a.queues,
+        capacity(&config)
+    );
+    let cfg = FrontConfig {
+        serving: Serving::Local(local),
+        queues: a.queues,
+        max_queue_size: a.max_queue_size,
+    };
     let once = a.once;
     serve(&a.socket, &cfg, &config, || !once)?;
     println!("vrio-client: the VMM disconnected, exiting");
@@ -221,13 +304,17 @@ fn run(a: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     if a.guests == 0 || a.queues == 0 || a.depth == 0 || a.blocks == 0 {
         return Err("--guests, --queues, --depth and --blocks must be at least 1".into());
     }
+    if a.seconds.is_some_and(|s| !(s > 0.0 && s < 1e9)) {
+        return Err("--seconds must be a positive number".into());
+    }
     let mode = a.mode.notify();
     let fabric = resolve_fabric(a.fabric, a.device.as_deref())?;
     let rc = RunConfig {
         guests: a.guests,
         queues_per_guest: a.queues,
         workload: WorkloadConfig {
-            requests: a.requests,
+            requests: if a.seconds.is_some() { 0 } else { a.requests },
+            duration: a.seconds.map(Duration::from_secs_f64),
             depth: a.depth,
             read_pct: a.read_pct,
             flush_pct: a.flush_pct,
@@ -239,16 +326,66 @@ fn run(a: &Args) -> Result<bool, Box<dyn std::error::Error>> {
         ..RunConfig::default()
     };
     let guests = make_guests(&rc)?;
-    let mut agents = attach_guests(&guests, &a.server, fabric, a.device.as_deref(), mode)?;
+    let (agents, where_, follower) = match &a.controller {
+        None => {
+            let agents = attach_guests(&guests, &a.server, fabric, a.device.as_deref(), mode)?;
+            (agents, a.server.clone(), None)
+        }
+        Some(addr) => {
+            let ctl = ControlOpts {
+                addr: addr.clone(),
+                token: a.token.clone(),
+                tls: a.tls.load()?,
+            };
+            let ids: Vec<(String, u16)> = (0..a.guests)
+                .map(|g| (format!("{}-d{g}", a.vm_id), a.queues))
+                .collect();
+            let placed = place_devices(&ctl, &a.vm_id, "vrio-client", &ids)?;
+            let targets: Vec<_> = placed
+                .iter()
+                .map(|p| (device_key(&p.device_id), p.targets.clone()))
+                .collect();
+            for p in &placed {
+                for (q, t) in p.targets.iter().enumerate() {
+                    println!(
+                        "vrio-client: device {} queue {q} placed on {} sidecore {}",
+                        p.device_id, t.server, t.sidecore
+                    );
+                }
+            }
+            let agents =
+                attach_guests_placed(&guests, &targets, fabric, a.device.as_deref(), mode)?;
+            (
+                agents,
+                format!("the servers controller {addr} chose"),
+                Some((ctl, ids)),
+            )
+        }
+    };
+    let agents: Vec<Arc<AttachedDevice>> = agents.into_iter().map(Arc::new).collect();
+    let mut follower = match follower {
+        Some((ctl, ids)) => Some(follow_as_agent(
+            ctl,
+            ids.into_iter()
+                .map(|(id, _)| id)
+                .zip(agents.iter().cloned())
+                .collect(),
+        )?),
+        None => None,
+    };
     println!(
         "vrio-client: {} guest(s) x {} queue(s) attached to {} (fabric {}, {} mode)",
         a.guests,
         a.queues,
-        a.server,
+        where_,
         backend_name(fabric),
         mode.name()
     );
-    let total = a.requests * u64::from(a.guests) * u64::from(a.queues);
+    // 0: as many as the run's duration allows.
+    let total = match a.seconds {
+        Some(_) => 0,
+        None => a.requests * u64::from(a.guests) * u64::from(a.queues),
+    };
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let progress = Progress::start("remote guests".into(), done.clone(), total);
@@ -256,12 +393,17 @@ fn run(a: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     let io = drive_guests(guests, &rc, &done, &stop);
     let wall = t0.elapsed();
     progress.finish();
-    let (mut cpu, mut doorbells, mut interrupts) = (0, 0, 0);
-    for d in agents.iter_mut() {
+    if let Some(f) = follower.as_mut() {
+        f.stop();
+    }
+    let (mut cpu, mut doorbells, mut interrupts, mut moves, mut failovers) = (0, 0, 0, 0, 0);
+    for d in agents.iter() {
         d.detach();
         cpu += d.stats().cpu_ns.load(Relaxed);
         doorbells += d.stats().doorbells.load(Relaxed);
         interrupts += d.stats().interrupts.load(Relaxed);
+        moves += d.stats().moves.load(Relaxed);
+        failovers += d.stats().failovers.load(Relaxed);
     }
     let n = io.completed.max(1) as f64;
     print_table(
@@ -273,6 +415,8 @@ fn run(a: &Args) -> Result<bool, Box<dyn std::error::Error>> {
             "VM-host CPU us/req",
             "doorbells",
             "interrupts",
+            "moves",
+            "failovers",
             "lost",
             "corrupt",
             "failed",
@@ -285,12 +429,15 @@ fn run(a: &Args) -> Result<bool, Box<dyn std::error::Error>> {
             format!("{:.2}", cpu as f64 / 1e3 / n),
             doorbells.to_string(),
             interrupts.to_string(),
+            moves.to_string(),
+            failovers.to_string(),
             io.lost.to_string(),
             io.corrupt.to_string(),
             (io.io_errors + io.protocol_errors).to_string(),
         ]],
     );
-    let ok = io.failures() == 0 && io.completed == total;
+    let total = if total == 0 { io.completed } else { total };
+    let ok = io.failures() == 0 && io.completed == total && total > 0;
     println!(
         "vrio-client: {} of {} requests verified, {} errors",
         io.completed,

@@ -28,6 +28,16 @@ struct Args {
     /// Keep state in memory only (lost on exit).
     #[arg(long)]
     memory: bool,
+    /// Serve mutual TLS with this certificate (PEM); needs --tls-key and
+    /// --tls-client-ca. Clients must present a certificate that CA signed.
+    #[arg(long, env = "VRIO_TLS_CERT", requires_all = ["tls_key", "tls_client_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, env = "VRIO_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) that signs the certificates of servers, agents and operators.
+    #[arg(long, env = "VRIO_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
     /// Keep state in etcd (comma-separated endpoints) and serve only while
     /// leader of the etcd election; standbys wait their turn.
     #[cfg(feature = "etcd")]
@@ -136,7 +146,19 @@ async fn run(args: Args) -> Result<(), String> {
         out.flush().map_err(|e| e.to_string())?;
     }
     tracing::info!(%addr, "vrio-controller listening");
+    let tls = match (&args.tls_cert, &args.tls_key, &args.tls_client_ca) {
+        (Some(cert), Some(key), Some(ca)) => Some(
+            vrio_control::tls::ServerTls::load(&vrio_control::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+            })
+            .map_err(|e| e.to_string())?,
+        ),
+        _ => None,
+    };
     let opts = ServeOptions {
+        tls,
         token,
         tick: Duration::from_millis(args.tick_ms.max(1)),
         rebalance_every: (args.rebalance_secs > 0)

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 use std::process::ExitCode;
 use tonic::Code;
-use vrio_control::client::{connect, Client};
+use vrio_control::client::{connect_with, Client};
 use vrio_control::pb;
 
 #[derive(Parser, Debug)]
@@ -26,6 +26,8 @@ struct Args {
     /// Bearer token.
     #[arg(long, env = "VRIO_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
+    #[command(flatten)]
+    tls: vrio_examples::control::TlsArgs,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -73,18 +75,30 @@ enum Cmd {
     },
 }
 
+/// println! that ends the program quietly when stdout is a closed pipe
+/// (`vrio-ctl servers | head`). SIGPIPE stays ignored, as Rust sets it, so a
+/// controller that drops the connection is an error, not a silent death.
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write;
+        if writeln!(std::io::stdout(), $($t)*).is_err() {
+            std::process::exit(0);
+        }
+    }};
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
-    // Die quietly on a closed pipe (`vrio-ctl servers | head`) like other
-    // CLI tools, instead of panicking in println!.
-    // SAFETY: signal() only resets the process-wide SIGPIPE disposition to
-    // its default; it touches no memory Rust manages and is thread-safe.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
     vrio_examples::init_tracing();
     let args = Args::parse();
-    let mut client = match connect(&args.addr, args.token.as_deref()).await {
+    let tls = match args.tls.load() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("vrio-ctl: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut client = match connect_with(&args.addr, args.token.as_deref(), tls.as_ref()).await {
         Ok(c) => c,
         Err(e) => {
             let mut msg = e.to_string();
@@ -96,6 +110,11 @@ async fn main() -> ExitCode {
                     msg = format!("{msg}: {text}");
                 }
                 source = s.source();
+            }
+            if tls.is_none() {
+                msg.push_str(
+                    " (if the controller serves TLS, pass --tls-ca, --tls-cert and --tls-key)",
+                );
             }
             eprintln!("vrio-ctl: {msg}");
             return ExitCode::FAILURE;
@@ -122,7 +141,28 @@ fn explain(s: &tonic::Status) -> String {
         Code::Unavailable => "controller unavailable",
         _ => "error",
     };
-    format!("{what}: {}", s.message())
+    let mut msg = format!("{what}: {}", s.message());
+    // The transport's own words, once (tonic repeats each layer's text).
+    let mut source = std::error::Error::source(s);
+    while let Some(e) = source {
+        let t = e.to_string();
+        if !msg.contains(&t) {
+            msg.push_str(": ");
+            msg.push_str(&t);
+        }
+        source = e.source();
+    }
+    if matches!(
+        s.code(),
+        Code::Unknown | Code::Cancelled | Code::Unavailable
+    ) || msg.contains("transport error")
+    {
+        msg.push_str(
+            " (the connection failed: is the address right, and does the controller \
+             serve TLS? then pass --tls-ca, --tls-cert and --tls-key)",
+        );
+    }
+    msg
 }
 
 async fn run(c: &mut Client, args: &Args) -> Result<(), tonic::Status> {
@@ -288,7 +328,7 @@ async fn run(c: &mut Client, args: &Args) -> Result<(), tonic::Status> {
             if args.json {
                 print_json(&json!({ "detached": device }));
             } else {
-                println!("detached {device}");
+                out!("detached {device}");
             }
         }
         Cmd::Watch {
@@ -305,9 +345,13 @@ async fn run(c: &mut Client, args: &Args) -> Result<(), tonic::Status> {
                 .into_inner();
             let mut seen = 0u64;
             if !args.json {
-                println!(
+                out!(
                     "{:<9} {:<10} {:<20} {:<22} {:<22} GEN",
-                    "EVENT", "REASON", "QUEUE", "FROM", "TO"
+                    "EVENT",
+                    "REASON",
+                    "QUEUE",
+                    "FROM",
+                    "TO"
                 );
             }
             while count.is_none_or(|n| seen < n) {
@@ -317,7 +361,7 @@ async fn run(c: &mut Client, args: &Args) -> Result<(), tonic::Status> {
                 seen += 1;
                 let a = e.assignment.clone().unwrap_or_default();
                 if args.json {
-                    println!(
+                    out!(
                         "{}",
                         json!({
                             "kind": event_kind(e.kind),
@@ -328,7 +372,7 @@ async fn run(c: &mut Client, args: &Args) -> Result<(), tonic::Status> {
                     );
                 } else {
                     let from = e.previous.as_ref().map(place).unwrap_or_else(|| "-".into());
-                    println!(
+                    out!(
                         "{:<9} {:<10} {:<20} {:<22} {:<22} {}",
                         event_kind(e.kind),
                         e.reason,
@@ -430,7 +474,7 @@ fn print_assignments(list: &[pb::Assignment], json: bool) {
 }
 
 fn print_json(v: &Value) {
-    println!(
+    out!(
         "{}",
         serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
     );
@@ -449,7 +493,7 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
             .zip(&width)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
-        println!("{}", s.join("  ").trim_end());
+        out!("{}", s.join("  ").trim_end());
     };
     line(header.to_vec());
     for r in rows {

@@ -232,6 +232,7 @@ fn run_controlled(
     let ctl = ControlOpts {
         addr: addr.clone(),
         token: Some(token),
+        tls: None,
     };
     let mut servers = Vec::new();
     let mut members = Vec::new();

@@ -80,6 +80,8 @@ struct Args {
     /// Bearer token for the controller.
     #[arg(long, env = "VRIO_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    #[command(flatten)]
+    tls: vrio_examples::control::TlsArgs,
 }
 
 fn main() -> ExitCode {
@@ -141,6 +143,7 @@ fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
                 ControlOpts {
                     addr: addr.clone(),
                     token: a.token.clone(),
+                    tls: a.tls.load()?,
                 },
                 id,
                 a.capacity,

@@ -1,13 +1,15 @@
-//! The vhost-user-blk back-end: virtio-blk features and config from the I/O
-//! server, and for every vring the VMM starts, a remote attachment through
-//! the VM-host agent.
+//! The vhost-user-blk back-end: virtio-blk features and config, and for
+//! every vring the VMM starts, someone to serve it: a remote attachment
+//! through the VM-host agent ([`Serving::Remote`]), or a local sidecore
+//! over the guest memory the VMM shared ([`Serving::Local`]).
 //!
-//! Each vring is attached on its own (one agent thread and one fabric
-//! domain per queue) when vhost-user-backend first reports it started and
-//! enabled, and detached when the VMM stops it (GET_VRING_BASE). The kick
+//! Each vring is attached on its own (remote: one agent thread and one
+//! fabric domain per queue; local: one `LocalQueue` on the shared sidecore)
+//! when vhost-user-backend first reports it started and enabled, and
+//! detached when the VMM stops it (GET_VRING_BASE). The kick
 //! fd stays with vhost-user-backend's epoll thread, which forwards kicks to
-//! the agent's kick eventfd; the agent's call eventfd is a listener on that
-//! same thread, which signals the vring's current call fd, so a VMM that
+//! the agent's (or sidecore queue's) kick eventfd; their call eventfd is a
+//! listener on that same thread, which signals the vring's current call fd, so a VMM that
 //! swaps call fds (masking) is still followed.
 
 use std::io;
@@ -28,10 +30,12 @@ use vmm_sys_util::event::{
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::blk::{device_features, BlockConfig};
+use crate::blk::{config_space, device_features, BlockBackend, BlockConfig, BlockDevice};
 use crate::memory::{GuestMemory, LocalMemory};
+use crate::models::{DeviceSide, LocalQueue};
 use crate::remote::{attach, AgentConfig, AttachedDevice, DeviceAttach, QueueAttach};
 use crate::ring::{RingFeatures, RingLayout};
+use crate::sidecore::SidecoreHandle;
 
 // Offsets in `struct virtio_blk_config` (§5.2.4).
 const SIZE_MAX_OFFSET: usize = 8;
@@ -43,16 +47,31 @@ const SEGMENT: u32 = 4096;
 type Mem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
 type Handler = VringEpollHandler<Arc<VrioBlkBackend>>;
 
-/// What the front needs to reach the I/O server.
+/// The front: what the VMM is offered and who serves the vrings.
 #[derive(Debug, Clone)]
 pub struct FrontConfig {
+    pub serving: Serving,
+    /// Queues offered to the VMM (and written into the config space).
+    pub queues: u16,
+    pub max_queue_size: u16,
+}
+
+/// Who serves the vrings.
+#[derive(Debug, Clone)]
+pub enum Serving {
+    /// A remote I/O server, through the VM-host agent and the fabric.
+    Remote(RemoteFront),
+    /// A sidecore on this host, over the guest memory from SET_MEM_TABLE.
+    Local(LocalFront),
+}
+
+/// What the front needs to reach the I/O server.
+#[derive(Debug, Clone)]
+pub struct RemoteFront {
     pub server: String,
     pub fabric: vrio_rdma::Backend,
     /// RDMA device for verbs (default: the first one).
     pub device: Option<String>,
-    /// Queues offered to the VMM (and written into the config space).
-    pub queues: u16,
-    pub max_queue_size: u16,
     /// Largest request (data, header and status) the I/O server accepts;
     /// the guest is held under it with SEG_MAX x SIZE_MAX, as virtio-blk
     /// has no field for a request's total size.
@@ -62,9 +81,66 @@ pub struct FrontConfig {
     pub agent: AgentConfig,
 }
 
+/// A local sidecore serving the vrings from a block back-end.
+#[derive(Clone)]
+pub struct LocalFront {
+    pub backend: Arc<dyn BlockBackend>,
+    /// The device every queue runs (limits, read-only).
+    pub blk: BlockConfig,
+    /// Shared by every queue and every VMM session of this daemon.
+    pub sidecore: Arc<SidecoreHandle>,
+}
+
+impl std::fmt::Debug for LocalFront {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalFront")
+            .field("capacity", &self.backend.capacity())
+            .field("blk", &self.blk)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalFront {
+    /// The device's config space, as [`VrioBlkBackend::new`] takes it.
+    pub fn config_space(&self) -> Vec<u8> {
+        config_space(&self.blk, self.backend.capacity())
+    }
+}
+
+impl Serving {
+    /// Largest request the server side takes, header and status included.
+    fn max_request(&self) -> u32 {
+        match self {
+            Serving::Remote(r) => r.max_request,
+            Serving::Local(l) => l.blk.max_request_bytes.saturating_add(SEGMENT),
+        }
+    }
+
+    fn read_only(&self) -> bool {
+        match self {
+            Serving::Remote(_) => false,
+            Serving::Local(l) => l.blk.read_only || l.backend.read_only(),
+        }
+    }
+
+    fn name(&self) -> String {
+        match self {
+            Serving::Remote(r) => format!("the I/O server {}", r.server),
+            Serving::Local(_) => "the local sidecore".into(),
+        }
+    }
+}
+
+/// Whoever serves one attached vring.
+enum Served {
+    Remote(AttachedDevice),
+    /// The queue's id on the local sidecore.
+    Local(u64),
+}
+
 #[derive(Default)]
 struct QueueState {
-    dev: Option<AttachedDevice>,
+    dev: Option<Served>,
     /// Our end of the kick we forward to the agent.
     kick: Option<EventFd>,
     /// Our end of the agent's interrupts (an epoll listener).
@@ -93,12 +169,14 @@ pub struct VrioBlkBackend {
 
 impl VrioBlkBackend {
     /// `server_config` is the config space the I/O server reported (see
-    /// [`super::fetch_config`]); its queue count is replaced by ours, as
-    /// every queue is attached on its own.
+    /// [`super::fetch_config`]) or [`LocalFront::config_space`]; its queue
+    /// count is replaced by ours, as every queue is attached on its own.
     pub fn new(cfg: FrontConfig, server_config: &[u8]) -> Self {
         let mut config = server_config.to_vec();
         // One segment of headroom for the header and status byte.
-        let seg_max = (cfg.max_request / SEGMENT).saturating_sub(1).max(1);
+        let seg_max = (cfg.serving.max_request() / SEGMENT)
+            .saturating_sub(1)
+            .max(1);
         let server_seg_max = config
             .get(SEG_MAX_OFFSET..SEG_MAX_OFFSET + 4)
             .and_then(|b| b.try_into().ok())
@@ -121,8 +199,8 @@ impl VrioBlkBackend {
             size_max: Some(SEGMENT),
             ..BlockConfig::default()
         };
-        let features =
-            device_features(&blk, false) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let features = device_features(&blk, cfg.serving.read_only())
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         let queues = (0..cfg.queues).map(|_| QueueState::default()).collect();
         Self {
             cfg,
@@ -144,7 +222,8 @@ impl VrioBlkBackend {
         }
     }
 
-    /// Number of queues currently attached to the I/O server.
+    /// Number of queues currently attached (to the I/O server or the local
+    /// sidecore).
     pub fn attached_queues(&self) -> usize {
         self.lock()
             .queues
@@ -199,9 +278,16 @@ impl VrioBlkBackend {
         if let (Some(call), Some(h)) = (&call, self.handler()) {
             let _ = h.unregister_listener(call.as_raw_fd(), EventSet::IN, self.call_event(q));
         }
-        if let Some(mut d) = dev {
-            d.detach();
-            tracing::info!(queue = q, "queue detached from the I/O server");
+        match (dev, &self.cfg.serving) {
+            (Some(Served::Remote(d)), _) => {
+                d.detach();
+                tracing::info!(queue = q, "queue detached from the I/O server");
+            }
+            (Some(Served::Local(id)), Serving::Local(l)) => match l.sidecore.remove(id) {
+                Ok(_) => tracing::info!(queue = q, "queue removed from the local sidecore"),
+                Err(e) => tracing::warn!(queue = q, error = %e, "cannot remove the queue"),
+            },
+            _ => {}
         }
         if let (Some((_, _, vring)), Some(idx)) = (ring, stopped_at) {
             vring.set_queue_next_avail(idx);
@@ -233,7 +319,7 @@ impl VrioBlkBackend {
                 qs.dev = Some(dev);
                 qs.kick = Some(kick);
                 qs.call = Some(call);
-                tracing::info!(queue = q, server = %self.cfg.server, "queue attached to the I/O server");
+                tracing::info!(queue = q, to = %self.cfg.serving.name(), "queue attached");
                 true
             }
             Err(e) => {
@@ -250,7 +336,7 @@ impl VrioBlkBackend {
         vring: &VringRwLock<Mem>,
         mem: Arc<LocalMemory>,
         acked: u64,
-    ) -> Result<(AttachedDevice, EventFd, EventFd, RingLayout), String> {
+    ) -> Result<(Served, EventFd, EventFd, RingLayout), String> {
         let (size, desc, avail, used, base) = {
             let v = vring.get_ref();
             let qu = v.get_queue();
@@ -262,10 +348,10 @@ impl VrioBlkBackend {
                 qu.next_avail(),
             )
         };
-        if base != 0 {
-            // The agent and the server both start a ring at index 0.
+        if base != 0 && matches!(self.cfg.serving, Serving::Local(_)) {
+            // LocalQueue starts a ring at 0 and has no way to resume.
             return Err(format!(
-                "the VMM resumes the ring at {base}; only fresh rings can be attached"
+                "the VMM resumes the ring at {base}; the local sidecore only takes fresh rings"
             ));
         }
         let layout = RingLayout::new(size, desc, avail, used).map_err(|e| e.to_string())?;
@@ -280,26 +366,27 @@ impl VrioBlkBackend {
         handler
             .register_listener(call.as_raw_fd(), EventSet::IN, self.call_event(q))
             .map_err(|e| format!("register the interrupt listener: {e}"))?;
-        let domain: Arc<dyn vrio_rdma::Domain> = Arc::from(
-            vrio_rdma::open(self.cfg.fabric, self.cfg.device.as_deref())
-                .map_err(|e| e.to_string())?,
-        );
-        let dev = attach(
-            domain,
-            &self.cfg.server,
-            DeviceAttach {
-                device_id: self.cfg.device_id << 16 | q as u64,
-                mem,
-                queues: vec![QueueAttach {
+        let features = RingFeatures::from_bits(acked);
+        let dev = match &self.cfg.serving {
+            Serving::Remote(r) => {
+                attach_remote(r, q, mem, layout, features, base, agent_kick, agent_call)
+            }
+            Serving::Local(l) => {
+                let side = DeviceSide {
+                    name: format!("vhost-user-blk/q{q}"),
+                    mem,
                     layout,
-                    features: RingFeatures::from_bits(acked),
+                    features,
                     kick: agent_kick,
                     call: agent_call,
-                    start: 0,
-                }],
-            },
-            self.cfg.agent,
-        );
+                };
+                let device = BlockDevice::new(l.backend.clone(), l.blk.clone());
+                LocalQueue::new(side, device)
+                    .map_err(|e| e.to_string())
+                    .and_then(|lq| l.sidecore.add(Box::new(lq)).map_err(|e| e.to_string()))
+                    .map(Served::Local)
+            }
+        };
         match dev {
             Ok(d) => Ok((d, kick, call, layout)),
             Err(e) => {
@@ -333,6 +420,43 @@ impl VrioBlkBackend {
             }
         }
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attach_remote(
+    r: &RemoteFront,
+    q: usize,
+    mem: Arc<LocalMemory>,
+    layout: RingLayout,
+    features: RingFeatures,
+    start: u16,
+    kick: EventFd,
+    call: EventFd,
+) -> Result<Served, String> {
+    let domain: Arc<dyn vrio_rdma::Domain> =
+        Arc::from(vrio_rdma::open(r.fabric, r.device.as_deref()).map_err(|e| e.to_string())?);
+    attach(
+        domain,
+        &r.server,
+        DeviceAttach {
+            device_id: r.device_id << 16 | q as u64,
+            mem,
+            queues: vec![QueueAttach {
+                layout,
+                features,
+                kick,
+                call,
+                // The VMM's vring base: after a stop (GET_VRING_BASE drains
+                // first) or a back-end crash (QEMU then takes used.idx),
+                // every request before it has completed, as the remote
+                // model completes in avail order.
+                start,
+            }],
+        },
+        r.agent,
+    )
+    .map(Served::Remote)
+    .map_err(|e| e.to_string())
 }
 
 /// How long a stopping vring may take to finish its requests.
@@ -468,20 +592,21 @@ impl VhostUserBackend for VrioBlkBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::blk::config_space;
     use crate::ring::layout::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
     use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SIZE_MAX};
 
     fn front(queues: u16, max_request: u32) -> FrontConfig {
         FrontConfig {
-            server: "127.0.0.1:1".into(),
-            fabric: vrio_rdma::Backend::Soft,
-            device: None,
+            serving: Serving::Remote(RemoteFront {
+                server: "127.0.0.1:1".into(),
+                fabric: vrio_rdma::Backend::Soft,
+                device: None,
+                max_request,
+                device_id: 7,
+                agent: AgentConfig::default(),
+            }),
             queues,
             max_queue_size: 256,
-            max_request,
-            device_id: 7,
-            agent: AgentConfig::default(),
         }
     }
 
@@ -538,6 +663,204 @@ mod tests {
         assert!(p.contains(VhostUserProtocolFeatures::MQ));
         assert_eq!(b.num_queues(), 2);
         assert_eq!(b.max_queue_size(), 256);
+        assert_eq!(b.attached_queues(), 0);
+    }
+}
+
+/// The local mode end to end without a VMM: the test plays the VMM (memory
+/// table, vring addresses, call fd) and the guest driver (rings, kicks).
+#[cfg(test)]
+mod local_tests {
+    use std::fs::File;
+    use std::os::fd::{FromRawFd, IntoRawFd};
+
+    use vhost_user_backend::VhostUserDaemon;
+    use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    use super::*;
+    use crate::blk::MemoryBackend;
+    use crate::ring::layout::VIRTIO_RING_F_EVENT_IDX;
+    use crate::ring::{DriverQueue, Segment};
+    use crate::sidecore::{SidecoreConfig, SidecoreThread};
+
+    const SIZE: u16 = 16;
+    const HDR: u64 = 0x10000;
+    const DATA: u64 = 0x11000;
+    const STATUS: u64 = 0x13000;
+
+    fn local_front(queues: u16, backend: Arc<dyn BlockBackend>) -> FrontConfig {
+        let sidecore = SidecoreThread::spawn("test-sidecore", SidecoreConfig::default()).unwrap();
+        FrontConfig {
+            serving: Serving::Local(LocalFront {
+                backend,
+                blk: BlockConfig::default(),
+                sidecore: Arc::new(sidecore),
+            }),
+            queues,
+            max_queue_size: 256,
+        }
+    }
+
+    /// One request on queue `q` (its rings at `base`), kicked and waited
+    /// for; returns the status byte.
+    #[allow(clippy::too_many_arguments)]
+    fn request(
+        b: &VrioBlkBackend,
+        vrings: &[VringRwLock<Mem>],
+        drv: &mut DriverQueue,
+        mem: &LocalMemory,
+        q: usize,
+        kind: u32,
+        sector: u64,
+        data: u64,
+    ) -> u8 {
+        let mut hdr = [0u8; 16];
+        hdr[0..4].copy_from_slice(&kind.to_le_bytes());
+        hdr[8..16].copy_from_slice(&sector.to_le_bytes());
+        mem.write(HDR, &hdr).unwrap();
+        mem.write(STATUS, &[0xff]).unwrap();
+        let seg = |addr, len| Segment { addr, len };
+        let (hdr_seg, data_seg, status_seg) = (seg(HDR, 16), seg(data, 4096), seg(STATUS, 1));
+        let (readable, writable) = if kind == VIRTIO_BLK_T_OUT {
+            (vec![hdr_seg, data_seg], vec![status_seg])
+        } else {
+            (vec![hdr_seg], vec![data_seg, status_seg])
+        };
+        drv.add(mem, &readable, &writable, false).unwrap();
+        drv.publish(mem).unwrap();
+        // The VMM's epoll thread seeing the guest's kick.
+        b.handle_event(q as u16, EventSet::IN, vrings, 0).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some((_, len)) = drv.pop_used(mem).unwrap() {
+                assert!(len >= 1, "used length {len}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "queue {q}: no completion");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut s = [0u8];
+        mem.read(STATUS, &mut s).unwrap();
+        s[0]
+    }
+
+    fn wait_until_no_vring_worker() {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let alive = std::fs::read_dir("/proc/self/task")
+                .unwrap()
+                .filter_map(|t| t.ok())
+                .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+                .any(|c| c.trim() == "vring_worker");
+            if !alive {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the vring worker did not exit");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn a_local_sidecore_serves_each_vring_and_interrupts_through_the_call_fd() {
+        let disk = Arc::new(MemoryBackend::new(1 << 20));
+        let front = local_front(2, disk.clone());
+        let config = match &front.serving {
+            Serving::Local(l) => l.config_space(),
+            Serving::Remote(_) => unreachable!(),
+        };
+        let b = Arc::new(VrioBlkBackend::new(front, &config));
+        assert_eq!(b.get_config(0, 8), ((1u64 << 20) / 512).to_le_bytes());
+        let daemon = VhostUserDaemon::new(
+            "test".into(),
+            b.clone(),
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .unwrap();
+        b.set_handlers(&daemon.get_epoll_handlers());
+        // The daemon's worker would consume the sidecore's interrupts for
+        // its own vrings; stop it, so the test's handle_event calls play
+        // its part on the test's vrings. Its epoll set stays usable.
+        for h in daemon.get_epoll_handlers() {
+            h.send_exit_event();
+        }
+        wait_until_no_vring_worker();
+        let ram = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let atomic = GuestMemoryAtomic::new(ram.clone());
+        b.update_memory(atomic.clone()).unwrap();
+        let features = b.features();
+        assert_ne!(features & (1 << VIRTIO_RING_F_EVENT_IDX), 0);
+        b.acked_features(features);
+
+        let mut vrings = Vec::new();
+        let mut drivers = Vec::new();
+        let mut calls = Vec::new();
+        for q in 0..2u64 {
+            let base = 0x1000 + q * 0x4000;
+            let layout = RingLayout::new(SIZE, base, base + 0x1000, base + 0x2000).unwrap();
+            let v = VringRwLock::new(atomic.clone(), 256).unwrap();
+            v.set_queue_size(SIZE);
+            v.set_queue_info(layout.desc, layout.avail, layout.used)
+                .unwrap();
+            v.set_queue_event_idx(true);
+            v.set_queue_ready(true);
+            v.set_enabled(true);
+            let call = EventFd::new(EFD_NONBLOCK).unwrap();
+            let fd = call.try_clone().unwrap().into_raw_fd();
+            // SAFETY: `fd` is a fresh duplicate that nothing else owns.
+            v.set_call(Some(unsafe { File::from_raw_fd(fd) }));
+            let drv = DriverQueue::new(layout, RingFeatures::from_bits(features), None);
+            drv.init(&ram).unwrap();
+            vrings.push(v);
+            drivers.push(drv);
+            calls.push(call);
+        }
+
+        // A write on queue 1, read back on queue 0.
+        let pattern: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+        ram.write(DATA, &pattern).unwrap();
+        let s = request(
+            &b,
+            &vrings,
+            &mut drivers[1],
+            &ram,
+            1,
+            VIRTIO_BLK_T_OUT,
+            8,
+            DATA,
+        );
+        assert_eq!(s, 0, "write status");
+        let mut on_disk = vec![0u8; 4096];
+        disk.read_vectored_at(8 * 512, &mut [std::io::IoSliceMut::new(&mut on_disk)])
+            .unwrap();
+        assert_eq!(on_disk, pattern, "the write reached the back-end");
+        let back = DATA + 0x1000;
+        let s = request(
+            &b,
+            &vrings,
+            &mut drivers[0],
+            &ram,
+            0,
+            VIRTIO_BLK_T_IN,
+            8,
+            back,
+        );
+        assert_eq!(s, 0, "read status");
+        let mut got = vec![0u8; 4096];
+        ram.read(back, &mut got).unwrap();
+        assert_eq!(got, pattern, "read back through queue 0");
+        assert_eq!(b.attached_queues(), 2, "one sidecore queue per vring");
+
+        // The sidecore's interrupt reaches the VMM's call fd of that vring.
+        b.handle_event(2 + 1, EventSet::IN, &vrings, 0).unwrap();
+        assert!(calls[0].read().is_ok(), "queue 0 was not interrupted");
+        assert!(calls[1].read().is_err(), "queue 1 has no new interrupt");
+
+        // GET_VRING_BASE: the ring stops where it is and leaves the sidecore.
+        b.stop_vring(0).unwrap();
+        assert_eq!(vrings[0].queue_next_avail(), 1);
+        assert_eq!(b.attached_queues(), 1);
+        b.reset_device();
         assert_eq!(b.attached_queues(), 0);
     }
 }

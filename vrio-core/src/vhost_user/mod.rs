@@ -1,5 +1,6 @@
 //! A vhost-user-blk front: unmodified VMMs (QEMU `vhost-user-blk-pci`) and
-//! their guests' stock virtio_blk driver, served by a remote vrio I/O server.
+//! their guests' stock virtio_blk driver, served by a remote vrio I/O server
+//! or, for comparison, by a local sidecore on this host.
 //!
 //! The VMM shares guest RAM (memfd) and the vrings over the vhost-user
 //! socket; this back-end hands them to the VM-host agent
@@ -8,13 +9,14 @@
 //! agent's interrupts to the vring's call fd.
 //!
 //! - [`probe`]: learns the server's virtio-blk config space;
-//! - [`backend`]: the `VhostUserBackend` (features, config, per-queue attach);
+//! - [`backend`]: the `VhostUserBackend` (features, config, per-queue attach,
+//!   remote or to the local sidecore);
 //! - [`serve`]: the socket loop (one VMM at a time, waits for reconnects).
 
 pub mod backend;
 pub mod probe;
 pub mod serve;
 
-pub use backend::{FrontConfig, VrioBlkBackend};
+pub use backend::{FrontConfig, LocalFront, RemoteFront, Serving, VrioBlkBackend};
 pub use probe::fetch_config;
 pub use serve::{serve, ServeError};

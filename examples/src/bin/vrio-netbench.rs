@@ -1,0 +1,192 @@
+//! vrio-netbench: virtio-net through the L2 switch, between pairs of
+//! synthetic guests, for 64 B and 1500 B frames, under vhost-style workers
+//! (one per device, woken by kicks and by arriving frames) and one local
+//! polling sidecore serving every queue, in the same run. Prints packets/s
+//! and Gbit/s, per wall second and per device core, with ratios to the
+//! vhost-style baseline of the same frame size, and writes JSON.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use vrio_core::models::LocalModel;
+use vrio_core::net::{run_net, NetReport, NetRunConfig};
+use vrio_core::sidecore::SidecoreConfig;
+use vrio_examples::{init_tracing, print_table, Progress};
+
+/// Benchmark virtio-net through the switch: vhost-style vs local sidecore.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// Seconds per measurement point.
+    #[arg(long, default_value_t = 2.0)]
+    seconds: f64,
+    /// Frame sizes in bytes (Ethernet header included).
+    #[arg(long, value_delimiter = ',', default_values_t = [64usize, 1500])]
+    sizes: Vec<usize>,
+    /// Guests (in sending pairs).
+    #[arg(long, default_value_t = 2)]
+    guests: u32,
+    /// Frames a sender may have in flight ahead of its receiver.
+    #[arg(long, default_value_t = 256)]
+    window: u64,
+    /// RX buffer size the guests post (below 1512, 1500 B frames merge).
+    #[arg(long, default_value_t = 2048)]
+    rx_buf: u32,
+    /// Where to write the JSON results.
+    #[arg(long, default_value = "target/vrio-netbench.json")]
+    json: PathBuf,
+}
+
+fn main() -> ExitCode {
+    init_tracing();
+    let a = Args::parse();
+    match run(&a) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vrio-netbench: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn json(r: &NetReport, size: usize, ratio_pps: f64, ratio_core: f64) -> serde_json::Value {
+    serde_json::json!({
+        "model": r.model,
+        "frame_bytes": size,
+        "frames_sent": r.sent.sent,
+        "frames_received": r.recv.received,
+        "bytes_received": r.recv.bytes,
+        "wall_s": r.wall.as_secs_f64(),
+        "packets_per_s": r.packets_per_sec(),
+        "gbit_per_s": r.gbit_per_sec(),
+        "device_cpu_s": r.device_cpu_ns as f64 / 1e9,
+        "process_cpu_s": r.process_cpu_ns as f64 / 1e9,
+        "device_cores": r.device_cores(),
+        "packets_per_device_core_s": r.packets_per_core_sec(),
+        "gbit_per_device_core_s": r.gbit_per_core_sec(),
+        "ratio_packets_per_s_vs_vhost": ratio_pps,
+        "ratio_packets_per_core_vs_vhost": ratio_core,
+        "merged_frames": r.recv.merged,
+        "flooded_frames": r.recv.flooded,
+        "lost": r.recv.lost,
+        "corrupt": r.recv.corrupt,
+        "duplicate": r.recv.duplicate,
+        "port_drops": r.port_drops(),
+        "sidecore": {
+            "polls": r.stats.polls,
+            "empty_polls": r.stats.empty_polls,
+            "sleeps": r.stats.sleeps,
+            "poll_mode_on": r.stats.poll_mode_on,
+            "poll_mode_off": r.stats.poll_mode_off,
+        },
+    })
+}
+
+fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    let models = [
+        LocalModel::VhostStyle,
+        LocalModel::Sidecore {
+            cores: 1,
+            cfg: SidecoreConfig::default(),
+        },
+    ];
+    let mut rows = Vec::new();
+    let mut points = Vec::new();
+    let total = a.sizes.len() * models.len();
+    let mut n = 0;
+    for &size in &a.sizes {
+        let mut base: Option<NetReport> = None;
+        for &m in &models {
+            n += 1;
+            eprintln!(
+                "[{n}/{total}] {} frames={size} B guests={} ...",
+                m.name(),
+                a.guests
+            );
+            let rc = NetRunConfig {
+                guests: a.guests,
+                frame_len: size,
+                frames: 0,
+                duration: Some(Duration::from_secs_f64(a.seconds)),
+                window: a.window,
+                rx_buf_len: a.rx_buf,
+                ..NetRunConfig::default()
+            };
+            let done = Arc::new(AtomicU64::new(0));
+            let p = Progress::start(format!("{} {size} B", m.name()), done.clone(), 0);
+            let r = run_net(m, &rc, &done);
+            p.finish();
+            let r = r?;
+            if r.failures() > 0 {
+                return Err(format!(
+                    "{} {size} B: {} failures (lost {}, corrupt {}, duplicate {}, protocol {})",
+                    r.model,
+                    r.failures(),
+                    r.recv.lost,
+                    r.recv.corrupt,
+                    r.recv.duplicate,
+                    r.recv.protocol_errors + r.sent.protocol_errors
+                )
+                .into());
+            }
+            let b = base.get_or_insert_with(|| r.clone());
+            let ratio_pps = r.packets_per_sec() / b.packets_per_sec().max(1e-9);
+            let ratio_core = r.packets_per_core_sec() / b.packets_per_core_sec().max(1e-9);
+            rows.push(vec![
+                r.model.clone(),
+                size.to_string(),
+                format!("{:.0}", r.packets_per_sec()),
+                format!("{:.3}", r.gbit_per_sec()),
+                format!("{:.2}", r.device_cores()),
+                format!("{:.0}", r.packets_per_core_sec()),
+                format!("{:.3}", r.gbit_per_core_sec()),
+                format!("{ratio_pps:.2}"),
+                format!("{ratio_core:.2}"),
+                r.recv.merged.to_string(),
+                r.port_drops().to_string(),
+            ]);
+            points.push(json(&r, size, ratio_pps, ratio_core));
+        }
+    }
+    println!(
+        "virtio-net through the switch, {} guests in pairs (both directions), {:.1} s per point",
+        a.guests.max(2).div_ceil(2) * 2,
+        a.seconds
+    );
+    print_table(
+        &[
+            "model",
+            "frame B",
+            "pkt/s",
+            "Gbit/s",
+            "device cores",
+            "pkt/s per core",
+            "Gbit/s per core",
+            "x vhost (pkt/s)",
+            "x vhost (per core)",
+            "merged",
+            "drops",
+        ],
+        &rows,
+    );
+    if let Some(dir) = a.json.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(
+        &a.json,
+        serde_json::to_string_pretty(&serde_json::json!({
+            "benchmark": "virtio-net-switch",
+            "seconds_per_point": a.seconds,
+            "guests": a.guests,
+            "window": a.window,
+            "rx_buf_len": a.rx_buf,
+            "points": points,
+        }))?,
+    )?;
+    println!("wrote {}", a.json.display());
+    Ok(())
+}

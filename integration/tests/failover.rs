@@ -1,0 +1,473 @@
+//! The control plane driving the data path, across processes:
+//! vrio-controller, two vrio-server processes registered with it (sharing
+//! one disk image, as servers on one block store do), and a vrio-client
+//! whose verified synthetic guests are placed by the controller.
+//!
+//! - SIGKILL one server mid-workload: its lease expires, the controller
+//!   fails its queues over, the client re-attaches them, in-flight requests
+//!   are served again, and every block still verifies.
+//! - MoveQueue every 100 ms while the workload runs: nothing lost, nothing
+//!   duplicated.
+//! - A second server joining a loaded one: rebalancing converges.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use vrio_control::client::connect;
+use vrio_control::pb;
+use vrio_integration::rxe;
+
+const TOKEN: &str = "failover-test-token";
+
+/// A child process killed when the test ends, pass or fail, whose stdout
+/// lines arrive (with their arrival time) on a channel.
+struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<(Instant, String)>,
+    seen: Vec<(Instant, String)>,
+    /// Lines before it were matched by a wait already.
+    cursor: usize,
+}
+
+impl Proc {
+    fn spawn(cmd: &mut Command) -> Proc {
+        let mut child = cmd
+            .env("VRIO_TOKEN", TOKEN)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines() {
+                let Ok(l) = l else { break };
+                println!("  | {l}");
+                if tx.send((Instant::now(), l)).is_err() {
+                    break;
+                }
+            }
+        });
+        Proc {
+            child,
+            lines,
+            seen: Vec::new(),
+            cursor: 0,
+        }
+    }
+
+    /// Waits for the next line (after the last one a wait matched) that
+    /// contains `needle`; returns it and when it came.
+    fn wait_for(&mut self, needle: &str, within: Duration) -> (Instant, String) {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(i) = self.seen[self.cursor..]
+                .iter()
+                .position(|(_, l)| l.contains(needle))
+            {
+                self.cursor += i + 1;
+                return self.seen[self.cursor - 1].clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => self.seen.push(l),
+                Err(_) => panic!("no line with {needle:?} within {within:?}"),
+            }
+        }
+    }
+
+    /// Asks the process to stop (SIGTERM) and returns the line with `needle`
+    /// it prints on the way out.
+    fn terminate(&mut self, needle: &str) -> String {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.wait_for(needle, Duration::from_secs(30)).1
+    }
+
+    /// Everything printed until the process exits; its exit status.
+    fn finish(&mut self, within: Duration) -> (bool, Vec<(Instant, String)>) {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(500)) {
+                    self.seen.push(l);
+                }
+                return (st.success(), self.seen.clone());
+            }
+            assert!(Instant::now() < deadline, "process did not finish");
+            while let Ok(l) = self.lines.try_recv() {
+                self.seen.push(l);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Bins {
+    controller: PathBuf,
+    server: PathBuf,
+    client: PathBuf,
+}
+
+fn bins() -> Bins {
+    let b = |n| rxe::build_bin("vrio-examples", n).unwrap_or_else(|e| panic!("{e}"));
+    Bins {
+        controller: b("vrio-controller"),
+        server: b("vrio-server"),
+        client: b("vrio-client"),
+    }
+}
+
+fn controller(bin: &Path, lease_ms: u64, rebalance_secs: u64) -> (Proc, String) {
+    let mut p = Proc::spawn(Command::new(bin).args([
+        "--listen",
+        "127.0.0.1:0",
+        "--memory",
+        "--lease-ttl-ms",
+        &lease_ms.to_string(),
+        "--tick-ms",
+        "100",
+        "--rebalance-secs",
+        &rebalance_secs.to_string(),
+        "--rebalance-cooldown-secs",
+        "1",
+    ]));
+    let (_, line) = p.wait_for("127.0.0.1:", Duration::from_secs(30));
+    (p, line.trim().to_string())
+}
+
+fn server(bin: &Path, ctl: &str, id: &str, image: &Path) -> Proc {
+    let mut p = Proc::spawn(Command::new(bin).args([
+        "--fabric",
+        "soft",
+        "--listen",
+        "127.0.0.1:0",
+        "--sidecores",
+        "2",
+        "--disk",
+        "file",
+        "--file",
+        image.to_str().unwrap(),
+        "--size-mib",
+        "64",
+        "--stats-every",
+        "0",
+        "--controller",
+        ctl,
+        "--server-id",
+        id,
+    ]));
+    p.wait_for("listening on", Duration::from_secs(30));
+    p
+}
+
+fn client(bin: &Path, ctl: &str, guests: u32, requests: u64) -> Proc {
+    Proc::spawn(Command::new(bin).args([
+        "synthetic",
+        "--fabric",
+        "soft",
+        "--controller",
+        ctl,
+        "--guests",
+        &guests.to_string(),
+        "--queues",
+        "2",
+        "--requests",
+        &requests.to_string(),
+        "--depth",
+        "8",
+        "--blocks",
+        "128",
+    ]))
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn servers_alive(rt: &tokio::runtime::Runtime, ctl: &str) -> Vec<pb::IoServer> {
+    rt.block_on(async {
+        let mut c = connect(ctl, Some(TOKEN)).await.unwrap();
+        c.list_servers(pb::ListServersRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .servers
+            .into_iter()
+            .filter(|s| s.alive)
+            .collect()
+    })
+}
+
+fn assignments(rt: &tokio::runtime::Runtime, ctl: &str) -> Vec<pb::Assignment> {
+    rt.block_on(async {
+        let mut c = connect(ctl, Some(TOKEN)).await.unwrap();
+        c.list_assignments(pb::ListAssignmentsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .assignments
+    })
+}
+
+fn wait_servers(rt: &tokio::runtime::Runtime, ctl: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while servers_alive(rt, ctl).len() < n {
+        assert!(Instant::now() < deadline, "servers did not register");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The client's verdict line: every request verified, none failed.
+fn assert_verified(ok: bool, lines: &[(Instant, String)], total: u64) {
+    let verdict = lines
+        .iter()
+        .find(|(_, l)| l.contains("requests verified"))
+        .map(|(_, l)| l.clone())
+        .unwrap_or_else(|| panic!("no verdict from the client"));
+    assert!(ok, "client failed: {verdict}");
+    assert!(
+        verdict.contains(&format!("{total} of {total} requests verified, 0 errors")),
+        "{verdict}"
+    );
+}
+
+#[test]
+fn a_killed_server_fails_over_and_every_request_verifies() {
+    let b = bins();
+    let dir = std::env::temp_dir().join(format!("vrio-failover-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let image = dir.join("disk.img");
+    let lease_ms = 1500;
+    let (_ctl, addr) = controller(&b.controller, lease_ms, 0);
+    let rt = rt();
+    let mut a = server(&b.server, &addr, "io-a", &image);
+    let _b = server(&b.server, &addr, "io-b", &image);
+    wait_servers(&rt, &addr, 2);
+    let (guests, requests) = (3u32, 4_000u64);
+    let mut c = client(&b.client, &addr, guests, requests);
+    c.wait_for("attached to", Duration::from_secs(30));
+    let on_a = assignments(&rt, &addr)
+        .iter()
+        .filter(|x| x.server_id == "io-a")
+        .count();
+    assert!(on_a > 0, "the controller put nothing on io-a");
+    // Let I/O flow on both servers, then kill one without warning.
+    std::thread::sleep(Duration::from_millis(800));
+    a.child.kill().unwrap();
+    let killed = Instant::now();
+    a.child.wait().unwrap();
+    // Every queue io-a served comes back on io-b.
+    let mut last = killed;
+    let mut downs = Vec::new();
+    for _ in 0..on_a {
+        let (t, l) = c.wait_for("failover:", Duration::from_secs(30));
+        last = last.max(t);
+        let ms: u64 = l
+            .split(" after ")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no down time in {l:?}"));
+        downs.push(ms);
+    }
+    let recovery = last.duration_since(killed);
+    let (ok, lines) = c.finish(Duration::from_secs(300));
+    let failovers = lines
+        .iter()
+        .filter(|(_, l)| l.contains("failover:"))
+        .count();
+    println!(
+        "RECOVERY: {on_a} queue(s) failed over; lease {lease_ms} ms; kill -> last queue serving again: {} ms; per-queue time without a server: {downs:?} ms",
+        recovery.as_millis()
+    );
+    assert_eq!(failovers, on_a, "each of io-a's queues failed over once");
+    assert_verified(ok, &lines, u64::from(guests) * 2 * requests);
+    assert!(assignments(&rt, &addr)
+        .iter()
+        .all(|x| x.server_id == "io-b"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn move_queue_every_100ms_loses_and_duplicates_nothing() {
+    let b = bins();
+    let dir = std::env::temp_dir().join(format!("vrio-moves-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let image = dir.join("disk.img");
+    let (_ctl, addr) = controller(&b.controller, 60_000, 0);
+    let rt = rt();
+    let mut srv = [
+        server(&b.server, &addr, "io-a", &image),
+        server(&b.server, &addr, "io-b", &image),
+    ];
+    wait_servers(&rt, &addr, 2);
+    let (guests, requests) = (2u32, 4_000u64);
+    let mut c = client(&b.client, &addr, guests, requests);
+    c.wait_for("attached to", Duration::from_secs(30));
+    // Two of every four moves change the server (the agents hand the
+    // queue over), two only the sidecore (the server moves it).
+    let slots = [("io-a", 0u32), ("io-a", 1), ("io-b", 0), ("io-b", 1)];
+    let mut moves = 0u64;
+    let mut tick = 0usize;
+    rt.block_on(async {
+        let mut ctl = connect(&addr, Some(TOKEN)).await.unwrap();
+        while c.child.try_wait().unwrap().is_none() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            tick += 1;
+            let all = ctl
+                .list_assignments(pb::ListAssignmentsRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .assignments;
+            // Each queue in turn; each visit takes it to the next slot.
+            let a = &all[tick % all.len()];
+            let (server, sidecore) = slots[(tick / all.len()) % slots.len()];
+            let r = ctl
+                .move_queue(pb::MoveQueueRequest {
+                    device_id: a.device_id.clone(),
+                    queue: a.queue,
+                    server_id: server.into(),
+                    sidecore,
+                })
+                .await;
+            if r.is_ok() {
+                moves += 1;
+            }
+        }
+    });
+    let (ok, lines) = c.finish(Duration::from_secs(60));
+    let handovers = lines.iter().filter(|(_, l)| l.contains("moved:")).count();
+    let failovers = lines
+        .iter()
+        .filter(|(_, l)| l.contains("failover:"))
+        .count();
+    println!("MOVES: {moves} MoveQueue calls, {handovers} handovers between servers, {failovers} failovers");
+    assert!(moves >= 10, "only {moves} moves were made");
+    assert!(handovers >= 4, "only {handovers} handovers between servers");
+    assert_eq!(failovers, 0, "a live move must never fail over");
+    let total = u64::from(guests) * 2 * requests;
+    assert_verified(ok, &lines, total);
+    // Across both servers, each request was served exactly once.
+    let finals: Vec<String> = srv.iter_mut().map(|p| p.terminate("final:")).collect();
+    let count = |l: &str, after: &str, before: &str| -> u64 {
+        l.split(after)
+            .nth(1)
+            .and_then(|s| s.split(before).next())
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {before:?} count in {l:?}"))
+    };
+    let served: u64 = finals.iter().map(|l| count(l, "final: ", "requests")).sum();
+    let sidecore_moves: u64 = finals
+        .iter()
+        .map(|l| count(l, "handed back, ", "sidecore moves"))
+        .sum();
+    println!("SERVERS: served {served}, {sidecore_moves} moves between sidecores");
+    assert_eq!(served, total, "requests served by the two servers");
+    assert!(
+        sidecore_moves >= 2,
+        "servers moved only {sidecore_moves} queues between sidecores"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// io-a serves every queue; io-b joins. The controller's periodic
+/// rebalance, driven by the sidecore load the servers report, spreads the
+/// queues, the agents follow, and the placement settles. Prints how long
+/// it took from io-b's registration to the last move.
+#[test]
+fn rebalancing_converges_when_a_server_joins() {
+    let b = bins();
+    let dir = std::env::temp_dir().join(format!("vrio-rebalance-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let image = dir.join("disk.img");
+    let (_ctl, addr) = controller(&b.controller, 3_000, 1);
+    let rt = rt();
+    let _a = server(&b.server, &addr, "io-a", &image);
+    wait_servers(&rt, &addr, 1);
+    let mut c = Proc::spawn(Command::new(&b.client).args([
+        "synthetic",
+        "--fabric",
+        "soft",
+        "--controller",
+        &addr,
+        "--guests",
+        "4",
+        "--queues",
+        "2",
+        "--seconds",
+        "16",
+        "--depth",
+        "8",
+        "--blocks",
+        "128",
+    ]));
+    c.wait_for("attached to", Duration::from_secs(30));
+    // Load reports from io-a under load, then the newcomer.
+    std::thread::sleep(Duration::from_secs(2));
+    let _b = server(&b.server, &addr, "io-b", &image);
+    wait_servers(&rt, &addr, 2);
+    let joined = Instant::now();
+    let snapshot = |rt: &tokio::runtime::Runtime| {
+        let mut v: Vec<(String, u32, String, u32)> = assignments(rt, &addr)
+            .into_iter()
+            .map(|a| (a.device_id, a.queue, a.server_id, a.sidecore))
+            .collect();
+        v.sort();
+        v
+    };
+    let mut last = snapshot(&rt);
+    let mut changed = joined;
+    let mut converged = None;
+    while joined.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = snapshot(&rt);
+        if now != last {
+            changed = Instant::now();
+            last = now;
+        }
+        let on_b = last.iter().filter(|a| a.2 == "io-b").count();
+        // Settled: both servers used, nothing moved for 3 s.
+        if on_b > 0 && changed.elapsed() > Duration::from_secs(3) {
+            converged = Some(changed.duration_since(joined));
+            break;
+        }
+    }
+    let on_b = last.iter().filter(|a| a.2 == "io-b").count();
+    let (ok, lines) = c.finish(Duration::from_secs(120));
+    let moved = lines.iter().filter(|(_, l)| l.contains("moved:")).count();
+    let converged = converged.unwrap_or_else(|| panic!("placement did not settle: {last:?}"));
+    println!(
+        "CONVERGENCE: io-b joined io-a (8 queues); placement settled {} ms after io-b registered, {on_b} queue(s) on io-b, {moved} agent handover(s)",
+        converged.as_millis()
+    );
+    assert!(
+        (2..=6).contains(&on_b),
+        "unbalanced: {on_b} of 8 queues on io-b"
+    );
+    assert!(
+        moved >= on_b,
+        "agents followed only {moved} of {on_b} moves"
+    );
+    let verdict = lines
+        .iter()
+        .find(|(_, l)| l.contains("requests verified"))
+        .map(|(_, l)| l.clone())
+        .unwrap_or_default();
+    assert!(ok && verdict.contains(", 0 errors"), "client: {verdict}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,103 @@
+//! The feature bits a virtio-net device offers (§5.1.3) and what a driver
+//! may accept.
+//!
+//! Not offered: checksum offload (CSUM, GUEST_CSUM) and everything built on
+//! it (TSO, UFO, USO), CTRL_VQ and MQ. Offering CSUM honestly means
+//! completing partial checksums at the uplink and for guests that did not
+//! negotiate GUEST_CSUM; until that exists the TX header must carry no
+//! offload (see [`NetHeader::validate_tx`](super::NetHeader::validate_tx)).
+
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
+};
+
+use super::config::NetConfig;
+use crate::ring::layout::{
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use crate::ring::RingFeatures;
+
+pub fn device_features(cfg: &NetConfig) -> u64 {
+    let mut bits = [
+        VIRTIO_F_VERSION_1,
+        VIRTIO_RING_F_INDIRECT_DESC,
+        VIRTIO_RING_F_EVENT_IDX,
+        VIRTIO_NET_F_MAC,
+        VIRTIO_NET_F_MRG_RXBUF,
+        VIRTIO_NET_F_STATUS,
+    ]
+    .iter()
+    .fold(0u64, |acc, b| acc | 1 << b);
+    if cfg.offer_mtu {
+        bits |= 1 << VIRTIO_NET_F_MTU;
+    }
+    bits
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FeatureError {
+    #[error("driver accepted features {0:#x} that were not offered")]
+    NotOffered(u64),
+    #[error("driver did not accept VERSION_1 (legacy drivers are not supported)")]
+    NoVersion1,
+}
+
+/// What the device does differently depending on the negotiated features.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NetFeatures {
+    /// MRG_RXBUF: a received frame may span several RX chains.
+    pub mergeable: bool,
+    pub ring: RingFeatures,
+}
+
+impl NetFeatures {
+    pub fn negotiate(offered: u64, acked: u64) -> Result<Self, FeatureError> {
+        if acked & !offered != 0 {
+            return Err(FeatureError::NotOffered(acked & !offered));
+        }
+        if acked & (1 << VIRTIO_F_VERSION_1) == 0 {
+            return Err(FeatureError::NoVersion1);
+        }
+        let has = |b: u32| acked & (1 << b) != 0;
+        Ok(Self {
+            mergeable: has(VIRTIO_NET_F_MRG_RXBUF),
+            ring: RingFeatures {
+                indirect: has(VIRTIO_RING_F_INDIRECT_DESC),
+                event_idx: has(VIRTIO_RING_F_EVENT_IDX),
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offered_bits() {
+        let f = device_features(&NetConfig::default());
+        // VERSION_1 (32), INDIRECT (28), EVENT_IDX (29), MAC (5),
+        // MRG_RXBUF (15), STATUS (16); no CSUM (0), GUEST_CSUM (1), MTU (3).
+        assert_eq!(f, 1 << 32 | 1 << 28 | 1 << 29 | 1 << 5 | 1 << 15 | 1 << 16);
+        let m = device_features(&NetConfig {
+            offer_mtu: true,
+            ..NetConfig::default()
+        });
+        assert_eq!(m, f | 1 << 3);
+    }
+
+    #[test]
+    fn negotiation() {
+        let off = device_features(&NetConfig::default());
+        let n = NetFeatures::negotiate(off, 1 << 32 | 1 << 15 | 1 << 29).unwrap();
+        assert!(n.mergeable && n.ring.event_idx && !n.ring.indirect);
+        assert_eq!(
+            NetFeatures::negotiate(off, 1 << 32 | 1),
+            Err(FeatureError::NotOffered(1))
+        );
+        assert_eq!(
+            NetFeatures::negotiate(off, 1 << 15),
+            Err(FeatureError::NoVersion1)
+        );
+    }
+}

@@ -1,0 +1,147 @@
+//! `struct virtio_net_hdr` as VERSION_1 devices use it (§5.1.6): always
+//! 12 bytes, `num_buffers` included, little-endian.
+//!
+//! ```text
+//! struct virtio_net_hdr { u8 flags; u8 gso_type; le16 hdr_len; le16 gso_size;
+//!                         le16 csum_start; le16 csum_offset; le16 num_buffers; }
+//! ```
+
+use std::mem::size_of;
+
+use virtio_bindings::virtio_net::{
+    virtio_net_hdr_mrg_rxbuf, VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_NONE,
+};
+
+/// Header bytes in front of every frame (VERSION_1).
+pub const HDR_LEN: usize = size_of::<virtio_net_hdr_mrg_rxbuf>();
+
+pub const F_NEEDS_CSUM: u8 = VIRTIO_NET_HDR_F_NEEDS_CSUM as u8;
+pub const F_DATA_VALID: u8 = VIRTIO_NET_HDR_F_DATA_VALID as u8;
+pub const GSO_NONE: u8 = VIRTIO_NET_HDR_GSO_NONE as u8;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NetHeader {
+    pub flags: u8,
+    pub gso_type: u8,
+    pub hdr_len: u16,
+    pub gso_size: u16,
+    pub csum_start: u16,
+    pub csum_offset: u16,
+    pub num_buffers: u16,
+}
+
+/// Why a driver-supplied (TX) header was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    /// §5.1.6.2.1: without VIRTIO_NET_F_CSUM the driver MUST set flags to 0.
+    #[error("header flags {0:#x} set, but no checksum offload was negotiated")]
+    Flags(u8),
+    /// §5.1.6.2.1: without any GSO feature gso_type MUST be GSO_NONE.
+    #[error("gso_type {0} set, but no segmentation offload was negotiated")]
+    Gso(u8),
+}
+
+impl NetHeader {
+    pub fn from_bytes(b: &[u8; HDR_LEN]) -> Self {
+        let u = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
+        Self {
+            flags: b[0],
+            gso_type: b[1],
+            hdr_len: u(2),
+            gso_size: u(4),
+            csum_start: u(6),
+            csum_offset: u(8),
+            num_buffers: u(10),
+        }
+    }
+
+    pub fn to_bytes(&self) -> [u8; HDR_LEN] {
+        let mut b = [0u8; HDR_LEN];
+        b[0] = self.flags;
+        b[1] = self.gso_type;
+        for (i, v) in [
+            self.hdr_len,
+            self.gso_size,
+            self.csum_start,
+            self.csum_offset,
+            self.num_buffers,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            b[2 + 2 * i..4 + 2 * i].copy_from_slice(&v.to_le_bytes());
+        }
+        b
+    }
+
+    /// The header the device puts in front of a received frame: no offload
+    /// information (GUEST_CSUM/GUEST_TSO are not offered), and the number of
+    /// buffers the frame spans (§5.1.6.3.1: 1 without MRG_RXBUF).
+    pub fn rx(num_buffers: u16) -> Self {
+        Self {
+            num_buffers,
+            ..Self::default()
+        }
+    }
+
+    /// Checks a TX header for a device that offers no offloads. The other
+    /// fields are only meaningful with flags or GSO set, so they are not
+    /// looked at; `num_buffers` is ignored on TX (§5.1.6.2.2).
+    pub fn validate_tx(&self) -> Result<(), HeaderError> {
+        if self.flags != 0 {
+            return Err(HeaderError::Flags(self.flags));
+        }
+        if self.gso_type != GSO_NONE {
+            return Err(HeaderError::Gso(self.gso_type));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn twelve_bytes_little_endian() {
+        assert_eq!(HDR_LEN, 12);
+        let h = NetHeader {
+            flags: 1,
+            gso_type: 3,
+            hdr_len: 0x0201,
+            gso_size: 0x0403,
+            csum_start: 0x0605,
+            csum_offset: 0x0807,
+            num_buffers: 0x0a09,
+        };
+        let b = h.to_bytes();
+        assert_eq!(b, [1, 3, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+        assert_eq!(NetHeader::from_bytes(&b), h);
+        assert_eq!(
+            NetHeader::rx(3).to_bytes(),
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3, 0]
+        );
+    }
+
+    #[test]
+    fn tx_header_rules() {
+        assert_eq!(NetHeader::default().validate_tx(), Ok(()));
+        let nb = NetHeader {
+            num_buffers: 7,
+            csum_start: 9,
+            ..NetHeader::default()
+        };
+        assert_eq!(nb.validate_tx(), Ok(()));
+        let f = NetHeader {
+            flags: F_NEEDS_CSUM,
+            ..NetHeader::default()
+        };
+        assert_eq!(f.validate_tx(), Err(HeaderError::Flags(1)));
+        let g = NetHeader {
+            gso_type: 1,
+            ..NetHeader::default()
+        };
+        assert_eq!(g.validate_tx(), Err(HeaderError::Gso(1)));
+    }
+}

@@ -1,0 +1,295 @@
+//! Runs pairs of synthetic net guests through a switch under one local I/O
+//! model (vhost-style workers or a polling sidecore) and gathers figures.
+//! Guests `2i` and `2i+1` send to each other; every guest runs a sender
+//! and a receiver thread.
+
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::guest::{NetGuest, NetGuestConfig, RX_QUEUE, TX_QUEUE};
+use super::rx::RxDevice;
+use super::rx_queue::NetRxQueue;
+use super::stats::PortSnapshot;
+use super::switch::{Switch, SwitchConfig};
+use super::traffic::{
+    run_receiver, run_sender, Link, RecvConfig, RecvReport, SendConfig, SendReport,
+};
+use super::tx::TxDevice;
+use super::tx_queue::NetTxQueue;
+use crate::cputime::process_cpu_ns;
+use crate::guest::GuestError;
+use crate::models::{LocalModel, RunError, VhostWorker};
+use crate::ring::RingFeatures;
+use crate::sidecore::{ServedQueue, SidecoreThread, StatsSnapshot};
+
+#[derive(Debug, Clone, Copy)]
+pub struct NetRunConfig {
+    /// Guests, in sending pairs (rounded up to even).
+    pub guests: u32,
+    pub frame_len: usize,
+    /// Frames each guest sends (0: until `duration`).
+    pub frames: u64,
+    pub duration: Option<Duration>,
+    pub window: u64,
+    pub queue_size: u16,
+    pub rx_buf_len: u32,
+    pub mergeable: bool,
+    pub features: RingFeatures,
+    pub switch: SwitchConfig,
+    pub stall_timeout: Duration,
+}
+
+impl Default for NetRunConfig {
+    fn default() -> Self {
+        Self {
+            guests: 2,
+            frame_len: 1514,
+            frames: 10_000,
+            duration: None,
+            window: 256,
+            queue_size: 256,
+            rx_buf_len: 2048,
+            mergeable: true,
+            features: RingFeatures {
+                indirect: true,
+                event_idx: true,
+            },
+            switch: SwitchConfig::default(),
+            stall_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NetReport {
+    pub model: String,
+    pub sent: SendReport,
+    pub recv: RecvReport,
+    pub wall: Duration,
+    pub device_cpu_ns: u64,
+    pub process_cpu_ns: u64,
+    pub stats: StatsSnapshot,
+    /// Per guest port, in guest order.
+    pub ports: Vec<PortSnapshot>,
+}
+
+impl NetReport {
+    pub fn packets_per_sec(&self) -> f64 {
+        self.recv.received as f64 / self.wall.as_secs_f64().max(1e-9)
+    }
+    pub fn gbit_per_sec(&self) -> f64 {
+        self.recv.bytes as f64 * 8.0 / 1e9 / self.wall.as_secs_f64().max(1e-9)
+    }
+    pub fn device_cores(&self) -> f64 {
+        self.device_cpu_ns as f64 / 1e9 / self.wall.as_secs_f64().max(1e-9)
+    }
+    pub fn packets_per_core_sec(&self) -> f64 {
+        self.recv.received as f64 / (self.device_cpu_ns as f64 / 1e9).max(1e-9)
+    }
+    pub fn gbit_per_core_sec(&self) -> f64 {
+        self.recv.bytes as f64 * 8.0 / 1e9 / (self.device_cpu_ns as f64 / 1e9).max(1e-9)
+    }
+    pub fn port_drops(&self) -> u64 {
+        self.ports.iter().map(PortSnapshot::total_drops).sum()
+    }
+    /// Must be 0 for a correct device and switch.
+    pub fn failures(&self) -> u64 {
+        self.recv.failures() + self.sent.protocol_errors + u64::from(self.sent.stalled)
+    }
+}
+
+/// A guest attached to the switch: its device queues and its port.
+pub struct AttachedNetGuest {
+    pub guest: NetGuest,
+    pub rx: NetRxQueue,
+    pub tx: NetTxQueue,
+    pub port: Arc<super::port::Port>,
+}
+
+/// Makes a guest, a switch port with its MAC, and the device queues.
+pub fn attach_net_guest(
+    switch: &Arc<Switch>,
+    cfg: NetGuestConfig,
+    mergeable: bool,
+) -> Result<AttachedNetGuest, RunError> {
+    let guest = NetGuest::new(cfg)?;
+    let port = switch.add_guest_port(&format!("net{}", cfg.id), cfg.mac);
+    let dev = |e: crate::ring::QueueError| RunError::Device(e.to_string());
+    let rx = NetRxQueue::new(
+        guest.device_side(RX_QUEUE)?,
+        RxDevice::new(mergeable),
+        port.clone(),
+    )
+    .map_err(dev)?;
+    let tx = NetTxQueue::new(
+        guest.device_side(TX_QUEUE)?,
+        TxDevice::new(switch.clone(), port.clone()),
+    )
+    .map_err(dev)?;
+    Ok(AttachedNetGuest {
+        guest,
+        rx,
+        tx,
+        port,
+    })
+}
+
+/// Runs `rc` under `model`.
+pub fn run_net(
+    model: LocalModel,
+    rc: &NetRunConfig,
+    progress: &Arc<AtomicU64>,
+) -> Result<NetReport, RunError> {
+    let n = rc.guests.max(2).div_ceil(2) * 2;
+    let switch = Switch::new(rc.switch);
+    let mut guests = Vec::new();
+    let mut devices: Vec<Vec<Box<dyn ServedQueue>>> = Vec::new();
+    let mut ports = Vec::new();
+    for id in 0..n {
+        let cfg = NetGuestConfig {
+            queue_size: rc.queue_size,
+            rx_buf_len: rc.rx_buf_len,
+            features: rc.features,
+            ..NetGuestConfig::new(id)
+        };
+        let a = attach_net_guest(&switch, cfg, rc.mergeable)?;
+        devices.push(vec![Box::new(a.rx), Box::new(a.tx)]);
+        ports.push(a.port);
+        guests.push(a.guest);
+    }
+    let links: Vec<Arc<Link>> = (0..n).map(|_| Arc::new(Link::default())).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let cpu0 = process_cpu_ns();
+    let t0 = Instant::now();
+    let run = |guests: Vec<NetGuest>| drive(guests, rc, &links, progress, &stop);
+    let (sent, recv, device_cpu_ns, stats) = match model {
+        LocalModel::VhostStyle => {
+            let mut workers = Vec::new();
+            for (i, qs) in devices.into_iter().enumerate() {
+                workers.push(
+                    VhostWorker::spawn(&format!("vhost-net-{i}"), qs)
+                        .map_err(|e| RunError::Model(e.to_string()))?,
+                );
+            }
+            let (s, r) = run(guests)?;
+            let mut cpu = 0;
+            let mut st = StatsSnapshot::default();
+            for w in workers.iter_mut() {
+                w.stop();
+                cpu += w.cpu_ns();
+                st = sum(st, w.stats().snapshot());
+            }
+            (s, r, cpu, st)
+        }
+        LocalModel::Sidecore { cores, cfg } => {
+            let mut scs = Vec::new();
+            for i in 0..cores.max(1) {
+                scs.push(
+                    SidecoreThread::spawn(&format!("sidecore-net-{i}"), cfg)
+                        .map_err(|e| RunError::Model(e.to_string()))?,
+                );
+            }
+            for (i, q) in devices.into_iter().flatten().enumerate() {
+                scs[i % scs.len()]
+                    .add(q)
+                    .map_err(|e| RunError::Model(e.to_string()))?;
+            }
+            let (s, r) = run(guests)?;
+            let mut cpu = 0;
+            let mut st = StatsSnapshot::default();
+            for s in scs.iter_mut() {
+                s.stop();
+                cpu += s.cpu_ns();
+                st = sum(st, s.stats().snapshot());
+            }
+            (s, r, cpu, st)
+        }
+    };
+    let wall = t0.elapsed();
+    Ok(NetReport {
+        model: model.name(),
+        sent,
+        recv,
+        wall,
+        device_cpu_ns,
+        process_cpu_ns: process_cpu_ns().saturating_sub(cpu0),
+        stats,
+        ports: ports.iter().map(|p| p.stats().snapshot()).collect(),
+    })
+}
+
+fn sum(a: StatsSnapshot, b: StatsSnapshot) -> StatsSnapshot {
+    StatsSnapshot {
+        requests: a.requests + b.requests,
+        bytes: a.bytes + b.bytes,
+        errors: a.errors + b.errors,
+        polls: a.polls + b.polls,
+        empty_polls: a.empty_polls + b.empty_polls,
+        busy_ns: a.busy_ns + b.busy_ns,
+        sleeps: a.sleeps + b.sleeps,
+        poll_mode_on: a.poll_mode_on + b.poll_mode_on,
+        poll_mode_off: a.poll_mode_off + b.poll_mode_off,
+    }
+}
+
+/// Guest `i` sends on link `i` to its peer `i ^ 1` and receives link `i ^ 1`.
+fn drive(
+    guests: Vec<NetGuest>,
+    rc: &NetRunConfig,
+    links: &[Arc<Link>],
+    progress: &Arc<AtomicU64>,
+    stop: &Arc<AtomicBool>,
+) -> Result<(SendReport, RecvReport), RunError> {
+    let macs: Vec<_> = guests.iter().map(|g| g.cfg.mac).collect();
+    let mut senders = Vec::new();
+    let mut receivers = Vec::new();
+    for (i, g) in guests.into_iter().enumerate() {
+        let me = g.cfg.mac;
+        let peer = *macs
+            .get(i ^ 1)
+            .ok_or_else(|| RunError::Guest(GuestError::Config("guests come in pairs".into())))?;
+        let (mem, mut rxq, mut txq) = g.into_parts();
+        let scfg = SendConfig {
+            dst: peer,
+            frames: rc.frames,
+            duration: rc.duration,
+            frame_len: rc.frame_len,
+            window: rc.window,
+            stall_timeout: rc.stall_timeout,
+        };
+        let rcfg = RecvConfig {
+            peer,
+            stall_timeout: rc.stall_timeout,
+        };
+        let (out, inn) = (links[i].clone(), links[i ^ 1].clone());
+        let (m2, stop, progress) = (mem.clone(), stop.clone(), progress.clone());
+        senders.push(std::thread::spawn(move || {
+            run_sender(&mut txq, &mem, me, &scfg, &out, &stop)
+        }));
+        receivers.push(std::thread::spawn(move || {
+            run_receiver(&mut rxq, &m2, me, &rcfg, &inn, &progress)
+        }));
+    }
+    let mut s = SendReport::default();
+    for t in senders {
+        match t.join() {
+            Ok(r) => {
+                s.sent += r.sent;
+                s.bytes += r.bytes;
+                s.protocol_errors += r.protocol_errors;
+                s.stalled |= r.stalled;
+                s.elapsed = s.elapsed.max(r.elapsed);
+            }
+            Err(_) => s.protocol_errors += 1,
+        }
+    }
+    let mut r = RecvReport::default();
+    for t in receivers {
+        match t.join() {
+            Ok(x) => r.merge(&x),
+            Err(_) => r.protocol_errors += 1,
+        }
+    }
+    Ok((s, r))
+}

@@ -1,0 +1,126 @@
+//! Per-port counters. Directions are the switch's: `rx` is what the switch
+//! received from the port (a guest's TX), `tx` what it delivered to the port
+//! (into a guest's RX ring, or out of the uplink).
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Why a frame was dropped. Each reason has its own counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// Shorter than an Ethernet header (or than the virtio-net header).
+    Short,
+    /// Longer than MTU + 14 (+4 with a VLAN tag).
+    Oversized,
+    /// virtio_net_hdr asked for an offload that was not negotiated.
+    BadHeader,
+    /// Source address is a group address.
+    MulticastSource,
+    /// A guest port sent from an address other than its configured MAC.
+    Spoofed,
+    /// A descriptor chain the device could not use (walker or layout rules).
+    BadChain,
+    /// The destination port's backlog was full.
+    BacklogFull,
+    /// The frame cannot fit the guest's RX buffers even when all are used.
+    RxTooLarge,
+    /// Destination is the port the frame came from.
+    Loopback,
+    /// The uplink refused the frame.
+    UplinkError,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 10] = [
+        DropReason::Short,
+        DropReason::Oversized,
+        DropReason::BadHeader,
+        DropReason::MulticastSource,
+        DropReason::Spoofed,
+        DropReason::BadChain,
+        DropReason::BacklogFull,
+        DropReason::RxTooLarge,
+        DropReason::Loopback,
+        DropReason::UplinkError,
+    ];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            DropReason::Short => "short",
+            DropReason::Oversized => "oversized",
+            DropReason::BadHeader => "bad_header",
+            DropReason::MulticastSource => "multicast_source",
+            DropReason::Spoofed => "spoofed",
+            DropReason::BadChain => "bad_chain",
+            DropReason::BacklogFull => "backlog_full",
+            DropReason::RxTooLarge => "rx_too_large",
+            DropReason::Loopback => "loopback",
+            DropReason::UplinkError => "uplink_error",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct PortStats {
+    rx_packets: AtomicU64,
+    rx_bytes: AtomicU64,
+    tx_packets: AtomicU64,
+    tx_bytes: AtomicU64,
+    drops: [AtomicU64; DropReason::ALL.len()],
+}
+
+impl PortStats {
+    pub fn received(&self, bytes: usize) {
+        self.rx_packets.fetch_add(1, Relaxed);
+        self.rx_bytes.fetch_add(bytes as u64, Relaxed);
+    }
+    pub fn delivered(&self, bytes: usize) {
+        self.tx_packets.fetch_add(1, Relaxed);
+        self.tx_bytes.fetch_add(bytes as u64, Relaxed);
+    }
+    pub fn dropped(&self, reason: DropReason) {
+        self.drops[reason.index()].fetch_add(1, Relaxed);
+    }
+    pub fn snapshot(&self) -> PortSnapshot {
+        let mut drops = [0; DropReason::ALL.len()];
+        for (d, a) in drops.iter_mut().zip(&self.drops) {
+            *d = a.load(Relaxed);
+        }
+        PortSnapshot {
+            rx_packets: self.rx_packets.load(Relaxed),
+            rx_bytes: self.rx_bytes.load(Relaxed),
+            tx_packets: self.tx_packets.load(Relaxed),
+            tx_bytes: self.tx_bytes.load(Relaxed),
+            drops,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PortSnapshot {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    drops: [u64; DropReason::ALL.len()],
+}
+
+impl PortSnapshot {
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.drops[reason.index()]
+    }
+    pub fn total_drops(&self) -> u64 {
+        self.drops.iter().sum()
+    }
+    /// `(reason, count)` for every non-zero counter.
+    pub fn nonzero_drops(&self) -> Vec<(DropReason, u64)> {
+        DropReason::ALL
+            .iter()
+            .map(|&r| (r, self.drops(r)))
+            .filter(|&(_, n)| n > 0)
+            .collect()
+    }
+}

@@ -1,0 +1,508 @@
+//! Verified traffic for synthetic net guests: a sender that numbers its
+//! frames and checksums their payload, a receiver that reassembles
+//! mergeable buffers and counts lost, duplicate and corrupt frames.
+//!
+//! Sender and receiver of one direction share a [`Link`]: the receiver's
+//! count opens the sender's window, so that a test can ask for zero loss
+//! without the switch's bounded backlogs dropping anything (the window is a
+//! test harness's flow control, not the device's).
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use std::time::{Duration, Instant};
+
+use super::guest::NetGuestQueue;
+use super::header::{NetHeader, HDR_LEN};
+use super::mac::MacAddr;
+use crate::memory::{GuestMemory, LocalMemory};
+use crate::ring::Segment;
+
+/// IEEE "local experimental" EtherType.
+pub const ETHERTYPE_TEST: u16 = 0x88b5;
+const SEQ: usize = 14;
+const LEN: usize = 22;
+const SUM: usize = 24;
+const DATA: usize = 28;
+/// Smallest test frame: Ethernet header, sequence, length, checksum.
+pub const MIN_TEST_FRAME: usize = DATA;
+/// Sequence numbers beyond this are corrupt (bounds the seen-set).
+const MAX_SEQ: u64 = 1 << 32;
+
+fn fnv1a(seed: u64, b: &[u8]) -> u32 {
+    let mut h: u32 = 0x811c_9dc5 ^ (seed as u32) ^ ((seed >> 32) as u32);
+    for &x in b {
+        h ^= u32::from(x);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+/// A test frame of `len` bytes (at least [`MIN_TEST_FRAME`]).
+pub fn build_frame(dst: MacAddr, src: MacAddr, seq: u64, len: usize) -> Vec<u8> {
+    let len = len.max(MIN_TEST_FRAME);
+    let mut f = vec![0u8; len];
+    f[..6].copy_from_slice(&dst.0);
+    f[6..12].copy_from_slice(&src.0);
+    f[12..14].copy_from_slice(&ETHERTYPE_TEST.to_be_bytes());
+    f[SEQ..LEN].copy_from_slice(&seq.to_le_bytes());
+    f[LEN..SUM].copy_from_slice(&(len as u16).to_le_bytes());
+    for (i, b) in f[DATA..].iter_mut().enumerate() {
+        *b = (seq as usize).wrapping_mul(31).wrapping_add(i * 7) as u8;
+    }
+    let sum = fnv1a(seq, &f[DATA..]);
+    f[SUM..DATA].copy_from_slice(&sum.to_le_bytes());
+    f
+}
+
+/// Checks a received test frame: `(dst, src, seq)` when intact.
+pub fn check_frame(f: &[u8]) -> Option<(MacAddr, MacAddr, u64)> {
+    if f.len() < DATA || u16::from_be_bytes([f[12], f[13]]) != ETHERTYPE_TEST {
+        return None;
+    }
+    let seq = u64::from_le_bytes(f[SEQ..LEN].try_into().ok()?);
+    let len = u16::from_le_bytes([f[LEN], f[LEN + 1]]);
+    let sum = u32::from_le_bytes(f[SUM..DATA].try_into().ok()?);
+    if usize::from(len) != f.len() || sum != fnv1a(seq, &f[DATA..]) {
+        return None;
+    }
+    Some((MacAddr::from_slice(f)?, MacAddr::from_slice(&f[6..])?, seq))
+}
+
+/// One direction between two guests.
+#[derive(Debug, Default)]
+pub struct Link {
+    pub sent: AtomicU64,
+    /// Frames the receiver got from this sender (intact or corrupt).
+    pub received: AtomicU64,
+    pub sender_done: AtomicBool,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct SendConfig {
+    pub dst: MacAddr,
+    /// Frames to send (0: until `duration` or the stop flag).
+    pub frames: u64,
+    pub duration: Option<Duration>,
+    pub frame_len: usize,
+    /// Most frames sent but not yet received.
+    pub window: u64,
+    pub stall_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SendReport {
+    pub sent: u64,
+    pub bytes: u64,
+    pub protocol_errors: u64,
+    pub stalled: bool,
+    pub elapsed: Duration,
+}
+
+const NO_SLOT: u16 = u16::MAX;
+
+fn wait_readable(fd: i32, ms: i32) {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, count 1; poll only writes `revents`.
+    unsafe {
+        libc::poll(&mut p, 1, ms);
+    }
+}
+
+/// Sends test frames from `src` until the config says stop. Every fourth
+/// frame goes as two descriptors (header, frame), and every eighth through
+/// an indirect table when negotiated, so the device's gather is exercised.
+pub fn run_sender(
+    q: &mut NetGuestQueue,
+    mem: &LocalMemory,
+    src: MacAddr,
+    cfg: &SendConfig,
+    link: &Link,
+    stop: &AtomicBool,
+) -> SendReport {
+    let mut r = SendReport::default();
+    let size = usize::from(q.driver.layout().size);
+    let mut free: Vec<u16> = (0..q.slots).rev().collect();
+    let mut head_slot = vec![NO_SLOT; size];
+    let started = Instant::now();
+    let mut last_progress = Instant::now();
+    let mut seq: u64 = 0;
+    let hdr = NetHeader::default().to_bytes();
+    let frame_len = cfg.frame_len.max(MIN_TEST_FRAME);
+    loop {
+        let mut reaped = 0;
+        loop {
+            match q.driver.pop_used(mem) {
+                Ok(Some((head, _))) => {
+                    let si = head_slot
+                        .get_mut(usize::from(head))
+                        .map(|s| std::mem::replace(s, NO_SLOT))
+                        .unwrap_or(NO_SLOT);
+                    if si == NO_SLOT {
+                        r.protocol_errors += 1;
+                    } else {
+                        free.push(si);
+                    }
+                    reaped += 1;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::error!(error = %e, "TX device returned a bad used entry");
+                    r.protocol_errors += 1;
+                    r.elapsed = started.elapsed();
+                    link.sender_done.store(true, SeqCst);
+                    return r;
+                }
+            }
+        }
+        let done = stop.load(Relaxed)
+            || (cfg.frames > 0 && seq >= cfg.frames)
+            || cfg.duration.is_some_and(|d| started.elapsed() >= d);
+        let mut added = 0;
+        loop {
+            if done
+                || (cfg.frames > 0 && seq >= cfg.frames)
+                || seq.saturating_sub(link.received.load(Relaxed)) >= cfg.window
+            {
+                break;
+            }
+            let Some(&si) = free.last() else { break };
+            let addr = q.slot(si);
+            let f = build_frame(cfg.dst, src, seq, frame_len);
+            if mem.write(addr, &hdr).is_err() || mem.write(addr + HDR_LEN as u64, &f).is_err() {
+                r.protocol_errors += 1;
+                break;
+            }
+            let whole = [Segment {
+                addr,
+                len: (HDR_LEN + f.len()) as u32,
+            }];
+            let split = [
+                Segment {
+                    addr,
+                    len: HDR_LEN as u32,
+                },
+                Segment {
+                    addr: addr + HDR_LEN as u64,
+                    len: f.len() as u32,
+                },
+            ];
+            let segs: &[Segment] = if seq % 4 == 3 { &split } else { &whole };
+            let res = match q.driver.add(mem, segs, &[], seq % 8 == 7) {
+                Err(crate::ring::DriverError::IndirectUnavailable) => {
+                    q.driver.add(mem, segs, &[], false)
+                }
+                x => x,
+            };
+            let head = match res {
+                Ok(h) => h,
+                Err(_) => break,
+            };
+            free.pop();
+            head_slot[usize::from(head)] = si;
+            seq += 1;
+            r.bytes += f.len() as u64;
+            link.sent.store(seq, SeqCst);
+            added += 1;
+        }
+        if added > 0 {
+            match q
+                .driver
+                .publish(mem)
+                .and_then(|_| q.driver.should_kick(mem))
+            {
+                Ok(true) => {
+                    let _ = q.kick.write(1);
+                }
+                Ok(false) => {}
+                Err(_) => {
+                    r.protocol_errors += 1;
+                    break;
+                }
+            }
+        }
+        let outstanding = q.driver.outstanding();
+        if done && outstanding == 0 {
+            break;
+        }
+        if added > 0 || reaped > 0 {
+            last_progress = Instant::now();
+            continue;
+        }
+        if outstanding > 0 && (free.is_empty() || done) {
+            match q.driver.enable_interrupts(mem) {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(_) => {
+                    r.protocol_errors += 1;
+                    break;
+                }
+            }
+            wait_readable(q.call.as_raw_fd(), 1);
+            let _ = q.call.read();
+        } else {
+            // Window closed: the peer has not caught up yet.
+            std::thread::sleep(Duration::from_micros(20));
+            if link.received.load(Relaxed) + cfg.window > seq {
+                last_progress = Instant::now();
+            }
+        }
+        if last_progress.elapsed() > cfg.stall_timeout {
+            tracing::error!(outstanding, seq, "TX side stalled; giving up");
+            r.stalled = true;
+            break;
+        }
+    }
+    r.sent = seq;
+    r.elapsed = started.elapsed();
+    link.sender_done.store(true, SeqCst);
+    r
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct RecvConfig {
+    /// The only source frames are expected from.
+    pub peer: MacAddr,
+    /// Give up after this long without a frame while frames are missing.
+    pub stall_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RecvReport {
+    /// Intact frames from the peer, each counted once.
+    pub received: u64,
+    pub bytes: u64,
+    /// Frames whose content does not check out.
+    pub corrupt: u64,
+    pub duplicate: u64,
+    /// Sent but never received.
+    pub lost: u64,
+    /// Intact frames to us from someone other than the peer.
+    pub unexpected: u64,
+    /// Intact frames for another guest, seen because the switch flooded
+    /// them (its destination was not learned yet): legitimate, not counted.
+    pub flooded: u64,
+    /// Frames that arrived in more than one buffer.
+    pub merged: u64,
+    /// Wrong used entries or headers.
+    pub protocol_errors: u64,
+    pub elapsed: Duration,
+}
+
+impl RecvReport {
+    pub fn merge(&mut self, o: &RecvReport) {
+        self.received += o.received;
+        self.bytes += o.bytes;
+        self.corrupt += o.corrupt;
+        self.duplicate += o.duplicate;
+        self.lost += o.lost;
+        self.unexpected += o.unexpected;
+        self.flooded += o.flooded;
+        self.merged += o.merged;
+        self.protocol_errors += o.protocol_errors;
+        self.elapsed = self.elapsed.max(o.elapsed);
+    }
+    pub fn failures(&self) -> u64 {
+        self.corrupt + self.duplicate + self.lost + self.unexpected + self.protocol_errors
+    }
+}
+
+struct Assembly {
+    left: u16,
+    buffers: u16,
+    data: Vec<u8>,
+}
+
+/// Keeps the RX ring full of buffers and verifies what arrives, until the
+/// peer's sender is done and everything it sent arrived (or stalls).
+pub fn run_receiver(
+    q: &mut NetGuestQueue,
+    mem: &LocalMemory,
+    me: MacAddr,
+    cfg: &RecvConfig,
+    link: &Link,
+    progress: &AtomicU64,
+) -> RecvReport {
+    let mut r = RecvReport::default();
+    let size = usize::from(q.driver.layout().size);
+    let mut free: Vec<u16> = (0..q.slots).rev().collect();
+    let mut head_slot = vec![NO_SLOT; size];
+    let mut seen: Vec<u64> = Vec::new();
+    let mut asm: Option<Assembly> = None;
+    let mut buf = vec![0u8; q.slot_len as usize];
+    let started = Instant::now();
+    let mut last_progress = Instant::now();
+    let mut counted: u64 = 0;
+    'outer: loop {
+        // Post every free buffer.
+        let mut added = 0;
+        while let Some(&si) = free.last() {
+            let seg = Segment {
+                addr: q.slot(si),
+                len: q.slot_len as u32,
+            };
+            let Ok(head) = q.driver.add(mem, &[], &[seg], false) else {
+                break;
+            };
+            free.pop();
+            head_slot[usize::from(head)] = si;
+            added += 1;
+        }
+        if added > 0 {
+            match q
+                .driver
+                .publish(mem)
+                .and_then(|_| q.driver.should_kick(mem))
+            {
+                Ok(true) => {
+                    let _ = q.kick.write(1);
+                }
+                Ok(false) => {}
+                Err(_) => {
+                    r.protocol_errors += 1;
+                    break;
+                }
+            }
+        }
+        let mut reaped = 0;
+        loop {
+            let (head, len) = match q.driver.pop_used(mem) {
+                Ok(Some(x)) => x,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::error!(error = %e, "RX device returned a bad used entry");
+                    r.protocol_errors += 1;
+                    break 'outer;
+                }
+            };
+            reaped += 1;
+            let si = head_slot
+                .get_mut(usize::from(head))
+                .map(|s| std::mem::replace(s, NO_SLOT))
+                .unwrap_or(NO_SLOT);
+            if si == NO_SLOT {
+                r.protocol_errors += 1;
+                continue;
+            }
+            free.push(si);
+            let len = len as usize;
+            if len > buf.len() || mem.read(q.slot(si), &mut buf[..len]).is_err() {
+                r.protocol_errors += 1;
+                asm = None;
+                continue;
+            }
+            let a = match asm.as_mut() {
+                Some(a) => {
+                    a.data.extend_from_slice(&buf[..len]);
+                    a
+                }
+                None => {
+                    if len < HDR_LEN {
+                        r.protocol_errors += 1;
+                        continue;
+                    }
+                    let mut hb = [0u8; HDR_LEN];
+                    hb.copy_from_slice(&buf[..HDR_LEN]);
+                    let h = NetHeader::from_bytes(&hb);
+                    if h.num_buffers == 0 || h.flags != 0 || h.gso_type != 0 {
+                        r.protocol_errors += 1;
+                        continue;
+                    }
+                    asm.insert(Assembly {
+                        left: h.num_buffers,
+                        buffers: h.num_buffers,
+                        data: buf[HDR_LEN..len].to_vec(),
+                    })
+                }
+            };
+            a.left -= 1;
+            if a.left > 0 {
+                continue;
+            }
+            let Some(a) = asm.take() else { continue };
+            if a.buffers > 1 {
+                r.merged += 1;
+            }
+            match check_frame(&a.data) {
+                None => {
+                    r.corrupt += 1;
+                    counted += 1;
+                }
+                Some((dst, _, _)) if dst != me => r.flooded += 1,
+                Some((_, src, _)) if src != cfg.peer => r.unexpected += 1,
+                Some((_, _, seq)) if seq >= MAX_SEQ => {
+                    r.corrupt += 1;
+                    counted += 1;
+                }
+                Some((_, _, seq)) => {
+                    let (w, b) = ((seq / 64) as usize, seq % 64);
+                    if seen.len() <= w {
+                        seen.resize(w + 1, 0);
+                    }
+                    if seen[w] & (1 << b) != 0 {
+                        r.duplicate += 1;
+                    } else {
+                        seen[w] |= 1 << b;
+                        r.received += 1;
+                        r.bytes += a.data.len() as u64;
+                        counted += 1;
+                        progress.fetch_add(1, Relaxed);
+                    }
+                }
+            }
+        }
+        link.received.store(counted, SeqCst);
+        if link.sender_done.load(SeqCst) && counted >= link.sent.load(SeqCst) && asm.is_none() {
+            break;
+        }
+        if reaped > 0 {
+            last_progress = Instant::now();
+            continue;
+        }
+        if last_progress.elapsed() > cfg.stall_timeout {
+            tracing::error!(
+                counted,
+                sent = link.sent.load(SeqCst),
+                "RX side stalled; giving up"
+            );
+            break;
+        }
+        match q.driver.enable_interrupts(mem) {
+            Ok(true) => continue,
+            Ok(false) => {}
+            Err(_) => {
+                r.protocol_errors += 1;
+                break;
+            }
+        }
+        wait_readable(q.call.as_raw_fd(), 1);
+        let _ = q.call.read();
+    }
+    r.lost = link.sent.load(SeqCst).saturating_sub(counted);
+    r.elapsed = started.elapsed();
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_check_and_corruption_is_caught() {
+        let (a, b) = (MacAddr::local(1), MacAddr::local(2));
+        for len in [MIN_TEST_FRAME, 64, 1514] {
+            let f = build_frame(b, a, 42, len);
+            assert_eq!(f.len(), len);
+            assert_eq!(check_frame(&f), Some((b, a, 42)));
+            for i in SEQ..len {
+                let mut g = f.clone();
+                g[i] ^= 0x10;
+                assert_eq!(check_frame(&g), None, "flip at {i} of {len}");
+            }
+            assert_eq!(check_frame(&f[..len - 1]), None);
+        }
+    }
+}

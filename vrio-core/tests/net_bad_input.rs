@@ -1,0 +1,293 @@
+//! Hostile guests against the net device and switch: spoofed, short,
+//! oversized and offload-flagged frames, and broken descriptor chains on
+//! both queues. Each is dropped and counted under its own reason, the
+//! guest gets its buffer back (used length 0), and good traffic after it
+//! still flows.
+
+use std::sync::Arc;
+
+use vrio_core::memory::GuestMemory;
+use vrio_core::net::traffic::{build_frame, check_frame};
+use vrio_core::net::{
+    attach_net_guest, AttachedNetGuest, DropReason, MacAddr, NetGuestConfig, NetHeader, Switch,
+    SwitchConfig, HDR_LEN,
+};
+use vrio_core::ring::{Descriptor, Segment};
+use vrio_core::sidecore::ServedQueue;
+
+fn pair(mergeable: bool) -> (Arc<Switch>, AttachedNetGuest, AttachedNetGuest) {
+    let sw = Switch::new(SwitchConfig::default());
+    let a = attach_net_guest(&sw, NetGuestConfig::new(1), mergeable).unwrap();
+    let b = attach_net_guest(&sw, NetGuestConfig::new(2), mergeable).unwrap();
+    (sw, a, b)
+}
+
+/// Writes header + frame at the start of TX slot `slot` and returns it as one segment.
+fn tx_buf(g: &AttachedNetGuest, slot: u64, hdr: NetHeader, frame: &[u8]) -> Segment {
+    let mem = g.guest.memory();
+    let base = tx_area(g) + slot * 2048;
+    mem.write(base, &hdr.to_bytes()).unwrap();
+    mem.write(base + HDR_LEN as u64, frame).unwrap();
+    Segment {
+        addr: base,
+        len: (HDR_LEN + frame.len()) as u32,
+    }
+}
+
+/// The synthetic guest's TX slot area, from the TX ring's device side.
+fn tx_area(g: &AttachedNetGuest) -> u64 {
+    // Memory ends with the TX slots: queue_size slots of TX_SLOT bytes.
+    let size = vrio_core::memory::MemoryMap::of(&**g.guest.memory())
+        .unwrap()
+        .size();
+    size - 256 * vrio_core::net::guest::TX_SLOT
+}
+
+#[test]
+fn bad_frames_are_dropped_counted_and_completed() {
+    let (_sw, mut a, b) = pair(true);
+    let mem = a.guest.memory().clone();
+    let side = a.guest.device_side(vrio_core::net::TX_QUEUE).unwrap();
+    let mut drv = vrio_core::ring::DriverQueue::new(side.layout, side.features, None);
+    let (ma, mb) = (a.guest.cfg.mac, b.guest.cfg.mac);
+    let good = build_frame(mb, ma, 1, 100);
+    let csum = NetHeader {
+        flags: vrio_core::net::header::F_NEEDS_CSUM,
+        ..NetHeader::default()
+    };
+    let gso = NetHeader {
+        gso_type: 1,
+        ..NetHeader::default()
+    };
+    let h = NetHeader::default();
+    let mut cases: Vec<(Vec<Segment>, Vec<Segment>, Option<DropReason>)> = vec![
+        // Spoofed source (b's address from a's port).
+        (
+            vec![tx_buf(&a, 0, h, &build_frame(mb, mb, 0, 100))],
+            vec![],
+            Some(DropReason::Spoofed),
+        ),
+        // Oversized: 1515 bytes, untagged.
+        (
+            vec![tx_buf(&a, 1, h, &build_frame(mb, ma, 0, 1515))],
+            vec![],
+            Some(DropReason::Oversized),
+        ),
+        // Short: a 13-byte frame, and a chain shorter than the header.
+        (
+            vec![tx_buf(&a, 2, h, &good[..13])],
+            vec![],
+            Some(DropReason::Short),
+        ),
+        (
+            vec![Segment {
+                addr: tx_area(&a) + 3 * 2048,
+                len: 10,
+            }],
+            vec![],
+            Some(DropReason::Short),
+        ),
+        // Offloads that were not negotiated.
+        (
+            vec![tx_buf(&a, 4, csum, &good)],
+            vec![],
+            Some(DropReason::BadHeader),
+        ),
+        (
+            vec![tx_buf(&a, 5, gso, &good)],
+            vec![],
+            Some(DropReason::BadHeader),
+        ),
+        // Multicast source.
+        (
+            vec![tx_buf(&a, 6, h, &{
+                let mut f = good.clone();
+                f[6] |= 1;
+                f
+            })],
+            vec![],
+            Some(DropReason::MulticastSource),
+        ),
+        // A device-writable descriptor in a TX chain.
+        (
+            vec![tx_buf(&a, 7, h, &good)],
+            vec![Segment {
+                addr: tx_area(&a) + 8 * 2048,
+                len: 64,
+            }],
+            Some(DropReason::BadChain),
+        ),
+        // A buffer outside guest memory (refused by the walker).
+        (
+            vec![Segment {
+                addr: 1 << 40,
+                len: 100,
+            }],
+            vec![],
+            Some(DropReason::BadChain),
+        ),
+        // Finally a good frame, which must still get through.
+        (vec![tx_buf(&a, 9, h, &good)], vec![], None),
+    ];
+    // A huge length must be refused before anything is allocated.
+    cases.insert(
+        0,
+        (
+            vec![Segment {
+                addr: tx_area(&a),
+                len: u32::MAX,
+            }],
+            vec![],
+            Some(DropReason::BadChain),
+        ),
+    );
+    let mut heads = Vec::new();
+    for (r, w, _) in &cases {
+        heads.push(drv.add(&*mem, r, w, false).unwrap());
+    }
+    // A looping chain: the last good-looking descriptor points at itself.
+    let l = drv
+        .add(
+            &*mem,
+            &[tx_buf(&a, 10, h, &good), tx_buf(&a, 11, h, &good)],
+            &[],
+            false,
+        )
+        .unwrap();
+    let mut d = [0u8; 16];
+    mem.read(side.layout.desc_addr(l), &mut d).unwrap();
+    let first = Descriptor::from_bytes(&d);
+    let mut looped = first;
+    looped.next = l;
+    mem.write(side.layout.desc_addr(l), &looped.to_bytes())
+        .unwrap();
+    drv.publish(&*mem).unwrap();
+
+    let out = a.tx.poll(64).unwrap();
+    assert_eq!(out.requests + out.errors, cases.len() as u32 + 1);
+    // Every chain came back, with nothing written.
+    let mut back = Vec::new();
+    while let Some((head, len)) = drv.pop_used(&*mem).unwrap() {
+        assert_eq!(len, 0);
+        back.push(head);
+    }
+    assert_eq!(back.len(), cases.len() + 1);
+    let s = a.port.stats().snapshot();
+    for reason in DropReason::ALL {
+        let want = cases.iter().filter(|c| c.2 == Some(reason)).count() as u64
+            + u64::from(reason == DropReason::BadChain); // the loop
+        assert_eq!(s.drops(reason), want, "{}", reason.name());
+    }
+    assert_eq!(s.rx_packets, 1);
+    // The good frame waits in b's backlog, intact.
+    assert_eq!(b.port.backlog_len(), 1);
+    let f = vrio_core::net::FrameSource::pop(&*b.port).unwrap();
+    assert_eq!(check_frame(&f), Some((mb, ma, 1)));
+}
+
+#[test]
+fn bad_rx_chains_are_completed_and_frames_still_arrive() {
+    let (sw, a, mut b) = pair(true);
+    let mem = b.guest.memory().clone();
+    let side = b.guest.device_side(vrio_core::net::RX_QUEUE).unwrap();
+    let mut drv = vrio_core::ring::DriverQueue::new(side.layout, side.features, None);
+    // Scratch buffers in the guest's (unused here) TX slot area.
+    let rx_base = tx_area(&b);
+    // Readable descriptor, too small for a header, outside memory, then two
+    // good 64-byte buffers (frame of 100 bytes + 12 needs both: merged).
+    drv.add(
+        &*mem,
+        &[Segment {
+            addr: rx_base,
+            len: 64,
+        }],
+        &[Segment {
+            addr: rx_base + 64,
+            len: 64,
+        }],
+        false,
+    )
+    .unwrap();
+    drv.add(
+        &*mem,
+        &[],
+        &[Segment {
+            addr: rx_base + 128,
+            len: 11,
+        }],
+        false,
+    )
+    .unwrap();
+    drv.add(
+        &*mem,
+        &[],
+        &[Segment {
+            addr: 1 << 40,
+            len: 64,
+        }],
+        false,
+    )
+    .unwrap();
+    let g1 = drv
+        .add(
+            &*mem,
+            &[],
+            &[Segment {
+                addr: rx_base + 256,
+                len: 64,
+            }],
+            false,
+        )
+        .unwrap();
+    let g2 = drv
+        .add(
+            &*mem,
+            &[],
+            &[Segment {
+                addr: rx_base + 320,
+                len: 64,
+            }],
+            false,
+        )
+        .unwrap();
+    drv.publish(&*mem).unwrap();
+    let (ma, mb) = (a.guest.cfg.mac, b.guest.cfg.mac);
+    sw.forward(&a.port, build_frame(mb, ma, 5, 100));
+    let out = b.rx.poll(8).unwrap();
+    assert_eq!((out.requests, out.errors), (1, 3));
+    let mut used = Vec::new();
+    while let Some(u) = drv.pop_used(&*mem).unwrap() {
+        used.push(u);
+    }
+    assert_eq!(used.len(), 5);
+    assert!(used[..3].iter().all(|&(_, len)| len == 0));
+    assert_eq!(&used[3..], &[(g1, 64), (g2, 48)]);
+    let mut buf = [0u8; 112];
+    mem.read(rx_base + 256, &mut buf[..64]).unwrap();
+    mem.read(rx_base + 320, &mut buf[64..]).unwrap();
+    assert_eq!(
+        NetHeader::from_bytes(buf[..12].try_into().unwrap()).num_buffers,
+        2
+    );
+    assert_eq!(check_frame(&buf[12..]), Some((mb, ma, 5)));
+    let s = b.port.stats().snapshot();
+    assert_eq!(s.drops(DropReason::BadChain), 3);
+    assert_eq!(s.tx_packets, 1);
+}
+
+#[test]
+fn a_full_backlog_drops_instead_of_growing() {
+    let sw = Switch::new(SwitchConfig {
+        backlog: 8,
+        ..SwitchConfig::default()
+    });
+    let a = attach_net_guest(&sw, NetGuestConfig::new(1), true).unwrap();
+    let b = attach_net_guest(&sw, NetGuestConfig::new(2), true).unwrap();
+    // b never posts RX buffers.
+    let (ma, mb) = (a.guest.cfg.mac, MacAddr::local(2));
+    for i in 0..100 {
+        sw.forward(&a.port, build_frame(mb, ma, i, 64));
+    }
+    assert_eq!(b.port.backlog_len(), 8);
+    assert_eq!(b.port.stats().snapshot().drops(DropReason::BacklogFull), 92);
+}
