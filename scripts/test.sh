@@ -34,6 +34,7 @@ bash scripts/fuzz.sh
 
 step "benchmark smoke runs"
 ./target/release/vrio-bench --seconds 0.2 --guests 1,4 --depths 1,32 --json target/bench-smoke.json
+./target/release/vrio-netbench --seconds 0.3 --json target/netbench-smoke.json
 ./target/release/vrio-demo --guests 2 --requests 2000
 
 step "done in $(( $(date +%s) - T0 ))s: all steps passed"

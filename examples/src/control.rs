@@ -444,41 +444,47 @@ async fn follow_once(
                 let to = QueueTarget { server: addr.clone(), sidecore: a.sidecore as u16 };
                 apply(id, dev, a.queue as u16, to).await;
             }
-            _ = check.tick() => {
-                let orphans: Vec<_> = devices
-                    .iter()
-                    .flat_map(|(id, d)| {
-                        d.queues()
-                            .into_iter()
-                            .filter(|q| q.state == LinkState::Orphaned)
-                            .map(move |q| (id.clone(), d.clone(), q.queue))
-                    })
-                    .collect();
-                if orphans.is_empty() {
-                    continue;
-                }
-                servers = server_addresses(client).await?;
-                for (id, dev, q) in orphans {
-                    let a = client
-                        .list_assignments(pb::ListAssignmentsRequest {
-                            device_id: id.clone(),
-                            server_id: String::new(),
-                        })
-                        .await?
-                        .into_inner()
-                        .assignments;
-                    let Some(a) = a.into_iter().find(|a| a.queue == u32::from(q)) else {
-                        continue;
-                    };
-                    // Only a live server: a dead one's queues move on lease expiry.
-                    if let Some((addr, true)) = servers.get(&a.server_id) {
-                        let to = QueueTarget { server: addr.clone(), sidecore: a.sidecore as u16 };
-                        apply(&id, &dev, q, to).await;
-                    }
-                }
+            _ = check.tick() => reconcile(client, devices, &mut servers).await?,
+        }
+    }
+}
+
+/// Brings every queue to where the controller says, for what the watch
+/// could not do: a move that failed or raced another, a queue that lost
+/// its server while its assignment stayed (the server restarted).
+async fn reconcile(
+    client: &mut Client,
+    devices: &[(String, Arc<AttachedDevice>)],
+    servers: &mut HashMap<String, (String, bool)>,
+) -> Result<(), tonic::Status> {
+    let assigned = client
+        .list_assignments(pb::ListAssignmentsRequest::default())
+        .await?
+        .into_inner()
+        .assignments;
+    *servers = server_addresses(client).await?;
+    for (id, dev) in devices {
+        for q in dev.queues() {
+            let Some(a) = assigned
+                .iter()
+                .find(|a| a.device_id == *id && a.queue == u32::from(q.queue))
+            else {
+                continue;
+            };
+            // Only a live server: a dead one's queues move on lease expiry.
+            let Some((addr, true)) = servers.get(&a.server_id) else {
+                continue;
+            };
+            if q.state == LinkState::Orphaned || q.target.server != *addr {
+                let to = QueueTarget {
+                    server: addr.clone(),
+                    sidecore: a.sidecore as u16,
+                };
+                apply(id, dev, q.queue, to).await;
             }
         }
     }
+    Ok(())
 }
 
 /// A controller inside this process: the crash-safe file store in

@@ -90,6 +90,8 @@ pub async fn serve(
     let mut builder = tonic::transport::Server::builder();
     if let Some(t) = &opts.tls {
         builder = builder.tls_config(t.config())?;
+    } else if listener.local_addr().is_ok_and(|a| a.ip().is_loopback()) {
+        tracing::info!("TLS is off (loopback only)");
     } else {
         tracing::warn!("TLS is off: tokens and placement travel in the clear");
     }

@@ -513,7 +513,9 @@ impl Conn {
             for c in &c[..n] {
                 if !c.status.is_ok() {
                     return Err(AgentError::Protocol(format!(
-                        "attach failed: completion {:?}",
+                        "the I/O server dropped the connection while attaching queue {queue} \
+                         ({:?}); its log says why (a different vrio wire version, rings \
+                         outside guest memory, ...)",
                         c.status
                     )));
                 }
@@ -838,6 +840,18 @@ impl AgentQueue {
                     let wr = conn.recv_wr(s);
                     conn.ep.post_recv(&[wr])?;
                     let idx = c.imm.unwrap_or(0) as u16;
+                    // A server may complete only what the guest posted.
+                    let used = self.dq.state().next_used;
+                    let avail = ctx
+                        .mem
+                        .load_u16(self.layout.avail_idx())
+                        .map_err(|e| AgentError::Protocol(e.to_string()))?;
+                    let done = idx.wrapping_sub(used);
+                    if done > avail.wrapping_sub(used) {
+                        return Err(AgentError::Protocol(format!(
+                            "the server completed up to {idx}, past the guest's avail index {avail} (used was {used})"
+                        )));
+                    }
                     // The used elements landed before the immediate (RC
                     // ordering); publishing the index releases them.
                     self.dq
