@@ -13,6 +13,15 @@
 //! The second test runs the local model (`--local-file`: a sidecore in
 //! vrio-client serves the vrings over the shared guest memory, no I/O
 //! server), with the pattern part only, to stay short.
+//!
+//! The reconnect tests kill vrio-client twice under a guest doing
+//! continuous O_DIRECT write/read-back (`reconnect.sh`) and start it again
+//! on the same socket; QEMU's chardev reconnects and resumes every vring at
+//! its used index. The second kill first freezes the client (SIGSTOP), so
+//! requests are surely in flight when it dies. The guest must see every
+//! md5 match, no failed dd and no I/O error in its kernel log; the host
+//! checks the backing file holds the last pattern. Once against the remote
+//! I/O server, once against the local sidecore.
 //! Everything runs from `integration/vhost/run.sh`.
 
 use std::path::Path;
@@ -46,9 +55,10 @@ fn strip_ansi(s: &str) -> String {
     out
 }
 
-/// Runs `integration/vhost/run.sh` with `env`; returns its whole output and
-/// whether it exited successfully.
-fn run_guests(env: &[(&str, &str)]) -> (String, bool) {
+/// Runs `integration/vhost/run.sh` with `env` and the guest script
+/// `guest` (in `integration/vhost/`); returns its whole output and whether
+/// it exited successfully.
+fn run_guests(env: &[(&str, &str)], guest: &str) -> (String, bool) {
     // QEMU, the kernel, busybox (and e2fsprogs): scripts/setup.sh installs
     // them when missing; a host where that fails must fail here, loudly.
     if let Err(e) = rxe::ensure_host() {
@@ -62,17 +72,19 @@ fn run_guests(env: &[(&str, &str)]) -> (String, bool) {
     }
     let server = rxe::build_bin("vrio-examples", "vrio-server").unwrap_or_else(|e| panic!("{e}"));
     let client = rxe::build_bin("vrio-examples", "vrio-client").unwrap_or_else(|e| panic!("{e}"));
-    let script = rxe::workspace_root()
-        .join("integration")
-        .join("vhost")
-        .join("run.sh");
-    assert!(Path::new(&script).is_file(), "{} missing", script.display());
+    let dir = rxe::workspace_root().join("integration").join("vhost");
+    let script = dir.join("run.sh");
+    let guest = dir.join(guest);
+    for f in [&script, &guest] {
+        assert!(Path::new(f).is_file(), "{} missing", f.display());
+    }
 
     let t0 = std::time::Instant::now();
     let out = Command::new("bash")
         .arg(&script)
         .arg(&server)
         .arg(&client)
+        .arg(&guest)
         .envs(env.iter().copied())
         .output()
         .unwrap();
@@ -114,7 +126,7 @@ fn assert_pattern(log: &str) -> String {
 
 #[test]
 fn stock_guest_runs_ext4_on_a_remote_disk_through_vhost_user_blk() {
-    let (log, ok) = run_guests(&[("NQ", "2"), ("BOOTS", "2"), ("TMO", "400")]);
+    let (log, ok) = run_guests(&[("NQ", "2"), ("BOOTS", "2"), ("TMO", "400")], "blk.sh");
     let has = |s: &str| log.contains(s);
     assert!(
         has("(fabric soft, 2 queue(s)"),
@@ -164,14 +176,17 @@ fn stock_guest_runs_ext4_on_a_remote_disk_through_vhost_user_blk() {
 fn stock_guest_checks_a_pattern_on_a_local_sidecore_through_vhost_user_blk() {
     // Two short boots: the second VMM proves the disconnect of the first
     // left the sidecore and the socket ready.
-    let (log, ok) = run_guests(&[
-        ("BACKEND", "local"),
-        ("NQ", "2"),
-        ("BOOTS", "2"),
-        ("BLKMB", "16"),
-        ("FSMB", "0"),
-        ("TMO", "300"),
-    ]);
+    let (log, ok) = run_guests(
+        &[
+            ("BACKEND", "local"),
+            ("NQ", "2"),
+            ("BOOTS", "2"),
+            ("BLKMB", "16"),
+            ("FSMB", "0"),
+            ("TMO", "300"),
+        ],
+        "blk.sh",
+    );
     let has = |s: &str| log.contains(s);
     assert!(
         has("served by a local sidecore (file "),
@@ -224,4 +239,119 @@ fn stock_guest_checks_a_pattern_on_a_local_sidecore_through_vhost_user_blk() {
     );
     assert!(has("RESULT: PASS"), "run.sh result");
     assert!(ok, "run.sh failed");
+}
+
+/// Outstanding requests of every vring resumed after a restart, from the
+/// client log's "resuming the vring" lines.
+fn resumed_outstanding(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter(|l| l.contains("resuming the vring at the VMM's base"))
+        .filter_map(|l| l.split("outstanding=").nth(1))
+        .filter_map(|s| s.split_whitespace().next())
+        .filter_map(|n| n.parse().ok())
+        .collect()
+}
+
+/// The guest's I/O loop under two restarts of vrio-client; checks what
+/// both back-ends share and returns the log.
+fn run_reconnect(backend: &str) -> String {
+    let (log, ok) = run_guests(
+        &[
+            ("BACKEND", backend),
+            ("NQ", "2"),
+            ("BOOTS", "1"),
+            ("BLKMB", "8"),
+            ("FSMB", "0"),
+            ("KILLS", "4 10+1.5"),
+            ("APPEND", "rcsecs=20"),
+            ("SERIAL_TAIL", "150"),
+            ("TMO", "300"),
+        ],
+        "reconnect.sh",
+    );
+    let has = |s: &str| log.contains(s);
+    // The restarts happened while the guest's loop ran.
+    assert!(has("RECONNECT IO START"), "the guest never started its I/O");
+    assert_eq!(
+        log.matches("host: SIGKILL vrio-client").count(),
+        2,
+        "two kills"
+    );
+    assert!(has("host: SIGSTOP vrio-client"), "no frozen client");
+    assert!(has("host: 2 restart(s) of vrio-client"), "two restarts");
+    // Three clients (the first and two restarts) listened on the socket,
+    // each once (--once).
+    assert_eq!(
+        log.matches("host: vrio-client restarted (pid").count(),
+        2,
+        "two restarted clients"
+    );
+    assert_eq!(
+        log.matches("waiting for a VMM").count(),
+        3,
+        "three clients listening"
+    );
+    // QEMU came back to each new client and resumed rings mid-stream; the
+    // frozen client surely left requests in flight, served again.
+    let outstanding = resumed_outstanding(&log);
+    assert!(
+        outstanding.len() >= 2,
+        "QEMU did not resume the vrings on the restarted clients: {outstanding:?}"
+    );
+    assert!(
+        outstanding.iter().any(|&n| n > 0),
+        "no request was in flight at a kill: {outstanding:?}"
+    );
+    // The guest's verdict: every read-back matched, no dd failed, a clean
+    // kernel log.
+    assert!(!has("FAIL "), "the guest reported a failure");
+    assert!(
+        has("RECONNECT DMESG CLEAN"),
+        "I/O errors in the guest's kernel log"
+    );
+    let stats = log
+        .lines()
+        .find_map(|l| l.split("RECONNECT STATS ").nth(1))
+        .unwrap_or_else(|| panic!("no stats from the guest loop"));
+    let iterations: u32 = stats
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("iterations="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(iterations >= 4, "only {iterations} write/read iterations");
+    let p = assert_pattern(&log);
+    assert!(has("BLK CHECKS OK"), "the guest checks failed");
+    assert!(has("VRIO-GUEST-DONE rc=0"), "guest script failed");
+    assert!(
+        has(&format!("HOST PATTERN OK md5={p}")),
+        "the backing file does not hold the last pattern"
+    );
+    assert!(has("RESULT: PASS"), "run.sh result");
+    assert!(ok, "run.sh failed");
+    println!(
+        "reconnect ({backend}): {stats}; outstanding requests at each resumed vring: {outstanding:?}"
+    );
+    log
+}
+
+#[test]
+fn a_guest_keeps_its_data_while_the_remote_agent_is_killed_and_restarted() {
+    let log = run_reconnect("vrio");
+    assert!(
+        log.contains("(fabric soft, 2 queue(s)"),
+        "vrio-client did not serve the socket remotely"
+    );
+    assert!(
+        log.contains(" requests (0 refused)"),
+        "the server refused requests"
+    );
+}
+
+#[test]
+fn a_guest_keeps_its_data_while_the_local_sidecore_client_is_killed_and_restarted() {
+    let log = run_reconnect("local");
+    assert!(
+        log.contains("served by a local sidecore (file "),
+        "vrio-client did not serve the socket locally"
+    );
 }

@@ -20,7 +20,13 @@
 #        BOOTS (guests booted one after another against the same vrio-client,
 #        default 1: the client must survive each VMM disconnect)
 #        APPEND (more kernel parameters for the guest script), FIO (1: fio
-#        in the guest image), SERIAL_TAIL (serial lines printed, 200)
+#        in the guest image), SERIAL_TAIL (serial lines printed, 200),
+#        KILLS (e.g. "5 12+1.5": SIGKILL vrio-client that many seconds after
+#        the guest prints "RECONNECT IO START" and start it again on the same
+#        socket after RESTART_DELAY s (0.5); "T+H" first SIGSTOPs it at T and
+#        kills it H s later, so the guest surely has requests in flight;
+#        QEMU's chardev reconnects every RECONNECT_MS ms (500); needs BOOTS=1
+#        and a vrio back-end)
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 SERVER=${1:?usage: run.sh VRIO-SERVER VRIO-CLIENT [GUEST-SCRIPT]}
@@ -32,8 +38,10 @@ KVER=${KVER:-$(ls /boot/vmlinuz-*-amd64 | sed "s|/boot/vmlinuz-||" | sort -V | t
 WORK=${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/vrio-vhost.XXXXXX")}
 mkdir -p "$WORK"
 DISK=$WORK/disk.raw; SOCK=$WORK/vub.sock; SERIAL=$WORK/serial.log
-SPID=; CPID=
+SPID=; CPID=; KPID=
 cleanup() {
+  [ -n "$KPID" ] && kill "$KPID" 2>/dev/null
+  [ -f "$WORK/client.pid" ] && kill "$(cat "$WORK/client.pid")" 2>/dev/null
   [ -n "$CPID" ] && kill "$CPID" 2>/dev/null
   [ -n "$SPID" ] && kill "$SPID" 2>/dev/null
   wait 2>/dev/null
@@ -47,6 +55,57 @@ el() { awk -v a="$(date +%s.%N)" -v b="$T0" 'BEGIN{printf "%.1f", a-b}'; }
 
 BACKEND=${BACKEND:-vrio}; CHECKS=${CHECKS:-1}; BOOTS=${BOOTS:-1}
 ONCE=; [ "$BOOTS" = 1 ] && ONCE=--once
+KILLS=${KILLS:-}; RESTART_DELAY=${RESTART_DELAY:-0.5}; RECONNECT_MS=${RECONNECT_MS:-500}
+if [ -n "$KILLS" ] && { [ "$BOOTS" != 1 ] || [ "$BACKEND" = qsd ]; }; then
+  echo "KILLS needs BOOTS=1 and BACKEND vrio or local"; echo "RESULT: FAIL"; exit 1
+fi
+
+# Starts vrio-client with CLIENT_ARGS, appending to client.log, its pid in
+# CPID and $WORK/client.pid; returns once it listens on the socket.
+start_client() {
+  local before
+  before=$(grep -c 'waiting for a VMM' "$WORK/client.log" 2>/dev/null); before=${before:-0}
+  RUST_LOG=${RUST_LOG:-info} "$CLIENT" "${CLIENT_ARGS[@]}" >> "$WORK/client.log" 2>&1 &
+  CPID=$!; echo "$CPID" > "$WORK/client.pid"
+  listening() { [ -S "$SOCK" ] && [ "$(grep -c 'waiting for a VMM' "$WORK/client.log")" -gt "$before" ]; }
+  for _ in $(seq 200); do listening && break; sleep 0.05; done
+  listening || { echo "vrio-client did not start on $SOCK:"; cat "$WORK/client.log"; echo "RESULT: FAIL"; return 1; }
+  [ "$before" != 0 ] || head -n1 "$WORK/client.log"
+}
+
+# KILLS: kills and restarts the client under the running guest; exits with
+# the last client's status (96: no restart happened).
+restarts() {
+  local n=0 t0 k at hang pid tk
+  for _ in $(seq 3000); do
+    grep -aq "RECONNECT IO START" "$SERIAL" 2>/dev/null && break
+    [ -e "$WORK/qemu.done" ] && break
+    sleep 0.1
+  done
+  grep -aq "RECONNECT IO START" "$SERIAL" 2>/dev/null || { echo "host: the guest never started its I/O loop: no restart"; exit 96; }
+  t0=$(date +%s.%N)
+  for k in $KILLS; do
+    at=${k%%+*}; hang=; [ "$at" = "$k" ] || hang=${k#*+}
+    sleep "$(awk -v t="$t0" -v k="$at" -v n="$(date +%s.%N)" 'BEGIN{d=t+k-n; printf "%.2f", (d>0)?d:0}')"
+    [ -e "$WORK/qemu.done" ] && break
+    pid=$(cat "$WORK/client.pid")
+    if [ -n "$hang" ]; then
+      kill -STOP "$pid" || { echo "host: vrio-client $pid was not running"; exit 94; }
+      echo "host: SIGSTOP vrio-client (pid $pid) at +$at s of guest I/O"
+      sleep "$hang"
+    fi
+    tk=$(date +%s.%N)
+    kill -KILL "$pid" || { echo "host: vrio-client $pid was not running"; exit 94; }
+    echo "host: SIGKILL vrio-client (pid $pid) at +$k s of guest I/O"
+    sleep "$RESTART_DELAY"
+    start_client || exit 95
+    n=$((n + 1))
+    echo "host: vrio-client restarted (pid $CPID), listening $(awk -v a="$(date +%s.%N)" -v b="$tk" 'BEGIN{printf "%.2f", a-b}') s after the kill"
+  done
+  echo "host: $n restart(s) of vrio-client"
+  [ "$n" -gt 0 ] || exit 96
+  wait "$CPID"
+}
 if [ "$BACKEND" = qsd ]; then
   qemu-img create -f raw "$DISK" "${DISKMB}M" > /dev/null
   qemu-storage-daemon --blockdev driver=file,node-name=file0,filename="$DISK",cache.direct=off \
@@ -59,12 +118,8 @@ if [ "$BACKEND" = qsd ]; then
   echo "host: qemu-storage-daemon on $SOCK (baseline)"
 elif [ "$BACKEND" = local ]; then
 qemu-img create -f raw "$DISK" "${DISKMB}M" > /dev/null
-RUST_LOG=${RUST_LOG:-info} "$CLIENT" vhost-user-blk --socket "$SOCK" --local-file "$DISK" --queues "$NQ" $ONCE \
-  > "$WORK/client.log" 2>&1 &
-CPID=$!
-for _ in $(seq 100); do [ -S "$SOCK" ] && break; sleep 0.1; done
-[ -S "$SOCK" ] || { echo "vrio-client did not create $SOCK:"; cat "$WORK/client.log"; echo "RESULT: FAIL"; exit 1; }
-head -n1 "$WORK/client.log"
+CLIENT_ARGS=(vhost-user-blk --socket "$SOCK" --local-file "$DISK" --queues "$NQ" $ONCE)
+start_client || exit 1
 else
 "$SERVER" --fabric soft --listen 127.0.0.1:0 --disk file --file "$DISK" --size-mib "$DISKMB" \
   --sidecores 1 --stats-every 0 > "$WORK/server.log" 2>&1 &
@@ -74,26 +129,29 @@ ADDR=$(sed -n 's/.*listening on \([^ ]*\).*/\1/p' "$WORK/server.log" | head -n1)
 [ -n "$ADDR" ] || { echo "vrio-server did not start:"; cat "$WORK/server.log"; echo "RESULT: FAIL"; exit 1; }
 echo "host: vrio-server on $ADDR (backing file $DISK, ${DISKMB} MiB)"
 
-RUST_LOG=${RUST_LOG:-info} "$CLIENT" vhost-user-blk --fabric soft --socket "$SOCK" --server "$ADDR" --queues "$NQ" $ONCE \
-  > "$WORK/client.log" 2>&1 &
-CPID=$!
-for _ in $(seq 100); do [ -S "$SOCK" ] && break; sleep 0.1; done
-[ -S "$SOCK" ] || { echo "vrio-client did not create $SOCK:"; cat "$WORK/client.log"; echo "RESULT: FAIL"; exit 1; }
-head -n1 "$WORK/client.log"
+CLIENT_ARGS=(vhost-user-blk --fabric soft --socket "$SOCK" --server "$ADDR" --queues "$NQ" $ONCE)
+start_client || exit 1
 fi
 
+CHR=
+if [ -n "$KILLS" ]; then
+  CPID0=$CPID
+  restarts & KPID=$!
+  CHR=",reconnect-ms=$RECONNECT_MS"
+fi
 QRC=0
 for boot in $(seq "$BOOTS"); do
 echo "host: booting guest $boot of $BOOTS ($(el) s)"
 rm -f "$SERIAL"
 timeout "$TMO" qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp "$SMP" -m "${MEM}M" \
   -object memory-backend-memfd,id=mem,size=${MEM}M,share=on -numa node,memdev=mem \
-  -chardev socket,id=vub0,path="$SOCK" \
+  -chardev socket,id=vub0,path="$SOCK"$CHR \
   -device vhost-user-blk-pci,chardev=vub0,num-queues="$NQ" \
   -kernel "/boot/vmlinuz-$KVER" -initrd "$WORK/initramfs.cpio.gz" \
   -append "console=ttyS0 loglevel=4 panic=-1 blkmb=$BLKMB patoff=$PATOFF fsmb=$FSMB ${APPEND:-}" \
   -nic none -display none -monitor none -serial "file:$SERIAL" -no-reboot
 rc=$?
+touch "$WORK/qemu.done"
 echo "host: qemu exit rc=$rc after $(el) s (124 = timeout)"
 [ "$rc" = 0 ] || QRC=$rc
 echo "---- guest $boot serial:"; tr -d '\r' < "$SERIAL" | grep -avE '^\s*$' | tail -n "${SERIAL_TAIL:-200}"
@@ -106,7 +164,14 @@ done
 if [ "$BACKEND" = qsd ]; then
   kill "$CPID"; wait "$CPID"; CPID=; CRC=0; SRC=0
 else
-if [ -n "$ONCE" ]; then
+if [ -n "$KPID" ]; then
+# The last client (--once) exits when QEMU disconnects; restarts() reaps it.
+LAST=$(cat "$WORK/client.pid")
+for _ in $(seq 50); do kill -0 "$LAST" 2>/dev/null || break; sleep 0.1; done
+if kill -0 "$LAST" 2>/dev/null; then echo "host: vrio-client still running after the VMM left"; kill "$LAST"; fi
+wait "$KPID"; CRC=$?; KPID=
+wait "$CPID0" 2>/dev/null
+elif [ -n "$ONCE" ]; then
 # --once: the client exits when QEMU disconnects.
 for _ in $(seq 50); do kill -0 "$CPID" 2>/dev/null || break; sleep 0.1; done
 if kill -0 "$CPID" 2>/dev/null; then echo "host: vrio-client still running after the VMM left"; CRC=99; kill "$CPID"; wait "$CPID"; else wait "$CPID"; CRC=$?; fi

@@ -62,7 +62,9 @@ impl Mode {
         vrio-client vhost-user-blk --socket /tmp/vub.sock --server 127.0.0.1:7420 --queues 2\n  \
         vrio-client vhost-user-blk --socket /tmp/vub.sock --local-file disk.raw --queues 2\n    \
         (then QEMU: -object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem\n     \
-        -chardev socket,id=vub0,path=/tmp/vub.sock -device vhost-user-blk-pci,chardev=vub0,num-queues=2)"
+        -chardev socket,id=vub0,path=/tmp/vub.sock,reconnect-ms=500\n     \
+        -device vhost-user-blk-pci,chardev=vub0,num-queues=2;\n     \
+        reconnect-ms lets QEMU come back to a restarted vrio-client)"
 )]
 struct Cli {
     #[command(subcommand)]

@@ -11,6 +11,15 @@
 //! the agent's (or sidecore queue's) kick eventfd; their call eventfd is a
 //! listener on that same thread, which signals the vring's current call fd, so a VMM that
 //! swaps call fds (masking) is still followed.
+//!
+//! Reconnect (QEMU `-chardev socket,reconnect-ms=...` after this process
+//! died): QEMU resumes each vring at its used index, and every request
+//! before it has completed, as both models complete in avail order. The
+//! vring is attached at that base, so what was in flight is served again.
+//! The kick that announced it may have been eaten by the dead process, so a
+//! timer ([`RESCAN`]) attaches a started vring with requests waiting even
+//! without a kick, and a resumed vring interrupts the guest once, in case
+//! the dead process published completions without signalling them.
 
 use std::io;
 use std::ops::Deref;
@@ -29,12 +38,13 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::blk::{config_space, device_features, BlockBackend, BlockConfig, BlockDevice};
 use crate::memory::{GuestMemory, LocalMemory};
 use crate::models::{DeviceSide, LocalQueue};
 use crate::remote::{attach, AgentConfig, AttachedDevice, DeviceAttach, QueueAttach};
-use crate::ring::{RingFeatures, RingLayout};
+use crate::ring::{RingFeatures, RingLayout, RingState};
 use crate::sidecore::SidecoreHandle;
 
 // Offsets in `struct virtio_blk_config` (§5.2.4).
@@ -43,6 +53,9 @@ const SEG_MAX_OFFSET: usize = 12;
 const NUM_QUEUES_OFFSET: usize = 34;
 /// Segment size we advertise (SIZE_MAX): the guest's page size.
 const SEGMENT: u32 = 4096;
+/// How often started but unattached vrings are checked for requests that
+/// no kick announced (see the module docs).
+pub const RESCAN: Duration = Duration::from_millis(100);
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
 type Handler = VringEpollHandler<Arc<VrioBlkBackend>>;
@@ -165,6 +178,7 @@ pub struct VrioBlkBackend {
     features: u64,
     state: Mutex<State>,
     handlers: Mutex<Vec<Weak<Handler>>>,
+    rescan: Mutex<Option<TimerFd>>,
 }
 
 impl VrioBlkBackend {
@@ -211,6 +225,7 @@ impl VrioBlkBackend {
                 ..State::default()
             }),
             handlers: Mutex::new(Vec::new()),
+            rescan: Mutex::new(None),
         }
     }
 
@@ -219,6 +234,26 @@ impl VrioBlkBackend {
     pub fn set_handlers(&self, handlers: &[Arc<Handler>]) {
         if let Ok(mut h) = self.handlers.lock() {
             *h = handlers.iter().map(Arc::downgrade).collect();
+        }
+        let timer = TimerFd::new()
+            .and_then(|mut t| t.reset(RESCAN, Some(RESCAN)).map(|_| t))
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()));
+        let registered = match (timer, handlers.first()) {
+            (Ok(t), Some(h)) => h
+                .register_listener(t.as_raw_fd(), EventSet::IN, self.rescan_event())
+                .map(|_| t),
+            (Err(e), _) => Err(e),
+            (_, None) => Err(io::Error::other("no epoll handler")),
+        };
+        match registered {
+            Ok(t) => {
+                if let Ok(mut r) = self.rescan.lock() {
+                    *r = Some(t);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no rescan timer: a vring resumed after a crash waits for the guest's next kick")
+            }
         }
     }
 
@@ -253,6 +288,53 @@ impl VrioBlkBackend {
     fn call_event(&self, q: usize) -> u64 {
         // vhost-user-backend reserves 0..=num_queues.
         (usize::from(self.cfg.queues) + 1 + q) as u64
+    }
+
+    fn rescan_event(&self) -> u64 {
+        (2 * usize::from(self.cfg.queues) + 1) as u64
+    }
+
+    /// Attaches every started, enabled vring that has requests waiting but
+    /// is not attached yet (its kick went to a back-end that died).
+    fn rescan(&self, vrings: &[VringRwLock<Mem>]) {
+        let Some(mem) = self.lock().mem.clone() else {
+            return;
+        };
+        for (q, v) in vrings.iter().enumerate() {
+            let idle = self
+                .lock()
+                .queues
+                .get(q)
+                .is_some_and(|qs| qs.dev.is_none() && !qs.failed);
+            if !idle {
+                continue;
+            }
+            let (running, avail_ring, next) = {
+                let r = v.get_ref();
+                let qu = r.get_queue();
+                (
+                    qu.ready() && r.is_enabled(),
+                    qu.avail_ring(),
+                    qu.next_avail(),
+                )
+            };
+            if !running {
+                continue;
+            }
+            // avail.idx follows the flags word.
+            let avail = mem.load_u16(avail_ring + 2).unwrap_or(next);
+            if avail != next {
+                tracing::info!(
+                    queue = q,
+                    avail,
+                    base = next,
+                    "requests wait on a vring no kick announced; attaching it"
+                );
+                if self.ensure_attached(q, v) {
+                    self.forward_kick(q);
+                }
+            }
+        }
     }
 
     /// Detaches queue `q`. With `drain`, first waits (bounded) for the
@@ -314,12 +396,20 @@ impl VrioBlkBackend {
         }
         let mem_for_ring = mem.clone();
         match self.attach_queue(q, vring, mem, acked) {
-            Ok((dev, kick, call, layout)) => {
+            Ok((dev, kick, call, layout, base)) => {
                 qs.ring = Some((layout, mem_for_ring, vring.clone()));
                 qs.dev = Some(dev);
                 qs.kick = Some(kick);
                 qs.call = Some(call);
-                tracing::info!(queue = q, to = %self.cfg.serving.name(), "queue attached");
+                tracing::info!(queue = q, to = %self.cfg.serving.name(), base, "queue attached");
+                if base != 0 {
+                    // The back-end before us may have published completions
+                    // and died before signalling them; a spurious interrupt
+                    // costs the guest a look at the used ring.
+                    if let Err(e) = vring.signal_used_queue() {
+                        tracing::warn!(queue = q, error = %e, "cannot interrupt the guest");
+                    }
+                }
                 true
             }
             Err(e) => {
@@ -336,7 +426,7 @@ impl VrioBlkBackend {
         vring: &VringRwLock<Mem>,
         mem: Arc<LocalMemory>,
         acked: u64,
-    ) -> Result<(Served, EventFd, EventFd, RingLayout), String> {
+    ) -> Result<(Served, EventFd, EventFd, RingLayout, u16), String> {
         let (size, desc, avail, used, base) = {
             let v = vring.get_ref();
             let qu = v.get_queue();
@@ -348,14 +438,19 @@ impl VrioBlkBackend {
                 qu.next_avail(),
             )
         };
-        if base != 0 && matches!(self.cfg.serving, Serving::Local(_)) {
-            // LocalQueue starts a ring at 0 and has no way to resume.
-            return Err(format!(
-                "the VMM resumes the ring at {base}; the local sidecore only takes fresh rings"
-            ));
-        }
         let layout = RingLayout::new(size, desc, avail, used).map_err(|e| e.to_string())?;
-        tracing::info!(queue = q, size, desc, avail, used, "attaching vring");
+        tracing::info!(queue = q, size, desc, avail, used, base, "attaching vring");
+        if base != 0 {
+            let avail_idx = mem.load_u16(layout.avail_idx()).unwrap_or(base);
+            // Outstanding: in flight when the last back-end died, or made
+            // available since; all are served from `base` on.
+            tracing::info!(
+                queue = q,
+                base,
+                outstanding = avail_idx.wrapping_sub(base),
+                "resuming the vring at the VMM's base"
+            );
+        }
         let kick = EventFd::new(EFD_NONBLOCK).map_err(|e| e.to_string())?;
         let call = EventFd::new(EFD_NONBLOCK).map_err(|e| e.to_string())?;
         let agent_kick = kick.try_clone().map_err(|e| e.to_string())?;
@@ -381,14 +476,20 @@ impl VrioBlkBackend {
                     call: agent_call,
                 };
                 let device = BlockDevice::new(l.backend.clone(), l.blk.clone());
-                LocalQueue::new(side, device)
+                // Like the remote model, the sidecore completes in avail
+                // order, so the base is also where the used ring stands.
+                let state = RingState {
+                    next_avail: base,
+                    next_used: base,
+                };
+                LocalQueue::resume(side, device, state)
                     .map_err(|e| e.to_string())
                     .and_then(|lq| l.sidecore.add(Box::new(lq)).map_err(|e| e.to_string()))
                     .map(Served::Local)
             }
         };
         match dev {
-            Ok(d) => Ok((d, kick, call, layout)),
+            Ok(d) => Ok((d, kick, call, layout, base)),
             Err(e) => {
                 let _ =
                     handler.unregister_listener(call.as_raw_fd(), EventSet::IN, self.call_event(q));
@@ -584,6 +685,16 @@ impl VhostUserBackend for VrioBlkBackend {
             }
         } else if ev > nq && ev - nq - 1 < nq {
             self.forward_call(ev - nq - 1, vrings);
+        } else if ev as u64 == self.rescan_event() {
+            let ticked = self
+                .rescan
+                .lock()
+                .ok()
+                .and_then(|mut t| t.as_mut().map(|t| t.wait().is_ok()))
+                .unwrap_or(false);
+            if ticked {
+                self.rescan(vrings);
+            }
         }
         Ok(())
     }
@@ -862,5 +973,73 @@ mod local_tests {
         assert_eq!(b.attached_queues(), 1);
         b.reset_device();
         assert_eq!(b.attached_queues(), 0);
+        drop(b);
+
+        // The back-end died with a request posted on queue 0 whose kick it
+        // ate. The next back-end gets the ring at QEMU's base (used.idx, 1)
+        // and no kick: the rescan timer finds the request and serves it.
+        let pattern2: Vec<u8> = (0..4096u32).map(|i| (i * 13 + 1) as u8).collect();
+        ram.write(DATA, &pattern2).unwrap();
+        let mut hdr = [0u8; 16];
+        hdr[0..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+        hdr[8..16].copy_from_slice(&16u64.to_le_bytes());
+        ram.write(HDR, &hdr).unwrap();
+        ram.write(STATUS, &[0xff]).unwrap();
+        let seg = |addr, len| Segment { addr, len };
+        drivers[0]
+            .add(
+                &ram,
+                &[seg(HDR, 16), seg(DATA, 4096)],
+                &[seg(STATUS, 1)],
+                false,
+            )
+            .unwrap();
+        drivers[0].publish(&ram).unwrap();
+        let front = local_front(2, disk.clone());
+        let b = Arc::new(VrioBlkBackend::new(front, &config));
+        let daemon = VhostUserDaemon::new(
+            "test2".into(),
+            b.clone(),
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .unwrap();
+        b.set_handlers(&daemon.get_epoll_handlers());
+        for h in daemon.get_epoll_handlers() {
+            h.send_exit_event();
+        }
+        wait_until_no_vring_worker();
+        b.update_memory(atomic.clone()).unwrap();
+        b.acked_features(features);
+        // QEMU's SET_VRING_BASE after a crash: used.idx of each ring.
+        for v in &vrings {
+            v.set_queue_next_avail(1);
+            v.set_queue_next_used(1);
+        }
+        while calls[0].read().is_ok() {}
+        // What the epoll thread does on each timer tick.
+        b.handle_event(b.rescan_event() as u16, EventSet::IN, &vrings, 0)
+            .unwrap();
+        assert_eq!(b.attached_queues(), 1, "the rescan attached queue 0 only");
+        assert!(
+            calls[0].read().is_ok(),
+            "a resumed vring interrupts the guest once"
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while drivers[0].pop_used(&ram).unwrap().is_none() {
+            assert!(Instant::now() < deadline, "the resumed ring served nothing");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut s = [0u8];
+        ram.read(STATUS, &mut s).unwrap();
+        assert_eq!(s[0], 0, "write status after the resume");
+        disk.read_vectored_at(16 * 512, &mut [std::io::IoSliceMut::new(&mut on_disk)])
+            .unwrap();
+        assert_eq!(on_disk, pattern2, "the resumed ring wrote to the back-end");
+        b.stop_vring(0).unwrap();
+        assert_eq!(
+            vrings[0].queue_next_avail(),
+            2,
+            "the resumed ring went on from 1"
+        );
     }
 }
