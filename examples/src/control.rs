@@ -342,37 +342,65 @@ pub fn place_devices(
 }
 
 /// One line per completed move or failover, for logs and tests.
-fn report(device: &str, r: &vrio_core::remote::MoveReport, to: &QueueTarget) {
+fn report(device: &str, queue: u16, r: &vrio_core::remote::MoveReport, to: &QueueTarget) {
     match r.down {
         Some(down) => println!(
-            "agent: failover: device {device} queue {} resumed on {} sidecore {} at ring index {} after {} ms without a server",
-            r.queue, to.server, to.sidecore, r.resumed_at, down.as_millis()
+            "agent: failover: device {device} queue {queue} resumed on {} sidecore {} at ring index {} after {} ms without a server",
+            to.server, to.sidecore, r.resumed_at, down.as_millis()
         ),
         None => println!(
-            "agent: moved: device {device} queue {} to {} sidecore {} at ring index {} in {} ms",
-            r.queue, to.server, to.sidecore, r.resumed_at, r.took.as_millis()
+            "agent: moved: device {device} queue {queue} to {} sidecore {} at ring index {} in {} ms",
+            to.server, to.sidecore, r.resumed_at, r.took.as_millis()
         ),
     }
 }
 
-/// Moves `dev`'s queue to where the controller says if that is another
-/// server, or if the queue lost its server. Sidecore changes within one
-/// server are the server's to make.
-async fn apply(device: &str, dev: &Arc<AttachedDevice>, queue: u16, to: QueueTarget) {
-    let Some(now) = dev.queues().into_iter().find(|q| q.queue == queue) else {
+/// What an agent follows: controller device ids, and for each of their
+/// queues the attached device serving it now (if its ring runs) and that
+/// queue's index there.
+pub trait Followed: Send + Sync + 'static {
+    fn devices(&self) -> Vec<String>;
+    fn queue(&self, device: &str, queue: u16) -> Option<(Arc<AttachedDevice>, u16)>;
+    /// Where the controller wants `queue` now (recorded for a ring that is
+    /// not attached yet).
+    fn placed(&self, _device: &str, _queue: u16, _to: &QueueTarget) {}
+}
+
+/// Devices attached once, queue q of device d being queue q of its agent.
+pub struct AttachedSet(pub Vec<(String, Arc<AttachedDevice>)>);
+
+impl Followed for AttachedSet {
+    fn devices(&self) -> Vec<String> {
+        self.0.iter().map(|(id, _)| id.clone()).collect()
+    }
+    fn queue(&self, device: &str, queue: u16) -> Option<(Arc<AttachedDevice>, u16)> {
+        let (_, d) = self.0.iter().find(|(id, _)| id == device)?;
+        Some((d.clone(), queue))
+    }
+}
+
+/// Moves `queue` of `device` to where the controller says if that is
+/// another server, or if the queue lost its server. Sidecore changes within
+/// one server are the server's to make.
+async fn apply(f: &Arc<dyn Followed>, device: &str, queue: u16, to: QueueTarget) {
+    f.placed(device, queue, &to);
+    let Some((dev, index)) = f.queue(device, queue) else {
+        return;
+    };
+    let Some(now) = dev.queues().into_iter().find(|q| q.queue == index) else {
         tracing::warn!(
             device,
             queue,
-            "the controller names a queue this device lacks"
+            "the controller names a queue this agent lacks"
         );
         return;
     };
     if now.state != LinkState::Orphaned && now.target.server == to.server {
         return;
     }
-    let (d, t) = (dev.clone(), to.clone());
-    match tokio::task::spawn_blocking(move || d.move_queue(queue, t)).await {
-        Ok(Ok(r)) => report(device, &r, &to),
+    let t = to.clone();
+    match tokio::task::spawn_blocking(move || dev.move_queue(index, t)).await {
+        Ok(Ok(r)) => report(device, queue, &r, &to),
         Ok(Err(e)) => {
             tracing::warn!(device, queue, server = %to.server, error = %e, "move failed; will retry")
         }
@@ -380,12 +408,13 @@ async fn apply(device: &str, dev: &Arc<AttachedDevice>, queue: u16, to: QueueTar
     }
 }
 
-/// Follows the controller for `devices`: moves and failovers the watch
-/// stream announces, plus a periodic check that re-attaches any queue that
-/// lost its server while its assignment stayed (a server that restarted).
+/// Follows the controller for `followed`: moves and failovers the watch
+/// stream announces, plus a reconciliation every second for what the watch
+/// could not do (a move that failed or raced another, a queue that lost
+/// its server while its assignment stayed).
 pub fn follow_as_agent(
     ctl: ControlOpts,
-    devices: Vec<(String, Arc<AttachedDevice>)>,
+    followed: Arc<dyn Followed>,
 ) -> Result<Background, ControlGlueError> {
     Ok(Background::spawn("vrio-follow", move |stop| async move {
         let run = async {
@@ -399,7 +428,7 @@ pub fn follow_as_agent(
                             continue;
                         }
                     };
-                if let Err(e) = follow_once(&mut client, &devices).await {
+                if let Err(e) = follow_once(&mut client, &followed).await {
                     tracing::warn!(error = %e, "lost the controller; reconnecting");
                 }
                 tokio::time::sleep(Duration::from_millis(300)).await;
@@ -412,10 +441,7 @@ pub fn follow_as_agent(
     })?)
 }
 
-async fn follow_once(
-    client: &mut Client,
-    devices: &[(String, Arc<AttachedDevice>)],
-) -> Result<(), tonic::Status> {
+async fn follow_once(client: &mut Client, f: &Arc<dyn Followed>) -> Result<(), tonic::Status> {
     let mut stream = client
         .watch_assignments(pb::WatchAssignmentsRequest {
             device_id: String::new(),
@@ -430,11 +456,11 @@ async fn follow_once(
             m = stream.message() => {
                 let Some(ev) = m? else { return Ok(()) };
                 let Some(a) = ev.assignment else { continue };
-                let Some((id, dev)) = devices.iter().find(|(id, _)| *id == a.device_id) else {
+                if !f.devices().contains(&a.device_id) {
                     continue;
-                };
+                }
                 if a.server_id.is_empty() {
-                    tracing::warn!(device = %id, queue = a.queue, "no live server has room; the queue waits");
+                    tracing::warn!(device = %a.device_id, queue = a.queue, "no live server has room; the queue waits");
                     continue;
                 }
                 if !servers.contains_key(&a.server_id) {
@@ -442,19 +468,17 @@ async fn follow_once(
                 }
                 let Some((addr, _)) = servers.get(&a.server_id) else { continue };
                 let to = QueueTarget { server: addr.clone(), sidecore: a.sidecore as u16 };
-                apply(id, dev, a.queue as u16, to).await;
+                apply(f, &a.device_id, a.queue as u16, to).await;
             }
-            _ = check.tick() => reconcile(client, devices, &mut servers).await?,
+            _ = check.tick() => reconcile(client, f, &mut servers).await?,
         }
     }
 }
 
-/// Brings every queue to where the controller says, for what the watch
-/// could not do: a move that failed or raced another, a queue that lost
-/// its server while its assignment stayed (the server restarted).
+/// Brings every followed queue to where the controller says.
 async fn reconcile(
     client: &mut Client,
-    devices: &[(String, Arc<AttachedDevice>)],
+    f: &Arc<dyn Followed>,
     servers: &mut HashMap<String, (String, bool)>,
 ) -> Result<(), tonic::Status> {
     let assigned = client
@@ -463,26 +487,17 @@ async fn reconcile(
         .into_inner()
         .assignments;
     *servers = server_addresses(client).await?;
-    for (id, dev) in devices {
-        for q in dev.queues() {
-            let Some(a) = assigned
-                .iter()
-                .find(|a| a.device_id == *id && a.queue == u32::from(q.queue))
-            else {
-                continue;
-            };
-            // Only a live server: a dead one's queues move on lease expiry.
-            let Some((addr, true)) = servers.get(&a.server_id) else {
-                continue;
-            };
-            if q.state == LinkState::Orphaned || q.target.server != *addr {
-                let to = QueueTarget {
-                    server: addr.clone(),
-                    sidecore: a.sidecore as u16,
-                };
-                apply(id, dev, q.queue, to).await;
-            }
-        }
+    let ours = f.devices();
+    for a in assigned.iter().filter(|a| ours.contains(&a.device_id)) {
+        // Only a live server: a dead one's queues move on lease expiry.
+        let Some((addr, true)) = servers.get(&a.server_id) else {
+            continue;
+        };
+        let to = QueueTarget {
+            server: addr.clone(),
+            sidecore: a.sidecore as u16,
+        };
+        apply(f, &a.device_id, a.queue as u16, to).await;
     }
     Ok(())
 }

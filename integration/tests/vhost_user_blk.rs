@@ -355,3 +355,52 @@ fn a_guest_keeps_its_data_while_the_local_sidecore_client_is_killed_and_restarte
         "vrio-client did not serve the socket locally"
     );
 }
+
+/// A stock Linux guest keeps verifying its data while a controller moves
+/// its vrings between two I/O servers three times (live handovers under
+/// the real virtio_blk driver: quiesce, hand over the ring index, resume).
+#[test]
+fn a_guest_keeps_its_data_while_the_controller_moves_its_vrings_between_io_servers() {
+    let (log, ok) = run_guests(
+        &[
+            ("BACKEND", "controlled"),
+            ("NQ", "2"),
+            ("BOOTS", "1"),
+            ("BLKMB", "8"),
+            ("FSMB", "0"),
+            ("MOVES", "4 8 12"),
+            ("APPEND", "rcsecs=16"),
+            ("SERIAL_TAIL", "80"),
+            ("TMO", "300"),
+        ],
+        "reconnect.sh",
+    );
+    let has = |s: &str| log.contains(s);
+    assert!(has("RECONNECT IO START"), "the guest never started its I/O");
+    assert_eq!(
+        log.matches("host: moved the vrings to").count(),
+        3,
+        "three rounds of moves"
+    );
+    let handovers = log.matches("agent: moved: device vub").count();
+    assert!(
+        handovers >= 4,
+        "only {handovers} live handovers between servers"
+    );
+    assert!(!has("agent: failover:"), "a live move must not fail over");
+    assert!(!has("FAIL "), "the guest reported a failure");
+    assert!(
+        has("RECONNECT DMESG CLEAN"),
+        "I/O errors in the guest's kernel log"
+    );
+    let p = assert_pattern(&log);
+    assert!(has("BLK CHECKS OK"), "the guest checks failed");
+    assert!(has("VRIO-GUEST-DONE rc=0"), "guest script failed");
+    assert!(
+        has(&format!("HOST PATTERN OK md5={p}")),
+        "the backing file does not hold the last pattern"
+    );
+    assert!(has("RESULT: PASS"), "run.sh result");
+    assert!(ok, "run.sh failed");
+    println!("controller moves under a real guest: {handovers} handovers between servers");
+}

@@ -26,7 +26,12 @@
 #        socket after RESTART_DELAY s (0.5); "T+H" first SIGSTOPs it at T and
 #        kills it H s later, so the guest surely has requests in flight;
 #        QEMU's chardev reconnects every RECONNECT_MS ms (500); needs BOOTS=1
-#        and a vrio back-end)
+#        and a vrio back-end),
+#        BACKEND=controlled: vrio-controller (next to VRIO-SERVER) and two
+#        vrio-servers io-a and io-b on the same backing file; the client asks
+#        the controller where each vring goes and follows its moves;
+#        MOVES (e.g. "4 8 12": that many seconds after "RECONNECT IO START",
+#        vrio-ctl moves every queue to the other server, io-b first)
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 SERVER=${1:?usage: run.sh VRIO-SERVER VRIO-CLIENT [GUEST-SCRIPT]}
@@ -38,9 +43,11 @@ KVER=${KVER:-$(ls /boot/vmlinuz-*-amd64 | sed "s|/boot/vmlinuz-||" | sort -V | t
 WORK=${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/vrio-vhost.XXXXXX")}
 mkdir -p "$WORK"
 DISK=$WORK/disk.raw; SOCK=$WORK/vub.sock; SERIAL=$WORK/serial.log
-SPID=; CPID=; KPID=
+SPID=; CPID=; KPID=; SPIDS=(); MPID=
 cleanup() {
   [ -n "$KPID" ] && kill "$KPID" 2>/dev/null
+  [ -n "$MPID" ] && kill "$MPID" 2>/dev/null
+  for p in "${SPIDS[@]}"; do kill "$p" 2>/dev/null; done
   [ -f "$WORK/client.pid" ] && kill "$(cat "$WORK/client.pid")" 2>/dev/null
   [ -n "$CPID" ] && kill "$CPID" 2>/dev/null
   [ -n "$SPID" ] && kill "$SPID" 2>/dev/null
@@ -116,6 +123,48 @@ if [ "$BACKEND" = qsd ]; then
   for _ in $(seq 100); do [ -S "$SOCK" ] && break; sleep 0.1; done
   [ -S "$SOCK" ] || { echo "qemu-storage-daemon did not create $SOCK:"; cat "$WORK/client.log"; echo "RESULT: FAIL"; exit 1; }
   echo "host: qemu-storage-daemon on $SOCK (baseline)"
+elif [ "$BACKEND" = controlled ]; then
+BIN=$(dirname "$SERVER")
+export VRIO_TOKEN=vhost-run-token
+qemu-img create -f raw "$DISK" "${DISKMB}M" > /dev/null
+"$BIN/vrio-controller" --listen 127.0.0.1:0 --memory --lease-ttl-ms 3000 --tick-ms 200 \
+  --rebalance-secs 0 > "$WORK/controller.log" 2>&1 &
+SPIDS+=($!)
+for _ in $(seq 100); do grep -qE '^127\.0\.0\.1:[0-9]+$' "$WORK/controller.log" && break; sleep 0.1; done
+CTL=$(grep -E '^127\.0\.0\.1:[0-9]+$' "$WORK/controller.log" | head -n1)
+[ -n "$CTL" ] || { echo "vrio-controller did not start:"; cat "$WORK/controller.log"; echo "RESULT: FAIL"; exit 1; }
+for id in io-a io-b; do
+  "$SERVER" --fabric soft --listen 127.0.0.1:0 --disk file --file "$DISK" --size-mib "$DISKMB" \
+    --sidecores 2 --stats-every 0 --controller "$CTL" --server-id "$id" > "$WORK/server-$id.log" 2>&1 &
+  SPIDS+=($!)
+done
+for _ in $(seq 200); do
+  [ "$("$BIN/vrio-ctl" --addr "$CTL" servers --json 2>/dev/null | grep -o '"alive": *true' | wc -l)" = 2 ] && break
+  sleep 0.1
+done
+echo "host: vrio-controller on $CTL, I/O servers:"; "$BIN/vrio-ctl" --addr "$CTL" servers
+CLIENT_ARGS=(vhost-user-blk --fabric soft --socket "$SOCK" --controller "$CTL" --device-name vub --queues "$NQ" $ONCE)
+start_client || exit 1
+# MOVES: every queue to the other server, at each time.
+movers() {
+  local t0 at i=0 srv q n=0
+  for _ in $(seq 3000); do
+    grep -aq "RECONNECT IO START" "$SERIAL" 2>/dev/null && break
+    [ -e "$WORK/qemu.done" ] && break
+    sleep 0.1
+  done
+  t0=$(date +%s.%N)
+  for at in $MOVES; do
+    sleep "$(awk -v t="$t0" -v k="$at" -v n="$(date +%s.%N)" 'BEGIN{d=t+k-n; printf "%.2f", (d>0)?d:0}')"
+    [ -e "$WORK/qemu.done" ] && break
+    srv=io-b; [ $((i % 2)) = 1 ] && srv=io-a; i=$((i + 1))
+    for q in $(seq 0 $((NQ - 1))); do
+      if "$BIN/vrio-ctl" --addr "$CTL" move vub "$q" "$srv" "$q" > /dev/null 2>> "$WORK/moves.log"; then n=$((n + 1)); fi
+    done
+    echo "host: moved the vrings to $srv at +$at s of guest I/O"
+  done
+  echo "host: $n MoveQueue call(s) accepted"
+}
 elif [ "$BACKEND" = local ]; then
 qemu-img create -f raw "$DISK" "${DISKMB}M" > /dev/null
 CLIENT_ARGS=(vhost-user-blk --socket "$SOCK" --local-file "$DISK" --queues "$NQ" $ONCE)
@@ -134,6 +183,10 @@ start_client || exit 1
 fi
 
 CHR=
+if [ -n "${MOVES:-}" ]; then
+  [ "$BACKEND" = controlled ] || { echo "MOVES needs BACKEND=controlled"; echo "RESULT: FAIL"; exit 1; }
+  movers & MPID=$!
+fi
 if [ -n "$KILLS" ]; then
   CPID0=$CPID
   restarts & KPID=$!
@@ -182,6 +235,13 @@ fi
 CPID=
 echo "---- vrio-client (rc=$CRC):"; cat "$WORK/client.log"
 SRC=0
+[ -n "$MPID" ] && { wait "$MPID"; MPID=; }
+if [ "$BACKEND" = controlled ]; then
+  for p in "${SPIDS[@]}"; do kill -TERM "$p" 2>/dev/null; wait "$p"; done
+  SPIDS=()
+  for id in io-a io-b; do echo "---- vrio-server $id:"; cat "$WORK/server-$id.log"; done
+  echo "---- vrio-ctl assignments at the end:"; cat "$WORK/moves.log" 2>/dev/null
+fi
 if [ -n "$SPID" ]; then
 kill -TERM "$SPID"; wait "$SPID"; SRC=$?; SPID=
 echo "---- vrio-server (rc=$SRC):"; cat "$WORK/server.log"

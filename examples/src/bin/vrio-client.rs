@@ -23,11 +23,13 @@ use vrio_core::guest::WorkloadConfig;
 use vrio_core::models::{
     attach_guests, attach_guests_placed, drive_guests, make_guests, RunConfig,
 };
-use vrio_core::remote::{device_key, AttachedDevice};
+use vrio_core::remote::{device_key, AttachedDevice, QueueTarget};
 use vrio_core::remote::{AgentConfig, NotifyMode};
 use vrio_core::sidecore::{SidecoreConfig, SidecoreThread};
-use vrio_core::vhost_user::{fetch_config, serve, FrontConfig, LocalFront, RemoteFront, Serving};
-use vrio_examples::control::{follow_as_agent, place_devices, ControlOpts};
+use vrio_core::vhost_user::{
+    fetch_config, serve, FrontConfig, LocalFront, Placement, RemoteFront, Serving,
+};
+use vrio_examples::control::{follow_as_agent, place_devices, AttachedSet, ControlOpts, Followed};
 use vrio_examples::{
     backend_name, init_tracing, print_table, resolve_fabric, FabricChoice, Progress,
 };
@@ -121,6 +123,44 @@ struct VhostArgs {
     /// Exit when the first VMM disconnects instead of waiting for the next.
     #[arg(long)]
     once: bool,
+    /// Let this vrio-controller (host:port) place the vrings, instead of
+    /// --server, and follow its moves and failovers while the guest runs.
+    #[arg(long, conflicts_with_all = ["server", "local_file"])]
+    controller: Option<String>,
+    /// The device's id at the controller (default: vhost-user-<device-id>).
+    #[arg(long, requires = "controller")]
+    device_name: Option<String>,
+    /// VM id reported to the controller.
+    #[arg(long, default_value = "vhost-user", requires = "controller")]
+    vm_id: String,
+    /// Bearer token for the controller.
+    #[arg(long, env = "VRIO_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    #[command(flatten)]
+    tls: vrio_examples::control::TlsArgs,
+}
+
+/// The vrings of one vhost-user device, as a controller follower sees them.
+struct VhostFollowed {
+    name: String,
+    placement: Arc<Placement>,
+}
+
+impl Followed for VhostFollowed {
+    fn devices(&self) -> Vec<String> {
+        vec![self.name.clone()]
+    }
+    fn queue(&self, device: &str, queue: u16) -> Option<(Arc<AttachedDevice>, u16)> {
+        (device == self.name)
+            .then(|| self.placement.attached(usize::from(queue)))
+            .flatten()
+            .map(|d| (d, 0))
+    }
+    fn placed(&self, device: &str, queue: u16, to: &QueueTarget) {
+        if device == self.name {
+            self.placement.set_target(usize::from(queue), to.clone());
+        }
+    }
 }
 
 #[derive(ClapArgs, Debug)]
@@ -203,24 +243,63 @@ fn vhost_user_blk(a: &VhostArgs) -> Result<(), Box<dyn std::error::Error>> {
         return vhost_user_blk_local(a, image);
     }
     let fabric = resolve_fabric(a.fabric, a.device.as_deref())?;
+    let placement = Arc::new(Placement::default());
+    // With a controller: where it places each vring, and a follower.
+    let (server, device_id, where_, mut follower) = match &a.controller {
+        None => (a.server.clone(), a.device_id, a.server.clone(), None),
+        Some(addr) => {
+            let ctl = ControlOpts {
+                addr: addr.clone(),
+                token: a.token.clone(),
+                tls: a.tls.load()?,
+            };
+            let name = a
+                .device_name
+                .clone()
+                .unwrap_or_else(|| format!("vhost-user-{}", a.device_id));
+            let placed = place_devices(&ctl, &a.vm_id, "vrio-client", &[(name.clone(), a.queues)])?;
+            let targets = placed
+                .into_iter()
+                .next()
+                .map(|p| p.targets)
+                .ok_or("the controller placed nothing")?;
+            for (q, t) in targets.iter().enumerate() {
+                placement.set_target(q, t.clone());
+            }
+            let first = targets
+                .first()
+                .map(|t| t.server.clone())
+                .ok_or("the controller placed no queue")?;
+            let f = follow_as_agent(
+                ctl,
+                Arc::new(VhostFollowed {
+                    name: name.clone(),
+                    placement: placement.clone(),
+                }),
+            )?;
+            let w = format!("controller {addr} as device {name}");
+            (first, device_key(&name), w, Some(f))
+        }
+    };
     let remote = RemoteFront {
-        server: a.server.clone(),
+        server: server.clone(),
         fabric,
         device: a.device.clone(),
         max_request: a.max_request_kib.saturating_mul(1024),
-        device_id: a.device_id,
+        device_id,
         agent: AgentConfig {
             mode: a.mode.notify(),
             ..AgentConfig::default()
         },
+        placement,
     };
     let domain = Arc::from(vrio_rdma::open(fabric, a.device.as_deref())?);
-    let config = fetch_config(domain, &a.server, a.device_id << 16 | 0xffff, remote.agent)?;
+    let config = fetch_config(domain, &server, device_id << 16 | 0xffff, remote.agent)?;
     // The first line is machine-readable: tests wait for it.
     println!(
         "vrio-client: vhost-user-blk on {} served by {} (fabric {}, {} queue(s), {} mode, {} sectors)",
         a.socket.display(),
-        a.server,
+        where_,
         backend_name(fabric),
         a.queues,
         a.mode.notify().name(),
@@ -233,6 +312,9 @@ fn vhost_user_blk(a: &VhostArgs) -> Result<(), Box<dyn std::error::Error>> {
     };
     let once = a.once;
     serve(&a.socket, &cfg, &config, || !once)?;
+    if let Some(f) = follower.as_mut() {
+        f.stop();
+    }
     println!("vrio-client: the VMM disconnected, exiting");
     Ok(())
 }
@@ -368,10 +450,12 @@ fn run(a: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     let mut follower = match follower {
         Some((ctl, ids)) => Some(follow_as_agent(
             ctl,
-            ids.into_iter()
-                .map(|(id, _)| id)
-                .zip(agents.iter().cloned())
-                .collect(),
+            Arc::new(AttachedSet(
+                ids.into_iter()
+                    .map(|(id, _)| id)
+                    .zip(agents.iter().cloned())
+                    .collect(),
+            )),
         )?),
         None => None,
     };

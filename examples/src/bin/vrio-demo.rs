@@ -20,7 +20,7 @@ use vrio_core::remote::{device_key, AttachedDevice, IoServer, IoServerConfig, No
 use vrio_core::sidecore::SidecoreConfig;
 use vrio_examples::control::{
     drain, embedded_controller, follow_as_agent, join_as_server, place_devices, wait_for_servers,
-    ControlOpts,
+    AttachedSet, ControlOpts,
 };
 use vrio_examples::{init_tracing, model_json, model_row, print_table, Progress, MODEL_HEADERS};
 
@@ -278,10 +278,12 @@ fn run_controlled(
     .collect();
     let mut follower = follow_as_agent(
         ctl.clone(),
-        ids.iter()
-            .map(|(id, _)| id.clone())
-            .zip(agents.iter().cloned())
-            .collect(),
+        Arc::new(AttachedSet(
+            ids.iter()
+                .map(|(id, _)| id.clone())
+                .zip(agents.iter().cloned())
+                .collect(),
+        )),
     )?;
     let stop = Arc::new(AtomicBool::new(false));
     let cpu0 = vrio_core::cputime::process_cpu_ns();

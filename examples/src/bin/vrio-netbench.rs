@@ -1,7 +1,9 @@
 //! vrio-netbench: virtio-net through the L2 switch, between pairs of
 //! synthetic guests, for 64 B and 1500 B frames, under vhost-style workers
-//! (one per device, woken by kicks and by arriving frames) and one local
-//! polling sidecore serving every queue, in the same run. Prints packets/s
+//! (one per device, woken by kicks and by arriving frames), one local
+//! polling sidecore serving every queue, and one remote sidecore on an
+//! in-process I/O server (agents per guest, software fabric over loopback
+//! TCP, doorbell mode), in the same run. Prints packets/s
 //! and Gbit/s, per wall second and per device core, with ratios to the
 //! vhost-style baseline of the same frame size, and writes JSON.
 
@@ -13,11 +15,13 @@ use std::time::Duration;
 
 use clap::Parser;
 use vrio_core::models::LocalModel;
-use vrio_core::net::{run_net, NetReport, NetRunConfig};
+use vrio_core::net::{run_net, run_net_remote, NetReport, NetRunConfig, RemoteNetFigures};
+use vrio_core::remote::NotifyMode;
 use vrio_core::sidecore::SidecoreConfig;
 use vrio_examples::{init_tracing, print_table, Progress};
 
-/// Benchmark virtio-net through the switch: vhost-style vs local sidecore.
+/// Benchmark virtio-net through the switch: vhost-style vs local sidecore
+/// vs remote sidecore.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about = None)]
 struct Args {
@@ -53,8 +57,52 @@ fn main() -> ExitCode {
     }
 }
 
-fn json(r: &NetReport, size: usize, ratio_pps: f64, ratio_core: f64) -> serde_json::Value {
+#[derive(Debug, Clone, Copy)]
+enum Model {
+    Local(LocalModel),
+    /// One remote sidecore on an in-process I/O server.
+    Remote(NotifyMode),
+}
+
+impl Model {
+    fn name(&self) -> String {
+        match self {
+            Model::Local(m) => m.name(),
+            Model::Remote(mode) => format!("remote {}", mode.name()),
+        }
+    }
+
+    fn run(
+        &self,
+        rc: &NetRunConfig,
+        done: &Arc<AtomicU64>,
+    ) -> Result<(NetReport, Option<RemoteNetFigures>), vrio_core::models::RunError> {
+        match *self {
+            Model::Local(m) => run_net(m, rc, done).map(|r| (r, None)),
+            Model::Remote(mode) => run_net_remote(mode, 1, rc, done).map(|(r, f)| (r, Some(f))),
+        }
+    }
+}
+
+fn json(
+    r: &NetReport,
+    fig: Option<&RemoteNetFigures>,
+    size: usize,
+    ratio_pps: f64,
+    ratio_core: f64,
+) -> serde_json::Value {
+    let fabric = fig.map(|f| {
+        serde_json::json!({
+            "requests": f.fabric.requests,
+            "fabric_ops_per_request": f.fabric.ops_per_request(),
+            "round_trips_per_request": f.fabric.rtts_per_request(),
+            "batches": f.fabric.batches,
+            "doorbells": f.fabric.doorbells,
+            "vmhost_cpu_s": f.vmhost_cpu_ns as f64 / 1e9,
+        })
+    });
     serde_json::json!({
+        "fabric": fabric,
         "model": r.model,
         "frame_bytes": size,
         "frames_sent": r.sent.sent,
@@ -88,11 +136,12 @@ fn json(r: &NetReport, size: usize, ratio_pps: f64, ratio_core: f64) -> serde_js
 
 fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let models = [
-        LocalModel::VhostStyle,
-        LocalModel::Sidecore {
+        Model::Local(LocalModel::VhostStyle),
+        Model::Local(LocalModel::Sidecore {
             cores: 1,
             cfg: SidecoreConfig::default(),
-        },
+        }),
+        Model::Remote(NotifyMode::Doorbell),
     ];
     let mut rows = Vec::new();
     let mut points = Vec::new();
@@ -100,7 +149,7 @@ fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut n = 0;
     for &size in &a.sizes {
         let mut base: Option<NetReport> = None;
-        for &m in &models {
+        for m in &models {
             n += 1;
             eprintln!(
                 "[{n}/{total}] {} frames={size} B guests={} ...",
@@ -118,9 +167,9 @@ fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
             };
             let done = Arc::new(AtomicU64::new(0));
             let p = Progress::start(format!("{} {size} B", m.name()), done.clone(), 0);
-            let r = run_net(m, &rc, &done);
+            let r = m.run(&rc, &done);
             p.finish();
-            let r = r?;
+            let (r, fig) = r?;
             if r.failures() > 0 {
                 return Err(format!(
                     "{} {size} B: {} failures (lost {}, corrupt {}, duplicate {}, protocol {})",
@@ -148,8 +197,14 @@ fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
                 format!("{ratio_core:.2}"),
                 r.recv.merged.to_string(),
                 r.port_drops().to_string(),
+                fig.as_ref()
+                    .map(|f| format!("{:.2}", f.fabric.ops_per_request()))
+                    .unwrap_or_else(|| "-".into()),
+                fig.as_ref()
+                    .map(|f| format!("{:.2}", f.fabric.rtts_per_request()))
+                    .unwrap_or_else(|| "-".into()),
             ]);
-            points.push(json(&r, size, ratio_pps, ratio_core));
+            points.push(json(&r, fig.as_ref(), size, ratio_pps, ratio_core));
         }
     }
     println!(
@@ -170,6 +225,8 @@ fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
             "x vhost (per core)",
             "merged",
             "drops",
+            "fabric ops/req",
+            "RTT/req",
         ],
         &rows,
     );

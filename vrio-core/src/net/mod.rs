@@ -9,6 +9,9 @@
 //! between ports; [`tx_queue`] and [`rx_queue`] serve local rings with them
 //! (as `ServedQueue`s for the vhost-style worker or a sidecore); [`guest`],
 //! [`traffic`] and [`runner`] are the synthetic guests and the harness.
+//! Remote sidecores serve the same models over the fabric:
+//! `remote::RemoteQueue<TxDevice>` and `remote::RemoteRxQueue`, with the
+//! I/O server's switch in `remote::net_devices`.
 //!
 //! **TX** is per chain: [`TxDevice`] implements the [`DeviceModel`] seam,
 //! like virtio-blk. **RX** is per frame over several chains, because with
@@ -53,7 +56,10 @@ pub use guest::{NetGuest, NetGuestConfig, NetGuestQueue, RX_QUEUE, TX_QUEUE};
 pub use header::{HeaderError, NetHeader, HDR_LEN};
 pub use mac::MacAddr;
 pub use port::{Port, PortId, PortKind};
-pub use runner::{attach_net_guest, run_net, AttachedNetGuest, NetReport, NetRunConfig};
+pub use runner::{
+    attach_net_guest, attach_net_remote, run_net, run_net_remote, AttachedNetGuest, NetReport,
+    NetRunConfig, RemoteNetFigures,
+};
 pub use rx::{Fit, FrameSource, RxChainError, RxDevice};
 pub use rx_queue::NetRxQueue;
 pub use stats::{DropReason, PortSnapshot, PortStats};

@@ -1,5 +1,6 @@
-//! Runs pairs of synthetic net guests through a switch under one local I/O
-//! model (vhost-style workers or a polling sidecore) and gathers figures.
+//! Runs pairs of synthetic net guests through a switch under one I/O model
+//! (vhost-style workers, a polling sidecore, or remote sidecores on an
+//! in-process I/O server) and gathers figures.
 //! Guests `2i` and `2i+1` send to each other; every guest runs a sender
 //! and a receiver thread.
 
@@ -217,6 +218,134 @@ pub fn run_net(
         stats,
         ports: ports.iter().map(|p| p.stats().snapshot()).collect(),
     })
+}
+
+/// Attaches `guest`'s RX and TX queues to the I/O server at `server`
+/// through an agent of its own, in a protection domain of its own.
+pub fn attach_net_remote(
+    guest: &NetGuest,
+    device_id: u64,
+    server: &str,
+    mode: crate::remote::NotifyMode,
+) -> Result<crate::remote::AttachedDevice, RunError> {
+    use crate::remote::{attach, AgentConfig, DeviceAttach, QueueAttach};
+    let mut queues = Vec::new();
+    for q in [RX_QUEUE, TX_QUEUE] {
+        let side = guest.device_side(q)?;
+        queues.push(QueueAttach {
+            layout: side.layout,
+            features: side.features,
+            kick: side.kick,
+            call: side.call,
+            start: 0,
+        });
+    }
+    let domain = vrio_rdma::open(vrio_rdma::Backend::Soft, None)
+        .map(Arc::from)
+        .map_err(|e| RunError::Model(e.to_string()))?;
+    attach(
+        domain,
+        server,
+        DeviceAttach {
+            device_id,
+            mem: guest.memory().clone(),
+            queues,
+        },
+        AgentConfig {
+            mode,
+            device: crate::remote::wire::DeviceKind::Net { mac: guest.cfg.mac },
+            ..AgentConfig::default()
+        },
+    )
+    .map_err(|e| RunError::Model(e.to_string()))
+}
+
+/// The I/O server's view of a remote net run.
+#[derive(Debug, Clone, Default)]
+pub struct RemoteNetFigures {
+    pub fabric: crate::remote::RemoteSnapshot,
+    /// CPU time of the VM-host agents.
+    pub vmhost_cpu_ns: u64,
+}
+
+/// Runs `rc` against remote sidecores: an in-process I/O server whose
+/// switch connects the guests (guest `i` is device `i`, port MAC
+/// `MacAddr::local(i)`), one agent per guest, over the software fabric.
+pub fn run_net_remote(
+    mode: crate::remote::NotifyMode,
+    sidecores: usize,
+    rc: &NetRunConfig,
+    progress: &Arc<AtomicU64>,
+) -> Result<(NetReport, RemoteNetFigures), RunError> {
+    use crate::remote::{IoServer, IoServerConfig, NetServerConfig};
+    use std::sync::atomic::Ordering::Relaxed;
+    let n = rc.guests.max(2).div_ceil(2) * 2;
+    let cfgs: Vec<NetGuestConfig> = (0..n)
+        .map(|id| NetGuestConfig {
+            queue_size: rc.queue_size,
+            rx_buf_len: rc.rx_buf_len,
+            features: rc.features,
+            ..NetGuestConfig::new(id)
+        })
+        .collect();
+    let domain = vrio_rdma::open(vrio_rdma::Backend::Soft, None)
+        .map(Arc::from)
+        .map_err(|e| RunError::Model(e.to_string()))?;
+    let server = IoServer::start(
+        domain,
+        Arc::new(crate::blk::MemoryBackend::new(1 << 20)),
+        IoServerConfig {
+            sidecores,
+            net: NetServerConfig {
+                switch: rc.switch,
+                mergeable: rc.mergeable,
+                devices: cfgs.iter().map(|c| (u64::from(c.id), c.mac)).collect(),
+            },
+            ..IoServerConfig::default()
+        },
+    )
+    .map_err(|e| RunError::Model(e.to_string()))?;
+    let mut guests = Vec::new();
+    let mut agents = Vec::new();
+    for c in cfgs {
+        let g = NetGuest::new(c)?;
+        agents.push(attach_net_remote(&g, u64::from(c.id), server.addr(), mode)?);
+        guests.push(g);
+    }
+    let links: Vec<Arc<Link>> = (0..n).map(|_| Arc::new(Link::default())).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let cpu0 = process_cpu_ns();
+    let t0 = Instant::now();
+    let (sent, recv) = drive(guests, rc, &links, progress, &stop)?;
+    let wall = t0.elapsed();
+    let mut fig = RemoteNetFigures::default();
+    for a in agents.iter_mut() {
+        a.detach();
+        fig.vmhost_cpu_ns += a.stats().cpu_ns.load(Relaxed);
+    }
+    // After the sidecores stopped: nothing is counted any more.
+    let device_cpu_ns = server.stop();
+    let stats = server.sidecore_stats();
+    fig.fabric = server.net_stats().snapshot();
+    let ports = server
+        .net()
+        .port_stats()
+        .into_iter()
+        .map(|(_, s)| s)
+        .collect();
+    Ok((
+        NetReport {
+            model: format!("remote {} x{}", mode.name(), sidecores.max(1)),
+            sent,
+            recv,
+            wall,
+            device_cpu_ns,
+            process_cpu_ns: process_cpu_ns().saturating_sub(cpu0),
+            stats,
+            ports,
+        },
+        fig,
+    ))
 }
 
 fn sum(a: StatsSnapshot, b: StatsSnapshot) -> StatsSnapshot {

@@ -30,8 +30,8 @@ use vrio_rdma::{
 
 use super::staging::StagingBuffer;
 use super::wire::{
-    doorbell_entry_size, Attach, Doorbell, DoorbellEntry, Message, NotifyMode, WireRegion,
-    ANY_SIDECORE, DOORBELL_HEADER, MAX_MSG,
+    doorbell_entry_size, Attach, AttachDevice, DeviceKind, Doorbell, DoorbellEntry, Message,
+    NotifyMode, WireRegion, ANY_SIDECORE, DOORBELL_HEADER, MAX_MSG,
 };
 use crate::cputime::thread_cpu_ns;
 use crate::memory::{GuestMemory, LocalMemory, MemoryMap};
@@ -137,6 +137,13 @@ pub struct AgentConfig {
     pub chain_copy: usize,
     /// Attach replies and quiesce answers must arrive within this.
     pub timeout: Duration,
+    /// Wire index of the device's first queue. A VMM that attaches its
+    /// vrings one at a time attaches vring q as a one-queue device with
+    /// `queue_base` q, so the server names it `dev<id>.q<q>` as the
+    /// controller does.
+    pub queue_base: u16,
+    /// What the queues belong to; a net device names its port's MAC.
+    pub device: DeviceKind,
 }
 
 impl Default for AgentConfig {
@@ -146,6 +153,8 @@ impl Default for AgentConfig {
             endpoint: EndpointConfig::default(),
             chain_copy: 8,
             timeout: Duration::from_secs(10),
+            queue_base: 0,
+            device: DeviceKind::Blk,
         }
     }
 }
@@ -578,16 +587,21 @@ impl AgentQueue {
         start: u16,
     ) -> Result<(Conn, Vec<u8>), AgentError> {
         let mut conn = Conn::open(&*ctx.domain, &to.server, ctx.cfg.endpoint)?;
-        conn.send(&Message::Attach(Attach {
+        let attach = Attach {
             device_id: ctx.device_id,
-            queue: self.index,
+            queue: ctx.cfg.queue_base.wrapping_add(self.index),
             layout: self.layout,
             features: self.features,
             mode: ctx.cfg.mode,
             start,
             sidecore: to.sidecore,
             regions: ctx.wire.clone(),
-        }))?;
+        };
+        conn.send(&match ctx.cfg.device {
+            // Plain ATTACH means blk (what every server understands).
+            DeviceKind::Blk => Message::Attach(attach),
+            device => Message::AttachDevice(AttachDevice { attach, device }),
+        })?;
         let config = conn.wait_reply(self.index, ctx.cfg.timeout)?;
         Ok((conn, config))
     }

@@ -6,10 +6,15 @@
 //! - [`server_queue`]: the I/O server side of one queue, a
 //!   [`crate::sidecore::ServedQueue`];
 //! - [`server`]: accepts attachments and spreads queues over sidecores;
+//! - [`rx_queue`]: a virtio-net receive queue on the I/O server;
+//! - [`net_devices`]: the server's switch and its net devices' ports;
 //! - [`wire`]: the messages between them;
 //! - [`shadow`], [`staging`]: local copies of guest rings and buffers.
 
 pub mod agent;
+mod fabric_ring;
+pub mod net_devices;
+pub mod rx_queue;
 pub mod server;
 pub mod server_queue;
 pub mod shadow;
@@ -21,10 +26,12 @@ pub use agent::{
     attach, attach_placed, AgentConfig, AgentError, AgentStats, AttachedDevice, DeviceAttach,
     LinkState, MoveReport, QueueAttach, QueueStatus, QueueTarget,
 };
+pub use net_devices::{NetDevices, NetServerConfig};
+pub use rx_queue::RemoteRxQueue;
 pub use server::{IoServer, IoServerConfig, ServerError};
 pub use server_queue::{RemoteQueue, RemoteQueueConfig};
 pub use stats::{RemoteSnapshot, RemoteStats};
-pub use wire::{NotifyMode, ANY_SIDECORE};
+pub use wire::{DeviceKind, NotifyMode, ANY_SIDECORE};
 
 /// The wire's numeric device id for a controller's device id: the number
 /// itself when the id is decimal, else a stable 64-bit hash (FNV-1a), so

@@ -2,6 +2,10 @@
 //! each queue to the sidecore its controller chose, or else to the least
 //! loaded one. Queues move between its sidecores as whole objects
 //! ([`IoServer::move_queue`]): the ring state travels with the queue.
+//!
+//! Queues are virtio-blk (one block back-end for all) or virtio-net (TX
+//! through [`RemoteQueue`]`<TxDevice>`, RX through [`RemoteRxQueue`]), the
+//! net devices switched among themselves by [`NetDevices`].
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
@@ -13,12 +17,15 @@ use vrio_rdma::{
     WcStatus,
 };
 
+use super::net_devices::{NetDevices, NetQueue, NetServerConfig};
+use super::rx_queue::RemoteRxQueue;
 use super::server_queue::{RemoteQueue, RemoteQueueConfig};
 use super::staging::StagingBuffer;
 use super::stats::RemoteStats;
-use super::wire::{Attach, Message, MAX_MSG};
+use super::wire::{Attach, DeviceKind, Message, MAX_MSG};
 use crate::blk::{BlockBackend, BlockConfig, BlockDevice};
-use crate::sidecore::{SidecoreConfig, SidecoreHandle, SidecoreThread};
+use crate::net::{RxDevice, TxDevice};
+use crate::sidecore::{ServedQueue, SidecoreConfig, SidecoreHandle, SidecoreThread};
 
 #[derive(Debug, Clone)]
 pub struct IoServerConfig {
@@ -27,6 +34,7 @@ pub struct IoServerConfig {
     pub sidecore: SidecoreConfig,
     pub queue: RemoteQueueConfig,
     pub blk: BlockConfig,
+    pub net: NetServerConfig,
     pub endpoint: EndpointConfig,
 }
 
@@ -38,6 +46,7 @@ impl Default for IoServerConfig {
             sidecore: SidecoreConfig::default(),
             queue: RemoteQueueConfig::default(),
             blk: BlockConfig::default(),
+            net: NetServerConfig::default(),
             endpoint: EndpointConfig::default(),
         }
     }
@@ -90,11 +99,8 @@ impl Sidecores {
 
     /// Puts a new queue on sidecore `hint` if there is one, else on the
     /// least loaded.
-    fn place(
-        &mut self,
-        q: RemoteQueue<BlockDevice>,
-        hint: u16,
-    ) -> Result<(String, usize), ServerError> {
+    fn place(&mut self, q: Admitted, hint: u16) -> Result<(String, usize), ServerError> {
+        let Admitted { queue: q, alive } = q;
         let load = self.load();
         let k = if usize::from(hint) < self.handles.len() {
             usize::from(hint)
@@ -102,12 +108,11 @@ impl Sidecores {
             (0..load.len()).min_by_key(|&i| load[i]).unwrap_or(0)
         };
         let name = q.name().to_string();
-        let alive = q.liveness();
         if self.find(&name).is_some() {
             tracing::warn!(queue = %name, "two live queues share a name; moves by name reach the newer");
         }
         let id = self.handles[k]
-            .add(Box::new(q))
+            .add(q)
             .map_err(|e| ServerError::Sidecore(e.to_string()))?;
         self.queues.push(Served {
             name: name.clone(),
@@ -133,6 +138,8 @@ pub struct IoServer {
     sidecores: Arc<Mutex<Sidecores>>,
     sidecore_moves: AtomicU64,
     stats: Arc<RemoteStats>,
+    net_stats: Arc<RemoteStats>,
+    net: Arc<NetDevices>,
     domain: Arc<dyn Domain>,
     endpoint: EndpointConfig,
 }
@@ -156,13 +163,16 @@ impl IoServer {
             queues: Vec::new(),
         }));
         let stats = Arc::new(RemoteStats::default());
+        let net_stats = Arc::new(RemoteStats::default());
+        let net = Arc::new(NetDevices::new(cfg.net.clone()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (d, s, st, sc) = (
-            domain.clone(),
-            stop.clone(),
-            stats.clone(),
-            sidecores.clone(),
-        );
+        let (d, s, sc) = (domain.clone(), stop.clone(), sidecores.clone());
+        let kinds = Kinds {
+            backend,
+            net: net.clone(),
+            blk_stats: stats.clone(),
+            net_stats: net_stats.clone(),
+        };
         let accept = std::thread::Builder::new()
             .name("vrio-accept".into())
             .spawn(move || {
@@ -181,7 +191,7 @@ impl IoServer {
                         break;
                     }
                     let peer = ep.peer();
-                    match admit(&*d, ep, &backend, &cfg, &st) {
+                    match admit(&*d, ep, &kinds, &cfg) {
                         Ok((q, hint)) => {
                             let Ok(mut scs) = sc.lock() else { break };
                             match scs.place(q, hint) {
@@ -202,6 +212,8 @@ impl IoServer {
             sidecores,
             sidecore_moves: AtomicU64::new(0),
             stats,
+            net_stats,
+            net,
             domain,
             endpoint: EndpointConfig::default(),
         })
@@ -212,8 +224,20 @@ impl IoServer {
         &self.addr
     }
 
+    /// Fabric counters of the virtio-blk queues.
     pub fn stats(&self) -> &Arc<RemoteStats> {
         &self.stats
+    }
+
+    /// Fabric counters of the virtio-net queues (requests are TX chains
+    /// plus RX frames).
+    pub fn net_stats(&self) -> &Arc<RemoteStats> {
+        &self.net_stats
+    }
+
+    /// The switch and ports of this server's net devices.
+    pub fn net(&self) -> &Arc<NetDevices> {
+        &self.net
     }
 
     /// Queues moved between this server's sidecores so far.
@@ -341,15 +365,28 @@ impl Drop for IoServer {
     }
 }
 
+/// What a queue is built from, by device type.
+struct Kinds {
+    backend: Arc<dyn BlockBackend>,
+    net: Arc<NetDevices>,
+    blk_stats: Arc<RemoteStats>,
+    net_stats: Arc<RemoteStats>,
+}
+
+/// A queue ready for a sidecore, and its liveness token.
+struct Admitted {
+    queue: Box<dyn ServedQueue>,
+    alive: Weak<()>,
+}
+
 /// Receives the ATTACH on a new endpoint and builds the queue.
 fn admit(
     domain: &dyn Domain,
     mut ep: Box<dyn Endpoint>,
-    backend: &Arc<dyn BlockBackend>,
+    kinds: &Kinds,
     cfg: &IoServerConfig,
-    stats: &Arc<RemoteStats>,
-) -> Result<(RemoteQueue<BlockDevice>, u16), String> {
-    let attach = {
+) -> Result<(Admitted, u16), String> {
+    let (attach, said) = {
         let buf = StagingBuffer::new(MAX_MSG).map_err(|e| e.to_string())?;
         // SAFETY: `buf` outlives `mr` (dropped at the end of this block,
         // after `mr`, which is declared later and so dropped first).
@@ -388,11 +425,12 @@ fn admit(
         buf.get(0, &mut b).map_err(|e| e.to_string())?;
         drop(mr);
         match Message::decode(&b) {
-            Ok(Message::Attach(a)) => a,
+            Ok(Message::Attach(a)) => (a, None),
+            Ok(Message::AttachDevice(d)) => (d.attach, Some(d.device)),
             other => return Err(format!("expected ATTACH, got {other:?}")),
         }
     };
-    let q = admit_queue(domain, ep, &attach, backend, cfg, stats)?;
+    let q = admit_queue(domain, ep, &attach, said, kinds, cfg)?;
     Ok((q, attach.sidecore))
 }
 
@@ -400,14 +438,52 @@ fn admit_queue(
     domain: &dyn Domain,
     ep: Box<dyn Endpoint>,
     attach: &Attach,
-    backend: &Arc<dyn BlockBackend>,
+    said: Option<DeviceKind>,
+    kinds: &Kinds,
     cfg: &IoServerConfig,
-    stats: &Arc<RemoteStats>,
-) -> Result<RemoteQueue<BlockDevice>, String> {
-    let dev = BlockDevice::new(backend.clone(), cfg.blk.clone());
-    let config = dev.config_space();
-    let mut q = RemoteQueue::new(domain, ep, attach, dev, cfg.queue, stats.clone())
-        .map_err(|e| e.to_string())?;
-    q.reply_attach(config).map_err(|e| e.to_string())?;
-    Ok(q)
+) -> Result<Admitted, String> {
+    let e = |e: crate::sidecore::QueueFailure| e.to_string();
+    let mac = match kinds.net.kind(attach.device_id, said)? {
+        DeviceKind::Blk => {
+            let dev = BlockDevice::new(kinds.backend.clone(), cfg.blk.clone());
+            let config = dev.config_space();
+            let mut q =
+                RemoteQueue::new(domain, ep, attach, dev, cfg.queue, kinds.blk_stats.clone())
+                    .map_err(e)?;
+            q.reply_attach(config).map_err(e)?;
+            let alive = q.liveness();
+            return Ok(Admitted {
+                queue: Box::new(q),
+                alive,
+            });
+        }
+        DeviceKind::Net { mac } => mac,
+    };
+    let which = NetDevices::queue(attach.queue)?;
+    let port = kinds.net.port(attach.device_id, mac)?;
+    let config = kinds.net.config_space(mac);
+    let stats = kinds.net_stats.clone();
+    Ok(match which {
+        NetQueue::Tx => {
+            let dev = TxDevice::new(kinds.net.switch().clone(), port);
+            let mut q = RemoteQueue::new(domain, ep, attach, dev, cfg.queue, stats).map_err(e)?;
+            q.reply_attach(config).map_err(e)?;
+            let alive = q.liveness();
+            Admitted {
+                queue: Box::new(q),
+                alive,
+            }
+        }
+        NetQueue::Rx => {
+            let dev = RxDevice::new(kinds.net.mergeable());
+            let mut q =
+                RemoteRxQueue::new(domain, ep, attach, dev, port, cfg.queue, stats).map_err(e)?;
+            q.reply_attach(config).map_err(e)?;
+            let alive = q.liveness();
+            Admitted {
+                queue: Box::new(q),
+                alive,
+            }
+        }
+    })
 }

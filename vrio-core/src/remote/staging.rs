@@ -125,28 +125,37 @@ impl StagedChain<'_> {
         chain.readable_len() + chain.writable_len()
     }
 
-    /// Maps `addr..addr+len` to a staging offset when it lies inside one
-    /// segment of the chain (`writable` selects which part).
     fn locate(&self, addr: u64, len: usize, writable: bool) -> Result<usize, MemoryError> {
-        let mut off = self.base;
-        let segs = self
-            .chain
-            .readable
-            .iter()
-            .map(|s| (s, false))
-            .chain(self.chain.writable.iter().map(|s| (s, true)));
-        for (s, w) in segs {
-            let end = s.addr + u64::from(s.len);
-            if w == writable && addr >= s.addr && addr.saturating_add(len as u64) <= end {
-                return Ok(off + (addr - s.addr) as usize);
-            }
-            off += s.len as usize;
-        }
-        Err(MemoryError::OutOfBounds {
+        locate(self.chain, self.base, addr, len, writable).ok_or(MemoryError::OutOfBounds {
             addr,
             len: len as u64,
         })
     }
+}
+
+/// Maps `addr..addr+len` to a staging offset when it lies inside one
+/// segment of `chain`, staged from `base` (`writable` selects which part).
+fn locate(
+    chain: &DescriptorChain,
+    base: usize,
+    addr: u64,
+    len: usize,
+    writable: bool,
+) -> Option<usize> {
+    let mut off = base;
+    let segs = chain
+        .readable
+        .iter()
+        .map(|s| (s, false))
+        .chain(chain.writable.iter().map(|s| (s, true)));
+    for (s, w) in segs {
+        let end = s.addr + u64::from(s.len);
+        if w == writable && addr >= s.addr && addr.saturating_add(len as u64) <= end {
+            return Some(off + (addr - s.addr) as usize);
+        }
+        off += s.len as usize;
+    }
+    None
 }
 
 impl GuestMemory for StagedChain<'_> {
@@ -158,6 +167,50 @@ impl GuestMemory for StagedChain<'_> {
     }
     fn write(&self, addr: u64, buf: &[u8]) -> Result<(), MemoryError> {
         let off = self.locate(addr, buf.len(), true)?;
+        // SAFETY: as in `read`; the device call holds the only access.
+        unsafe { &mut *self.buf.get() }.put(off, buf)
+    }
+}
+
+/// Several write-only chains staged back to back from `base`, in order: the
+/// view an RX frame spread over mergeable buffers is written through.
+/// Bytes outside `base..limit` are refused, so a guest that posts
+/// overlapping buffers garbles only its own frame.
+pub struct StagedChains<'a> {
+    pub buf: &'a UnsafeCell<StagingBuffer>,
+    pub chains: &'a [DescriptorChain],
+    pub base: usize,
+    pub limit: usize,
+}
+
+impl StagedChains<'_> {
+    fn locate(&self, addr: u64, len: usize) -> Result<usize, MemoryError> {
+        let mut base = self.base;
+        for c in self.chains {
+            if let Some(off) = locate(c, base, addr, len, true) {
+                if off + len <= self.limit {
+                    return Ok(off);
+                }
+                break;
+            }
+            base += StagedChain::bytes_needed(c) as usize;
+        }
+        Err(MemoryError::OutOfBounds {
+            addr,
+            len: len as u64,
+        })
+    }
+}
+
+impl GuestMemory for StagedChains<'_> {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        let off = self.locate(addr, buf.len())?;
+        // SAFETY: single-threaded use by the owning sidecore; no other
+        // reference to the buffer is live during the device call.
+        unsafe { &*self.buf.get() }.get(off, buf)
+    }
+    fn write(&self, addr: u64, buf: &[u8]) -> Result<(), MemoryError> {
+        let off = self.locate(addr, buf.len())?;
         // SAFETY: as in `read`; the device call holds the only access.
         unsafe { &mut *self.buf.get() }.put(off, buf)
     }

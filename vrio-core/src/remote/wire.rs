@@ -3,8 +3,9 @@
 //!
 //! | kind | direction | carried by | content |
 //! |------|-----------|------------|---------|
-//! | ATTACH | agent → server | SEND | device, queue layout, mode, guest regions with rkeys |
-//! | ATTACH_REPLY | server → agent | SEND | status, virtio-blk config space |
+//! | ATTACH | agent → server | SEND | device, queue layout, mode, guest regions with rkeys (a virtio-blk queue, or one the server's configuration types) |
+//! | ATTACH_DEVICE | agent → server | SEND | ATTACH plus the device type: blk, or net with the port's MAC |
+//! | ATTACH_REPLY | server → agent | SEND | status, the device's config space |
 //! | DOORBELL | agent → server | SEND | new avail.idx, avail entries, their descriptors |
 //! | SET_MODE | server → agent | SEND | remote-poll or doorbell, and where the server stopped |
 //! | QUIESCE | agent → server | SEND | finish the batch in flight, start no other |
@@ -17,10 +18,11 @@
 
 use vrio_rdma::RemoteRegion;
 
+use crate::net::MacAddr;
 use crate::ring::{RingFeatures, RingLayout};
 
 pub const MAGIC: u32 = 0x4f49_5256; // "VRIO"
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Largest message (and receive buffer).
 pub const MAX_MSG: usize = 4096;
 
@@ -30,6 +32,7 @@ const DOORBELL: u16 = 3;
 const SET_MODE: u16 = 4;
 const QUIESCE: u16 = 5;
 const QUIESCED: u16 = 6;
+const ATTACH_DEVICE: u16 = 7;
 /// `Attach::sidecore` when the server may choose.
 pub const ANY_SIDECORE: u16 = u16::MAX;
 
@@ -106,6 +109,25 @@ pub struct Attach {
     pub regions: Vec<WireRegion>,
 }
 
+/// What device a queue belongs to. Net queues follow §5.1.2: queue 0
+/// receives, queue 1 transmits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    Blk,
+    /// `mac` is the port's address: the switch drops frames the guest
+    /// sends from any other source.
+    Net {
+        mac: MacAddr,
+    },
+}
+
+/// ATTACH with the device type said explicitly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachDevice {
+    pub attach: Attach,
+    pub device: DeviceKind,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttachReply {
     /// 0 on success; otherwise the server refused the queue.
@@ -145,6 +167,7 @@ pub struct Quiesced {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
     Attach(Attach),
+    AttachDevice(AttachDevice),
     AttachReply(AttachReply),
     Doorbell(Doorbell),
     SetMode(SetMode),
@@ -170,6 +193,25 @@ impl W<'_> {
     }
     fn bytes(&mut self, s: &[u8]) {
         self.b.extend_from_slice(s);
+    }
+    fn attach(&mut self, a: &Attach) {
+        self.u64(a.device_id);
+        self.u16(a.queue);
+        self.u16(a.layout.size);
+        self.u32(a.features.bits() as u32);
+        self.u8(a.mode.code());
+        self.u16(a.start);
+        self.u16(a.sidecore);
+        self.u64(a.layout.desc);
+        self.u64(a.layout.avail);
+        self.u64(a.layout.used);
+        self.u16(a.regions.len() as u16);
+        for r in &a.regions {
+            self.u64(r.gpa);
+            self.u64(r.remote.addr);
+            self.u64(r.remote.len);
+            self.u32(r.remote.rkey);
+        }
     }
 }
 
@@ -202,6 +244,38 @@ impl R<'_> {
         a.copy_from_slice(s);
         Ok(u64::from_le_bytes(a))
     }
+    fn attach(&mut self) -> Result<Attach, WireError> {
+        let device_id = self.u64()?;
+        let queue = self.u16()?;
+        let size = self.u16()?;
+        let features = RingFeatures::from_bits(u64::from(self.u32()?));
+        let mode = NotifyMode::from_code(self.u8()?)?;
+        let (start, sidecore) = (self.u16()?, self.u16()?);
+        let (desc, avail, used) = (self.u64()?, self.u64()?, self.u64()?);
+        let layout =
+            RingLayout::new(size, desc, avail, used).map_err(|_| WireError::Bad("ring layout"))?;
+        let n = self.u16()?;
+        let mut regions = Vec::with_capacity(usize::from(n).min(64));
+        for _ in 0..n {
+            let gpa = self.u64()?;
+            let remote = RemoteRegion {
+                addr: self.u64()?,
+                len: self.u64()?,
+                rkey: self.u32()?,
+            };
+            regions.push(WireRegion { gpa, remote });
+        }
+        Ok(Attach {
+            device_id,
+            queue,
+            layout,
+            features,
+            mode,
+            start,
+            sidecore,
+            regions,
+        })
+    }
 }
 
 /// Bytes of a doorbell entry carrying `n` descriptors.
@@ -221,22 +295,17 @@ impl Message {
         match self {
             Message::Attach(a) => {
                 w.u16(ATTACH);
-                w.u64(a.device_id);
-                w.u16(a.queue);
-                w.u16(a.layout.size);
-                w.u32(a.features.bits() as u32);
-                w.u8(a.mode.code());
-                w.u16(a.start);
-                w.u16(a.sidecore);
-                w.u64(a.layout.desc);
-                w.u64(a.layout.avail);
-                w.u64(a.layout.used);
-                w.u16(a.regions.len() as u16);
-                for r in &a.regions {
-                    w.u64(r.gpa);
-                    w.u64(r.remote.addr);
-                    w.u64(r.remote.len);
-                    w.u32(r.remote.rkey);
+                w.attach(a);
+            }
+            Message::AttachDevice(d) => {
+                w.u16(ATTACH_DEVICE);
+                w.attach(&d.attach);
+                match d.device {
+                    DeviceKind::Blk => w.u8(0),
+                    DeviceKind::Net { mac } => {
+                        w.u8(1);
+                        w.bytes(&mac.0);
+                    }
                 }
             }
             Message::AttachReply(r) => {
@@ -287,37 +356,21 @@ impl Message {
         }
         let kind = r.u16()?;
         Ok(match kind {
-            ATTACH => {
-                let device_id = r.u64()?;
-                let queue = r.u16()?;
-                let size = r.u16()?;
-                let features = RingFeatures::from_bits(u64::from(r.u32()?));
-                let mode = NotifyMode::from_code(r.u8()?)?;
-                let (start, sidecore) = (r.u16()?, r.u16()?);
-                let (desc, avail, used) = (r.u64()?, r.u64()?, r.u64()?);
-                let layout = RingLayout::new(size, desc, avail, used)
-                    .map_err(|_| WireError::Bad("ring layout"))?;
-                let n = r.u16()?;
-                let mut regions = Vec::with_capacity(usize::from(n).min(64));
-                for _ in 0..n {
-                    let gpa = r.u64()?;
-                    let remote = RemoteRegion {
-                        addr: r.u64()?,
-                        len: r.u64()?,
-                        rkey: r.u32()?,
-                    };
-                    regions.push(WireRegion { gpa, remote });
-                }
-                Message::Attach(Attach {
-                    device_id,
-                    queue,
-                    layout,
-                    features,
-                    mode,
-                    start,
-                    sidecore,
-                    regions,
-                })
+            ATTACH => Message::Attach(r.attach()?),
+            ATTACH_DEVICE => {
+                let attach = r.attach()?;
+                let device = match r.u8()? {
+                    0 => DeviceKind::Blk,
+                    1 => {
+                        let mac = MacAddr::from_slice(r.take(6)?).ok_or(WireError::Truncated)?;
+                        if mac.is_multicast() {
+                            return Err(WireError::Bad("net device MAC"));
+                        }
+                        DeviceKind::Net { mac }
+                    }
+                    _ => return Err(WireError::Bad("device type")),
+                };
+                Message::AttachDevice(AttachDevice { attach, device })
             }
             ATTACH_REPLY => {
                 let status = r.u16()?;
@@ -359,6 +412,20 @@ impl Message {
 mod tests {
     use super::*;
 
+    /// A doorbell-mode attach of an 8-entry ring without regions.
+    fn small_attach() -> Attach {
+        Attach {
+            device_id: 1,
+            queue: 0,
+            layout: RingLayout::new(8, 0, 0x100, 0x200).unwrap(),
+            features: RingFeatures::default(),
+            mode: NotifyMode::Doorbell,
+            start: 0,
+            sidecore: ANY_SIDECORE,
+            regions: vec![],
+        }
+    }
+
     fn round_trip(m: Message) {
         let mut b = Vec::new();
         m.encode(&mut b).unwrap();
@@ -391,6 +458,18 @@ mod tests {
                 },
             }],
         }));
+        let attach = small_attach();
+        for device in [
+            DeviceKind::Blk,
+            DeviceKind::Net {
+                mac: MacAddr::local(5),
+            },
+        ] {
+            round_trip(Message::AttachDevice(AttachDevice {
+                attach: attach.clone(),
+                device,
+            }));
+        }
         round_trip(Message::AttachReply(AttachReply {
             status: 0,
             config: vec![1, 2, 3],
@@ -432,19 +511,22 @@ mod tests {
         );
         // A bad ring layout inside an attach is refused.
         let mut a = Vec::new();
-        Message::Attach(Attach {
-            device_id: 1,
-            queue: 0,
-            layout: RingLayout::new(8, 0, 0x100, 0x200).unwrap(),
-            features: RingFeatures::default(),
-            mode: NotifyMode::Doorbell,
-            start: 0,
-            sidecore: ANY_SIDECORE,
-            regions: vec![],
-        })
-        .encode(&mut a)
-        .unwrap();
+        Message::Attach(small_attach()).encode(&mut a).unwrap();
         a[18] = 3; // size 3: not a power of two
         assert!(Message::decode(&a).is_err());
+        // An unknown device type, or a multicast port address, is refused.
+        let mut d = Vec::new();
+        let net = |mac| {
+            Message::AttachDevice(AttachDevice {
+                attach: small_attach(),
+                device: DeviceKind::Net { mac },
+            })
+        };
+        net(MacAddr::local(1)).encode(&mut d).unwrap();
+        let kind_at = d.len() - 7;
+        d[kind_at] = 9;
+        assert_eq!(Message::decode(&d), Err(WireError::Bad("device type")));
+        net(MacAddr::BROADCAST).encode(&mut d).unwrap();
+        assert_eq!(Message::decode(&d), Err(WireError::Bad("net device MAC")));
     }
 }

@@ -43,7 +43,9 @@ use vmm_sys_util::timerfd::TimerFd;
 use crate::blk::{config_space, device_features, BlockBackend, BlockConfig, BlockDevice};
 use crate::memory::{GuestMemory, LocalMemory};
 use crate::models::{DeviceSide, LocalQueue};
-use crate::remote::{attach, AgentConfig, AttachedDevice, DeviceAttach, QueueAttach};
+use crate::remote::{
+    attach_placed, AgentConfig, AttachedDevice, DeviceAttach, QueueAttach, QueueTarget,
+};
 use crate::ring::{RingFeatures, RingLayout, RingState};
 use crate::sidecore::SidecoreHandle;
 
@@ -89,9 +91,57 @@ pub struct RemoteFront {
     /// the guest is held under it with SEG_MAX x SIZE_MAX, as virtio-blk
     /// has no field for a request's total size.
     pub max_request: u32,
-    /// Device id queue attachments carry: `device_id << 16 | queue`.
+    /// Device id the queue attachments carry (vring q attaches as queue q
+    /// of this device).
     pub device_id: u64,
     pub agent: AgentConfig,
+    /// Where each vring goes and which agent serves it; a controller
+    /// follower reads and updates it.
+    pub placement: Arc<Placement>,
+}
+
+/// Per-vring placement, shared by the front's sessions and a controller
+/// follower (`vrio-client vhost-user-blk --controller`).
+#[derive(Default)]
+pub struct Placement {
+    /// Where to attach vring q; None: [`RemoteFront::server`], the
+    /// server's choice of sidecore.
+    pub targets: Mutex<Vec<Option<QueueTarget>>>,
+    /// The agent serving vring q while it runs (its one queue, index 0).
+    pub attached: Mutex<Vec<Option<Arc<AttachedDevice>>>>,
+}
+
+impl std::fmt::Debug for Placement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Placement")
+            .field("targets", &self.targets.lock().map(|t| t.clone()).ok())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Placement {
+    pub fn target(&self, q: usize) -> Option<QueueTarget> {
+        self.targets.lock().ok()?.get(q).cloned().flatten()
+    }
+    pub fn set_target(&self, q: usize, t: QueueTarget) {
+        if let Ok(mut v) = self.targets.lock() {
+            if v.len() <= q {
+                v.resize(q + 1, None);
+            }
+            v[q] = Some(t);
+        }
+    }
+    pub fn attached(&self, q: usize) -> Option<Arc<AttachedDevice>> {
+        self.attached.lock().ok()?.get(q).cloned().flatten()
+    }
+    fn set_attached(&self, q: usize, d: Option<Arc<AttachedDevice>>) {
+        if let Ok(mut v) = self.attached.lock() {
+            if v.len() <= q {
+                v.resize(q + 1, None);
+            }
+            v[q] = d;
+        }
+    }
 }
 
 /// A local sidecore serving the vrings from a block back-end.
@@ -146,7 +196,7 @@ impl Serving {
 
 /// Whoever serves one attached vring.
 enum Served {
-    Remote(AttachedDevice),
+    Remote(Arc<AttachedDevice>),
     /// The queue's id on the local sidecore.
     Local(u64),
 }
@@ -361,7 +411,8 @@ impl VrioBlkBackend {
             let _ = h.unregister_listener(call.as_raw_fd(), EventSet::IN, self.call_event(q));
         }
         match (dev, &self.cfg.serving) {
-            (Some(Served::Remote(d)), _) => {
+            (Some(Served::Remote(d)), Serving::Remote(r)) => {
+                r.placement.set_attached(q, None);
                 d.detach();
                 tracing::info!(queue = q, "queue detached from the I/O server");
             }
@@ -536,11 +587,15 @@ fn attach_remote(
 ) -> Result<Served, String> {
     let domain: Arc<dyn vrio_rdma::Domain> =
         Arc::from(vrio_rdma::open(r.fabric, r.device.as_deref()).map_err(|e| e.to_string())?);
-    attach(
+    let target = r
+        .placement
+        .target(q)
+        .unwrap_or_else(|| QueueTarget::any(&r.server));
+    attach_placed(
         domain,
-        &r.server,
+        vec![target],
         DeviceAttach {
-            device_id: r.device_id << 16 | q as u64,
+            device_id: r.device_id,
             mem,
             queues: vec![QueueAttach {
                 layout,
@@ -554,9 +609,16 @@ fn attach_remote(
                 start,
             }],
         },
-        r.agent,
+        AgentConfig {
+            queue_base: q as u16,
+            ..r.agent
+        },
     )
-    .map(Served::Remote)
+    .map(|d| {
+        let d = Arc::new(d);
+        r.placement.set_attached(q, Some(d.clone()));
+        Served::Remote(d)
+    })
     .map_err(|e| e.to_string())
 }
 
@@ -715,6 +777,7 @@ mod tests {
                 max_request,
                 device_id: 7,
                 agent: AgentConfig::default(),
+                placement: Default::default(),
             }),
             queues,
             max_queue_size: 256,

@@ -17,6 +17,6 @@ pub mod backend;
 pub mod probe;
 pub mod serve;
 
-pub use backend::{FrontConfig, LocalFront, RemoteFront, Serving, VrioBlkBackend};
+pub use backend::{FrontConfig, LocalFront, Placement, RemoteFront, Serving, VrioBlkBackend};
 pub use probe::fetch_config;
 pub use serve::{serve, ServeError};

@@ -1,0 +1,831 @@
+//! What every remote queue kind shares: one guest ring reached through the
+//! fabric. The endpoint and its registered staging and receive buffers,
+//! ring indices, doorbell intake (or remote polling, and the adaptive
+//! switch between them), chain walking over a [`Shadow`] with fetches,
+//! and posting waves of one-sided requests whose completions are drained
+//! without blocking. [`super::server_queue::RemoteQueue`] (request/reply
+//! devices: virtio-blk, virtio-net TX) and [`super::rx_queue::RemoteRxQueue`]
+//! (virtio-net RX) add their own batch logic on top.
+
+use std::cell::UnsafeCell;
+use std::num::Wrapping;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
+
+use vrio_rdma::{
+    Access, Completion, Domain, Endpoint, MemoryRegion, Opcode, RecvRequest, SendRequest, Sge,
+    WcOpcode, WcStatus,
+};
+
+use super::server_queue::RemoteQueueConfig;
+use super::shadow::Shadow;
+use super::staging::StagingBuffer;
+use super::stats::RemoteStats;
+use super::wire::{Attach, DoorbellEntry, Message, NotifyMode, SetMode, WireRegion, MAX_MSG};
+use crate::memory::{GuestRegion, MemoryError, MemoryMap};
+use crate::ring::{ChainError, DescriptorChain, RingFeatures, RingLayout, Walker};
+use crate::sidecore::{PollOutcome, QueueFailure};
+
+/// Offsets inside the staging buffer.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Areas {
+    pub desc: usize,
+    pub avail: usize,
+    pub used: usize,
+    pub fetch: usize,
+    pub send: usize,
+    pub data: usize,
+}
+
+const FETCH_MAX: usize = 64 << 10;
+
+/// Direction of a one-sided request, seen from the server.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Dir {
+    Read,
+    Write,
+    WriteImm(u32),
+}
+
+/// Where a queue's batch is: waiting for nothing, for its READ wave, or
+/// for its reply wave (each names the signalled work request that ends it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Stage {
+    Idle,
+    Reading(u64),
+    Writing(u64),
+}
+const RECV_TAG: u64 = 1 << 63;
+
+fn align(x: usize) -> usize {
+    x.div_ceil(4096) * 4096
+}
+
+pub(super) fn fail(name: &str, reason: impl std::fmt::Display) -> QueueFailure {
+    QueueFailure {
+        queue: name.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// New avail entries a batch takes, in ring order, with the round trips
+/// spent learning of them.
+pub(super) struct Learned {
+    pub heads: Vec<u16>,
+    pub rtts: u64,
+}
+
+pub(super) struct FabricRing {
+    // Registrations first: fields drop in order, and a region must be
+    // deregistered before its memory is unmapped.
+    mr_staging: Box<dyn MemoryRegion>,
+    mr_recv: Box<dyn MemoryRegion>,
+    pub ep: Box<dyn Endpoint>,
+    pub staging: UnsafeCell<StagingBuffer>,
+    recv: StagingBuffer,
+    pub name: String,
+    pub cfg: RemoteQueueConfig,
+    pub areas: Areas,
+    pub mode: NotifyMode,
+    pub polling_remote: bool,
+    pub layout: RingLayout,
+    features: RingFeatures,
+    map: MemoryMap,
+    regions: Vec<WireRegion>,
+    pub next_avail: Wrapping<u16>,
+    pub next_used: Wrapping<u16>,
+    pub known_avail: Wrapping<u16>,
+    pending: Vec<Option<DoorbellEntry>>,
+    walker: Walker,
+    shadow: Shadow,
+    pub stage_started: Instant,
+    /// Highest signalled work request known complete.
+    pub done_wr: u64,
+    wrs: Vec<SendRequest>,
+    cqes: Vec<Completion>,
+    msg: Vec<u8>,
+    wr_seq: u64,
+    busy_run: u32,
+    idle_run: u32,
+    pub stats: Arc<RemoteStats>,
+    /// The agent asked for the queue back: finish the batch, start no other.
+    pub quiescing: bool,
+    /// Why the queue stopped: every later poll reports it again.
+    failed: Option<String>,
+}
+
+impl FabricRing {
+    /// Builds the server side of a queue from the agent's ATTACH, on an
+    /// endpoint that already has `recv` buffers posted for its first SEND.
+    pub(super) fn new(
+        domain: &dyn Domain,
+        ep: Box<dyn Endpoint>,
+        attach: &Attach,
+        cfg: RemoteQueueConfig,
+        stats: Arc<RemoteStats>,
+    ) -> Result<Self, QueueFailure> {
+        let name = super::queue_name(attach.device_id, attach.queue);
+        let regions = {
+            let mut r = attach.regions.clone();
+            r.sort_by_key(|w| w.gpa);
+            r
+        };
+        let map = MemoryMap::new(
+            regions
+                .iter()
+                .map(|w| GuestRegion {
+                    gpa: w.gpa,
+                    len: w.remote.len,
+                })
+                .collect(),
+        )
+        .map_err(|e| fail(&name, e))?;
+        let layout = attach.layout;
+        for (a, n) in [
+            (layout.desc, layout.desc_table_bytes()),
+            (layout.avail, layout.avail_bytes()),
+            (layout.used, layout.used_bytes()),
+        ] {
+            map.check(a, n).map_err(|e| fail(&name, e))?;
+        }
+        let size = usize::from(layout.size);
+        let mut o = 0;
+        let desc = o;
+        o = align(o + 16 * size);
+        let avail = o;
+        o = align(o + 6 + 2 * size);
+        let used = o;
+        o = align(o + 8 * size);
+        let fetch = o;
+        o = align(o + FETCH_MAX);
+        let send = o;
+        o = align(o + MAX_MSG);
+        let data = o;
+        let data_len = cfg.max_request * cfg.max_batch.max(1);
+        let areas = Areas {
+            desc,
+            avail,
+            used,
+            fetch,
+            send,
+            data,
+        };
+        let staging = StagingBuffer::new(data + data_len).map_err(|e| fail(&name, e))?;
+        let recv = StagingBuffer::new(size * MAX_MSG).map_err(|e| fail(&name, e))?;
+        // SAFETY: both buffers are owned by the queue and outlive their
+        // registrations (declared earlier, dropped earlier).
+        let mr_staging =
+            unsafe { domain.register(staging.as_ptr(), staging.len(), Access::LOCAL_ONLY) }
+                .map_err(|e| fail(&name, e))?;
+        // SAFETY: as above.
+        let mr_recv = unsafe { domain.register(recv.as_ptr(), recv.len(), Access::LOCAL_ONLY) }
+            .map_err(|e| fail(&name, e))?;
+        let mut q = Self {
+            mr_staging,
+            mr_recv,
+            ep,
+            staging: UnsafeCell::new(staging),
+            recv,
+            name,
+            cfg,
+            areas,
+            mode: attach.mode,
+            polling_remote: attach.mode == NotifyMode::RemotePoll,
+            layout,
+            features: attach.features,
+            map,
+            regions,
+            next_avail: Wrapping(attach.start),
+            next_used: Wrapping(attach.start),
+            known_avail: Wrapping(attach.start),
+            pending: vec![None; size],
+            walker: Walker::new(),
+            shadow: Shadow::default(),
+            stage_started: Instant::now(),
+            done_wr: 0,
+            wrs: Vec::new(),
+            cqes: vec![
+                Completion {
+                    wr_id: 0,
+                    status: WcStatus::Success,
+                    opcode: WcOpcode::Send,
+                    byte_len: 0,
+                    imm: None,
+                };
+                64
+            ],
+            msg: Vec::with_capacity(MAX_MSG),
+            wr_seq: 0,
+            busy_run: 0,
+            idle_run: 0,
+            stats,
+            quiescing: false,
+            failed: None,
+        };
+        let recvs: Vec<RecvRequest> = (0..size).map(|i| q.recv_wr(i)).collect();
+        q.ep.post_recv(&recvs).map_err(|e| fail(&q.name, e))?;
+        Ok(q)
+    }
+
+    /// Answers the agent's ATTACH.
+    pub(super) fn reply_attach(&mut self, config: Vec<u8>) -> Result<(), QueueFailure> {
+        self.send(&Message::AttachReply(super::wire::AttachReply {
+            status: 0,
+            config,
+        }))
+    }
+
+    /// The next avail index the queue serves (== next used when idle).
+    pub(super) fn position(&self) -> (u16, u16) {
+        (self.next_avail.0, self.next_used.0)
+    }
+
+    pub(super) fn recv_wr(&self, i: usize) -> RecvRequest {
+        RecvRequest {
+            wr_id: RECV_TAG | i as u64,
+            local: Sge {
+                lkey: self.mr_recv.lkey(),
+                addr: self.recv.addr() + (i * MAX_MSG) as u64,
+                len: MAX_MSG as u32,
+            },
+        }
+    }
+
+    pub(super) fn staging(&mut self) -> &mut StagingBuffer {
+        self.staging.get_mut()
+    }
+
+    pub(super) fn sge(&self, off: usize, len: usize) -> Sge {
+        Sge {
+            lkey: self.mr_staging.lkey(),
+            addr: self.staging_addr() + off as u64,
+            len: len as u32,
+        }
+    }
+
+    pub(super) fn staging_addr(&self) -> u64 {
+        // SAFETY: reading the pointer value only; no reference to the
+        // contents is created.
+        unsafe { &*self.staging.get() }.addr()
+    }
+
+    /// Remote address and rkey of a validated guest range.
+    pub(super) fn translate(&self, gpa: u64, len: u64) -> Result<(u64, u32), MemoryError> {
+        self.map.check(gpa, len)?;
+        let (i, r) = self
+            .map
+            .region_of(gpa)
+            .ok_or(MemoryError::OutOfBounds { addr: gpa, len })?;
+        let w = &self.regions[i];
+        Ok((w.remote.addr + (gpa - r.gpa), w.remote.rkey))
+    }
+
+    /// Queues one one-sided request between staging offset `off` and guest
+    /// range `gpa..gpa+len` (validated against the guest's map first).
+    pub(super) fn queue_wr(
+        &mut self,
+        dir: Dir,
+        gpa: u64,
+        off: usize,
+        len: usize,
+    ) -> Result<(), MemoryError> {
+        let (remote_addr, rkey) = self.translate(gpa, len as u64)?;
+        let opcode = match dir {
+            Dir::Read => Opcode::Read { remote_addr, rkey },
+            Dir::Write => Opcode::Write { remote_addr, rkey },
+            Dir::WriteImm(imm) => Opcode::WriteWithImm {
+                remote_addr,
+                rkey,
+                imm,
+            },
+        };
+        let wr_id = self.next_wr();
+        let local = self.sge(off, len);
+        self.wrs.push(SendRequest {
+            wr_id,
+            opcode,
+            local,
+            signaled: false,
+        });
+        Ok(())
+    }
+
+    pub(super) fn next_wr(&mut self) -> u64 {
+        self.wr_seq += 1;
+        self.wr_seq
+    }
+
+    /// Posts the queued work requests and waits for the last one. One call
+    /// is one round trip; used only off the common path (remote polls,
+    /// fetches, control messages).
+    pub(super) fn flush_and_wait(&mut self) -> Result<(), QueueFailure> {
+        let Some(target) = self.post_wave()? else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + self.cfg.op_timeout;
+        let mut spins = 0u32;
+        loop {
+            if self.drain_cq(Some(target))? {
+                return Ok(());
+            }
+            spins += 1;
+            if spins > 64 {
+                if Instant::now() > deadline {
+                    return Err(fail(&self.name, "fabric operation timed out"));
+                }
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    /// Handles completions; true when `target` completed.
+    pub(super) fn drain_cq(&mut self, target: Option<u64>) -> Result<bool, QueueFailure> {
+        loop {
+            let mut cqes = std::mem::take(&mut self.cqes);
+            let n = self.ep.poll(&mut cqes);
+            let n = match n {
+                Ok(n) => n,
+                Err(e) => {
+                    self.cqes = cqes;
+                    return Err(fail(&self.name, e));
+                }
+            };
+            let mut res = Ok(());
+            for c in &cqes[..n] {
+                if !c.status.is_ok() {
+                    let why = match c.status {
+                        WcStatus::Flushed | WcStatus::RetryExceeded => {
+                            format!("the VM host disconnected ({:?})", c.status)
+                        }
+                        s => format!("fabric completion {:?} for wr {:#x}", s, c.wr_id),
+                    };
+                    res = Err(fail(&self.name, why));
+                    break;
+                }
+                if c.wr_id & RECV_TAG != 0 {
+                    if let Err(e) =
+                        self.on_recv((c.wr_id & !RECV_TAG) as usize, c.byte_len as usize)
+                    {
+                        res = Err(e);
+                        break;
+                    }
+                } else {
+                    // RC completes in order: a signalled request done means
+                    // every earlier one is done too.
+                    self.done_wr = self.done_wr.max(c.wr_id);
+                }
+            }
+            self.cqes = cqes;
+            res?;
+            if n < self.cqes.len() {
+                return Ok(target.is_some_and(|t| self.done_wr >= t));
+            }
+        }
+    }
+
+    pub(super) fn on_recv(&mut self, i: usize, len: usize) -> Result<(), QueueFailure> {
+        if i >= usize::from(self.layout.size) || len > MAX_MSG {
+            return Err(fail(&self.name, "receive completion out of range"));
+        }
+        let mut buf = std::mem::take(&mut self.msg);
+        buf.resize(len, 0);
+        let r = self.recv.get(i * MAX_MSG, &mut buf);
+        let decoded = r.map_err(|e| fail(&self.name, e)).and_then(|_| {
+            Message::decode(&buf)
+                .map_err(|e| fail(&self.name, format!("bad message from agent: {e}")))
+        });
+        self.msg = buf;
+        let wr = self.recv_wr(i);
+        self.ep.post_recv(&[wr]).map_err(|e| fail(&self.name, e))?;
+        match decoded? {
+            Message::Doorbell(d) => {
+                self.stats.doorbells.fetch_add(1, Relaxed);
+                let idx = Wrapping(d.avail_idx);
+                if (idx - self.next_avail).0 > self.layout.size {
+                    return Err(fail(
+                        &self.name,
+                        format!(
+                            "avail index jumped from {} to {}",
+                            self.next_avail.0, d.avail_idx
+                        ),
+                    ));
+                }
+                if (idx - self.next_avail).0 > (self.known_avail - self.next_avail).0 {
+                    self.known_avail = idx;
+                }
+                for e in d.entries {
+                    // Entries already consumed, or not yet announced, are stale.
+                    let ahead = (Wrapping(e.pos) - self.next_avail).0;
+                    if ahead < (idx - self.next_avail).0 {
+                        let slot = usize::from(e.pos % self.layout.size);
+                        self.pending[slot] = Some(e);
+                    }
+                }
+                Ok(())
+            }
+            Message::Quiesce => {
+                self.quiescing = true;
+                Ok(())
+            }
+            other => Err(fail(
+                &self.name,
+                format!("unexpected message from agent: {other:?}"),
+            )),
+        }
+    }
+
+    /// The batch in flight has landed: tell the agent where we stopped and
+    /// retire. Idle means next avail == next used (in-order service).
+    pub(super) fn hand_back(&mut self) -> Result<PollOutcome, QueueFailure> {
+        let next = self.next_used.0;
+        // Counted first: the agent may close the link as soon as it reads
+        // the answer, before our send completes.
+        self.stats.handovers.fetch_add(1, Relaxed);
+        self.send(&Message::Quiesced(super::wire::Quiesced { next }))?;
+        tracing::info!(queue = %self.name, next, "queue handed back to the VM host");
+        Err(fail(
+            &self.name,
+            format!("handed back to the VM host at {next}"),
+        ))
+    }
+
+    pub(super) fn send(&mut self, m: &Message) -> Result<(), QueueFailure> {
+        let mut buf = std::mem::take(&mut self.msg);
+        let r = m.encode(&mut buf).map_err(|e| fail(&self.name, e));
+        let off = self.areas.send;
+        let r = r.and_then(|_| {
+            self.staging()
+                .put(off, &buf)
+                .map_err(|e| fail(&self.name, e))
+        });
+        let len = buf.len();
+        self.msg = buf;
+        r?;
+        let wr_id = self.next_wr();
+        let local = self.sge(off, len);
+        self.wrs.push(SendRequest {
+            wr_id,
+            opcode: Opcode::Send,
+            local,
+            signaled: false,
+        });
+        self.flush_and_wait()
+    }
+
+    /// READs the avail ring (flags, idx, ring) in one operation.
+    pub(super) fn read_avail(&mut self) -> Result<(), QueueFailure> {
+        let len = 4 + 2 * usize::from(self.layout.size);
+        self.queue_wr(Dir::Read, self.layout.avail, self.areas.avail, len)
+            .map_err(|e| fail(&self.name, e))?;
+        self.flush_and_wait()?;
+        self.stats.remote_polls.fetch_add(1, Relaxed);
+        let mut b = [0u8; 2];
+        let base = self.areas.avail;
+        self.staging()
+            .get(base + 2, &mut b)
+            .map_err(|e| fail(&self.name, e))?;
+        let idx = Wrapping(u16::from_le_bytes(b));
+        if (idx - self.next_avail).0 > self.layout.size {
+            return Err(fail(
+                &self.name,
+                format!("avail index jumped from {} to {}", self.next_avail.0, idx.0),
+            ));
+        }
+        self.known_avail = idx;
+        let mut p = self.next_avail;
+        while p != idx {
+            let slot = usize::from(p.0 % self.layout.size);
+            self.staging()
+                .get(base + 4 + 2 * slot, &mut b)
+                .map_err(|e| fail(&self.name, e))?;
+            self.pending[slot] = Some(DoorbellEntry {
+                pos: p.0,
+                head: u16::from_le_bytes(b),
+                descs: Vec::new(),
+            });
+            p += 1;
+        }
+        Ok(())
+    }
+
+    /// READs `len` guest bytes at `gpa` into the shadow.
+    pub(super) fn fetch(
+        &mut self,
+        gpa: u64,
+        len: u64,
+        whole_table: bool,
+    ) -> Result<(), ChainError> {
+        let (off, max) = if whole_table {
+            (self.areas.desc, 16 * usize::from(self.layout.size))
+        } else {
+            (self.areas.fetch, FETCH_MAX)
+        };
+        if len as usize > max {
+            return Err(ChainError::IndirectTooLarge {
+                entries: (len / 16) as u32,
+                limit: self.layout.size,
+            });
+        }
+        self.queue_wr(Dir::Read, gpa, off, len as usize)
+            .map_err(|source| ChainError::BadBuffer {
+                addr: gpa,
+                len: len as u32,
+                source,
+            })?;
+        self.stats.fetches.fetch_add(1, Relaxed);
+        self.flush_and_wait().map_err(|e| {
+            ChainError::Memory(MemoryError::Access {
+                addr: gpa,
+                reason: e.reason,
+            })
+        })?;
+        let mut tmp = vec![0u8; len as usize];
+        self.staging()
+            .get(off, &mut tmp)
+            .map_err(ChainError::Memory)?;
+        self.shadow.insert(gpa, &tmp);
+        Ok(())
+    }
+
+    pub(super) fn walk(
+        &mut self,
+        head: u16,
+        chain: &mut DescriptorChain,
+    ) -> (Result<(), ChainError>, u32) {
+        let mut rtts = 0;
+        let mut table_fetched = false;
+        for _ in 0..=self.cfg.max_fetches {
+            let r = self.walker.walk(
+                &self.shadow,
+                &self.map,
+                &self.layout,
+                self.features,
+                head,
+                chain,
+            );
+            let Err(e) = &r else { return (r, rtts) };
+            let Some((addr, len)) = e.needs_fetch() else {
+                return (r, rtts);
+            };
+            let l = self.layout;
+            let in_table = addr >= l.desc && addr < l.desc + l.desc_table_bytes();
+            let res = if in_table && !table_fetched {
+                table_fetched = true;
+                self.fetch(l.desc, l.desc_table_bytes(), true)
+            } else if let ChainError::BadIndirectTable { addr, len, .. } = e {
+                self.fetch(*addr, u64::from(*len), false)
+            } else {
+                self.fetch(addr, len, false)
+            };
+            rtts += 1;
+            if let Err(e) = res {
+                return (Err(e), rtts);
+            }
+        }
+        (
+            Err(ChainError::TooLong {
+                limit: self.layout.size,
+            }),
+            rtts,
+        )
+    }
+
+    /// Posts a wave without waiting; returns its signalled target.
+    pub(super) fn post_wave(&mut self) -> Result<Option<u64>, QueueFailure> {
+        if self.wrs.is_empty() {
+            return Ok(None);
+        }
+        let last = self.wrs.len() - 1;
+        self.wrs[last].signaled = true;
+        let target = self.wrs[last].wr_id;
+        self.stats
+            .fabric_ops
+            .fetch_add(self.wrs.len() as u64, Relaxed);
+        let r = self.ep.post_send(&self.wrs);
+        self.wrs.clear();
+        r.map_err(|e| fail(&self.name, e))?;
+        self.stage_started = Instant::now();
+        Ok(Some(target))
+    }
+
+    /// Adaptive mode: remote polling while busy, doorbells while quiet.
+    pub(super) fn adapt(&mut self, n: usize) -> Result<(), QueueFailure> {
+        if self.mode != NotifyMode::Adaptive {
+            return Ok(());
+        }
+        if self.polling_remote {
+            if n == 0 {
+                self.idle_run += 1;
+                if self.idle_run >= self.cfg.idle_polls {
+                    self.switch_to_doorbells()?;
+                }
+            } else {
+                self.idle_run = 0;
+            }
+        } else if n >= self.cfg.busy_batch {
+            self.busy_run += 1;
+            if self.busy_run >= self.cfg.busy_polls {
+                self.busy_run = 0;
+                self.idle_run = 0;
+                self.polling_remote = true;
+                self.stats.mode_switches.fetch_add(1, Relaxed);
+                self.send(&Message::SetMode(SetMode {
+                    poll: true,
+                    next_avail: self.next_avail.0,
+                }))?;
+            }
+        } else {
+            self.busy_run = 0;
+        }
+        Ok(())
+    }
+
+    /// Hands discovery back to the agent. It pushes everything from our
+    /// `next_avail` on, so a request posted during the switch is not
+    /// stranded.
+    pub(super) fn switch_to_doorbells(&mut self) -> Result<(), QueueFailure> {
+        self.polling_remote = false;
+        self.idle_run = 0;
+        self.stats.mode_switches.fetch_add(1, Relaxed);
+        // Forget what polling learned: the agent re-announces it.
+        self.known_avail = self.next_avail;
+        self.send(&Message::SetMode(SetMode {
+            poll: false,
+            next_avail: self.next_avail.0,
+        }))
+    }
+
+    /// Learns of new requests (doorbells already received, or a READ of the
+    /// avail ring), takes at most `max` of them and loads their doorbell
+    /// copies into the shadow. None when there is nothing to take.
+    pub(super) fn learn(&mut self, max: usize) -> Result<Option<Learned>, QueueFailure> {
+        let mut rtts: u64 = 0;
+        if self.polling_remote {
+            self.read_avail()?;
+            rtts += 1;
+        }
+        let avail = (self.known_avail - self.next_avail).0 as usize;
+        let n = avail.min(max);
+        self.adapt(n)?;
+        if n == 0 {
+            if rtts > 0 {
+                self.stats.idle_rtts.fetch_add(rtts, Relaxed);
+            }
+            return Ok(None);
+        }
+        self.shadow.clear();
+        let mut heads = Vec::with_capacity(n);
+        for k in 0..n {
+            let pos = self.next_avail + Wrapping(k as u16);
+            let slot = usize::from(pos.0 % self.layout.size);
+            let e = match self.pending[slot].take().filter(|e| e.pos == pos.0) {
+                Some(e) => e,
+                None => {
+                    // Announced but not delivered: read the ring once.
+                    self.read_avail()?;
+                    rtts += 1;
+                    match self.pending[slot].take().filter(|e| e.pos == pos.0) {
+                        Some(e) => e,
+                        None => return Err(fail(&self.name, "avail entry vanished")),
+                    }
+                }
+            };
+            for (gpa, d) in &e.descs {
+                self.shadow.insert(*gpa, d);
+            }
+            heads.push(e.head);
+        }
+        self.next_avail += Wrapping(n as u16);
+        Ok(Some(Learned { heads, rtts }))
+    }
+
+    /// Queues WRITEs of the first `len` bytes of `segs` from staging `off`
+    /// on (segments laid out back to back there).
+    pub(super) fn queue_writes(
+        &mut self,
+        segs: &[crate::ring::Segment],
+        mut off: usize,
+        mut len: u64,
+    ) -> Result<(), QueueFailure> {
+        for s in segs {
+            let n = u64::from(s.len).min(len);
+            if n > 0 {
+                self.queue_wr(Dir::Write, s.addr, off, n as usize)
+                    .map_err(|e| fail(&self.name, e))?;
+            }
+            off += s.len as usize;
+            len -= n;
+        }
+        Ok(())
+    }
+
+    /// Queues the used elements `used` (from `next_used` on, split where the
+    /// ring wraps) and the WRITE_WITH_IMM that tells the agent the new used
+    /// index; the caller posts the wave.
+    pub(super) fn queue_used(&mut self, used: &[(u16, u32)]) -> Result<(), QueueFailure> {
+        let first = self.next_used;
+        for &(head, len) in used {
+            let slot = usize::from(self.next_used.0 % self.layout.size);
+            let mut b = [0u8; 8];
+            b[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+            b[4..].copy_from_slice(&len.to_le_bytes());
+            let at = self.areas.used + 8 * slot;
+            self.staging()
+                .put(at, &b)
+                .map_err(|e| fail(&self.name, e))?;
+            self.next_used += 1;
+        }
+        let mut start = first;
+        let mut left = used.len();
+        while left > 0 {
+            let slot = usize::from(start.0 % self.layout.size);
+            let run = left.min(usize::from(self.layout.size) - slot);
+            let gpa = self.layout.used_ring(start.0);
+            self.queue_wr(Dir::Write, gpa, self.areas.used + 8 * slot, 8 * run)
+                .map_err(|e| fail(&self.name, e))?;
+            start += Wrapping(run as u16);
+            left -= run;
+        }
+        let imm = Dir::WriteImm(u32::from(self.next_used.0));
+        self.queue_wr(imm, self.layout.used_idx(), self.areas.send, 0)
+            .map_err(|e| fail(&self.name, e))
+    }
+
+    /// Doorbell mode, going idle: arms the endpoint's notification and
+    /// says whether requests (or a quiesce) arrived meanwhile.
+    pub(super) fn arm_doorbells(&mut self) -> Result<bool, QueueFailure> {
+        self.drain_cq(None)?;
+        let _ = self.ep.arm();
+        self.drain_cq(None)?;
+        Ok(self.has_news())
+    }
+
+    /// Requests announced but not taken, or a quiesce to answer.
+    pub(super) fn has_news(&self) -> bool {
+        self.known_avail != self.next_avail || self.quiescing
+    }
+
+    /// Refuses to serve a queue that already failed.
+    pub(super) fn check(&self) -> Result<(), QueueFailure> {
+        match &self.failed {
+            Some(r) => Err(fail(&self.name, r)),
+            None => Ok(()),
+        }
+    }
+
+    /// Remembers a failure, so that every later poll reports it again.
+    pub(super) fn latch(
+        &mut self,
+        r: Result<PollOutcome, QueueFailure>,
+    ) -> Result<PollOutcome, QueueFailure> {
+        if let Err(e) = &r {
+            self.failed = Some(e.reason.clone());
+        }
+        r
+    }
+
+    /// Whether the wave `target` is still in flight (an error once it has
+    /// taken longer than the peer is given).
+    pub(super) fn in_flight(&self, target: u64) -> Result<bool, QueueFailure> {
+        if self.done_wr >= target {
+            return Ok(false);
+        }
+        if self.stage_started.elapsed() > self.cfg.op_timeout {
+            return Err(fail(&self.name, "fabric operation timed out"));
+        }
+        Ok(true)
+    }
+
+    /// `ServedQueue::set_notifications` for the ring: true when requests
+    /// must still be served (`busy`: a batch is in flight).
+    pub(super) fn set_notifications(
+        &mut self,
+        enabled: bool,
+        busy: bool,
+    ) -> Result<bool, QueueFailure> {
+        if enabled && (busy || self.quiescing) {
+            // Keep polling until the batch lands.
+            return Ok(true);
+        }
+        match (self.mode, enabled) {
+            // A remote-poll queue has no notifications: keep polling.
+            (NotifyMode::RemotePoll, _) => Ok(true),
+            (NotifyMode::Adaptive, true) if self.polling_remote => {
+                self.switch_to_doorbells()?;
+                Ok(false)
+            }
+            (_, true) => self.arm_doorbells(),
+            (_, false) => Ok(false),
+        }
+    }
+
+    /// `ServedQueue::take_kick` for the ring.
+    pub(super) fn take_kick(&mut self, busy: bool) -> bool {
+        if self.polling_remote || busy {
+            return true;
+        }
+        // On failure, let poll() report it.
+        self.arm_doorbells().unwrap_or(true)
+    }
+}

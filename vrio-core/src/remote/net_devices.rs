@@ -1,0 +1,163 @@
+//! The I/O server's virtio-net devices: one switch shared by all of them,
+//! one port per device, shared by the device's RX and TX queues.
+//!
+//! A device's type and MAC come from its ATTACH_DEVICE, or, for agents that
+//! send a plain ATTACH, from the server's configuration (`devices`). When
+//! both say something they must agree: the MAC is what the spoof check
+//! enforces, so a queue may not re-point a device at another address.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::wire::DeviceKind;
+use crate::net::{
+    config_space, MacAddr, NetConfig, Port, PortSnapshot, Switch, SwitchConfig, RX_QUEUE, TX_QUEUE,
+};
+
+#[derive(Debug, Clone)]
+pub struct NetServerConfig {
+    pub switch: SwitchConfig,
+    /// Offer MRG_RXBUF semantics: a frame may span several RX buffers.
+    pub mergeable: bool,
+    /// Device ids served as virtio-net, with their MACs, when the agent's
+    /// ATTACH does not say so itself.
+    pub devices: Vec<(u64, MacAddr)>,
+}
+
+impl Default for NetServerConfig {
+    fn default() -> Self {
+        Self {
+            switch: SwitchConfig::default(),
+            mergeable: true,
+            devices: Vec::new(),
+        }
+    }
+}
+
+/// Which net queue an ATTACH is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetQueue {
+    Rx,
+    Tx,
+}
+
+pub struct NetDevices {
+    cfg: NetServerConfig,
+    switch: Arc<Switch>,
+    ports: Mutex<HashMap<u64, Arc<Port>>>,
+}
+
+impl NetDevices {
+    pub fn new(cfg: NetServerConfig) -> Self {
+        Self {
+            switch: Switch::new(cfg.switch),
+            cfg,
+            ports: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn switch(&self) -> &Arc<Switch> {
+        &self.switch
+    }
+    pub fn mergeable(&self) -> bool {
+        self.cfg.mergeable
+    }
+
+    /// The device's type from what the agent said (`said`, None for a
+    /// plain ATTACH) and the configuration.
+    pub fn kind(&self, device_id: u64, said: Option<DeviceKind>) -> Result<DeviceKind, String> {
+        let configured = self
+            .cfg
+            .devices
+            .iter()
+            .find(|(id, _)| *id == device_id)
+            .map(|&(_, mac)| DeviceKind::Net { mac });
+        match (said, configured) {
+            (None, None) => Ok(DeviceKind::Blk),
+            (None, Some(k)) | (Some(k), None) => Ok(k),
+            (Some(a), Some(b)) if a == b => Ok(a),
+            (Some(a), Some(b)) => Err(format!(
+                "device {device_id} attached as {a:?} but configured as {b:?}"
+            )),
+        }
+    }
+
+    /// The port of net device `device_id`, made on its first queue.
+    pub fn port(&self, device_id: u64, mac: MacAddr) -> Result<Arc<Port>, String> {
+        let mut ports = self.ports.lock().map_err(|_| "net ports poisoned")?;
+        if let Some(p) = ports.get(&device_id) {
+            if p.mac() != Some(mac) {
+                return Err(format!(
+                    "device {device_id} has port address {:?}, not {mac}",
+                    p.mac()
+                ));
+            }
+            return Ok(p.clone());
+        }
+        let p = self.switch.add_guest_port(&format!("dev{device_id}"), mac);
+        ports.insert(device_id, p.clone());
+        Ok(p)
+    }
+
+    /// §5.1.2: queue 0 receives, queue 1 transmits; no control queue or
+    /// multiqueue is offered.
+    pub fn queue(index: u16) -> Result<NetQueue, String> {
+        match usize::from(index) {
+            RX_QUEUE => Ok(NetQueue::Rx),
+            TX_QUEUE => Ok(NetQueue::Tx),
+            q => Err(format!("virtio-net queue {q} is not offered")),
+        }
+    }
+
+    pub fn config_space(&self, mac: MacAddr) -> Vec<u8> {
+        config_space(&NetConfig {
+            mac,
+            mtu: self.cfg.switch.limits.mtu,
+            ..NetConfig::default()
+        })
+        .to_vec()
+    }
+
+    /// Counters of each device's port, by device id.
+    pub fn port_stats(&self) -> Vec<(u64, PortSnapshot)> {
+        let Ok(ports) = self.ports.lock() else {
+            return Vec::new();
+        };
+        let mut v: Vec<_> = ports
+            .iter()
+            .map(|(id, p)| (*id, p.stats().snapshot()))
+            .collect();
+        v.sort_by_key(|(id, _)| *id);
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_types_come_from_the_attach_or_the_configuration_and_must_agree() {
+        let (m1, m2) = (MacAddr::local(1), MacAddr::local(2));
+        let nd = NetDevices::new(NetServerConfig {
+            devices: vec![(7, m1)],
+            ..NetServerConfig::default()
+        });
+        let net = |mac| DeviceKind::Net { mac };
+        assert_eq!(nd.kind(3, None), Ok(DeviceKind::Blk));
+        assert_eq!(nd.kind(7, None), Ok(net(m1)));
+        assert_eq!(nd.kind(3, Some(net(m2))), Ok(net(m2)));
+        assert_eq!(nd.kind(7, Some(net(m1))), Ok(net(m1)));
+        assert!(nd.kind(7, Some(net(m2))).is_err());
+        assert!(nd.kind(7, Some(DeviceKind::Blk)).is_err());
+        // RX and TX of one device share its port; another MAC is refused.
+        let p = nd.port(7, m1).unwrap();
+        assert!(Arc::ptr_eq(&p, &nd.port(7, m1).unwrap()));
+        assert!(nd.port(7, m2).is_err());
+        assert_eq!(nd.switch().ports().len(), 1);
+        assert_eq!(NetDevices::queue(0), Ok(NetQueue::Rx));
+        assert_eq!(NetDevices::queue(1), Ok(NetQueue::Tx));
+        assert!(NetDevices::queue(2).is_err());
+        assert_eq!(&nd.config_space(m2)[..6], &m2.0);
+    }
+}
