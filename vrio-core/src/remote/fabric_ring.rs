@@ -113,6 +113,8 @@ pub(super) struct FabricRing {
     pub quiescing: bool,
     /// Why the queue stopped: every later poll reports it again.
     failed: Option<String>,
+    /// A fetch failed because the link did (taken by `walk`).
+    link_lost: Option<QueueFailure>,
 }
 
 impl FabricRing {
@@ -222,6 +224,7 @@ impl FabricRing {
             stats,
             quiescing: false,
             failed: None,
+            link_lost: None,
         };
         let recvs: Vec<RecvRequest> = (0..size).map(|i| q.recv_wr(i)).collect();
         q.ep.post_recv(&recvs).map_err(|e| fail(&q.name, e))?;
@@ -534,12 +537,15 @@ impl FabricRing {
                 source,
             })?;
         self.stats.fetches.fetch_add(1, Relaxed);
-        self.flush_and_wait().map_err(|e| {
-            ChainError::Memory(MemoryError::Access {
+        if let Err(e) = self.flush_and_wait() {
+            // The link failed, not the guest's chain: the queue fails.
+            let c = ChainError::Memory(MemoryError::Access {
                 addr: gpa,
-                reason: e.reason,
-            })
-        })?;
+                reason: e.reason.clone(),
+            });
+            self.link_lost = Some(e);
+            return Err(c);
+        }
         let mut tmp = vec![0u8; len as usize];
         self.staging()
             .get(off, &mut tmp)
@@ -548,7 +554,22 @@ impl FabricRing {
         Ok(())
     }
 
+    /// Walks one chain, fetching what the shadow lacks. The outer error is
+    /// the queue's (the fabric failed); the inner one the chain's.
+    #[allow(clippy::type_complexity)]
     pub(super) fn walk(
+        &mut self,
+        head: u16,
+        chain: &mut DescriptorChain,
+    ) -> Result<(Result<(), ChainError>, u32), QueueFailure> {
+        let r = self.walk_chain(head, chain);
+        match self.link_lost.take() {
+            Some(e) => Err(e),
+            None => Ok(r),
+        }
+    }
+
+    fn walk_chain(
         &mut self,
         head: u16,
         chain: &mut DescriptorChain,

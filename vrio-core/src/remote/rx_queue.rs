@@ -134,7 +134,7 @@ impl RemoteRxQueue {
         let max = self.ring.cfg.max_request as u64;
         for head in learned.heads {
             let mut c = self.spare.pop().unwrap_or_default();
-            let (r, _) = self.ring.walk(head, &mut c);
+            let (r, _) = self.ring.walk(head, &mut c)?;
             let bad = match r {
                 Err(e) => Some(e.to_string()),
                 Ok(()) => match RxDevice::check_chain(&c) {

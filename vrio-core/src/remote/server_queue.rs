@@ -182,7 +182,7 @@ impl<D: DeviceModel> RemoteQueue<D> {
         let mut walk_rtts = 0;
         for head in learned.heads {
             let mut chain = self.spare_chains.pop().unwrap_or_default();
-            let (r, w) = self.ring.walk(head, &mut chain);
+            let (r, w) = self.ring.walk(head, &mut chain)?;
             walk_rtts = walk_rtts.max(w);
             let need = StagedChain::bytes_needed(&chain);
             let mut oversize = false;
