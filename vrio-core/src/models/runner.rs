@@ -167,6 +167,58 @@ fn sum(a: StatsSnapshot, b: StatsSnapshot) -> StatsSnapshot {
     }
 }
 
+/// Serves `devices` (each a list of queues) with a local model while
+/// `work` runs: a worker per device, or sidecores sharing every queue.
+/// Returns what `work` returned, the device side's CPU time and counters.
+pub fn serve_local<T>(
+    model: LocalModel,
+    devices: Vec<Vec<Box<dyn ServedQueue>>>,
+    what: &str,
+    work: impl FnOnce() -> T,
+) -> Result<(T, u64, StatsSnapshot), RunError> {
+    let model_err = |e: &dyn std::fmt::Display| RunError::Model(e.to_string());
+    let mut cpu = 0;
+    let mut st = StatsSnapshot::default();
+    let out = match model {
+        LocalModel::VhostStyle => {
+            let mut workers = Vec::new();
+            for (i, qs) in devices.into_iter().enumerate() {
+                workers.push(
+                    VhostWorker::spawn(&format!("vhost-{what}-{i}"), qs)
+                        .map_err(|e| model_err(&e))?,
+                );
+            }
+            let out = work();
+            for w in workers.iter_mut() {
+                w.stop();
+                cpu += w.cpu_ns();
+                st = sum(st, w.stats().snapshot());
+            }
+            out
+        }
+        LocalModel::Sidecore { cores, cfg } => {
+            let mut scs = Vec::new();
+            for i in 0..cores.max(1) {
+                scs.push(
+                    SidecoreThread::spawn(&format!("sidecore-{what}-{i}"), cfg)
+                        .map_err(|e| model_err(&e))?,
+                );
+            }
+            for (i, q) in devices.into_iter().flatten().enumerate() {
+                scs[i % scs.len()].add(q).map_err(|e| model_err(&e))?;
+            }
+            let out = work();
+            for s in scs.iter_mut() {
+                s.stop();
+                cpu += s.cpu_ns();
+                st = sum(st, s.stats().snapshot());
+            }
+            out
+        }
+    };
+    Ok((out, cpu, st))
+}
+
 /// Runs `rc` against a local model over `backend`.
 pub fn run_local(
     model: LocalModel,
@@ -190,49 +242,9 @@ pub fn run_local(
     let stop = Arc::new(AtomicBool::new(false));
     let cpu0 = process_cpu_ns();
     let t0 = Instant::now();
-    let (io, device_cpu_ns, stats) = match model {
-        LocalModel::VhostStyle => {
-            let mut workers = Vec::new();
-            for (i, qs) in devices.into_iter().enumerate() {
-                workers.push(
-                    VhostWorker::spawn(&format!("vhost-{i}"), qs)
-                        .map_err(|e| RunError::Model(e.to_string()))?,
-                );
-            }
-            let io = drive_guests(guests, rc, progress, &stop);
-            let mut cpu = 0;
-            let mut st = StatsSnapshot::default();
-            for w in workers.iter_mut() {
-                w.stop();
-                cpu += w.cpu_ns();
-                st = sum(st, w.stats().snapshot());
-            }
-            (io, cpu, st)
-        }
-        LocalModel::Sidecore { cores, cfg } => {
-            let mut scs = Vec::new();
-            for i in 0..cores.max(1) {
-                scs.push(
-                    SidecoreThread::spawn(&format!("sidecore-{i}"), cfg)
-                        .map_err(|e| RunError::Model(e.to_string()))?,
-                );
-            }
-            for (i, q) in devices.into_iter().flatten().enumerate() {
-                scs[i % scs.len()]
-                    .add(q)
-                    .map_err(|e| RunError::Model(e.to_string()))?;
-            }
-            let io = drive_guests(guests, rc, progress, &stop);
-            let mut cpu = 0;
-            let mut st = StatsSnapshot::default();
-            for s in scs.iter_mut() {
-                s.stop();
-                cpu += s.cpu_ns();
-                st = sum(st, s.stats().snapshot());
-            }
-            (io, cpu, st)
-        }
-    };
+    let (io, device_cpu_ns, stats) = serve_local(model, devices, "blk", || {
+        drive_guests(guests, rc, progress, &stop)
+    })?;
     let wall = t0.elapsed();
     Ok(ModelReport {
         model: model.name(),

@@ -20,9 +20,9 @@ use super::tx::TxDevice;
 use super::tx_queue::NetTxQueue;
 use crate::cputime::process_cpu_ns;
 use crate::guest::GuestError;
-use crate::models::{LocalModel, RunError, VhostWorker};
+use crate::models::{serve_local, LocalModel, RunError};
 use crate::ring::RingFeatures;
-use crate::sidecore::{ServedQueue, SidecoreThread, StatsSnapshot};
+use crate::sidecore::{ServedQueue, StatsSnapshot};
 
 #[derive(Debug, Clone, Copy)]
 pub struct NetRunConfig {
@@ -163,50 +163,10 @@ pub fn run_net(
     let stop = Arc::new(AtomicBool::new(false));
     let cpu0 = process_cpu_ns();
     let t0 = Instant::now();
-    let run = |guests: Vec<NetGuest>| drive(guests, rc, &links, progress, &stop);
-    let (sent, recv, device_cpu_ns, stats) = match model {
-        LocalModel::VhostStyle => {
-            let mut workers = Vec::new();
-            for (i, qs) in devices.into_iter().enumerate() {
-                workers.push(
-                    VhostWorker::spawn(&format!("vhost-net-{i}"), qs)
-                        .map_err(|e| RunError::Model(e.to_string()))?,
-                );
-            }
-            let (s, r) = run(guests)?;
-            let mut cpu = 0;
-            let mut st = StatsSnapshot::default();
-            for w in workers.iter_mut() {
-                w.stop();
-                cpu += w.cpu_ns();
-                st = sum(st, w.stats().snapshot());
-            }
-            (s, r, cpu, st)
-        }
-        LocalModel::Sidecore { cores, cfg } => {
-            let mut scs = Vec::new();
-            for i in 0..cores.max(1) {
-                scs.push(
-                    SidecoreThread::spawn(&format!("sidecore-net-{i}"), cfg)
-                        .map_err(|e| RunError::Model(e.to_string()))?,
-                );
-            }
-            for (i, q) in devices.into_iter().flatten().enumerate() {
-                scs[i % scs.len()]
-                    .add(q)
-                    .map_err(|e| RunError::Model(e.to_string()))?;
-            }
-            let (s, r) = run(guests)?;
-            let mut cpu = 0;
-            let mut st = StatsSnapshot::default();
-            for s in scs.iter_mut() {
-                s.stop();
-                cpu += s.cpu_ns();
-                st = sum(st, s.stats().snapshot());
-            }
-            (s, r, cpu, st)
-        }
-    };
+    let (run, device_cpu_ns, stats) = serve_local(model, devices, "net", || {
+        drive(guests, rc, &links, progress, &stop)
+    })?;
+    let (sent, recv) = run?;
     let wall = t0.elapsed();
     Ok(NetReport {
         model: model.name(),
@@ -346,20 +306,6 @@ pub fn run_net_remote(
         },
         fig,
     ))
-}
-
-fn sum(a: StatsSnapshot, b: StatsSnapshot) -> StatsSnapshot {
-    StatsSnapshot {
-        requests: a.requests + b.requests,
-        bytes: a.bytes + b.bytes,
-        errors: a.errors + b.errors,
-        polls: a.polls + b.polls,
-        empty_polls: a.empty_polls + b.empty_polls,
-        busy_ns: a.busy_ns + b.busy_ns,
-        sleeps: a.sleeps + b.sleeps,
-        poll_mode_on: a.poll_mode_on + b.poll_mode_on,
-        poll_mode_off: a.poll_mode_off + b.poll_mode_off,
-    }
 }
 
 /// Guest `i` sends on link `i` to its peer `i ^ 1` and receives link `i ^ 1`.
