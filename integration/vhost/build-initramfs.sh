@@ -5,7 +5,8 @@
 # FIO=1 also fio, its libraries and the dynamic loader (for compare.sh).
 #
 # Usage: build-initramfs.sh OUT.cpio.gz GUEST-SCRIPT
-# Env:   KVER (default: newest /boot/vmlinuz-*-amd64), FIO (0)
+# Env:   KVER (default: newest /boot/vmlinuz-*-amd64), FIO (0),
+#        EXTRA_MODULES (more kernel modules, e.g. virtio_net)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 OUT=${1:?usage: build-initramfs.sh OUT.cpio.gz GUEST-SCRIPT}
@@ -16,7 +17,7 @@ ROOT=$(mktemp -d "${TMPDIR:-/tmp}/vrio-vhost-initramfs.XXXXXX")
 trap 'rm -rf "$ROOT"' EXIT
 
 # crc32c_generic: ext4 metadata checksums; modules.dep does not list it.
-TOP_MODULES="virtio_pci virtio_blk crc32c_generic ext4"
+TOP_MODULES="virtio_pci virtio_blk crc32c_generic ext4 ${EXTRA_MODULES:-}"
 
 mkdir -p "$ROOT"/{usr/bin,usr/sbin,usr/lib/x86_64-linux-gnu,usr/lib64,etc,proc,sys,dev,tmp,run,root,mnt,vrio}
 ln -s usr/bin "$ROOT/bin"; ln -s usr/sbin "$ROOT/sbin"

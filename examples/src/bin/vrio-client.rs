@@ -9,6 +9,9 @@
 //!   unmodified VMM (QEMU `vhost-user-blk-pci`) and its guest's stock
 //!   virtio_blk driver are served by the I/O server, or (`--local-file`)
 //!   by a local sidecore on a disk image, the local model to compare with.
+//! - `vrio-client vhost-user-net`: a vhost-user-net back-end (QEMU
+//!   `-netdev vhost-user`): the guest's RX and TX queues attach to the I/O
+//!   server's switch as a net device with the given MAC.
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -23,11 +26,12 @@ use vrio_core::guest::WorkloadConfig;
 use vrio_core::models::{
     attach_guests, attach_guests_placed, drive_guests, make_guests, RunConfig,
 };
+use vrio_core::net::MacAddr;
 use vrio_core::remote::{device_key, AttachedDevice, QueueTarget};
 use vrio_core::remote::{AgentConfig, NotifyMode};
 use vrio_core::sidecore::{SidecoreConfig, SidecoreThread};
 use vrio_core::vhost_user::{
-    fetch_config, serve, FrontConfig, LocalFront, Placement, RemoteFront, Serving,
+    fetch_config, serve, serve_net, FrontConfig, LocalFront, Placement, RemoteFront, Serving,
 };
 use vrio_examples::control::{follow_as_agent, place_devices, AttachedSet, ControlOpts, Followed};
 use vrio_examples::{
@@ -80,6 +84,58 @@ enum Cmd {
     /// Serve a vhost-user-blk socket (QEMU -device vhost-user-blk-pci) from
     /// the I/O server, or from a local sidecore with --local-file.
     VhostUserBlk(VhostArgs),
+    /// Serve a vhost-user-net socket (QEMU -netdev vhost-user) from the I/O
+    /// server's switch.
+    VhostUserNet(VhostNetArgs),
+}
+
+#[derive(ClapArgs, Debug)]
+struct VhostNetArgs {
+    /// The vhost-user socket to create and listen on.
+    #[arg(long)]
+    socket: PathBuf,
+    /// The I/O server's address (as vrio-server printed it).
+    #[arg(long, default_value = "127.0.0.1:7420")]
+    server: String,
+    /// The guest's MAC (match QEMU's `-device virtio-net-pci,mac=`): the
+    /// server's switch port takes this address and drops frames from others.
+    #[arg(long, value_parser = parse_mac)]
+    mac: MacAddr,
+    /// Device id the queue attachments carry; unique per server (each
+    /// device is one switch port).
+    #[arg(long, default_value_t = 0)]
+    device_id: u64,
+    /// Largest vring the VMM may set up.
+    #[arg(long, default_value_t = 1024)]
+    max_queue_size: u16,
+    /// How the server learns of requests.
+    #[arg(long, value_enum, default_value_t = Mode::Doorbell)]
+    mode: Mode,
+    /// Fabric back-end.
+    #[arg(long, value_enum, default_value_t = FabricChoice::Auto)]
+    fabric: FabricChoice,
+    /// RDMA device for verbs (default: the first one).
+    #[arg(long)]
+    device: Option<String>,
+    /// Exit when the first VMM disconnects instead of waiting for the next.
+    #[arg(long)]
+    once: bool,
+}
+
+fn parse_mac(s: &str) -> Result<MacAddr, String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let bytes: Vec<u8> = parts
+        .iter()
+        .map(|p| u8::from_str_radix(p, 16))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("bad MAC {s:?}: {e}"))?;
+    let mac = MacAddr::from_slice(&bytes)
+        .filter(|_| bytes.len() == 6)
+        .ok_or_else(|| format!("bad MAC {s:?}: want six hex bytes like 52:54:00:00:00:01"))?;
+    if mac.is_multicast() || mac.is_zero() {
+        return Err(format!("{mac} is not a unicast address"));
+    }
+    Ok(mac)
 }
 
 #[derive(ClapArgs, Debug)]
@@ -229,6 +285,13 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Cmd::VhostUserNet(a) => match vhost_user_net(&a) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vrio-client: error: {e}");
+                ExitCode::from(2)
+            }
+        },
     }
 }
 
@@ -315,6 +378,37 @@ fn vhost_user_blk(a: &VhostArgs) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(f) = follower.as_mut() {
         f.stop();
     }
+    println!("vrio-client: the VMM disconnected, exiting");
+    Ok(())
+}
+
+fn vhost_user_net(a: &VhostNetArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let fabric = resolve_fabric(a.fabric, a.device.as_deref())?;
+    let remote = RemoteFront {
+        server: a.server.clone(),
+        fabric,
+        device: a.device.clone(),
+        // Unused by net queues: the server bounds frames by its MTU.
+        max_request: 64 << 10,
+        device_id: a.device_id,
+        agent: AgentConfig {
+            mode: a.mode.notify(),
+            ..AgentConfig::default()
+        },
+        placement: Arc::new(Placement::default()),
+    };
+    // The first line is machine-readable: tests wait for it.
+    println!(
+        "vrio-client: vhost-user-net on {} served by {} (fabric {}, device {}, mac {}, {} mode)",
+        a.socket.display(),
+        a.server,
+        backend_name(fabric),
+        a.device_id,
+        a.mac,
+        a.mode.notify().name(),
+    );
+    let once = a.once;
+    serve_net(&a.socket, &remote, a.mac, a.max_queue_size, || !once)?;
     println!("vrio-client: the VMM disconnected, exiting");
     Ok(())
 }

@@ -195,4 +195,40 @@ fn print_stats(server: &IoServer, what: &str) {
         f.handovers,
         server.sidecore_moves()
     );
+    print_net_stats(server, what);
+}
+
+/// The net queues' counters and each port's, with its drops by reason
+/// (malformed, oversized or spoofed frames are dropped and counted there).
+/// Silent while no net device ever attached.
+fn print_net_stats(server: &IoServer, what: &str) {
+    let ports = server.net().port_stats();
+    if ports.is_empty() {
+        return;
+    }
+    let n = server.net_stats().snapshot();
+    let drops: u64 = ports.iter().map(|(_, p)| p.total_drops()).sum();
+    println!(
+        "vrio-server: net: {} requests ({} refused), {} doorbells, {} port(s), {drops} frames dropped ({what})",
+        n.requests,
+        n.bad_requests,
+        n.doorbells,
+        ports.len()
+    );
+    for (id, p) in ports {
+        let reasons: Vec<String> = p
+            .nonzero_drops()
+            .iter()
+            .map(|(r, k)| format!("{}={k}", r.name()))
+            .collect();
+        println!(
+            "vrio-server: net port dev{id}: from guest {} frames {} bytes, to guest {} frames {} bytes, drops {} [{}]",
+            p.rx_packets,
+            p.rx_bytes,
+            p.tx_packets,
+            p.tx_bytes,
+            p.total_drops(),
+            reasons.join(" ")
+        );
+    }
 }

@@ -5,6 +5,9 @@
 //! send a plain ATTACH, from the server's configuration (`devices`). When
 //! both say something they must agree: the MAC is what the spoof check
 //! enforces, so a queue may not re-point a device at another address.
+//! A declared device needs no configuration: its port takes the MAC the
+//! agent declared, as long as that is a unicast address no other device's
+//! port holds (a second claimant would steal the first one's frames).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -94,6 +97,19 @@ impl NetDevices {
             }
             return Ok(p.clone());
         }
+        if mac.is_multicast() || mac.is_zero() {
+            return Err(format!(
+                "device {device_id}: {mac} is not a unicast address"
+            ));
+        }
+        if let Some(other) = ports
+            .iter()
+            .find_map(|(id, p)| (p.mac() == Some(mac)).then_some(*id))
+        {
+            return Err(format!(
+                "device {device_id}: address {mac} belongs to device {other}"
+            ));
+        }
         let p = self.switch.add_guest_port(&format!("dev{device_id}"), mac);
         ports.insert(device_id, p.clone());
         Ok(p)
@@ -155,6 +171,13 @@ mod tests {
         assert!(Arc::ptr_eq(&p, &nd.port(7, m1).unwrap()));
         assert!(nd.port(7, m2).is_err());
         assert_eq!(nd.switch().ports().len(), 1);
+        // A declared device gets its MAC, unless another port holds it or
+        // it is no unicast address.
+        assert!(nd.port(3, m2).is_ok());
+        assert!(nd.port(4, m1).is_err(), "device 7 holds m1");
+        assert!(nd.port(5, MacAddr::BROADCAST).is_err());
+        assert!(nd.port(6, MacAddr([0; 6])).is_err());
+        assert_eq!(nd.switch().ports().len(), 2);
         assert_eq!(NetDevices::queue(0), Ok(NetQueue::Rx));
         assert_eq!(NetDevices::queue(1), Ok(NetQueue::Tx));
         assert!(NetDevices::queue(2).is_err());

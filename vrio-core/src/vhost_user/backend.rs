@@ -44,7 +44,7 @@ use crate::blk::{config_space, device_features, BlockBackend, BlockConfig, Block
 use crate::memory::{GuestMemory, LocalMemory};
 use crate::models::{DeviceSide, LocalQueue};
 use crate::remote::{
-    attach_placed, AgentConfig, AttachedDevice, DeviceAttach, QueueAttach, QueueTarget,
+    attach_placed, AgentConfig, AttachedDevice, DeviceAttach, DeviceKind, QueueAttach, QueueTarget,
 };
 use crate::ring::{RingFeatures, RingLayout, RingState};
 use crate::sidecore::SidecoreHandle;
@@ -221,11 +221,16 @@ struct State {
     queues: Vec<QueueState>,
 }
 
-/// The vhost-user back-end; share it as `Arc<VrioBlkBackend>`.
+/// The vhost-user back-end; share it as `Arc<VrioBlkBackend>`. It serves
+/// virtio-blk ([`VrioBlkBackend::new`]) or, remote only, virtio-net
+/// ([`super::net::net_backend`]): the vring plumbing is the same, only the
+/// features, config space and the kind the agent declares differ.
 pub struct VrioBlkBackend {
     cfg: FrontConfig,
     config: Vec<u8>,
     features: u64,
+    /// What the agent declares to the I/O server for every queue.
+    kind: DeviceKind,
     state: Mutex<State>,
     handlers: Mutex<Vec<Weak<Handler>>>,
     rescan: Mutex<Option<TimerFd>>,
@@ -265,11 +270,23 @@ impl VrioBlkBackend {
         };
         let features = device_features(&blk, cfg.serving.read_only())
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        Self::with_device(cfg, config, features, DeviceKind::Blk)
+    }
+
+    /// A back-end offering `features` (PROTOCOL_FEATURES included) and
+    /// `config`, whose queues the agent attaches as `kind`.
+    pub(super) fn with_device(
+        cfg: FrontConfig,
+        config: Vec<u8>,
+        features: u64,
+        kind: DeviceKind,
+    ) -> Self {
         let queues = (0..cfg.queues).map(|_| QueueState::default()).collect();
         Self {
             cfg,
             config,
             features,
+            kind,
             state: Mutex::new(State {
                 queues,
                 ..State::default()
@@ -393,8 +410,13 @@ impl VrioBlkBackend {
     /// reports it to the VMM.
     fn detach(&self, q: usize, drain: bool) {
         let ring = self.lock().queues.get(q).and_then(|qs| qs.ring.clone());
+        // A net RX ring always holds empty buffers: nothing to wait for.
+        let wait = match self.kind {
+            DeviceKind::Net { .. } if q == crate::net::RX_QUEUE => Duration::ZERO,
+            _ => DRAIN_TIMEOUT,
+        };
         let stopped_at = match (&ring, drain) {
-            (Some((layout, mem, _)), true) => Some(drain_ring(q, layout, mem)),
+            (Some((layout, mem, _)), true) => Some(drain_ring(q, layout, mem, wait)),
             _ => None,
         };
         let (dev, call) = {
@@ -514,9 +536,9 @@ impl VrioBlkBackend {
             .map_err(|e| format!("register the interrupt listener: {e}"))?;
         let features = RingFeatures::from_bits(acked);
         let dev = match &self.cfg.serving {
-            Serving::Remote(r) => {
-                attach_remote(r, q, mem, layout, features, base, agent_kick, agent_call)
-            }
+            Serving::Remote(r) => attach_remote(
+                r, self.kind, q, mem, layout, features, base, agent_kick, agent_call,
+            ),
             Serving::Local(l) => {
                 let side = DeviceSide {
                     name: format!("vhost-user-blk/q{q}"),
@@ -577,6 +599,7 @@ impl VrioBlkBackend {
 #[allow(clippy::too_many_arguments)]
 fn attach_remote(
     r: &RemoteFront,
+    kind: DeviceKind,
     q: usize,
     mem: Arc<LocalMemory>,
     layout: RingLayout,
@@ -611,6 +634,7 @@ fn attach_remote(
         },
         AgentConfig {
             queue_base: q as u16,
+            device: kind,
             ..r.agent
         },
     )
@@ -626,17 +650,20 @@ fn attach_remote(
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Waits until the used index catches up with the avail index (every
-/// request the guest made available has completed) or the timeout passes;
+/// request the guest made available has completed) or `timeout` passes;
 /// returns the used index.
-fn drain_ring(q: usize, layout: &RingLayout, mem: &LocalMemory) -> u16 {
-    let deadline = Instant::now() + DRAIN_TIMEOUT;
+fn drain_ring(q: usize, layout: &RingLayout, mem: &LocalMemory, timeout: Duration) -> u16 {
+    let deadline = Instant::now() + timeout;
     loop {
         let avail = mem.load_u16(layout.avail_idx()).unwrap_or(0);
         let used = mem.load_u16(layout.used_idx()).unwrap_or(0);
         if used == avail {
             return used;
         }
-        if Instant::now() > deadline {
+        if Instant::now() >= deadline {
+            if timeout.is_zero() {
+                return used;
+            }
             tracing::warn!(
                 queue = q,
                 avail,

@@ -11,12 +11,16 @@
 //! - [`probe`]: learns the server's virtio-blk config space;
 //! - [`backend`]: the `VhostUserBackend` (features, config, per-queue attach,
 //!   remote or to the local sidecore);
-//! - [`serve`]: the socket loop (one VMM at a time, waits for reconnects).
+//! - [`serve`]: the socket loop (one VMM at a time, waits for reconnects);
+//! - [`net`]: the same front as vhost-user-net (remote only).
 
 pub mod backend;
+pub mod enable_shim;
+pub mod net;
 pub mod probe;
 pub mod serve;
 
 pub use backend::{FrontConfig, LocalFront, Placement, RemoteFront, Serving, VrioBlkBackend};
+pub use net::{net_backend, serve_net};
 pub use probe::fetch_config;
-pub use serve::{serve, ServeError};
+pub use serve::{serve, serve_with, ServeError};

@@ -21,21 +21,44 @@ pub fn serve(
     socket: &Path,
     cfg: &FrontConfig,
     server_config: &[u8],
+    keep_going: impl FnMut() -> bool,
+) -> Result<(), ServeError> {
+    serve_with(
+        socket,
+        "vrio-vhost-user-blk",
+        || VrioBlkBackend::new(cfg.clone(), server_config),
+        false,
+        keep_going,
+    )
+}
+
+/// [`serve`] with the back-end of each session made by `backend`; with
+/// `relay`, the VMM's messages pass [`super::enable_shim`] (QEMU's
+/// vhost-user-net needs it).
+pub fn serve_with(
+    socket: &Path,
+    name: &str,
+    mut backend: impl FnMut() -> VrioBlkBackend,
+    relay: bool,
     mut keep_going: impl FnMut() -> bool,
 ) -> Result<(), ServeError> {
     loop {
         // Fresh back-end and daemon per connection: vhost-user state
         // (features, vrings, memory) belongs to one front-end session.
-        let backend = Arc::new(VrioBlkBackend::new(cfg.clone(), server_config));
+        let backend = Arc::new(backend());
         let mut daemon = VhostUserDaemon::new(
-            "vrio-vhost-user-blk".into(),
+            name.into(),
             backend.clone(),
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
         )
         .map_err(|e| ServeError::Daemon(e.to_string()))?;
         backend.set_handlers(&daemon.get_epoll_handlers());
         tracing::info!(socket = %socket.display(), "waiting for a VMM");
-        let r = daemon.serve(socket);
+        let r = if relay {
+            super::enable_shim::serve_relayed(&mut daemon, socket)
+        } else {
+            daemon.serve(socket).map_err(|e| e.to_string())
+        };
         backend.detach_all();
         match r {
             Ok(()) => tracing::info!("the VMM disconnected"),

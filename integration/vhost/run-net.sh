@@ -1,0 +1,107 @@
+#!/bin/bash
+# Host side of the vhost-user-net end-to-end run: two VM hosts, one I/O
+# server.
+#   guest 1 (10.0.0.1) -> QEMU -netdev vhost-user -> vrio-client vhost-user-net --device-id 1
+#   guest 2 (10.0.0.2) -> QEMU -netdev vhost-user -> vrio-client vhost-user-net --device-id 2
+#   both clients -> soft fabric -> one vrio-server, whose switch joins the two ports.
+# The guests (GUEST-SCRIPT, default net.sh) ping each other, then guest 1
+# sends NETMB MiB of random data over TCP (busybox nc) to guest 2; both
+# print the md5, the host compares them.
+#
+# Usage: run-net.sh VRIO-SERVER VRIO-CLIENT [GUEST-SCRIPT]
+# Env:   MEM (MiB per guest, 512), TMO (guest timeout s, 300), NETMB (64),
+#        WORK (temp dir), KEEP (keep WORK), SERIAL_TAIL (lines shown, 60)
+set -uo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+SERVER=${1:?usage: run-net.sh VRIO-SERVER VRIO-CLIENT [GUEST-SCRIPT]}
+CLIENT=${2:?vrio-client missing}
+SCRIPT=${3:-$HERE/net.sh}
+MEM=${MEM:-512}; TMO=${TMO:-300}; NETMB=${NETMB:-64}
+KVER=${KVER:-$(ls /boot/vmlinuz-*-amd64 | sed "s|/boot/vmlinuz-||" | sort -V | tail -n1)}
+WORK=${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/vrio-vhost-net.XXXXXX")}
+mkdir -p "$WORK"
+PIDS=(); SPID=
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+  [ -n "$SPID" ] && kill "$SPID" 2>/dev/null
+  wait 2>/dev/null
+  [ -z "${KEEP:-}" ] && rm -rf "$WORK"
+}
+trap cleanup EXIT
+T0=$(date +%s.%N)
+el() { awk -v a="$(date +%s.%N)" -v b="$T0" 'BEGIN{printf "%.1f", a-b}'; }
+
+EXTRA_MODULES=virtio_net "$HERE/build-initramfs.sh" "$WORK/initramfs.cpio.gz" "$SCRIPT" \
+  || { echo "RESULT: FAIL (initramfs)"; exit 1; }
+
+"$SERVER" --fabric soft --listen 127.0.0.1:0 --disk memory --size-mib 16 \
+  --sidecores 1 --stats-every 0 > "$WORK/server.log" 2>&1 &
+SPID=$!
+for _ in $(seq 100); do grep -q "listening on" "$WORK/server.log" && break; sleep 0.1; done
+ADDR=$(sed -n 's/.*listening on \([^ ]*\).*/\1/p' "$WORK/server.log" | head -n1)
+[ -n "$ADDR" ] || { echo "vrio-server did not start:"; cat "$WORK/server.log"; echo "RESULT: FAIL"; exit 1; }
+echo "host: vrio-server on $ADDR"
+
+MACS=(52:54:00:00:00:01 52:54:00:00:00:02)
+IPS=(10.0.0.1 10.0.0.2)
+ROLES=(send recv)
+CPIDS=()
+for i in 0 1; do
+  RUST_LOG=${RUST_LOG:-info} "$CLIENT" vhost-user-net --fabric soft --socket "$WORK/vun$i.sock" \
+    --server "$ADDR" --mac "${MACS[$i]}" --device-id $((i + 1)) --once > "$WORK/client$i.log" 2>&1 &
+  CPIDS+=($!); PIDS+=($!)
+done
+for i in 0 1; do
+  for _ in $(seq 200); do [ -S "$WORK/vun$i.sock" ] && grep -q 'waiting for a VMM' "$WORK/client$i.log" && break; sleep 0.05; done
+  grep -q 'waiting for a VMM' "$WORK/client$i.log" || { echo "vrio-client $i did not start:"; cat "$WORK/client$i.log"; echo "RESULT: FAIL"; exit 1; }
+  head -n1 "$WORK/client$i.log"
+done
+
+guest() {  # guest I
+  local i=$1 peer=${IPS[$((1 - $1))]}
+  timeout "$TMO" qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp 1 -m "${MEM}M" \
+    -object memory-backend-memfd,id=mem,size=${MEM}M,share=on -numa node,memdev=mem \
+    -chardev socket,id=c0,path="$WORK/vun$i.sock" \
+    -netdev vhost-user,id=n0,chardev=c0,queues=1 \
+    -device virtio-net-pci,netdev=n0,mac="${MACS[$i]}" \
+    -kernel "/boot/vmlinuz-$KVER" -initrd "$WORK/initramfs.cpio.gz" \
+    -append "console=ttyS0 loglevel=4 panic=-1 netip=${IPS[$i]} peer=$peer role=${ROLES[$i]} netmb=$NETMB" \
+    -display none -monitor none -serial "file:$WORK/serial$i.log" -no-reboot
+}
+echo "host: booting two guests ($(el) s)"
+guest 0 & G0=$!
+guest 1 & G1=$!
+PIDS+=($G0 $G1)
+wait $G0; Q0=$?; wait $G1; Q1=$?
+echo "host: qemu exit rc=$Q0/$Q1 after $(el) s (124 = timeout)"
+for i in 0 1; do
+  echo "---- guest $((i + 1)) (${IPS[$i]}, ${ROLES[$i]}) serial:"
+  tr -d '\r' < "$WORK/serial$i.log" | grep -avE '^\s*$' | tail -n "${SERIAL_TAIL:-60}"
+done
+# --once: each client exits when its QEMU disconnects.
+CRC=0
+for i in 0 1; do
+  p=${CPIDS[$i]}
+  for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+  if kill -0 "$p" 2>/dev/null; then echo "host: vrio-client $i still running after the VMM left"; kill "$p"; CRC=99; fi
+  wait "$p"; rc=$?; [ "$rc" = 0 ] || [ "$CRC" != 0 ] || CRC=$rc
+  echo "---- vrio-client $i (rc=$rc):"; tail -n 30 "$WORK/client$i.log"
+done
+PIDS=()
+kill -TERM "$SPID"; wait "$SPID"; SRC=$?; SPID=
+echo "---- vrio-server (rc=$SRC):"; cat "$WORK/server.log"
+
+ok=1
+G0=$(tr -d '\r' < "$WORK/serial0.log"); G1=$(tr -d '\r' < "$WORK/serial1.log")
+grep -q "PING ${IPS[1]} rc=0" <<< "$G0" && grep -q "PING ${IPS[0]} rc=0" <<< "$G1" \
+  && echo "HOST PING OK" || { echo "HOST PING FAILED"; ok=0; }
+S=$(sed -n 's/.*NET SEND md5=\([0-9a-f]*\).*/\1/p' <<< "$G0" | head -n1)
+R=$(sed -n 's/.*NET RECV md5=\([0-9a-f]*\).*/\1/p' <<< "$G1" | head -n1)
+if [ -n "$S" ] && [ "$S" = "$R" ]; then echo "HOST MD5 OK md5=$S ($NETMB MiB)"; else echo "HOST MD5 MISMATCH sent=${S:-none} received=${R:-none}"; ok=0; fi
+sed -n 's/.*\(NET SENT .*\)/host: \1/p' <<< "$G0"
+for g in "$G0" "$G1"; do grep -q "VRIO-GUEST-DONE rc=0" <<< "$g" || { echo "host: a guest script failed"; ok=0; }; done
+[ "$Q0" = 0 ] && [ "$Q1" = 0 ] || ok=0
+[ "$CRC" = 0 ] || ok=0
+[ "$SRC" = 0 ] || ok=0
+echo "host: total $(el) s"
+if [ $ok = 1 ]; then echo "RESULT: PASS"; exit 0; else echo "RESULT: FAIL (qemu $Q0/$Q1, clients $CRC, server $SRC)"; exit 1; fi
