@@ -12,7 +12,9 @@ n=0
 while :; do
   vrio-fabric-conformance --backend verbs --role initiator --addr "$PEER:$PORT" > /tmp/init.log 2>&1; rc=$?
   n=$((n + 1))
-  if grep -q "passed, " /tmp/init.log || [ $n -ge 40 ]; then
+  # A refused connect still prints "0 passed, 1 failed": only that case
+  # is retried.
+  if ! grep -q "FAIL connect" /tmp/init.log || [ $n -ge 40 ]; then
     break
   fi
   echo "attempt $n: rc=$rc, target not ready yet"; tail -n 2 /tmp/init.log
