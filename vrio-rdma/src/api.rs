@@ -181,6 +181,17 @@ pub struct Completion {
     pub imm: Option<u32>,
 }
 
+impl Completion {
+    /// A blank entry, to size the buffers `poll` fills.
+    pub const EMPTY: Completion = Completion {
+        wr_id: 0,
+        status: WcStatus::Success,
+        opcode: WcOpcode::Send,
+        byte_len: 0,
+        imm: None,
+    };
+}
+
 /// Errors of fabric calls (as opposed to per-request completion errors).
 #[derive(Debug, thiserror::Error)]
 pub enum FabricError {

@@ -25,7 +25,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vrio_rdma::{
     Access, Completion, Domain, Endpoint, EndpointConfig, FabricError, MemoryRegion, Opcode,
-    RecvRequest, SendRequest, Sge, WcOpcode, WcStatus,
+    RecvRequest, SendRequest, Sge, WcOpcode,
 };
 
 use super::staging::StagingBuffer;
@@ -186,6 +186,8 @@ struct Conn {
     ep: Box<dyn Endpoint>,
     bufs: StagingBuffer,
     free_send: Vec<usize>,
+    /// Encoding space, reused for every message.
+    scratch: Vec<u8>,
 }
 
 /// What every queue of a device shares on the agent thread.
@@ -203,7 +205,7 @@ enum Link {
     Serving,
     Quiescing {
         to: QueueTarget,
-        reply: Option<mpsc::Sender<Result<MoveReport, AgentError>>>,
+        reply: mpsc::Sender<Result<MoveReport, AgentError>>,
         started: Instant,
     },
     Orphaned {
@@ -440,6 +442,7 @@ impl Conn {
             ep,
             bufs,
             free_send: (0..SEND_SLOTS).collect(),
+            scratch: Vec::with_capacity(MAX_MSG),
         };
         let recvs: Vec<RecvRequest> = (0..RECV_SLOTS).map(|s| c.recv_wr(s)).collect();
         c.ep.post_recv(&recvs)?;
@@ -458,8 +461,7 @@ impl Conn {
     }
 
     fn send(&mut self, m: &Message) -> Result<(), AgentError> {
-        let mut buf = Vec::with_capacity(256);
-        m.encode(&mut buf)
+        m.encode(&mut self.scratch)
             .map_err(|e| AgentError::Protocol(e.to_string()))?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.free_send.is_empty() {
@@ -470,7 +472,7 @@ impl Conn {
         }
         let slot = self.free_send.pop().unwrap_or(0);
         self.bufs
-            .put(slot * MAX_MSG, &buf)
+            .put(slot * MAX_MSG, &self.scratch)
             .map_err(|e| AgentError::Protocol(e.to_string()))?;
         self.ep.post_send(&[SendRequest {
             wr_id: slot as u64,
@@ -478,7 +480,7 @@ impl Conn {
             local: Sge {
                 lkey: self.mr.lkey(),
                 addr: self.bufs.addr() + (slot * MAX_MSG) as u64,
-                len: buf.len() as u32,
+                len: self.scratch.len() as u32,
             },
             signaled: true,
         }])?;
@@ -487,7 +489,7 @@ impl Conn {
 
     /// Only used while the send ring is full and before the thread runs.
     fn reap_sends_only(&mut self) -> Result<(), AgentError> {
-        let mut c = [empty_cqe(); 16];
+        let mut c = [Completion::EMPTY; 16];
         let n = self.ep.poll(&mut c)?;
         for c in &c[..n] {
             if c.wr_id & RECV_TAG == 0 {
@@ -516,7 +518,7 @@ impl Conn {
 
     fn wait_reply(&mut self, queue: u16, timeout: Duration) -> Result<Vec<u8>, AgentError> {
         let deadline = Instant::now() + timeout;
-        let mut c = [empty_cqe(); 16];
+        let mut c = [Completion::EMPTY; 16];
         loop {
             let n = self.ep.poll(&mut c)?;
             for c in &c[..n] {
@@ -709,11 +711,7 @@ impl AgentQueue {
             }
             Link::Serving => match self.send(&Message::Quiesce) {
                 Ok(()) => {
-                    self.link = Link::Quiescing {
-                        to,
-                        reply: Some(reply),
-                        started,
-                    };
+                    self.link = Link::Quiescing { to, reply, started };
                     self.publish(ctx);
                 }
                 Err(e) => {
@@ -750,9 +748,7 @@ impl AgentQueue {
             );
         }
         let r = self.reattach(ctx, epoll, to, used, started, None);
-        if let Some(tx) = reply {
-            let _ = tx.send(r);
-        }
+        let _ = reply.send(r);
     }
 
     /// The link failed: fail over if a move was under way, else wait for a
@@ -764,9 +760,7 @@ impl AgentQueue {
                 tracing::warn!(queue = self.index, error = %e, "the old server failed during a move; failing over");
                 let start = self.dq.state().next_used;
                 let r = self.reattach(ctx, epoll, to, start, started, Some(now));
-                if let Some(tx) = reply {
-                    let _ = tx.send(r);
-                }
+                let _ = reply.send(r);
             }
             Link::Orphaned { since } => self.link = Link::Orphaned { since },
             Link::Serving => {
@@ -826,7 +820,7 @@ impl AgentQueue {
     /// Completions: used-index updates, mode changes, send slots. Returns
     /// the server's stopping index when it answered a QUIESCE.
     fn on_completions(&mut self, ctx: &Ctx) -> Result<Option<u16>, AgentError> {
-        let mut c = [empty_cqe(); 32];
+        let mut c = [Completion::EMPTY; 32];
         loop {
             let Some(conn) = &mut self.conn else {
                 return Ok(None);
@@ -1014,16 +1008,6 @@ impl AgentQueue {
             idx = u16::from_le_bytes([b[14], b[15]]);
         }
         e
-    }
-}
-
-fn empty_cqe() -> Completion {
-    Completion {
-        wr_id: 0,
-        status: WcStatus::Success,
-        opcode: WcOpcode::Send,
-        byte_len: 0,
-        imm: None,
     }
 }
 

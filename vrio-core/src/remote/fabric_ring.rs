@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use vrio_rdma::{
     Access, Completion, Domain, Endpoint, MemoryRegion, Opcode, RecvRequest, SendRequest, Sge,
-    WcOpcode, WcStatus,
+    WcStatus,
 };
 
 use super::server_queue::RemoteQueueConfig;
@@ -113,8 +113,6 @@ pub(super) struct FabricRing {
     pub quiescing: bool,
     /// Why the queue stopped: every later poll reports it again.
     failed: Option<String>,
-    /// A fetch failed because the link did (taken by `walk`).
-    link_lost: Option<QueueFailure>,
 }
 
 impl FabricRing {
@@ -207,16 +205,7 @@ impl FabricRing {
             stage_started: Instant::now(),
             done_wr: 0,
             wrs: Vec::new(),
-            cqes: vec![
-                Completion {
-                    wr_id: 0,
-                    status: WcStatus::Success,
-                    opcode: WcOpcode::Send,
-                    byte_len: 0,
-                    imm: None,
-                };
-                64
-            ],
+            cqes: vec![Completion::EMPTY; 64],
             msg: Vec::with_capacity(MAX_MSG),
             wr_seq: 0,
             busy_run: 0,
@@ -224,7 +213,6 @@ impl FabricRing {
             stats,
             quiescing: false,
             failed: None,
-            link_lost: None,
         };
         let recvs: Vec<RecvRequest> = (0..size).map(|i| q.recv_wr(i)).collect();
         q.ep.post_recv(&recvs).map_err(|e| fail(&q.name, e))?;
@@ -512,46 +500,40 @@ impl FabricRing {
         Ok(())
     }
 
-    /// READs `len` guest bytes at `gpa` into the shadow.
-    pub(super) fn fetch(
+    /// READs `len` guest bytes at `gpa` into the shadow. The outer error
+    /// is the queue's (the link failed), the inner one the chain's.
+    fn fetch(
         &mut self,
         gpa: u64,
         len: u64,
         whole_table: bool,
-    ) -> Result<(), ChainError> {
+    ) -> Result<Result<(), ChainError>, QueueFailure> {
         let (off, max) = if whole_table {
             (self.areas.desc, 16 * usize::from(self.layout.size))
         } else {
             (self.areas.fetch, FETCH_MAX)
         };
         if len as usize > max {
-            return Err(ChainError::IndirectTooLarge {
+            return Ok(Err(ChainError::IndirectTooLarge {
                 entries: (len / 16) as u32,
                 limit: self.layout.size,
-            });
+            }));
         }
-        self.queue_wr(Dir::Read, gpa, off, len as usize)
-            .map_err(|source| ChainError::BadBuffer {
+        if let Err(source) = self.queue_wr(Dir::Read, gpa, off, len as usize) {
+            return Ok(Err(ChainError::BadBuffer {
                 addr: gpa,
                 len: len as u32,
                 source,
-            })?;
-        self.stats.fetches.fetch_add(1, Relaxed);
-        if let Err(e) = self.flush_and_wait() {
-            // The link failed, not the guest's chain: the queue fails.
-            let c = ChainError::Memory(MemoryError::Access {
-                addr: gpa,
-                reason: e.reason.clone(),
-            });
-            self.link_lost = Some(e);
-            return Err(c);
+            }));
         }
+        self.stats.fetches.fetch_add(1, Relaxed);
+        self.flush_and_wait()?;
         let mut tmp = vec![0u8; len as usize];
-        self.staging()
-            .get(off, &mut tmp)
-            .map_err(ChainError::Memory)?;
+        if let Err(e) = self.staging().get(off, &mut tmp) {
+            return Ok(Err(ChainError::Memory(e)));
+        }
         self.shadow.insert(gpa, &tmp);
-        Ok(())
+        Ok(Ok(()))
     }
 
     /// Walks one chain, fetching what the shadow lacks. The outer error is
@@ -562,18 +544,6 @@ impl FabricRing {
         head: u16,
         chain: &mut DescriptorChain,
     ) -> Result<(Result<(), ChainError>, u32), QueueFailure> {
-        let r = self.walk_chain(head, chain);
-        match self.link_lost.take() {
-            Some(e) => Err(e),
-            None => Ok(r),
-        }
-    }
-
-    fn walk_chain(
-        &mut self,
-        head: u16,
-        chain: &mut DescriptorChain,
-    ) -> (Result<(), ChainError>, u32) {
         let mut rtts = 0;
         let mut table_fetched = false;
         for _ in 0..=self.cfg.max_fetches {
@@ -585,31 +555,31 @@ impl FabricRing {
                 head,
                 chain,
             );
-            let Err(e) = &r else { return (r, rtts) };
+            let Err(e) = &r else { return Ok((r, rtts)) };
             let Some((addr, len)) = e.needs_fetch() else {
-                return (r, rtts);
+                return Ok((r, rtts));
             };
             let l = self.layout;
             let in_table = addr >= l.desc && addr < l.desc + l.desc_table_bytes();
             let res = if in_table && !table_fetched {
                 table_fetched = true;
-                self.fetch(l.desc, l.desc_table_bytes(), true)
+                self.fetch(l.desc, l.desc_table_bytes(), true)?
             } else if let ChainError::BadIndirectTable { addr, len, .. } = e {
-                self.fetch(*addr, u64::from(*len), false)
+                self.fetch(*addr, u64::from(*len), false)?
             } else {
-                self.fetch(addr, len, false)
+                self.fetch(addr, len, false)?
             };
             rtts += 1;
             if let Err(e) = res {
-                return (Err(e), rtts);
+                return Ok((Err(e), rtts));
             }
         }
-        (
+        Ok((
             Err(ChainError::TooLong {
                 limit: self.layout.size,
             }),
             rtts,
-        )
+        ))
     }
 
     /// Posts a wave without waiting; returns its signalled target.

@@ -13,8 +13,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vrio_rdma::{
-    Access, Completion, Domain, Endpoint, EndpointConfig, FabricError, RecvRequest, Sge, WcOpcode,
-    WcStatus,
+    Access, Completion, Domain, Endpoint, EndpointConfig, FabricError, RecvRequest, Sge,
 };
 
 use super::net_devices::{NetDevices, NetQueue, NetServerConfig};
@@ -402,13 +401,7 @@ fn admit(
         }])
         .map_err(|e| e.to_string())?;
         let deadline = Instant::now() + Duration::from_secs(10);
-        let mut c = [Completion {
-            wr_id: 0,
-            status: WcStatus::Success,
-            opcode: WcOpcode::Recv,
-            byte_len: 0,
-            imm: None,
-        }];
+        let mut c = [Completion::EMPTY];
         loop {
             if ep.poll(&mut c).map_err(|e| e.to_string())? == 1 {
                 break;
