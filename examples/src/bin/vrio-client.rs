@@ -89,6 +89,20 @@ enum Cmd {
     VhostUserNet(VhostNetArgs),
 }
 
+/// How a VM host reaches its I/O server (every subcommand that has one).
+#[derive(ClapArgs, Debug)]
+struct LinkArgs {
+    /// How the server learns of requests.
+    #[arg(long, value_enum, default_value_t = Mode::Doorbell)]
+    mode: Mode,
+    /// Fabric back-end.
+    #[arg(long, value_enum, default_value_t = FabricChoice::Auto)]
+    fabric: FabricChoice,
+    /// RDMA device for verbs (default: the first one).
+    #[arg(long)]
+    device: Option<String>,
+}
+
 #[derive(ClapArgs, Debug)]
 struct VhostNetArgs {
     /// The vhost-user socket to create and listen on.
@@ -108,15 +122,8 @@ struct VhostNetArgs {
     /// Largest vring the VMM may set up.
     #[arg(long, default_value_t = 1024)]
     max_queue_size: u16,
-    /// How the server learns of requests.
-    #[arg(long, value_enum, default_value_t = Mode::Doorbell)]
-    mode: Mode,
-    /// Fabric back-end.
-    #[arg(long, value_enum, default_value_t = FabricChoice::Auto)]
-    fabric: FabricChoice,
-    /// RDMA device for verbs (default: the first one).
-    #[arg(long)]
-    device: Option<String>,
+    #[command(flatten)]
+    link: LinkArgs,
     /// Exit when the first VMM disconnects instead of waiting for the next.
     #[arg(long)]
     once: bool,
@@ -167,15 +174,8 @@ struct VhostArgs {
     /// the server's logs).
     #[arg(long, default_value_t = 0)]
     device_id: u64,
-    /// How the server learns of requests.
-    #[arg(long, value_enum, default_value_t = Mode::Doorbell)]
-    mode: Mode,
-    /// Fabric back-end.
-    #[arg(long, value_enum, default_value_t = FabricChoice::Auto)]
-    fabric: FabricChoice,
-    /// RDMA device for verbs (default: the first one).
-    #[arg(long)]
-    device: Option<String>,
+    #[command(flatten)]
+    link: LinkArgs,
     /// Exit when the first VMM disconnects instead of waiting for the next.
     #[arg(long)]
     once: bool,
@@ -251,15 +251,8 @@ struct Args {
     /// First disk block used (clients sharing one server use disjoint ranges).
     #[arg(long, default_value_t = 0)]
     first_block: u64,
-    /// How the server learns of requests.
-    #[arg(long, value_enum, default_value_t = Mode::Doorbell)]
-    mode: Mode,
-    /// Fabric back-end.
-    #[arg(long, value_enum, default_value_t = FabricChoice::Auto)]
-    fabric: FabricChoice,
-    /// RDMA device for verbs (default: the first one).
-    #[arg(long)]
-    device: Option<String>,
+    #[command(flatten)]
+    link: LinkArgs,
     /// Place the devices through this vrio-controller (host:port) instead
     /// of --server, and follow its moves and failovers.
     #[arg(long, conflicts_with = "server")]
@@ -305,7 +298,7 @@ fn vhost_user_blk(a: &VhostArgs) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(image) = &a.local_file {
         return vhost_user_blk_local(a, image);
     }
-    let fabric = resolve_fabric(a.fabric, a.device.as_deref())?;
+    let fabric = resolve_fabric(a.link.fabric, a.link.device.as_deref())?;
     let placement = Arc::new(Placement::default());
     // With a controller: where it places each vring, and a follower.
     let (server, device_id, where_, mut follower) = match &a.controller {
@@ -347,16 +340,16 @@ fn vhost_user_blk(a: &VhostArgs) -> Result<(), Box<dyn std::error::Error>> {
     let remote = RemoteFront {
         server: server.clone(),
         fabric,
-        device: a.device.clone(),
+        device: a.link.device.clone(),
         max_request: a.max_request_kib.saturating_mul(1024),
         device_id,
         agent: AgentConfig {
-            mode: a.mode.notify(),
+            mode: a.link.mode.notify(),
             ..AgentConfig::default()
         },
         placement,
     };
-    let domain = Arc::from(vrio_rdma::open(fabric, a.device.as_deref())?);
+    let domain = Arc::from(vrio_rdma::open(fabric, a.link.device.as_deref())?);
     let config = fetch_config(domain, &server, device_id << 16 | 0xffff, remote.agent)?;
     // The first line is machine-readable: tests wait for it.
     println!(
@@ -365,7 +358,7 @@ fn vhost_user_blk(a: &VhostArgs) -> Result<(), Box<dyn std::error::Error>> {
         where_,
         backend_name(fabric),
         a.queues,
-        a.mode.notify().name(),
+        a.link.mode.notify().name(),
         capacity(&config)
     );
     let cfg = FrontConfig {
@@ -383,16 +376,16 @@ fn vhost_user_blk(a: &VhostArgs) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn vhost_user_net(a: &VhostNetArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let fabric = resolve_fabric(a.fabric, a.device.as_deref())?;
+    let fabric = resolve_fabric(a.link.fabric, a.link.device.as_deref())?;
     let remote = RemoteFront {
         server: a.server.clone(),
         fabric,
-        device: a.device.clone(),
+        device: a.link.device.clone(),
         // Unused by net queues: the server bounds frames by its MTU.
         max_request: 64 << 10,
         device_id: a.device_id,
         agent: AgentConfig {
-            mode: a.mode.notify(),
+            mode: a.link.mode.notify(),
             ..AgentConfig::default()
         },
         placement: Arc::new(Placement::default()),
@@ -405,7 +398,7 @@ fn vhost_user_net(a: &VhostNetArgs) -> Result<(), Box<dyn std::error::Error>> {
         backend_name(fabric),
         a.device_id,
         a.mac,
-        a.mode.notify().name(),
+        a.link.mode.notify().name(),
     );
     let once = a.once;
     serve_net(&a.socket, &remote, a.mac, a.max_queue_size, || !once)?;
@@ -485,8 +478,8 @@ fn run(a: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     if a.seconds.is_some_and(|s| !(s > 0.0 && s < 1e9)) {
         return Err("--seconds must be a positive number".into());
     }
-    let mode = a.mode.notify();
-    let fabric = resolve_fabric(a.fabric, a.device.as_deref())?;
+    let mode = a.link.mode.notify();
+    let fabric = resolve_fabric(a.link.fabric, a.link.device.as_deref())?;
     let rc = RunConfig {
         guests: a.guests,
         queues_per_guest: a.queues,
@@ -506,7 +499,7 @@ fn run(a: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     let guests = make_guests(&rc)?;
     let (agents, where_, follower) = match &a.controller {
         None => {
-            let agents = attach_guests(&guests, &a.server, fabric, a.device.as_deref(), mode)?;
+            let agents = attach_guests(&guests, &a.server, fabric, a.link.device.as_deref(), mode)?;
             (agents, a.server.clone(), None)
         }
         Some(addr) => {
@@ -532,7 +525,7 @@ fn run(a: &Args) -> Result<bool, Box<dyn std::error::Error>> {
                 }
             }
             let agents =
-                attach_guests_placed(&guests, &targets, fabric, a.device.as_deref(), mode)?;
+                attach_guests_placed(&guests, &targets, fabric, a.link.device.as_deref(), mode)?;
             (
                 agents,
                 format!("the servers controller {addr} chose"),
