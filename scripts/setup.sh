@@ -28,7 +28,7 @@ if [ "$MODE" = build ]; then
 fi
 STAMP=/var/lib/vrio-setup.v1
 for p in qemu-system-x86 linux-image-amd64 busybox-static cpio \
-         rdma-core ibverbs-providers ibverbs-utils perftest rdmacm-utils iproute2 e2fsprogs fio \
+         rdma-core ibverbs-providers ibverbs-utils perftest rdmacm-utils iproute2 iputils-ping e2fsprogs fio \
          etcd-server protobuf-compiler libprotobuf-dev; do
   dpkg -s "$p" >/dev/null 2>&1 || { need_apt=1; break; }
 done
@@ -40,7 +40,7 @@ if [ ! -f "$STAMP" ] || [ "$need_apt" = 1 ]; then
   echo "deb $MIRROR bookworm-backports main" > /etc/apt/sources.list.d/bookworm-backports.list
   apt-get update -q
   apt-get install -y -q --no-install-recommends build-essential pkg-config cmake clang libclang-dev \
-    busybox-static cpio iproute2 e2fsprogs kmod fio \
+    busybox-static cpio iproute2 iputils-ping e2fsprogs kmod fio \
     rdma-core ibverbs-providers ibverbs-utils perftest rdmacm-utils libibverbs-dev librdmacm-dev
   # vrio-control's etcd store (feature etcd): the test runs etcd, and etcd-client's
   # build script needs protoc with the well-known types.

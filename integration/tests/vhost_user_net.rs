@@ -9,14 +9,22 @@
 //! sends 64 MiB of random data over TCP (busybox nc) to guest 2; both print
 //! the md5 and the host compares them. Everything runs from
 //! `integration/vhost/run-net.sh` (guest script `net.sh`).
+//!
+//! The uplink test puts each guest on its own I/O server, whose switch has
+//! a TAP uplink; a network namespace bridges the two TAPs, so the guests
+//! reach each other only through the uplinks, and the namespace (the
+//! host's side of the servers' gateway) pings both guests and sends them
+//! data over TCP.
 
 use std::path::Path;
 use std::process::Command;
 
 use vrio_integration::rxe;
 
-#[test]
-fn two_stock_guests_ping_and_move_64_mib_over_tcp_through_the_io_server() {
+/// Runs `run-net.sh` with `env`; checks what every topology shares (both
+/// agents served, the guests pinged each other, the data guest 1 sent of
+/// `mib` MiB is what guest 2 stored) and returns the log.
+fn run_net(env: &[(&str, &str)], mib: u64) -> String {
     // QEMU, the kernel and busybox: scripts/setup.sh installs them when
     // missing; a host where that fails must fail here, loudly.
     if let Err(e) = rxe::ensure_host() {
@@ -31,12 +39,14 @@ fn two_stock_guests_ping_and_move_64_mib_over_tcp_through_the_io_server() {
         assert!(Path::new(f).is_file(), "{} missing", f.display());
     }
     let t0 = std::time::Instant::now();
+    let netmb = mib.to_string();
     let out = Command::new("bash")
         .arg(&script)
         .arg(&server)
         .arg(&client)
         .arg(&guest)
-        .envs([("NETMB", "64"), ("TMO", "240"), ("NO_COLOR", "1")])
+        .envs([("NETMB", netmb.as_str()), ("TMO", "240"), ("NO_COLOR", "1")])
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     let mut log = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -58,34 +68,98 @@ fn two_stock_guests_ping_and_move_64_mib_over_tcp_through_the_io_server() {
     assert!(has("PING 10.0.0.1 rc=0"), "guest 2 could not ping guest 1");
     assert!(has("HOST PING OK"));
     // The data: what guest 1 sent is what guest 2 stored.
-    let md5_after = |tag: &str| {
-        log.lines()
-            .find_map(|l| l.split(tag).nth(1))
-            .and_then(|s| s.split_whitespace().next())
-            .map(str::to_string)
-            .unwrap_or_else(|| panic!("no {tag:?} line"))
-    };
-    let sent = md5_after("NET SEND md5=");
-    let received = md5_after("NET RECV md5=");
+    let sent = md5_after(&log, "NET SEND md5=");
+    let received = md5_after(&log, "NET RECV md5=");
     assert_eq!(sent.len(), 32, "md5 {sent:?}");
-    assert_eq!(sent, received, "the 64 MiB arrived changed");
-    assert!(has("bytes=67108864"), "not 64 MiB");
+    assert_eq!(sent, received, "the {mib} MiB arrived changed");
+    assert!(has(&format!("bytes={}", mib << 20)), "not {mib} MiB");
     assert!(has(&format!("HOST MD5 OK md5={sent}")));
     // Throughput, printed for the record (TCG guests: no assertion).
     if let Some(l) = log.lines().find(|l| l.contains("host: NET SENT")) {
         println!("{l}");
     }
-    // The server switched it: its net queues served requests.
-    let net_requests: u64 = log
-        .lines()
-        .find_map(|l| l.split("vrio-server: net: ").nth(1))
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
-    assert!(
-        net_requests > 10_000,
-        "the server's net queues served only {net_requests} requests"
-    );
     assert!(has("RESULT: PASS"), "run-net.sh result");
     assert!(out.status.success(), "run-net.sh failed");
+    log
+}
+
+fn md5_after(log: &str, tag: &str) -> String {
+    log.lines()
+        .find_map(|l| l.split(tag).nth(1))
+        .and_then(|s| s.split_whitespace().next())
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("no {tag:?} line"))
+}
+
+/// The first number after `tag` on each line that has it.
+fn numbers_after(log: &str, tag: &str) -> Vec<u64> {
+    log.lines()
+        .filter_map(|l| l.split(tag).nth(1))
+        .filter_map(|s| s.split_whitespace().next())
+        .filter_map(|n| n.parse().ok())
+        .collect()
+}
+
+#[test]
+fn two_stock_guests_ping_and_move_64_mib_over_tcp_through_the_io_server() {
+    let log = run_net(&[], 64);
+    // The server switched it: its net queues served requests.
+    let net_requests = numbers_after(&log, "vrio-server: net: ");
+    assert!(
+        net_requests.iter().any(|&n| n > 10_000),
+        "the server's net queues served only {net_requests:?} requests"
+    );
+}
+
+#[test]
+fn guests_on_two_io_servers_talk_through_tap_uplinks_and_a_namespace_reaches_them() {
+    let log = run_net(&[("UPLINK", "1"), ("HOSTMB", "8")], 32);
+    let has = |s: &str| log.contains(s);
+    assert!(has("host: vrio-server 1 on"), "a second I/O server");
+    assert_eq!(
+        log.matches("joined to the switch as port").count(),
+        2,
+        "each server joined its TAP to its switch"
+    );
+    // The host's side of the gateway reached both guests through a TAP.
+    assert!(has("HOST NS PING 10.0.0.1 OK"), "namespace -> guest 1");
+    assert!(has("HOST NS PING 10.0.0.2 OK"), "namespace -> guest 2");
+    let host_sent = md5_after(&log, "HOST NS SENT 8 MiB to 10.0.0.2:5001 md5=");
+    let guest_got = md5_after(&log, "NET HOSTRECV md5=");
+    assert_eq!(
+        host_sent, guest_got,
+        "the namespace's 8 MiB arrived changed"
+    );
+    assert!(has(&format!("HOST NS MD5 OK md5={host_sent}")));
+    // Guest 1's 32 MiB went out of server 0's TAP and in through server
+    // 1's: each uplink carried it (the frames' bytes, headers included).
+    let to_tap = numbers_after(&log, "to the TAP ");
+    let from_tap = numbers_after(&log, "from the TAP ");
+    assert_eq!(
+        (to_tap.len(), from_tap.len()),
+        (2, 2),
+        "two uplinks' final counters"
+    );
+    let big = |v: &[u64]| v.iter().filter(|&&frames| frames > 20_000).count();
+    assert_eq!(
+        big(&to_tap),
+        1,
+        "one uplink sent the stream out: {to_tap:?}"
+    );
+    assert_eq!(big(&from_tap), 1, "one uplink took it in: {from_tap:?}");
+    // Nothing the guests or the namespace sent was malformed, spoofed or
+    // looped back (a full backlog may drop a TCP segment: TCP resends it).
+    for bad in [
+        "short=",
+        "oversized=",
+        "bad_header=",
+        "multicast_source=",
+        "spoofed=",
+        "bad_chain=",
+        "rx_too_large=",
+        "loopback=",
+        "uplink_error=",
+    ] {
+        assert!(!has(bad), "frames dropped as {bad}");
+    }
 }

@@ -6,12 +6,15 @@
 #   role=recv      listens on port 5000, stores what arrives and prints its
 #                  md5; role=send makes netmb MiB (default 64) of random
 #                  data, prints its md5 and sends it once the peer answers.
+#   hostmb=N       (recv) also take N MiB on port 5001 from the host's side
+#                  of the uplink and print its md5 ("NET HOSTRECV").
 # Both ping the peer first ("PING <peer> rc=0").
 arg() { sed -n "s/.*[[:space:]]$1=\([^[:space:]]*\).*/\1/p;s/^$1=\([^[:space:]]*\).*/\1/p" /proc/cmdline | head -n1; }
 log() { echo "VRIO[$(cut -d' ' -f1 /proc/uptime)] $*"; }
 fail() { log "FAIL $*"; dmesg | tail -20; exit 1; }
 IP=$(arg netip); PEER=$(arg peer); ROLE=$(arg role)
 MB=$(arg netmb); MB=${MB:-64}
+HOSTMB=$(arg hostmb)
 PORT=5000
 [ -n "$IP" ] && [ -n "$PEER" ] && [ -n "$ROLE" ] || fail "netip, peer and role are needed"
 
@@ -22,6 +25,11 @@ ip link set lo up
 ip addr add "$IP/24" dev eth0 || fail "ip addr"
 ip link set eth0 up || fail "ip link up"
 log "eth0: mac $(cat /sys/class/net/eth0/address) mtu $(cat /sys/class/net/eth0/mtu) features $(cat /sys/class/net/eth0/device/features 2>/dev/null)"
+
+if [ -n "$HOSTMB" ] && [ "$ROLE" = recv ]; then
+  sleep 600 | nc -l -p 5001 > /tmp/hostrecv &
+  log "NET LISTENING on 5001 for $HOSTMB MiB from the host"
+fi
 
 # The peer may still be booting: retry until it answers (bounded).
 ok=1
@@ -48,6 +56,16 @@ if [ "$ROLE" = recv ]; then
   R=$(md5sum /tmp/recv | cut -d' ' -f1)
   log "NET RECV md5=$R bytes=$got"
   [ "$got" = $BYTES ] || fail "received $got of $BYTES bytes"
+  if [ -n "$HOSTMB" ]; then
+    HB=$((HOSTMB * 1024 * 1024)); n=0
+    while [ "$(stat -c %s /tmp/hostrecv 2>/dev/null || echo 0)" -lt $HB ] && [ $n -lt 1800 ]; do
+      sleep 0.1; n=$((n+1))
+    done
+    sleep 1
+    got=$(stat -c %s /tmp/hostrecv 2>/dev/null || echo 0)
+    log "NET HOSTRECV md5=$(md5sum /tmp/hostrecv | cut -d' ' -f1) bytes=$got"
+    [ "$got" = $HB ] || fail "received $got of $HB bytes from the host"
+  fi
   # Stay up until the sender has printed its figures.
   sleep 3
 else

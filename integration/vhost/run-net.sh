@@ -8,8 +8,16 @@
 # sends NETMB MiB of random data over TCP (busybox nc) to guest 2; both
 # print the md5, the host compares them.
 #
+# UPLINK=1: two I/O servers instead, guest i on server i, each server's
+# switch with a TAP uplink (--uplink-tap); a network namespace this script
+# makes bridges the two TAPs (br0, 10.0.0.254/24). The guests then reach
+# each other only through the uplinks, and the namespace (the host's side
+# of the gateway) pings both guests and sends HOSTMB MiB over TCP to
+# guest 2 (port 5001), compared by md5. Needs root.
+#
 # Usage: run-net.sh VRIO-SERVER VRIO-CLIENT [GUEST-SCRIPT]
 # Env:   MEM (MiB per guest, 512), TMO (guest timeout s, 300), NETMB (64),
+#        UPLINK (0), HOSTMB (8, with UPLINK),
 #        WORK (temp dir), KEEP (keep WORK), SERIAL_TAIL (lines shown, 60)
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -17,14 +25,15 @@ SERVER=${1:?usage: run-net.sh VRIO-SERVER VRIO-CLIENT [GUEST-SCRIPT]}
 CLIENT=${2:?vrio-client missing}
 SCRIPT=${3:-$HERE/net.sh}
 MEM=${MEM:-512}; TMO=${TMO:-300}; NETMB=${NETMB:-64}
+UPLINK=${UPLINK:-0}; HOSTMB=${HOSTMB:-8}
 KVER=${KVER:-$(ls /boot/vmlinuz-*-amd64 | sed "s|/boot/vmlinuz-||" | sort -V | tail -n1)}
 WORK=${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/vrio-vhost-net.XXXXXX")}
 mkdir -p "$WORK"
-PIDS=(); SPID=
+PIDS=(); SPIDS=(); NS=
 cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
-  [ -n "$SPID" ] && kill "$SPID" 2>/dev/null
+  for p in "${PIDS[@]}" "${SPIDS[@]}"; do kill "$p" 2>/dev/null; done
   wait 2>/dev/null
+  [ -n "$NS" ] && ip netns del "$NS" 2>/dev/null
   [ -z "${KEEP:-}" ] && rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -34,13 +43,37 @@ el() { awk -v a="$(date +%s.%N)" -v b="$T0" 'BEGIN{printf "%.1f", a-b}'; }
 EXTRA_MODULES=virtio_net "$HERE/build-initramfs.sh" "$WORK/initramfs.cpio.gz" "$SCRIPT" \
   || { echo "RESULT: FAIL (initramfs)"; exit 1; }
 
-"$SERVER" --fabric soft --listen 127.0.0.1:0 --disk memory --size-mib 16 \
-  --sidecores 1 --stats-every 0 > "$WORK/server.log" 2>&1 &
-SPID=$!
-for _ in $(seq 100); do grep -q "listening on" "$WORK/server.log" && break; sleep 0.1; done
-ADDR=$(sed -n 's/.*listening on \([^ ]*\).*/\1/p' "$WORK/server.log" | head -n1)
-[ -n "$ADDR" ] || { echo "vrio-server did not start:"; cat "$WORK/server.log"; echo "RESULT: FAIL"; exit 1; }
-echo "host: vrio-server on $ADDR"
+NSERVERS=1; [ "$UPLINK" = 1 ] && NSERVERS=2
+ADDRS=(); TAPS=()
+for j in $(seq 0 $((NSERVERS - 1))); do
+  UP=()
+  if [ "$UPLINK" = 1 ]; then TAPS+=("vrup$$$j"); UP=(--uplink-tap "vrup$$$j"); fi
+  "$SERVER" --fabric soft --listen 127.0.0.1:0 --disk memory --size-mib 16 \
+    --sidecores 1 --stats-every 0 "${UP[@]}" > "$WORK/server$j.log" 2>&1 &
+  SPIDS+=($!)
+  for _ in $(seq 100); do grep -q "listening on" "$WORK/server$j.log" && break; sleep 0.1; done
+  ADDR=$(sed -n 's/.*listening on \([^ ]*\).*/\1/p' "$WORK/server$j.log" | head -n1)
+  [ -n "$ADDR" ] || { echo "vrio-server $j did not start:"; cat "$WORK/server$j.log"; echo "RESULT: FAIL"; exit 1; }
+  if [ "$UPLINK" = 1 ]; then
+    for _ in $(seq 50); do grep -q "uplink TAP" "$WORK/server$j.log" && break; sleep 0.1; done
+    grep -q "uplink TAP" "$WORK/server$j.log" || { echo "vrio-server $j has no uplink:"; cat "$WORK/server$j.log"; echo "RESULT: FAIL"; exit 1; }
+  fi
+  ADDRS+=("$ADDR")
+  echo "host: vrio-server $j on $ADDR"
+done
+if [ "$UPLINK" = 1 ]; then
+  # The gateway side: a namespace with a bridge over both servers' TAPs.
+  NS=vrio-net-$$
+  ip netns add "$NS" || { echo "cannot make a network namespace (root?)"; echo "RESULT: FAIL"; exit 1; }
+  ip -n "$NS" link add br0 type bridge
+  for t in "${TAPS[@]}"; do
+    ip link set "$t" netns "$NS" && ip -n "$NS" link set "$t" master br0 && ip -n "$NS" link set "$t" up \
+      || { echo "cannot bridge $t"; echo "RESULT: FAIL"; exit 1; }
+  done
+  ip -n "$NS" addr add 10.0.0.254/24 dev br0 && ip -n "$NS" link set br0 up && ip -n "$NS" link set lo up
+  echo "host: namespace $NS bridges ${TAPS[*]} (br0 10.0.0.254/24)"
+  head -c $((HOSTMB * 1024 * 1024)) /dev/urandom > "$WORK/hostdata"
+fi
 
 MACS=(52:54:00:00:00:01 52:54:00:00:00:02)
 IPS=(10.0.0.1 10.0.0.2)
@@ -48,7 +81,7 @@ ROLES=(send recv)
 CPIDS=()
 for i in 0 1; do
   RUST_LOG=${RUST_LOG:-info} "$CLIENT" vhost-user-net --fabric soft --socket "$WORK/vun$i.sock" \
-    --server "$ADDR" --mac "${MACS[$i]}" --device-id $((i + 1)) --once > "$WORK/client$i.log" 2>&1 &
+    --server "${ADDRS[$((i % NSERVERS))]}" --mac "${MACS[$i]}" --device-id $((i + 1)) --once > "$WORK/client$i.log" 2>&1 &
   CPIDS+=($!); PIDS+=($!)
 done
 for i in 0 1; do
@@ -65,13 +98,34 @@ guest() {  # guest I
     -netdev vhost-user,id=n0,chardev=c0,queues=1 \
     -device virtio-net-pci,netdev=n0,mac="${MACS[$i]}" \
     -kernel "/boot/vmlinuz-$KVER" -initrd "$WORK/initramfs.cpio.gz" \
-    -append "console=ttyS0 loglevel=4 panic=-1 netip=${IPS[$i]} peer=$peer role=${ROLES[$i]} netmb=$NETMB" \
+    -append "console=ttyS0 loglevel=4 panic=-1 netip=${IPS[$i]} peer=$peer role=${ROLES[$i]} netmb=$NETMB $HOSTARG" \
     -display none -monitor none -serial "file:$WORK/serial$i.log" -no-reboot
 }
+# From the namespace: ping each guest (both ways through a TAP, the
+# bridge, and a server's switch), then send HOSTMB MiB to guest 2.
+from_namespace() {
+  local deadline=$(( $(date +%s) + TMO )) ip
+  for ip in "${IPS[@]}"; do
+    until ip netns exec "$NS" ping -c 1 -W 2 "$ip" > /dev/null 2>&1; do
+      [ "$(date +%s)" -lt $deadline ] || { echo "HOST NS PING $ip FAILED"; return 1; }
+      sleep 1
+    done
+    ip netns exec "$NS" ping -c 3 -W 2 "$ip" | tail -n 2
+    echo "HOST NS PING $ip OK ($(el) s)"
+  done
+  until ip netns exec "$NS" bash -c "cat '$WORK/hostdata' > /dev/tcp/${IPS[1]}/5001" 2> /dev/null; do
+    [ "$(date +%s)" -lt $deadline ] || { echo "HOST NS SEND FAILED"; return 1; }
+    sleep 1
+  done
+  echo "HOST NS SENT $HOSTMB MiB to ${IPS[1]}:5001 md5=$(md5sum < "$WORK/hostdata" | cut -d' ' -f1) ($(el) s)"
+}
+HOSTARG=; [ "$UPLINK" = 1 ] && HOSTARG="hostmb=$HOSTMB"
 echo "host: booting two guests ($(el) s)"
 guest 0 & G0=$!
 guest 1 & G1=$!
 PIDS+=($G0 $G1)
+NSRC=0
+if [ "$UPLINK" = 1 ]; then from_namespace; NSRC=$?; fi
 wait $G0; Q0=$?; wait $G1; Q1=$?
 echo "host: qemu exit rc=$Q0/$Q1 after $(el) s (124 = timeout)"
 for i in 0 1; do
@@ -88,8 +142,12 @@ for i in 0 1; do
   echo "---- vrio-client $i (rc=$rc):"; tail -n 30 "$WORK/client$i.log"
 done
 PIDS=()
-kill -TERM "$SPID"; wait "$SPID"; SRC=$?; SPID=
-echo "---- vrio-server (rc=$SRC):"; cat "$WORK/server.log"
+SRC=0
+for j in "${!SPIDS[@]}"; do
+  kill -TERM "${SPIDS[$j]}"; wait "${SPIDS[$j]}"; rc=$?; [ "$rc" = 0 ] || SRC=$rc
+  echo "---- vrio-server $j (rc=$rc):"; cat "$WORK/server$j.log"
+done
+SPIDS=()
 
 ok=1
 G0=$(tr -d '\r' < "$WORK/serial0.log"); G1=$(tr -d '\r' < "$WORK/serial1.log")
@@ -100,6 +158,11 @@ R=$(sed -n 's/.*NET RECV md5=\([0-9a-f]*\).*/\1/p' <<< "$G1" | head -n1)
 if [ -n "$S" ] && [ "$S" = "$R" ]; then echo "HOST MD5 OK md5=$S ($NETMB MiB)"; else echo "HOST MD5 MISMATCH sent=${S:-none} received=${R:-none}"; ok=0; fi
 sed -n 's/.*\(NET SENT .*\)/host: \1/p' <<< "$G0"
 for g in "$G0" "$G1"; do grep -q "VRIO-GUEST-DONE rc=0" <<< "$g" || { echo "host: a guest script failed"; ok=0; }; done
+if [ "$UPLINK" = 1 ]; then
+  H=$(sed -n 's/.*NET HOSTRECV md5=\([0-9a-f]*\).*/\1/p' <<< "$G1" | head -n1)
+  W=$(md5sum < "$WORK/hostdata" | cut -d' ' -f1)
+  if [ "$NSRC" = 0 ] && [ "$H" = "$W" ]; then echo "HOST NS MD5 OK md5=$W ($HOSTMB MiB)"; else echo "HOST NS MD5 MISMATCH sent=$W received=${H:-none} (namespace rc=$NSRC)"; ok=0; fi
+fi
 [ "$Q0" = 0 ] && [ "$Q1" = 0 ] || ok=0
 [ "$CRC" = 0 ] || ok=0
 [ "$SRC" = 0 ] || ok=0

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use vrio_core::blk::{BlockBackend, BlockConfig, FileBackend, MemoryBackend};
+use vrio_core::net::{PortSnapshot, TapUplink};
 use vrio_core::remote::{IoServer, IoServerConfig};
 use vrio_examples::control::{join_as_server, ControlOpts};
 use vrio_examples::{
@@ -27,7 +28,8 @@ enum Disk {
     File,
 }
 
-/// Serve remote guests' virtio-blk queues with polling sidecores.
+/// Serve remote guests' virtio-blk and virtio-net queues with polling
+/// sidecores; net devices share one switch, with an optional TAP uplink.
 #[derive(Parser, Debug)]
 #[command(
     version,
@@ -36,7 +38,9 @@ enum Disk {
     after_help = "Examples:\n  \
         vrio-server --listen 127.0.0.1:7420 --sidecores 2\n  \
         VRIO_TOKEN=secret vrio-server --listen 127.0.0.1:7421 --controller 127.0.0.1:7470 --server-id io-1 \\\n    \
-        --disk file --file /var/lib/vrio/disk.img"
+        --disk file --file /var/lib/vrio/disk.img\n  \
+        vrio-server --listen 127.0.0.1:7420 --uplink-tap vrio0\n    \
+        (then: ip addr add 10.0.0.254/24 dev vrio0; ip link set vrio0 up)"
 )]
 struct Args {
     /// Address to listen on: IP:PORT (port 0 picks one), or unix:PATH for
@@ -82,6 +86,12 @@ struct Args {
     token: Option<String>,
     #[command(flatten)]
     tls: vrio_examples::control::TlsArgs,
+    /// Join the net devices' switch to this TAP device (created if it does
+    /// not exist; needs CAP_NET_ADMIN), making the server the guests'
+    /// gateway. Address it, bridge it or move it to a namespace with `ip`;
+    /// its descriptor keeps working wherever the link goes.
+    #[arg(long, value_name = "NAME")]
+    uplink_tap: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -132,6 +142,17 @@ fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
         a.size_mib
     );
     let server = Arc::new(server);
+    let uplink = match &a.uplink_tap {
+        Some(name) => {
+            let u = TapUplink::start(server.net().switch(), name)?;
+            println!(
+                "vrio-server: uplink TAP {name} joined to the switch as port {}",
+                u.port().id()
+            );
+            Some(u)
+        }
+        None => None,
+    };
     let mut member = match &a.controller {
         Some(addr) => {
             let id = a
@@ -168,17 +189,18 @@ fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
         if end.is_some_and(|e| t0.elapsed() >= e) {
             break;
         }
-        print_stats(&server, "stats");
+        print_stats(&server, uplink.as_ref(), "stats");
     }
     if let Some(m) = member.as_mut() {
         m.stop();
     }
-    print_stats(&server, "final");
+    print_stats(&server, uplink.as_ref(), "final");
+    drop(uplink);
     server.stop();
     Ok(())
 }
 
-fn print_stats(server: &IoServer, what: &str) {
+fn print_stats(server: &IoServer, uplink: Option<&TapUplink>, what: &str) {
     let f = server.stats().snapshot();
     let s = server.sidecore_stats();
     println!(
@@ -196,6 +218,27 @@ fn print_stats(server: &IoServer, what: &str) {
         server.sidecore_moves()
     );
     print_net_stats(server, what);
+    if let Some(u) = uplink {
+        let p = u.port().stats().snapshot();
+        println!(
+            "vrio-server: uplink {}: from the TAP {} frames {} bytes, to the TAP {} frames {} bytes, drops {} [{}] ({what})",
+            u.port().name(),
+            p.rx_packets,
+            p.rx_bytes,
+            p.tx_packets,
+            p.tx_bytes,
+            p.total_drops(),
+            drop_reasons(&p)
+        );
+    }
+}
+
+fn drop_reasons(p: &PortSnapshot) -> String {
+    p.nonzero_drops()
+        .iter()
+        .map(|(r, k)| format!("{}={k}", r.name()))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The net queues' counters and each port's, with its drops by reason
@@ -216,11 +259,6 @@ fn print_net_stats(server: &IoServer, what: &str) {
         ports.len()
     );
     for (id, p) in ports {
-        let reasons: Vec<String> = p
-            .nonzero_drops()
-            .iter()
-            .map(|(r, k)| format!("{}={k}", r.name()))
-            .collect();
         println!(
             "vrio-server: net port dev{id}: from guest {} frames {} bytes, to guest {} frames {} bytes, drops {} [{}]",
             p.rx_packets,
@@ -228,7 +266,7 @@ fn print_net_stats(server: &IoServer, what: &str) {
             p.tx_packets,
             p.tx_bytes,
             p.total_drops(),
-            reasons.join(" ")
+            drop_reasons(&p)
         );
     }
 }

@@ -6,7 +6,8 @@
 //! [`rx`] are the device model proper, written over [`GuestMemory`] and
 //! [`DescriptorChain`] only, so the I/O server can run them over staged
 //! chains; [`switch`] (with [`fdb`], [`port`], [`uplink`]) moves frames
-//! between ports; [`tx_queue`] and [`rx_queue`] serve local rings with them
+//! between ports, and [`tap`] joins a TAP device to it as the uplink;
+//! [`tx_queue`] and [`rx_queue`] serve local rings with them
 //! (as `ServedQueue`s for the vhost-style worker or a sidecore); [`guest`],
 //! [`traffic`] and [`runner`] are the synthetic guests and the harness.
 //! Remote sidecores serve the same models over the fabric:
@@ -43,6 +44,7 @@ pub mod rx;
 pub mod rx_queue;
 pub mod stats;
 pub mod switch;
+pub mod tap;
 pub mod traffic;
 pub mod tx;
 pub mod tx_queue;
@@ -64,6 +66,7 @@ pub use rx::{Fit, FrameSource, RxChainError, RxDevice};
 pub use rx_queue::NetRxQueue;
 pub use stats::{DropReason, PortSnapshot, PortStats};
 pub use switch::{Forwarded, Switch, SwitchConfig};
+pub use tap::{Tap, TapError, TapUplink};
 pub use tx::TxDevice;
 pub use tx_queue::NetTxQueue;
 pub use uplink::{CaptureUplink, Uplink, UplinkError};
