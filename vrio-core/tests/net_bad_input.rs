@@ -51,8 +51,11 @@ fn bad_frames_are_dropped_counted_and_completed() {
     let mut drv = vrio_core::ring::DriverQueue::new(side.layout, side.features, None);
     let (ma, mb) = (a.guest.cfg.mac, b.guest.cfg.mac);
     let good = build_frame(mb, ma, 1, 100);
+    // A checksum field past the frame's end.
     let csum = NetHeader {
         flags: vrio_core::net::header::F_NEEDS_CSUM,
+        csum_start: 90,
+        csum_offset: 100,
         ..NetHeader::default()
     };
     let gso = NetHeader {
@@ -87,7 +90,8 @@ fn bad_frames_are_dropped_counted_and_completed() {
             vec![],
             Some(DropReason::Short),
         ),
-        // Offloads that were not negotiated.
+        // A checksum request outside the frame, and an offload that was
+        // not offered.
         (
             vec![tx_buf(&a, 4, csum, &good)],
             vec![],
@@ -290,4 +294,64 @@ fn a_full_backlog_drops_instead_of_growing() {
     }
     assert_eq!(b.port.backlog_len(), 8);
     assert_eq!(b.port.stats().snapshot().drops(DropReason::BacklogFull), 92);
+}
+
+/// The ones'-complement sum of `b` as big-endian words, folded.
+fn sum16(b: &[u8], mut acc: u32) -> u16 {
+    for w in b.chunks(2) {
+        acc += u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]));
+    }
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    acc as u16
+}
+
+#[test]
+fn a_partial_udp_checksum_is_completed_before_switching() {
+    let (_sw, mut a, b) = pair(true);
+    let mem = a.guest.memory().clone();
+    let side = a.guest.device_side(vrio_core::net::TX_QUEUE).unwrap();
+    let mut drv = vrio_core::ring::DriverQueue::new(side.layout, side.features, None);
+    let (ma, mb) = (a.guest.cfg.mac, b.guest.cfg.mac);
+    // Ethernet + IPv4 (20) + UDP (8) + 101 bytes of payload (odd).
+    let payload: Vec<u8> = (0..101u8).map(|i| i.wrapping_mul(37)).collect();
+    let udp_len = 8 + payload.len();
+    let mut f = Vec::new();
+    f.extend_from_slice(&mb.0);
+    f.extend_from_slice(&ma.0);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let (src, dst) = ([10, 0, 0, 1], [10, 0, 0, 2]);
+    f.extend_from_slice(&[0x45, 0, 0, 0, 0, 0, 0, 0, 64, 17, 0, 0]);
+    f[16..18].copy_from_slice(&((20 + udp_len) as u16).to_be_bytes());
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&[0x30, 0x39, 0x13, 0x88]);
+    f.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    // The driver seeds the field with the pseudo-header sum (not inverted).
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src);
+    pseudo.extend_from_slice(&dst);
+    pseudo.extend_from_slice(&[0, 17]);
+    pseudo.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    f.extend_from_slice(&sum16(&pseudo, 0).to_be_bytes());
+    f.extend_from_slice(&payload);
+    let hdr = NetHeader {
+        flags: vrio_core::net::header::F_NEEDS_CSUM,
+        csum_start: 34,
+        csum_offset: 6,
+        ..NetHeader::default()
+    };
+    drv.add(&*mem, &[tx_buf(&a, 0, hdr, &f)], &[], false)
+        .unwrap();
+    drv.publish(&*mem).unwrap();
+    a.tx.poll(8).unwrap();
+    assert_eq!(a.port.stats().snapshot().checksummed, 1);
+    let got = vrio_core::net::FrameSource::pop(&*b.port).expect("the frame was switched");
+    assert_eq!(got.len(), f.len());
+    assert_eq!(got[..40], f[..40], "only the checksum changed");
+    assert_eq!(got[42..], f[42..], "only the checksum changed");
+    assert_ne!(got[40..42], f[40..42], "the checksum was written");
+    // A receiver's check: pseudo-header + UDP header + payload sum to all ones.
+    assert_eq!(sum16(&got[34..], u32::from(sum16(&pseudo, 0))), 0xffff);
 }

@@ -260,9 +260,10 @@ fn print_net_stats(server: &IoServer, what: &str) {
     );
     for (id, p) in ports {
         println!(
-            "vrio-server: net port dev{id}: from guest {} frames {} bytes, to guest {} frames {} bytes, drops {} [{}]",
+            "vrio-server: net port dev{id}: from guest {} frames {} bytes ({} checksums completed), to guest {} frames {} bytes, drops {} [{}]",
             p.rx_packets,
             p.rx_bytes,
+            p.checksummed,
             p.tx_packets,
             p.tx_bytes,
             p.total_drops(),

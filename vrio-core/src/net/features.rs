@@ -1,14 +1,19 @@
 //! The feature bits a virtio-net device offers (§5.1.3) and what a driver
 //! may accept.
 //!
-//! Not offered: checksum offload (CSUM, GUEST_CSUM) and everything built on
-//! it (TSO, UFO, USO), CTRL_VQ and MQ. Offering CSUM honestly means
-//! completing partial checksums at the uplink and for guests that did not
-//! negotiate GUEST_CSUM; until that exists the TX header must carry no
-//! offload (see [`NetHeader::validate_tx`](super::NetHeader::validate_tx)).
+//! CSUM is offered: the device completes partial checksums in software at
+//! TX, before switching (see [`checksum`](super::checksum)), so the guest
+//! leaves that work to the I/O server and every port gets complete frames.
+//! Not offered: GUEST_CSUM (a receiver would need to know which frames it
+//! may skip verifying, and nothing here verifies them for it), the
+//! segmentation offloads built on CSUM (TSO, UFO, USO: frames larger than
+//! the MTU would need segmenting at every port that cannot take them),
+//! CTRL_VQ (Linux works without it: no promiscuous or VLAN filtering
+//! control, MAC from config space) and MQ.
 
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_STATUS,
 };
 
 use super::config::NetConfig;
@@ -22,6 +27,7 @@ pub fn device_features(cfg: &NetConfig) -> u64 {
         VIRTIO_F_VERSION_1,
         VIRTIO_RING_F_INDIRECT_DESC,
         VIRTIO_RING_F_EVENT_IDX,
+        VIRTIO_NET_F_CSUM,
         VIRTIO_NET_F_MAC,
         VIRTIO_NET_F_MRG_RXBUF,
         VIRTIO_NET_F_STATUS,
@@ -76,9 +82,12 @@ mod tests {
     #[test]
     fn offered_bits() {
         let f = device_features(&NetConfig::default());
-        // VERSION_1 (32), INDIRECT (28), EVENT_IDX (29), MAC (5),
-        // MRG_RXBUF (15), STATUS (16); no CSUM (0), GUEST_CSUM (1), MTU (3).
-        assert_eq!(f, 1 << 32 | 1 << 28 | 1 << 29 | 1 << 5 | 1 << 15 | 1 << 16);
+        // VERSION_1 (32), INDIRECT (28), EVENT_IDX (29), CSUM (0), MAC (5),
+        // MRG_RXBUF (15), STATUS (16); no GUEST_CSUM (1), MTU (3).
+        assert_eq!(
+            f,
+            1 << 32 | 1 << 28 | 1 << 29 | 1 | 1 << 5 | 1 << 15 | 1 << 16
+        );
         let m = device_features(&NetConfig {
             offer_mtu: true,
             ..NetConfig::default()
@@ -92,8 +101,8 @@ mod tests {
         let n = NetFeatures::negotiate(off, 1 << 32 | 1 << 15 | 1 << 29).unwrap();
         assert!(n.mergeable && n.ring.event_idx && !n.ring.indirect);
         assert_eq!(
-            NetFeatures::negotiate(off, 1 << 32 | 1),
-            Err(FeatureError::NotOffered(1))
+            NetFeatures::negotiate(off, 1 << 32 | 2),
+            Err(FeatureError::NotOffered(2))
         );
         assert_eq!(
             NetFeatures::negotiate(off, 1 << 15),

@@ -8,6 +8,7 @@
 
 use std::mem::size_of;
 
+use super::checksum::{check_partial, ChecksumError};
 use virtio_bindings::virtio_net::{
     virtio_net_hdr_mrg_rxbuf, VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_NONE,
@@ -34,9 +35,11 @@ pub struct NetHeader {
 /// Why a driver-supplied (TX) header was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum HeaderError {
-    /// §5.1.6.2.1: without VIRTIO_NET_F_CSUM the driver MUST set flags to 0.
-    #[error("header flags {0:#x} set, but no checksum offload was negotiated")]
+    /// Only NEEDS_CSUM may be set on TX (DATA_VALID is the device's, §5.1.6.2.1).
+    #[error("header flags {0:#x}: only NEEDS_CSUM is allowed on transmit")]
     Flags(u8),
+    #[error(transparent)]
+    Checksum(#[from] ChecksumError),
     /// §5.1.6.2.1: without any GSO feature gso_type MUST be GSO_NONE.
     #[error("gso_type {0} set, but no segmentation offload was negotiated")]
     Gso(u8),
@@ -85,17 +88,27 @@ impl NetHeader {
         }
     }
 
-    /// Checks a TX header for a device that offers no offloads. The other
-    /// fields are only meaningful with flags or GSO set, so they are not
-    /// looked at; `num_buffers` is ignored on TX (§5.1.6.2.2).
-    pub fn validate_tx(&self) -> Result<(), HeaderError> {
-        if self.flags != 0 {
+    /// Checks a TX header for a frame of `frame_len` bytes, for a device
+    /// that offers CSUM and no segmentation: NEEDS_CSUM must point inside
+    /// the frame. The device completes the checksum whether or not the
+    /// driver acked CSUM (a driver that did not must not ask; doing it
+    /// anyway harms nobody). `hdr_len` and `gso_size` only matter with GSO;
+    /// `num_buffers` is ignored on TX (§5.1.6.2.2).
+    pub fn validate_tx(&self, frame_len: usize) -> Result<(), HeaderError> {
+        if self.flags & !F_NEEDS_CSUM != 0 {
             return Err(HeaderError::Flags(self.flags));
         }
         if self.gso_type != GSO_NONE {
             return Err(HeaderError::Gso(self.gso_type));
         }
+        if self.needs_csum() {
+            check_partial(self.csum_start, self.csum_offset, frame_len)?;
+        }
         Ok(())
+    }
+
+    pub fn needs_csum(&self) -> bool {
+        self.flags & F_NEEDS_CSUM != 0
     }
 }
 
@@ -126,22 +139,31 @@ mod tests {
 
     #[test]
     fn tx_header_rules() {
-        assert_eq!(NetHeader::default().validate_tx(), Ok(()));
+        assert_eq!(NetHeader::default().validate_tx(60), Ok(()));
         let nb = NetHeader {
             num_buffers: 7,
             csum_start: 9,
             ..NetHeader::default()
         };
-        assert_eq!(nb.validate_tx(), Ok(()));
+        assert_eq!(nb.validate_tx(60), Ok(()));
+        // TCP over IPv4: checksum field at 34 + 16.
         let f = NetHeader {
             flags: F_NEEDS_CSUM,
+            csum_start: 34,
+            csum_offset: 16,
             ..NetHeader::default()
         };
-        assert_eq!(f.validate_tx(), Err(HeaderError::Flags(1)));
+        assert_eq!(f.validate_tx(54), Ok(()));
+        assert!(matches!(f.validate_tx(51), Err(HeaderError::Checksum(_))));
+        let v = NetHeader {
+            flags: F_DATA_VALID,
+            ..NetHeader::default()
+        };
+        assert_eq!(v.validate_tx(60), Err(HeaderError::Flags(2)));
         let g = NetHeader {
             gso_type: 1,
             ..NetHeader::default()
         };
-        assert_eq!(g.validate_tx(), Err(HeaderError::Gso(1)));
+        assert_eq!(g.validate_tx(60), Err(HeaderError::Gso(1)));
     }
 }

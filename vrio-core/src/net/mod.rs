@@ -22,13 +22,15 @@
 //! chains the queue holds; for the second, [`FrameSource`] (peek, pop, and
 //! `arm` to be woken by the next frame). See `rx.rs` for the details.
 //!
-//! Not offered: checksum and segmentation offloads, CTRL_VQ, MQ (see
+//! Offered offload: CSUM only, completed in software at TX ([`checksum`]).
+//! Not offered: GUEST_CSUM, segmentation offloads, CTRL_VQ, MQ (see
 //! `features.rs`).
 //!
 //! [`GuestMemory`]: crate::memory::GuestMemory
 //! [`DescriptorChain`]: crate::ring::DescriptorChain
 //! [`DeviceModel`]: crate::device::DeviceModel
 
+pub mod checksum;
 pub mod config;
 mod copy;
 pub mod fdb;

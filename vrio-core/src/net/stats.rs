@@ -69,6 +69,7 @@ pub struct PortStats {
     rx_bytes: AtomicU64,
     tx_packets: AtomicU64,
     tx_bytes: AtomicU64,
+    checksummed: AtomicU64,
     drops: [AtomicU64; DropReason::ALL.len()],
 }
 
@@ -80,6 +81,10 @@ impl PortStats {
     pub fn delivered(&self, bytes: usize) {
         self.tx_packets.fetch_add(1, Relaxed);
         self.tx_bytes.fetch_add(bytes as u64, Relaxed);
+    }
+    /// A transmitted frame whose partial checksum the device completed.
+    pub fn checksummed(&self) {
+        self.checksummed.fetch_add(1, Relaxed);
     }
     pub fn dropped(&self, reason: DropReason) {
         self.drops[reason.index()].fetch_add(1, Relaxed);
@@ -94,6 +99,7 @@ impl PortStats {
             rx_bytes: self.rx_bytes.load(Relaxed),
             tx_packets: self.tx_packets.load(Relaxed),
             tx_bytes: self.tx_bytes.load(Relaxed),
+            checksummed: self.checksummed.load(Relaxed),
             drops,
         }
     }
@@ -105,6 +111,8 @@ pub struct PortSnapshot {
     pub rx_bytes: u64,
     pub tx_packets: u64,
     pub tx_bytes: u64,
+    /// Frames from the port whose checksum the device completed (CSUM).
+    pub checksummed: u64,
     drops: [u64; DropReason::ALL.len()],
 }
 

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use super::checksum::complete_partial;
 use super::copy::gather;
 use super::frame::ETH_HLEN;
 use super::header::{NetHeader, HDR_LEN};
@@ -57,7 +58,8 @@ impl TxDevice {
         }
         let mut hb = [0u8; HDR_LEN];
         gather(mem, &chain.readable, 0, &mut hb)?;
-        if let Err(e) = NetHeader::from_bytes(&hb).validate_tx() {
+        let hdr = NetHeader::from_bytes(&hb);
+        if let Err(e) = hdr.validate_tx(len as usize) {
             tracing::debug!(port = self.port.name(), error = %e, "TX header refused");
             return Ok(self.drop_frame(DropReason::BadHeader));
         }
@@ -66,6 +68,13 @@ impl TxDevice {
         }
         let mut frame = vec![0u8; len as usize];
         gather(mem, &chain.readable, HDR_LEN as u64, &mut frame)?;
+        if hdr.needs_csum() {
+            // validate_tx checked the field lies in the frame.
+            if complete_partial(&mut frame, hdr.csum_start, hdr.csum_offset).is_err() {
+                return Ok(self.drop_frame(DropReason::BadHeader));
+            }
+            self.port.stats().checksummed();
+        }
         Ok(self.switch.forward(&self.port, frame))
     }
 }

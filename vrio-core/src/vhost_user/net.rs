@@ -21,8 +21,8 @@ use crate::remote::DeviceKind;
 pub const NET_QUEUES: u16 = 2;
 
 /// The features offered to the VMM: the I/O server's virtio-net device
-/// (VERSION_1, MAC, MRG_RXBUF, STATUS, EVENT_IDX, INDIRECT_DESC; no MTU,
-/// so the guest keeps 1500) and vhost-user's PROTOCOL_FEATURES, without
+/// (VERSION_1, CSUM, MAC, MRG_RXBUF, STATUS, EVENT_IDX, INDIRECT_DESC; no
+/// MTU, so the guest keeps 1500) and vhost-user's PROTOCOL_FEATURES, without
 /// which QEMU refuses to start the device. QEMU sends SET_VRING_ENABLE too
 /// early for the vhost crate: [`super::enable_shim`] sits in between.
 pub fn net_features(mac: MacAddr) -> u64 {
@@ -79,8 +79,8 @@ pub fn serve_net(
 mod tests {
     use vhost_user_backend::VhostUserBackend;
     use virtio_bindings::virtio_net::{
-        VIRTIO_NET_F_CSUM, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
-        VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+        VIRTIO_NET_F_CSUM, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MAC,
+        VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
     };
 
     use super::*;
@@ -108,6 +108,7 @@ mod tests {
         let f = b.features();
         for bit in [
             VIRTIO_F_VERSION_1,
+            VIRTIO_NET_F_CSUM,
             VIRTIO_NET_F_MAC,
             VIRTIO_NET_F_MRG_RXBUF,
             VIRTIO_NET_F_STATUS,
@@ -116,7 +117,7 @@ mod tests {
         ] {
             assert_ne!(f & (1 << bit), 0, "bit {bit}");
         }
-        for bit in [VIRTIO_NET_F_CSUM, VIRTIO_NET_F_CTRL_VQ] {
+        for bit in [VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_CTRL_VQ] {
             assert_eq!(f & (1 << bit), 0, "bit {bit} is not offered");
         }
         assert_ne!(f & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(), 0);
