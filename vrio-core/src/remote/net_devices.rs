@@ -88,6 +88,7 @@ impl NetDevices {
     /// The port of net device `device_id`, made on its first queue.
     pub fn port(&self, device_id: u64, mac: MacAddr) -> Result<Arc<Port>, String> {
         let mut ports = self.ports.lock().map_err(|_| "net ports poisoned")?;
+        self.prune(&mut ports);
         if let Some(p) = ports.get(&device_id) {
             if p.mac() != Some(mac) {
                 return Err(format!(
@@ -113,6 +114,23 @@ impl NetDevices {
         let p = self.switch.add_guest_port(&format!("dev{device_id}"), mac);
         ports.insert(device_id, p.clone());
         Ok(p)
+    }
+
+    /// Removes the ports of devices none of whose queues is served any
+    /// more (the VM went away, or its queues moved to another server), so
+    /// their addresses are free again. Done under the map's lock, the only
+    /// way to a port: a count of two (the map and the switch) cannot grow
+    /// meanwhile. A copy the switch holds for a moment while flooding only
+    /// postpones it to the next attach.
+    fn prune(&self, ports: &mut HashMap<u64, Arc<Port>>) {
+        ports.retain(|id, p| {
+            let served = Arc::strong_count(p) > 2;
+            if !served {
+                self.switch.remove_port(p.id());
+                tracing::info!(device = id, mac = ?p.mac(), "net device has no queue left: port removed");
+            }
+            served
+        });
     }
 
     /// §5.1.2: queue 0 receives, queue 1 transmits; no control queue or
@@ -153,6 +171,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_port_no_queue_holds_frees_its_address_for_the_next_device() {
+        let d = NetDevices::new(NetServerConfig::default());
+        let mac = MacAddr::local(7);
+        let p1 = d.port(1, mac).unwrap();
+        // While device 1's queues hold the port, nobody else takes the MAC.
+        let refused = d.port(2, mac).err().unwrap_or_default();
+        assert!(refused.contains("belongs to device 1"), "{refused}");
+        assert_eq!(d.port(1, mac).unwrap().id(), p1.id(), "one port per device");
+        let id = p1.id();
+        drop(p1);
+        let p2 = d.port(2, mac).unwrap();
+        assert_ne!(p2.id(), id);
+        assert!(
+            d.switch().port(id).is_none(),
+            "the old port left the switch"
+        );
+        assert_eq!(d.switch().ports().len(), 1);
+        assert_eq!(d.port_stats().len(), 1);
+    }
+
+    #[test]
     fn device_types_come_from_the_attach_or_the_configuration_and_must_agree() {
         let (m1, m2) = (MacAddr::local(1), MacAddr::local(2));
         let nd = NetDevices::new(NetServerConfig {
@@ -173,7 +212,7 @@ mod tests {
         assert_eq!(nd.switch().ports().len(), 1);
         // A declared device gets its MAC, unless another port holds it or
         // it is no unicast address.
-        assert!(nd.port(3, m2).is_ok());
+        let _p3 = nd.port(3, m2).unwrap();
         assert!(nd.port(4, m1).is_err(), "device 7 holds m1");
         assert!(nd.port(5, MacAddr::BROADCAST).is_err());
         assert!(nd.port(6, MacAddr([0; 6])).is_err());
