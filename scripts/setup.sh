@@ -29,7 +29,7 @@ fi
 STAMP=/var/lib/vrio-setup.v1
 for p in qemu-system-x86 linux-image-amd64 busybox-static cpio \
          rdma-core ibverbs-providers ibverbs-utils perftest rdmacm-utils iproute2 iputils-ping e2fsprogs fio \
-         etcd-server protobuf-compiler libprotobuf-dev; do
+         etcd-server protobuf-compiler libprotobuf-dev dpdk-dev librte-net-vhost23; do
   dpkg -s "$p" >/dev/null 2>&1 || { need_apt=1; break; }
 done
 if [ ! -f "$STAMP" ] || [ "$need_apt" = 1 ]; then
@@ -45,6 +45,8 @@ if [ ! -f "$STAMP" ] || [ "$need_apt" = 1 ]; then
   # vrio-control's etcd store (feature etcd): the test runs etcd, and etcd-client's
   # build script needs protoc with the well-known types.
   apt-get install -y -q --no-install-recommends etcd-server protobuf-compiler libprotobuf-dev
+  # The net benchmark's reference back-end: dpdk-testpmd's vhost-user ports.
+  apt-get install -y -q --no-install-recommends dpdk-dev librte-net-vhost23
   apt-get install -y -q --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils
   ls /boot/vmlinuz-*-amd64 >/dev/null 2>&1 || apt-get install -y -q --no-install-recommends linux-image-amd64
   dpkg -s linux-image-amd64 >/dev/null 2>&1 || apt-get install -y -q --no-install-recommends linux-image-amd64

@@ -8,6 +8,7 @@
 #                  data, prints its md5 and sends it once the peer answers.
 #   hostmb=N       (recv) also take N MiB on port 5001 from the host's side
 #                  of the uplink and print its md5 ("NET HOSTRECV").
+#   pings=N        echo requests timed once the peer answers (default 3)
 # Both ping the peer first ("PING <peer> rc=0").
 arg() { sed -n "s/.*[[:space:]]$1=\([^[:space:]]*\).*/\1/p;s/^$1=\([^[:space:]]*\).*/\1/p" /proc/cmdline | head -n1; }
 log() { echo "VRIO[$(cut -d' ' -f1 /proc/uptime)] $*"; }
@@ -15,6 +16,7 @@ fail() { log "FAIL $*"; dmesg | tail -20; exit 1; }
 IP=$(arg netip); PEER=$(arg peer); ROLE=$(arg role)
 MB=$(arg netmb); MB=${MB:-64}
 HOSTMB=$(arg hostmb)
+PINGS=$(arg pings); PINGS=${PINGS:-3}
 PORT=5000
 [ -n "$IP" ] && [ -n "$PEER" ] && [ -n "$ROLE" ] || fail "netip, peer and role are needed"
 
@@ -36,7 +38,7 @@ ok=1
 for i in $(seq 60); do
   if ping -c 1 -W 2 "$PEER" > /dev/null 2>&1; then ok=0; break; fi
 done
-ping -c 3 -W 2 "$PEER"; rc=$?
+ping -c "$PINGS" -W 2 "$PEER"; rc=$?
 [ $ok = 0 ] && [ $rc = 0 ] || rc=1
 log "PING $PEER rc=$rc"
 [ $rc = 0 ] || fail "no ping reply from $PEER"

@@ -15,9 +15,13 @@
 # of the gateway) pings both guests and sends HOSTMB MiB over TCP to
 # guest 2 (port 5001), compared by md5. Needs root.
 #
+# FRONT=testpmd: the same two guests on DPDK testpmd's vhost-user ports
+# (io forwarding, port 0 <-> port 1) instead of vrio: the reference the
+# benchmark (compare-net.sh) measures vrio against.
+#
 # Usage: run-net.sh VRIO-SERVER VRIO-CLIENT [GUEST-SCRIPT]
 # Env:   MEM (MiB per guest, 512), TMO (guest timeout s, 300), NETMB (64),
-#        UPLINK (0), HOSTMB (8, with UPLINK),
+#        UPLINK (0), HOSTMB (8, with UPLINK), FRONT (vrio), PINGS (3),
 #        WORK (temp dir), KEEP (keep WORK), SERIAL_TAIL (lines shown, 60)
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -25,7 +29,7 @@ SERVER=${1:?usage: run-net.sh VRIO-SERVER VRIO-CLIENT [GUEST-SCRIPT]}
 CLIENT=${2:?vrio-client missing}
 SCRIPT=${3:-$HERE/net.sh}
 MEM=${MEM:-512}; TMO=${TMO:-300}; NETMB=${NETMB:-64}
-UPLINK=${UPLINK:-0}; HOSTMB=${HOSTMB:-8}
+UPLINK=${UPLINK:-0}; HOSTMB=${HOSTMB:-8}; FRONT=${FRONT:-vrio}; PINGS=${PINGS:-3}
 KVER=${KVER:-$(ls /boot/vmlinuz-*-amd64 | sed "s|/boot/vmlinuz-||" | sort -V | tail -n1)}
 WORK=${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/vrio-vhost-net.XXXXXX")}
 mkdir -p "$WORK"
@@ -44,6 +48,7 @@ EXTRA_MODULES=virtio_net "$HERE/build-initramfs.sh" "$WORK/initramfs.cpio.gz" "$
   || { echo "RESULT: FAIL (initramfs)"; exit 1; }
 
 NSERVERS=1; [ "$UPLINK" = 1 ] && NSERVERS=2
+[ "$FRONT" = testpmd ] && NSERVERS=0
 ADDRS=(); TAPS=()
 for j in $(seq 0 $((NSERVERS - 1))); do
   UP=()
@@ -79,12 +84,27 @@ MACS=(52:54:00:00:00:01 52:54:00:00:00:02)
 IPS=(10.0.0.1 10.0.0.2)
 ROLES=(send recv)
 CPIDS=()
-for i in 0 1; do
+if [ "$FRONT" = testpmd ]; then
+  command -v dpdk-testpmd > /dev/null || { echo "dpdk-testpmd missing (scripts/setup.sh installs dpdk-dev)"; echo "RESULT: FAIL"; exit 1; }
+  # EAL (as root) writes /run/dpdk/<prefix>: give it a private /run. With
+  # --stats-period testpmd runs until SIGINT instead of reading stdin.
+  mkdir -p "$WORK/run"
+  unshare --mount --propagation private sh -c "mount --bind '$WORK/run' /run && exec \"\$0\" \"\$@\"" \
+    dpdk-testpmd -l 0,1 -n 1 --no-huge -m 256 --no-pci --file-prefix="vrionet$$" \
+    --vdev "net_vhost0,iface=$WORK/vun0.sock,queues=1" --vdev "net_vhost1,iface=$WORK/vun1.sock,queues=1" \
+    -- --forward-mode=io --port-topology=paired --nb-cores=1 --rxq=1 --txq=1 \
+    --total-num-mbufs=8192 --auto-start --stats-period 3600 > "$WORK/testpmd.log" 2>&1 &
+  SPIDS+=($!)
+  for _ in $(seq 100); do [ -S "$WORK/vun0.sock" ] && [ -S "$WORK/vun1.sock" ] && break; sleep 0.2; done
+  [ -S "$WORK/vun1.sock" ] || { echo "testpmd did not make its sockets:"; cat "$WORK/testpmd.log"; echo "RESULT: FAIL"; exit 1; }
+  echo "host: dpdk-testpmd serves $WORK/vun0.sock and vun1.sock"
+fi
+for i in $(seq 0 $((NSERVERS > 0 ? 1 : -1))); do
   RUST_LOG=${RUST_LOG:-info} "$CLIENT" vhost-user-net --fabric soft --socket "$WORK/vun$i.sock" \
     --server "${ADDRS[$((i % NSERVERS))]}" --mac "${MACS[$i]}" --device-id $((i + 1)) --once > "$WORK/client$i.log" 2>&1 &
   CPIDS+=($!); PIDS+=($!)
 done
-for i in 0 1; do
+for i in "${!CPIDS[@]}"; do
   for _ in $(seq 200); do [ -S "$WORK/vun$i.sock" ] && grep -q 'waiting for a VMM' "$WORK/client$i.log" && break; sleep 0.05; done
   grep -q 'waiting for a VMM' "$WORK/client$i.log" || { echo "vrio-client $i did not start:"; cat "$WORK/client$i.log"; echo "RESULT: FAIL"; exit 1; }
   head -n1 "$WORK/client$i.log"
@@ -98,7 +118,7 @@ guest() {  # guest I
     -netdev vhost-user,id=n0,chardev=c0,queues=1 \
     -device virtio-net-pci,netdev=n0,mac="${MACS[$i]}" \
     -kernel "/boot/vmlinuz-$KVER" -initrd "$WORK/initramfs.cpio.gz" \
-    -append "console=ttyS0 loglevel=4 panic=-1 netip=${IPS[$i]} peer=$peer role=${ROLES[$i]} netmb=$NETMB $HOSTARG" \
+    -append "console=ttyS0 loglevel=4 panic=-1 netip=${IPS[$i]} peer=$peer role=${ROLES[$i]} netmb=$NETMB pings=$PINGS $HOSTARG" \
     -display none -monitor none -serial "file:$WORK/serial$i.log" -no-reboot
 }
 # From the namespace: ping each guest (both ways through a TAP, the
@@ -134,7 +154,7 @@ for i in 0 1; do
 done
 # --once: each client exits when its QEMU disconnects.
 CRC=0
-for i in 0 1; do
+for i in "${!CPIDS[@]}"; do
   p=${CPIDS[$i]}
   for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
   if kill -0 "$p" 2>/dev/null; then echo "host: vrio-client $i still running after the VMM left"; kill "$p"; CRC=99; fi
@@ -143,10 +163,16 @@ for i in 0 1; do
 done
 PIDS=()
 SRC=0
-for j in "${!SPIDS[@]}"; do
-  kill -TERM "${SPIDS[$j]}"; wait "${SPIDS[$j]}"; rc=$?; [ "$rc" = 0 ] || SRC=$rc
-  echo "---- vrio-server $j (rc=$rc):"; cat "$WORK/server$j.log"
-done
+if [ "$FRONT" = testpmd ]; then
+  # SIGINT: testpmd prints its port counters and exits.
+  kill -INT "${SPIDS[0]}"; wait "${SPIDS[0]}"; rc=$?
+  echo "---- dpdk-testpmd (rc=$rc):"; grep -aE 'Port [01]|RX-packets|TX-packets|RX-dropped|Error|error' "$WORK/testpmd.log" | tail -20
+else
+  for j in "${!SPIDS[@]}"; do
+    kill -TERM "${SPIDS[$j]}"; wait "${SPIDS[$j]}"; rc=$?; [ "$rc" = 0 ] || SRC=$rc
+    echo "---- vrio-server $j (rc=$rc):"; cat "$WORK/server$j.log"
+  done
+fi
 SPIDS=()
 
 ok=1
