@@ -25,13 +25,19 @@
 #        the guest prints "RECONNECT IO START" and start it again on the same
 #        socket after RESTART_DELAY s (0.5); "T+H" first SIGSTOPs it at T and
 #        kills it H s later, so the guest surely has requests in flight;
+#        "T*H" SIGSTOPs the I/O server at T instead, kills the client H s
+#        later and SIGCONTs the server before the restart, so requests the
+#        client saw (and recorded in the inflight region) are in flight;
 #        QEMU's chardev reconnects every RECONNECT_MS ms (500); needs BOOTS=1
 #        and a vrio back-end),
 #        BACKEND=controlled: vrio-controller (next to VRIO-SERVER) and two
 #        vrio-servers io-a and io-b on the same backing file; the client asks
 #        the controller where each vring goes and follows its moves;
 #        MOVES (e.g. "4 8 12": that many seconds after "RECONNECT IO START",
-#        vrio-ctl moves every queue to the other server, io-b first)
+#        vrio-ctl moves every queue to the other server, io-b first),
+#        HOTPLUG (MiB: QEMU gets -m MEM,slots=2,maxmem=MEM+HOTPLUG and an HMP
+#        monitor socket; when the guest prints "HOTPLUG READY", a pc-dimm
+#        of that size on a shared memfd is plugged; guest: hotplug.sh)
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 SERVER=${1:?usage: run.sh VRIO-SERVER VRIO-CLIENT [GUEST-SCRIPT]}
@@ -43,8 +49,9 @@ KVER=${KVER:-$(ls /boot/vmlinuz-*-amd64 | sed "s|/boot/vmlinuz-||" | sort -V | t
 WORK=${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/vrio-vhost.XXXXXX")}
 mkdir -p "$WORK"
 DISK=$WORK/disk.raw; SOCK=$WORK/vub.sock; SERIAL=$WORK/serial.log
-SPID=; CPID=; KPID=; SPIDS=(); MPID=
+SPID=; CPID=; KPID=; SPIDS=(); MPID=; HPID=
 cleanup() {
+  [ -n "$HPID" ] && kill "$HPID" 2>/dev/null
   [ -n "$KPID" ] && kill "$KPID" 2>/dev/null
   [ -n "$MPID" ] && kill "$MPID" 2>/dev/null
   for p in "${SPIDS[@]}"; do kill "$p" 2>/dev/null; done
@@ -83,7 +90,7 @@ start_client() {
 # KILLS: kills and restarts the client under the running guest; exits with
 # the last client's status (96: no restart happened).
 restarts() {
-  local n=0 t0 k at hang pid tk
+  local n=0 t0 k at hang pid tk frozen
   for _ in $(seq 3000); do
     grep -aq "RECONNECT IO START" "$SERIAL" 2>/dev/null && break
     [ -e "$WORK/qemu.done" ] && break
@@ -92,11 +99,17 @@ restarts() {
   grep -aq "RECONNECT IO START" "$SERIAL" 2>/dev/null || { echo "host: the guest never started its I/O loop: no restart"; exit 96; }
   t0=$(date +%s.%N)
   for k in $KILLS; do
-    at=${k%%+*}; hang=; [ "$at" = "$k" ] || hang=${k#*+}
+    at=${k%%[+*]*}; hang=; frozen=client
+    case $k in *+*) hang=${k#*+} ;; *"*"*) hang=${k#*"*"}; frozen=server ;; esac
     sleep "$(awk -v t="$t0" -v k="$at" -v n="$(date +%s.%N)" 'BEGIN{d=t+k-n; printf "%.2f", (d>0)?d:0}')"
     [ -e "$WORK/qemu.done" ] && break
     pid=$(cat "$WORK/client.pid")
-    if [ -n "$hang" ]; then
+    if [ -n "$hang" ] && [ "$frozen" = server ]; then
+      [ -n "$SPID" ] || { echo "host: no I/O server to freeze"; exit 93; }
+      kill -STOP "$SPID" || exit 93
+      echo "host: SIGSTOP vrio-server (pid $SPID) at +$at s of guest I/O"
+      sleep "$hang"
+    elif [ -n "$hang" ]; then
       kill -STOP "$pid" || { echo "host: vrio-client $pid was not running"; exit 94; }
       echo "host: SIGSTOP vrio-client (pid $pid) at +$at s of guest I/O"
       sleep "$hang"
@@ -104,6 +117,7 @@ restarts() {
     tk=$(date +%s.%N)
     kill -KILL "$pid" || { echo "host: vrio-client $pid was not running"; exit 94; }
     echo "host: SIGKILL vrio-client (pid $pid) at +$k s of guest I/O"
+    if [ "$frozen" = server ] && [ -n "$hang" ]; then kill -CONT "$SPID"; echo "host: SIGCONT vrio-server"; fi
     sleep "$RESTART_DELAY"
     start_client || exit 95
     n=$((n + 1))
@@ -192,19 +206,60 @@ if [ -n "$KILLS" ]; then
   restarts & KPID=$!
   CHR=",reconnect-ms=$RECONNECT_MS"
 fi
+# HOTPLUG: plugs a DIMM through the HMP monitor when the guest is ready.
+HOTPLUG=${HOTPLUG:-}; MEMOPT="${MEM}M"; MON=none
+if [ -n "$HOTPLUG" ]; then
+  MEMOPT="${MEM}M,slots=2,maxmem=$((MEM + HOTPLUG))M"; MON="unix:$WORK/mon.sock,server=on,wait=off"
+  hotplugger() {
+    for _ in $(seq 3000); do
+      grep -aq "HOTPLUG READY" "$SERIAL" 2>/dev/null && break
+      [ -e "$WORK/qemu.done" ] && break
+      sleep 0.1
+    done
+    grep -aq "HOTPLUG READY" "$SERIAL" 2>/dev/null || { echo "host: the guest never got ready for the hot-plug"; exit 1; }
+    python3 - "$WORK/mon.sock" \
+      "object_add memory-backend-memfd,id=hpmem0,size=${HOTPLUG}M,share=on" \
+      "device_add pc-dimm,id=dimm0,memdev=hpmem0" "info memory-devices" <<'PY'
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+def prompt():
+    buf = b""
+    while not buf.endswith(b"(qemu) "):
+        chunk = s.recv(4096)
+        if not chunk:
+            sys.exit("host: the monitor closed")
+        buf += chunk
+    return buf.decode(errors="replace")
+prompt()
+for cmd in sys.argv[2:]:
+    s.sendall(cmd.encode() + b"\n")
+    out = prompt().replace("\r", "").replace("(qemu) ", "")
+    lines = [l for l in out.splitlines() if l.strip() and cmd not in l and "\x1b" not in l]
+    print("host: hmp: %s -> %s" % (cmd, " | ".join(lines) or "ok"))
+    if any("rror" in l for l in lines):
+        sys.exit(1)
+PY
+    local rc=$?
+    [ "$rc" = 0 ] && echo "host: hot-plugged a ${HOTPLUG} MiB pc-dimm (memfd, share=on)" || echo "host: the hot-plug failed"
+    return $rc
+  }
+fi
 QRC=0
 for boot in $(seq "$BOOTS"); do
 echo "host: booting guest $boot of $BOOTS ($(el) s)"
 rm -f "$SERIAL"
-timeout "$TMO" qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp "$SMP" -m "${MEM}M" \
+[ -n "$HOTPLUG" ] && { hotplugger & HPID=$!; }
+timeout "$TMO" qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp "$SMP" -m "$MEMOPT" \
   -object memory-backend-memfd,id=mem,size=${MEM}M,share=on -numa node,memdev=mem \
   -chardev socket,id=vub0,path="$SOCK"$CHR \
   -device vhost-user-blk-pci,chardev=vub0,num-queues="$NQ" \
   -kernel "/boot/vmlinuz-$KVER" -initrd "$WORK/initramfs.cpio.gz" \
   -append "console=ttyS0 loglevel=4 panic=-1 blkmb=$BLKMB patoff=$PATOFF fsmb=$FSMB ${APPEND:-}" \
-  -nic none -display none -monitor none -serial "file:$SERIAL" -no-reboot
+  -nic none -display none -monitor "$MON" -serial "file:$SERIAL" -no-reboot
 rc=$?
 touch "$WORK/qemu.done"
+if [ -n "$HPID" ]; then wait "$HPID" || QRC=1; HPID=; fi
 echo "host: qemu exit rc=$rc after $(el) s (124 = timeout)"
 [ "$rc" = 0 ] || QRC=$rc
 echo "---- guest $boot serial:"; tr -d '\r' < "$SERIAL" | grep -avE '^\s*$' | tail -n "${SERIAL_TAIL:-200}"

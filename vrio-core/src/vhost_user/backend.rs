@@ -20,6 +20,17 @@
 //! timer ([`RESCAN`]) attaches a started vring with requests waiting even
 //! without a kick, and a resumed vring interrupts the guest once, in case
 //! the dead process published completions without signalling them.
+//!
+//! With the VMM's inflight region ([`VrioBlkBackend::set_inflight`], from
+//! the relay), each vring's avail and used entries are recorded in it (on
+//! kicks, completions and the rescan tick: see [`super::inflight`]), and an
+//! attach first reads it back: the requests it holds in flight are the
+//! ones resubmitted, reconciled with the used ring and the VMM's base.
+//!
+//! Memory hot-plug: a new memory table while vrings run detaches each
+//! attached vring (drained) and attaches it again at its index with the
+//! new table, so the agent registers the new regions with the fabric (or
+//! the sidecore queue gets the new mappings).
 
 use std::io;
 use std::ops::Deref;
@@ -48,6 +59,8 @@ use crate::remote::{
 };
 use crate::ring::{RingFeatures, RingLayout, RingState};
 use crate::sidecore::SidecoreHandle;
+
+use super::inflight::{InflightRegion, QueueTracker};
 
 // Offsets in `struct virtio_blk_config` (§5.2.4).
 const SIZE_MAX_OFFSET: usize = 8;
@@ -212,6 +225,21 @@ struct QueueState {
     ring: Option<(RingLayout, Arc<LocalMemory>, VringRwLock<Mem>)>,
     /// Set when attaching failed; cleared when the VMM restarts the vring.
     failed: bool,
+    /// Held detached while the memory table changes (no kick re-attaches).
+    paused: bool,
+    /// This vring's bookkeeping in the inflight region.
+    tracker: Option<QueueTracker>,
+}
+
+/// A vring just attached: who serves it, our ends of its kick and call,
+/// where it lives, the index it resumed at and its inflight bookkeeping.
+struct Attached {
+    dev: Served,
+    kick: EventFd,
+    call: EventFd,
+    layout: RingLayout,
+    base: u16,
+    tracker: Option<QueueTracker>,
 }
 
 #[derive(Default)]
@@ -219,6 +247,8 @@ struct State {
     mem: Option<Arc<LocalMemory>>,
     acked: u64,
     queues: Vec<QueueState>,
+    /// The VMM's inflight region (SET_INFLIGHT_FD through the relay).
+    inflight: Option<Arc<InflightRegion>>,
 }
 
 /// The vhost-user back-end; share it as `Arc<VrioBlkBackend>`. It serves
@@ -342,6 +372,37 @@ impl VrioBlkBackend {
         }
     }
 
+    /// Takes the VMM's inflight region (SET_INFLIGHT_FD, before the vrings
+    /// start): vrings attached from now on resume from it and keep it.
+    pub fn set_inflight(&self, region: InflightRegion) {
+        tracing::info!(
+            queues = region.queues(),
+            queue_size = region.queue_size(),
+            bytes = region.size(),
+            inflight = region.inflight_entries(),
+            "inflight region from the VMM (SET_INFLIGHT_FD)"
+        );
+        self.lock().inflight = Some(Arc::new(region));
+    }
+
+    /// Records vring `q`'s progress in the inflight region.
+    fn sync_inflight(&self, q: usize) {
+        let mut st = self.lock();
+        let Some(region) = st.inflight.clone() else {
+            return;
+        };
+        let Some(qs) = st.queues.get_mut(q) else {
+            return;
+        };
+        let (Some(t), Some((_, mem, _))) = (qs.tracker.as_mut(), qs.ring.as_ref()) else {
+            return;
+        };
+        if let Err(e) = t.sync(&region, mem.as_ref()) {
+            tracing::warn!(queue = q, error = %e, "inflight bookkeeping stopped for this vring");
+            qs.tracker = None;
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic elsewhere must not take the front down with it.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -368,11 +429,15 @@ impl VrioBlkBackend {
             return;
         };
         for (q, v) in vrings.iter().enumerate() {
+            // Requests the server fetched without a kick (EVENT_IDX) and
+            // completions it did not signal reach the region here at the
+            // latest.
+            self.sync_inflight(q);
             let idle = self
                 .lock()
                 .queues
                 .get(q)
-                .is_some_and(|qs| qs.dev.is_none() && !qs.failed);
+                .is_some_and(|qs| qs.dev.is_none() && !qs.failed && !qs.paused);
             if !idle {
                 continue;
             }
@@ -419,6 +484,9 @@ impl VrioBlkBackend {
             (Some((layout, mem, _)), true) => Some(drain_ring(q, layout, mem, wait)),
             _ => None,
         };
+        if stopped_at.is_some() {
+            self.sync_inflight(q);
+        }
         let (dev, call) = {
             let mut st = self.lock();
             let Some(qs) = st.queues.get_mut(q) else {
@@ -427,6 +495,7 @@ impl VrioBlkBackend {
             qs.kick = None;
             qs.failed = false;
             qs.ring = None;
+            qs.tracker = None;
             (qs.dev.take(), qs.call.take())
         };
         if let (Some(call), Some(h)) = (&call, self.handler()) {
@@ -444,9 +513,41 @@ impl VrioBlkBackend {
             },
             _ => {}
         }
-        if let (Some((_, _, vring)), Some(idx)) = (ring, stopped_at) {
+        if let (Some((layout, mem, vring)), Some(drained)) = (ring, stopped_at) {
+            // The server may have completed more between the drain and
+            // its stop; in avail order, the used index says how far.
+            let idx = mem.load_u16(layout.used_idx()).unwrap_or(drained);
             vring.set_queue_next_avail(idx);
             vring.set_queue_next_used(idx);
+        }
+    }
+
+    /// Detaches vring `q` (drained) and attaches it again where it stopped,
+    /// with the current memory table (memory hot-plug).
+    fn reattach(&self, q: usize, regions: &[String]) {
+        let vring = self
+            .lock()
+            .queues
+            .get(q)
+            .and_then(|qs| qs.ring.as_ref().map(|r| r.2.clone()));
+        self.detach(q, true);
+        if let Some(qs) = self.lock().queues.get_mut(q) {
+            qs.paused = false;
+        }
+        let Some(vring) = vring else {
+            return;
+        };
+        let at = vring.queue_next_avail();
+        if self.ensure_attached(q, &vring) {
+            tracing::info!(
+                queue = q,
+                at,
+                ?regions,
+                "vring re-attached with the new memory table"
+            );
+            // Requests posted while it was away announced themselves to
+            // nobody.
+            self.forward_kick(q);
         }
     }
 
@@ -464,16 +565,27 @@ impl VrioBlkBackend {
         if qs.dev.is_some() {
             return true;
         }
-        if qs.failed {
+        if qs.failed || qs.paused {
             return false;
         }
         let mem_for_ring = mem.clone();
-        match self.attach_queue(q, vring, mem, acked) {
-            Ok((dev, kick, call, layout, base)) => {
+        match self.attach_queue(q, vring, mem, acked, st.inflight.as_deref()) {
+            Ok(Attached {
+                dev,
+                kick,
+                call,
+                layout,
+                base,
+                tracker,
+            }) => {
+                let Some(qs) = st.queues.get_mut(q) else {
+                    return false;
+                };
                 qs.ring = Some((layout, mem_for_ring, vring.clone()));
                 qs.dev = Some(dev);
                 qs.kick = Some(kick);
                 qs.call = Some(call);
+                qs.tracker = tracker;
                 tracing::info!(queue = q, to = %self.cfg.serving.name(), base, "queue attached");
                 if base != 0 {
                     // The back-end before us may have published completions
@@ -487,7 +599,9 @@ impl VrioBlkBackend {
             }
             Err(e) => {
                 tracing::error!(queue = q, error = %e, "cannot attach the queue; it stays unserved");
-                qs.failed = true;
+                if let Some(qs) = st.queues.get_mut(q) {
+                    qs.failed = true;
+                }
                 false
             }
         }
@@ -499,7 +613,8 @@ impl VrioBlkBackend {
         vring: &VringRwLock<Mem>,
         mem: Arc<LocalMemory>,
         acked: u64,
-    ) -> Result<(Served, EventFd, EventFd, RingLayout, u16), String> {
+        inflight: Option<&InflightRegion>,
+    ) -> Result<Attached, String> {
         let (size, desc, avail, used, base) = {
             let v = vring.get_ref();
             let qu = v.get_queue();
@@ -513,6 +628,32 @@ impl VrioBlkBackend {
         };
         let layout = RingLayout::new(size, desc, avail, used).map_err(|e| e.to_string())?;
         tracing::info!(queue = q, size, desc, avail, used, base, "attaching vring");
+        let (base, tracker) = match inflight
+            .map(|r| QueueTracker::recover(r, q, layout, mem.as_ref(), base))
+        {
+            None => (base, None),
+            Some(Ok((tracker, rec))) => {
+                // Both models serve the avail ring in order from `start`,
+                // so the resubmitted requests go first, in counter order.
+                tracing::info!(
+                    queue = q,
+                    resubmitted = rec.resubmit.len(),
+                    heads = ?rec.resubmit,
+                    start = rec.start,
+                    vmm_base = base,
+                    completed_since = rec.completed_since,
+                    beyond = rec.beyond,
+                    stale = rec.stale,
+                    fresh = rec.fresh,
+                    "resubmitting requests from the inflight region"
+                );
+                (rec.start, Some(tracker))
+            }
+            Some(Err(e)) => {
+                tracing::warn!(queue = q, error = %e, "cannot use the inflight region for this vring; resuming at the VMM's base");
+                (base, None)
+            }
+        };
         if base != 0 {
             let avail_idx = mem.load_u16(layout.avail_idx()).unwrap_or(base);
             // Outstanding: in flight when the last back-end died, or made
@@ -562,7 +703,14 @@ impl VrioBlkBackend {
             }
         };
         match dev {
-            Ok(d) => Ok((d, kick, call, layout, base)),
+            Ok(dev) => Ok(Attached {
+                dev,
+                kick,
+                call,
+                layout,
+                base,
+                tracker,
+            }),
             Err(e) => {
                 let _ =
                     handler.unregister_listener(call.as_raw_fd(), EventSet::IN, self.call_event(q));
@@ -572,6 +720,8 @@ impl VrioBlkBackend {
     }
 
     fn forward_kick(&self, q: usize) {
+        // Recorded before the server can fetch what the kick announces.
+        self.sync_inflight(q);
         let st = self.lock();
         if let Some(k) = st.queues.get(q).and_then(|qs| qs.kick.as_ref()) {
             let _ = k.write(1);
@@ -587,6 +737,7 @@ impl VrioBlkBackend {
                 .is_some_and(|c| c.read().is_ok())
         };
         if fired {
+            self.sync_inflight(q);
             if let Some(v) = vrings.get(q) {
                 if let Err(e) = v.signal_used_queue() {
                     tracing::warn!(queue = q, error = %e, "cannot interrupt the guest");
@@ -737,13 +888,28 @@ impl VhostUserBackend for VrioBlkBackend {
                 .map(|r| (r.start_addr(), r.len()))
                 .eq(local.iter().map(|r| (r.start_addr(), r.len())))
         });
-        if !same && st.queues.iter().any(|q| q.dev.is_some()) {
-            // Attached queues keep the regions they registered (the old
-            // mappings stay alive); new regions reach queues attached from
-            // now on.
-            tracing::warn!("memory table changed while queues are attached");
-        }
         st.mem = Some(local);
+        if same {
+            return Ok(());
+        }
+        // Attached queues registered the old regions with the fabric (or
+        // the sidecore holds the old table): each is detached and attached
+        // again with the new table, at the index it stopped at. Until
+        // then, no kick or rescan attaches it behind our back.
+        let attached: Vec<usize> = st
+            .queues
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, qs)| qs.dev.is_some())
+            .map(|(q, qs)| {
+                qs.paused = true;
+                q
+            })
+            .collect();
+        drop(st);
+        for q in attached {
+            self.reattach(q, &regions);
+        }
         Ok(())
     }
 

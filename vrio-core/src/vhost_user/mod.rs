@@ -12,12 +12,16 @@
 //! - [`backend`]: the `VhostUserBackend` (features, config, per-queue attach,
 //!   remote or to the local sidecore);
 //! - [`serve`]: the socket loop (one VMM at a time, waits for reconnects);
+//! - [`relay`]: a vhost-user interposer for what the daemon's handler
+//!   lacks (early SET_VRING_ENABLE, inflight I/O tracking);
+//! - [`inflight`]: the inflight region (INFLIGHT_SHMFD) and its bookkeeping;
 //! - [`net`]: the same front as vhost-user-net (remote only).
 
 pub mod backend;
-pub mod enable_shim;
+pub mod inflight;
 pub mod net;
 pub mod probe;
+pub mod relay;
 pub mod serve;
 
 pub use backend::{FrontConfig, LocalFront, Placement, RemoteFront, Serving, VrioBlkBackend};

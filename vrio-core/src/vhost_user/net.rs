@@ -24,7 +24,7 @@ pub const NET_QUEUES: u16 = 2;
 /// (VERSION_1, CSUM, MAC, MRG_RXBUF, STATUS, EVENT_IDX, INDIRECT_DESC; no
 /// MTU, so the guest keeps 1500) and vhost-user's PROTOCOL_FEATURES, without
 /// which QEMU refuses to start the device. QEMU sends SET_VRING_ENABLE too
-/// early for the vhost crate: [`super::enable_shim`] sits in between.
+/// early for the vhost crate: [`super::relay`] sits in between.
 pub fn net_features(mac: MacAddr) -> u64 {
     device_features(&NetConfig {
         mac,

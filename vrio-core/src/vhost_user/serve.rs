@@ -23,23 +23,46 @@ pub fn serve(
     server_config: &[u8],
     keep_going: impl FnMut() -> bool,
 ) -> Result<(), ServeError> {
-    serve_with(
+    serve_loop(
         socket,
         "vrio-vhost-user-blk",
         || VrioBlkBackend::new(cfg.clone(), server_config),
-        false,
+        Relay::WithInflight,
         keep_going,
     )
 }
 
+/// How the VMM's socket reaches the daemon.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Relay {
+    /// The daemon serves the socket itself.
+    None,
+    /// Through [`super::relay`] (held early enables).
+    Plain,
+    /// Through [`super::relay`], offering inflight I/O tracking to the
+    /// session's back-end.
+    WithInflight,
+}
+
 /// [`serve`] with the back-end of each session made by `backend`; with
-/// `relay`, the VMM's messages pass [`super::enable_shim`] (QEMU's
+/// `relay`, the VMM's messages pass [`super::relay`] (QEMU's
 /// vhost-user-net needs it).
 pub fn serve_with(
     socket: &Path,
     name: &str,
-    mut backend: impl FnMut() -> VrioBlkBackend,
+    backend: impl FnMut() -> VrioBlkBackend,
     relay: bool,
+    keep_going: impl FnMut() -> bool,
+) -> Result<(), ServeError> {
+    let relay = if relay { Relay::Plain } else { Relay::None };
+    serve_loop(socket, name, backend, relay, keep_going)
+}
+
+fn serve_loop(
+    socket: &Path,
+    name: &str,
+    mut backend: impl FnMut() -> VrioBlkBackend,
+    relay: Relay,
     mut keep_going: impl FnMut() -> bool,
 ) -> Result<(), ServeError> {
     loop {
@@ -54,10 +77,12 @@ pub fn serve_with(
         .map_err(|e| ServeError::Daemon(e.to_string()))?;
         backend.set_handlers(&daemon.get_epoll_handlers());
         tracing::info!(socket = %socket.display(), "waiting for a VMM");
-        let r = if relay {
-            super::enable_shim::serve_relayed(&mut daemon, socket)
-        } else {
-            daemon.serve(socket).map_err(|e| e.to_string())
+        let r = match relay {
+            Relay::None => daemon.serve(socket).map_err(|e| e.to_string()),
+            Relay::Plain => super::relay::serve_relayed(&mut daemon, socket, None),
+            Relay::WithInflight => {
+                super::relay::serve_relayed(&mut daemon, socket, Some(backend.clone()))
+            }
         };
         backend.detach_all();
         match r {
