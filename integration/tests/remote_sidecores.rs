@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use vrio_core::blk::{BlockConfig, MemoryBackend};
 use vrio_core::guest::{GuestConfig, SyntheticGuest, WorkloadConfig};
 use vrio_core::memory::GuestMemory;
-use vrio_core::models::{run_remote, RunConfig};
+use vrio_core::models::{run_remote, run_remote_with, RunConfig};
 use vrio_core::remote::{
     attach, AgentConfig, DeviceAttach, IoServer, IoServerConfig, NotifyMode, QueueAttach,
 };
@@ -74,6 +74,50 @@ fn doorbell_mode_is_exactly_once_under_load() {
 fn remote_poll_and_adaptive_modes_are_exactly_once() {
     exactly_once_under_load(NotifyMode::RemotePoll, 1_000);
     exactly_once_under_load(NotifyMode::Adaptive, 1_000);
+}
+
+/// A send queue far smaller than a batch's work requests (32 requests in
+/// flight, each a few READs and WRITEs, against 8 slots): the server posts
+/// its waves in parts instead of failing the queue with "queue full".
+#[test]
+fn a_small_send_queue_splits_waves_instead_of_failing_the_queue() {
+    let rc = RunConfig {
+        guests: 2,
+        queues_per_guest: 1,
+        workload: WorkloadConfig {
+            requests: 3_000,
+            depth: 32,
+            read_pct: 50,
+            flush_pct: 5,
+            blocks: 256,
+            stall_timeout: Duration::from_secs(60),
+            ..WorkloadConfig::default()
+        },
+        ..RunConfig::default()
+    };
+    let server = IoServerConfig {
+        sidecores: 1,
+        endpoint: vrio_rdma::EndpointConfig {
+            send_depth: 8,
+            ..vrio_rdma::EndpointConfig::default()
+        },
+        ..IoServerConfig::default()
+    };
+    let backend = Arc::new(MemoryBackend::new(2 * 256 * 4096));
+    let done = Arc::new(AtomicU64::new(0));
+    let (r, fig) = run_remote_with(NotifyMode::Doorbell, server, backend, &rc, &done).unwrap();
+    assert_eq!(r.io.completed, 6_000, "every request completes once");
+    assert_eq!(
+        (
+            r.io.lost,
+            r.io.protocol_errors,
+            r.io.corrupt,
+            r.io.io_errors
+        ),
+        (0, 0, 0, 0)
+    );
+    assert_eq!(fig.fabric.requests, 6_000);
+    assert_eq!(fig.fabric.bad_requests, 0);
 }
 
 #[test]

@@ -348,23 +348,32 @@ pub fn run_remote(
     rc: &RunConfig,
     progress: &Arc<AtomicU64>,
 ) -> Result<(ModelReport, RemoteFigures), RunError> {
-    use crate::remote::{IoServer, IoServerConfig};
+    let server = crate::remote::IoServerConfig {
+        sidecores,
+        blk,
+        ..crate::remote::IoServerConfig::default()
+    };
+    run_remote_with(mode, server, backend, rc, progress)
+}
+
+/// [`run_remote`] with the whole I/O server configuration.
+pub fn run_remote_with(
+    mode: crate::remote::NotifyMode,
+    server_cfg: crate::remote::IoServerConfig,
+    backend: Arc<dyn BlockBackend>,
+    rc: &RunConfig,
+    progress: &Arc<AtomicU64>,
+) -> Result<(ModelReport, RemoteFigures), RunError> {
+    use crate::remote::IoServer;
     use std::sync::atomic::Ordering::Relaxed;
+    let sidecores = server_cfg.sidecores;
     let open = || -> Result<Arc<dyn vrio_rdma::Domain>, RunError> {
         vrio_rdma::open(vrio_rdma::Backend::Soft, None)
             .map(Arc::from)
             .map_err(|e| RunError::Model(e.to_string()))
     };
-    let server = IoServer::start(
-        open()?,
-        backend,
-        IoServerConfig {
-            sidecores,
-            blk,
-            ..IoServerConfig::default()
-        },
-    )
-    .map_err(|e| RunError::Model(e.to_string()))?;
+    let server = IoServer::start(open()?, backend, server_cfg)
+        .map_err(|e| RunError::Model(e.to_string()))?;
     let guests = make_guests(rc)?;
     let mut agents = attach_guests(&guests, server.addr(), vrio_rdma::Backend::Soft, None, mode)?;
     let stop = Arc::new(AtomicBool::new(false));

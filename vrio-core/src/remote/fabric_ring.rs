@@ -102,6 +102,8 @@ pub(super) struct FabricRing {
     pub stage_started: Instant,
     /// Highest signalled work request known complete.
     pub done_wr: u64,
+    /// Last work request posted.
+    posted_wr: u64,
     wrs: Vec<SendRequest>,
     cqes: Vec<Completion>,
     msg: Vec<u8>,
@@ -204,6 +206,7 @@ impl FabricRing {
             shadow: Shadow::default(),
             stage_started: Instant::now(),
             done_wr: 0,
+            posted_wr: 0,
             wrs: Vec::new(),
             cqes: vec![Completion::EMPTY; 64],
             msg: Vec::with_capacity(MAX_MSG),
@@ -582,22 +585,62 @@ impl FabricRing {
         ))
     }
 
-    /// Posts a wave without waiting; returns its signalled target.
+    /// Posts a wave without waiting; returns its signalled target. A wave
+    /// can outgrow the send queue (a batch of requests with many segments
+    /// each, on top of waves still in flight): it then goes in parts, each
+    /// ending signalled, and each waiting until the queue has room.
     pub(super) fn post_wave(&mut self) -> Result<Option<u64>, QueueFailure> {
-        if self.wrs.is_empty() {
+        let Some(target) = self.wrs.last().map(|w| w.wr_id) else {
             return Ok(None);
-        }
-        let last = self.wrs.len() - 1;
-        self.wrs[last].signaled = true;
-        let target = self.wrs[last].wr_id;
+        };
         self.stats
             .fabric_ops
             .fetch_add(self.wrs.len() as u64, Relaxed);
-        let r = self.ep.post_send(&self.wrs);
-        self.wrs.clear();
-        r.map_err(|e| fail(&self.name, e))?;
+        let mut wrs = std::mem::take(&mut self.wrs);
+        let r = self.post_parts(&mut wrs);
+        wrs.clear();
+        self.wrs = wrs;
+        r?;
         self.stage_started = Instant::now();
         Ok(Some(target))
+    }
+
+    fn post_parts(&mut self, wrs: &mut [SendRequest]) -> Result<(), QueueFailure> {
+        let mut start = 0;
+        while start < wrs.len() {
+            let room = self.send_room()?;
+            let end = (start + room).min(wrs.len());
+            if end < wrs.len() {
+                tracing::debug!(queue = %self.name, posted = end - start, left = wrs.len() - end, "send queue full: posting the wave in parts");
+            }
+            wrs[end - 1].signaled = true;
+            self.ep
+                .post_send(&wrs[start..end])
+                .map_err(|e| fail(&self.name, e))?;
+            self.posted_wr = wrs[end - 1].wr_id;
+            start = end;
+        }
+        Ok(())
+    }
+
+    /// Free send-queue slots, waiting (bounded by the operation timeout)
+    /// for completions while there are none. Work requests complete in
+    /// order, so everything up to the last completed signalled one is gone;
+    /// counting the rest as in flight may overestimate, never undercount.
+    fn send_room(&mut self) -> Result<usize, QueueFailure> {
+        let depth = self.cfg.send_depth.max(1) as u64;
+        let deadline = Instant::now() + self.cfg.op_timeout;
+        loop {
+            let in_flight = self.posted_wr.saturating_sub(self.done_wr);
+            if in_flight < depth {
+                return Ok((depth - in_flight) as usize);
+            }
+            self.drain_cq(None)?;
+            if Instant::now() > deadline {
+                return Err(fail(&self.name, "fabric send queue stayed full"));
+            }
+            std::thread::yield_now();
+        }
     }
 
     /// Adaptive mode: remote polling while busy, doorbells while quiet.

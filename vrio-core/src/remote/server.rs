@@ -436,13 +436,16 @@ fn admit_queue(
     cfg: &IoServerConfig,
 ) -> Result<Admitted, String> {
     let e = |e: crate::sidecore::QueueFailure| e.to_string();
+    let qcfg = RemoteQueueConfig {
+        send_depth: cfg.endpoint.send_depth as usize,
+        ..cfg.queue
+    };
     let mac = match kinds.net.kind(attach.device_id, said)? {
         DeviceKind::Blk => {
             let dev = BlockDevice::new(kinds.backend.clone(), cfg.blk.clone());
             let config = dev.config_space();
-            let mut q =
-                RemoteQueue::new(domain, ep, attach, dev, cfg.queue, kinds.blk_stats.clone())
-                    .map_err(e)?;
+            let mut q = RemoteQueue::new(domain, ep, attach, dev, qcfg, kinds.blk_stats.clone())
+                .map_err(e)?;
             q.reply_attach(config).map_err(e)?;
             let alive = q.liveness();
             return Ok(Admitted {
@@ -459,7 +462,7 @@ fn admit_queue(
     Ok(match which {
         NetQueue::Tx => {
             let dev = TxDevice::new(kinds.net.switch().clone(), port);
-            let mut q = RemoteQueue::new(domain, ep, attach, dev, cfg.queue, stats).map_err(e)?;
+            let mut q = RemoteQueue::new(domain, ep, attach, dev, qcfg, stats).map_err(e)?;
             q.reply_attach(config).map_err(e)?;
             let alive = q.liveness();
             Admitted {
@@ -470,7 +473,7 @@ fn admit_queue(
         NetQueue::Rx => {
             let dev = RxDevice::new(kinds.net.mergeable());
             let mut q =
-                RemoteRxQueue::new(domain, ep, attach, dev, port, cfg.queue, stats).map_err(e)?;
+                RemoteRxQueue::new(domain, ep, attach, dev, port, qcfg, stats).map_err(e)?;
             q.reply_attach(config).map_err(e)?;
             let alive = q.liveness();
             Admitted {

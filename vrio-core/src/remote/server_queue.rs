@@ -49,6 +49,9 @@ pub struct RemoteQueueConfig {
     pub idle_polls: u32,
     /// Give up on the peer after this long without a completion.
     pub op_timeout: Duration,
+    /// Work requests the endpoint's send queue holds: a wave larger than
+    /// what is free is posted in parts, each waiting for room.
+    pub send_depth: usize,
 }
 
 impl Default for RemoteQueueConfig {
@@ -61,6 +64,7 @@ impl Default for RemoteQueueConfig {
             busy_polls: 8,
             idle_polls: 256,
             op_timeout: Duration::from_secs(10),
+            send_depth: vrio_rdma::EndpointConfig::default().send_depth as usize,
         }
     }
 }
