@@ -17,7 +17,9 @@ while :; do
   if ! grep -q "FAIL connect" /tmp/init.log || [ $n -ge 40 ]; then
     break
   fi
-  echo "attempt $n: rc=$rc, target not ready yet"; tail -n 2 /tmp/init.log
+  # Prefixed, so the host's parser does not count the refused attempt's
+  # FAIL line and summary as the run's.
+  echo "attempt $n: rc=$rc, target not ready yet"; tail -n 2 /tmp/init.log | sed 's/^/  retried: /'
   sleep 3
 done
 cat /tmp/init.log

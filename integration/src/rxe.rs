@@ -204,6 +204,10 @@ mod tests {
         let out = "PASS a\nFAIL b: boom\n  FAIL c: x\n";
         assert_eq!(failures(out), vec!["FAIL b: boom", "  FAIL c: x"]);
         assert!(failures("PASS a\n").is_empty());
+        // A retried attempt's lines (conformance-2guests.sh) do not count.
+        let retried = "attempt 1: rc=1\n  retried: FAIL connect: refused\n  retried: 0 passed, 1 failed\nPASS connect\n12 passed, 0 failed\n";
+        assert!(failures(retried).is_empty());
+        assert_eq!(summary(retried), Some((12, 0)));
     }
 
     #[test]
