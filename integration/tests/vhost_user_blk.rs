@@ -107,6 +107,22 @@ fn run_guests(env: &[(&str, &str)], guest: &str) -> (String, bool) {
     (log, out.status.success())
 }
 
+/// The end of a pattern run: the pattern read back identical, the guest's
+/// checks and script passed, the host's file holds the pattern, and
+/// run.sh passed.
+fn assert_guest_verdict(log: &str, ok: bool) {
+    let has = |s: &str| log.contains(s);
+    let p = assert_pattern(log);
+    assert!(has("BLK CHECKS OK"), "the guest checks failed");
+    assert!(has("VRIO-GUEST-DONE rc=0"), "guest script failed");
+    assert!(
+        has(&format!("HOST PATTERN OK md5={p}")),
+        "the backing file does not hold the last pattern"
+    );
+    assert!(has("RESULT: PASS"), "run.sh result");
+    assert!(ok, "run.sh failed");
+}
+
 /// The guest wrote its pattern and read it back identical with O_DIRECT
 /// and buffered; returns the pattern's md5.
 fn assert_pattern(log: &str) -> String {
@@ -377,15 +393,7 @@ fn run_reconnect(backend: &str, kills: &str) -> String {
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
     assert!(iterations >= 4, "only {iterations} write/read iterations");
-    let p = assert_pattern(&log);
-    assert!(has("BLK CHECKS OK"), "the guest checks failed");
-    assert!(has("VRIO-GUEST-DONE rc=0"), "guest script failed");
-    assert!(
-        has(&format!("HOST PATTERN OK md5={p}")),
-        "the backing file does not hold the last pattern"
-    );
-    assert!(has("RESULT: PASS"), "run.sh result");
-    assert!(ok, "run.sh failed");
+    assert_guest_verdict(&log, ok);
     println!(
         "reconnect ({backend}): {stats}; outstanding requests at each resumed vring: {outstanding:?}; resubmitted from the inflight region at each attach: {resubmits:?}"
     );
@@ -470,15 +478,7 @@ fn a_guest_keeps_its_data_while_the_controller_moves_its_vrings_between_io_serve
         has("RECONNECT DMESG CLEAN"),
         "I/O errors in the guest's kernel log"
     );
-    let p = assert_pattern(&log);
-    assert!(has("BLK CHECKS OK"), "the guest checks failed");
-    assert!(has("VRIO-GUEST-DONE rc=0"), "guest script failed");
-    assert!(
-        has(&format!("HOST PATTERN OK md5={p}")),
-        "the backing file does not hold the last pattern"
-    );
-    assert!(has("RESULT: PASS"), "run.sh result");
-    assert!(ok, "run.sh failed");
+    assert_guest_verdict(&log, ok);
     println!("controller moves under a real guest: {handovers} handovers between servers");
 }
 
@@ -538,15 +538,7 @@ fn run_hotplug(backend: &str) -> String {
         has("HOTPLUG DMESG CLEAN"),
         "I/O errors in the guest's kernel log"
     );
-    let p = assert_pattern(&log);
-    assert!(has("BLK CHECKS OK"), "the guest checks failed");
-    assert!(has("VRIO-GUEST-DONE rc=0"), "guest script failed");
-    assert!(
-        has(&format!("HOST PATTERN OK md5={p}")),
-        "the backing file does not hold the pattern"
-    );
-    assert!(has("RESULT: PASS"), "run.sh result");
-    assert!(ok, "run.sh failed");
+    assert_guest_verdict(&log, ok);
     println!(
         "hot-plug ({backend}): {} vring re-attach(es) with the new table",
         reattached.len()

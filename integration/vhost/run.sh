@@ -87,16 +87,22 @@ start_client() {
   [ "$before" != 0 ] || head -n1 "$WORK/client.log"
 }
 
+# Waits (up to 300 s) for MARK in the guest's serial log; false if it never
+# came (or QEMU ended first).
+wait_serial() {  # MARK
+  for _ in $(seq 3000); do
+    grep -aq "$1" "$SERIAL" 2>/dev/null && return 0
+    [ -e "$WORK/qemu.done" ] && break
+    sleep 0.1
+  done
+  grep -aq "$1" "$SERIAL" 2>/dev/null
+}
+
 # KILLS: kills and restarts the client under the running guest; exits with
 # the last client's status (96: no restart happened).
 restarts() {
   local n=0 t0 k at hang pid tk frozen
-  for _ in $(seq 3000); do
-    grep -aq "RECONNECT IO START" "$SERIAL" 2>/dev/null && break
-    [ -e "$WORK/qemu.done" ] && break
-    sleep 0.1
-  done
-  grep -aq "RECONNECT IO START" "$SERIAL" 2>/dev/null || { echo "host: the guest never started its I/O loop: no restart"; exit 96; }
+  wait_serial "RECONNECT IO START" || { echo "host: the guest never started its I/O loop: no restart"; exit 96; }
   t0=$(date +%s.%N)
   for k in $KILLS; do
     at=${k%%[+*]*}; hang=; frozen=client
@@ -211,12 +217,7 @@ HOTPLUG=${HOTPLUG:-}; MEMOPT="${MEM}M"; MON=none
 if [ -n "$HOTPLUG" ]; then
   MEMOPT="${MEM}M,slots=2,maxmem=$((MEM + HOTPLUG))M"; MON="unix:$WORK/mon.sock,server=on,wait=off"
   hotplugger() {
-    for _ in $(seq 3000); do
-      grep -aq "HOTPLUG READY" "$SERIAL" 2>/dev/null && break
-      [ -e "$WORK/qemu.done" ] && break
-      sleep 0.1
-    done
-    grep -aq "HOTPLUG READY" "$SERIAL" 2>/dev/null || { echo "host: the guest never got ready for the hot-plug"; exit 1; }
+    wait_serial "HOTPLUG READY" || { echo "host: the guest never got ready for the hot-plug"; exit 1; }
     python3 - "$WORK/mon.sock" \
       "object_add memory-backend-memfd,id=hpmem0,size=${HOTPLUG}M,share=on" \
       "device_add pc-dimm,id=dimm0,memdev=hpmem0" "info memory-devices" <<'PY'

@@ -387,8 +387,11 @@ impl VrioBlkBackend {
 
     /// Records vring `q`'s progress in the inflight region.
     fn sync_inflight(&self, q: usize) {
-        let mut st = self.lock();
-        let Some(region) = st.inflight.clone() else {
+        Self::sync_locked(&mut self.lock(), q);
+    }
+
+    fn sync_locked(st: &mut State, q: usize) {
+        let Some(region) = st.inflight.as_deref() else {
             return;
         };
         let Some(qs) = st.queues.get_mut(q) else {
@@ -397,7 +400,7 @@ impl VrioBlkBackend {
         let (Some(t), Some((_, mem, _))) = (qs.tracker.as_mut(), qs.ring.as_ref()) else {
             return;
         };
-        if let Err(e) = t.sync(&region, mem.as_ref()) {
+        if let Err(e) = t.sync(region, mem.as_ref()) {
             tracing::warn!(queue = q, error = %e, "inflight bookkeeping stopped for this vring");
             qs.tracker = None;
         }
@@ -720,9 +723,9 @@ impl VrioBlkBackend {
     }
 
     fn forward_kick(&self, q: usize) {
+        let mut st = self.lock();
         // Recorded before the server can fetch what the kick announces.
-        self.sync_inflight(q);
-        let st = self.lock();
+        Self::sync_locked(&mut st, q);
         if let Some(k) = st.queues.get(q).and_then(|qs| qs.kick.as_ref()) {
             let _ = k.write(1);
         }
@@ -1112,6 +1115,24 @@ mod local_tests {
         s[0]
     }
 
+    /// A daemon for `b` whose vring worker has exited: it would consume
+    /// the sidecore's interrupts for its own vrings, so the test's
+    /// handle_event calls play its part. Its epoll set stays usable.
+    fn idle_daemon(b: &Arc<VrioBlkBackend>, name: &str) -> VhostUserDaemon<Arc<VrioBlkBackend>> {
+        let daemon = VhostUserDaemon::new(
+            name.into(),
+            b.clone(),
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .unwrap();
+        b.set_handlers(&daemon.get_epoll_handlers());
+        for h in daemon.get_epoll_handlers() {
+            h.send_exit_event();
+        }
+        wait_until_no_vring_worker();
+        daemon
+    }
+
     fn wait_until_no_vring_worker() {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -1138,20 +1159,7 @@ mod local_tests {
         };
         let b = Arc::new(VrioBlkBackend::new(front, &config));
         assert_eq!(b.get_config(0, 8), ((1u64 << 20) / 512).to_le_bytes());
-        let daemon = VhostUserDaemon::new(
-            "test".into(),
-            b.clone(),
-            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-        )
-        .unwrap();
-        b.set_handlers(&daemon.get_epoll_handlers());
-        // The daemon's worker would consume the sidecore's interrupts for
-        // its own vrings; stop it, so the test's handle_event calls play
-        // its part on the test's vrings. Its epoll set stays usable.
-        for h in daemon.get_epoll_handlers() {
-            h.send_exit_event();
-        }
-        wait_until_no_vring_worker();
+        let _daemon = idle_daemon(&b, "test");
         let ram = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let atomic = GuestMemoryAtomic::new(ram.clone());
         b.update_memory(atomic.clone()).unwrap();
@@ -1253,17 +1261,7 @@ mod local_tests {
         drivers[0].publish(&ram).unwrap();
         let front = local_front(2, disk.clone());
         let b = Arc::new(VrioBlkBackend::new(front, &config));
-        let daemon = VhostUserDaemon::new(
-            "test2".into(),
-            b.clone(),
-            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-        )
-        .unwrap();
-        b.set_handlers(&daemon.get_epoll_handlers());
-        for h in daemon.get_epoll_handlers() {
-            h.send_exit_event();
-        }
-        wait_until_no_vring_worker();
+        let _daemon = idle_daemon(&b, "test2");
         b.update_memory(atomic.clone()).unwrap();
         b.acked_features(features);
         // QEMU's SET_VRING_BASE after a crash: used.idx of each ring.

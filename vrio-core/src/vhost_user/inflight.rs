@@ -436,6 +436,8 @@ pub struct QueueTracker {
     /// Used entries before this were recorded.
     seen_used: u16,
     counter: u64,
+    /// Completed heads of one sync, kept to spare an allocation per call.
+    heads: Vec<u16>,
 }
 
 impl QueueTracker {
@@ -544,6 +546,7 @@ impl QueueTracker {
             seen_avail,
             seen_used,
             counter,
+            heads: Vec::new(),
         }
     }
 
@@ -567,7 +570,8 @@ impl QueueTracker {
             return self.resync(&view, mem, avail, used);
         }
         if done > 0 {
-            let mut heads = Vec::with_capacity(usize::from(done));
+            let mut heads = std::mem::take(&mut self.heads);
+            heads.clear();
             for j in 0..done {
                 if let Some(h) = used_head(mem, &layout, self.seen_used.wrapping_add(j))? {
                     heads.push(h);
@@ -581,9 +585,9 @@ impl QueueTracker {
                     region.store(view.desc(w[0], D_NEXT)?, w[1].to_le())?;
                 }
             }
-            for &h in &heads {
-                view.clear(h)?;
-            }
+            let cleared = heads.iter().try_for_each(|&h| view.clear(h));
+            self.heads = heads;
+            cleared?;
             view.set_used_idx(used)?;
             self.seen_used = used;
         }
