@@ -17,6 +17,15 @@ for m in virtio_pci virtio_blk crc32c_generic ext4; do modprobe $m || log "modpr
 n=0; while [ ! -b /dev/vda ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
 [ -b /dev/vda ] || fail "no /dev/vda"
 log "vda: $(cat /sys/block/vda/size) sectors, $(ls /sys/block/vda/mq | wc -l) queue(s), features $(cat /sys/bus/virtio/devices/*/features 2>/dev/null | head -n1)"
+# A read from every CPU: blk-mq sends each CPU's requests to its own queue,
+# so every vring runs in every boot (the tests count each one's attaches).
+if command -v taskset > /dev/null; then
+  c=0
+  while [ $c -lt "$(nproc)" ]; do
+    taskset "$(printf %x $((1 << c)))" dd if=/dev/vda of=/dev/null bs=4k count=1 iflag=direct 2>/dev/null || fail "read on CPU $c"
+    c=$((c + 1))
+  done
+fi
 
 # 1. pattern
 dd if=/dev/urandom of=/tmp/pat bs=1M count=$MB 2>/dev/null || fail "urandom"

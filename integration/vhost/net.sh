@@ -7,7 +7,9 @@
 #                  md5; role=send makes netmb MiB (default 64) of random
 #                  data, prints its md5 and sends it once the peer answers.
 #   hostmb=N       (recv) also take N MiB on port 5001 from the host's side
-#                  of the uplink and print its md5 ("NET HOSTRECV").
+#                  of the uplink and print its md5 ("NET HOSTRECV"); (both)
+#                  stay up until the host's side, having pinged this guest,
+#                  says so on port 5002 ("NET REACHED").
 #   pings=N        echo requests timed once the peer answers (default 3)
 # Both ping the peer first ("PING <peer> rc=0").
 arg() { sed -n "s/.*[[:space:]]$1=\([^[:space:]]*\).*/\1/p;s/^$1=\([^[:space:]]*\).*/\1/p" /proc/cmdline | head -n1; }
@@ -28,6 +30,9 @@ ip addr add "$IP/24" dev eth0 || fail "ip addr"
 ip link set eth0 up || fail "ip link up"
 log "eth0: mac $(cat /sys/class/net/eth0/address) mtu $(cat /sys/class/net/eth0/mtu) features $(cat /sys/class/net/eth0/device/features 2>/dev/null)"
 
+if [ -n "$HOSTMB" ]; then
+  nc -l -p 5002 < /dev/null > /tmp/reached &
+fi
 if [ -n "$HOSTMB" ] && [ "$ROLE" = recv ]; then
   sleep 600 | nc -l -p 5001 > /tmp/hostrecv &
   log "NET LISTENING on 5001 for $HOSTMB MiB from the host"
@@ -68,8 +73,15 @@ if [ "$ROLE" = recv ]; then
     log "NET HOSTRECV md5=$(md5sum /tmp/hostrecv | cut -d' ' -f1) bytes=$got"
     [ "$got" = $HB ] || fail "received $got of $HB bytes from the host"
   fi
-  # Stay up until the sender has printed its figures.
-  sleep 3
+  # Stay up until the sender has the end of the stream: this nc exits on
+  # the sender's EOF and closes, the sender's nc exits on that close, and
+  # the socket is gone once the sender acked it.
+  n=0
+  while grep -qE "^ *[0-9]+: [0-9A-F]+:$(printf %04X $PORT) " /proc/net/tcp /proc/net/tcp6 2>/dev/null && [ $n -lt 600 ]; do
+    sleep 0.1; n=$((n+1))
+  done
+  grep -qE "^ *[0-9]+: [0-9A-F]+:$(printf %04X $PORT) " /proc/net/tcp /proc/net/tcp6 2>/dev/null \
+    && fail "the stream on port $PORT was not closed 60 s after it ended"
 else
   dd if=/dev/urandom of=/tmp/send bs=1M count=$MB 2>/dev/null || fail "urandom"
   S=$(md5sum /tmp/send | cut -d' ' -f1)
@@ -82,6 +94,13 @@ else
   done
   t1=$(cut -d' ' -f1 /proc/uptime)
   log "NET SENT $MB MiB in $(awk -v a="$t1" -v b="$t0" 'BEGIN{printf "%.2f", a-b}') s: $(awk -v a="$t1" -v b="$t0" -v m="$MB" 'BEGIN{d=a-b; if (d<=0) d=0.01; printf "%.1f", m/d}') MiB/s"
+fi
+if [ -n "$HOSTMB" ]; then
+  # The host's side pings this guest some time after boot; a sender has
+  # nothing else to wait for, so it would go before.
+  n=0; while [ ! -s /tmp/reached ] && [ $n -lt 1800 ]; do sleep 0.1; n=$((n+1)); done
+  [ -s /tmp/reached ] || fail "the host's side did not reach this guest within 180 s"
+  log "NET REACHED by the host's side"
 fi
 ip -s link show eth0
 log "NET CHECKS DONE"

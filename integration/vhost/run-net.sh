@@ -122,7 +122,8 @@ guest() {  # guest I
     -display none -monitor none -serial "file:$WORK/serial$i.log" -no-reboot
 }
 # From the namespace: ping each guest (both ways through a TAP, the
-# bridge, and a server's switch), then send HOSTMB MiB to guest 2.
+# bridge, and a server's switch) and tell it so on port 5002 (the guest
+# stays up until then), then send HOSTMB MiB to guest 2.
 from_namespace() {
   local deadline=$(( $(date +%s) + TMO )) ip
   for ip in "${IPS[@]}"; do
@@ -132,6 +133,10 @@ from_namespace() {
     done
     ip netns exec "$NS" ping -c 3 -W 2 "$ip" | tail -n 2
     echo "HOST NS PING $ip OK ($(el) s)"
+    until timeout 10 ip netns exec "$NS" bash -c "echo reached > /dev/tcp/$ip/5002" 2> /dev/null; do
+      [ "$(date +%s)" -lt $deadline ] || { echo "HOST NS TELL $ip FAILED"; return 1; }
+      sleep 1
+    done
   done
   until ip netns exec "$NS" bash -c "cat '$WORK/hostdata' > /dev/tcp/${IPS[1]}/5001" 2> /dev/null; do
     [ "$(date +%s)" -lt $deadline ] || { echo "HOST NS SEND FAILED"; return 1; }
@@ -156,7 +161,8 @@ done
 CRC=0
 for i in "${!CPIDS[@]}"; do
   p=${CPIDS[$i]}
-  for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+  # Up to 30 s: it drains its vrings first.
+  for _ in $(seq 300); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
   if kill -0 "$p" 2>/dev/null; then echo "host: vrio-client $i still running after the VMM left"; kill "$p"; CRC=99; fi
   wait "$p"; rc=$?; [ "$rc" = 0 ] || [ "$CRC" != 0 ] || CRC=$rc
   echo "---- vrio-client $i (rc=$rc):"; tail -n 30 "$WORK/client$i.log"

@@ -24,17 +24,22 @@
 #        KILLS (e.g. "5 12+1.5": SIGKILL vrio-client that many seconds after
 #        the guest prints "RECONNECT IO START" and start it again on the same
 #        socket after RESTART_DELAY s (0.5); "T+H" first SIGSTOPs it at T and
-#        kills it H s later, so the guest surely has requests in flight;
-#        "T*H" SIGSTOPs the I/O server at T instead, kills the client H s
-#        later and SIGCONTs the server before the restart, so requests the
-#        client saw (and recorded in the inflight region) are in flight;
-#        QEMU's chardev reconnects every RECONNECT_MS ms (500); needs BOOTS=1
-#        and a vrio back-end),
+#        kills it H s after the guest is inside an iteration's dds, so the
+#        guest surely has requests in flight; "T*H" SIGSTOPs the I/O server
+#        at T instead, kills the client likewise and SIGCONTs the server
+#        before the restart, so requests the client saw (and recorded in the
+#        inflight region) are in flight; each kill waits until the client
+#        attached all NQ vrings; QEMU's chardev reconnects every
+#        RECONNECT_MS ms (500); needs BOOTS=1 and a vrio back-end),
 #        BACKEND=controlled: vrio-controller (next to VRIO-SERVER) and two
 #        vrio-servers io-a and io-b on the same backing file; the client asks
 #        the controller where each vring goes and follows its moves;
-#        MOVES (e.g. "4 8 12": that many seconds after "RECONNECT IO START",
-#        vrio-ctl moves every queue to the other server, io-b first),
+#        MOVES (e.g. "4 8 12": that many seconds after "RECONNECT IO START"
+#        and all NQ vrings attached, vrio-ctl moves every queue to the other
+#        server, io-b first; each round waits for the agent's handovers),
+#        with KILLS or MOVES the guest (reconnect.sh, hostdone=1) loops until
+#        the host writes "VRIO HOST DONE" in the disk's last 4 KiB, once its
+#        kills or moves are over and the last client runs every vring,
 #        HOTPLUG (MiB: QEMU gets -m MEM,slots=2,maxmem=MEM+HOTPLUG and an HMP
 #        monitor socket; when the guest prints "HOTPLUG READY", a pc-dimm
 #        of that size on a shared memfd is plugged; guest: hotplug.sh)
@@ -82,7 +87,8 @@ start_client() {
   RUST_LOG=${RUST_LOG:-info} "$CLIENT" "${CLIENT_ARGS[@]}" >> "$WORK/client.log" 2>&1 &
   CPID=$!; echo "$CPID" > "$WORK/client.pid"
   listening() { [ -S "$SOCK" ] && [ "$(grep -c 'waiting for a VMM' "$WORK/client.log")" -gt "$before" ]; }
-  for _ in $(seq 200); do listening && break; sleep 0.05; done
+  # Up to 30 s: a restart under load must not fail on a slow start.
+  for _ in $(seq 600); do listening && break; sleep 0.05; done
   listening || { echo "vrio-client did not start on $SOCK:"; cat "$WORK/client.log"; echo "RESULT: FAIL"; return 1; }
   [ "$before" != 0 ] || head -n1 "$WORK/client.log"
 }
@@ -98,38 +104,89 @@ wait_serial() {  # MARK
   grep -aq "$1" "$SERIAL" 2>/dev/null
 }
 
+# KILLS, MOVES: tells the guest's loop (reconnect.sh) the host's events
+# are over: a line in the disk's last 4 KiB, which it reads with O_DIRECT
+# through the back-end every iteration.
+host_done() {
+  printf 'VRIO HOST DONE\n' | dd of="$DISK" bs=4096 seek=$((DISKMB * 256 - 1)) conv=notrunc 2>/dev/null
+  echo "host: told the guest its I/O loop may end ($(el) s)"
+}
+
+# Distinct vrings the newest vrio-client attached (its part of client.log
+# starts at its banner; tracing colours stripped).
+attached() {
+  sed 's/\x1b\[[0-9;]*m//g' "$WORK/client.log" 2>/dev/null | awk '
+    /vrio-client: vhost-user-blk on /{split("", s); n=0}
+    /queue attached/ && match($0, /queue=[0-9]+/) {q=substr($0, RSTART, RLENGTH); if (!(q in s)) {s[q]=1; n++}}
+    END{print n+0}'
+}
+
+# Waits (up to 60 s) until the newest client attached all NQ vrings: the
+# guest's I/O (on every CPU, so every queue) attaches them; the tests count
+# each client's attach of each vring, and a move hands over attached ones.
+wait_attached() {  # WHAT
+  for _ in $(seq 600); do
+    [ "$(attached)" -ge "$NQ" ] && return 0
+    [ -e "$WORK/qemu.done" ] && break
+    sleep 0.1
+  done
+  echo "host: vrio-client attached $(attached) of $NQ vring(s) before $1 (waited 60 s)"
+  return 1
+}
+
+# Waits (up to 30 s) until the guest is inside an iteration's dds: its
+# serial ends in an unfinished "RC it=N" line (reconnect.sh ends it after
+# them); under a frozen back-end they cannot complete, so it stays there.
+wait_in_dd() {
+  local last
+  for _ in $(seq 300); do
+    last=$(tail -c 300 "$SERIAL" 2>/dev/null | tr -d '\r'; echo .)
+    last=${last%.}; last=${last##*$'\n'}
+    case $last in "RC it="*) return 0 ;; esac
+    [ -e "$WORK/qemu.done" ] && break
+    sleep 0.1
+  done
+  echo "host: the guest did not enter its dds within 30 s of the freeze"
+  return 1
+}
+
 # KILLS: kills and restarts the client under the running guest; exits with
 # the last client's status (96: no restart happened).
 restarts() {
   local n=0 t0 k at hang pid tk frozen
-  wait_serial "RECONNECT IO START" || { echo "host: the guest never started its I/O loop: no restart"; exit 96; }
+  wait_serial "RECONNECT IO START" || { echo "host: the guest never started its I/O loop: no restart"; host_done; exit 96; }
   t0=$(date +%s.%N)
   for k in $KILLS; do
     at=${k%%[+*]*}; hang=; frozen=client
     case $k in *+*) hang=${k#*+} ;; *"*"*) hang=${k#*"*"}; frozen=server ;; esac
     sleep "$(awk -v t="$t0" -v k="$at" -v n="$(date +%s.%N)" 'BEGIN{d=t+k-n; printf "%.2f", (d>0)?d:0}')"
     [ -e "$WORK/qemu.done" ] && break
+    # Every client serves every vring before it dies.
+    wait_attached "the kill at +$at s"
     pid=$(cat "$WORK/client.pid")
     if [ -n "$hang" ] && [ "$frozen" = server ]; then
-      [ -n "$SPID" ] || { echo "host: no I/O server to freeze"; exit 93; }
-      kill -STOP "$SPID" || exit 93
+      [ -n "$SPID" ] || { echo "host: no I/O server to freeze"; host_done; exit 93; }
+      kill -STOP "$SPID" || { host_done; exit 93; }
       echo "host: SIGSTOP vrio-server (pid $SPID) at +$at s of guest I/O"
-      sleep "$hang"
     elif [ -n "$hang" ]; then
-      kill -STOP "$pid" || { echo "host: vrio-client $pid was not running"; exit 94; }
+      kill -STOP "$pid" || { echo "host: vrio-client $pid was not running"; host_done; exit 94; }
       echo "host: SIGSTOP vrio-client (pid $pid) at +$at s of guest I/O"
-      sleep "$hang"
     fi
+    # Requests surely in flight: the guest is inside its dds, H s more.
+    if [ -n "$hang" ]; then wait_in_dd; sleep "$hang"; fi
     tk=$(date +%s.%N)
-    kill -KILL "$pid" || { echo "host: vrio-client $pid was not running"; exit 94; }
+    kill -KILL "$pid" || { echo "host: vrio-client $pid was not running"; host_done; exit 94; }
     echo "host: SIGKILL vrio-client (pid $pid) at +$k s of guest I/O"
     if [ "$frozen" = server ] && [ -n "$hang" ]; then kill -CONT "$SPID"; echo "host: SIGCONT vrio-server"; fi
     sleep "$RESTART_DELAY"
-    start_client || exit 95
+    start_client || { host_done; exit 95; }
     n=$((n + 1))
     echo "host: vrio-client restarted (pid $CPID), listening $(awk -v a="$(date +%s.%N)" -v b="$tk" 'BEGIN{printf "%.2f", a-b}') s after the kill"
   done
   echo "host: $n restart(s) of vrio-client"
+  # The last client too serves every vring before the guest may stop.
+  [ "$n" -gt 0 ] && wait_attached "the end of the guest's loop"
+  host_done
   [ "$n" -gt 0 ] || exit 96
   wait "$CPID"
 }
@@ -166,24 +223,36 @@ echo "host: vrio-controller on $CTL, I/O servers:"; "$BIN/vrio-ctl" --addr "$CTL
 CLIENT_ARGS=(vhost-user-blk --fabric soft --socket "$SOCK" --controller "$CTL" --device-name vub --queues "$NQ" $ONCE)
 start_client || exit 1
 # MOVES: every queue to the other server, at each time.
+# Handovers the agent reported (a move hands over attached vrings only).
+handovers() { grep -c "agent: moved: device vub" "$WORK/client.log"; }
 movers() {
-  local t0 at i=0 srv q n=0
-  for _ in $(seq 3000); do
-    grep -aq "RECONNECT IO START" "$SERIAL" 2>/dev/null && break
-    [ -e "$WORK/qemu.done" ] && break
-    sleep 0.1
-  done
+  local t0 at i=0 srv q n=0 want h0
+  wait_serial "RECONNECT IO START" || echo "host: the guest never started its I/O loop"
+  # Moves count handovers: every vring runs first.
+  wait_attached "the first move"
   t0=$(date +%s.%N)
   for at in $MOVES; do
     sleep "$(awk -v t="$t0" -v k="$at" -v n="$(date +%s.%N)" 'BEGIN{d=t+k-n; printf "%.2f", (d>0)?d:0}')"
     [ -e "$WORK/qemu.done" ] && break
     srv=io-b; [ $((i % 2)) = 1 ] && srv=io-a; i=$((i + 1))
+    # The vrings not on $srv yet, each one handover.
+    want=$("$BIN/vrio-ctl" --addr "$CTL" assignments 2>> "$WORK/moves.log" | awk -v s="$srv" '$1 == "vub" && $3 != s' | wc -l)
+    h0=$(handovers)
     for q in $(seq 0 $((NQ - 1))); do
       if "$BIN/vrio-ctl" --addr "$CTL" move vub "$q" "$srv" "$q" > /dev/null 2>> "$WORK/moves.log"; then n=$((n + 1)); fi
     done
     echo "host: moved the vrings to $srv at +$at s of guest I/O"
+    # The agent finishes this round before the next one (or the guest's
+    # end): up to 60 s.
+    for _ in $(seq 600); do
+      [ "$(handovers)" -ge $((h0 + want)) ] && break
+      [ -e "$WORK/qemu.done" ] && break
+      sleep 0.1
+    done
+    echo "host: the agent reported $(($(handovers) - h0)) of $want handover(s) to $srv"
   done
   echo "host: $n MoveQueue call(s) accepted"
+  host_done
 }
 elif [ "$BACKEND" = local ]; then
 qemu-img create -f raw "$DISK" "${DISKMB}M" > /dev/null
@@ -202,7 +271,9 @@ CLIENT_ARGS=(vhost-user-blk --fabric soft --socket "$SOCK" --server "$ADDR" --qu
 start_client || exit 1
 fi
 
-CHR=
+CHR=; HOSTARG=
+# The guest's loop waits for the host's events (host_done).
+if [ -n "$KILLS" ] || [ -n "${MOVES:-}" ]; then HOSTARG=hostdone=1; fi
 if [ -n "${MOVES:-}" ]; then
   [ "$BACKEND" = controlled ] || { echo "MOVES needs BACKEND=controlled"; echo "RESULT: FAIL"; exit 1; }
   movers & MPID=$!
@@ -256,18 +327,21 @@ timeout "$TMO" qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp "$SMP" -
   -chardev socket,id=vub0,path="$SOCK"$CHR \
   -device vhost-user-blk-pci,chardev=vub0,num-queues="$NQ" \
   -kernel "/boot/vmlinuz-$KVER" -initrd "$WORK/initramfs.cpio.gz" \
-  -append "console=ttyS0 loglevel=4 panic=-1 blkmb=$BLKMB patoff=$PATOFF fsmb=$FSMB ${APPEND:-}" \
+  -append "console=ttyS0 loglevel=4 panic=-1 blkmb=$BLKMB patoff=$PATOFF fsmb=$FSMB $HOSTARG ${APPEND:-}" \
   -nic none -display none -monitor "$MON" -serial "file:$SERIAL" -no-reboot
 rc=$?
 touch "$WORK/qemu.done"
 if [ -n "$HPID" ]; then wait "$HPID" || QRC=1; HPID=; fi
 echo "host: qemu exit rc=$rc after $(el) s (124 = timeout)"
 [ "$rc" = 0 ] || QRC=$rc
-echo "---- guest $boot serial:"; tr -d '\r' < "$SERIAL" | grep -avE '^\s*$' | tail -n "${SERIAL_TAIL:-200}"
+# The tail, and the guest's own log lines ("VRIO[") before it: a fast
+# guest's loop prints more lines than the tail holds.
+echo "---- guest $boot serial:"; tr -d '\r' < "$SERIAL" | grep -avE '^\s*$' \
+  | awk -v n="${SERIAL_TAIL:-200}" '{l[NR] = $0} END{for (i = 1; i <= NR; i++) if (i > NR - n || index(l[i], "VRIO[")) print l[i]}'
 if [ "$boot" -lt "$BOOTS" ]; then
   grep -aq "VRIO-GUEST-DONE rc=0" "$SERIAL" && echo "host: guest $boot OK" || { echo "host: guest $boot failed"; QRC=1; }
   # The next VMM finds the socket again once the client is back in accept.
-  for _ in $(seq 100); do [ "$(grep -c 'waiting for a VMM' "$WORK/client.log")" -gt "$boot" ] && break; sleep 0.1; done
+  for _ in $(seq 300); do [ "$(grep -c 'waiting for a VMM' "$WORK/client.log")" -gt "$boot" ] && break; sleep 0.1; done
 fi
 done
 if [ "$BACKEND" = qsd ]; then
@@ -276,13 +350,13 @@ else
 if [ -n "$KPID" ]; then
 # The last client (--once) exits when QEMU disconnects; restarts() reaps it.
 LAST=$(cat "$WORK/client.pid")
-for _ in $(seq 50); do kill -0 "$LAST" 2>/dev/null || break; sleep 0.1; done
+for _ in $(seq 300); do kill -0 "$LAST" 2>/dev/null || break; sleep 0.1; done
 if kill -0 "$LAST" 2>/dev/null; then echo "host: vrio-client still running after the VMM left"; kill "$LAST"; fi
 wait "$KPID"; CRC=$?; KPID=
 wait "$CPID0" 2>/dev/null
 elif [ -n "$ONCE" ]; then
-# --once: the client exits when QEMU disconnects.
-for _ in $(seq 50); do kill -0 "$CPID" 2>/dev/null || break; sleep 0.1; done
+# --once: the client exits when QEMU disconnects (it drains first: up to 30 s).
+for _ in $(seq 300); do kill -0 "$CPID" 2>/dev/null || break; sleep 0.1; done
 if kill -0 "$CPID" 2>/dev/null; then echo "host: vrio-client still running after the VMM left"; CRC=99; kill "$CPID"; wait "$CPID"; else wait "$CPID"; CRC=$?; fi
 else
 # Still serving, waiting for the next VMM.

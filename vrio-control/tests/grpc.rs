@@ -76,6 +76,21 @@ fn code<T>(r: Result<T, tonic::Status>) -> Code {
     }
 }
 
+/// Renews `id`'s lease every 50 ms until aborted.
+fn keep_renewing(c: &Client, id: &str) -> tokio::task::JoinHandle<()> {
+    let (mut c, id) = (c.clone(), id.to_string());
+    tokio::spawn(async move {
+        loop {
+            let _ = c
+                .renew_lease(pb::RenewLeaseRequest {
+                    server_id: id.clone(),
+                })
+                .await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+}
+
 async fn assignments(c: &mut Client) -> Vec<pb::Assignment> {
     c.list_assignments(pb::ListAssignmentsRequest::default())
         .await
@@ -255,21 +270,11 @@ async fn watch_streams_snapshot_moves_and_lease_failover() {
     let mut c = connect(&addr, Some(TOKEN)).await.unwrap();
     c.register_server(register("a", 2, 8)).await.unwrap();
     // Keep a alive until b's queues have failed over.
-    let renewer = {
-        let mut c = c.clone();
-        tokio::spawn(async move {
-            loop {
-                let _ = c
-                    .renew_lease(pb::RenewLeaseRequest {
-                        server_id: "a".into(),
-                    })
-                    .await;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-    };
+    let renewer = keep_renewing(&c, "a");
     c.register_server(register("b", 2, 8)).await.unwrap();
-    let b_last_renewed = std::time::Instant::now();
+    // b too renews until the queues are placed and the watch is open: on a
+    // loaded machine its lease must not lapse before we look.
+    let b_renewer = keep_renewing(&c, "b");
     let placed = c
         .attach_device(attach("disk0", 4))
         .await
@@ -292,6 +297,8 @@ async fn watch_streams_snapshot_moves_and_lease_failover() {
         let e = watch.next().await.unwrap().unwrap();
         assert_eq!(e.kind, pb::EventKind::Snapshot as i32);
     }
+    b_renewer.abort();
+    let b_last_renewed = std::time::Instant::now();
 
     let mut failed_over = Vec::new();
     let deadline = tokio::time::sleep(Duration::from_secs(20));
@@ -352,6 +359,7 @@ async fn agent_keeps_its_lease_while_a_silent_server_fails_over() {
         },
     ));
     // Wait until the agent has registered a.
+    let registered_by = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let servers = c
             .list_servers(pb::ListServersRequest {})
@@ -362,9 +370,16 @@ async fn agent_keeps_its_lease_while_a_silent_server_fails_over() {
         if servers.iter().any(|s| s.id == "a") {
             break;
         }
+        assert!(
+            std::time::Instant::now() < registered_by,
+            "the agent did not register a within 20 s"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     c.register_server(register("b", 1, 8)).await.unwrap();
+    // b renews until its queue is placed (a loaded machine must not let its
+    // lease lapse first), then goes silent.
+    let b_renewer = keep_renewing(&c, "b");
     let mut watch = c
         .watch_assignments(pb::WatchAssignmentsRequest::default())
         .await
@@ -380,7 +395,8 @@ async fn agent_keeps_its_lease_while_a_silent_server_fails_over() {
     let mut servers: Vec<&str> = placed.iter().map(|a| a.server_id.as_str()).collect();
     servers.sort();
     assert_eq!(servers, ["a", "b"]);
-    // b never renews; its queue must move to a, whose agent keeps it alive.
+    b_renewer.abort();
+    // b renews no more; its queue must move to a, whose agent keeps it alive.
     let deadline = tokio::time::sleep(Duration::from_secs(20));
     tokio::pin!(deadline);
     loop {

@@ -115,6 +115,11 @@ impl Rig {
             let k = self.ep.poll(&mut buf).unwrap();
             got.extend_from_slice(&buf[..k]);
         }
+        assert!(
+            got.len() >= n,
+            "{} of {n} completions within 20 s: {got:?}",
+            got.len()
+        );
         got
     }
 
@@ -298,9 +303,13 @@ fn bad_hello_is_dropped_and_accept_goes_on() {
         .unwrap();
     let addr = l.local_addr();
     let a2 = addr.clone();
+    // The good peer connects only once the bad one is queued ahead of it
+    // (a fixed head start is not enough on a loaded machine).
+    let (queued, bad_is_queued) = std::sync::mpsc::channel();
     let bad = std::thread::spawn(move || {
         let mut s = TcpStream::connect(a2).unwrap();
         s.write_all(&[0xFF; HEADER_LEN]).unwrap();
+        queued.send(()).unwrap();
         let mut b = [0u8; 64];
         // We get our HELLO, then the connection is closed.
         let mut total = 0;
@@ -313,7 +322,9 @@ fn bad_hello_is_dropped_and_accept_goes_on() {
         total
     });
     let good = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(200));
+        bad_is_queued
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the bad peer did not connect within 20 s");
         SoftDomain::new()
             .connect(&addr, EndpointConfig::default())
             .map(|_| ())

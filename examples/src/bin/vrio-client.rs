@@ -35,7 +35,8 @@ use vrio_core::vhost_user::{
 };
 use vrio_examples::control::{follow_as_agent, place_devices, AttachedSet, ControlOpts, Followed};
 use vrio_examples::{
-    backend_name, init_tracing, print_table, resolve_fabric, FabricChoice, Progress,
+    backend_name, block_signals, init_tracing, print_table, resolve_fabric, wait_for_signal,
+    FabricChoice, Progress,
 };
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -233,7 +234,9 @@ struct Args {
     /// Requests per queue.
     #[arg(long, default_value_t = 10_000)]
     requests: u64,
-    /// Run for this many seconds instead of a number of requests.
+    /// Run for this many seconds instead of a number of requests. SIGINT or
+    /// SIGTERM ends any run early: the guests stop issuing, drain what is in
+    /// flight, and the verdict is printed as usual.
     #[arg(long, conflicts_with = "requests")]
     seconds: Option<f64>,
     /// Requests in flight per queue.
@@ -478,6 +481,26 @@ fn run(a: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     if a.seconds.is_some_and(|s| !(s > 0.0 && s < 1e9)) {
         return Err("--seconds must be a positive number".into());
     }
+    // Before any thread starts, so that only the waiter below takes them.
+    block_signals();
+    let stop = Arc::new(AtomicBool::new(false));
+    let signalled = Arc::new(AtomicBool::new(false));
+    {
+        let (stop, signalled) = (stop.clone(), signalled.clone());
+        std::thread::spawn(move || {
+            if let Some(sig) = wait_for_signal(None) {
+                eprintln!(
+                    "vrio-client: signal {sig}: draining the guests' queues (again to quit now)"
+                );
+                signalled.store(true, Relaxed);
+                stop.store(true, Relaxed);
+            }
+            if let Some(sig) = wait_for_signal(None) {
+                eprintln!("vrio-client: signal {sig}: quitting without a verdict");
+                std::process::exit(130);
+            }
+        });
+    }
     let mode = a.link.mode.notify();
     let fabric = resolve_fabric(a.link.fabric, a.link.device.as_deref())?;
     let rc = RunConfig {
@@ -560,7 +583,6 @@ fn run(a: &Args) -> Result<bool, Box<dyn std::error::Error>> {
         None => a.requests * u64::from(a.guests) * u64::from(a.queues),
     };
     let done = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
     let progress = Progress::start("remote guests".into(), done.clone(), total);
     let t0 = Instant::now();
     let io = drive_guests(guests, &rc, &done, &stop);
@@ -609,13 +631,24 @@ fn run(a: &Args) -> Result<bool, Box<dyn std::error::Error>> {
             (io.io_errors + io.protocol_errors).to_string(),
         ]],
     );
-    let total = if total == 0 { io.completed } else { total };
+    // A timed run, or one a signal ended, is as long as it got.
+    let stopped = signalled.load(Relaxed);
+    let total = if total == 0 || stopped {
+        io.completed
+    } else {
+        total
+    };
     let ok = io.failures() == 0 && io.completed == total && total > 0;
     println!(
-        "vrio-client: {} of {} requests verified, {} errors",
+        "vrio-client: {} of {} requests verified, {} errors{}",
         io.completed,
         total,
-        io.failures()
+        io.failures(),
+        if stopped {
+            " (stopped by a signal)"
+        } else {
+            ""
+        }
     );
     Ok(ok)
 }

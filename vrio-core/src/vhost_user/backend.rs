@@ -1227,8 +1227,20 @@ mod local_tests {
         assert_eq!(b.attached_queues(), 2, "one sidecore queue per vring");
 
         // The sidecore's interrupt reaches the VMM's call fd of that vring.
-        b.handle_event(2 + 1, EventSet::IN, &vrings, 0).unwrap();
-        assert!(calls[0].read().is_ok(), "queue 0 was not interrupted");
+        // It publishes the used entry before it writes its call fd, so a
+        // preempted sidecore may not have written it yet: wait for it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            b.handle_event(2 + 1, EventSet::IN, &vrings, 0).unwrap();
+            if calls[0].read().is_ok() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "queue 0 was not interrupted within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
         assert!(calls[1].read().is_err(), "queue 1 has no new interrupt");
 
         // GET_VRING_BASE: the ring stops where it is and leaves the sidecore.
