@@ -1,7 +1,18 @@
 #!/usr/bin/env bash
-# Runs vrio-core's cargo-fuzz targets for a bounded time and fails on a crash.
+# Runs the cargo-fuzz targets for a bounded time and fails on a crash.
 #
-#   scripts/fuzz.sh [TOTAL_SECONDS]   (default 60, split evenly over the targets)
+#   scripts/fuzz.sh [TOTAL_SECONDS]   (default 60, split evenly over the targets,
+#                                      at least 5 s each: 8 targets take 40 s or more)
+#
+# The targets (vrio-core/fuzz; it also links vrio-rdma for the fabric's
+# frames) cover every parser of bytes a peer controls:
+#   walker, device    the virtqueue chain walker and device queue (guest)
+#   remote_wire       remote::wire::Message::decode, with the round trip (agent/server)
+#   soft_wire         the soft fabric's frame headers, vrio_rdma::soft::wire (fabric peer)
+#   vhost_user_msg    the vhost-user relay's header and body parsing (VMM)
+#   inflight          InflightRegion::from_peer over a memfd, and recovery from it (VMM)
+#   blk_request       the virtio-blk request parser and the request run (guest)
+#   net_tx            the TX virtio_net_hdr, partial checksum and frame checks (guest)
 #
 # Needs the nightly toolchain and cargo-fuzz (scripts/setup.sh installs both).
 # Seeds are checked in under vrio-core/fuzz/seeds/<target>; the working corpus
@@ -10,9 +21,10 @@
 set -euo pipefail
 
 total=${1:-${FUZZ_SECONDS:-60}}
-targets=(walker device)
+targets=(walker device remote_wire soft_wire vhost_user_msg inflight blk_request net_tx)
+min_per=5
 per=$(( total / ${#targets[@]} ))
-(( per >= 1 )) || per=1
+(( per >= min_per )) || per=$min_per
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 fuzz_dir="$root/vrio-core/fuzz"

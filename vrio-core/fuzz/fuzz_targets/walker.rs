@@ -9,28 +9,15 @@
 
 mod common;
 
-use common::{assert_inside, Input, VecMemory};
+use common::{assert_inside, Input, RingArgs};
 use libfuzzer_sys::fuzz_target;
-use vrio_core::ring::{ChainError, DescriptorChain, RingFeatures, RingLayout, Walker};
+use vrio_core::ring::{ChainError, DescriptorChain, RingLayout, Walker};
 
 fuzz_target!(|data: &[u8]| {
     let mut input = Input(data);
-    let size = 1u16 << (input.u8() % 16);
-    let features = RingFeatures::from_bits(u64::from(input.u8()) << 28);
-    let head = input.u16();
-    let desc = u64::from(input.u16()) * 16;
-    let gpa1 = u64::from(input.u16()) << 12;
-    let split = usize::from(input.u16());
-    let image = input.take(usize::MAX);
-    let (r0, r1) = image.split_at(split.min(image.len()));
-    let mut regions = Vec::new();
-    if !r0.is_empty() {
-        regions.push((0, r0.to_vec()));
-    }
-    if !r1.is_empty() {
-        regions.push((r0.len() as u64 + gpa1, r1.to_vec()));
-    }
-    let mem = VecMemory { regions };
+    let ring = RingArgs::read(&mut input);
+    let (size, features, head, desc) = (ring.size, ring.features, ring.head, ring.desc);
+    let mem = ring.memory(input.take(usize::MAX));
     let Some(map) = mem.map() else { return };
     // The walker does not need the avail/used rings; place them anywhere valid.
     let Ok(layout) = RingLayout::new(size, desc, 0, 0) else {

@@ -45,6 +45,115 @@ const MAX_FDS: usize = 32;
 const INFLIGHT_MSG: usize = 24;
 const INFLIGHT_SHMFD: u64 = VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits();
 
+/// Why the relay refused bytes a peer sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    /// The header announces a body over `MAX_MSG_SIZE`.
+    #[error("vhost-user message of {0} bytes")]
+    Oversized(usize),
+    /// Fewer bytes than the header or the body's fields need.
+    #[error("vhost-user {what} of {len} bytes, {need} needed")]
+    Short {
+        /// What was being parsed.
+        what: &'static str,
+        /// Bytes there were.
+        len: usize,
+        /// Bytes it needs.
+        need: usize,
+    },
+}
+
+fn need(what: &'static str, b: &[u8], need: usize) -> Result<(), ParseError> {
+    if b.len() < need {
+        return Err(ParseError::Short {
+            what,
+            len: b.len(),
+            need,
+        });
+    }
+    Ok(())
+}
+
+/// A vhost-user message header, as the relay reads it from the VMM or the
+/// daemon: request code, flags and the size of the body that follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MsgHeader {
+    /// The request code (`FrontendReq`).
+    pub request: u32,
+    /// Version and the REPLY / NEED_REPLY bits.
+    pub flags: u32,
+    /// Body bytes after the header (at most `MAX_MSG_SIZE`).
+    pub size: usize,
+}
+
+impl MsgHeader {
+    /// Bytes of every header.
+    pub const LEN: usize = HDR_LEN;
+
+    /// Parses the first [`Self::LEN`] bytes of `b`; refuses a body larger
+    /// than the relay's buffer.
+    pub fn parse(b: &[u8]) -> Result<Self, ParseError> {
+        need("header", b, HDR_LEN)?;
+        let h = Self {
+            request: word(b, 0),
+            flags: word(b, 1),
+            size: word(b, 2) as usize,
+        };
+        if h.size > MAX_MSG_SIZE {
+            return Err(ParseError::Oversized(h.size));
+        }
+        Ok(h)
+    }
+}
+
+/// A body carrying one u64 (GET/SET_PROTOCOL_FEATURES).
+pub fn parse_u64_body(body: &[u8]) -> Result<u64, ParseError> {
+    need("u64 body", body, 8)?;
+    Ok(le_u64(body, 0))
+}
+
+/// SET_VRING_ENABLE's body: (vring index, enable).
+pub fn parse_vring_state(body: &[u8]) -> Result<(u32, u32), ParseError> {
+    need("vring state", body, 8)?;
+    Ok((word(body, 0), word(body, 1)))
+}
+
+/// The body of GET_INFLIGHT_FD and SET_INFLIGHT_FD
+/// (`struct VhostUserInflight`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct InflightMsg {
+    /// Bytes of the region to map.
+    pub mmap_size: u64,
+    /// Where the region starts in the fd, in bytes.
+    pub mmap_offset: u64,
+    /// Queues the region covers.
+    pub num_queues: u16,
+    /// Descriptors per queue.
+    pub queue_size: u16,
+}
+
+impl InflightMsg {
+    /// Bytes that carry the fields (QEMU pads the struct to 24).
+    pub const LEN: usize = 20;
+
+    /// Parses the fields; refuses a body shorter than [`Self::LEN`].
+    pub fn parse(body: &[u8]) -> Result<Self, ParseError> {
+        need("inflight body", body, Self::LEN)?;
+        Ok(Self::parse_lenient(body))
+    }
+
+    /// Like [`Self::parse`], but a field the body does not hold whole reads
+    /// as zero (GET_INFLIGHT_FD answers whatever it is asked).
+    pub fn parse_lenient(body: &[u8]) -> Self {
+        Self {
+            mmap_size: le_u64(body, 0),
+            mmap_offset: le_u64(body, 8),
+            num_queues: le_u16(body, 16),
+            queue_size: le_u16(body, 18),
+        }
+    }
+}
+
 /// Who takes the inflight region of SET_INFLIGHT_FD (the session's
 /// back-end).
 pub type InflightSink = Arc<dyn Fn(InflightRegion) + Send + Sync>;
@@ -154,21 +263,20 @@ fn forward_replies(
             }
             got += n;
         }
-        let (request, size) = (word(&buf, 0), word(&buf, 2) as usize);
-        if size > MAX_MSG_SIZE {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("vhost-user reply of {size} bytes"),
-            ));
-        }
+        let MsgHeader { request, size, .. } = MsgHeader::parse(&buf[..HDR_LEN]).map_err(|e| {
+            let what = match e {
+                ParseError::Oversized(size) => format!("vhost-user reply of {size} bytes"),
+                e => e.to_string(),
+            };
+            io::Error::new(io::ErrorKind::InvalidData, what)
+        })?;
         back.read_exact(&mut buf[HDR_LEN..HDR_LEN + size])?;
-        if patch && request == FrontendReq::GET_PROTOCOL_FEATURES as u32 && size >= 8 {
-            let body = &mut buf[HDR_LEN..HDR_LEN + 8];
-            let mut f = [0u8; 8];
-            f.copy_from_slice(body);
-            let f = u64::from_le_bytes(f) | INFLIGHT_SHMFD;
-            body.copy_from_slice(&f.to_le_bytes());
-            tracing::debug!(features = format!("{f:#x}"), "offering INFLIGHT_SHMFD");
+        if patch && request == FrontendReq::GET_PROTOCOL_FEATURES as u32 {
+            if let Ok(f) = parse_u64_body(&buf[HDR_LEN..HDR_LEN + size]) {
+                let f = f | INFLIGHT_SHMFD;
+                buf[HDR_LEN..HDR_LEN + 8].copy_from_slice(&f.to_le_bytes());
+                tracing::debug!(features = format!("{f:#x}"), "offering INFLIGHT_SHMFD");
+            }
         }
         to_front(front, &buf[..HDR_LEN + size], &[])?;
     }
@@ -199,7 +307,8 @@ fn le_u16(b: &[u8], off: usize) -> u16 {
 /// GET_INFLIGHT_FD: a fresh region for the queues QEMU names; on failure
 /// a zero size, which tells QEMU there is none.
 fn get_inflight(body: &[u8], front: &Mutex<UnixStream>) -> io::Result<()> {
-    let (queues, queue_size) = (le_u16(body, 16), le_u16(body, 18));
+    let m = InflightMsg::parse_lenient(body);
+    let (queues, queue_size) = (m.num_queues, m.queue_size);
     let mut out = [0u8; INFLIGHT_MSG];
     out[16..18].copy_from_slice(&queues.to_le_bytes());
     out[18..20].copy_from_slice(&queue_size.to_le_bytes());
@@ -226,20 +335,22 @@ fn get_inflight(body: &[u8], front: &Mutex<UnixStream>) -> io::Result<()> {
 /// SET_INFLIGHT_FD: maps the region (every field checked) for `sink`;
 /// whether it was taken.
 fn set_inflight(body: &[u8], fds: Vec<OwnedFd>, sink: &InflightSink) -> bool {
-    let (size, offset) = (le_u64(body, 0), le_u64(body, 8));
-    let (queues, queue_size) = (le_u16(body, 16), le_u16(body, 18));
     let Some(fd) = (fds.len() == 1).then(|| fds.into_iter().next()).flatten() else {
         tracing::error!("SET_INFLIGHT_FD without exactly one fd; inflight tracking is off");
         return false;
     };
-    if body.len() < 20 {
-        tracing::error!(
-            bytes = body.len(),
-            "short SET_INFLIGHT_FD; inflight tracking is off"
-        );
-        return false;
-    }
-    match InflightRegion::from_peer(fd, size, offset, queues, queue_size) {
+    let m = match InflightMsg::parse(body) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::error!(
+                bytes = body.len(),
+                error = %e,
+                "short SET_INFLIGHT_FD; inflight tracking is off"
+            );
+            return false;
+        }
+    };
+    match InflightRegion::from_peer(fd, m.mmap_size, m.mmap_offset, m.num_queues, m.queue_size) {
         Ok(region) => {
             sink(region);
             true
@@ -291,20 +402,18 @@ fn forward_requests(
             return Ok(());
         }
         front.read_exact(&mut buf[n..HDR_LEN])?;
-        let (request, flags, size) = (word(&buf, 0), word(&buf, 1), word(&buf, 2) as usize);
-        if size > MAX_MSG_SIZE {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("vhost-user message of {size} bytes"),
-            ));
-        }
+        let MsgHeader {
+            request,
+            flags,
+            size,
+        } = MsgHeader::parse(&buf[..HDR_LEN])
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
         front.read_exact(&mut buf[HDR_LEN..HDR_LEN + size])?;
         tracing::trace!(request, flags, size, fds = fds.len(), "vhost-user request");
         let is_features = request == FrontendReq::SET_FEATURES as u32;
         if request == FrontendReq::SET_VRING_ENABLE as u32 && !features_set {
             tracing::debug!("holding a SET_VRING_ENABLE sent before SET_FEATURES");
-            if size >= 8 {
-                let (index, num) = (word(&buf, 3), word(&buf, 4));
+            if let Ok((index, num)) = parse_vring_state(&buf[HDR_LEN..HDR_LEN + size]) {
                 held.retain(|&(i, _)| i != index);
                 held.push((index, num));
             }
@@ -326,14 +435,15 @@ fn forward_requests(
                 }
                 continue;
             }
-            if request == FrontendReq::SET_PROTOCOL_FEATURES as u32 && size >= 8 {
-                // The daemon does not know the bit; the relay serves it.
-                let f = le_u64(body, 0);
-                tracing::info!(
-                    inflight = f & INFLIGHT_SHMFD != 0,
-                    "the VMM acked the protocol features"
-                );
-                buf[HDR_LEN..HDR_LEN + 8].copy_from_slice(&(f & !INFLIGHT_SHMFD).to_le_bytes());
+            if request == FrontendReq::SET_PROTOCOL_FEATURES as u32 {
+                if let Ok(f) = parse_u64_body(body) {
+                    // The daemon does not know the bit; the relay serves it.
+                    tracing::info!(
+                        inflight = f & INFLIGHT_SHMFD != 0,
+                        "the VMM acked the protocol features"
+                    );
+                    buf[HDR_LEN..HDR_LEN + 8].copy_from_slice(&(f & !INFLIGHT_SHMFD).to_le_bytes());
+                }
             }
         }
         let raw_fds: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
@@ -379,6 +489,60 @@ mod tests {
         m.extend_from_slice(&(body.len() as u32).to_le_bytes());
         m.extend_from_slice(body);
         m
+    }
+
+    #[test]
+    fn message_parsers_refuse_short_and_oversized_input() {
+        let m = msg_flags(
+            FrontendReq::SET_VRING_ENABLE,
+            VERSION_1 | NEED_REPLY,
+            &[0; 8],
+        );
+        assert_eq!(
+            MsgHeader::parse(&m),
+            Ok(MsgHeader {
+                request: FrontendReq::SET_VRING_ENABLE as u32,
+                flags: VERSION_1 | NEED_REPLY,
+                size: 8,
+            })
+        );
+        assert!(matches!(
+            MsgHeader::parse(&m[..HDR_LEN - 1]),
+            Err(ParseError::Short { len: 11, .. })
+        ));
+        let mut big = m.clone();
+        big[8..12].copy_from_slice(&(MAX_MSG_SIZE as u32 + 1).to_le_bytes());
+        assert_eq!(
+            MsgHeader::parse(&big),
+            Err(ParseError::Oversized(MAX_MSG_SIZE + 1))
+        );
+        big[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(MsgHeader::parse(&big).is_err());
+
+        assert_eq!(parse_vring_state(&[2, 0, 0, 0, 1, 0, 0, 0, 9]), Ok((2, 1)));
+        assert!(parse_vring_state(&[2, 0, 0, 0, 1, 0, 0]).is_err());
+        assert_eq!(parse_u64_body(&7u64.to_le_bytes()), Ok(7));
+        assert!(parse_u64_body(&[1; 7]).is_err());
+
+        let body = inflight_body(4096, 8192, 2, 128);
+        let want = InflightMsg {
+            mmap_size: 4096,
+            mmap_offset: 8192,
+            num_queues: 2,
+            queue_size: 128,
+        };
+        assert_eq!(InflightMsg::parse(&body), Ok(want));
+        assert_eq!(InflightMsg::parse(&body[..InflightMsg::LEN]), Ok(want));
+        assert!(InflightMsg::parse(&body[..InflightMsg::LEN - 1]).is_err());
+        // GET_INFLIGHT_FD's lenient reading: a partial field is zero.
+        assert_eq!(
+            InflightMsg::parse_lenient(&body[..19]),
+            InflightMsg {
+                queue_size: 0,
+                ..want
+            }
+        );
+        assert_eq!(InflightMsg::parse_lenient(&[]), InflightMsg::default());
     }
 
     #[test]

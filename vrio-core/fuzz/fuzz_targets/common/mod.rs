@@ -4,7 +4,7 @@
 // Each target uses a different part of this module.
 #![allow(dead_code)]
 
-use vrio_core::ring::DescriptorChain;
+use vrio_core::ring::{DescriptorChain, RingFeatures};
 use vrio_core::{GuestMemory, GuestRegion, MemoryError, MemoryMap};
 
 pub struct VecMemory {
@@ -85,6 +85,45 @@ pub fn assert_inside(chain: &DescriptorChain, map: &MemoryMap, mem: &VecMemory, 
     }
 }
 
+/// The ring a chain-walking target walks, read from the front of its input:
+/// size_log2, features, head (u16), desc table slot (u16), second region
+/// gpa (u16, in pages), region split (u16).
+pub struct RingArgs {
+    pub size: u16,
+    pub features: RingFeatures,
+    pub head: u16,
+    pub desc: u64,
+    gpa1: u64,
+    split: usize,
+}
+
+impl RingArgs {
+    pub fn read(input: &mut Input) -> Self {
+        Self {
+            size: 1u16 << (input.u8() % 16),
+            features: RingFeatures::from_bits(u64::from(input.u8()) << 28),
+            head: input.u16(),
+            desc: u64::from(input.u16()) * 16,
+            gpa1: u64::from(input.u16()) << 12,
+            split: usize::from(input.u16()),
+        }
+    }
+
+    /// The memory image cut in two regions (at `split`, the second at
+    /// `gpa1` past the first's end); empty parts are left out.
+    pub fn memory(&self, image: &[u8]) -> VecMemory {
+        let (r0, r1) = image.split_at(self.split.min(image.len()));
+        let mut regions = Vec::new();
+        if !r0.is_empty() {
+            regions.push((0, r0.to_vec()));
+        }
+        if !r1.is_empty() {
+            regions.push((r0.len() as u64 + self.gpa1, r1.to_vec()));
+        }
+        VecMemory { regions }
+    }
+}
+
 /// Little-endian reader over fuzz input; runs out as zeroes.
 pub struct Input<'a>(pub &'a [u8]);
 
@@ -103,6 +142,9 @@ impl Input<'_> {
     }
     pub fn u32(&mut self) -> u32 {
         u32::from(self.u16()) | u32::from(self.u16()) << 16
+    }
+    pub fn u64(&mut self) -> u64 {
+        u64::from(self.u32()) | u64::from(self.u32()) << 32
     }
     pub fn take(&mut self, n: usize) -> &[u8] {
         let n = n.min(self.0.len());
