@@ -11,6 +11,7 @@ pub struct RequireToken {
 }
 
 impl RequireToken {
+    /// Accepts only calls that carry exactly `token`.
     pub fn new(token: &str) -> Self {
         RequireToken {
             expected: format!("Bearer {token}").into_bytes().into(),

@@ -6,33 +6,47 @@ use crate::pb::control_client::ControlClient;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
+/// A connected gRPC client of the `Control` service that sends the bearer
+/// token with every call.
 pub type Client = ControlClient<InterceptedService<Channel, AddToken>>;
 
+/// Why [`connect`] or [`connect_with`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
+    /// The address is not a valid URI.
     #[error("bad controller address {addr}: {source}")]
     Address {
+        /// The address as given.
         addr: String,
+        /// The parse error.
         #[source]
         source: tonic::transport::Error,
     },
+    /// The controller could not be reached.
     #[error("cannot reach controller at {addr}: {source}")]
     Connect {
+        /// The address as given.
         addr: String,
+        /// The transport error.
         #[source]
         source: tonic::transport::Error,
     },
+    /// The token cannot be sent as an HTTP header.
     #[error("{0}")]
     Token(tonic::Status),
+    /// The TLS configuration was refused.
     #[error("TLS setup for {addr}: {source}")]
     Tls {
+        /// The address as given.
         addr: String,
+        /// The transport error.
         #[source]
         source: tonic::transport::Error,
     },
 }
 
-/// Connects to `addr` (`host:port` or `http://host:port`).
+/// Connects to `addr` (`host:port` or `http://host:port`) over plain HTTP/2;
+/// `token` (if any) is sent as `authorization: Bearer <token>`.
 pub async fn connect(addr: &str, token: Option<&str>) -> Result<Client, ConnectError> {
     connect_with(addr, token, None).await
 }

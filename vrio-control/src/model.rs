@@ -7,20 +7,32 @@ use serde::{Deserialize, Serialize};
 /// Load of one sidecore over the server's last report.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct CoreLoad {
+    /// Fraction of time the sidecore was busy, 0.0 to 1.0.
     pub busy: f64,
+    /// Requests the sidecore served per second.
     pub requests_per_sec: f64,
 }
 
+/// A registered I/O server, as the controller tracks it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Server {
+    /// Unique server id, chosen by the server.
     pub id: String,
+    /// Where agents reach the server's data path (e.g. a fabric address).
     pub address: String,
+    /// Number of sidecores; sidecore indexes are `0..sidecores`.
     pub sidecores: u32,
+    /// Most queues the server accepts over all its sidecores.
     pub capacity: u32,
     /// One entry per sidecore.
     pub load: Vec<CoreLoad>,
+    /// When the lease runs out unless renewed, in ms on the controller's
+    /// clock (Unix ms in the gRPC service).
     pub lease_expires_ms: u64,
+    /// The lease is live; false once it expired (the server must register
+    /// again).
     pub alive: bool,
+    /// Being drained: gets no new queues.
     pub draining: bool,
 }
 
@@ -31,57 +43,90 @@ impl Server {
     }
 }
 
+/// The virtio device type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DeviceKind {
+    /// virtio-blk.
     Blk,
+    /// virtio-net.
     Net,
 }
 
+/// A guest's virtio device whose queues the controller places.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Device {
+    /// Unique device id.
     pub id: String,
+    /// The VM the device belongs to.
     pub vm_id: String,
+    /// The device type.
     pub kind: DeviceKind,
+    /// Number of queues; each is placed on its own.
     pub queues: u32,
+    /// The VM-host agent that owns the guest rings.
     pub agent_address: String,
+    /// Keep every queue of this device on this server.
     pub pinned_server: Option<String>,
 }
 
+/// One queue of one device: what gets placed.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct QueueKey {
+    /// The device id.
     pub device: String,
+    /// The queue index, `0..queues`.
     pub queue: u32,
 }
 
+/// A place a queue can run: one sidecore of one server.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Slot {
+    /// The server id.
     pub server: String,
+    /// The sidecore index on that server.
     pub sidecore: u32,
 }
 
+/// Where one queue runs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Assignment {
+    /// The queue.
     pub key: QueueKey,
     /// None while no live server has room.
     pub slot: Option<Slot>,
+    /// Bumped on every change of the slot, so followers can tell a stale
+    /// update from a fresh one.
     pub generation: u64,
+    /// When the slot last changed, in ms on the controller's clock
+    /// (rebalance cooldowns count from here).
     pub last_moved_ms: u64,
 }
 
 /// What happened to an assignment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventKind {
+    /// Replay of a current assignment when a watch starts.
     Snapshot,
+    /// A queue got its first slot (at attach, or after waiting for room).
     Assigned,
+    /// A queue changed slot (to none when a failover found no room).
     Moved,
+    /// The queue's device was detached.
     Removed,
 }
 
+/// One change to an assignment, as watchers receive it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Event {
+    /// What happened.
     pub kind: EventKind,
+    /// The assignment after the change (before it, for `Removed`).
     pub assignment: Assignment,
+    /// The assignment before the change, when a placed or waiting queue got
+    /// a new slot.
     pub previous: Option<Assignment>,
+    /// Why: `attach`, `move`, `drain`, `failover`, `rebalance`, `detach` or
+    /// `register`.
     pub reason: &'static str,
 }
 

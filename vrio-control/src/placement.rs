@@ -9,32 +9,46 @@ use std::collections::{BTreeMap, BTreeSet};
 /// One sidecore as placement sees it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CoreView {
+    /// Reported busy fraction, 0.0 to 1.0.
     pub busy: f64,
+    /// Reported requests per second.
     pub requests_per_sec: f64,
+    /// Queues assigned to it now.
     pub queues: u32,
 }
 
+/// One server as placement sees it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ServerView {
+    /// The server id.
     pub id: String,
+    /// Most queues it accepts.
     pub capacity: u32,
+    /// Queues assigned to it now.
     pub assigned: u32,
     /// Alive and not draining.
     pub eligible: bool,
+    /// One entry per sidecore, by index.
     pub cores: Vec<CoreView>,
 }
 
 impl ServerView {
+    /// Eligible and below capacity: may take one more queue.
     pub fn has_room(&self) -> bool {
         self.eligible && self.assigned < self.capacity
     }
 }
 
+/// One queue as placement sees it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct QueueView {
+    /// The queue.
     pub key: QueueKey,
+    /// Where it runs now, if anywhere.
     pub slot: Option<Slot>,
+    /// The server its device is pinned to, if any.
     pub pinned: Option<String>,
+    /// When it last changed slot, in ms on the controller's clock.
     pub last_moved_ms: u64,
 }
 
@@ -45,13 +59,18 @@ pub struct ClusterView {
     pub servers: Vec<ServerView>,
     /// Sorted by key.
     pub queues: Vec<QueueView>,
+    /// The controller's clock at the decision, in ms.
     pub now_ms: u64,
 }
 
+/// A rebalance step: move `key` from one slot to another.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Move {
+    /// The queue to move.
     pub key: QueueKey,
+    /// Where it runs now.
     pub from: Slot,
+    /// Where it should go.
     pub to: Slot,
 }
 
@@ -103,6 +122,7 @@ impl ClusterView {
         view
     }
 
+    /// The server with this id, if known.
     pub fn server(&self, id: &str) -> Option<&ServerView> {
         self.servers.iter().find(|s| s.id == id)
     }
@@ -163,10 +183,12 @@ pub trait PlacementPolicy: Send + Sync + std::fmt::Debug {
 /// spread queues evenly). Requests/s breaks ties.
 #[derive(Clone, Debug)]
 pub struct LeastLoaded {
+    /// Score added per queue on a sidecore (in units of busy fraction).
     pub queue_weight: f64,
-    /// Rebalance only when the busiest and idlest sidecores differ by more.
+    /// Rebalance only when the busiest and idlest sidecores' scores differ
+    /// by more.
     pub threshold: f64,
-    /// A queue is not moved again by rebalance within this time.
+    /// A queue is not moved again by rebalance within this time, in ms.
     pub cooldown_ms: u64,
     /// Upper bound on moves per rebalance round.
     pub max_moves: usize,

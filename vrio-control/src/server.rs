@@ -12,14 +12,18 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
+/// Why [`serve`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
+    /// TLS setup or serving failed.
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The reflection service could not be built.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
+/// How [`serve`] runs.
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
     /// None turns authentication off.

@@ -11,6 +11,8 @@ use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
+/// The wall clock in Unix ms: the `now_ms` the service passes to the
+/// controller (0 if the clock is before 1970).
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -18,6 +20,8 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The `Control` gRPC service; serve it with
+/// `pb::control_server::ControlServer` (as [`crate::server::serve`] does).
 #[derive(Clone, Debug)]
 pub struct ControlService {
     ctrl: Arc<Controller>,
@@ -25,6 +29,7 @@ pub struct ControlService {
 }
 
 impl ControlService {
+    /// Serves `ctrl`; the Stats RPC's uptime counts from this call.
     pub fn new(ctrl: Arc<Controller>) -> Self {
         ControlService {
             ctrl,

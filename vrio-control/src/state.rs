@@ -16,11 +16,14 @@ use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 use tokio::sync::broadcast;
 
+/// Controller settings.
 #[derive(Clone, Debug)]
 pub struct ControllerConfig {
+    /// How long a server's lease lasts without renewal, in ms.
     pub lease_ttl_ms: u64,
     /// Most sidecores / queues a request may ask for (guards against absurd input).
     pub max_sidecores: u32,
+    /// Most queues one device may have.
     pub max_queues: u32,
 }
 
@@ -45,23 +48,38 @@ struct State {
 /// Totals for the Stats RPC.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Stats {
+    /// Known servers, dead ones included.
     pub servers: u32,
+    /// Servers whose lease is live.
     pub alive_servers: u32,
+    /// Attached devices.
     pub devices: u32,
+    /// Queues of all attached devices.
     pub queues: u32,
+    /// Queues waiting for a server with room.
     pub unassigned_queues: u32,
+    /// Moves and failovers since the state was created.
     pub counters: Counters,
 }
 
 /// A new server's registration.
 #[derive(Clone, Debug)]
 pub struct Registration {
+    /// Unique server id.
     pub id: String,
+    /// Where agents reach the server's data path.
     pub address: String,
+    /// Number of sidecores, at least 1.
     pub sidecores: u32,
+    /// Most queues the server accepts, at least 1.
     pub capacity: u32,
 }
 
+/// The controller: every server, device and assignment, and the rules that
+/// change them. Thread-safe; each change is saved to its [`StateStore`]
+/// before it takes effect, then announced to subscribers
+/// ([`Controller::subscribe`]). Errors are [`ControlError`]s, which map to
+/// gRPC status codes.
 pub struct Controller {
     state: Mutex<State>,
     store: Box<dyn StateStore>,
@@ -287,6 +305,7 @@ impl Controller {
         })
     }
 
+    /// The settings it runs with.
     pub fn config(&self) -> &ControllerConfig {
         &self.cfg
     }
@@ -314,6 +333,11 @@ impl Controller {
         Ok(out)
     }
 
+    /// Registers a server with a fresh lease (a dead server may come back
+    /// under its id, empty), then places queues that were waiting for room.
+    /// Returns the lease TTL in ms. Fails with `AlreadyExists` while the id's
+    /// lease is live, `InvalidArgument` for an empty id or out-of-range
+    /// sidecores or capacity.
     pub fn register_server(&self, r: Registration, now_ms: u64) -> Result<u64, ControlError> {
         if r.id.is_empty() {
             return Err(bad("server id is empty"));
@@ -370,6 +394,9 @@ impl Controller {
         Ok(s)
     }
 
+    /// Extends a live server's lease to `now_ms` plus the TTL; returns the
+    /// TTL in ms. Fails with `NotFound` for an unknown server and
+    /// `FailedPrecondition` once its lease has expired (register again).
     pub fn renew_lease(&self, id: &str, now_ms: u64) -> Result<u64, ControlError> {
         let ttl = self.cfg.lease_ttl_ms;
         // Leases are not persisted (a restarted controller grants fresh ones)
@@ -379,6 +406,10 @@ impl Controller {
         Ok(ttl)
     }
 
+    /// Records load per sidecore (index, load) and renews the lease, as
+    /// [`Controller::renew_lease`]. Fails with `InvalidArgument` for a busy
+    /// fraction outside 0..=1, a negative or non-finite rate, or an unknown
+    /// sidecore, and then records nothing.
     pub fn report_load(
         &self,
         id: &str,
@@ -411,6 +442,10 @@ impl Controller {
         Ok(ttl)
     }
 
+    /// Adds a device and places each of its queues; returns their
+    /// assignments. All or nothing: fails with `ResourceExhausted` if a queue
+    /// finds no room, `AlreadyExists` for a known id, `NotFound` for an
+    /// unknown pinned server, `InvalidArgument` for a bad id or queue count.
     pub fn attach_device(&self, d: Device, now_ms: u64) -> Result<Vec<Assignment>, ControlError> {
         if d.id.is_empty() {
             return Err(bad("device id is empty"));
@@ -465,6 +500,8 @@ impl Controller {
         })
     }
 
+    /// Removes a device and its queues' assignments. Fails with `NotFound`
+    /// for an unknown device.
     pub fn detach_device(&self, id: &str) -> Result<(), ControlError> {
         self.mutate(|st, _, events| {
             let d = st
@@ -489,6 +526,10 @@ impl Controller {
         })
     }
 
+    /// Moves one queue to `to` by hand; returns its new assignment (the
+    /// current one if it is already there). Fails when the queue, server or
+    /// sidecore does not exist, the device is pinned elsewhere, or the target
+    /// server is dead, draining or full.
     pub fn move_queue(
         &self,
         key: &QueueKey,
@@ -557,6 +598,9 @@ impl Controller {
         })
     }
 
+    /// Marks a live server draining and moves all its queues elsewhere;
+    /// returns the moved assignments. All or nothing: fails with
+    /// `FailedPrecondition` (changing nothing) if any queue finds no room.
     pub fn drain_server(&self, id: &str, now_ms: u64) -> Result<Vec<Assignment>, ControlError> {
         self.mutate(|st, policy, events| {
             let s = Self::live_server(st, id)?;
@@ -620,6 +664,8 @@ impl Controller {
         })
     }
 
+    /// Every known server (dead ones included) with the number of queues
+    /// assigned to it.
     pub fn servers(&self) -> Vec<(Server, u32)> {
         let st = self.lock();
         st.servers
@@ -635,14 +681,17 @@ impl Controller {
             .collect()
     }
 
+    /// Every attached device.
     pub fn devices(&self) -> Vec<Device> {
         self.lock().devices.values().cloned().collect()
     }
 
+    /// Every queue's assignment, unplaced ones included.
     pub fn assignments(&self) -> Vec<Assignment> {
         self.lock().assignments.values().cloned().collect()
     }
 
+    /// Current totals.
     pub fn stats(&self) -> Stats {
         let st = self.lock();
         Stats {

@@ -10,45 +10,66 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+/// Format version written into every snapshot; loading another fails.
 pub const SNAPSHOT_VERSION: u32 = 1;
 
+/// Running totals, kept with the state.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Counters {
+    /// Queue moves of any cause (by hand, drain, failover, rebalance).
     pub moves: u64,
+    /// Servers whose lease expired and whose queues were failed over.
     pub failovers: u64,
+    /// Queue moves made by rebalance rounds.
     pub rebalance_moves: u64,
 }
 
 /// Everything the controller must not forget.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Snapshot {
+    /// [`SNAPSHOT_VERSION`] when written.
     pub version: u32,
+    /// Every known server, dead ones included.
     pub servers: Vec<Server>,
+    /// Every attached device.
     pub devices: Vec<Device>,
+    /// Every queue's assignment.
     pub assignments: Vec<Assignment>,
+    /// Running totals.
     pub counters: Counters,
 }
 
+/// Why loading or saving state failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// Reading or writing a file failed.
     #[error("{path}: {source}")]
     Io {
+        /// The file or directory.
         path: PathBuf,
+        /// The OS error.
         #[source]
         source: io::Error,
     },
+    /// The stored snapshot does not parse.
     #[error("{path}: corrupt snapshot: {source}")]
     Corrupt {
+        /// Where it was stored (a file path, or the etcd key).
         path: PathBuf,
+        /// The parse error.
         #[source]
         source: serde_json::Error,
     },
+    /// The stored snapshot has another format version.
     #[error("snapshot version {0} is not supported (want {SNAPSHOT_VERSION})")]
     Version(u32),
+    /// Anything else (serialisation, etcd).
     #[error("{0}")]
     Other(String),
 }
 
+/// Where the controller keeps its state. Implementations must be durable:
+/// the controller applies a change only after `save` returns.
 pub trait StateStore: Send + Sync {
     /// The last saved snapshot, or None on first start.
     fn load(&self) -> Result<Option<Snapshot>, StoreError>;
@@ -91,6 +112,7 @@ impl FileStore {
         })
     }
 
+    /// The snapshot file.
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -16,6 +16,8 @@ enum Cmd {
     Save(Vec<u8>, mpsc::Sender<Result<(), String>>),
 }
 
+/// A [`StateStore`] that keeps the snapshot under one etcd key, optionally
+/// fenced by a [`Leadership`]. Each call blocks until etcd answers.
 pub struct EtcdStore {
     key: String,
     tx: Mutex<mpsc::Sender<Cmd>>,
@@ -26,7 +28,9 @@ pub struct EtcdStore {
 /// noticed yet cannot overwrite its successor's state.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Fence {
+    /// The leader's election key.
     pub key: Vec<u8>,
+    /// The election key's creation revision.
     pub rev: i64,
 }
 
@@ -158,6 +162,7 @@ impl StateStore for EtcdStore {
 
 /// Leadership of one election, held while a lease is kept alive.
 pub struct Leadership {
+    /// Pass to [`EtcdStore::connect`] so saves fail once leadership is lost.
     pub fence: Fence,
     lease: i64,
     client: etcd_client::Client,

@@ -6,15 +6,21 @@
 use std::path::{Path, PathBuf};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
+/// Why loading TLS files failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
+    /// A file could not be read.
     #[error("cannot read {what} {path}: {source}")]
     Read {
+        /// Which file (certificate, key, CA).
         what: &'static str,
+        /// Its path.
         path: PathBuf,
+        /// The OS error.
         #[source]
         source: std::io::Error,
     },
+    /// A file holds no PEM block.
     #[error("{0} is not PEM")]
     NotPem(PathBuf),
 }
@@ -34,8 +40,11 @@ fn read_pem(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
 /// PEM files: a certificate and its key, and the CA that signs the peers.
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
+    /// This side's certificate (PEM).
     pub cert: PathBuf,
+    /// The certificate's private key (PEM).
     pub key: PathBuf,
+    /// The CA that signs the peers' certificates (PEM).
     pub ca: PathBuf,
 }
 
@@ -45,6 +54,8 @@ pub struct TlsFiles {
 pub struct ServerTls(ServerTlsConfig);
 
 impl ServerTls {
+    /// Reads the controller's certificate and key and the clients' CA.
+    /// Fails if a file is unreadable or not PEM.
     pub fn load(f: &TlsFiles) -> Result<Self, TlsError> {
         let id = Identity::from_pem(read_pem("certificate", &f.cert)?, read_pem("key", &f.key)?);
         let ca = Certificate::from_pem(read_pem("client CA", &f.ca)?);
@@ -56,6 +67,7 @@ impl ServerTls {
         ))
     }
 
+    /// The tonic server configuration (a copy).
     pub fn config(&self) -> ServerTlsConfig {
         self.0.clone()
     }
@@ -103,6 +115,7 @@ impl ClientTls {
         ))
     }
 
+    /// The tonic client configuration (a copy).
     pub fn config(&self) -> ClientTlsConfig {
         self.0.clone()
     }

@@ -6,8 +6,11 @@ use std::os::fd::RawFd;
 /// Access rights of a registered region (the `IBV_ACCESS_*` flags vrio uses).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Access {
+    /// The local side may write the region (READ results, receive buffers).
     pub local_write: bool,
+    /// Peers may READ the region through its rkey.
     pub remote_read: bool,
+    /// Peers may WRITE (and WRITE_WITH_IMM) into the region through its rkey.
     pub remote_write: bool,
 }
 
@@ -18,11 +21,13 @@ impl Access {
         remote_read: true,
         remote_write: true,
     };
+    /// Peers may READ but not WRITE; the local side may still write it.
     pub const REMOTE_READ_ONLY: Access = Access {
         local_write: true,
         remote_read: true,
         remote_write: false,
     };
+    /// Not reachable by peers: only usable as the local side of requests.
     pub const LOCAL_ONLY: Access = Access {
         local_write: true,
         remote_read: false,
@@ -33,14 +38,19 @@ impl Access {
 /// What a peer needs to reach a registered region: serialisable, 20 bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct RemoteRegion {
+    /// Start address of the region in the owner's address space.
     pub addr: u64,
+    /// Length of the region in bytes.
     pub len: u64,
+    /// The key a peer names the region with in READ and WRITE requests.
     pub rkey: u32,
 }
 
 impl RemoteRegion {
+    /// Size of the encoding in bytes.
     pub const WIRE_SIZE: usize = 20;
 
+    /// Encodes as `addr`, `len`, `rkey`, little-endian.
     pub fn to_bytes(&self) -> [u8; Self::WIRE_SIZE] {
         let mut b = [0u8; Self::WIRE_SIZE];
         b[0..8].copy_from_slice(&self.addr.to_le_bytes());
@@ -49,6 +59,8 @@ impl RemoteRegion {
         b
     }
 
+    /// Decodes what [`RemoteRegion::to_bytes`] wrote; extra bytes are
+    /// ignored. Fails with [`FabricError::Protocol`] if `b` is too short.
     pub fn from_bytes(b: &[u8]) -> Result<Self, FabricError> {
         if b.len() < Self::WIRE_SIZE {
             return Err(FabricError::Protocol(format!(
@@ -78,11 +90,17 @@ impl RemoteRegion {
 
 /// A locally registered region. Dropping it deregisters the memory.
 pub trait MemoryRegion: Send + Sync + fmt::Debug {
+    /// The key local work requests name the region with (in an [`Sge`]).
     fn lkey(&self) -> u32;
+    /// The key peers name the region with (in READ and WRITE requests).
     fn rkey(&self) -> u32;
+    /// Start address of the registered memory.
     fn addr(&self) -> u64;
+    /// Length of the registered memory in bytes.
     fn len(&self) -> u64;
+    /// The access rights it was registered with.
     fn access(&self) -> Access;
+    /// What a peer needs to reach this region, to send it.
     fn remote(&self) -> RemoteRegion {
         RemoteRegion {
             addr: self.addr(),
@@ -90,6 +108,7 @@ pub trait MemoryRegion: Send + Sync + fmt::Debug {
             rkey: self.rkey(),
         }
     }
+    /// Whether the region is zero bytes long.
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -98,8 +117,11 @@ pub trait MemoryRegion: Send + Sync + fmt::Debug {
 /// Local memory of a work request: `len` bytes at `addr` in region `lkey`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sge {
+    /// The local region's key ([`MemoryRegion::lkey`]).
     pub lkey: u32,
+    /// Start address, inside the region.
     pub addr: u64,
+    /// Length in bytes.
     pub len: u32,
 }
 
@@ -107,37 +129,59 @@ pub struct Sge {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Opcode {
     /// Copy remote memory into `local`.
-    Read { remote_addr: u64, rkey: u32 },
+    Read {
+        /// Where to read in the peer's region.
+        remote_addr: u64,
+        /// The peer region's key.
+        rkey: u32,
+    },
     /// Copy `local` into remote memory.
-    Write { remote_addr: u64, rkey: u32 },
+    Write {
+        /// Where to write in the peer's region.
+        remote_addr: u64,
+        /// The peer region's key.
+        rkey: u32,
+    },
     /// Like `Write`, then consume a receive at the peer carrying `imm`.
     WriteWithImm {
+        /// Where to write in the peer's region.
         remote_addr: u64,
+        /// The peer region's key.
         rkey: u32,
+        /// The immediate value the peer's receive completion carries.
         imm: u32,
     },
     /// Two-sided: consume a posted receive at the peer.
     Send,
 }
 
+/// A send-queue work request (READ, WRITE, WRITE_WITH_IMM or SEND).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SendRequest {
+    /// Caller's identifier, echoed in the request's [`Completion`].
     pub wr_id: u64,
+    /// What to do.
     pub opcode: Opcode,
+    /// Local memory: the source of WRITE and SEND, the destination of READ.
     pub local: Sge,
     /// Unsignalled requests produce a completion only on error.
     pub signaled: bool,
 }
 
+/// A receive-queue work request: a buffer for one SEND (or one
+/// WRITE_WITH_IMM's immediate) from the peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RecvRequest {
+    /// Caller's identifier, echoed in the receive's [`Completion`].
     pub wr_id: u64,
+    /// Where the SEND's payload goes; must be local-writable.
     pub local: Sge,
 }
 
 /// Work completion status (the subset of `ibv_wc_status` vrio distinguishes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WcStatus {
+    /// The request completed.
     Success,
     /// Bad rkey, out of bounds, or missing permission at the peer.
     RemoteAccessError,
@@ -156,28 +200,39 @@ pub enum WcStatus {
 }
 
 impl WcStatus {
+    /// Whether this is [`WcStatus::Success`].
     pub fn is_ok(&self) -> bool {
         *self == WcStatus::Success
     }
 }
 
+/// What kind of request a [`Completion`] belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WcOpcode {
+    /// An RDMA READ this side posted.
     Read,
+    /// An RDMA WRITE or WRITE_WITH_IMM this side posted.
     Write,
+    /// A SEND this side posted.
     Send,
+    /// A receive consumed by the peer's SEND.
     Recv,
     /// A receive consumed by the peer's WRITE_WITH_IMM.
     RecvWithImm,
 }
 
+/// The outcome of one work request, as [`Endpoint::poll`] reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Completion {
+    /// The `wr_id` of the request it completes.
     pub wr_id: u64,
+    /// Success or why it failed.
     pub status: WcStatus,
+    /// The kind of request it completes.
     pub opcode: WcOpcode,
     /// Bytes received (receives) or transferred.
     pub byte_len: u32,
+    /// The immediate of a [`WcOpcode::RecvWithImm`] completion.
     pub imm: Option<u32>,
 }
 
@@ -195,22 +250,37 @@ impl Completion {
 /// Errors of fabric calls (as opposed to per-request completion errors).
 #[derive(Debug, thiserror::Error)]
 pub enum FabricError {
+    /// No RDMA device (or no RDMA support) here; callers may fall back to
+    /// the `soft` back-end.
     #[error("no RDMA device on this host ({0})")]
     NoDevice(String),
+    /// Connecting, or a peer's handshake, failed.
     #[error("connection to {addr} failed: {reason}")]
-    Connect { addr: String, reason: String },
+    Connect {
+        /// The address connected to or listened on.
+        addr: String,
+        /// Why it failed.
+        reason: String,
+    },
+    /// The endpoint is in the error state; drop it and reconnect.
     #[error("the endpoint is in the error state")]
     EndpointDead,
+    /// The batch does not fit in the send or receive queue (its depth).
     #[error("send or receive queue full ({0} slots)")]
     QueueFull(usize),
+    /// Memory registration failed.
     #[error("registration failed: {0}")]
     Register(String),
+    /// The call was misused (bad argument, wrong context).
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// A peer sent something malformed.
     #[error("fabric protocol error: {0}")]
     Protocol(String),
+    /// A verbs or rdma_cm call failed.
     #[error("verbs: {0}")]
     Verbs(String),
+    /// An OS call (socket, eventfd, poll) failed.
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
@@ -218,9 +288,11 @@ pub enum FabricError {
 /// Queue depths and limits asked for at connect or accept time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EndpointConfig {
+    /// Send-queue slots: the most send requests outstanding at once.
     pub send_depth: u32,
+    /// Receive-queue slots: the most receives posted at once.
     pub recv_depth: u32,
-    /// Largest WRITE that goes inline (verbs `max_inline_data`).
+    /// Largest WRITE that goes inline, in bytes (verbs `max_inline_data`).
     pub max_inline: u32,
 }
 
@@ -259,6 +331,7 @@ pub trait Domain: Send + Sync {
     fn connect(&self, addr: &str, cfg: EndpointConfig) -> Result<Box<dyn Endpoint>, FabricError>;
 }
 
+/// The passive side of connections: hands out one endpoint per peer.
 pub trait Listener: Send {
     /// Blocks until one peer connects.
     fn accept(&mut self) -> Result<Box<dyn Endpoint>, FabricError>;
@@ -273,6 +346,8 @@ pub trait Endpoint: Send {
     /// Posts a batch of send-queue requests. Fails only for local misuse
     /// (queue full, dead endpoint); access faults arrive as completions.
     fn post_send(&mut self, wrs: &[SendRequest]) -> Result<(), FabricError>;
+    /// Posts a batch of receives, consumed in order by the peer's SEND and
+    /// WRITE_WITH_IMM. Fails only for local misuse, as `post_send`.
     fn post_recv(&mut self, wrs: &[RecvRequest]) -> Result<(), FabricError>;
     /// Non-blocking: fills `out` with what completed, returns how many.
     fn poll(&mut self, out: &mut [Completion]) -> Result<usize, FabricError>;
@@ -291,6 +366,8 @@ pub trait Endpoint: Send {
 /// Which back-end to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
+    /// The software fabric over TCP or Unix sockets.
     Soft,
+    /// Real RDMA verbs (needs a device and the `verbs` feature).
     Verbs,
 }

@@ -17,6 +17,9 @@ impl AsRawFd for NotifyFd {
     }
 }
 
+/// An [`Endpoint`] whose completions can be awaited on tokio. Post through
+/// [`AsyncEndpoint::endpoint`]; reap with [`AsyncEndpoint::poll_batch`] or
+/// [`AsyncEndpoint::next_completion`].
 pub struct AsyncEndpoint {
     // Declared before `ep` so it is dropped (deregistered from the reactor)
     // before the endpoint closes the fd.
@@ -25,7 +28,8 @@ pub struct AsyncEndpoint {
 }
 
 impl AsyncEndpoint {
-    /// Must be called inside a tokio runtime (else an error).
+    /// Wraps `ep`, registering its `notify_fd` with the tokio reactor. Must
+    /// be called inside a tokio runtime (else [`FabricError::InvalidRequest`]).
     pub fn new(ep: Box<dyn Endpoint>) -> Result<Self, FabricError> {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(FabricError::InvalidRequest(
@@ -47,6 +51,7 @@ impl AsyncEndpoint {
         self.ep.as_mut()
     }
 
+    /// Unwraps the endpoint, deregistering its fd from the reactor first.
     pub fn into_inner(self) -> Box<dyn Endpoint> {
         let Self { fd, ep } = self;
         drop(fd);

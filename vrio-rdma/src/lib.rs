@@ -10,7 +10,18 @@
 //! outcome (including protection faults and dead peers) arrives as a
 //! [`Completion`] with a [`WcStatus`], never as a panic.
 //!
+//! Entry points: [`open`] (or [`open_auto`], which falls back to `soft` when
+//! there is no RDMA device) gives a boxed [`Domain`]; register memory
+//! with [`Domain::register`], connect with [`Domain::listen`] /
+//! [`Listener::accept`] or [`Domain::connect`], then post and poll work
+//! requests on the [`Endpoint`]. [`AsyncEndpoint`] awaits completions on
+//! tokio. Everything in [`api`] is re-exported at the crate root; the
+//! back-end modules are only needed for back-end specific types, and
+//! [`conformance`] is the suite every back-end must pass.
+//!
 //! See `docs/fabric.md`.
+
+#![deny(missing_docs)]
 
 pub mod api;
 pub mod async_endpoint;

@@ -31,6 +31,7 @@ const MANY: usize = 1000;
 /// How the initiator reaches its target.
 #[derive(Debug, Clone)]
 pub struct InitiatorOptions {
+    /// The target's listening address.
     pub addr: String,
     /// The target is another process; DIE kills all its connections.
     pub target_is_process: bool,
@@ -42,6 +43,8 @@ pub struct InitiatorOptions {
 }
 
 impl InitiatorOptions {
+    /// Options for `addr` with the default timeouts (60 s per step, 180 s
+    /// for a dead peer's flush).
     pub fn new(addr: &str, target_is_process: bool) -> Self {
         Self {
             addr: addr.to_string(),

@@ -19,6 +19,8 @@ unsafe impl Send for MemfdMemory {}
 unsafe impl Sync for MemfdMemory {}
 
 impl MemfdMemory {
+    /// Creates a memfd named `name` of `len` bytes (zero-filled) and maps
+    /// it. Fails when memfd_create, ftruncate or mmap does.
     pub fn new(name: &str, len: usize) -> std::io::Result<Self> {
         let cname = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
         // SAFETY: plain syscall with a valid C string; result checked.
@@ -54,18 +56,22 @@ impl MemfdMemory {
         })
     }
 
+    /// Start of the mapping, for registering it.
     pub fn ptr(&self) -> *mut u8 {
         self.ptr
     }
 
+    /// Start of the mapping as an address, for work requests.
     pub fn addr(&self) -> u64 {
         self.ptr as u64
     }
 
+    /// Length of the mapping in bytes.
     pub fn len(&self) -> usize {
         self.len
     }
 
+    /// Whether the mapping is zero bytes long.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -89,6 +95,8 @@ impl MemfdMemory {
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(off), n) };
     }
 
+    /// Copies up to `n` bytes at `off` into a new vector (truncated at the
+    /// mapping's end).
     pub fn to_vec(&self, off: usize, n: usize) -> Vec<u8> {
         let mut v = vec![0u8; self.clamp(off, n)];
         self.read(off, &mut v);
@@ -109,6 +117,7 @@ pub fn pattern(seed: u64, i: usize) -> u8 {
     (x ^ (x >> 7) ^ (x >> 13)).wrapping_mul(31) as u8
 }
 
+/// Bytes `start..start + n` of the pattern seeded `seed`.
 pub fn pattern_vec(seed: u64, start: usize, n: usize) -> Vec<u8> {
     (start..start + n).map(|i| pattern(seed, i)).collect()
 }

@@ -21,16 +21,23 @@ use std::time::{Duration, Instant};
 
 use crate::api::{Domain, EndpointConfig, FabricError};
 
-/// The target's read-write region (remote READ and WRITE).
+/// Size of the target's read-write region in bytes (remote READ and WRITE).
 pub const RW_LEN: usize = 2 << 20;
-/// The target's read-only region, filled with `pattern(RO_SEED, i)`.
+/// Size of the target's read-only region in bytes, filled with
+/// `pattern(RO_SEED, i)`.
 pub const RO_LEN: usize = (1 << 20) + 4096;
+/// Seed of the pattern in the target's read-only region (see
+/// [`memory::pattern`]).
 pub const RO_SEED: u64 = 0x5eed;
 
+/// The result of a suite run.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Summary {
+    /// Number of cases that passed.
     pub passed: usize,
+    /// Number of cases that failed.
     pub failed: usize,
+    /// One `"case: why"` line per failed case.
     pub failures: Vec<String>,
 }
 

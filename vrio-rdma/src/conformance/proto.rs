@@ -3,52 +3,71 @@
 
 use crate::api::RemoteRegion;
 
+/// Size of every control message in bytes.
 pub const MSG: usize = 64;
 
+/// Initiator to target: send me your regions (answered with `REGIONS`).
 pub const HELLO: u32 = 1;
+/// Initiator to target: the next WRITE_WITH_IMM is described by an
+/// [`Expect`] (answered with `IMM_RESULT` when the immediate arrives).
 pub const EXPECT: u32 = 2;
+/// Initiator to target: send this message back (as `ECHO_REPLY`).
 pub const ECHO: u32 = 3;
 /// Die without a graceful close (two processes: exit the process).
 pub const DIE: u32 = 4;
 /// Stop the target.
 pub const QUIT: u32 = 5;
+/// Target to initiator: the read-write and read-only [`RemoteRegion`]s.
 pub const REGIONS: u32 = 101;
+/// Target to initiator, for every WRITE_WITH_IMM it receives: u32 at 4 is 1
+/// if it matched the pending [`Expect`] (immediate and data), u32 at 8 is
+/// the immediate seen.
 pub const IMM_RESULT: u32 = 102;
+/// Target to initiator: the `ECHO` message, returned.
 pub const ECHO_REPLY: u32 = 103;
+/// Target to initiator: `QUIT` received, the target stops.
 pub const QUIT_ACK: u32 = 105;
 
+/// One control message: the op code (u32) in bytes 0..4, then its fields.
 pub type Msg = [u8; MSG];
 
+/// The op code of `m`.
 pub fn op(m: &Msg) -> u32 {
     u32::from_le_bytes([m[0], m[1], m[2], m[3]])
 }
 
+/// A zeroed message with op code `op`.
 pub fn new(op: u32) -> Msg {
     let mut m = [0u8; MSG];
     m[0..4].copy_from_slice(&op.to_le_bytes());
     m
 }
 
+/// Stores `v` little-endian at byte `at`.
 pub fn put_u32(m: &mut Msg, at: usize, v: u32) {
     m[at..at + 4].copy_from_slice(&v.to_le_bytes());
 }
 
+/// Stores `v` little-endian at byte `at`.
 pub fn put_u64(m: &mut Msg, at: usize, v: u64) {
     m[at..at + 8].copy_from_slice(&v.to_le_bytes());
 }
 
+/// Loads a little-endian u32 at byte `at`.
 pub fn get_u32(m: &Msg, at: usize) -> u32 {
     let mut a = [0u8; 4];
     a.copy_from_slice(&m[at..at + 4]);
     u32::from_le_bytes(a)
 }
 
+/// Loads a little-endian u64 at byte `at`.
 pub fn get_u64(m: &Msg, at: usize) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&m[at..at + 8]);
     u64::from_le_bytes(a)
 }
 
+/// A `REGIONS` message carrying `rw` and `ro`.
 pub fn regions(rw: RemoteRegion, ro: RemoteRegion) -> Msg {
     let mut m = new(REGIONS);
     m[4..24].copy_from_slice(&rw.to_bytes());
@@ -61,10 +80,13 @@ pub fn regions(rw: RemoteRegion, ro: RemoteRegion) -> Msg {
 /// data by the time the immediate is seen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Expect {
+    /// The immediate the WRITE_WITH_IMM carries.
     pub imm: u32,
+    /// `(offset, length, checksum)` of each range, in bytes.
     pub ranges: [(u64, u64, u64); 2],
 }
 
+/// An `EXPECT` message carrying `e`.
 pub fn expect(e: &Expect) -> Msg {
     let mut m = new(EXPECT);
     put_u32(&mut m, 4, e.imm);
@@ -76,6 +98,7 @@ pub fn expect(e: &Expect) -> Msg {
     m
 }
 
+/// The [`Expect`] inside an `EXPECT` message.
 pub fn parse_expect(m: &Msg) -> Expect {
     let r = |i: usize| {
         (

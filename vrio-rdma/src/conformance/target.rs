@@ -16,6 +16,7 @@ const RECV_SLOTS: usize = 32;
 const SEND_SLOTS: usize = 8;
 const SEND_WR: u64 = 1 << 41;
 
+/// How [`run_target`] behaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TargetOptions {
     /// DIE exits the process (two-process mode) rather than dropping only

@@ -29,6 +29,7 @@ pub fn open_domain() -> Result<Box<dyn Domain>, FabricError> {
 }
 
 impl SoftDomain {
+    /// An empty domain with no regions.
     pub fn new() -> Self {
         Self {
             reg: Registry::new(),
@@ -73,6 +74,9 @@ impl Domain for SoftDomain {
     }
 }
 
+/// A soft listener: a bound TCP or Unix socket. `accept` hands out
+/// endpoints that reach its domain's regions; peers that fail the handshake
+/// are dropped.
 pub struct SoftListener {
     sock: SoftSocketListener,
     reg: Arc<Registry>,

@@ -18,25 +18,37 @@
 pub const HEADER_LEN: usize = 24;
 /// "VRIOSOF1": the HELLO frame's `addr`.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"VRIOSOF1");
+/// Protocol version, carried in the HELLO frame's `aux`.
 pub const VERSION: u32 = 1;
 /// Largest message (verbs allows 2 GiB; 1 GiB keeps `u32` arithmetic easy).
 pub const MAX_MESSAGE: u32 = 1 << 30;
 
+/// The frame type (the header's `kind` byte).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Kind {
+    /// Handshake: `addr` is [`MAGIC`], `aux` is [`VERSION`].
     Hello = 1,
+    /// Request: read `aux` bytes at `addr` in region `rkey`; no payload.
     Read = 2,
+    /// Request: write the payload at `addr` in region `rkey`.
     Write = 3,
+    /// Request: like `Write`, then consume a receive carrying the
+    /// immediate `aux`.
     WriteImm = 4,
+    /// Request: the payload goes into the peer's oldest posted receive.
     Send = 5,
+    /// Response to a `Read`: the data, or an error status and no payload.
     ReadResp = 6,
+    /// Response to any other request; no payload.
     Ack = 7,
 }
 
+/// Outcome carried by a response (the header's `status` byte).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Status {
+    /// Done (always this in requests).
     Ok = 0,
     /// Bad rkey, out of bounds, or missing remote permission.
     RemoteAccess = 1,
@@ -46,31 +58,50 @@ pub enum Status {
     Rnr = 3,
 }
 
+/// One decoded frame header; see the module docs for the layout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
+    /// The frame type.
     pub kind: Kind,
+    /// The response status ([`Status::Ok`] in requests).
     pub status: Status,
+    /// Bytes of payload after the header (at most [`MAX_MESSAGE`]).
     pub payload_len: u32,
+    /// Remote address (READ, WRITE, WRITE_IMM) or [`MAGIC`] (HELLO).
     pub addr: u64,
+    /// Remote key (READ, WRITE, WRITE_IMM).
     pub rkey: u32,
+    /// READ: length in bytes; WRITE_IMM: the immediate; HELLO: the version.
     pub aux: u32,
 }
 
+/// Why [`Header::decode`] rejected a header.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
+    /// The `kind` byte is not a [`Kind`].
     #[error("unknown frame kind {0}")]
     Kind(u8),
+    /// The `status` byte is not a [`Status`].
     #[error("unknown status {0}")]
     Status(u8),
+    /// The reserved field is not zero.
     #[error("reserved field is {0:#x}, not 0")]
     Reserved(u16),
+    /// `payload_len` is over [`MAX_MESSAGE`].
     #[error("payload of {0} bytes exceeds the {MAX_MESSAGE} byte limit")]
     TooLong(u32),
+    /// A field does not fit the frame's kind (e.g. a READ with a payload).
     #[error("malformed {kind:?} frame: {why}")]
-    Malformed { kind: Kind, why: &'static str },
+    Malformed {
+        /// The frame's kind.
+        kind: Kind,
+        /// Which rule it broke.
+        why: &'static str,
+    },
 }
 
 impl Header {
+    /// A request header (status [`Status::Ok`]).
     pub fn request(kind: Kind, payload_len: u32, addr: u64, rkey: u32, aux: u32) -> Self {
         Self {
             kind,
@@ -82,6 +113,7 @@ impl Header {
         }
     }
 
+    /// A response header (`addr`, `rkey` and `aux` zero).
     pub fn response(kind: Kind, status: Status, payload_len: u32) -> Self {
         Self {
             kind,
@@ -93,10 +125,12 @@ impl Header {
         }
     }
 
+    /// This side's handshake frame.
     pub fn hello() -> Self {
         Self::request(Kind::Hello, 0, MAGIC, 0, VERSION)
     }
 
+    /// The header's 24 wire bytes. Does not validate; see [`Header::decode`].
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
         b[0..4].copy_from_slice(&self.payload_len.to_le_bytes());

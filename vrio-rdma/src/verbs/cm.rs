@@ -20,13 +20,19 @@ use crate::api::FabricError;
 /// The connection events vrio cares about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CmEvent {
+    /// `rdma_resolve_addr` finished.
     AddrResolved,
+    /// `rdma_resolve_route` finished.
     RouteResolved,
+    /// The passive side answered a connect request.
     ConnectResponse,
+    /// The connection is up.
     Established,
+    /// The connection went down (disconnect or time-wait exit).
     Disconnected,
     /// Address, route, connect errors, unreachable, rejected, device removal.
     Failed(&'static str, i32),
+    /// An event vrio does not act on.
     Other,
 }
 
@@ -60,6 +66,8 @@ struct HubState {
 /// connection can never be taken for one of a new connection.
 static NEXT_TOKEN: AtomicU64 = AtomicU64::new(1);
 
+/// One rdma_cm event channel and the events read from it, filed per
+/// identifier token (see the module docs).
 pub struct CmHub {
     channel: Arc<EventChannel>,
     state: Mutex<HubState>,
@@ -86,6 +94,8 @@ pub fn os_error(what: &str, e: &std::io::Error) -> FabricError {
 }
 
 impl CmHub {
+    /// Creates a non-blocking event channel. Fails with
+    /// [`FabricError::NoDevice`] when rdma_cm is unavailable.
     pub fn new() -> Result<Arc<Self>, FabricError> {
         let channel = EventChannel::new().map_err(|e| {
             let io = match &e.0 {
@@ -106,10 +116,12 @@ impl CmHub {
         }))
     }
 
+    /// The channel, to create identifiers on.
     pub fn channel(&self) -> &Arc<EventChannel> {
         &self.channel
     }
 
+    /// The channel's fd; readable when events are queued.
     pub fn fd(&self) -> RawFd {
         self.channel.as_raw_fd()
     }

@@ -54,6 +54,8 @@ struct Posted {
     signaled: bool,
 }
 
+/// A verbs RC endpoint: one QP, its completion queue and completion
+/// channel, connected through rdma_cm.
 pub struct VerbsEndpoint {
     // Field order is drop order: the QP before its CQ, the CQ before its
     // channel, all of them before the PD (held by `domain`).

@@ -8,16 +8,22 @@
 /// The kind of a GID table entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GidKind {
+    /// An InfiniBand GID.
     InfiniBand,
+    /// RoCE v1 (Ethernet, not routable).
     RoceV1,
+    /// RoCE v2 (UDP/IP, routable): the one vrio wants.
     RoceV2,
 }
 
 /// One GID table entry, as `ibv_query_gid_table` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GidRow {
+    /// The entry's GID index on its port.
     pub index: u32,
+    /// The GID, as 16 raw bytes (IPv4 addresses appear IPv4-mapped).
     pub gid: [u8; 16],
+    /// The entry's type.
     pub kind: GidKind,
 }
 

@@ -46,6 +46,8 @@ pub(crate) struct DomainInner {
     max_inline_cap: u32,
 }
 
+/// A verbs protection domain on one opened device; see the module docs.
+/// Made by [`open_domain`].
 pub struct VerbsDomain {
     inner: Arc<DomainInner>,
 }
@@ -307,6 +309,9 @@ fn expect(hub: &CmHub, tok: u64, want: CmEvent) -> Result<(), String> {
     }
 }
 
+/// An rdma_cm listener bound to an `IP:PORT` of the domain's device. Its
+/// `accept` blocks until a peer completes the connection handshake and keeps
+/// listening when a peer's handshake fails.
 pub struct VerbsListener {
     hub: Arc<CmHub>,
     id: Arc<Identifier>,

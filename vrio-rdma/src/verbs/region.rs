@@ -11,16 +11,19 @@ use sideway::ibverbs::memory_region::MemoryRegion as SidewayMr;
 
 use crate::api::{Access, MemoryRegion};
 
+/// The bounds (`addr`, `len`) of the domain's live regions by lkey.
 #[derive(Debug, Default)]
 pub struct RegionTable {
     by_lkey: RwLock<HashMap<u32, (u64, u64)>>,
 }
 
 impl RegionTable {
+    /// Records a newly registered region.
     pub fn insert(&self, lkey: u32, addr: u64, len: u64) {
         self.write().insert(lkey, (addr, len));
     }
 
+    /// Forgets a region that is being deregistered.
     pub fn remove(&self, lkey: u32) {
         self.write().remove(&lkey);
     }
@@ -49,6 +52,7 @@ pub fn contains(map: &HashMap<u32, (u64, u64)>, lkey: u32, addr: u64, len: u64) 
     }
 }
 
+/// A region registered with a verbs domain; dropping it deregisters it.
 #[derive(Debug)]
 pub struct VerbsRegion {
     // Declared before `mr`: the table entry goes before the memory is
@@ -63,6 +67,7 @@ pub struct VerbsRegion {
 }
 
 impl VerbsRegion {
+    /// Wraps a registered `mr` and records its bounds in `table`.
     pub fn new(table: Arc<RegionTable>, mr: Arc<SidewayMr>, access: Access) -> Self {
         let (lkey, rkey) = (mr.lkey(), mr.rkey());
         let (addr, len) = (mr.get_ptr() as u64, mr.region_len() as u64);

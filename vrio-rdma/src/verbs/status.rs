@@ -3,6 +3,8 @@
 use crate::api::WcStatus;
 use rdma_mummy_sys::ibv_wc_status as s;
 
+/// Maps a provider's `ibv_wc_status` code to a [`WcStatus`]; codes vrio does
+/// not distinguish become [`WcStatus::Other`].
 pub fn map_status(code: u32) -> WcStatus {
     match code {
         s::IBV_WC_SUCCESS => WcStatus::Success,
