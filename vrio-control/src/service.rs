@@ -21,7 +21,8 @@ pub fn now_ms() -> u64 {
 }
 
 /// The `Control` gRPC service; serve it with
-/// `pb::control_server::ControlServer` (as [`crate::server::serve`] does).
+/// `pb::control_server::ControlServer`, as the `serve` function of the
+/// server module does.
 #[derive(Clone, Debug)]
 pub struct ControlService {
     ctrl: Arc<Controller>,
