@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use vrio_core::models::ModelReport;
+use vrio_testkit::runner::ModelReport;
 
 /// Prints a live progress line to stderr until stopped.
 pub struct Progress {

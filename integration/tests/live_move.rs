@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vrio_core::blk::{BlockConfig, MemoryBackend};
-use vrio_core::guest::WorkloadConfig;
-use vrio_core::models::{attach_guests, drive_guests, make_guests, RunConfig};
 use vrio_core::remote::{
     AttachedDevice, IoServer, IoServerConfig, LinkState, NotifyMode, QueueTarget,
 };
 use vrio_rdma::{Backend, Domain};
+use vrio_testkit::guest::WorkloadConfig;
+use vrio_testkit::runner::{attach_guests, drive_guests, make_guests, RunConfig};
 
 fn soft() -> Arc<dyn Domain> {
     Arc::from(vrio_rdma::open(Backend::Soft, None).unwrap())

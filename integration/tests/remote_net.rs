@@ -7,14 +7,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vrio_core::blk::MemoryBackend;
-use vrio_core::net::traffic::{run_receiver, run_sender, Link, RecvConfig, SendConfig};
-use vrio_core::net::{
-    attach_net_remote, run_net_remote, DropReason, MacAddr, NetGuest, NetGuestConfig,
-    NetGuestQueue, NetRunConfig,
-};
+use vrio_core::net::{DropReason, MacAddr};
 use vrio_core::remote::{IoServer, IoServerConfig, NetServerConfig, NotifyMode};
 use vrio_core::ring::Segment;
 use vrio_rdma::{Backend, Domain};
+use vrio_testkit::net::traffic::{run_receiver, run_sender, Link, RecvConfig, SendConfig};
+use vrio_testkit::net::{
+    attach_net_remote, run_net_remote, NetGuest, NetGuestConfig, NetGuestQueue, NetRunConfig,
+};
 
 fn soft() -> Arc<dyn Domain> {
     Arc::from(vrio_rdma::open(Backend::Soft, None).unwrap())
@@ -121,8 +121,8 @@ fn post_and_reap(
 
 /// Guests 0 and 1 exchanging verified frames on their own threads.
 struct Exchange {
-    senders: Vec<std::thread::JoinHandle<vrio_core::net::traffic::SendReport>>,
-    receivers: Vec<std::thread::JoinHandle<vrio_core::net::traffic::RecvReport>>,
+    senders: Vec<std::thread::JoinHandle<vrio_testkit::net::traffic::SendReport>>,
+    receivers: Vec<std::thread::JoinHandle<vrio_testkit::net::traffic::RecvReport>>,
     /// Frames each way; 0: until [`Exchange::stop`].
     frames: u64,
     links: [Arc<Link>; 2],

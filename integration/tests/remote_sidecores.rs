@@ -7,15 +7,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vrio_core::blk::{BlockConfig, MemoryBackend};
-use vrio_core::guest::{GuestConfig, SyntheticGuest, WorkloadConfig};
 use vrio_core::memory::GuestMemory;
-use vrio_core::models::{run_remote, run_remote_with, RunConfig};
 use vrio_core::remote::{
     attach, AgentConfig, DeviceAttach, IoServer, IoServerConfig, NotifyMode, QueueAttach,
 };
 use vrio_core::ring::layout::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vrio_core::ring::{Descriptor, RingFeatures};
 use vrio_rdma::{Backend, Domain};
+use vrio_testkit::guest::{GuestConfig, SyntheticGuest, WorkloadConfig};
+use vrio_testkit::runner::{run_remote, run_remote_with, RunConfig};
 
 fn soft() -> Arc<dyn Domain> {
     Arc::from(vrio_rdma::open(Backend::Soft, None).unwrap())
@@ -238,7 +238,7 @@ fn hostile_guest_cannot_hurt_the_server_or_other_guests() {
         },
         ..RunConfig::default()
     };
-    let good = vrio_core::models::make_guests(&rc).unwrap();
+    let good = vrio_testkit::runner::make_guests(&rc).unwrap();
     let gmem = good[0].memory().clone();
     let gside = good[0].device_side(0).unwrap();
     let gdev = attach(
@@ -262,7 +262,8 @@ fn hostile_guest_cannot_hurt_the_server_or_other_guests() {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let rc2 = rc;
     let (p2, s2) = (progress.clone(), stop.clone());
-    let worker = std::thread::spawn(move || vrio_core::models::drive_guests(good, &rc2, &p2, &s2));
+    let worker =
+        std::thread::spawn(move || vrio_testkit::runner::drive_guests(good, &rc2, &p2, &s2));
 
     let size = vrio_core::memory::MemoryMap::of(&*hmem).unwrap().size();
     let other_host_addr = {
@@ -440,7 +441,7 @@ fn hostile_guest_cannot_hurt_the_server_or_other_guests() {
         },
         ..RunConfig::default()
     };
-    let g3 = vrio_core::models::make_guests(&rc3).unwrap();
+    let g3 = vrio_testkit::runner::make_guests(&rc3).unwrap();
     let s3 = g3[0].device_side(0).unwrap();
     let d3 = attach(
         soft(),
@@ -459,7 +460,7 @@ fn hostile_guest_cannot_hurt_the_server_or_other_guests() {
         AgentConfig::default(),
     )
     .unwrap();
-    let r3 = vrio_core::models::drive_guests(g3, &rc3, &progress, &stop);
+    let r3 = vrio_testkit::runner::drive_guests(g3, &rc3, &progress, &stop);
     assert_eq!(r3.completed, 500);
     assert_eq!(r3.failures(), 0);
     d3.detach();

@@ -1,4 +1,5 @@
-//! CPU time of the calling thread or process, for "CPU per request" figures.
+//! CPU time of the calling thread, for the per-role "CPU per request"
+//! figures that sidecores and agents report.
 
 fn clock_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
@@ -15,11 +16,6 @@ fn clock_ns(clock: libc::clockid_t) -> u64 {
 }
 
 /// CPU time used by the calling thread, in nanoseconds.
-pub fn thread_cpu_ns() -> u64 {
+pub(crate) fn thread_cpu_ns() -> u64 {
     clock_ns(libc::CLOCK_THREAD_CPUTIME_ID)
-}
-
-/// CPU time used by the whole process, in nanoseconds.
-pub fn process_cpu_ns() -> u64 {
-    clock_ns(libc::CLOCK_PROCESS_CPUTIME_ID)
 }

@@ -5,9 +5,8 @@
 //! See `docs/architecture.md` for a tour.
 
 pub mod blk;
-pub mod cputime;
+mod cputime;
 pub mod device;
-pub mod guest;
 pub mod memory;
 pub mod models;
 pub mod net;

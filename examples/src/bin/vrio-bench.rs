@@ -15,11 +15,13 @@ use std::time::Duration;
 
 use clap::Parser;
 use vrio_core::blk::{BlockConfig, MemoryBackend};
-use vrio_core::guest::WorkloadConfig;
-use vrio_core::models::{run_local, run_remote, LocalModel, ModelReport, RemoteFigures, RunConfig};
 use vrio_core::remote::NotifyMode;
 use vrio_core::sidecore::SidecoreConfig;
 use vrio_examples::{init_tracing, model_json, print_table};
+use vrio_testkit::guest::WorkloadConfig;
+use vrio_testkit::runner::{
+    run_local, run_remote, LocalModel, ModelReport, RemoteFigures, RunConfig,
+};
 
 /// Benchmark the local I/O models (vhost-style vs local sidecore).
 #[derive(Parser, Debug)]

@@ -22,10 +22,6 @@ use std::path::PathBuf;
 
 use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
 use vrio_core::blk::{BlockBackend, BlockConfig, FileBackend};
-use vrio_core::guest::WorkloadConfig;
-use vrio_core::models::{
-    attach_guests, attach_guests_placed, drive_guests, make_guests, RunConfig,
-};
 use vrio_core::net::MacAddr;
 use vrio_core::remote::{device_key, AttachedDevice, QueueTarget};
 use vrio_core::remote::{AgentConfig, NotifyMode};
@@ -37,6 +33,10 @@ use vrio_examples::control::{follow_as_agent, place_devices, AttachedSet, Contro
 use vrio_examples::{
     backend_name, block_signals, init_tracing, print_table, resolve_fabric, wait_for_signal,
     FabricChoice, Progress,
+};
+use vrio_testkit::guest::WorkloadConfig;
+use vrio_testkit::runner::{
+    attach_guests, attach_guests_placed, drive_guests, make_guests, RunConfig,
 };
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]

@@ -11,11 +11,6 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 use vrio_core::blk::{BlockBackend, BlockConfig, FileBackend, MemoryBackend};
-use vrio_core::guest::WorkloadConfig;
-use vrio_core::models::{
-    attach_guests_placed, drive_guests, make_guests, run_local, run_remote, LocalModel,
-    ModelReport, RunConfig,
-};
 use vrio_core::remote::{device_key, AttachedDevice, IoServer, IoServerConfig, NotifyMode};
 use vrio_core::sidecore::SidecoreConfig;
 use vrio_examples::control::{
@@ -23,6 +18,11 @@ use vrio_examples::control::{
     AttachedSet, ControlOpts,
 };
 use vrio_examples::{init_tracing, model_json, model_row, print_table, Progress, MODEL_HEADERS};
+use vrio_testkit::guest::WorkloadConfig;
+use vrio_testkit::runner::{
+    attach_guests_placed, drive_guests, make_guests, run_local, run_remote, LocalModel,
+    ModelReport, RunConfig,
+};
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 enum Model {
@@ -286,7 +286,7 @@ fn run_controlled(
         )),
     )?;
     let stop = Arc::new(AtomicBool::new(false));
-    let cpu0 = vrio_core::cputime::process_cpu_ns();
+    let cpu0 = vrio_testkit::cputime::process_cpu_ns();
     let t0 = Instant::now();
     let io = std::thread::scope(|s| {
         let work = s.spawn(|| drive_guests(guests, rc, done, &stop));
@@ -340,7 +340,7 @@ fn run_controlled(
         io,
         wall,
         device_cpu_ns,
-        process_cpu_ns: vrio_core::cputime::process_cpu_ns().saturating_sub(cpu0),
+        process_cpu_ns: vrio_testkit::cputime::process_cpu_ns().saturating_sub(cpu0),
         stats,
     })
 }

@@ -14,11 +14,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use vrio_core::models::LocalModel;
-use vrio_core::net::{run_net, run_net_remote, NetReport, NetRunConfig, RemoteNetFigures};
 use vrio_core::remote::NotifyMode;
 use vrio_core::sidecore::SidecoreConfig;
 use vrio_examples::{init_tracing, print_table, Progress};
+use vrio_testkit::net::{run_net, run_net_remote, NetReport, NetRunConfig, RemoteNetFigures};
+use vrio_testkit::runner::LocalModel;
 
 /// Benchmark virtio-net through the switch: vhost-style vs local sidecore
 /// vs remote sidecore.
@@ -76,7 +76,7 @@ impl Model {
         &self,
         rc: &NetRunConfig,
         done: &Arc<AtomicU64>,
-    ) -> Result<(NetReport, Option<RemoteNetFigures>), vrio_core::models::RunError> {
+    ) -> Result<(NetReport, Option<RemoteNetFigures>), vrio_testkit::runner::RunError> {
         match *self {
             Model::Local(m) => run_net(m, rc, done).map(|r| (r, None)),
             Model::Remote(mode) => run_net_remote(mode, 1, rc, done).map(|(r, f)| (r, Some(f))),

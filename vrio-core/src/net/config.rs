@@ -39,6 +39,11 @@ impl NetConfig {
 
 /// Bytes of config space exposed: up to and including `mtu`. Fields past it
 /// (speed, duplex, RSS) belong to features not offered.
+/// The receive queue's number (virtio 1.2 §5.1.2: receiveq1).
+pub const RX_QUEUE: usize = 0;
+/// The transmit queue's number (virtio 1.2 §5.1.2: transmitq1).
+pub const TX_QUEUE: usize = 1;
+
 pub const CONFIG_LEN: usize = offset_of!(Cfg, speed);
 
 fn put(b: &mut [u8], off: usize, v: &[u8]) {

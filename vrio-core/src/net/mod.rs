@@ -8,8 +8,8 @@
 //! chains; [`switch`] (with [`fdb`], [`port`], [`uplink`]) moves frames
 //! between ports, and [`tap`] joins a TAP device to it as the uplink;
 //! [`tx_queue`] and [`rx_queue`] serve local rings with them
-//! (as `ServedQueue`s for the vhost-style worker or a sidecore); [`guest`],
-//! [`traffic`] and [`runner`] are the synthetic guests and the harness.
+//! (as `ServedQueue`s for the vhost-style worker or a sidecore). The
+//! synthetic guests and the harness are in the vrio-testkit crate.
 //! Remote sidecores serve the same models over the fabric:
 //! `remote::RemoteQueue<TxDevice>` and `remote::RemoteRxQueue`, with the
 //! I/O server's switch in `remote::net_devices`.
@@ -36,34 +36,26 @@ mod copy;
 pub mod fdb;
 pub mod features;
 pub mod frame;
-pub mod guest;
 pub mod header;
 mod local_ring;
 pub mod mac;
 pub mod port;
-pub mod runner;
 pub mod rx;
 pub mod rx_queue;
 pub mod stats;
 pub mod switch;
 pub mod tap;
-pub mod traffic;
 pub mod tx;
 pub mod tx_queue;
 pub mod uplink;
 
-pub use config::{config_space, NetConfig, CONFIG_LEN};
+pub use config::{config_space, NetConfig, CONFIG_LEN, RX_QUEUE, TX_QUEUE};
 pub use copy::{gather, scatter};
 pub use features::{device_features, FeatureError, NetFeatures};
 pub use frame::{parse_frame, EthAddrs, FrameError, FrameLimits};
-pub use guest::{NetGuest, NetGuestConfig, NetGuestQueue, RX_QUEUE, TX_QUEUE};
 pub use header::{HeaderError, NetHeader, HDR_LEN};
 pub use mac::MacAddr;
 pub use port::{Port, PortId, PortKind};
-pub use runner::{
-    attach_net_guest, attach_net_remote, run_net, run_net_remote, AttachedNetGuest, NetReport,
-    NetRunConfig, RemoteNetFigures,
-};
 pub use rx::{Fit, FrameSource, RxChainError, RxDevice};
 pub use rx_queue::NetRxQueue;
 pub use stats::{DropReason, PortSnapshot, PortStats};

@@ -6,9 +6,10 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vrio_core::models::LocalModel;
-use vrio_core::net::{run_net, DropReason, NetRunConfig};
+use vrio_core::net::DropReason;
 use vrio_core::sidecore::SidecoreConfig;
+use vrio_testkit::net::{run_net, NetRunConfig};
+use vrio_testkit::runner::LocalModel;
 
 fn sidecore() -> LocalModel {
     LocalModel::Sidecore {
@@ -17,7 +18,7 @@ fn sidecore() -> LocalModel {
     }
 }
 
-fn check(model: LocalModel, rc: NetRunConfig) -> vrio_core::net::NetReport {
+fn check(model: LocalModel, rc: NetRunConfig) -> vrio_testkit::net::NetReport {
     let r = run_net(model, &rc, &Arc::new(AtomicU64::new(0))).unwrap();
     let expected = rc.frames * u64::from(rc.guests);
     assert_eq!(r.sent.sent, expected, "{}: {:?}", r.model, r.sent);

@@ -8,21 +8,21 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::guest::{NetGuest, NetGuestConfig, RX_QUEUE, TX_QUEUE};
-use super::rx::RxDevice;
-use super::rx_queue::NetRxQueue;
-use super::stats::PortSnapshot;
-use super::switch::{Switch, SwitchConfig};
-use super::traffic::{
-    run_receiver, run_sender, Link, RecvConfig, RecvReport, SendConfig, SendReport,
-};
-use super::tx::TxDevice;
-use super::tx_queue::NetTxQueue;
 use crate::cputime::process_cpu_ns;
 use crate::guest::GuestError;
-use crate::models::{serve_local, LocalModel, RunError};
-use crate::ring::RingFeatures;
-use crate::sidecore::{ServedQueue, StatsSnapshot};
+use crate::net::guest::{NetGuest, NetGuestConfig, RX_QUEUE, TX_QUEUE};
+use crate::net::traffic::{
+    run_receiver, run_sender, Link, RecvConfig, RecvReport, SendConfig, SendReport,
+};
+use crate::runner::{open_domain, queue_attach, serve_local, LocalModel, RunError};
+use vrio_core::net::rx::RxDevice;
+use vrio_core::net::rx_queue::NetRxQueue;
+use vrio_core::net::stats::PortSnapshot;
+use vrio_core::net::switch::{Switch, SwitchConfig};
+use vrio_core::net::tx::TxDevice;
+use vrio_core::net::tx_queue::NetTxQueue;
+use vrio_core::ring::RingFeatures;
+use vrio_core::sidecore::{ServedQueue, StatsSnapshot};
 
 #[derive(Debug, Clone, Copy)]
 pub struct NetRunConfig {
@@ -105,7 +105,7 @@ pub struct AttachedNetGuest {
     pub guest: NetGuest,
     pub rx: NetRxQueue,
     pub tx: NetTxQueue,
-    pub port: Arc<super::port::Port>,
+    pub port: Arc<vrio_core::net::Port>,
 }
 
 /// Makes a guest, a switch port with its MAC, and the device queues.
@@ -116,7 +116,7 @@ pub fn attach_net_guest(
 ) -> Result<AttachedNetGuest, RunError> {
     let guest = NetGuest::new(cfg)?;
     let port = switch.add_guest_port(&format!("net{}", cfg.id), cfg.mac);
-    let dev = |e: crate::ring::QueueError| RunError::Device(e.to_string());
+    let dev = |e: vrio_core::ring::QueueError| RunError::Device(e.to_string());
     let rx = NetRxQueue::new(
         guest.device_side(RX_QUEUE)?,
         RxDevice::new(mergeable),
@@ -186,23 +186,14 @@ pub fn attach_net_remote(
     guest: &NetGuest,
     device_id: u64,
     server: &str,
-    mode: crate::remote::NotifyMode,
-) -> Result<crate::remote::AttachedDevice, RunError> {
-    use crate::remote::{attach, AgentConfig, DeviceAttach, QueueAttach};
+    mode: vrio_core::remote::NotifyMode,
+) -> Result<vrio_core::remote::AttachedDevice, RunError> {
+    use vrio_core::remote::{attach, AgentConfig, DeviceAttach};
     let mut queues = Vec::new();
     for q in [RX_QUEUE, TX_QUEUE] {
-        let side = guest.device_side(q)?;
-        queues.push(QueueAttach {
-            layout: side.layout,
-            features: side.features,
-            kick: side.kick,
-            call: side.call,
-            start: 0,
-        });
+        queues.push(queue_attach(guest.device_side(q)?));
     }
-    let domain = vrio_rdma::open(vrio_rdma::Backend::Soft, None)
-        .map(Arc::from)
-        .map_err(|e| RunError::Model(e.to_string()))?;
+    let domain = open_domain(vrio_rdma::Backend::Soft, None)?;
     attach(
         domain,
         server,
@@ -213,7 +204,7 @@ pub fn attach_net_remote(
         },
         AgentConfig {
             mode,
-            device: crate::remote::wire::DeviceKind::Net { mac: guest.cfg.mac },
+            device: vrio_core::remote::wire::DeviceKind::Net { mac: guest.cfg.mac },
             ..AgentConfig::default()
         },
     )
@@ -223,7 +214,7 @@ pub fn attach_net_remote(
 /// The I/O server's view of a remote net run.
 #[derive(Debug, Clone, Default)]
 pub struct RemoteNetFigures {
-    pub fabric: crate::remote::RemoteSnapshot,
+    pub fabric: vrio_core::remote::RemoteSnapshot,
     /// CPU time of the VM-host agents.
     pub vmhost_cpu_ns: u64,
 }
@@ -232,13 +223,13 @@ pub struct RemoteNetFigures {
 /// switch connects the guests (guest `i` is device `i`, port MAC
 /// `MacAddr::local(i)`), one agent per guest, over the software fabric.
 pub fn run_net_remote(
-    mode: crate::remote::NotifyMode,
+    mode: vrio_core::remote::NotifyMode,
     sidecores: usize,
     rc: &NetRunConfig,
     progress: &Arc<AtomicU64>,
 ) -> Result<(NetReport, RemoteNetFigures), RunError> {
-    use crate::remote::{IoServer, IoServerConfig, NetServerConfig};
     use std::sync::atomic::Ordering::Relaxed;
+    use vrio_core::remote::{IoServer, IoServerConfig, NetServerConfig};
     let n = rc.guests.max(2).div_ceil(2) * 2;
     let cfgs: Vec<NetGuestConfig> = (0..n)
         .map(|id| NetGuestConfig {
@@ -248,12 +239,10 @@ pub fn run_net_remote(
             ..NetGuestConfig::new(id)
         })
         .collect();
-    let domain = vrio_rdma::open(vrio_rdma::Backend::Soft, None)
-        .map(Arc::from)
-        .map_err(|e| RunError::Model(e.to_string()))?;
+    let domain = open_domain(vrio_rdma::Backend::Soft, None)?;
     let server = IoServer::start(
         domain,
-        Arc::new(crate::blk::MemoryBackend::new(1 << 20)),
+        Arc::new(vrio_core::blk::MemoryBackend::new(1 << 20)),
         IoServerConfig {
             sidecores,
             net: NetServerConfig {

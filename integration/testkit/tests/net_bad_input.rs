@@ -7,13 +7,11 @@
 use std::sync::Arc;
 
 use vrio_core::memory::GuestMemory;
-use vrio_core::net::traffic::{build_frame, check_frame};
-use vrio_core::net::{
-    attach_net_guest, AttachedNetGuest, DropReason, MacAddr, NetGuestConfig, NetHeader, Switch,
-    SwitchConfig, HDR_LEN,
-};
+use vrio_core::net::{DropReason, MacAddr, NetHeader, Switch, SwitchConfig, HDR_LEN};
 use vrio_core::ring::{Descriptor, Segment};
 use vrio_core::sidecore::ServedQueue;
+use vrio_testkit::net::traffic::{build_frame, check_frame};
+use vrio_testkit::net::{attach_net_guest, AttachedNetGuest, NetGuestConfig};
 
 fn pair(mergeable: bool) -> (Arc<Switch>, AttachedNetGuest, AttachedNetGuest) {
     let sw = Switch::new(SwitchConfig::default());
@@ -40,7 +38,7 @@ fn tx_area(g: &AttachedNetGuest) -> u64 {
     let size = vrio_core::memory::MemoryMap::of(&**g.guest.memory())
         .unwrap()
         .size();
-    size - 256 * vrio_core::net::guest::TX_SLOT
+    size - 256 * vrio_testkit::net::guest::TX_SLOT
 }
 
 #[test]

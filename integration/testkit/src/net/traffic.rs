@@ -7,15 +7,15 @@
 //! without the switch's bounded backlogs dropping anything (the window is a
 //! test harness's flow control, not the device's).
 
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
-use super::guest::NetGuestQueue;
-use super::header::{NetHeader, HDR_LEN};
-use super::mac::MacAddr;
-use crate::memory::{GuestMemory, LocalMemory};
-use crate::ring::Segment;
+use crate::driver::{add_chain, publish_and_kick, wait_for_call, Slots};
+use crate::net::guest::NetGuestQueue;
+use vrio_core::memory::{GuestMemory, LocalMemory};
+use vrio_core::net::header::{NetHeader, HDR_LEN};
+use vrio_core::net::mac::MacAddr;
+use vrio_core::ring::Segment;
 
 /// IEEE "local experimental" EtherType.
 pub const ETHERTYPE_TEST: u16 = 0x88b5;
@@ -98,20 +98,6 @@ pub struct SendReport {
     pub elapsed: Duration,
 }
 
-const NO_SLOT: u16 = u16::MAX;
-
-fn wait_readable(fd: i32, ms: i32) {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, count 1; poll only writes `revents`.
-    unsafe {
-        libc::poll(&mut p, 1, ms);
-    }
-}
-
 /// Sends test frames from `src` until the config says stop. Every fourth
 /// frame goes as two descriptors (header, frame), and every eighth through
 /// an indirect table when negotiated, so the device's gather is exercised.
@@ -124,9 +110,7 @@ pub fn run_sender(
     stop: &AtomicBool,
 ) -> SendReport {
     let mut r = SendReport::default();
-    let size = usize::from(q.driver.layout().size);
-    let mut free: Vec<u16> = (0..q.slots).rev().collect();
-    let mut head_slot = vec![NO_SLOT; size];
+    let mut free = Slots::new(q.slots, q.driver.layout().size);
     let started = Instant::now();
     let mut last_progress = Instant::now();
     let mut seq: u64 = 0;
@@ -137,14 +121,8 @@ pub fn run_sender(
         loop {
             match q.driver.pop_used(mem) {
                 Ok(Some((head, _))) => {
-                    let si = head_slot
-                        .get_mut(usize::from(head))
-                        .map(|s| std::mem::replace(s, NO_SLOT))
-                        .unwrap_or(NO_SLOT);
-                    if si == NO_SLOT {
+                    if free.complete(head).is_none() {
                         r.protocol_errors += 1;
-                    } else {
-                        free.push(si);
                     }
                     reaped += 1;
                 }
@@ -169,7 +147,7 @@ pub fn run_sender(
             {
                 break;
             }
-            let Some(&si) = free.last() else { break };
+            let Some(si) = free.next_free() else { break };
             let addr = q.slot(si);
             let f = build_frame(cfg.dst, src, seq, frame_len);
             if mem.write(addr, &hdr).is_err() || mem.write(addr + HDR_LEN as u64, &f).is_err() {
@@ -191,38 +169,18 @@ pub fn run_sender(
                 },
             ];
             let segs: &[Segment] = if seq % 4 == 3 { &split } else { &whole };
-            let res = match q.driver.add(mem, segs, &[], seq % 8 == 7) {
-                Err(crate::ring::DriverError::IndirectUnavailable) => {
-                    q.driver.add(mem, segs, &[], false)
-                }
-                x => x,
+            let Ok(head) = add_chain(&mut q.driver, mem, segs, &[], seq % 8 == 7) else {
+                break;
             };
-            let head = match res {
-                Ok(h) => h,
-                Err(_) => break,
-            };
-            free.pop();
-            head_slot[usize::from(head)] = si;
+            free.take(head);
             seq += 1;
             r.bytes += f.len() as u64;
             link.sent.store(seq, SeqCst);
             added += 1;
         }
-        if added > 0 {
-            match q
-                .driver
-                .publish(mem)
-                .and_then(|_| q.driver.should_kick(mem))
-            {
-                Ok(true) => {
-                    let _ = q.kick.write(1);
-                }
-                Ok(false) => {}
-                Err(_) => {
-                    r.protocol_errors += 1;
-                    break;
-                }
-            }
+        if added > 0 && publish_and_kick(&mut q.driver, mem, &q.kick).is_err() {
+            r.protocol_errors += 1;
+            break;
         }
         let outstanding = q.driver.outstanding();
         if done && outstanding == 0 {
@@ -232,8 +190,8 @@ pub fn run_sender(
             last_progress = Instant::now();
             continue;
         }
-        if outstanding > 0 && (free.is_empty() || done) {
-            match q.driver.enable_interrupts(mem) {
+        if outstanding > 0 && (free.free() == 0 || done) {
+            match wait_for_call(&mut q.driver, mem, &q.call, 1) {
                 Ok(true) => continue,
                 Ok(false) => {}
                 Err(_) => {
@@ -241,8 +199,6 @@ pub fn run_sender(
                     break;
                 }
             }
-            wait_readable(q.call.as_raw_fd(), 1);
-            let _ = q.call.read();
         } else {
             // Window closed: the peer has not caught up yet.
             std::thread::sleep(Duration::from_micros(20));
@@ -327,9 +283,7 @@ pub fn run_receiver(
     progress: &AtomicU64,
 ) -> RecvReport {
     let mut r = RecvReport::default();
-    let size = usize::from(q.driver.layout().size);
-    let mut free: Vec<u16> = (0..q.slots).rev().collect();
-    let mut head_slot = vec![NO_SLOT; size];
+    let mut free = Slots::new(q.slots, q.driver.layout().size);
     let mut seen: Vec<u64> = Vec::new();
     let mut asm: Option<Assembly> = None;
     let mut buf = vec![0u8; q.slot_len as usize];
@@ -339,7 +293,7 @@ pub fn run_receiver(
     'outer: loop {
         // Post every free buffer.
         let mut added = 0;
-        while let Some(&si) = free.last() {
+        while let Some(si) = free.next_free() {
             let seg = Segment {
                 addr: q.slot(si),
                 len: q.slot_len as u32,
@@ -347,25 +301,12 @@ pub fn run_receiver(
             let Ok(head) = q.driver.add(mem, &[], &[seg], false) else {
                 break;
             };
-            free.pop();
-            head_slot[usize::from(head)] = si;
+            free.take(head);
             added += 1;
         }
-        if added > 0 {
-            match q
-                .driver
-                .publish(mem)
-                .and_then(|_| q.driver.should_kick(mem))
-            {
-                Ok(true) => {
-                    let _ = q.kick.write(1);
-                }
-                Ok(false) => {}
-                Err(_) => {
-                    r.protocol_errors += 1;
-                    break;
-                }
-            }
+        if added > 0 && publish_and_kick(&mut q.driver, mem, &q.kick).is_err() {
+            r.protocol_errors += 1;
+            break;
         }
         let mut reaped = 0;
         loop {
@@ -379,15 +320,10 @@ pub fn run_receiver(
                 }
             };
             reaped += 1;
-            let si = head_slot
-                .get_mut(usize::from(head))
-                .map(|s| std::mem::replace(s, NO_SLOT))
-                .unwrap_or(NO_SLOT);
-            if si == NO_SLOT {
+            let Some(si) = free.complete(head) else {
                 r.protocol_errors += 1;
                 continue;
-            }
-            free.push(si);
+            };
             let len = len as usize;
             if len > buf.len() || mem.read(q.slot(si), &mut buf[..len]).is_err() {
                 r.protocol_errors += 1;
@@ -470,7 +406,7 @@ pub fn run_receiver(
             );
             break;
         }
-        match q.driver.enable_interrupts(mem) {
+        match wait_for_call(&mut q.driver, mem, &q.call, 1) {
             Ok(true) => continue,
             Ok(false) => {}
             Err(_) => {
@@ -478,8 +414,6 @@ pub fn run_receiver(
                 break;
             }
         }
-        wait_readable(q.call.as_raw_fd(), 1);
-        let _ = q.call.read();
     }
     r.lost = link.sent.load(SeqCst).saturating_sub(counted);
     r.elapsed = started.elapsed();

@@ -4,7 +4,6 @@
 //! against the last completed write of that block. Only one request per
 //! block is in flight at a time, so the expected content is always known.
 
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
@@ -16,8 +15,9 @@ use virtio_bindings::virtio_blk::{
 };
 
 use super::{fill_pattern, pattern_matches, GuestQueue, BLOCK};
-use crate::memory::{GuestMemory, LocalMemory};
-use crate::ring::Segment;
+use crate::driver::{add_chain, publish_and_kick, wait_for_call, Slots};
+use vrio_core::memory::{GuestMemory, LocalMemory};
+use vrio_core::ring::Segment;
 
 #[derive(Debug, Clone, Copy)]
 pub struct WorkloadConfig {
@@ -131,11 +131,8 @@ struct Slot {
     op: Op,
     block: u64,
     version: u32,
-    head: u16,
     start: Instant,
 }
-
-const NO_SLOT: u16 = u16::MAX;
 
 /// Drives one queue until the workload is done; never panics on device
 /// misbehaviour, it counts it.
@@ -148,7 +145,6 @@ pub fn run_queue(
 ) -> QueueReport {
     let mut r = QueueReport::new();
     let depth = cfg.depth.min(q.slots.depth).max(1);
-    let size = usize::from(q.driver.layout().size);
     let mut rng = SmallRng::seed_from_u64(cfg.seed);
     let mut versions = vec![0u32; cfg.blocks as usize];
     let mut busy_block = vec![false; cfg.blocks as usize];
@@ -158,13 +154,11 @@ pub fn run_queue(
             op: Op::Flush,
             block: 0,
             version: 0,
-            head: 0,
             start: Instant::now(),
         };
         usize::from(depth)
     ];
-    let mut head_slot = vec![NO_SLOT; size];
-    let mut free: Vec<u16> = (0..depth).rev().collect();
+    let mut free = Slots::new(depth, q.driver.layout().size);
     let mut buf = vec![0u8; BLOCK as usize];
     let started = Instant::now();
     let mut issued: u64 = 0;
@@ -180,7 +174,7 @@ pub fn run_queue(
         // Issue as many as the depth allows.
         let mut added = 0;
         while !done_issuing(issued) {
-            let Some(&si) = free.last() else { break };
+            let Some(si) = free.next_free() else { break };
             let roll = rng.gen_range(0..100u8);
             let op = if roll < cfg.read_pct {
                 Op::Read
@@ -246,27 +240,12 @@ pub fn run_queue(
                 len: 1,
             };
             let indirect = rng.gen_range(0..100u8) < cfg.indirect_pct;
-            let res = match op {
-                Op::Read => q
-                    .driver
-                    .add(mem, &[hdr_seg], &[data_seg, status_seg], indirect),
-                Op::Write => q
-                    .driver
-                    .add(mem, &[hdr_seg, data_seg], &[status_seg], indirect),
-                Op::Flush => q.driver.add(mem, &[hdr_seg], &[status_seg], indirect),
+            let (readable, writable): (&[Segment], &[Segment]) = match op {
+                Op::Read => (&[hdr_seg], &[data_seg, status_seg]),
+                Op::Write => (&[hdr_seg, data_seg], &[status_seg]),
+                Op::Flush => (&[hdr_seg], &[status_seg]),
             };
-            let res = match res {
-                Err(crate::ring::DriverError::IndirectUnavailable) => match op {
-                    Op::Read => q
-                        .driver
-                        .add(mem, &[hdr_seg], &[data_seg, status_seg], false),
-                    Op::Write => q
-                        .driver
-                        .add(mem, &[hdr_seg, data_seg], &[status_seg], false),
-                    Op::Flush => q.driver.add(mem, &[hdr_seg], &[status_seg], false),
-                },
-                r => r,
-            };
+            let res = add_chain(&mut q.driver, mem, readable, writable, indirect);
             let head = match res {
                 Ok(h) => h,
                 Err(e) => {
@@ -274,7 +253,7 @@ pub fn run_queue(
                     break;
                 }
             };
-            free.pop();
+            free.take(head);
             if op != Op::Flush {
                 busy_block[block as usize] = true;
             }
@@ -283,30 +262,16 @@ pub fn run_queue(
                 op,
                 block,
                 version,
-                head,
                 start: Instant::now(),
             };
-            head_slot[usize::from(head)] = si;
             issued += 1;
             added += 1;
         }
-        if added > 0 {
-            let kick = q
-                .driver
-                .publish(mem)
-                .and_then(|_| q.driver.should_kick(mem));
-            match kick {
-                Ok(true) => {
-                    let _ = q.kick.write(1);
-                }
-                Ok(false) => {}
-                Err(_) => {
-                    r.protocol_errors += 1;
-                    break;
-                }
-            }
+        if added > 0 && publish_and_kick(&mut q.driver, mem, &q.kick).is_err() {
+            r.protocol_errors += 1;
+            break;
         }
-        let outstanding = usize::from(depth) - free.len();
+        let outstanding = usize::from(depth) - free.free();
         if outstanding == 0 && done_issuing(issued) {
             break;
         }
@@ -320,23 +285,20 @@ pub fn run_queue(
                 Err(e) => {
                     tracing::error!(error = %e, "device returned a bad used entry");
                     r.protocol_errors += 1;
-                    r.lost += (usize::from(depth) - free.len()) as u64;
+                    r.lost += (usize::from(depth) - free.free()) as u64;
                     r.elapsed = started.elapsed();
                     return r;
                 }
             };
             reaped += 1;
-            let si = std::mem::replace(&mut head_slot[usize::from(head)], NO_SLOT);
-            let Some(slot) = slots
-                .get_mut(usize::from(si))
-                .filter(|s| s.busy && s.head == head)
-            else {
+            let Some((si, slot)) = free.complete(head).and_then(|si| {
+                let slot = slots.get_mut(usize::from(si))?;
+                slot.busy = false;
+                Some((si, *slot))
+            }) else {
                 r.protocol_errors += 1;
                 continue;
             };
-            slot.busy = false;
-            let slot = *slot;
-            free.push(si);
             r.completed += 1;
             progress.fetch_add(1, Relaxed);
             let lat = slot.start.elapsed().as_nanos() as u64;
@@ -384,10 +346,10 @@ pub fn run_queue(
             last_progress = Instant::now();
             continue;
         }
-        let outstanding = usize::from(depth) - free.len();
-        if outstanding > 0 && (free.is_empty() || done_issuing(issued) || added == 0) {
+        let outstanding = usize::from(depth) - free.free();
+        if outstanding > 0 && (free.free() == 0 || done_issuing(issued) || added == 0) {
             // Wait for an interrupt.
-            match q.driver.enable_interrupts(mem) {
+            match wait_for_call(&mut q.driver, mem, &q.call, 100) {
                 Ok(true) => continue,
                 Ok(false) => {}
                 Err(_) => {
@@ -395,8 +357,6 @@ pub fn run_queue(
                     break;
                 }
             }
-            wait_readable(q.call.as_raw_fd(), 100);
-            let _ = q.call.read();
             if last_progress.elapsed() > cfg.stall_timeout {
                 tracing::error!(outstanding, "device stalled; giving up");
                 r.lost += outstanding as u64;
@@ -406,18 +366,4 @@ pub fn run_queue(
     }
     r.elapsed = started.elapsed();
     r
-}
-
-/// Waits up to `ms` for `fd` to become readable.
-fn wait_readable(fd: i32, ms: i32) {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: `p` is one valid pollfd and we pass a count of 1; poll only
-    // writes `revents`.
-    unsafe {
-        libc::poll(&mut p, 1, ms);
-    }
 }

@@ -5,14 +5,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::blk::{BlockBackend, BlockConfig, BlockDevice};
 use crate::cputime::process_cpu_ns;
 use crate::guest::{
     run_queue, GuestConfig, GuestError, QueueReport, SyntheticGuest, WorkloadConfig,
 };
-use crate::models::{LocalQueue, VhostWorker};
-use crate::ring::RingFeatures;
-use crate::sidecore::{ServedQueue, SidecoreConfig, SidecoreThread, StatsSnapshot};
+use vrio_core::blk::{BlockBackend, BlockConfig, BlockDevice};
+use vrio_core::models::{DeviceSide, LocalQueue, VhostWorker};
+use vrio_core::ring::RingFeatures;
+use vrio_core::sidecore::{ServedQueue, SidecoreConfig, SidecoreThread, StatsSnapshot};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LocalModel {
@@ -256,6 +256,28 @@ pub fn run_local(
     })
 }
 
+/// Opens a protection domain on `backend` (`device`: which RDMA device, for
+/// verbs).
+pub fn open_domain(
+    backend: vrio_rdma::Backend,
+    device: Option<&str>,
+) -> Result<Arc<dyn vrio_rdma::Domain>, RunError> {
+    vrio_rdma::open(backend, device)
+        .map(Arc::from)
+        .map_err(|e| RunError::Model(e.to_string()))
+}
+
+/// The attach request for the queue behind `side`, from the ring's start.
+pub fn queue_attach(side: DeviceSide) -> vrio_core::remote::QueueAttach {
+    vrio_core::remote::QueueAttach {
+        layout: side.layout,
+        features: side.features,
+        kick: side.kick,
+        call: side.call,
+        start: 0,
+    }
+}
+
 /// Attaches every queue of `guests` to the I/O server at `server` through
 /// the VM-host agent, one protection domain per guest.
 pub fn attach_guests(
@@ -263,13 +285,13 @@ pub fn attach_guests(
     server: &str,
     backend: vrio_rdma::Backend,
     device: Option<&str>,
-    mode: crate::remote::NotifyMode,
-) -> Result<Vec<crate::remote::AttachedDevice>, RunError> {
+    mode: vrio_core::remote::NotifyMode,
+) -> Result<Vec<vrio_core::remote::AttachedDevice>, RunError> {
     let placed: Vec<_> = guests
         .iter()
         .enumerate()
         .map(|(g, guest)| {
-            let t = crate::remote::QueueTarget::any(server);
+            let t = vrio_core::remote::QueueTarget::any(server);
             (g as u64, vec![t; usize::from(guest.cfg.queues)])
         })
         .collect();
@@ -280,12 +302,12 @@ pub fn attach_guests(
 /// each guest (`placed[g]`), as a controller decided.
 pub fn attach_guests_placed(
     guests: &[SyntheticGuest],
-    placed: &[(u64, Vec<crate::remote::QueueTarget>)],
+    placed: &[(u64, Vec<vrio_core::remote::QueueTarget>)],
     backend: vrio_rdma::Backend,
     device: Option<&str>,
-    mode: crate::remote::NotifyMode,
-) -> Result<Vec<crate::remote::AttachedDevice>, RunError> {
-    use crate::remote::{attach_placed, AgentConfig, DeviceAttach, QueueAttach};
+    mode: vrio_core::remote::NotifyMode,
+) -> Result<Vec<vrio_core::remote::AttachedDevice>, RunError> {
+    use vrio_core::remote::{attach_placed, AgentConfig, DeviceAttach};
     if placed.len() != guests.len() {
         return Err(RunError::Model(format!(
             "{} placements for {} guests",
@@ -297,18 +319,9 @@ pub fn attach_guests_placed(
     for (guest, (device_id, targets)) in guests.iter().zip(placed) {
         let mut queues = Vec::new();
         for q in 0..usize::from(guest.cfg.queues) {
-            let side = guest.device_side(q)?;
-            queues.push(QueueAttach {
-                layout: side.layout,
-                features: side.features,
-                kick: side.kick,
-                call: side.call,
-                start: 0,
-            });
+            queues.push(queue_attach(guest.device_side(q)?));
         }
-        let domain = vrio_rdma::open(backend, device)
-            .map(Arc::from)
-            .map_err(|e| RunError::Model(e.to_string()))?;
+        let domain = open_domain(backend, device)?;
         let dev = attach_placed(
             domain,
             targets.clone(),
@@ -331,7 +344,7 @@ pub fn attach_guests_placed(
 /// Extra figures of a remote run.
 #[derive(Debug, Clone, Default)]
 pub struct RemoteFigures {
-    pub fabric: crate::remote::RemoteSnapshot,
+    pub fabric: vrio_core::remote::RemoteSnapshot,
     /// CPU time of the VM-host agents (what vRIO leaves on the VM host).
     pub vmhost_cpu_ns: u64,
     pub doorbells: u64,
@@ -341,36 +354,34 @@ pub struct RemoteFigures {
 /// Runs `rc` against remote sidecores: an in-process I/O server and one
 /// agent per guest, over the software fabric on loopback TCP.
 pub fn run_remote(
-    mode: crate::remote::NotifyMode,
+    mode: vrio_core::remote::NotifyMode,
     sidecores: usize,
     backend: Arc<dyn BlockBackend>,
     blk: BlockConfig,
     rc: &RunConfig,
     progress: &Arc<AtomicU64>,
 ) -> Result<(ModelReport, RemoteFigures), RunError> {
-    let server = crate::remote::IoServerConfig {
+    let server = vrio_core::remote::IoServerConfig {
         sidecores,
         blk,
-        ..crate::remote::IoServerConfig::default()
+        ..vrio_core::remote::IoServerConfig::default()
     };
     run_remote_with(mode, server, backend, rc, progress)
 }
 
 /// [`run_remote`] with the whole I/O server configuration.
 pub fn run_remote_with(
-    mode: crate::remote::NotifyMode,
-    server_cfg: crate::remote::IoServerConfig,
+    mode: vrio_core::remote::NotifyMode,
+    server_cfg: vrio_core::remote::IoServerConfig,
     backend: Arc<dyn BlockBackend>,
     rc: &RunConfig,
     progress: &Arc<AtomicU64>,
 ) -> Result<(ModelReport, RemoteFigures), RunError> {
-    use crate::remote::IoServer;
     use std::sync::atomic::Ordering::Relaxed;
+    use vrio_core::remote::IoServer;
     let sidecores = server_cfg.sidecores;
     let open = || -> Result<Arc<dyn vrio_rdma::Domain>, RunError> {
-        vrio_rdma::open(vrio_rdma::Backend::Soft, None)
-            .map(Arc::from)
-            .map_err(|e| RunError::Model(e.to_string()))
+        open_domain(vrio_rdma::Backend::Soft, None)
     };
     let server = IoServer::start(open()?, backend, server_cfg)
         .map_err(|e| RunError::Model(e.to_string()))?;

@@ -4,23 +4,20 @@
 
 use std::sync::Arc;
 
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
-use super::header::HDR_LEN;
-use super::mac::MacAddr;
+use crate::driver::{build_queues, device_side, GuestRing};
 use crate::guest::GuestError;
-use crate::memory::{anonymous_memory, LocalMemory};
-use crate::models::DeviceSide;
-use crate::ring::{DriverQueue, IndirectArea, RingFeatures, RingLayout};
+use vrio_core::memory::LocalMemory;
+use vrio_core::models::DeviceSide;
+use vrio_core::net::header::HDR_LEN;
+use vrio_core::net::mac::MacAddr;
+use vrio_core::ring::{DriverQueue, RingFeatures};
 
-const PAGE: u64 = 4096;
-const INDIRECT_ENTRIES: u16 = 4;
 /// Each TX slot holds a header and the largest frame (MTU 1500 + VLAN).
 pub const TX_SLOT: u64 = 2048;
 
-/// virtio-net queue numbers (§5.1.2).
-pub const RX_QUEUE: usize = 0;
-pub const TX_QUEUE: usize = 1;
+pub use vrio_core::net::{RX_QUEUE, TX_QUEUE};
 
 #[derive(Debug, Clone, Copy)]
 pub struct NetGuestConfig {
@@ -48,6 +45,15 @@ impl NetGuestConfig {
     }
 }
 
+impl GuestRing for NetGuestQueue {
+    fn driver(&self) -> &DriverQueue {
+        &self.driver
+    }
+    fn eventfds(&self) -> (&EventFd, &EventFd) {
+        (&self.kick, &self.call)
+    }
+}
+
 /// One queue as the guest sees it.
 pub struct NetGuestQueue {
     pub driver: DriverQueue,
@@ -72,10 +78,6 @@ pub struct NetGuest {
     tx: NetGuestQueue,
 }
 
-fn align_up(x: u64, a: u64) -> u64 {
-    x.div_ceil(a) * a
-}
-
 impl NetGuest {
     pub fn new(cfg: NetGuestConfig) -> Result<Self, GuestError> {
         if cfg.rx_buf_len < HDR_LEN as u32 {
@@ -84,45 +86,21 @@ impl NetGuest {
                 cfg.rx_buf_len
             )));
         }
-        let (_, ring_bytes) = RingLayout::packed(cfg.queue_size, 0)?;
-        let ind_bytes = IndirectArea::bytes_for(cfg.queue_size, INDIRECT_ENTRIES);
-        let head = align_up(ring_bytes, PAGE) + align_up(ind_bytes, PAGE);
         let slot_lens = [u64::from(cfg.rx_buf_len), TX_SLOT];
-        let sizes: Vec<u64> = slot_lens
-            .iter()
-            .map(|l| head + align_up(l * u64::from(cfg.queue_size), PAGE))
-            .collect();
-        // Page 0 stays unused so that address 0 is never a valid buffer.
-        let size = PAGE + sizes.iter().sum::<u64>();
-        let mem = Arc::new(anonymous_memory(size as usize)?);
-        let mut queues = Vec::new();
-        let mut base = PAGE;
-        for (q, &slot_len) in slot_lens.iter().enumerate() {
-            let (layout, _) = RingLayout::packed(cfg.queue_size, base)?;
-            let ind = base + align_up(ring_bytes, PAGE);
-            let driver = DriverQueue::new(
-                layout,
-                cfg.features,
-                Some(IndirectArea {
-                    base: ind,
-                    max_entries: INDIRECT_ENTRIES,
-                }),
-            );
-            driver
-                .init(&*mem)
-                .map_err(|e| GuestError::Config(e.to_string()))?;
-            queues.push(NetGuestQueue {
-                driver,
-                base: base + head,
+        let areas = slot_lens.map(|l| l * u64::from(cfg.queue_size));
+        let (mem, parts) = build_queues(cfg.queue_size, cfg.features, &areas)?;
+        let mut queues = parts
+            .into_iter()
+            .zip(slot_lens)
+            .map(|(p, slot_len)| NetGuestQueue {
+                driver: p.driver,
+                base: p.area,
                 slot_len,
                 slots: cfg.queue_size,
-                kick: EventFd::new(EFD_NONBLOCK)?,
-                call: EventFd::new(EFD_NONBLOCK)?,
+                kick: p.kick,
+                call: p.call,
             });
-            base += sizes[q];
-        }
-        let mut it = queues.into_iter();
-        let (Some(rx), Some(tx)) = (it.next(), it.next()) else {
+        let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
             return Err(GuestError::Config("a net guest has two queues".into()));
         };
         Ok(Self { cfg, mem, rx, tx })
@@ -134,20 +112,13 @@ impl NetGuest {
 
     /// What the device needs to serve queue `q` ([`RX_QUEUE`] or [`TX_QUEUE`]).
     pub fn device_side(&self, q: usize) -> Result<DeviceSide, GuestError> {
-        let gq = match q {
-            RX_QUEUE => &self.rx,
-            TX_QUEUE => &self.tx,
+        let (gq, kind) = match q {
+            RX_QUEUE => (&self.rx, "rx"),
+            TX_QUEUE => (&self.tx, "tx"),
             _ => return Err(GuestError::Config(format!("no queue {q}"))),
         };
-        let kind = if q == RX_QUEUE { "rx" } else { "tx" };
-        Ok(DeviceSide {
-            name: format!("net{}.{kind}", self.cfg.id),
-            mem: self.mem.clone(),
-            layout: *gq.driver.layout(),
-            features: self.cfg.features,
-            kick: gq.kick.try_clone()?,
-            call: gq.call.try_clone()?,
-        })
+        let name = format!("net{}.{kind}", self.cfg.id);
+        device_side(name, &self.mem, self.cfg.features, gq)
     }
 
     /// Splits the guest into memory, RX queue and TX queue, for one driving

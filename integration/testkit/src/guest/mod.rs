@@ -7,19 +7,19 @@ mod workload;
 
 use std::sync::Arc;
 
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
-use crate::memory::{anonymous_memory, LocalMemory, MemoryError};
-use crate::models::DeviceSide;
-use crate::ring::{DriverQueue, IndirectArea, QueueError, RingFeatures, RingLayout};
+use vrio_core::memory::{LocalMemory, MemoryError};
+
+use crate::driver::{build_queues, device_side, GuestRing};
+use vrio_core::models::DeviceSide;
+use vrio_core::ring::{DriverQueue, QueueError, RingFeatures};
 
 pub use pattern::{fill_pattern, pattern_matches};
 pub use workload::{run_queue, QueueReport, WorkloadConfig};
 
 /// Bytes of one data block (and of one request's data).
 pub const BLOCK: u64 = 4096;
-/// Entries of each per-head indirect table.
-const INDIRECT_ENTRIES: u16 = 4;
 
 #[derive(Debug, Clone, Copy)]
 pub struct GuestConfig {
@@ -80,6 +80,15 @@ impl SlotArea {
     }
 }
 
+impl GuestRing for GuestQueue {
+    fn driver(&self) -> &DriverQueue {
+        &self.driver
+    }
+    fn eventfds(&self) -> (&EventFd, &EventFd) {
+        (&self.kick, &self.call)
+    }
+}
+
 pub struct GuestQueue {
     pub driver: DriverQueue,
     pub slots: SlotArea,
@@ -93,10 +102,6 @@ pub struct SyntheticGuest {
     queues: Vec<GuestQueue>,
 }
 
-fn align_up(x: u64, a: u64) -> u64 {
-    x.div_ceil(a) * a
-}
-
 impl SyntheticGuest {
     pub fn new(cfg: GuestConfig) -> Result<Self, GuestError> {
         if cfg.queues == 0 || cfg.depth == 0 || cfg.depth > cfg.queue_size {
@@ -104,40 +109,21 @@ impl SyntheticGuest {
                 "need queues >= 1 and 1 <= depth <= queue size, got {cfg:?}"
             )));
         }
-        let (_, ring_bytes) = RingLayout::packed(cfg.queue_size, 0)?;
-        let ind_bytes = IndirectArea::bytes_for(cfg.queue_size, INDIRECT_ENTRIES);
-        let slot_bytes = SlotArea::STRIDE * u64::from(cfg.depth);
-        let per_queue = align_up(ring_bytes, BLOCK) + align_up(ind_bytes, BLOCK) + slot_bytes;
-        // Leave page 0 unused so that address 0 is never a valid buffer.
-        let size = BLOCK + per_queue * u64::from(cfg.queues);
-        let mem = Arc::new(anonymous_memory(size as usize)?);
-        let mut queues = Vec::new();
-        for q in 0..u64::from(cfg.queues) {
-            let base = BLOCK + q * per_queue;
-            let (layout, _) = RingLayout::packed(cfg.queue_size, base)?;
-            let ind = base + align_up(ring_bytes, BLOCK);
-            let slots = SlotArea {
-                base: ind + align_up(ind_bytes, BLOCK),
-                depth: cfg.depth,
-            };
-            let driver = DriverQueue::new(
-                layout,
-                cfg.features,
-                Some(IndirectArea {
-                    base: ind,
-                    max_entries: INDIRECT_ENTRIES,
-                }),
-            );
-            driver
-                .init(&*mem)
-                .map_err(|e| GuestError::Config(e.to_string()))?;
-            queues.push(GuestQueue {
-                driver,
-                slots,
-                kick: EventFd::new(EFD_NONBLOCK)?,
-                call: EventFd::new(EFD_NONBLOCK)?,
-            });
-        }
+        let area = SlotArea::STRIDE * u64::from(cfg.depth);
+        let areas = vec![area; usize::from(cfg.queues)];
+        let (mem, parts) = build_queues(cfg.queue_size, cfg.features, &areas)?;
+        let queues = parts
+            .into_iter()
+            .map(|p| GuestQueue {
+                slots: SlotArea {
+                    base: p.area,
+                    depth: cfg.depth,
+                },
+                driver: p.driver,
+                kick: p.kick,
+                call: p.call,
+            })
+            .collect();
         Ok(Self { cfg, mem, queues })
     }
 
@@ -151,14 +137,8 @@ impl SyntheticGuest {
             .queues
             .get(q)
             .ok_or_else(|| GuestError::Config(format!("no queue {q}")))?;
-        Ok(DeviceSide {
-            name: format!("guest{}.q{}", self.cfg.id, q),
-            mem: self.mem.clone(),
-            layout: *gq.driver.layout(),
-            features: self.cfg.features,
-            kick: gq.kick.try_clone()?,
-            call: gq.call.try_clone()?,
-        })
+        let name = format!("guest{}.q{}", self.cfg.id, q);
+        device_side(name, &self.mem, self.cfg.features, gq)
     }
 
     /// Splits the guest into its queues, for one driving thread per queue.
