@@ -83,7 +83,7 @@ etcd_tests() {
 
 bench_smoke() {
   ./target/release/vrio-bench --seconds 0.2 --guests 1,4 --depths 1,32 --json target/bench-smoke.json &&
-    ./target/release/vrio-netbench --seconds 0.3 --json target/netbench-smoke.json &&
+    ./target/release/vrio-bench net --seconds 0.3 --json target/netbench-smoke.json &&
     ./target/release/vrio-demo --guests 2 --requests 2000 &&
     # Two stock guests through dpdk-testpmd and through vrio, same run.
     NETMB=8 PINGS=3 bash integration/vhost/compare-net.sh ./target/release/vrio-server \

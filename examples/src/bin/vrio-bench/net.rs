@@ -1,60 +1,43 @@
-//! vrio-netbench: virtio-net through the L2 switch, between pairs of
+//! `vrio-bench net`: virtio-net through the L2 switch, between pairs of
 //! synthetic guests, for 64 B and 1500 B frames, under vhost-style workers
 //! (one per device, woken by kicks and by arriving frames), one local
 //! polling sidecore serving every queue, and one remote sidecore on an
-//! in-process I/O server (agents per guest, software fabric over loopback
-//! TCP, doorbell mode), in the same run. Prints packets/s
-//! and Gbit/s, per wall second and per device core, with ratios to the
-//! vhost-style baseline of the same frame size, and writes JSON.
+//! in-process I/O server (doorbell mode). Packets/s and Gbit/s, per wall
+//! second and per device core, with ratios to the vhost-style baseline of
+//! the same frame size.
 
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
 use vrio_core::remote::NotifyMode;
 use vrio_core::sidecore::SidecoreConfig;
-use vrio_examples::{init_tracing, print_table, Progress};
+use vrio_examples::{print_table, Progress};
 use vrio_testkit::net::{run_net, run_net_remote, NetReport, NetRunConfig, RemoteNetFigures};
 use vrio_testkit::runner::LocalModel;
 
-/// Benchmark virtio-net through the switch: vhost-style vs local sidecore
-/// vs remote sidecore.
-#[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
-struct Args {
+/// Options of the net workload.
+#[derive(clap::Args, Debug)]
+pub struct Args {
     /// Seconds per measurement point.
     #[arg(long, default_value_t = 2.0)]
-    seconds: f64,
+    pub seconds: f64,
     /// Frame sizes in bytes (Ethernet header included).
     #[arg(long, value_delimiter = ',', default_values_t = [64usize, 1500])]
-    sizes: Vec<usize>,
+    pub sizes: Vec<usize>,
     /// Guests (in sending pairs).
     #[arg(long, default_value_t = 2)]
-    guests: u32,
+    pub guests: u32,
     /// Frames a sender may have in flight ahead of its receiver.
     #[arg(long, default_value_t = 256)]
-    window: u64,
+    pub window: u64,
     /// RX buffer size the guests post (below 1512, 1500 B frames merge).
     #[arg(long, default_value_t = 2048)]
-    rx_buf: u32,
+    pub rx_buf: u32,
     /// Where to write the JSON results.
     #[arg(long, default_value = "target/vrio-netbench.json")]
-    json: PathBuf,
-}
-
-fn main() -> ExitCode {
-    init_tracing();
-    let a = Args::parse();
-    match run(&a) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("vrio-netbench: error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    pub json: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -134,7 +117,7 @@ fn json(
     })
 }
 
-fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
+pub fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let models = [
         Model::Local(LocalModel::VhostStyle),
         Model::Local(LocalModel::Sidecore {
@@ -230,20 +213,16 @@ fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
         ],
         &rows,
     );
-    if let Some(dir) = a.json.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(
+    super::write_json(
         &a.json,
-        serde_json::to_string_pretty(&serde_json::json!({
+        "net",
+        serde_json::json!({
             "benchmark": "virtio-net-switch",
             "seconds_per_point": a.seconds,
             "guests": a.guests,
             "window": a.window,
             "rx_buf_len": a.rx_buf,
-            "points": points,
-        }))?,
-    )?;
-    println!("wrote {}", a.json.display());
-    Ok(())
+        }),
+        points,
+    )
 }

@@ -1,47 +1,38 @@
-//! vrio-bench: the paper's comparison on one machine, in one run. 4 KiB
-//! random reads on the memory back-end, for several guest counts and queue
-//! depths, against vhost-style, local sidecore, and remote sidecores over the
-//! software fabric in each notification mode. Prints a table and writes
-//! JSON. Throughput figures are ratios against the vhost-style baseline
-//! measured in the same run, because these machines are noisy; the remote
-//! rows add VM-host CPU per request and fabric operations and round trips
-//! per request (counts, not times).
+//! `vrio-bench blk`: 4 KiB random reads on the memory back-end, for
+//! several guest counts and queue depths, under every model.
 
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
 use vrio_core::blk::{BlockConfig, MemoryBackend};
 use vrio_core::remote::NotifyMode;
 use vrio_core::sidecore::SidecoreConfig;
-use vrio_examples::{init_tracing, model_json, print_table};
+use vrio_examples::{model_json, print_table};
 use vrio_testkit::guest::WorkloadConfig;
 use vrio_testkit::runner::{
     run_local, run_remote, LocalModel, ModelReport, RemoteFigures, RunConfig,
 };
 
-/// Benchmark the local I/O models (vhost-style vs local sidecore).
-#[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
-struct Args {
+/// Options of the blk workload.
+#[derive(clap::Args, Debug)]
+pub struct Args {
     /// Seconds per measurement point.
     #[arg(long, default_value_t = 1.0)]
-    seconds: f64,
+    pub seconds: f64,
     /// Guest counts to measure.
     #[arg(long, value_delimiter = ',', default_values_t = [1u32, 4, 16])]
-    guests: Vec<u32>,
+    pub guests: Vec<u32>,
     /// Queue depths to measure.
     #[arg(long, value_delimiter = ',', default_values_t = [1u16, 32])]
-    depths: Vec<u16>,
+    pub depths: Vec<u16>,
     /// Where to write the JSON results.
     #[arg(long, default_value = "target/vrio-bench.json")]
-    json: PathBuf,
+    pub json: PathBuf,
     /// Leave out the remote-sidecore models (local models only).
     #[arg(long)]
-    local_only: bool,
+    pub local_only: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -55,18 +46,6 @@ impl Model {
         match self {
             Model::Local(m) => m.name(),
             Model::Remote(m) => format!("remote {} x1", m.name()),
-        }
-    }
-}
-
-fn main() -> ExitCode {
-    init_tracing();
-    let a = Args::parse();
-    match run(&a) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("vrio-bench: error: {e}");
-            ExitCode::FAILURE
         }
     }
 }
@@ -108,7 +87,7 @@ fn point(
     })
 }
 
-fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
+pub fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut models = vec![
         Model::Local(LocalModel::VhostStyle),
         Model::Local(LocalModel::Sidecore {
@@ -198,17 +177,13 @@ fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
         ],
         &rows,
     );
-    if let Some(dir) = a.json.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(
+    super::write_json(
         &a.json,
-        serde_json::to_string_pretty(&serde_json::json!({
+        "blk",
+        serde_json::json!({
             "benchmark": "io-models-4k-read",
             "seconds_per_point": a.seconds,
-            "points": json,
-        }))?,
-    )?;
-    println!("wrote {}", a.json.display());
-    Ok(())
+        }),
+        json,
+    )
 }
