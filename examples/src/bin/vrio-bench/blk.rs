@@ -8,12 +8,11 @@ use std::time::Duration;
 
 use vrio_core::blk::{BlockConfig, MemoryBackend};
 use vrio_core::remote::NotifyMode;
-use vrio_core::sidecore::SidecoreConfig;
 use vrio_examples::{model_json, print_table};
+
+use super::Model;
 use vrio_testkit::guest::WorkloadConfig;
-use vrio_testkit::runner::{
-    run_local, run_remote, LocalModel, ModelReport, RemoteFigures, RunConfig,
-};
+use vrio_testkit::runner::{run_local, run_remote, ModelReport, RemoteFigures, RunConfig};
 
 /// Options of the blk workload.
 #[derive(clap::Args, Debug)]
@@ -33,21 +32,6 @@ pub struct Args {
     /// Leave out the remote-sidecore models (local models only).
     #[arg(long)]
     pub local_only: bool,
-}
-
-#[derive(Clone, Copy, Debug)]
-enum Model {
-    Local(LocalModel),
-    Remote(NotifyMode),
-}
-
-impl Model {
-    fn name(&self) -> String {
-        match self {
-            Model::Local(m) => m.name(),
-            Model::Remote(m) => format!("remote {} x1", m.name()),
-        }
-    }
 }
 
 type Point = (ModelReport, Option<RemoteFigures>);
@@ -88,20 +72,16 @@ fn point(
 }
 
 pub fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
-    let mut models = vec![
-        Model::Local(LocalModel::VhostStyle),
-        Model::Local(LocalModel::Sidecore {
-            cores: 1,
-            cfg: SidecoreConfig::default(),
-        }),
-    ];
-    if !a.local_only {
-        models.extend([
-            Model::Remote(NotifyMode::Doorbell),
-            Model::Remote(NotifyMode::RemotePoll),
-            Model::Remote(NotifyMode::Adaptive),
-        ]);
-    }
+    let remote: &[NotifyMode] = if a.local_only {
+        &[]
+    } else {
+        &[
+            NotifyMode::Doorbell,
+            NotifyMode::RemotePoll,
+            NotifyMode::Adaptive,
+        ]
+    };
+    let models = Model::all(remote);
     let mut rows = Vec::new();
     let mut json = Vec::new();
     let points = a.guests.len() * a.depths.len() * models.len();

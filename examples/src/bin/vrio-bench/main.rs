@@ -19,7 +19,10 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use vrio_core::remote::NotifyMode;
+use vrio_core::sidecore::SidecoreConfig;
 use vrio_examples::init_tracing;
+use vrio_testkit::runner::LocalModel;
 
 /// Benchmark the I/O models (vhost-style, local sidecore, remote
 /// sidecores) on virtio-blk or virtio-net, with ratios against vhost-style
@@ -42,6 +45,37 @@ enum Workload {
     /// virtio-net frames through the switch between pairs of guests, for
     /// several frame sizes.
     Net(net::Args),
+}
+
+/// One I/O model a workload runs under.
+#[derive(Clone, Copy, Debug)]
+enum Model {
+    Local(LocalModel),
+    /// One remote sidecore on an in-process I/O server.
+    Remote(NotifyMode),
+}
+
+impl Model {
+    /// vhost-style (the baseline, first), a local sidecore, then one remote
+    /// sidecore per mode in `remote`.
+    fn all(remote: &[NotifyMode]) -> Vec<Model> {
+        let mut models = vec![
+            Model::Local(LocalModel::VhostStyle),
+            Model::Local(LocalModel::Sidecore {
+                cores: 1,
+                cfg: SidecoreConfig::default(),
+            }),
+        ];
+        models.extend(remote.iter().map(|&m| Model::Remote(m)));
+        models
+    }
+
+    fn name(&self) -> String {
+        match self {
+            Model::Local(m) => m.name(),
+            Model::Remote(m) => format!("remote {} x1", m.name()),
+        }
+    }
 }
 
 fn main() -> ExitCode {

@@ -12,10 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vrio_core::remote::NotifyMode;
-use vrio_core::sidecore::SidecoreConfig;
 use vrio_examples::{print_table, Progress};
+
+use super::Model;
 use vrio_testkit::net::{run_net, run_net_remote, NetReport, NetRunConfig, RemoteNetFigures};
-use vrio_testkit::runner::LocalModel;
 
 /// Options of the net workload.
 #[derive(clap::Args, Debug)]
@@ -40,30 +40,15 @@ pub struct Args {
     pub json: PathBuf,
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Model {
-    Local(LocalModel),
-    /// One remote sidecore on an in-process I/O server.
-    Remote(NotifyMode),
-}
-
-impl Model {
-    fn name(&self) -> String {
-        match self {
-            Model::Local(m) => m.name(),
-            Model::Remote(mode) => format!("remote {}", mode.name()),
-        }
-    }
-
-    fn run(
-        &self,
-        rc: &NetRunConfig,
-        done: &Arc<AtomicU64>,
-    ) -> Result<(NetReport, Option<RemoteNetFigures>), vrio_testkit::runner::RunError> {
-        match *self {
-            Model::Local(m) => run_net(m, rc, done).map(|r| (r, None)),
-            Model::Remote(mode) => run_net_remote(mode, 1, rc, done).map(|(r, f)| (r, Some(f))),
-        }
+/// Runs `model` on the net workload.
+fn run_model(
+    model: Model,
+    rc: &NetRunConfig,
+    done: &Arc<AtomicU64>,
+) -> Result<(NetReport, Option<RemoteNetFigures>), vrio_testkit::runner::RunError> {
+    match model {
+        Model::Local(m) => run_net(m, rc, done).map(|r| (r, None)),
+        Model::Remote(mode) => run_net_remote(mode, 1, rc, done).map(|(r, f)| (r, Some(f))),
     }
 }
 
@@ -118,21 +103,14 @@ fn json(
 }
 
 pub fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
-    let models = [
-        Model::Local(LocalModel::VhostStyle),
-        Model::Local(LocalModel::Sidecore {
-            cores: 1,
-            cfg: SidecoreConfig::default(),
-        }),
-        Model::Remote(NotifyMode::Doorbell),
-    ];
+    let models = Model::all(&[NotifyMode::Doorbell]);
     let mut rows = Vec::new();
     let mut points = Vec::new();
     let total = a.sizes.len() * models.len();
     let mut n = 0;
     for &size in &a.sizes {
         let mut base: Option<NetReport> = None;
-        for m in &models {
+        for &m in &models {
             n += 1;
             eprintln!(
                 "[{n}/{total}] {} frames={size} B guests={} ...",
@@ -150,7 +128,7 @@ pub fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
             };
             let done = Arc::new(AtomicU64::new(0));
             let p = Progress::start(format!("{} {size} B", m.name()), done.clone(), 0);
-            let r = m.run(&rc, &done);
+            let r = run_model(m, &rc, &done);
             p.finish();
             let (r, fig) = r?;
             if r.failures() > 0 {
