@@ -25,6 +25,12 @@ pub trait DeviceModel: Send {
         mem: &M,
         status: &DescriptorChain,
     ) -> Result<u32, RequestError>;
+
+    /// The queue refused a chain before it reached the device (it broke
+    /// the ring's rules: a loop, a buffer outside guest memory, ...) and
+    /// completes it with length 0. A device that counts what it drops
+    /// (net TX, on its port) counts it here; the default does nothing.
+    fn refused_chain(&mut self) {}
 }
 
 impl DeviceModel for crate::blk::BlockDevice {

@@ -3,6 +3,7 @@
 //! local sidecore (Elvis: a polling core for many queues).
 
 mod local_queue;
+pub(crate) mod local_ring;
 mod vhost_style;
 
 pub use local_queue::{DeviceSide, LocalQueue};

@@ -7,8 +7,9 @@
 //! [`DescriptorChain`] only, so the I/O server can run them over staged
 //! chains; [`switch`] (with [`fdb`], [`port`], [`uplink`]) moves frames
 //! between ports, and [`tap`] joins a TAP device to it as the uplink;
-//! [`tx_queue`] and [`rx_queue`] serve local rings with them
-//! (as `ServedQueue`s for the vhost-style worker or a sidecore). The
+//! [`rx_queue`] serves local RX rings (TX is a chain at a time, so
+//! `models::LocalQueue<TxDevice>` serves it), as `ServedQueue`s for the
+//! vhost-style worker or a sidecore. The
 //! synthetic guests and the harness are in the vrio-testkit crate.
 //! Remote sidecores serve the same models over the fabric:
 //! `remote::RemoteQueue<TxDevice>` and `remote::RemoteRxQueue`, with the
@@ -37,7 +38,6 @@ pub mod fdb;
 pub mod features;
 pub mod frame;
 pub mod header;
-mod local_ring;
 pub mod mac;
 pub mod port;
 pub mod rx;
@@ -46,7 +46,6 @@ pub mod stats;
 pub mod switch;
 pub mod tap;
 pub mod tx;
-pub mod tx_queue;
 pub mod uplink;
 
 pub use config::{config_space, NetConfig, CONFIG_LEN, RX_QUEUE, TX_QUEUE};
@@ -62,5 +61,4 @@ pub use stats::{DropReason, PortSnapshot, PortStats};
 pub use switch::{Forwarded, Switch, SwitchConfig};
 pub use tap::{Tap, TapError, TapUplink};
 pub use tx::TxDevice;
-pub use tx_queue::NetTxQueue;
 pub use uplink::{CaptureUplink, Uplink, UplinkError};

@@ -5,10 +5,10 @@ use std::collections::VecDeque;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
-use super::local_ring::{LocalRing, Popped};
 use super::port::Port;
 use super::rx::{Fit, FrameSource, RxDevice};
 use super::stats::DropReason;
+use crate::models::local_ring::{LocalRing, Popped};
 use crate::models::DeviceSide;
 use crate::ring::{DescriptorChain, QueueError};
 use crate::sidecore::{PollOutcome, QueueFailure, ServedQueue};

@@ -99,4 +99,8 @@ impl DeviceModel for TxDevice {
         self.port.stats().dropped(DropReason::Oversized);
         Ok(0)
     }
+
+    fn refused_chain(&mut self) {
+        self.port.stats().dropped(DropReason::BadChain);
+    }
 }

@@ -15,12 +15,12 @@ use crate::net::traffic::{
     run_receiver, run_sender, Link, RecvConfig, RecvReport, SendConfig, SendReport,
 };
 use crate::runner::{open_domain, queue_attach, serve_local, LocalModel, RunError};
+use vrio_core::models::LocalQueue;
 use vrio_core::net::rx::RxDevice;
 use vrio_core::net::rx_queue::NetRxQueue;
 use vrio_core::net::stats::PortSnapshot;
 use vrio_core::net::switch::{Switch, SwitchConfig};
 use vrio_core::net::tx::TxDevice;
-use vrio_core::net::tx_queue::NetTxQueue;
 use vrio_core::ring::RingFeatures;
 use vrio_core::sidecore::{ServedQueue, StatsSnapshot};
 
@@ -104,7 +104,7 @@ impl NetReport {
 pub struct AttachedNetGuest {
     pub guest: NetGuest,
     pub rx: NetRxQueue,
-    pub tx: NetTxQueue,
+    pub tx: LocalQueue<TxDevice>,
     pub port: Arc<vrio_core::net::Port>,
 }
 
@@ -123,7 +123,7 @@ pub fn attach_net_guest(
         port.clone(),
     )
     .map_err(dev)?;
-    let tx = NetTxQueue::new(
+    let tx = LocalQueue::new(
         guest.device_side(TX_QUEUE)?,
         TxDevice::new(switch.clone(), port.clone()),
     )

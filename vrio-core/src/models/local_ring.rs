@@ -1,5 +1,7 @@
-//! The device side of one local net queue: rings in local guest memory,
-//! kick and call eventfds. Shared by the TX and RX queues.
+//! The device side of one local ring: the ring in local guest memory and
+//! its kick and call eventfds. [`LocalQueue`](super::LocalQueue) serves a
+//! chain at a time over it; the net RX queue, which fills several chains
+//! per frame, uses it directly.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
@@ -41,8 +43,8 @@ impl LocalRing {
         }
     }
 
-    /// Pops the next chain. `Ok(Some(head))` for a chain the walker refused
-    /// (already consumed: complete it with length 0).
+    /// Pops the next chain. `Popped::Bad(head)` for a chain the walker
+    /// refused (already consumed: complete it with length 0).
     pub fn pop(&mut self, out: &mut DescriptorChain) -> Result<Popped, QueueFailure> {
         match self.queue.pop(&*self.mem, &self.map, out) {
             Ok(true) => Ok(Popped::Chain),
