@@ -109,6 +109,10 @@ fn build(package: &str, kind: &str, bin: &str) -> Result<PathBuf, String> {
     cmd.current_dir(workspace_root())
         .args(["build", "-p", package, kind, bin])
         .env("CARGO_TARGET_DIR", target_dir);
+    if package == "vrio-rdma" && kind == "--bin" {
+        // The fabric tools are behind vrio-rdma's "tools" feature.
+        cmd.args(["--features", "tools"]);
+    }
     if release {
         cmd.arg("--release");
     }
