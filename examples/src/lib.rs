@@ -1,5 +1,6 @@
 //! Shared code of the vrio example binaries: progress output and tables,
-//! and the control-plane glue ([`control`]).
+//! and the control plane's command-line side ([`control`]: TLS flags, move
+//! lines).
 
 pub mod control;
 

@@ -1,7 +1,10 @@
 //! Connecting to the controller with a bearer token, over plain HTTP/2 or
 //! mutual TLS.
 
+use std::collections::HashMap;
+
 use crate::auth::AddToken;
+use crate::pb;
 use crate::pb::control_client::ControlClient;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
@@ -83,4 +86,38 @@ pub async fn connect_with(
         })?;
     let auth = AddToken::new(token).map_err(ConnectError::Token)?;
     Ok(ControlClient::with_interceptor(channel, auth))
+}
+
+/// How to reach the controller: what every long-lived follower (I/O server,
+/// VM host) keeps so it can connect again after the controller restarts.
+#[derive(Clone)]
+pub struct ControlOpts {
+    /// `host:port` or `http://host:port`.
+    pub addr: String,
+    /// Bearer token, if the controller wants one.
+    pub token: Option<String>,
+    /// Mutual TLS; None for plain HTTP/2.
+    pub tls: Option<crate::tls::ClientTls>,
+}
+
+impl ControlOpts {
+    /// Connects once, with the token and TLS these options name.
+    pub async fn connect(&self) -> Result<Client, ConnectError> {
+        connect_with(&self.addr, self.token.as_deref(), self.tls.as_ref()).await
+    }
+}
+
+/// Every registered server: id to (fabric address, lease alive). Followers
+/// need the address, the controller's assignments only name the id.
+pub(crate) async fn server_addresses(
+    client: &mut Client,
+) -> Result<HashMap<String, (String, bool)>, tonic::Status> {
+    let r = client
+        .list_servers(pb::ListServersRequest {})
+        .await?
+        .into_inner();
+    Ok(r.servers
+        .into_iter()
+        .map(|s| (s.id, (s.address, s.alive)))
+        .collect())
 }

@@ -8,18 +8,34 @@
 //! Entry points, by role:
 //! - controller: [`Controller::open`] with a [`store::FileStore`] (or
 //!   [`store::MemoryStore`]) and a [`placement::LeastLoaded`] policy, then
-//!   [`server::serve`] it;
-//! - I/O server: [`client::connect`], then [`agent::keep_registered`] to hold
-//!   a lease;
-//! - VM-host agents and tools: [`client::connect`] and the generated
-//!   [`pb`] client (attach devices, `WatchAssignments`).
+//!   [`server::serve`] it; or [`embedded_controller`] for one in-process
+//!   (demos, tests);
+//! - I/O server: [`join_as_server`] registers a `vrio_core::remote::IoServer`,
+//!   keeps its lease with load reports and moves its queues between its
+//!   sidecores ([`io_server`]; [`io_server::keep_registered`] alone for the
+//!   lease);
+//! - VM host (a VMM linking vrio-core): [`place_devices`] says where to
+//!   attach each queue, then [`follow_placement`] moves the attached
+//!   queues as the controller decides, handing each completed move or
+//!   failover back as a [`QueueMoved`] ([`vm_host`]);
+//! - tools: [`ControlOpts`] or [`client::connect`] and the generated [`pb`]
+//!   client; [`wait_for_servers`] and [`drain`] ([`admin`]).
+//!
+//! The glue's long-lived parts run on a thread and runtime of their own
+//! ([`Background`]), beside a synchronous data path.
+//!
+//! "Agent" in this crate's API means what it means in vrio-core: the VM-host
+//! data-path agent (`vrio_core::remote::agent`).
 
 #![deny(missing_docs)]
 
-pub mod agent;
+pub mod admin;
 pub mod auth;
+pub mod background;
 pub mod client;
+pub mod embedded;
 pub mod error;
+pub mod io_server;
 pub mod model;
 pub mod placement;
 pub mod server;
@@ -29,6 +45,7 @@ pub mod store;
 #[cfg(feature = "etcd")]
 pub mod store_etcd;
 pub mod tls;
+pub mod vm_host;
 
 /// Generated protobuf and gRPC types.
 pub mod pb {
@@ -41,5 +58,11 @@ pub mod pb {
         include_bytes!(concat!(env!("OUT_DIR"), "/vrio_descriptor.bin"));
 }
 
-pub use error::ControlError;
+pub use admin::{drain, wait_for_servers};
+pub use background::Background;
+pub use client::ControlOpts;
+pub use embedded::embedded_controller;
+pub use error::{ControlError, GlueError};
+pub use io_server::join_as_server;
 pub use state::{Controller, ControllerConfig};
+pub use vm_host::{follow_placement, place_devices, AttachedSet, Followed, Placed, QueueMoved};

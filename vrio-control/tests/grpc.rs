@@ -340,11 +340,11 @@ async fn watch_streams_snapshot_moves_and_lease_failover() {
 }
 
 #[tokio::test]
-async fn agent_keeps_its_lease_while_a_silent_server_fails_over() {
+async fn lease_keeper_keeps_its_lease_while_a_silent_server_fails_over() {
     let (addr, _stop) = start(1500).await;
     let mut c = connect(&addr, Some(TOKEN)).await.unwrap();
-    let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(vrio_control::agent::keep_registered(
+    let (stop_keeper, keeper_stopped) = tokio::sync::oneshot::channel::<()>();
+    let keeper = tokio::spawn(vrio_control::io_server::keep_registered(
         c.clone(),
         register("a", 1, 8),
         || {
@@ -355,10 +355,10 @@ async fn agent_keeps_its_lease_while_a_silent_server_fails_over() {
             }]
         },
         async {
-            let _ = agent_stopped.await;
+            let _ = keeper_stopped.await;
         },
     ));
-    // Wait until the agent has registered a.
+    // Wait until the lease keeper has registered a.
     let registered_by = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let servers = c
@@ -372,7 +372,7 @@ async fn agent_keeps_its_lease_while_a_silent_server_fails_over() {
         }
         assert!(
             std::time::Instant::now() < registered_by,
-            "the agent did not register a within 20 s"
+            "the lease keeper did not register a within 20 s"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -396,7 +396,7 @@ async fn agent_keeps_its_lease_while_a_silent_server_fails_over() {
     servers.sort();
     assert_eq!(servers, ["a", "b"]);
     b_renewer.abort();
-    // b renews no more; its queue must move to a, whose agent keeps it alive.
+    // b renews no more; its queue must move to a, whose lease keeper keeps it alive.
     let deadline = tokio::time::sleep(Duration::from_secs(20));
     tokio::pin!(deadline);
     loop {
@@ -423,6 +423,6 @@ async fn agent_keeps_its_lease_while_a_silent_server_fails_over() {
     // Its lease outlived the TTL only through load reports, so one arrived.
     assert_eq!(a.load[0].requests_per_sec, 1234.0);
     assert_eq!(a.assigned_queues, 2);
-    let _ = stop_agent.send(());
-    agent.await.unwrap();
+    let _ = stop_keeper.send(());
+    keeper.await.unwrap();
 }

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use std::path::PathBuf;
 
 use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
+use vrio_control::{follow_placement, place_devices, AttachedSet, ControlOpts, Followed};
 use vrio_core::blk::{BlockBackend, BlockConfig, FileBackend};
 use vrio_core::net::MacAddr;
 use vrio_core::remote::{device_key, AttachedDevice, QueueTarget};
@@ -29,7 +30,7 @@ use vrio_core::sidecore::{SidecoreConfig, SidecoreThread};
 use vrio_core::vhost_user::{
     fetch_config, serve, serve_net, FrontConfig, LocalFront, Placement, RemoteFront, Serving,
 };
-use vrio_examples::control::{follow_as_agent, place_devices, AttachedSet, ControlOpts, Followed};
+use vrio_examples::control::print_move;
 use vrio_examples::{
     backend_name, block_signals, init_tracing, print_table, resolve_fabric, wait_for_signal,
     FabricChoice, Progress,
@@ -329,12 +330,13 @@ fn vhost_user_blk(a: &VhostArgs) -> Result<(), Box<dyn std::error::Error>> {
                 .first()
                 .map(|t| t.server.clone())
                 .ok_or("the controller placed no queue")?;
-            let f = follow_as_agent(
+            let f = follow_placement(
                 ctl,
                 Arc::new(VhostFollowed {
                     name: name.clone(),
                     placement: placement.clone(),
                 }),
+                print_move,
             )?;
             let w = format!("controller {addr} as device {name}");
             (first, device_key(&name), w, Some(f))
@@ -558,7 +560,7 @@ fn run(a: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     };
     let agents: Vec<Arc<AttachedDevice>> = agents.into_iter().map(Arc::new).collect();
     let mut follower = match follower {
-        Some((ctl, ids)) => Some(follow_as_agent(
+        Some((ctl, ids)) => Some(follow_placement(
             ctl,
             Arc::new(AttachedSet(
                 ids.into_iter()
@@ -566,6 +568,7 @@ fn run(a: &Args) -> Result<bool, Box<dyn std::error::Error>> {
                     .zip(agents.iter().cloned())
                     .collect(),
             )),
+            print_move,
         )?),
         None => None,
     };

@@ -10,13 +10,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
+use vrio_control::{
+    drain, embedded_controller, follow_placement, join_as_server, place_devices, wait_for_servers,
+    AttachedSet, ControlOpts,
+};
 use vrio_core::blk::{BlockBackend, BlockConfig, FileBackend, MemoryBackend};
 use vrio_core::remote::{device_key, AttachedDevice, IoServer, IoServerConfig, NotifyMode};
 use vrio_core::sidecore::SidecoreConfig;
-use vrio_examples::control::{
-    drain, embedded_controller, follow_as_agent, join_as_server, place_devices, wait_for_servers,
-    AttachedSet, ControlOpts,
-};
+use vrio_examples::control::print_move;
 use vrio_examples::{init_tracing, model_json, model_row, print_table, Progress, MODEL_HEADERS};
 use vrio_testkit::guest::WorkloadConfig;
 use vrio_testkit::runner::{
@@ -276,7 +277,7 @@ fn run_controlled(
     .into_iter()
     .map(Arc::new)
     .collect();
-    let mut follower = follow_as_agent(
+    let mut follower = follow_placement(
         ctl.clone(),
         Arc::new(AttachedSet(
             ids.iter()
@@ -284,6 +285,7 @@ fn run_controlled(
                 .zip(agents.iter().cloned())
                 .collect(),
         )),
+        print_move,
     )?;
     let stop = Arc::new(AtomicBool::new(false));
     let cpu0 = vrio_testkit::cputime::process_cpu_ns();

@@ -12,10 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use vrio_control::{join_as_server, ControlOpts};
 use vrio_core::blk::{BlockBackend, BlockConfig, FileBackend, MemoryBackend};
 use vrio_core::net::{PortSnapshot, TapUplink};
 use vrio_core::remote::{IoServer, IoServerConfig};
-use vrio_examples::control::{join_as_server, ControlOpts};
 use vrio_examples::{
     backend_name, block_signals, init_tracing, resolve_fabric, wait_for_signal, FabricChoice,
 };
