@@ -3,9 +3,10 @@
 //! ring indices, doorbell intake (or remote polling, and the adaptive
 //! switch between them), chain walking over a [`Shadow`] with fetches,
 //! and posting waves of one-sided requests whose completions are drained
-//! without blocking. [`super::server_queue::RemoteQueue`] (request/reply
-//! devices: virtio-blk, virtio-net TX) and [`super::rx_queue::RemoteRxQueue`]
-//! (virtio-net RX) add their own batch logic on top.
+//! without blocking. `RemoteQueue` (`remote_queue.rs`: request/reply
+//! devices, virtio-blk and virtio-net TX) and `RemoteRxQueue` (`net_rx.rs`:
+//! virtio-net RX) add their own batch logic on top; plain names rather than
+//! links, so this lower layer does not point back at its users.
 
 use std::cell::UnsafeCell;
 use std::num::Wrapping;
@@ -18,7 +19,7 @@ use vrio_rdma::{
     WcStatus,
 };
 
-use super::server_queue::RemoteQueueConfig;
+use super::config::RemoteQueueConfig;
 use super::shadow::Shadow;
 use super::staging::StagingBuffer;
 use super::stats::RemoteStats;

@@ -16,9 +16,10 @@ use vrio_rdma::{
     Access, Completion, Domain, Endpoint, EndpointConfig, FabricError, RecvRequest, Sge,
 };
 
+use super::config::RemoteQueueConfig;
 use super::net_devices::{NetDevices, NetQueue, NetServerConfig};
-use super::rx_queue::RemoteRxQueue;
-use super::server_queue::{RemoteQueue, RemoteQueueConfig};
+use super::net_rx::RemoteRxQueue;
+use super::remote_queue::RemoteQueue;
 use super::staging::StagingBuffer;
 use super::stats::RemoteStats;
 use super::wire::{Attach, DeviceKind, Message, MAX_MSG};

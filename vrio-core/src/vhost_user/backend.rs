@@ -21,7 +21,7 @@
 //! without a kick, and a resumed vring interrupts the guest once, in case
 //! the dead process published completions without signalling them.
 //!
-//! With the VMM's inflight region ([`VrioBlkBackend::set_inflight`], from
+//! With the VMM's inflight region ([`VrioBackend::set_inflight`], from
 //! the relay), each vring's avail and used entries are recorded in it (on
 //! kicks, completions and the rescan tick: see [`super::inflight`]), and an
 //! attach first reads it back: the requests it holds in flight are the
@@ -73,7 +73,7 @@ const SEGMENT: u32 = 4096;
 pub const RESCAN: Duration = Duration::from_millis(100);
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
-type Handler = VringEpollHandler<Arc<VrioBlkBackend>>;
+type Handler = VringEpollHandler<Arc<VrioBackend>>;
 
 /// The front: what the VMM is offered and who serves the vrings.
 #[derive(Debug, Clone)]
@@ -177,7 +177,7 @@ impl std::fmt::Debug for LocalFront {
 }
 
 impl LocalFront {
-    /// The device's config space, as [`VrioBlkBackend::new`] takes it.
+    /// The device's config space, as [`VrioBackend::new`] takes it.
     pub fn config_space(&self) -> Vec<u8> {
         config_space(&self.blk, self.backend.capacity())
     }
@@ -251,11 +251,12 @@ struct State {
     inflight: Option<Arc<InflightRegion>>,
 }
 
-/// The vhost-user back-end; share it as `Arc<VrioBlkBackend>`. It serves
-/// virtio-blk ([`VrioBlkBackend::new`]) or, remote only, virtio-net
-/// ([`super::net::net_backend`]): the vring plumbing is the same, only the
-/// features, config space and the kind the agent declares differ.
-pub struct VrioBlkBackend {
+/// The vhost-user back-end; share it as `Arc<VrioBackend>`. It serves
+/// virtio-blk ([`VrioBackend::new`]) or, remote only, virtio-net
+/// (`net_backend`, in `net.rs`, which builds on this module): the vring
+/// plumbing is the same, only the features, config space and the kind the
+/// agent declares differ.
+pub struct VrioBackend {
     cfg: FrontConfig,
     config: Vec<u8>,
     features: u64,
@@ -266,7 +267,7 @@ pub struct VrioBlkBackend {
     rescan: Mutex<Option<TimerFd>>,
 }
 
-impl VrioBlkBackend {
+impl VrioBackend {
     /// `server_config` is the config space the I/O server reported (see
     /// [`super::fetch_config`]) or [`LocalFront::config_space`]; its queue
     /// count is replaced by ours, as every queue is attached on its own.
@@ -830,13 +831,13 @@ fn drain_ring(q: usize, layout: &RingLayout, mem: &LocalMemory, timeout: Duratio
     }
 }
 
-impl Drop for VrioBlkBackend {
+impl Drop for VrioBackend {
     fn drop(&mut self) {
         self.detach_all();
     }
 }
 
-impl VhostUserBackend for VrioBlkBackend {
+impl VhostUserBackend for VrioBackend {
     type Bitmap = ();
     type Vring = VringRwLock<Mem>;
 
@@ -987,7 +988,7 @@ mod tests {
     #[test]
     fn config_keeps_the_server_capacity_and_bounds_requests() {
         let server = config_space(&BlockConfig::default(), 0x8_0000);
-        let b = VrioBlkBackend::new(front(3, 128 << 10), &server);
+        let b = VrioBackend::new(front(3, 128 << 10), &server);
         let c = b.get_config(0, server.len() as u32);
         assert_eq!(&c[0..8], &server[0..8], "capacity");
         assert_eq!(le32(&c, SIZE_MAX_OFFSET), SEGMENT);
@@ -1010,13 +1011,13 @@ mod tests {
             },
             8,
         );
-        let b = VrioBlkBackend::new(front(1, 1 << 20), &server);
+        let b = VrioBackend::new(front(1, 1 << 20), &server);
         assert_eq!(le32(&b.get_config(0, 16), SEG_MAX_OFFSET), 4);
     }
 
     #[test]
     fn features_and_protocol_features() {
-        let b = VrioBlkBackend::new(front(2, 128 << 10), &[0; 60]);
+        let b = VrioBackend::new(front(2, 128 << 10), &[0; 60]);
         let f = b.features();
         for bit in [
             VIRTIO_BLK_F_MQ,
@@ -1076,7 +1077,7 @@ mod local_tests {
     /// for; returns the status byte.
     #[allow(clippy::too_many_arguments)]
     fn request(
-        b: &VrioBlkBackend,
+        b: &VrioBackend,
         vrings: &[VringRwLock<Mem>],
         drv: &mut DriverQueue,
         mem: &LocalMemory,
@@ -1118,7 +1119,7 @@ mod local_tests {
     /// A daemon for `b` whose vring worker has exited: it would consume
     /// the sidecore's interrupts for its own vrings, so the test's
     /// handle_event calls play its part. Its epoll set stays usable.
-    fn idle_daemon(b: &Arc<VrioBlkBackend>, name: &str) -> VhostUserDaemon<Arc<VrioBlkBackend>> {
+    fn idle_daemon(b: &Arc<VrioBackend>, name: &str) -> VhostUserDaemon<Arc<VrioBackend>> {
         let daemon = VhostUserDaemon::new(
             name.into(),
             b.clone(),
@@ -1157,7 +1158,7 @@ mod local_tests {
             Serving::Local(l) => l.config_space(),
             Serving::Remote(_) => unreachable!(),
         };
-        let b = Arc::new(VrioBlkBackend::new(front, &config));
+        let b = Arc::new(VrioBackend::new(front, &config));
         assert_eq!(b.get_config(0, 8), ((1u64 << 20) / 512).to_le_bytes());
         let _daemon = idle_daemon(&b, "test");
         let ram = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
@@ -1272,7 +1273,7 @@ mod local_tests {
             .unwrap();
         drivers[0].publish(&ram).unwrap();
         let front = local_front(2, disk.clone());
-        let b = Arc::new(VrioBlkBackend::new(front, &config));
+        let b = Arc::new(VrioBackend::new(front, &config));
         let _daemon = idle_daemon(&b, "test2");
         b.update_memory(atomic.clone()).unwrap();
         b.acked_features(features);

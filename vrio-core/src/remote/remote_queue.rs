@@ -15,15 +15,15 @@
 //!
 //! Steps 1-2, the waves and the control messages are the shared
 //! `FabricRing` (`fabric_ring.rs`), which the virtio-net RX queue
-//! (`rx_queue.rs`) uses too. Any [`DeviceModel`] that turns one chain into
+//! (`net_rx.rs`) uses too. Any [`DeviceModel`] that turns one chain into
 //! one reply serves through this queue: virtio-blk and virtio-net TX.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Duration;
 
 use vrio_rdma::{Domain, Endpoint};
 
+use super::config::RemoteQueueConfig;
 use super::fabric_ring::{fail, Dir, FabricRing, Stage};
 use super::staging::StagedChain;
 use super::stats::RemoteStats;
@@ -32,42 +32,6 @@ use crate::device::DeviceModel;
 use crate::memory::MemoryError;
 use crate::ring::{ChainError, DescriptorChain};
 use crate::sidecore::{PollOutcome, QueueFailure, ServedQueue};
-
-#[derive(Debug, Clone, Copy)]
-pub struct RemoteQueueConfig {
-    /// Largest request (all segments) served; larger ones fail.
-    pub max_request: usize,
-    /// Requests per batch (also bounded by the sidecore's budget).
-    pub max_batch: usize,
-    /// Fetches allowed per chain before it is refused.
-    pub max_fetches: u32,
-    /// Adaptive: a batch at least this big counts as busy...
-    pub busy_batch: usize,
-    /// ...and this many busy batches in a row switch to remote polling.
-    pub busy_polls: u32,
-    /// Adaptive: this many empty remote polls switch back to doorbells.
-    pub idle_polls: u32,
-    /// Give up on the peer after this long without a completion.
-    pub op_timeout: Duration,
-    /// Work requests the endpoint's send queue holds: a wave larger than
-    /// what is free is posted in parts, each waiting for room.
-    pub send_depth: usize,
-}
-
-impl Default for RemoteQueueConfig {
-    fn default() -> Self {
-        Self {
-            max_request: 128 << 10,
-            max_batch: 32,
-            max_fetches: 4,
-            busy_batch: 4,
-            busy_polls: 8,
-            idle_polls: 256,
-            op_timeout: Duration::from_secs(10),
-            send_depth: vrio_rdma::EndpointConfig::default().send_depth as usize,
-        }
-    }
-}
 
 pub struct RemoteQueue<D> {
     ring: FabricRing,

@@ -19,7 +19,7 @@
 //! position stays one index; a bad chain completes, with length 0, every
 //! chain held before it too (only a hostile guest loses buffers that way).
 //!
-//! [`RemoteQueue`]: super::server_queue::RemoteQueue
+//! [`RemoteQueue`]: super::remote_queue::RemoteQueue
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
@@ -30,8 +30,8 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vrio_rdma::{Domain, Endpoint};
 
+use super::config::RemoteQueueConfig;
 use super::fabric_ring::{fail, FabricRing, Stage};
-use super::server_queue::RemoteQueueConfig;
 use super::staging::StagedChains;
 use super::stats::RemoteStats;
 use super::wire::Attach;
