@@ -84,21 +84,12 @@ mod tests {
     };
 
     use super::*;
-    use crate::remote::AgentConfig;
     use crate::ring::layout::{
         VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
     };
 
     fn remote() -> RemoteFront {
-        RemoteFront {
-            server: "127.0.0.1:1".into(),
-            fabric: vrio_rdma::Backend::Soft,
-            device: None,
-            max_request: 64 << 10,
-            device_id: 3,
-            agent: AgentConfig::default(),
-            placement: Default::default(),
-        }
+        RemoteFront::for_tests(64 << 10, 3)
     }
 
     #[test]
