@@ -62,10 +62,10 @@ impl<D: DeviceModel> LocalQueue<D> {
         &self.queue
     }
 
-    fn fail(&self, e: impl std::fmt::Display) -> QueueFailure {
+    fn fail(&self, e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> QueueFailure {
         QueueFailure {
             queue: self.name.clone(),
-            reason: e.to_string(),
+            reason: e.into(),
         }
     }
 }

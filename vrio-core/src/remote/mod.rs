@@ -16,6 +16,7 @@ pub mod config;
 mod fabric_ring;
 pub mod net_devices;
 pub mod net_rx;
+mod queue_error;
 pub mod remote_queue;
 pub mod server;
 pub mod shadow;
@@ -28,8 +29,9 @@ pub use agent::{
     LinkState, MoveReport, QueueAttach, QueueStatus, QueueTarget,
 };
 pub use config::RemoteQueueConfig;
-pub use net_devices::{NetDevices, NetServerConfig};
+pub use net_devices::{NetDeviceError, NetDevices, NetServerConfig};
 pub use net_rx::RemoteRxQueue;
+pub use queue_error::RemoteQueueError;
 pub use remote_queue::RemoteQueue;
 pub use server::{IoServer, IoServerConfig, ServerError};
 pub use stats::{RemoteSnapshot, RemoteStats};

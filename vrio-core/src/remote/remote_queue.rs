@@ -24,7 +24,8 @@ use std::sync::Arc;
 use vrio_rdma::{Domain, Endpoint};
 
 use super::config::RemoteQueueConfig;
-use super::fabric_ring::{fail, Dir, FabricRing, Stage};
+use super::fabric_ring::{Dir, FabricRing, Stage};
+use super::queue_error::RemoteQueueError;
 use super::staging::StagedChain;
 use super::stats::RemoteStats;
 use super::wire::{Attach, NotifyMode};
@@ -78,7 +79,9 @@ impl<D: DeviceModel> RemoteQueue<D> {
 
     /// Answers the agent's ATTACH.
     pub fn reply_attach(&mut self, config: Vec<u8>) -> Result<(), QueueFailure> {
-        self.ring.reply_attach(config)
+        self.ring
+            .reply_attach(config)
+            .map_err(|e| self.ring.failure(e))
     }
 
     pub fn name(&self) -> &str {
@@ -102,7 +105,7 @@ impl<D: DeviceModel> RemoteQueue<D> {
     /// Advances this queue's batch without blocking on the fabric: a
     /// sidecore visits its other queues while a wave is in flight, so round
     /// trips overlap across queues.
-    fn serve(&mut self, budget: usize) -> Result<PollOutcome, QueueFailure> {
+    fn serve(&mut self, budget: usize) -> Result<PollOutcome, RemoteQueueError> {
         self.ring.drain_cq(None)?;
         let mut out = PollOutcome::default();
         loop {
@@ -116,7 +119,7 @@ impl<D: DeviceModel> RemoteQueue<D> {
                 }
                 Stage::Reading(target) | Stage::Writing(target) if self.ring.done_wr < target => {
                     if self.ring.stage_started.elapsed() > self.ring.cfg.op_timeout {
-                        return Err(fail(&self.ring.name, "fabric operation timed out"));
+                        return Err(RemoteQueueError::Timeout);
                     }
                     out.pending = 1;
                     return Ok(out);
@@ -139,7 +142,7 @@ impl<D: DeviceModel> RemoteQueue<D> {
 
     /// Learns of requests, validates their chains and posts the READ wave.
     /// False when there is nothing to do.
-    fn start_batch(&mut self, budget: usize) -> Result<bool, QueueFailure> {
+    fn start_batch(&mut self, budget: usize) -> Result<bool, RemoteQueueError> {
         // 1-2. Chains, validated over the shadow.
         let Some(learned) = self.ring.learn(budget.min(self.ring.cfg.max_batch))? else {
             return Ok(false);
@@ -194,17 +197,12 @@ impl<D: DeviceModel> RemoteQueue<D> {
                 if s.len == 0 {
                     continue;
                 }
-                self.ring
-                    .queue_wr(Dir::Read, s.addr, off, s.len as usize)
-                    .map_err(|e| fail(&self.ring.name, e))?;
+                self.ring.queue_wr(Dir::Read, s.addr, off, s.len as usize)?;
                 off += s.len as usize;
             }
             // Writable bytes start zeroed, so nothing stale leaks back.
             let wl = c.writable_len() as usize;
-            self.ring
-                .staging()
-                .zero(off, wl)
-                .map_err(|e| fail(&self.ring.name, e))?;
+            self.ring.staging().zero(off, wl)?;
             off += wl;
         }
         self.batch = batch;
@@ -225,7 +223,7 @@ impl<D: DeviceModel> RemoteQueue<D> {
 
     /// 4-5. Runs the device model over the staged bytes and posts the reply
     /// wave: data, used elements, then the immediate.
-    fn process_and_reply(&mut self) -> Result<(), QueueFailure> {
+    fn process_and_reply(&mut self) -> Result<(), RemoteQueueError> {
         let batch = std::mem::take(&mut self.batch);
         let bases = std::mem::take(&mut self.bases);
         let mut out = PollOutcome::default();
@@ -316,6 +314,7 @@ impl<D: DeviceModel> ServedQueue for RemoteQueue<D> {
     fn set_notifications(&mut self, enabled: bool) -> Result<bool, QueueFailure> {
         self.ring
             .set_notifications(enabled, self.stage != Stage::Idle)
+            .map_err(|e| self.ring.failure(e))
     }
 
     fn kick_fd(&self) -> Option<std::os::fd::RawFd> {
