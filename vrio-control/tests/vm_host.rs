@@ -14,11 +14,11 @@ use vrio_control::{
     AttachedSet, ControlOpts, GlueError, QueueMoved,
 };
 use vrio_core::blk::{BlockConfig, MemoryBackend};
-use vrio_core::guest::WorkloadConfig;
-use vrio_core::models::{attach_guests_placed, drive_guests, make_guests, RunConfig};
 use vrio_core::remote::{
     device_key, queue_name, IoServer, IoServerConfig, LinkState, NotifyMode, QueueTarget,
 };
+use vrio_testkit::guest::WorkloadConfig;
+use vrio_testkit::runner::{attach_guests_placed, drive_guests, make_guests, RunConfig};
 
 const TOKEN: &str = "vm-host-test-token";
 /// How long any step may take on a loaded machine before the test fails.

@@ -36,10 +36,10 @@ impl LocalRing {
         })
     }
 
-    pub fn fail(&self, e: impl std::fmt::Display) -> QueueFailure {
+    pub fn fail(&self, e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> QueueFailure {
         QueueFailure {
             queue: self.name.clone(),
-            reason: e.to_string(),
+            reason: e.into(),
         }
     }
 

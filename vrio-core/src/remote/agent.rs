@@ -25,27 +25,77 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vrio_rdma::{
     Access, Completion, Domain, Endpoint, EndpointConfig, FabricError, MemoryRegion, Opcode,
-    RecvRequest, SendRequest, Sge, WcOpcode,
+    RecvRequest, SendRequest, Sge, WcOpcode, WcStatus,
 };
 
 use super::staging::StagingBuffer;
 use super::wire::{
     doorbell_entry_size, Attach, AttachDevice, DeviceKind, Doorbell, DoorbellEntry, Message,
-    NotifyMode, WireRegion, ANY_SIDECORE, DOORBELL_HEADER, MAX_MSG,
+    NotifyMode, WireError, WireRegion, ANY_SIDECORE, DOORBELL_HEADER, MAX_MSG,
 };
 use crate::cputime::thread_cpu_ns;
-use crate::memory::{GuestMemory, LocalMemory, MemoryMap};
-use crate::ring::layout::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_USED_F_NO_NOTIFY};
-use crate::ring::{DeviceQueue, RingFeatures, RingLayout};
+use crate::memory::{GuestMemory, LocalMemory, MemoryError, MemoryMap};
+use crate::ring::layout::VRING_USED_F_NO_NOTIFY;
+use crate::ring::{Descriptor, DeviceQueue, QueueError, RingFeatures, RingLayout};
 
+/// Why attaching, serving or moving a queue failed.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("fabric: {0}")]
     Fabric(#[from] FabricError),
     #[error("the I/O server refused queue {queue}: status {status}")]
     Refused { queue: u16, status: u16 },
-    #[error("attach protocol: {0}")]
-    Protocol(String),
+    /// The caller's placement does not match the device.
+    #[error("{targets} targets for {queues} queues")]
+    TargetCount { targets: usize, queues: usize },
+    /// Guest memory (or the agent's message buffers) out of reach.
+    #[error("memory: {0}")]
+    Memory(#[from] MemoryError),
+    /// The guest's ring is unusable (misplaced, or its memory unreachable).
+    #[error("guest ring: {0}")]
+    Ring(#[from] QueueError),
+    /// The server completed requests the guest never made available.
+    #[error(
+        "the server completed up to {idx}, past the guest's avail index {avail} (used was {used})"
+    )]
+    CompletedPastAvail { idx: u16, avail: u16, used: u16 },
+    /// The server's bytes do not decode.
+    #[error("bad message from the I/O server: {0}")]
+    BadMessage(#[source] WireError),
+    /// A message that has no place where it arrived.
+    #[error("unexpected message from the I/O server: {0:?}")]
+    UnexpectedMessage(Box<Message>),
+    /// A message of ours did not encode.
+    #[error("encoding a message: {0}")]
+    Encode(#[source] WireError),
+    /// A receive completion named a buffer the agent never posted.
+    #[error("receive id out of range")]
+    RecvOutOfRange,
+    /// A failed completion on the link to the server.
+    #[error("fabric completion {status:?} (wr {wr_id:#x})")]
+    Completion { status: WcStatus, wr_id: u64 },
+    /// The server closed the link before answering an ATTACH.
+    #[error(
+        "the I/O server dropped the connection while attaching queue {queue} ({status:?}); \
+         its log says why (a different vrio wire version, rings outside guest memory, ...)"
+    )]
+    AttachDropped { queue: u16, status: WcStatus },
+    /// No ATTACH reply within [`AgentConfig::timeout`].
+    #[error("no attach reply from the server")]
+    NoAttachReply,
+    /// The old server did not answer QUIESCE within the timeout.
+    #[error("no answer to QUIESCE")]
+    NoQuiesceAnswer,
+    /// A move (a quiesce and an attach) did not end within twice the
+    /// timeout.
+    #[error("moving queue {0} did not finish")]
+    MoveUnfinished(u16),
+    /// The send ring stayed full (no send completed).
+    #[error("send queue stuck")]
+    SendQueueStuck,
+    /// The queue is orphaned: there is no server to send to.
+    #[error("queue has no server")]
+    NoServer,
     #[error("no queue {0} on this device")]
     NoSuchQueue(u16),
     #[error("queue {0} is already moving")]
@@ -278,9 +328,7 @@ impl AttachedDevice {
         // A quiesce and an attach, each bounded by the timeout.
         match rx.recv_timeout(self.timeout * 2 + Duration::from_secs(1)) {
             Ok(r) => r,
-            Err(mpsc::RecvTimeoutError::Timeout) => Err(AgentError::Protocol(format!(
-                "moving queue {queue} did not finish"
-            ))),
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(AgentError::MoveUnfinished(queue)),
             Err(mpsc::RecvTimeoutError::Disconnected) => Err(AgentError::Stopped),
         }
     }
@@ -322,11 +370,10 @@ pub fn attach_placed(
     cfg: AgentConfig,
 ) -> Result<AttachedDevice, AgentError> {
     if targets.len() != dev.queues.len() {
-        return Err(AgentError::Protocol(format!(
-            "{} targets for {} queues",
-            targets.len(),
-            dev.queues.len()
-        )));
+        return Err(AgentError::TargetCount {
+            targets: targets.len(),
+            queues: dev.queues.len(),
+        });
     }
     let mut regions = Vec::new();
     let mut wire = Vec::new();
@@ -340,7 +387,7 @@ pub fn attach_placed(
         });
         regions.push(mr);
     }
-    let map = MemoryMap::of(&*dev.mem).map_err(|e| AgentError::Protocol(e.to_string()))?;
+    let map = MemoryMap::of(&*dev.mem)?;
     let ctx = Ctx {
         domain,
         device_id: dev.device_id,
@@ -353,8 +400,7 @@ pub fn attach_placed(
     let mut queues = Vec::new();
     let mut config = Vec::new();
     for ((i, q), target) in dev.queues.into_iter().enumerate().zip(targets) {
-        let mut dq = DeviceQueue::new(q.layout, q.features, &map)
-            .map_err(|e| AgentError::Protocol(e.to_string()))?;
+        let mut dq = DeviceQueue::new(q.layout, q.features, &map)?;
         dq.set_state(crate::ring::RingState {
             next_avail: q.start,
             next_used: q.start,
@@ -461,19 +507,16 @@ impl Conn {
     }
 
     fn send(&mut self, m: &Message) -> Result<(), AgentError> {
-        m.encode(&mut self.scratch)
-            .map_err(|e| AgentError::Protocol(e.to_string()))?;
+        m.encode(&mut self.scratch).map_err(AgentError::Encode)?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.free_send.is_empty() {
             self.reap_sends_only()?;
             if Instant::now() > deadline {
-                return Err(AgentError::Protocol("send queue stuck".into()));
+                return Err(AgentError::SendQueueStuck);
             }
         }
         let slot = self.free_send.pop().unwrap_or(0);
-        self.bufs
-            .put(slot * MAX_MSG, &self.scratch)
-            .map_err(|e| AgentError::Protocol(e.to_string()))?;
+        self.bufs.put(slot * MAX_MSG, &self.scratch)?;
         self.ep.post_send(&[SendRequest {
             wr_id: slot as u64,
             opcode: Opcode::Send,
@@ -494,7 +537,10 @@ impl Conn {
         for c in &c[..n] {
             if c.wr_id & RECV_TAG == 0 {
                 if !c.status.is_ok() {
-                    return Err(AgentError::Protocol(format!("send failed: {:?}", c.status)));
+                    return Err(AgentError::Completion {
+                        status: c.status,
+                        wr_id: c.wr_id,
+                    });
                 }
                 self.free_send.push(c.wr_id as usize);
             }
@@ -505,15 +551,13 @@ impl Conn {
     /// Reads received message `s` and reposts its buffer.
     fn take_message(&mut self, s: usize, len: u32) -> Result<Message, AgentError> {
         if s >= RECV_SLOTS {
-            return Err(AgentError::Protocol("receive id out of range".into()));
+            return Err(AgentError::RecvOutOfRange);
         }
         let mut b = vec![0u8; (len as usize).min(MAX_MSG)];
-        self.bufs
-            .get((SEND_SLOTS + s) * MAX_MSG, &mut b)
-            .map_err(|e| AgentError::Protocol(e.to_string()))?;
+        self.bufs.get((SEND_SLOTS + s) * MAX_MSG, &mut b)?;
         let wr = self.recv_wr(s);
         self.ep.post_recv(&[wr])?;
-        Message::decode(&b).map_err(|e| AgentError::Protocol(format!("bad message: {e}")))
+        Message::decode(&b).map_err(AgentError::BadMessage)
     }
 
     fn wait_reply(&mut self, queue: u16, timeout: Duration) -> Result<Vec<u8>, AgentError> {
@@ -523,12 +567,10 @@ impl Conn {
             let n = self.ep.poll(&mut c)?;
             for c in &c[..n] {
                 if !c.status.is_ok() {
-                    return Err(AgentError::Protocol(format!(
-                        "the I/O server dropped the connection while attaching queue {queue} \
-                         ({:?}); its log says why (a different vrio wire version, rings \
-                         outside guest memory, ...)",
-                        c.status
-                    )));
+                    return Err(AgentError::AttachDropped {
+                        queue,
+                        status: c.status,
+                    });
                 }
                 if c.wr_id & RECV_TAG == 0 {
                     self.free_send.push(c.wr_id as usize);
@@ -540,15 +582,11 @@ impl Conn {
                         queue,
                         status: r.status,
                     }),
-                    other => Err(AgentError::Protocol(format!(
-                        "expected an attach reply, got {other:?}"
-                    ))),
+                    other => Err(AgentError::UnexpectedMessage(Box::new(other))),
                 };
             }
             if Instant::now() > deadline {
-                return Err(AgentError::Protocol(
-                    "no attach reply from the server".into(),
-                ));
+                return Err(AgentError::NoAttachReply);
             }
             std::thread::sleep(Duration::from_micros(100));
         }
@@ -611,7 +649,7 @@ impl AgentQueue {
     fn send(&mut self, m: &Message) -> Result<(), AgentError> {
         match &mut self.conn {
             Some(c) => c.send(m),
-            None => Err(AgentError::Protocol("queue has no server".into())),
+            None => Err(AgentError::NoServer),
         }
     }
 
@@ -776,11 +814,7 @@ impl AgentQueue {
     fn check_deadline(&mut self, ctx: &Ctx, epoll: &Epoll) {
         if let Link::Quiescing { started, .. } = &self.link {
             if started.elapsed() > ctx.cfg.timeout {
-                self.on_link_error(
-                    ctx,
-                    epoll,
-                    AgentError::Protocol("no answer to QUIESCE".into()),
-                );
+                self.on_link_error(ctx, epoll, AgentError::NoQuiesceAnswer);
             }
         }
     }
@@ -828,10 +862,10 @@ impl AgentQueue {
             let n = conn.ep.poll(&mut c)?;
             for c in &c[..n] {
                 if !c.status.is_ok() {
-                    return Err(AgentError::Protocol(format!(
-                        "fabric completion {:?} (wr {:#x})",
-                        c.status, c.wr_id
-                    )));
+                    return Err(AgentError::Completion {
+                        status: c.status,
+                        wr_id: c.wr_id,
+                    });
                 }
                 let Some(conn) = &mut self.conn else {
                     return Ok(None);
@@ -843,34 +877,23 @@ impl AgentQueue {
                 let s = (c.wr_id & !RECV_TAG) as usize;
                 if c.opcode == WcOpcode::RecvWithImm {
                     if s >= RECV_SLOTS {
-                        return Err(AgentError::Protocol("receive id out of range".into()));
+                        return Err(AgentError::RecvOutOfRange);
                     }
                     let wr = conn.recv_wr(s);
                     conn.ep.post_recv(&[wr])?;
                     let idx = c.imm.unwrap_or(0) as u16;
                     // A server may complete only what the guest posted.
                     let used = self.dq.state().next_used;
-                    let avail = ctx
-                        .mem
-                        .load_u16(self.layout.avail_idx())
-                        .map_err(|e| AgentError::Protocol(e.to_string()))?;
+                    let avail = ctx.mem.load_u16(self.layout.avail_idx())?;
                     let done = idx.wrapping_sub(used);
                     if done > avail.wrapping_sub(used) {
-                        return Err(AgentError::Protocol(format!(
-                            "the server completed up to {idx}, past the guest's avail index {avail} (used was {used})"
-                        )));
+                        return Err(AgentError::CompletedPastAvail { idx, avail, used });
                     }
                     // The used elements landed before the immediate (RC
                     // ordering); publishing the index releases them.
-                    self.dq
-                        .publish_used(&*ctx.mem, idx)
-                        .map_err(|e| AgentError::Protocol(e.to_string()))?;
+                    self.dq.publish_used(&*ctx.mem, idx)?;
                     ctx.stats.completions.fetch_add(1, Relaxed);
-                    if self
-                        .dq
-                        .needs_notification(&*ctx.mem)
-                        .map_err(|e| AgentError::Protocol(e.to_string()))?
-                    {
+                    if self.dq.needs_notification(&*ctx.mem)? {
                         let _ = self.call.write(1);
                         ctx.stats.interrupts.fetch_add(1, Relaxed);
                     }
@@ -891,11 +914,7 @@ impl AgentQueue {
                     }
                     // Everything before it arrived first (RC ordering).
                     Message::Quiesced(q) => return Ok(Some(q.next)),
-                    other => {
-                        return Err(AgentError::Protocol(format!(
-                            "unexpected message from server: {other:?}"
-                        )))
-                    }
+                    other => return Err(AgentError::UnexpectedMessage(Box::new(other))),
                 }
             }
             if n < c.len() {
@@ -927,10 +946,7 @@ impl AgentQueue {
     ) -> Result<(), AgentError> {
         let size = self.layout.size;
         for _ in 0..64 {
-            let avail = Wrapping(
-                mem.load_u16(self.layout.avail_idx())
-                    .map_err(|e| AgentError::Protocol(e.to_string()))?,
-            );
+            let avail = Wrapping(mem.load_u16(self.layout.avail_idx())?);
             if (avail - self.last_pushed).0 > size {
                 // A broken guest: announce one ring's worth; the server
                 // validates everything anyway.
@@ -985,15 +1001,11 @@ impl AgentQueue {
                 break;
             }
             e.descs.push((gpa, b));
-            let flags = u16::from_le_bytes([b[12], b[13]]);
-            if flags & VRING_DESC_F_INDIRECT != 0 {
-                let mut a = [0u8; 8];
-                a.copy_from_slice(&b[0..8]);
-                let table = u64::from_le_bytes(a);
-                let len = u32::from_le_bytes([b[8], b[9], b[10], b[11]]) as usize;
-                let n = (len / 16).min(max.saturating_sub(e.descs.len()));
+            let d = Descriptor::from_bytes(&b);
+            if d.is_indirect() {
+                let n = (d.len as usize / 16).min(max.saturating_sub(e.descs.len()));
                 for i in 0..n {
-                    let ga = table.wrapping_add(16 * i as u64);
+                    let ga = d.addr.wrapping_add(16 * i as u64);
                     let mut t = [0u8; 16];
                     if mem.read(ga, &mut t).is_err() {
                         break;
@@ -1002,10 +1014,10 @@ impl AgentQueue {
                 }
                 break;
             }
-            if flags & VRING_DESC_F_NEXT == 0 {
+            if !d.has_next() {
                 break;
             }
-            idx = u16::from_le_bytes([b[14], b[15]]);
+            idx = d.next;
         }
         e
     }

@@ -3,9 +3,10 @@
 //! ring indices, doorbell intake (or remote polling, and the adaptive
 //! switch between them), chain walking over a [`Shadow`] with fetches,
 //! and posting waves of one-sided requests whose completions are drained
-//! without blocking. [`super::server_queue::RemoteQueue`] (request/reply
-//! devices: virtio-blk, virtio-net TX) and [`super::rx_queue::RemoteRxQueue`]
-//! (virtio-net RX) add their own batch logic on top.
+//! without blocking. `RemoteQueue` (`remote_queue.rs`: request/reply
+//! devices, virtio-blk and virtio-net TX) and `RemoteRxQueue` (`net_rx.rs`:
+//! virtio-net RX) add their own batch logic on top; plain names rather than
+//! links, so this lower layer does not point back at its users.
 
 use std::cell::UnsafeCell;
 use std::num::Wrapping;
@@ -18,13 +19,14 @@ use vrio_rdma::{
     WcStatus,
 };
 
-use super::server_queue::RemoteQueueConfig;
+use super::config::RemoteQueueConfig;
+use super::queue_error::RemoteQueueError;
 use super::shadow::Shadow;
 use super::staging::StagingBuffer;
 use super::stats::RemoteStats;
 use super::wire::{Attach, DoorbellEntry, Message, NotifyMode, SetMode, WireRegion, MAX_MSG};
 use crate::memory::{GuestRegion, MemoryError, MemoryMap};
-use crate::ring::{ChainError, DescriptorChain, RingFeatures, RingLayout, Walker};
+use crate::ring::{ChainError, DescriptorChain, QueueError, RingFeatures, RingLayout, Walker};
 use crate::sidecore::{PollOutcome, QueueFailure};
 
 /// Offsets inside the staging buffer.
@@ -60,13 +62,6 @@ const RECV_TAG: u64 = 1 << 63;
 
 fn align(x: usize) -> usize {
     x.div_ceil(4096) * 4096
-}
-
-pub(super) fn fail(name: &str, reason: impl std::fmt::Display) -> QueueFailure {
-    QueueFailure {
-        queue: name.to_string(),
-        reason: reason.to_string(),
-    }
 }
 
 /// New avail entries a batch takes, in ring order, with the round trips
@@ -114,7 +109,7 @@ pub(super) struct FabricRing {
     /// The agent asked for the queue back: finish the batch, start no other.
     pub quiescing: bool,
     /// Why the queue stopped: every later poll reports it again.
-    failed: Option<String>,
+    failed: Option<RemoteQueueError>,
 }
 
 impl FabricRing {
@@ -128,6 +123,17 @@ impl FabricRing {
         stats: Arc<RemoteStats>,
     ) -> Result<Self, QueueFailure> {
         let name = super::queue_name(attach.device_id, attach.queue);
+        Self::open(domain, ep, attach, cfg, stats, name.clone()).map_err(|e| e.at(&name))
+    }
+
+    fn open(
+        domain: &dyn Domain,
+        ep: Box<dyn Endpoint>,
+        attach: &Attach,
+        cfg: RemoteQueueConfig,
+        stats: Arc<RemoteStats>,
+        name: String,
+    ) -> Result<Self, RemoteQueueError> {
         let regions = {
             let mut r = attach.regions.clone();
             r.sort_by_key(|w| w.gpa);
@@ -141,15 +147,14 @@ impl FabricRing {
                     len: w.remote.len,
                 })
                 .collect(),
-        )
-        .map_err(|e| fail(&name, e))?;
+        )?;
         let layout = attach.layout;
         for (a, n) in [
             (layout.desc, layout.desc_table_bytes()),
             (layout.avail, layout.avail_bytes()),
             (layout.used, layout.used_bytes()),
         ] {
-            map.check(a, n).map_err(|e| fail(&name, e))?;
+            map.check(a, n)?;
         }
         let size = usize::from(layout.size);
         let mut o = 0;
@@ -173,16 +178,14 @@ impl FabricRing {
             send,
             data,
         };
-        let staging = StagingBuffer::new(data + data_len).map_err(|e| fail(&name, e))?;
-        let recv = StagingBuffer::new(size * MAX_MSG).map_err(|e| fail(&name, e))?;
+        let staging = StagingBuffer::new(data + data_len)?;
+        let recv = StagingBuffer::new(size * MAX_MSG)?;
         // SAFETY: both buffers are owned by the queue and outlive their
         // registrations (declared earlier, dropped earlier).
         let mr_staging =
-            unsafe { domain.register(staging.as_ptr(), staging.len(), Access::LOCAL_ONLY) }
-                .map_err(|e| fail(&name, e))?;
+            unsafe { domain.register(staging.as_ptr(), staging.len(), Access::LOCAL_ONLY) }?;
         // SAFETY: as above.
-        let mr_recv = unsafe { domain.register(recv.as_ptr(), recv.len(), Access::LOCAL_ONLY) }
-            .map_err(|e| fail(&name, e))?;
+        let mr_recv = unsafe { domain.register(recv.as_ptr(), recv.len(), Access::LOCAL_ONLY) }?;
         let mut q = Self {
             mr_staging,
             mr_recv,
@@ -218,12 +221,12 @@ impl FabricRing {
             failed: None,
         };
         let recvs: Vec<RecvRequest> = (0..size).map(|i| q.recv_wr(i)).collect();
-        q.ep.post_recv(&recvs).map_err(|e| fail(&q.name, e))?;
+        q.ep.post_recv(&recvs)?;
         Ok(q)
     }
 
     /// Answers the agent's ATTACH.
-    pub(super) fn reply_attach(&mut self, config: Vec<u8>) -> Result<(), QueueFailure> {
+    pub(super) fn reply_attach(&mut self, config: Vec<u8>) -> Result<(), RemoteQueueError> {
         self.send(&Message::AttachReply(super::wire::AttachReply {
             status: 0,
             config,
@@ -313,7 +316,7 @@ impl FabricRing {
     /// Posts the queued work requests and waits for the last one. One call
     /// is one round trip; used only off the common path (remote polls,
     /// fetches, control messages).
-    pub(super) fn flush_and_wait(&mut self) -> Result<(), QueueFailure> {
+    pub(super) fn flush_and_wait(&mut self) -> Result<(), RemoteQueueError> {
         let Some(target) = self.post_wave()? else {
             return Ok(());
         };
@@ -326,7 +329,7 @@ impl FabricRing {
             spins += 1;
             if spins > 64 {
                 if Instant::now() > deadline {
-                    return Err(fail(&self.name, "fabric operation timed out"));
+                    return Err(RemoteQueueError::Timeout);
                 }
                 std::thread::yield_now();
             }
@@ -334,7 +337,7 @@ impl FabricRing {
     }
 
     /// Handles completions; true when `target` completed.
-    pub(super) fn drain_cq(&mut self, target: Option<u64>) -> Result<bool, QueueFailure> {
+    pub(super) fn drain_cq(&mut self, target: Option<u64>) -> Result<bool, RemoteQueueError> {
         loop {
             let mut cqes = std::mem::take(&mut self.cqes);
             let n = self.ep.poll(&mut cqes);
@@ -342,19 +345,21 @@ impl FabricRing {
                 Ok(n) => n,
                 Err(e) => {
                     self.cqes = cqes;
-                    return Err(fail(&self.name, e));
+                    return Err(e.into());
                 }
             };
             let mut res = Ok(());
             for c in &cqes[..n] {
                 if !c.status.is_ok() {
-                    let why = match c.status {
+                    res = Err(match c.status {
                         WcStatus::Flushed | WcStatus::RetryExceeded => {
-                            format!("the VM host disconnected ({:?})", c.status)
+                            RemoteQueueError::Disconnected(c.status)
                         }
-                        s => format!("fabric completion {:?} for wr {:#x}", s, c.wr_id),
-                    };
-                    res = Err(fail(&self.name, why));
+                        status => RemoteQueueError::Completion {
+                            status,
+                            wr_id: c.wr_id,
+                        },
+                    });
                     break;
                 }
                 if c.wr_id & RECV_TAG != 0 {
@@ -378,32 +383,25 @@ impl FabricRing {
         }
     }
 
-    pub(super) fn on_recv(&mut self, i: usize, len: usize) -> Result<(), QueueFailure> {
+    pub(super) fn on_recv(&mut self, i: usize, len: usize) -> Result<(), RemoteQueueError> {
         if i >= usize::from(self.layout.size) || len > MAX_MSG {
-            return Err(fail(&self.name, "receive completion out of range"));
+            return Err(RemoteQueueError::RecvOutOfRange);
         }
         let mut buf = std::mem::take(&mut self.msg);
         buf.resize(len, 0);
         let r = self.recv.get(i * MAX_MSG, &mut buf);
-        let decoded = r.map_err(|e| fail(&self.name, e)).and_then(|_| {
-            Message::decode(&buf)
-                .map_err(|e| fail(&self.name, format!("bad message from agent: {e}")))
-        });
+        let decoded = r
+            .map_err(RemoteQueueError::from)
+            .and_then(|_| Message::decode(&buf).map_err(RemoteQueueError::BadMessage));
         self.msg = buf;
         let wr = self.recv_wr(i);
-        self.ep.post_recv(&[wr]).map_err(|e| fail(&self.name, e))?;
+        self.ep.post_recv(&[wr])?;
         match decoded? {
             Message::Doorbell(d) => {
                 self.stats.doorbells.fetch_add(1, Relaxed);
                 let idx = Wrapping(d.avail_idx);
                 if (idx - self.next_avail).0 > self.layout.size {
-                    return Err(fail(
-                        &self.name,
-                        format!(
-                            "avail index jumped from {} to {}",
-                            self.next_avail.0, d.avail_idx
-                        ),
-                    ));
+                    return Err(self.avail_jump(idx).into());
                 }
                 if (idx - self.next_avail).0 > (self.known_avail - self.next_avail).0 {
                     self.known_avail = idx;
@@ -422,36 +420,30 @@ impl FabricRing {
                 self.quiescing = true;
                 Ok(())
             }
-            other => Err(fail(
-                &self.name,
-                format!("unexpected message from agent: {other:?}"),
-            )),
+            other => Err(RemoteQueueError::UnexpectedMessage(Box::new(other))),
         }
     }
 
     /// The batch in flight has landed: tell the agent where we stopped and
     /// retire. Idle means next avail == next used (in-order service).
-    pub(super) fn hand_back(&mut self) -> Result<PollOutcome, QueueFailure> {
+    pub(super) fn hand_back(&mut self) -> Result<PollOutcome, RemoteQueueError> {
         let next = self.next_used.0;
         // Counted first: the agent may close the link as soon as it reads
         // the answer, before our send completes.
         self.stats.handovers.fetch_add(1, Relaxed);
         self.send(&Message::Quiesced(super::wire::Quiesced { next }))?;
         tracing::info!(queue = %self.name, next, "queue handed back to the VM host");
-        Err(fail(
-            &self.name,
-            format!("handed back to the VM host at {next}"),
-        ))
+        Err(RemoteQueueError::HandedBack { next })
     }
 
-    pub(super) fn send(&mut self, m: &Message) -> Result<(), QueueFailure> {
+    pub(super) fn send(&mut self, m: &Message) -> Result<(), RemoteQueueError> {
         let mut buf = std::mem::take(&mut self.msg);
-        let r = m.encode(&mut buf).map_err(|e| fail(&self.name, e));
+        let r = m.encode(&mut buf).map_err(RemoteQueueError::Encode);
         let off = self.areas.send;
         let r = r.and_then(|_| {
             self.staging()
                 .put(off, &buf)
-                .map_err(|e| fail(&self.name, e))
+                .map_err(RemoteQueueError::from)
         });
         let len = buf.len();
         self.msg = buf;
@@ -468,31 +460,23 @@ impl FabricRing {
     }
 
     /// READs the avail ring (flags, idx, ring) in one operation.
-    pub(super) fn read_avail(&mut self) -> Result<(), QueueFailure> {
+    pub(super) fn read_avail(&mut self) -> Result<(), RemoteQueueError> {
         let len = 4 + 2 * usize::from(self.layout.size);
-        self.queue_wr(Dir::Read, self.layout.avail, self.areas.avail, len)
-            .map_err(|e| fail(&self.name, e))?;
+        self.queue_wr(Dir::Read, self.layout.avail, self.areas.avail, len)?;
         self.flush_and_wait()?;
         self.stats.remote_polls.fetch_add(1, Relaxed);
         let mut b = [0u8; 2];
         let base = self.areas.avail;
-        self.staging()
-            .get(base + 2, &mut b)
-            .map_err(|e| fail(&self.name, e))?;
+        self.staging().get(base + 2, &mut b)?;
         let idx = Wrapping(u16::from_le_bytes(b));
         if (idx - self.next_avail).0 > self.layout.size {
-            return Err(fail(
-                &self.name,
-                format!("avail index jumped from {} to {}", self.next_avail.0, idx.0),
-            ));
+            return Err(self.avail_jump(idx).into());
         }
         self.known_avail = idx;
         let mut p = self.next_avail;
         while p != idx {
             let slot = usize::from(p.0 % self.layout.size);
-            self.staging()
-                .get(base + 4 + 2 * slot, &mut b)
-                .map_err(|e| fail(&self.name, e))?;
+            self.staging().get(base + 4 + 2 * slot, &mut b)?;
             self.pending[slot] = Some(DoorbellEntry {
                 pos: p.0,
                 head: u16::from_le_bytes(b),
@@ -510,7 +494,7 @@ impl FabricRing {
         gpa: u64,
         len: u64,
         whole_table: bool,
-    ) -> Result<Result<(), ChainError>, QueueFailure> {
+    ) -> Result<Result<(), ChainError>, RemoteQueueError> {
         let (off, max) = if whole_table {
             (self.areas.desc, 16 * usize::from(self.layout.size))
         } else {
@@ -546,7 +530,7 @@ impl FabricRing {
         &mut self,
         head: u16,
         chain: &mut DescriptorChain,
-    ) -> Result<(Result<(), ChainError>, u32), QueueFailure> {
+    ) -> Result<(Result<(), ChainError>, u32), RemoteQueueError> {
         let mut rtts = 0;
         let mut table_fetched = false;
         for _ in 0..=self.cfg.max_fetches {
@@ -589,7 +573,7 @@ impl FabricRing {
     /// can outgrow the send queue (a batch of requests with many segments
     /// each, on top of waves still in flight): it then goes in parts, each
     /// ending signalled, and each waiting until the queue has room.
-    pub(super) fn post_wave(&mut self) -> Result<Option<u64>, QueueFailure> {
+    pub(super) fn post_wave(&mut self) -> Result<Option<u64>, RemoteQueueError> {
         let Some(target) = self.wrs.last().map(|w| w.wr_id) else {
             return Ok(None);
         };
@@ -605,7 +589,7 @@ impl FabricRing {
         Ok(Some(target))
     }
 
-    fn post_parts(&mut self, wrs: &mut [SendRequest]) -> Result<(), QueueFailure> {
+    fn post_parts(&mut self, wrs: &mut [SendRequest]) -> Result<(), RemoteQueueError> {
         let mut start = 0;
         while start < wrs.len() {
             let room = self.send_room()?;
@@ -614,9 +598,7 @@ impl FabricRing {
                 tracing::debug!(queue = %self.name, posted = end - start, left = wrs.len() - end, "send queue full: posting the wave in parts");
             }
             wrs[end - 1].signaled = true;
-            self.ep
-                .post_send(&wrs[start..end])
-                .map_err(|e| fail(&self.name, e))?;
+            self.ep.post_send(&wrs[start..end])?;
             self.posted_wr = wrs[end - 1].wr_id;
             start = end;
         }
@@ -627,7 +609,7 @@ impl FabricRing {
     /// for completions while there are none. Work requests complete in
     /// order, so everything up to the last completed signalled one is gone;
     /// counting the rest as in flight may overestimate, never undercount.
-    fn send_room(&mut self) -> Result<usize, QueueFailure> {
+    fn send_room(&mut self) -> Result<usize, RemoteQueueError> {
         let depth = self.cfg.send_depth.max(1) as u64;
         let deadline = Instant::now() + self.cfg.op_timeout;
         loop {
@@ -637,14 +619,14 @@ impl FabricRing {
             }
             self.drain_cq(None)?;
             if Instant::now() > deadline {
-                return Err(fail(&self.name, "fabric send queue stayed full"));
+                return Err(RemoteQueueError::SendQueueFull);
             }
             std::thread::yield_now();
         }
     }
 
     /// Adaptive mode: remote polling while busy, doorbells while quiet.
-    pub(super) fn adapt(&mut self, n: usize) -> Result<(), QueueFailure> {
+    pub(super) fn adapt(&mut self, n: usize) -> Result<(), RemoteQueueError> {
         if self.mode != NotifyMode::Adaptive {
             return Ok(());
         }
@@ -678,7 +660,7 @@ impl FabricRing {
     /// Hands discovery back to the agent. It pushes everything from our
     /// `next_avail` on, so a request posted during the switch is not
     /// stranded.
-    pub(super) fn switch_to_doorbells(&mut self) -> Result<(), QueueFailure> {
+    pub(super) fn switch_to_doorbells(&mut self) -> Result<(), RemoteQueueError> {
         self.polling_remote = false;
         self.idle_run = 0;
         self.stats.mode_switches.fetch_add(1, Relaxed);
@@ -693,7 +675,7 @@ impl FabricRing {
     /// Learns of new requests (doorbells already received, or a READ of the
     /// avail ring), takes at most `max` of them and loads their doorbell
     /// copies into the shadow. None when there is nothing to take.
-    pub(super) fn learn(&mut self, max: usize) -> Result<Option<Learned>, QueueFailure> {
+    pub(super) fn learn(&mut self, max: usize) -> Result<Option<Learned>, RemoteQueueError> {
         let mut rtts: u64 = 0;
         if self.polling_remote {
             self.read_avail()?;
@@ -721,7 +703,7 @@ impl FabricRing {
                     rtts += 1;
                     match self.pending[slot].take().filter(|e| e.pos == pos.0) {
                         Some(e) => e,
-                        None => return Err(fail(&self.name, "avail entry vanished")),
+                        None => return Err(RemoteQueueError::AvailEntryVanished),
                     }
                 }
             };
@@ -741,12 +723,11 @@ impl FabricRing {
         segs: &[crate::ring::Segment],
         mut off: usize,
         mut len: u64,
-    ) -> Result<(), QueueFailure> {
+    ) -> Result<(), RemoteQueueError> {
         for s in segs {
             let n = u64::from(s.len).min(len);
             if n > 0 {
-                self.queue_wr(Dir::Write, s.addr, off, n as usize)
-                    .map_err(|e| fail(&self.name, e))?;
+                self.queue_wr(Dir::Write, s.addr, off, n as usize)?;
             }
             off += s.len as usize;
             len -= n;
@@ -757,7 +738,7 @@ impl FabricRing {
     /// Queues the used elements `used` (from `next_used` on, split where the
     /// ring wraps) and the WRITE_WITH_IMM that tells the agent the new used
     /// index; the caller posts the wave.
-    pub(super) fn queue_used(&mut self, used: &[(u16, u32)]) -> Result<(), QueueFailure> {
+    pub(super) fn queue_used(&mut self, used: &[(u16, u32)]) -> Result<(), RemoteQueueError> {
         let first = self.next_used;
         for &(head, len) in used {
             let slot = usize::from(self.next_used.0 % self.layout.size);
@@ -765,9 +746,7 @@ impl FabricRing {
             b[..4].copy_from_slice(&u32::from(head).to_le_bytes());
             b[4..].copy_from_slice(&len.to_le_bytes());
             let at = self.areas.used + 8 * slot;
-            self.staging()
-                .put(at, &b)
-                .map_err(|e| fail(&self.name, e))?;
+            self.staging().put(at, &b)?;
             self.next_used += 1;
         }
         let mut start = first;
@@ -776,19 +755,17 @@ impl FabricRing {
             let slot = usize::from(start.0 % self.layout.size);
             let run = left.min(usize::from(self.layout.size) - slot);
             let gpa = self.layout.used_ring(start.0);
-            self.queue_wr(Dir::Write, gpa, self.areas.used + 8 * slot, 8 * run)
-                .map_err(|e| fail(&self.name, e))?;
+            self.queue_wr(Dir::Write, gpa, self.areas.used + 8 * slot, 8 * run)?;
             start += Wrapping(run as u16);
             left -= run;
         }
         let imm = Dir::WriteImm(u32::from(self.next_used.0));
-        self.queue_wr(imm, self.layout.used_idx(), self.areas.send, 0)
-            .map_err(|e| fail(&self.name, e))
+        Ok(self.queue_wr(imm, self.layout.used_idx(), self.areas.send, 0)?)
     }
 
     /// Doorbell mode, going idle: arms the endpoint's notification and
     /// says whether requests (or a quiesce) arrived meanwhile.
-    pub(super) fn arm_doorbells(&mut self) -> Result<bool, QueueFailure> {
+    pub(super) fn arm_doorbells(&mut self) -> Result<bool, RemoteQueueError> {
         self.drain_cq(None)?;
         let _ = self.ep.arm();
         self.drain_cq(None)?;
@@ -803,7 +780,7 @@ impl FabricRing {
     /// Refuses to serve a queue that already failed.
     pub(super) fn check(&self) -> Result<(), QueueFailure> {
         match &self.failed {
-            Some(r) => Err(fail(&self.name, r)),
+            Some(e) => Err(self.failure(e.clone())),
             None => Ok(()),
         }
     }
@@ -811,22 +788,37 @@ impl FabricRing {
     /// Remembers a failure, so that every later poll reports it again.
     pub(super) fn latch(
         &mut self,
-        r: Result<PollOutcome, QueueFailure>,
+        r: Result<PollOutcome, RemoteQueueError>,
     ) -> Result<PollOutcome, QueueFailure> {
-        if let Err(e) = &r {
-            self.failed = Some(e.reason.clone());
+        r.map_err(|e| {
+            self.failed = Some(e.clone());
+            self.failure(e)
+        })
+    }
+
+    /// `e` as this queue's failure, for the sidecore.
+    pub(super) fn failure(&self, e: RemoteQueueError) -> QueueFailure {
+        e.at(&self.name)
+    }
+
+    /// The ring rule a doorbell or a remote poll announcing avail index
+    /// `idx` broke: more new entries than the ring holds.
+    fn avail_jump(&self, idx: Wrapping<u16>) -> QueueError {
+        QueueError::AvailIndexJump {
+            last: self.next_avail.0,
+            idx: idx.0,
+            size: self.layout.size,
         }
-        r
     }
 
     /// Whether the wave `target` is still in flight (an error once it has
     /// taken longer than the peer is given).
-    pub(super) fn in_flight(&self, target: u64) -> Result<bool, QueueFailure> {
+    pub(super) fn in_flight(&self, target: u64) -> Result<bool, RemoteQueueError> {
         if self.done_wr >= target {
             return Ok(false);
         }
         if self.stage_started.elapsed() > self.cfg.op_timeout {
-            return Err(fail(&self.name, "fabric operation timed out"));
+            return Err(RemoteQueueError::Timeout);
         }
         Ok(true)
     }
@@ -837,7 +829,7 @@ impl FabricRing {
         &mut self,
         enabled: bool,
         busy: bool,
-    ) -> Result<bool, QueueFailure> {
+    ) -> Result<bool, RemoteQueueError> {
         if enabled && (busy || self.quiescing) {
             // Keep polling until the batch lands.
             return Ok(true);

@@ -3,20 +3,22 @@
 //!
 //! - [`agent`]: the VM-host side, a library a VMM links (registration,
 //!   doorbells, used.idx publication, interrupts);
-//! - [`server_queue`]: the I/O server side of one queue, a
-//!   [`crate::sidecore::ServedQueue`];
+//! - [`remote_queue`]: the I/O server side of one queue, a
+//!   [`crate::sidecore::ServedQueue`], bounded by [`config`];
 //! - [`server`]: accepts attachments and spreads queues over sidecores;
-//! - [`rx_queue`]: a virtio-net receive queue on the I/O server;
+//! - [`net_rx`]: a virtio-net receive queue on the I/O server;
 //! - [`net_devices`]: the server's switch and its net devices' ports;
 //! - [`wire`]: the messages between them;
 //! - [`shadow`], [`staging`]: local copies of guest rings and buffers.
 
 pub mod agent;
+pub mod config;
 mod fabric_ring;
 pub mod net_devices;
-pub mod rx_queue;
+pub mod net_rx;
+mod queue_error;
+pub mod remote_queue;
 pub mod server;
-pub mod server_queue;
 pub mod shadow;
 pub mod staging;
 pub mod stats;
@@ -26,10 +28,12 @@ pub use agent::{
     attach, attach_placed, AgentConfig, AgentError, AgentStats, AttachedDevice, DeviceAttach,
     LinkState, MoveReport, QueueAttach, QueueStatus, QueueTarget,
 };
-pub use net_devices::{NetDevices, NetServerConfig};
-pub use rx_queue::RemoteRxQueue;
+pub use config::RemoteQueueConfig;
+pub use net_devices::{NetDeviceError, NetDevices, NetServerConfig};
+pub use net_rx::RemoteRxQueue;
+pub use queue_error::RemoteQueueError;
+pub use remote_queue::RemoteQueue;
 pub use server::{IoServer, IoServerConfig, ServerError};
-pub use server_queue::{RemoteQueue, RemoteQueueConfig};
 pub use stats::{RemoteSnapshot, RemoteStats};
 pub use wire::{DeviceKind, NotifyMode, ANY_SIDECORE};
 

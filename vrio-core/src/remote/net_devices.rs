@@ -17,6 +17,35 @@ use crate::net::{
     config_space, MacAddr, NetConfig, Port, PortSnapshot, Switch, SwitchConfig, RX_QUEUE, TX_QUEUE,
 };
 
+/// Why a net device's queue was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NetDeviceError {
+    #[error("device {device_id} attached as {said:?} but configured as {configured:?}")]
+    KindMismatch {
+        device_id: u64,
+        said: DeviceKind,
+        configured: DeviceKind,
+    },
+    #[error("device {device_id} has port address {has:?}, not {asked}")]
+    OtherMac {
+        device_id: u64,
+        has: Option<MacAddr>,
+        asked: MacAddr,
+    },
+    #[error("device {device_id}: {mac} is not a unicast address")]
+    NotUnicast { device_id: u64, mac: MacAddr },
+    #[error("device {device_id}: address {mac} belongs to device {owner}")]
+    MacTaken {
+        device_id: u64,
+        mac: MacAddr,
+        owner: u64,
+    },
+    #[error("virtio-net queue {0} is not offered")]
+    NoSuchQueue(u16),
+    #[error("net ports poisoned")]
+    Poisoned,
+}
+
 #[derive(Debug, Clone)]
 pub struct NetServerConfig {
     pub switch: SwitchConfig,
@@ -68,7 +97,11 @@ impl NetDevices {
 
     /// The device's type from what the agent said (`said`, None for a
     /// plain ATTACH) and the configuration.
-    pub fn kind(&self, device_id: u64, said: Option<DeviceKind>) -> Result<DeviceKind, String> {
+    pub fn kind(
+        &self,
+        device_id: u64,
+        said: Option<DeviceKind>,
+    ) -> Result<DeviceKind, NetDeviceError> {
         let configured = self
             .cfg
             .devices
@@ -79,37 +112,40 @@ impl NetDevices {
             (None, None) => Ok(DeviceKind::Blk),
             (None, Some(k)) | (Some(k), None) => Ok(k),
             (Some(a), Some(b)) if a == b => Ok(a),
-            (Some(a), Some(b)) => Err(format!(
-                "device {device_id} attached as {a:?} but configured as {b:?}"
-            )),
+            (Some(said), Some(configured)) => Err(NetDeviceError::KindMismatch {
+                device_id,
+                said,
+                configured,
+            }),
         }
     }
 
     /// The port of net device `device_id`, made on its first queue.
-    pub fn port(&self, device_id: u64, mac: MacAddr) -> Result<Arc<Port>, String> {
-        let mut ports = self.ports.lock().map_err(|_| "net ports poisoned")?;
+    pub fn port(&self, device_id: u64, mac: MacAddr) -> Result<Arc<Port>, NetDeviceError> {
+        let mut ports = self.ports.lock().map_err(|_| NetDeviceError::Poisoned)?;
         self.prune(&mut ports);
         if let Some(p) = ports.get(&device_id) {
             if p.mac() != Some(mac) {
-                return Err(format!(
-                    "device {device_id} has port address {:?}, not {mac}",
-                    p.mac()
-                ));
+                return Err(NetDeviceError::OtherMac {
+                    device_id,
+                    has: p.mac(),
+                    asked: mac,
+                });
             }
             return Ok(p.clone());
         }
         if mac.is_multicast() || mac.is_zero() {
-            return Err(format!(
-                "device {device_id}: {mac} is not a unicast address"
-            ));
+            return Err(NetDeviceError::NotUnicast { device_id, mac });
         }
-        if let Some(other) = ports
+        if let Some(owner) = ports
             .iter()
             .find_map(|(id, p)| (p.mac() == Some(mac)).then_some(*id))
         {
-            return Err(format!(
-                "device {device_id}: address {mac} belongs to device {other}"
-            ));
+            return Err(NetDeviceError::MacTaken {
+                device_id,
+                mac,
+                owner,
+            });
         }
         let p = self.switch.add_guest_port(&format!("dev{device_id}"), mac);
         ports.insert(device_id, p.clone());
@@ -135,11 +171,11 @@ impl NetDevices {
 
     /// §5.1.2: queue 0 receives, queue 1 transmits; no control queue or
     /// multiqueue is offered.
-    pub fn queue(index: u16) -> Result<NetQueue, String> {
+    pub fn queue(index: u16) -> Result<NetQueue, NetDeviceError> {
         match usize::from(index) {
             RX_QUEUE => Ok(NetQueue::Rx),
             TX_QUEUE => Ok(NetQueue::Tx),
-            q => Err(format!("virtio-net queue {q} is not offered")),
+            _ => Err(NetDeviceError::NoSuchQueue(index)),
         }
     }
 
@@ -176,8 +212,11 @@ mod tests {
         let mac = MacAddr::local(7);
         let p1 = d.port(1, mac).unwrap();
         // While device 1's queues hold the port, nobody else takes the MAC.
-        let refused = d.port(2, mac).err().unwrap_or_default();
-        assert!(refused.contains("belongs to device 1"), "{refused}");
+        let refused = d.port(2, mac).err();
+        assert!(
+            matches!(refused, Some(NetDeviceError::MacTaken { owner: 1, .. })),
+            "{refused:?}"
+        );
         assert_eq!(d.port(1, mac).unwrap().id(), p1.id(), "one port per device");
         let id = p1.id();
         drop(p1);

@@ -13,18 +13,20 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vrio_rdma::{
-    Access, Completion, Domain, Endpoint, EndpointConfig, FabricError, RecvRequest, Sge,
+    Access, Completion, Domain, Endpoint, EndpointConfig, FabricError, RecvRequest, Sge, WcStatus,
 };
 
-use super::net_devices::{NetDevices, NetQueue, NetServerConfig};
-use super::rx_queue::RemoteRxQueue;
-use super::server_queue::{RemoteQueue, RemoteQueueConfig};
+use super::config::RemoteQueueConfig;
+use super::net_devices::{NetDeviceError, NetDevices, NetQueue, NetServerConfig};
+use super::net_rx::RemoteRxQueue;
+use super::remote_queue::RemoteQueue;
 use super::staging::StagingBuffer;
 use super::stats::RemoteStats;
-use super::wire::{Attach, DeviceKind, Message, MAX_MSG};
+use super::wire::{Attach, DeviceKind, Message, WireError, MAX_MSG};
 use crate::blk::{BlockBackend, BlockConfig, BlockDevice};
+use crate::memory::MemoryError;
 use crate::net::{RxDevice, TxDevice};
-use crate::sidecore::{ServedQueue, SidecoreConfig, SidecoreHandle, SidecoreThread};
+use crate::sidecore::{QueueFailure, ServedQueue, SidecoreConfig, SidecoreHandle, SidecoreThread};
 
 #[derive(Debug, Clone)]
 pub struct IoServerConfig {
@@ -378,19 +380,41 @@ struct Admitted {
     alive: Weak<()>,
 }
 
+/// Why a new endpoint got no queue (logged as "attach refused").
+#[derive(Debug, thiserror::Error)]
+enum AdmitError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Fabric(#[from] FabricError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error("no ATTACH within 10 s")]
+    NoAttach,
+    #[error("attach receive failed: {0:?}")]
+    ReceiveFailed(WcStatus),
+    #[error("bad message from agent: {0}")]
+    BadMessage(#[source] WireError),
+    #[error("expected ATTACH, got {0:?}")]
+    NotAttach(Box<Message>),
+    #[error(transparent)]
+    Net(#[from] NetDeviceError),
+    #[error(transparent)]
+    Queue(#[from] QueueFailure),
+}
+
 /// Receives the ATTACH on a new endpoint and builds the queue.
 fn admit(
     domain: &dyn Domain,
     mut ep: Box<dyn Endpoint>,
     kinds: &Kinds,
     cfg: &IoServerConfig,
-) -> Result<(Admitted, u16), String> {
+) -> Result<(Admitted, u16), AdmitError> {
     let (attach, said) = {
-        let buf = StagingBuffer::new(MAX_MSG).map_err(|e| e.to_string())?;
+        let buf = StagingBuffer::new(MAX_MSG)?;
         // SAFETY: `buf` outlives `mr` (dropped at the end of this block,
         // after `mr`, which is declared later and so dropped first).
-        let mr = unsafe { domain.register(buf.as_ptr(), buf.len(), Access::LOCAL_ONLY) }
-            .map_err(|e| e.to_string())?;
+        let mr = unsafe { domain.register(buf.as_ptr(), buf.len(), Access::LOCAL_ONLY) }?;
         ep.post_recv(&[RecvRequest {
             wr_id: 1,
             local: Sge {
@@ -398,29 +422,28 @@ fn admit(
                 addr: buf.addr(),
                 len: MAX_MSG as u32,
             },
-        }])
-        .map_err(|e| e.to_string())?;
+        }])?;
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut c = [Completion::EMPTY];
         loop {
-            if ep.poll(&mut c).map_err(|e| e.to_string())? == 1 {
+            if ep.poll(&mut c)? == 1 {
                 break;
             }
             if Instant::now() > deadline {
-                return Err("no ATTACH within 10 s".into());
+                return Err(AdmitError::NoAttach);
             }
             std::thread::sleep(Duration::from_micros(200));
         }
         if !c[0].status.is_ok() {
-            return Err(format!("attach receive failed: {:?}", c[0].status));
+            return Err(AdmitError::ReceiveFailed(c[0].status));
         }
         let mut b = vec![0u8; (c[0].byte_len as usize).min(MAX_MSG)];
-        buf.get(0, &mut b).map_err(|e| e.to_string())?;
+        buf.get(0, &mut b)?;
         drop(mr);
-        match Message::decode(&b) {
-            Ok(Message::Attach(a)) => (a, None),
-            Ok(Message::AttachDevice(d)) => (d.attach, Some(d.device)),
-            other => return Err(format!("expected ATTACH, got {other:?}")),
+        match Message::decode(&b).map_err(AdmitError::BadMessage)? {
+            Message::Attach(a) => (a, None),
+            Message::AttachDevice(d) => (d.attach, Some(d.device)),
+            other => return Err(AdmitError::NotAttach(Box::new(other))),
         }
     };
     let q = admit_queue(domain, ep, &attach, said, kinds, cfg)?;
@@ -434,8 +457,7 @@ fn admit_queue(
     said: Option<DeviceKind>,
     kinds: &Kinds,
     cfg: &IoServerConfig,
-) -> Result<Admitted, String> {
-    let e = |e: crate::sidecore::QueueFailure| e.to_string();
+) -> Result<Admitted, AdmitError> {
     let qcfg = RemoteQueueConfig {
         send_depth: cfg.endpoint.send_depth as usize,
         ..cfg.queue
@@ -444,9 +466,8 @@ fn admit_queue(
         DeviceKind::Blk => {
             let dev = BlockDevice::new(kinds.backend.clone(), cfg.blk.clone());
             let config = dev.config_space();
-            let mut q = RemoteQueue::new(domain, ep, attach, dev, qcfg, kinds.blk_stats.clone())
-                .map_err(e)?;
-            q.reply_attach(config).map_err(e)?;
+            let mut q = RemoteQueue::new(domain, ep, attach, dev, qcfg, kinds.blk_stats.clone())?;
+            q.reply_attach(config)?;
             let alive = q.liveness();
             return Ok(Admitted {
                 queue: Box::new(q),
@@ -462,8 +483,8 @@ fn admit_queue(
     Ok(match which {
         NetQueue::Tx => {
             let dev = TxDevice::new(kinds.net.switch().clone(), port);
-            let mut q = RemoteQueue::new(domain, ep, attach, dev, qcfg, stats).map_err(e)?;
-            q.reply_attach(config).map_err(e)?;
+            let mut q = RemoteQueue::new(domain, ep, attach, dev, qcfg, stats)?;
+            q.reply_attach(config)?;
             let alive = q.liveness();
             Admitted {
                 queue: Box::new(q),
@@ -472,9 +493,8 @@ fn admit_queue(
         }
         NetQueue::Rx => {
             let dev = RxDevice::new(kinds.net.mergeable());
-            let mut q =
-                RemoteRxQueue::new(domain, ep, attach, dev, port, qcfg, stats).map_err(e)?;
-            q.reply_attach(config).map_err(e)?;
+            let mut q = RemoteRxQueue::new(domain, ep, attach, dev, port, qcfg, stats)?;
+            q.reply_attach(config)?;
             let alive = q.liveness();
             Admitted {
                 queue: Box::new(q),

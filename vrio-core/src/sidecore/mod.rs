@@ -56,7 +56,10 @@ pub trait ServedQueue: Send {
 #[error("queue {queue}: {reason}")]
 pub struct QueueFailure {
     pub queue: String,
-    pub reason: String,
+    /// The rule that broke, as the queue kind's own typed error (a local
+    /// ring's `ring::QueueError`, a remote queue's `RemoteQueueError`):
+    /// boxed, as the sidecore serves every kind; `downcast_ref` tells which.
+    pub reason: Box<dyn std::error::Error + Send + Sync>,
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@
 //! - [`probe`]: learns the server's virtio-blk config space;
 //! - [`backend`]: the `VhostUserBackend` (features, config, per-queue attach,
 //!   remote or to the local sidecore);
-//! - [`serve`]: the socket loop (one VMM at a time, waits for reconnects);
+//! - [`serve`](mod@serve): the socket loop (one VMM at a time, waits for reconnects);
 //! - [`relay`]: a vhost-user interposer for what the daemon's handler
 //!   lacks (early SET_VRING_ENABLE, inflight I/O tracking);
 //! - [`inflight`]: the inflight region (INFLIGHT_SHMFD) and its bookkeeping;
@@ -24,7 +24,7 @@ pub mod probe;
 pub mod relay;
 pub mod serve;
 
-pub use backend::{FrontConfig, LocalFront, Placement, RemoteFront, Serving, VrioBlkBackend};
+pub use backend::{FrontConfig, LocalFront, Placement, RemoteFront, Serving, VrioBackend};
 pub use net::{net_backend, serve_net};
-pub use probe::fetch_config;
+pub use probe::{fetch_config, ProbeError};
 pub use serve::{serve, serve_with, ServeError};

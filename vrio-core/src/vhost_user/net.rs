@@ -12,7 +12,7 @@ use std::path::Path;
 
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
 
-use super::backend::{FrontConfig, RemoteFront, Serving, VrioBlkBackend};
+use super::backend::{FrontConfig, RemoteFront, Serving, VrioBackend};
 use super::serve::{serve_with, ServeError};
 use crate::net::{config_space, device_features, MacAddr, NetConfig};
 use crate::remote::DeviceKind;
@@ -43,13 +43,13 @@ pub fn net_config(mac: MacAddr) -> Vec<u8> {
 
 /// A back-end for one VMM session whose RX and TX vrings attach to
 /// `remote`'s I/O server as net device `remote.device_id` with port `mac`.
-pub fn net_backend(remote: RemoteFront, mac: MacAddr, max_queue_size: u16) -> VrioBlkBackend {
+pub fn net_backend(remote: RemoteFront, mac: MacAddr, max_queue_size: u16) -> VrioBackend {
     let cfg = FrontConfig {
         serving: Serving::Remote(remote),
         queues: NET_QUEUES,
         max_queue_size,
     };
-    VrioBlkBackend::with_device(
+    VrioBackend::with_device(
         cfg,
         net_config(mac),
         net_features(mac),
@@ -84,21 +84,12 @@ mod tests {
     };
 
     use super::*;
-    use crate::remote::AgentConfig;
     use crate::ring::layout::{
         VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
     };
 
     fn remote() -> RemoteFront {
-        RemoteFront {
-            server: "127.0.0.1:1".into(),
-            fabric: vrio_rdma::Backend::Soft,
-            device: None,
-            max_request: 64 << 10,
-            device_id: 3,
-            agent: AgentConfig::default(),
-            placement: Default::default(),
-        }
+        RemoteFront::for_tests(64 << 10, 3)
     }
 
     #[test]

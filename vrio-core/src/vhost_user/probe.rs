@@ -6,13 +6,29 @@
 
 use std::sync::Arc;
 
+use vm_memory::mmap::FromRangesError;
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vrio_rdma::Domain;
 
 use crate::memory::LocalMemory;
 use crate::remote::{attach, AgentConfig, AgentError, DeviceAttach, QueueAttach};
-use crate::ring::{RingFeatures, RingLayout};
+use crate::ring::{QueueError, RingFeatures, RingLayout};
+
+/// Why the server's config space could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("scratch memory: {0}")]
+    ScratchMemory(#[source] FromRangesError),
+    #[error("scratch ring: {0}")]
+    ScratchRing(#[source] QueueError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error("the server sent an empty config space")]
+    EmptyConfig,
+}
 
 const SCRATCH_BYTES: usize = 0x4000;
 
@@ -23,11 +39,10 @@ pub fn fetch_config(
     server: &str,
     device_id: u64,
     cfg: AgentConfig,
-) -> Result<Vec<u8>, AgentError> {
+) -> Result<Vec<u8>, ProbeError> {
     let mem = LocalMemory::from_ranges(&[(GuestAddress(0), SCRATCH_BYTES)])
-        .map_err(|e| AgentError::Protocol(format!("scratch memory: {e}")))?;
-    let layout =
-        RingLayout::new(8, 0, 0x1000, 0x2000).map_err(|e| AgentError::Protocol(e.to_string()))?;
+        .map_err(ProbeError::ScratchMemory)?;
+    let layout = RingLayout::new(8, 0, 0x1000, 0x2000).map_err(ProbeError::ScratchRing)?;
     let dev = attach(
         domain,
         server,
@@ -50,9 +65,7 @@ pub fn fetch_config(
     let config = dev.config_space().to_vec();
     dev.detach();
     if config.is_empty() {
-        return Err(AgentError::Protocol(
-            "the server sent an empty config space".into(),
-        ));
+        return Err(ProbeError::EmptyConfig);
     }
     Ok(config)
 }

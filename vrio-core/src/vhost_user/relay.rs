@@ -31,7 +31,7 @@ use vhost::vhost_user::message::{FrontendReq, VhostUserProtocolFeatures, MAX_MSG
 use vhost_user_backend::VhostUserDaemon;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use super::backend::VrioBlkBackend;
+use super::backend::VrioBackend;
 use super::inflight::InflightRegion;
 
 const HDR_LEN: usize = 12;
@@ -170,9 +170,9 @@ pub struct RelayOptions {
 /// relayed to it until either side closes. With `backend`, inflight
 /// tracking is offered and its region goes to that back-end.
 pub fn serve_relayed(
-    daemon: &mut VhostUserDaemon<Arc<VrioBlkBackend>>,
+    daemon: &mut VhostUserDaemon<Arc<VrioBackend>>,
     socket: &Path,
-    backend: Option<Arc<VrioBlkBackend>>,
+    backend: Option<Arc<VrioBackend>>,
 ) -> Result<(), String> {
     let e = |what: &str, err: io::Error| format!("{what}: {err}");
     let _ = std::fs::remove_file(socket);

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use super::backend::{FrontConfig, VrioBlkBackend};
+use super::backend::{FrontConfig, VrioBackend};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -26,7 +26,7 @@ pub fn serve(
     serve_loop(
         socket,
         "vrio-vhost-user-blk",
-        || VrioBlkBackend::new(cfg.clone(), server_config),
+        || VrioBackend::new(cfg.clone(), server_config),
         Relay::WithInflight,
         keep_going,
     )
@@ -50,7 +50,7 @@ enum Relay {
 pub fn serve_with(
     socket: &Path,
     name: &str,
-    backend: impl FnMut() -> VrioBlkBackend,
+    backend: impl FnMut() -> VrioBackend,
     relay: bool,
     keep_going: impl FnMut() -> bool,
 ) -> Result<(), ServeError> {
@@ -61,7 +61,7 @@ pub fn serve_with(
 fn serve_loop(
     socket: &Path,
     name: &str,
-    mut backend: impl FnMut() -> VrioBlkBackend,
+    mut backend: impl FnMut() -> VrioBackend,
     relay: Relay,
     mut keep_going: impl FnMut() -> bool,
 ) -> Result<(), ServeError> {

@@ -19,7 +19,7 @@
 //! position stays one index; a bad chain completes, with length 0, every
 //! chain held before it too (only a hostile guest loses buffers that way).
 //!
-//! [`RemoteQueue`]: super::server_queue::RemoteQueue
+//! [`RemoteQueue`]: super::remote_queue::RemoteQueue
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
@@ -30,14 +30,26 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vrio_rdma::{Domain, Endpoint};
 
-use super::fabric_ring::{fail, FabricRing, Stage};
-use super::server_queue::RemoteQueueConfig;
+use super::config::RemoteQueueConfig;
+use super::fabric_ring::{FabricRing, Stage};
+use super::queue_error::RemoteQueueError;
 use super::staging::StagedChains;
 use super::stats::RemoteStats;
 use super::wire::Attach;
-use crate::net::{DropReason, Fit, FrameSource, Port, RxDevice, HDR_LEN};
-use crate::ring::DescriptorChain;
+use crate::net::{DropReason, Fit, FrameSource, Port, RxChainError, RxDevice, HDR_LEN};
+use crate::ring::{ChainError, DescriptorChain};
 use crate::sidecore::{PollOutcome, QueueFailure, ServedQueue};
+
+/// Why a chain the guest offered cannot hold frames.
+#[derive(Debug, thiserror::Error)]
+enum Unusable {
+    #[error(transparent)]
+    Chain(ChainError),
+    #[error(transparent)]
+    Rx(RxChainError),
+    #[error("RX buffer of {0} bytes")]
+    TooLarge(u64),
+}
 
 pub struct RemoteRxQueue {
     ring: FabricRing,
@@ -73,19 +85,7 @@ impl RemoteRxQueue {
         stats: Arc<RemoteStats>,
     ) -> Result<Self, QueueFailure> {
         let ring = FabricRing::new(domain, ep, attach, cfg, stats)?;
-        let name = ring.name.clone();
-        let wake = EventFd::new(EFD_NONBLOCK).map_err(|e| fail(&name, e))?;
-        let epoll = Epoll::new().map_err(|e| fail(&name, e))?;
-        for fd in [ring.ep.notify_fd(), wake.as_raw_fd()] {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, fd as u64),
-                )
-                .map_err(|e| fail(&name, e))?;
-        }
-        port.set_waker(Some(wake.try_clone().map_err(|e| fail(&name, e))?));
+        let (wake, epoll) = Self::wake_set(&ring, &port).map_err(|e| ring.failure(e))?;
         Ok(Self {
             ring,
             device,
@@ -103,9 +103,28 @@ impl RemoteRxQueue {
         })
     }
 
+    /// The one fd a sidecore sleeps on for this queue: an epoll set of the
+    /// endpoint's completion fd and an eventfd `port` writes when a frame
+    /// arrives while the queue is armed.
+    fn wake_set(ring: &FabricRing, port: &Port) -> Result<(EventFd, Epoll), RemoteQueueError> {
+        let wake = EventFd::new(EFD_NONBLOCK)?;
+        let epoll = Epoll::new()?;
+        for fd in [ring.ep.notify_fd(), wake.as_raw_fd()] {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, fd as u64),
+            )?;
+        }
+        port.set_waker(Some(wake.try_clone()?));
+        Ok((wake, epoll))
+    }
+
     /// Answers the agent's ATTACH.
     pub fn reply_attach(&mut self, config: Vec<u8>) -> Result<(), QueueFailure> {
-        self.ring.reply_attach(config)
+        self.ring
+            .reply_attach(config)
+            .map_err(|e| self.ring.failure(e))
     }
     /// A token that lives exactly as long as the queue.
     pub fn liveness(&self) -> std::sync::Weak<()> {
@@ -126,7 +145,7 @@ impl RemoteRxQueue {
     }
 
     /// Takes newly available buffers: validated, then held.
-    fn intake(&mut self, out: &mut PollOutcome) -> Result<(), QueueFailure> {
+    fn intake(&mut self, out: &mut PollOutcome) -> Result<(), RemoteQueueError> {
         let room = self.ring_size().saturating_sub(self.held.len());
         let Some(learned) = self.ring.learn(room)? else {
             return Ok(());
@@ -136,12 +155,10 @@ impl RemoteRxQueue {
             let mut c = self.spare.pop().unwrap_or_default();
             let (r, _) = self.ring.walk(head, &mut c)?;
             let bad = match r {
-                Err(e) => Some(e.to_string()),
+                Err(e) => Some(Unusable::Chain(e)),
                 Ok(()) => match RxDevice::check_chain(&c) {
-                    Err(e) => Some(e.to_string()),
-                    Ok(()) if c.writable_len() > max => {
-                        Some(format!("RX buffer of {} bytes", c.writable_len()))
-                    }
+                    Err(e) => Some(Unusable::Rx(e)),
+                    Ok(()) if c.writable_len() > max => Some(Unusable::TooLarge(c.writable_len())),
                     Ok(()) => None,
                 },
             };
@@ -166,7 +183,7 @@ impl RemoteRxQueue {
 
     /// Stages as many waiting frames as fit the held buffers and the
     /// staging area, and queues their WRITEs.
-    fn deliver(&mut self, budget: usize, out: &mut PollOutcome) -> Result<(), QueueFailure> {
+    fn deliver(&mut self, budget: usize, out: &mut PollOutcome) -> Result<(), RemoteQueueError> {
         let mut off = self.ring.areas.data;
         // SAFETY: reading the length only; no fabric operation or other
         // reference touches the buffer while the sidecore runs this queue.
@@ -197,10 +214,7 @@ impl RemoteRxQueue {
             };
             self.frame.clear();
             self.frame.extend(self.held.drain(..n));
-            self.ring
-                .staging()
-                .zero(off, need)
-                .map_err(|e| fail(&self.ring.name, e))?;
+            self.ring.staging().zero(off, need)?;
             let first = self.used.len();
             let view = StagedChains {
                 buf: &self.ring.staging,
@@ -237,7 +251,7 @@ impl RemoteRxQueue {
         Ok(())
     }
 
-    fn serve(&mut self, budget: usize) -> Result<PollOutcome, QueueFailure> {
+    fn serve(&mut self, budget: usize) -> Result<PollOutcome, RemoteQueueError> {
         self.ring.drain_cq(None)?;
         let mut res = PollOutcome::default();
         loop {
@@ -305,7 +319,8 @@ impl ServedQueue for RemoteRxQueue {
     fn set_notifications(&mut self, enabled: bool) -> Result<bool, QueueFailure> {
         let news = self
             .ring
-            .set_notifications(enabled, self.stage != Stage::Idle)?;
+            .set_notifications(enabled, self.stage != Stage::Idle)
+            .map_err(|e| self.ring.failure(e))?;
         if !enabled {
             self.port.disarm();
             return Ok(news);

@@ -15,16 +15,17 @@
 //!
 //! Steps 1-2, the waves and the control messages are the shared
 //! `FabricRing` (`fabric_ring.rs`), which the virtio-net RX queue
-//! (`rx_queue.rs`) uses too. Any [`DeviceModel`] that turns one chain into
+//! (`net_rx.rs`) uses too. Any [`DeviceModel`] that turns one chain into
 //! one reply serves through this queue: virtio-blk and virtio-net TX.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Duration;
 
 use vrio_rdma::{Domain, Endpoint};
 
-use super::fabric_ring::{fail, Dir, FabricRing, Stage};
+use super::config::RemoteQueueConfig;
+use super::fabric_ring::{Dir, FabricRing, Stage};
+use super::queue_error::RemoteQueueError;
 use super::staging::StagedChain;
 use super::stats::RemoteStats;
 use super::wire::{Attach, NotifyMode};
@@ -32,42 +33,6 @@ use crate::device::DeviceModel;
 use crate::memory::MemoryError;
 use crate::ring::{ChainError, DescriptorChain};
 use crate::sidecore::{PollOutcome, QueueFailure, ServedQueue};
-
-#[derive(Debug, Clone, Copy)]
-pub struct RemoteQueueConfig {
-    /// Largest request (all segments) served; larger ones fail.
-    pub max_request: usize,
-    /// Requests per batch (also bounded by the sidecore's budget).
-    pub max_batch: usize,
-    /// Fetches allowed per chain before it is refused.
-    pub max_fetches: u32,
-    /// Adaptive: a batch at least this big counts as busy...
-    pub busy_batch: usize,
-    /// ...and this many busy batches in a row switch to remote polling.
-    pub busy_polls: u32,
-    /// Adaptive: this many empty remote polls switch back to doorbells.
-    pub idle_polls: u32,
-    /// Give up on the peer after this long without a completion.
-    pub op_timeout: Duration,
-    /// Work requests the endpoint's send queue holds: a wave larger than
-    /// what is free is posted in parts, each waiting for room.
-    pub send_depth: usize,
-}
-
-impl Default for RemoteQueueConfig {
-    fn default() -> Self {
-        Self {
-            max_request: 128 << 10,
-            max_batch: 32,
-            max_fetches: 4,
-            busy_batch: 4,
-            busy_polls: 8,
-            idle_polls: 256,
-            op_timeout: Duration::from_secs(10),
-            send_depth: vrio_rdma::EndpointConfig::default().send_depth as usize,
-        }
-    }
-}
 
 pub struct RemoteQueue<D> {
     ring: FabricRing,
@@ -114,7 +79,9 @@ impl<D: DeviceModel> RemoteQueue<D> {
 
     /// Answers the agent's ATTACH.
     pub fn reply_attach(&mut self, config: Vec<u8>) -> Result<(), QueueFailure> {
-        self.ring.reply_attach(config)
+        self.ring
+            .reply_attach(config)
+            .map_err(|e| self.ring.failure(e))
     }
 
     pub fn name(&self) -> &str {
@@ -138,7 +105,7 @@ impl<D: DeviceModel> RemoteQueue<D> {
     /// Advances this queue's batch without blocking on the fabric: a
     /// sidecore visits its other queues while a wave is in flight, so round
     /// trips overlap across queues.
-    fn serve(&mut self, budget: usize) -> Result<PollOutcome, QueueFailure> {
+    fn serve(&mut self, budget: usize) -> Result<PollOutcome, RemoteQueueError> {
         self.ring.drain_cq(None)?;
         let mut out = PollOutcome::default();
         loop {
@@ -152,7 +119,7 @@ impl<D: DeviceModel> RemoteQueue<D> {
                 }
                 Stage::Reading(target) | Stage::Writing(target) if self.ring.done_wr < target => {
                     if self.ring.stage_started.elapsed() > self.ring.cfg.op_timeout {
-                        return Err(fail(&self.ring.name, "fabric operation timed out"));
+                        return Err(RemoteQueueError::Timeout);
                     }
                     out.pending = 1;
                     return Ok(out);
@@ -175,7 +142,7 @@ impl<D: DeviceModel> RemoteQueue<D> {
 
     /// Learns of requests, validates their chains and posts the READ wave.
     /// False when there is nothing to do.
-    fn start_batch(&mut self, budget: usize) -> Result<bool, QueueFailure> {
+    fn start_batch(&mut self, budget: usize) -> Result<bool, RemoteQueueError> {
         // 1-2. Chains, validated over the shadow.
         let Some(learned) = self.ring.learn(budget.min(self.ring.cfg.max_batch))? else {
             return Ok(false);
@@ -230,17 +197,12 @@ impl<D: DeviceModel> RemoteQueue<D> {
                 if s.len == 0 {
                     continue;
                 }
-                self.ring
-                    .queue_wr(Dir::Read, s.addr, off, s.len as usize)
-                    .map_err(|e| fail(&self.ring.name, e))?;
+                self.ring.queue_wr(Dir::Read, s.addr, off, s.len as usize)?;
                 off += s.len as usize;
             }
             // Writable bytes start zeroed, so nothing stale leaks back.
             let wl = c.writable_len() as usize;
-            self.ring
-                .staging()
-                .zero(off, wl)
-                .map_err(|e| fail(&self.ring.name, e))?;
+            self.ring.staging().zero(off, wl)?;
             off += wl;
         }
         self.batch = batch;
@@ -261,7 +223,7 @@ impl<D: DeviceModel> RemoteQueue<D> {
 
     /// 4-5. Runs the device model over the staged bytes and posts the reply
     /// wave: data, used elements, then the immediate.
-    fn process_and_reply(&mut self) -> Result<(), QueueFailure> {
+    fn process_and_reply(&mut self) -> Result<(), RemoteQueueError> {
         let batch = std::mem::take(&mut self.batch);
         let bases = std::mem::take(&mut self.bases);
         let mut out = PollOutcome::default();
@@ -352,6 +314,7 @@ impl<D: DeviceModel> ServedQueue for RemoteQueue<D> {
     fn set_notifications(&mut self, enabled: bool) -> Result<bool, QueueFailure> {
         self.ring
             .set_notifications(enabled, self.stage != Stage::Idle)
+            .map_err(|e| self.ring.failure(e))
     }
 
     fn kick_fd(&self) -> Option<std::os::fd::RawFd> {

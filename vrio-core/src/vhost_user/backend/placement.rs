@@ -1,0 +1,50 @@
+//! Where each vring goes and which agent serves it, shared by the front's
+//! sessions and a controller follower.
+
+use std::sync::{Arc, Mutex};
+
+use crate::remote::{AttachedDevice, QueueTarget};
+
+/// Per-vring placement, shared by the front's sessions and a controller
+/// follower (`vrio-client vhost-user-blk --controller`).
+#[derive(Default)]
+pub struct Placement {
+    /// Where to attach vring q; None: [`super::RemoteFront::server`], the
+    /// server's choice of sidecore.
+    pub targets: Mutex<Vec<Option<QueueTarget>>>,
+    /// The agent serving vring q while it runs (its one queue, index 0).
+    pub attached: Mutex<Vec<Option<Arc<AttachedDevice>>>>,
+}
+
+impl std::fmt::Debug for Placement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Placement")
+            .field("targets", &self.targets.lock().map(|t| t.clone()).ok())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Placement {
+    pub fn target(&self, q: usize) -> Option<QueueTarget> {
+        self.targets.lock().ok()?.get(q).cloned().flatten()
+    }
+    pub fn set_target(&self, q: usize, t: QueueTarget) {
+        if let Ok(mut v) = self.targets.lock() {
+            if v.len() <= q {
+                v.resize(q + 1, None);
+            }
+            v[q] = Some(t);
+        }
+    }
+    pub fn attached(&self, q: usize) -> Option<Arc<AttachedDevice>> {
+        self.attached.lock().ok()?.get(q).cloned().flatten()
+    }
+    pub(super) fn set_attached(&self, q: usize, d: Option<Arc<AttachedDevice>>) {
+        if let Ok(mut v) = self.attached.lock() {
+            if v.len() <= q {
+                v.resize(q + 1, None);
+            }
+            v[q] = d;
+        }
+    }
+}
