@@ -7,11 +7,24 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-use vrio_core::memory::{anonymous_memory, LocalMemory};
+use vrio_core::memory::{anonymous_memory, LocalMemory, MemoryError};
 use vrio_core::models::DeviceSide;
-use vrio_core::ring::{DriverError, DriverQueue, IndirectArea, RingFeatures, RingLayout, Segment};
+use vrio_core::ring::{
+    DriverError, DriverQueue, IndirectArea, QueueError, RingFeatures, RingLayout, Segment,
+};
 
-use crate::guest::GuestError;
+/// Why a synthetic guest could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    #[error("guest memory: {0}")]
+    Memory(#[from] MemoryError),
+    #[error("ring: {0}")]
+    Queue(#[from] QueueError),
+    #[error("eventfd: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("bad guest config: {0}")]
+    Config(String),
+}
 
 /// Page size the layouts align to.
 pub const PAGE: u64 = 4096;

@@ -9,11 +9,12 @@ use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use vrio_core::memory::{LocalMemory, MemoryError};
+use vrio_core::memory::LocalMemory;
 
+pub use crate::driver::GuestError;
 use crate::driver::{build_queues, device_side, GuestRing};
 use vrio_core::models::DeviceSide;
-use vrio_core::ring::{DriverQueue, QueueError, RingFeatures};
+use vrio_core::ring::{DriverQueue, RingFeatures};
 
 pub use pattern::{fill_pattern, pattern_matches};
 pub use workload::{run_queue, QueueReport, WorkloadConfig};
@@ -44,18 +45,6 @@ impl Default for GuestConfig {
             },
         }
     }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum GuestError {
-    #[error("guest memory: {0}")]
-    Memory(#[from] MemoryError),
-    #[error("ring: {0}")]
-    Queue(#[from] QueueError),
-    #[error("eventfd: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("bad guest config: {0}")]
-    Config(String),
 }
 
 /// Where one queue's request slots live.

@@ -1,6 +1,6 @@
 //! Synthetic virtio-net guests: guest memory, an RX and a TX split ring
 //! driven by [`DriverQueue`], kick and call eventfds, and buffer areas.
-//! [`super::traffic`] drives them.
+//! `traffic.rs` drives them.
 
 use std::sync::Arc;
 
