@@ -7,7 +7,7 @@
 //! through [`RemoteQueue`]`<TxDevice>`, RX through [`RemoteRxQueue`]), the
 //! net devices switched among themselves by [`NetDevices`].
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -174,6 +174,8 @@ impl IoServer {
             blk_stats: stats.clone(),
             net_stats: net_stats.clone(),
         };
+        let admitting = Arc::new(AtomicUsize::new(0));
+        let cfg = Arc::new(cfg);
         let accept = std::thread::Builder::new()
             .name("vrio-accept".into())
             .spawn(move || {
@@ -191,18 +193,28 @@ impl IoServer {
                     if s.load(Relaxed) {
                         break;
                     }
-                    let peer = ep.peer();
-                    match admit(&*d, ep, &kinds, &cfg) {
-                        Ok((q, hint)) => {
-                            let Ok(mut scs) = sc.lock() else { break };
-                            match scs.place(q, hint) {
-                                Ok((name, k)) => {
-                                    tracing::info!(queue = %name, %peer, sidecore = k, "queue attached")
-                                }
-                                Err(e) => tracing::error!(error = %e, "sidecore gone"),
-                            }
-                        }
-                        Err(e) => tracing::warn!(%peer, error = %e, "attach refused"),
+                    // Each attach waits for its agent on a thread of its own,
+                    // so one slow or silent agent holds up no other; the
+                    // number waiting at once is bounded.
+                    if admitting.load(Relaxed) >= MAX_ADMITTING {
+                        tracing::warn!(peer = %ep.peer(), limit = MAX_ADMITTING, "too many attaches in progress; connection refused");
+                        continue;
+                    }
+                    admitting.fetch_add(1, Relaxed);
+                    let job = Admission {
+                        domain: d.clone(),
+                        kinds: kinds.clone(),
+                        cfg: cfg.clone(),
+                        sidecores: sc.clone(),
+                        stop: s.clone(),
+                        admitting: admitting.clone(),
+                    };
+                    let spawned = std::thread::Builder::new()
+                        .name("vrio-admit".into())
+                        .spawn(move || job.run(ep));
+                    if let Err(e) = spawned {
+                        admitting.fetch_sub(1, Relaxed);
+                        tracing::error!(error = %e, "cannot start an attach thread; connection refused");
                     }
                 }
             })?;
@@ -366,7 +378,46 @@ impl Drop for IoServer {
     }
 }
 
+/// Attaches waiting for their agent's ATTACH at once; more connections are
+/// refused until one finishes (each waits at most `ATTACH_WAIT`).
+const MAX_ADMITTING: usize = 64;
+/// How long a new connection may take to send its ATTACH.
+const ATTACH_WAIT: Duration = Duration::from_secs(10);
+
+/// One connection being attached, on its own thread.
+struct Admission {
+    domain: Arc<dyn Domain>,
+    kinds: Kinds,
+    cfg: Arc<IoServerConfig>,
+    sidecores: Arc<Mutex<Sidecores>>,
+    stop: Arc<AtomicBool>,
+    admitting: Arc<AtomicUsize>,
+}
+
+impl Admission {
+    fn run(self, ep: Box<dyn Endpoint>) {
+        let peer = ep.peer();
+        match admit(&*self.domain, ep, &self.kinds, &self.cfg) {
+            // A queue admitted while the server stops is dropped, which
+            // closes its endpoint: the agent sees the server gone.
+            Ok(_) if self.stop.load(Relaxed) => {}
+            Ok((q, hint)) => match self.sidecores.lock() {
+                Ok(mut scs) => match scs.place(q, hint) {
+                    Ok((name, k)) => {
+                        tracing::info!(queue = %name, %peer, sidecore = k, "queue attached")
+                    }
+                    Err(e) => tracing::error!(error = %e, "sidecore gone"),
+                },
+                Err(_) => tracing::error!("sidecore registry poisoned; attach dropped"),
+            },
+            Err(e) => tracing::warn!(%peer, error = %e, "attach refused"),
+        }
+        self.admitting.fetch_sub(1, Relaxed);
+    }
+}
+
 /// What a queue is built from, by device type.
+#[derive(Clone)]
 struct Kinds {
     backend: Arc<dyn BlockBackend>,
     net: Arc<NetDevices>,
@@ -423,7 +474,7 @@ fn admit(
                 len: MAX_MSG as u32,
             },
         }])?;
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + ATTACH_WAIT;
         let mut c = [Completion::EMPTY];
         loop {
             if ep.poll(&mut c)? == 1 {
