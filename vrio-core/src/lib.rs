@@ -10,6 +10,7 @@ pub mod device;
 pub mod memory;
 pub mod models;
 pub mod net;
+pub mod proto;
 pub mod remote;
 pub mod ring;
 pub mod sidecore;

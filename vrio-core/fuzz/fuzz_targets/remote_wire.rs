@@ -1,4 +1,4 @@
-//! `remote::wire::Message::decode` on any bytes a peer (agent or I/O
+//! `proto::wire::Message::decode` on any bytes a peer (agent or I/O
 //! server) can SEND: it must never panic, refuses oversized input, and
 //! whatever decodes re-encodes to a message that decodes to the same value
 //! (decode(encode(m)) == m), from exactly the bytes decode consumed.
@@ -8,7 +8,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vrio_core::remote::wire::{DeviceKind, Message, WireError, MAGIC, MAX_MSG, VERSION};
+use vrio_core::proto::wire::{DeviceKind, Message, WireError, MAGIC, MAX_MSG, VERSION};
 
 fuzz_target!(|data: &[u8]| {
     let m = match Message::decode(data) {

@@ -19,13 +19,15 @@ use vrio_rdma::{
     WcStatus,
 };
 
-use super::config::RemoteQueueConfig;
 use super::queue_error::RemoteQueueError;
-use super::shadow::Shadow;
 use super::staging::StagingBuffer;
 use super::stats::RemoteStats;
-use super::wire::{Attach, DoorbellEntry, Message, NotifyMode, SetMode, WireRegion, MAX_MSG};
 use crate::memory::{GuestRegion, MemoryError, MemoryMap};
+use crate::proto::config::RemoteQueueConfig;
+use crate::proto::shadow::Shadow;
+use crate::proto::wire::{
+    Attach, DoorbellEntry, Message, NotifyMode, SetMode, WireRegion, MAX_MSG,
+};
 use crate::ring::{ChainError, DescriptorChain, QueueError, RingFeatures, RingLayout, Walker};
 use crate::sidecore::{PollOutcome, QueueFailure};
 
@@ -227,7 +229,7 @@ impl FabricRing {
 
     /// Answers the agent's ATTACH.
     pub(super) fn reply_attach(&mut self, config: Vec<u8>) -> Result<(), RemoteQueueError> {
-        self.send(&Message::AttachReply(super::wire::AttachReply {
+        self.send(&Message::AttachReply(crate::proto::wire::AttachReply {
             status: 0,
             config,
         }))
@@ -431,7 +433,7 @@ impl FabricRing {
         // Counted first: the agent may close the link as soon as it reads
         // the answer, before our send completes.
         self.stats.handovers.fetch_add(1, Relaxed);
-        self.send(&Message::Quiesced(super::wire::Quiesced { next }))?;
+        self.send(&Message::Quiesced(crate::proto::wire::Quiesced { next }))?;
         tracing::info!(queue = %self.name, next, "queue handed back to the VM host");
         Err(RemoteQueueError::HandedBack { next })
     }

@@ -4,38 +4,37 @@
 //! - [`agent`]: the VM-host side, a library a VMM links (registration,
 //!   doorbells, used.idx publication, interrupts);
 //! - [`remote_queue`]: the I/O server side of one queue, a
-//!   [`crate::sidecore::ServedQueue`], bounded by [`config`];
+//!   [`crate::sidecore::ServedQueue`], bounded by `proto::config`;
 //! - [`server`]: accepts attachments and spreads queues over sidecores;
 //! - [`net_rx`]: a virtio-net receive queue on the I/O server;
 //! - [`net_devices`]: the server's switch and its net devices' ports;
-//! - [`wire`]: the messages between them;
-//! - [`shadow`], [`staging`]: local copies of guest rings and buffers.
+//! - [`staging`]: local copies of guest buffers.
+//!
+//! The messages between them (`wire`), the server's shadow of guest rings
+//! and the queue limits are in `proto`, which does no I/O.
 
 pub mod agent;
-pub mod config;
 mod fabric_ring;
 pub mod net_devices;
 pub mod net_rx;
 mod queue_error;
 pub mod remote_queue;
 pub mod server;
-pub mod shadow;
 pub mod staging;
 pub mod stats;
-pub mod wire;
 
+pub use crate::proto::config::RemoteQueueConfig;
+pub use crate::proto::wire::{DeviceKind, NotifyMode, ANY_SIDECORE};
 pub use agent::{
     attach, attach_placed, AgentConfig, AgentError, AgentStats, AttachedDevice, DeviceAttach,
     LinkState, MoveReport, QueueAttach, QueueStatus, QueueTarget,
 };
-pub use config::RemoteQueueConfig;
 pub use net_devices::{NetDeviceError, NetDevices, NetServerConfig};
 pub use net_rx::RemoteRxQueue;
 pub use queue_error::RemoteQueueError;
 pub use remote_queue::RemoteQueue;
 pub use server::{IoServer, IoServerConfig, ServerError};
 pub use stats::{RemoteSnapshot, RemoteStats};
-pub use wire::{DeviceKind, NotifyMode, ANY_SIDECORE};
 
 /// The wire's numeric device id for a controller's device id: the number
 /// itself when the id is decimal, else a stable 64-bit hash (FNV-1a), so

@@ -12,10 +12,10 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use super::wire::DeviceKind;
 use crate::net::{
     config_space, MacAddr, NetConfig, Port, PortSnapshot, Switch, SwitchConfig, RX_QUEUE, TX_QUEUE,
 };
+use crate::proto::wire::DeviceKind;
 
 /// Why a net device's queue was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -30,13 +30,13 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vrio_rdma::{Domain, Endpoint};
 
-use super::config::RemoteQueueConfig;
 use super::fabric_ring::{FabricRing, Stage};
 use super::queue_error::RemoteQueueError;
 use super::staging::StagedChains;
 use super::stats::RemoteStats;
-use super::wire::Attach;
 use crate::net::{DropReason, Fit, FrameSource, Port, RxChainError, RxDevice, HDR_LEN};
+use crate::proto::config::RemoteQueueConfig;
+use crate::proto::wire::Attach;
 use crate::ring::{ChainError, DescriptorChain};
 use crate::sidecore::{PollOutcome, QueueFailure, ServedQueue};
 

@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use vrio_rdma::{FabricError, WcStatus};
 
-use super::wire::{Message, WireError};
 use crate::memory::MemoryError;
+use crate::proto::wire::{Message, WireError};
 use crate::ring::QueueError;
 use crate::sidecore::QueueFailure;
 

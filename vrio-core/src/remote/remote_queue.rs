@@ -5,7 +5,7 @@
 //! 1. learn of requests: doorbells already received (doorbell mode), or one
 //!    READ of the avail ring (remote poll);
 //! 2. walk and validate each chain over a
-//!    [`Shadow`](super::shadow::Shadow); what is missing is fetched with
+//!    [`Shadow`](crate::proto::shadow::Shadow); what is missing is fetched with
 //!    READ (the whole table once, then indirect tables);
 //! 3. one wave of READs brings every readable segment into staging;
 //! 4. the unchanged device model runs over the staged bytes;
@@ -23,14 +23,14 @@ use std::sync::Arc;
 
 use vrio_rdma::{Domain, Endpoint};
 
-use super::config::RemoteQueueConfig;
 use super::fabric_ring::{Dir, FabricRing, Stage};
 use super::queue_error::RemoteQueueError;
 use super::staging::StagedChain;
 use super::stats::RemoteStats;
-use super::wire::{Attach, NotifyMode};
 use crate::device::DeviceModel;
 use crate::memory::MemoryError;
+use crate::proto::config::RemoteQueueConfig;
+use crate::proto::wire::{Attach, NotifyMode};
 use crate::ring::{ChainError, DescriptorChain};
 use crate::sidecore::{PollOutcome, QueueFailure, ServedQueue};
 

@@ -16,16 +16,16 @@ use vrio_rdma::{
     Access, Completion, Domain, Endpoint, EndpointConfig, FabricError, RecvRequest, Sge, WcStatus,
 };
 
-use super::config::RemoteQueueConfig;
 use super::net_devices::{NetDeviceError, NetDevices, NetQueue, NetServerConfig};
 use super::net_rx::RemoteRxQueue;
 use super::remote_queue::RemoteQueue;
 use super::staging::StagingBuffer;
 use super::stats::RemoteStats;
-use super::wire::{Attach, DeviceKind, Message, WireError, MAX_MSG};
 use crate::blk::{BlockBackend, BlockConfig, BlockDevice};
 use crate::memory::MemoryError;
 use crate::net::{RxDevice, TxDevice};
+use crate::proto::config::RemoteQueueConfig;
+use crate::proto::wire::{Attach, DeviceKind, Message, WireError, MAX_MSG};
 use crate::sidecore::{QueueFailure, ServedQueue, SidecoreConfig, SidecoreHandle, SidecoreThread};
 
 #[derive(Debug, Clone)]

@@ -204,7 +204,7 @@ pub fn attach_net_remote(
         },
         AgentConfig {
             mode,
-            device: vrio_core::remote::wire::DeviceKind::Net { mac: guest.cfg.mac },
+            device: vrio_core::remote::DeviceKind::Net { mac: guest.cfg.mac },
             ..AgentConfig::default()
         },
     )

@@ -1,0 +1,733 @@
+//! The VM-host side of one remote queue, as a state machine that does no
+//! I/O: no threads, file descriptors, endpoints or clocks. The runtime
+//! (`remote::agent`) feeds it events — a guest kick, a completion the
+//! server signalled with an immediate, a message from the server, a move
+//! command, a link failure, the time — and carries out the [`Action`]s it
+//! queues: send a message, close the link, attach somewhere else, interrupt
+//! the guest, answer the move command. It reads and writes the guest's ring
+//! through [`GuestMemory`] only, so tests drive it over plain memory with a
+//! fake clock.
+//!
+//! What it guarantees:
+//! - every avail entry is announced to the serving server once per link
+//!   (doorbell mode), from where that server will serve;
+//! - used.idx only moves forward, and never past what the guest made
+//!   available (a server that claims more is cut off);
+//! - a move either hands over at the old server's stopping index (live) or
+//!   resumes at the used index published here (failover), so no request is
+//!   lost and none completes twice.
+
+use std::collections::VecDeque;
+use std::num::Wrapping;
+use std::sync::atomic::{fence, AtomicU64, Ordering, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vrio_rdma::{FabricError, WcStatus};
+
+use super::wire::{
+    doorbell_entry_size, Doorbell, DoorbellEntry, Message, NotifyMode, WireError, ANY_SIDECORE,
+    DOORBELL_HEADER, MAX_MSG,
+};
+use crate::memory::{GuestMemory, MemoryError, MemoryMap};
+use crate::ring::layout::VRING_USED_F_NO_NOTIFY;
+use crate::ring::{Descriptor, DeviceQueue, QueueError, RingFeatures, RingLayout, RingState};
+
+/// Why attaching, serving or moving a queue failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The fabric refused an operation (connect, post, poll).
+    #[error("fabric: {0}")]
+    Fabric(#[from] FabricError),
+    /// The I/O server answered the ATTACH with a non-zero status.
+    #[error("the I/O server refused queue {queue}: status {status}")]
+    Refused {
+        /// The queue, as the device numbers it.
+        queue: u16,
+        /// The server's status code.
+        status: u16,
+    },
+    /// The caller's placement does not match the device.
+    #[error("{targets} targets for {queues} queues")]
+    TargetCount {
+        /// Targets given.
+        targets: usize,
+        /// Queues the device has.
+        queues: usize,
+    },
+    /// Guest memory (or the agent's message buffers) out of reach.
+    #[error("memory: {0}")]
+    Memory(#[from] MemoryError),
+    /// The guest's ring is unusable (misplaced, or its memory unreachable).
+    #[error("guest ring: {0}")]
+    Ring(#[from] QueueError),
+    /// The server completed requests the guest never made available.
+    #[error(
+        "the server completed up to {idx}, past the guest's avail index {avail} (used was {used})"
+    )]
+    CompletedPastAvail {
+        /// The used index the server announced.
+        idx: u16,
+        /// The guest's avail index.
+        avail: u16,
+        /// The used index before.
+        used: u16,
+    },
+    /// The server's bytes do not decode.
+    #[error("bad message from the I/O server: {0}")]
+    BadMessage(#[source] WireError),
+    /// A message that has no place where it arrived.
+    #[error("unexpected message from the I/O server: {0:?}")]
+    UnexpectedMessage(Box<Message>),
+    /// A message of ours did not encode.
+    #[error("encoding a message: {0}")]
+    Encode(#[source] WireError),
+    /// A receive completion named a buffer the agent never posted.
+    #[error("receive id out of range")]
+    RecvOutOfRange,
+    /// A failed completion on the link to the server.
+    #[error("fabric completion {status:?} (wr {wr_id:#x})")]
+    Completion {
+        /// How it failed.
+        status: WcStatus,
+        /// Which work request.
+        wr_id: u64,
+    },
+    /// The server closed the link before answering an ATTACH.
+    #[error(
+        "the I/O server dropped the connection while attaching queue {queue} ({status:?}); \
+         its log says why (a different vrio wire version, rings outside guest memory, ...)"
+    )]
+    AttachDropped {
+        /// The queue being attached.
+        queue: u16,
+        /// The completion status that ended the link.
+        status: WcStatus,
+    },
+    /// No ATTACH reply within the agent's timeout.
+    #[error("no attach reply from the server")]
+    NoAttachReply,
+    /// The old server did not answer QUIESCE within the timeout.
+    #[error("no answer to QUIESCE")]
+    NoQuiesceAnswer,
+    /// A move (a quiesce and an attach) did not end within twice the
+    /// timeout.
+    #[error("moving queue {0} did not finish")]
+    MoveUnfinished(u16),
+    /// The send ring stayed full (no send completed).
+    #[error("send queue stuck")]
+    SendQueueStuck,
+    /// The queue is orphaned: there is no server to send to.
+    #[error("queue has no server")]
+    NoServer,
+    /// A move named a queue the device does not have.
+    #[error("no queue {0} on this device")]
+    NoSuchQueue(u16),
+    /// A move was asked for while the queue was already moving.
+    #[error("queue {0} is already moving")]
+    Busy(u16),
+    /// The agent thread is gone (detached).
+    #[error("the agent has stopped")]
+    Stopped,
+    /// An OS call (eventfd, epoll, thread) failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Where a queue is served: an I/O server's fabric address and one of its
+/// sidecores ([`ANY_SIDECORE`]: the server chooses).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueTarget {
+    /// The I/O server's fabric address.
+    pub server: String,
+    /// The sidecore, or [`ANY_SIDECORE`].
+    pub sidecore: u16,
+}
+
+impl QueueTarget {
+    /// `server`, on whichever sidecore it chooses.
+    pub fn any(server: &str) -> Self {
+        Self {
+            server: server.to_string(),
+            sidecore: ANY_SIDECORE,
+        }
+    }
+}
+
+/// How a queue is linked to its server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    /// An I/O server serves the queue.
+    Serving,
+    /// Handing over: the old server is finishing its batch.
+    Moving,
+    /// The server was lost; requests wait in the ring for a new placement.
+    Orphaned,
+}
+
+/// One queue's placement and history, as the agent last saw it.
+#[derive(Debug, Clone)]
+pub struct QueueStatus {
+    /// The queue, as the device numbers it.
+    pub queue: u16,
+    /// Where it is (or was last) served.
+    pub target: QueueTarget,
+    /// How it is linked.
+    pub state: LinkState,
+    /// The used index the agent last published.
+    pub used: u16,
+    /// Handovers from a live server.
+    pub moves: u64,
+    /// Re-attachments after a lost server.
+    pub failovers: u64,
+}
+
+/// What a move did.
+#[derive(Debug, Clone, Copy)]
+pub struct MoveReport {
+    /// The queue moved.
+    pub queue: u16,
+    /// The ring index the new server resumed at.
+    pub resumed_at: u16,
+    /// The old server was gone: requests after `resumed_at` were re-served.
+    pub failover: bool,
+    /// From the command to the queue being served again.
+    pub took: Duration,
+    /// For a failover: how long the queue had no server (from the moment
+    /// the agent saw the link fail to the queue being served again).
+    pub down: Option<Duration>,
+}
+
+/// What the agent did, for benchmarks and tests (all queues of a device).
+#[derive(Debug, Default)]
+pub struct AgentStats {
+    /// Doorbell messages sent.
+    pub doorbells: AtomicU64,
+    /// Used-index updates published.
+    pub completions: AtomicU64,
+    /// Guest interrupts raised.
+    pub interrupts: AtomicU64,
+    /// Guest kicks seen.
+    pub kicks: AtomicU64,
+    /// CPU time of the agent thread, in ns (set when it ends).
+    pub cpu_ns: AtomicU64,
+    /// Handovers from a live server.
+    pub moves: AtomicU64,
+    /// Re-attachments after a lost server.
+    pub failovers: AtomicU64,
+    /// Queues that lost their server.
+    pub orphaned: AtomicU64,
+}
+
+/// What the runtime must do for the queue, in order.
+#[derive(Debug)]
+pub enum Action {
+    /// Send this message on the queue's current link. If that fails, tell
+    /// the queue with [`HostQueue::on_link_error`].
+    Send(Message),
+    /// Close the current link: its endpoint and rkeys go, which fences the
+    /// old server out of guest memory.
+    CloseLink,
+    /// Open a link to `to` and attach the queue there at ring index
+    /// `start`; then call [`HostQueue::attached`] or
+    /// [`HostQueue::attach_failed`].
+    Attach {
+        /// Where.
+        to: QueueTarget,
+        /// The ring index the server starts serving at.
+        start: u16,
+    },
+    /// Interrupt the guest (write its call eventfd).
+    Interrupt,
+    /// The move command under way ended; answer it with this.
+    MoveDone(Result<MoveReport, AgentError>),
+}
+
+/// The protocol limits of a queue's VM-host side.
+#[derive(Debug, Clone, Copy)]
+pub struct HostQueueConfig {
+    /// How requests reach the server at first (it may switch adaptive
+    /// queues between doorbells and remote polling).
+    pub mode: NotifyMode,
+    /// Descriptors copied per chain into a doorbell (the server fetches
+    /// the rest).
+    pub chain_copy: usize,
+    /// QUIESCE answers must arrive within this.
+    pub timeout: Duration,
+}
+
+enum Link {
+    Serving,
+    Quiescing {
+        to: QueueTarget,
+        started: Instant,
+    },
+    /// An [`Action::Attach`] is being carried out.
+    Attaching {
+        to: QueueTarget,
+        start: u16,
+        started: Instant,
+        /// Set for a failover: when the queue lost its server.
+        down_since: Option<Instant>,
+        /// Whether a move command waits for the outcome.
+        commanded: bool,
+    },
+    Orphaned {
+        since: Instant,
+    },
+}
+
+/// The VM-host side of one queue: announces the guest's requests,
+/// publishes the server's completions, and hands the queue over between
+/// servers.
+pub struct HostQueue {
+    index: u16,
+    layout: RingLayout,
+    features: RingFeatures,
+    dq: DeviceQueue,
+    cfg: HostQueueConfig,
+    /// The next avail position not yet announced to the server.
+    last_pushed: Wrapping<u16>,
+    polled_by_server: bool,
+    target: QueueTarget,
+    link: Link,
+    moves: u64,
+    failovers: u64,
+    stats: Arc<AgentStats>,
+    actions: VecDeque<Action>,
+}
+
+impl HostQueue {
+    /// Queue `index` of a device, on guest memory `map`, served by `target`
+    /// from ring index `start` (the link is already attached there).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        index: u16,
+        layout: RingLayout,
+        features: RingFeatures,
+        map: &MemoryMap,
+        start: u16,
+        target: QueueTarget,
+        cfg: HostQueueConfig,
+        stats: Arc<AgentStats>,
+    ) -> Result<Self, QueueError> {
+        let mut dq = DeviceQueue::new(layout, features, map)?;
+        dq.set_state(RingState {
+            next_avail: start,
+            next_used: start,
+        });
+        Ok(Self {
+            index,
+            layout,
+            features,
+            dq,
+            cfg,
+            last_pushed: Wrapping(start),
+            polled_by_server: cfg.mode == NotifyMode::RemotePoll,
+            target,
+            link: Link::Serving,
+            moves: 0,
+            failovers: 0,
+            stats,
+            actions: VecDeque::new(),
+        })
+    }
+
+    /// The queue's number on its device.
+    pub fn index(&self) -> u16 {
+        self.index
+    }
+
+    /// The guest's ring.
+    pub fn layout(&self) -> &RingLayout {
+        &self.layout
+    }
+
+    /// The ring features the driver negotiated.
+    pub fn features(&self) -> RingFeatures {
+        self.features
+    }
+
+    /// Whether the current link is being closed (its remaining completions
+    /// no longer matter).
+    pub fn link_closing(&self) -> bool {
+        self.actions.iter().any(|a| matches!(a, Action::CloseLink))
+    }
+
+    /// The next action to carry out, if any.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// Whether the queue has a link to serve on (the runtime drops guest
+    /// kicks otherwise: the ring itself remembers the requests).
+    pub fn is_linked(&self) -> bool {
+        !matches!(self.link, Link::Orphaned { .. })
+    }
+
+    /// Whether a move is under way (a second one is refused).
+    pub fn is_moving(&self) -> bool {
+        matches!(self.link, Link::Quiescing { .. } | Link::Attaching { .. })
+    }
+
+    /// When [`HostQueue::on_timer`] must run next, if ever.
+    pub fn deadline(&self) -> Option<Instant> {
+        match &self.link {
+            Link::Quiescing { started, .. } => Some(*started + self.cfg.timeout),
+            _ => None,
+        }
+    }
+
+    /// Where the queue is served, as of now.
+    pub fn status(&self) -> QueueStatus {
+        QueueStatus {
+            queue: self.index,
+            target: self.target.clone(),
+            state: match self.link {
+                Link::Serving => LinkState::Serving,
+                Link::Quiescing { .. } | Link::Attaching { .. } => LinkState::Moving,
+                Link::Orphaned { .. } => LinkState::Orphaned,
+            },
+            used: self.dq.state().next_used,
+            moves: self.moves,
+            failovers: self.failovers,
+        }
+    }
+
+    /// The link is up (the first attach succeeded): turn guest kicks on
+    /// unless the server polls.
+    pub fn start<M: GuestMemory + ?Sized>(&mut self, mem: &M) {
+        self.set_kicks(mem, !self.polled_by_server);
+    }
+
+    /// The guest kicked.
+    pub fn on_kick<M: GuestMemory + ?Sized>(&mut self, mem: &M, now: Instant) {
+        self.stats.kicks.fetch_add(1, Relaxed);
+        if !self.polled_by_server && matches!(self.link, Link::Serving) {
+            if let Err(e) = self.push(mem) {
+                self.on_link_error(e.into(), now);
+            }
+        }
+    }
+
+    /// The server's WRITE_WITH_IMM said the used ring holds entries up to
+    /// `idx`: publish it, and interrupt the guest if it asks for that.
+    pub fn on_used<M: GuestMemory + ?Sized>(&mut self, mem: &M, idx: u16, now: Instant) {
+        if let Err(e) = self.publish_used(mem, idx) {
+            self.on_link_error(e, now);
+        }
+    }
+
+    fn publish_used<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        idx: u16,
+    ) -> Result<(), AgentError> {
+        // A server may complete only what the guest posted.
+        let used = self.dq.state().next_used;
+        let avail = mem.load_u16(self.layout.avail_idx())?;
+        if idx.wrapping_sub(used) > avail.wrapping_sub(used) {
+            return Err(AgentError::CompletedPastAvail { idx, avail, used });
+        }
+        // The used elements landed before the immediate (RC ordering);
+        // publishing the index releases them.
+        self.dq.publish_used(mem, idx)?;
+        self.stats.completions.fetch_add(1, Relaxed);
+        if self.dq.needs_notification(mem)? {
+            self.actions.push_back(Action::Interrupt);
+            self.stats.interrupts.fetch_add(1, Relaxed);
+        }
+        Ok(())
+    }
+
+    /// A message from the server.
+    pub fn on_message<M: GuestMemory + ?Sized>(&mut self, mem: &M, m: Message, now: Instant) {
+        match m {
+            Message::SetMode(m) if m.poll => {
+                self.polled_by_server = true;
+                self.set_kicks(mem, false);
+            }
+            Message::SetMode(m) => {
+                // The server hands discovery back from its next avail on,
+                // so a request posted during the switch is not stranded.
+                self.polled_by_server = false;
+                self.last_pushed = Wrapping(m.next_avail);
+                self.set_kicks(mem, true);
+                if matches!(self.link, Link::Serving) {
+                    if let Err(e) = self.push(mem) {
+                        self.on_link_error(e.into(), now);
+                    }
+                }
+            }
+            // Everything before it arrived first (RC ordering).
+            Message::Quiesced(q) => self.on_quiesced(q.next),
+            other => self.on_link_error(AgentError::UnexpectedMessage(Box::new(other)), now),
+        }
+    }
+
+    /// A move command: hand the queue over to `to` (or fail over to it if
+    /// the old server is gone). Ends with an [`Action::MoveDone`].
+    pub fn on_move(&mut self, to: QueueTarget, now: Instant) {
+        match &self.link {
+            Link::Quiescing { .. } | Link::Attaching { .. } => {
+                self.actions
+                    .push_back(Action::MoveDone(Err(AgentError::Busy(self.index))));
+            }
+            Link::Serving if to == self.target => {
+                self.actions.push_back(Action::MoveDone(Ok(MoveReport {
+                    queue: self.index,
+                    resumed_at: self.dq.state().next_used,
+                    failover: false,
+                    took: Duration::ZERO,
+                    down: None,
+                })));
+            }
+            Link::Serving => {
+                self.actions.push_back(Action::Send(Message::Quiesce));
+                self.link = Link::Quiescing { to, started: now };
+            }
+            Link::Orphaned { since } => {
+                let since = *since;
+                self.reattach(to, now, Some(since), true);
+            }
+        }
+    }
+
+    /// The old server answered QUIESCE, stopping at `next`: resume on the
+    /// new one at the index published here.
+    fn on_quiesced(&mut self, next: u16) {
+        let Link::Quiescing { to, started } = std::mem::replace(&mut self.link, Link::Serving)
+        else {
+            tracing::warn!(queue = self.index, "QUIESCED without a move; ignored");
+            return;
+        };
+        let used = self.dq.state().next_used;
+        if next != used {
+            // Cannot happen on RC; re-serving from our index is safe anyway.
+            tracing::warn!(
+                queue = self.index,
+                server_next = next,
+                used,
+                "server stopped elsewhere than the agent's used index"
+            );
+        }
+        self.reattach(to, started, None, true);
+    }
+
+    /// Closes the link and attaches at `to`, resuming at the used index.
+    fn reattach(
+        &mut self,
+        to: QueueTarget,
+        started: Instant,
+        down_since: Option<Instant>,
+        commanded: bool,
+    ) {
+        // Messages queued for the old link are void.
+        self.actions.retain(|a| !matches!(a, Action::Send(_)));
+        self.actions.push_back(Action::CloseLink);
+        let start = self.dq.state().next_used;
+        self.actions.push_back(Action::Attach {
+            to: to.clone(),
+            start,
+        });
+        self.link = Link::Attaching {
+            to,
+            start,
+            started,
+            down_since,
+            commanded,
+        };
+    }
+
+    /// The [`Action::Attach`] succeeded: the queue is served again.
+    pub fn attached<M: GuestMemory + ?Sized>(&mut self, mem: &M, now: Instant) {
+        let Link::Attaching {
+            to,
+            start,
+            started,
+            down_since,
+            commanded,
+        } = std::mem::replace(&mut self.link, Link::Serving)
+        else {
+            return;
+        };
+        let failover = down_since.is_some();
+        self.target = to;
+        self.polled_by_server = self.cfg.mode == NotifyMode::RemotePoll;
+        self.last_pushed = Wrapping(start);
+        self.set_kicks(mem, !self.polled_by_server);
+        if failover {
+            self.failovers += 1;
+            self.stats.failovers.fetch_add(1, Relaxed);
+        } else {
+            self.moves += 1;
+            self.stats.moves.fetch_add(1, Relaxed);
+        }
+        tracing::info!(queue = self.index, server = %self.target.server, sidecore = self.target.sidecore, start, failover, "queue resumed");
+        if !self.polled_by_server {
+            // Requests the guest posted while the queue was moving.
+            if let Err(e) = self.push(mem) {
+                self.on_link_error(AgentError::Memory(e.clone()), now);
+                if commanded {
+                    self.actions
+                        .push_back(Action::MoveDone(Err(AgentError::Memory(e))));
+                }
+                return;
+            }
+        }
+        if commanded {
+            self.actions.push_back(Action::MoveDone(Ok(MoveReport {
+                queue: self.index,
+                resumed_at: start,
+                failover,
+                took: now.saturating_duration_since(started),
+                down: down_since.map(|t| now.saturating_duration_since(t)),
+            })));
+        }
+    }
+
+    /// The [`Action::Attach`] failed: the queue waits for another placement.
+    pub fn attach_failed(&mut self, e: AgentError, now: Instant) {
+        let Link::Attaching {
+            to,
+            started,
+            down_since,
+            commanded,
+            ..
+        } = std::mem::replace(&mut self.link, Link::Orphaned { since: now })
+        else {
+            return;
+        };
+        tracing::error!(queue = self.index, server = %to.server, error = %e, "re-attach failed; the queue waits for another placement");
+        self.link = Link::Orphaned {
+            since: down_since.unwrap_or(started),
+        };
+        if commanded {
+            self.actions.push_back(Action::MoveDone(Err(e)));
+        }
+    }
+
+    /// The link failed (a failed completion, a send that could not be
+    /// posted, a broken rule): fail over if a move was under way, else wait
+    /// for a new placement.
+    pub fn on_link_error(&mut self, e: AgentError, now: Instant) {
+        match std::mem::replace(&mut self.link, Link::Orphaned { since: now }) {
+            Link::Quiescing { to, started } => {
+                tracing::warn!(queue = self.index, error = %e, "the old server failed during a move; failing over");
+                self.reattach(to, started, Some(now), true);
+            }
+            Link::Orphaned { since } => self.link = Link::Orphaned { since },
+            // The attach itself reports its failure.
+            a @ Link::Attaching { .. } => self.link = a,
+            Link::Serving => {
+                tracing::error!(queue = self.index, server = %self.target.server, error = %e, "I/O server lost; the queue waits for a new placement");
+                self.stats.orphaned.fetch_add(1, Relaxed);
+                self.actions.retain(|a| !matches!(a, Action::Send(_)));
+                self.actions.push_back(Action::CloseLink);
+            }
+        }
+    }
+
+    /// Time passed: a quiesce without an answer means the old server is
+    /// lost.
+    pub fn on_timer(&mut self, now: Instant) {
+        if self.deadline().is_some_and(|d| now >= d) {
+            self.on_link_error(AgentError::NoQuiesceAnswer, now);
+        }
+    }
+
+    /// Turns guest kicks on or off (the agent is the "device" for kick
+    /// suppression; the server never writes ring flags).
+    fn set_kicks<M: GuestMemory + ?Sized>(&mut self, mem: &M, on: bool) {
+        let a = self.layout.used_flags();
+        let f = mem.load_u16(a).unwrap_or(0);
+        let f = if on {
+            f & !VRING_USED_F_NO_NOTIFY
+        } else {
+            f | VRING_USED_F_NO_NOTIFY
+        };
+        let _ = mem.store_u16(a, f);
+    }
+
+    /// Announces every avail entry from `last_pushed` on, then re-arms
+    /// kicks and re-checks, so no entry is left behind.
+    fn push<M: GuestMemory + ?Sized>(&mut self, mem: &M) -> Result<(), MemoryError> {
+        let size = self.layout.size;
+        for _ in 0..64 {
+            let avail = Wrapping(mem.load_u16(self.layout.avail_idx())?);
+            if (avail - self.last_pushed).0 > size {
+                // A broken guest: announce one ring's worth; the server
+                // validates everything anyway.
+                self.last_pushed = avail - Wrapping(size);
+            }
+            while self.last_pushed != avail {
+                let mut d = Doorbell {
+                    avail_idx: avail.0,
+                    entries: Vec::new(),
+                };
+                let mut bytes = DOORBELL_HEADER;
+                while self.last_pushed != avail {
+                    let e = self.copy_chain(mem, self.last_pushed.0);
+                    let sz = doorbell_entry_size(e.descs.len());
+                    if bytes + sz > MAX_MSG && !d.entries.is_empty() {
+                        break;
+                    }
+                    bytes += sz;
+                    d.entries.push(e);
+                    self.last_pushed += 1;
+                }
+                // Announce only what this doorbell carries.
+                d.avail_idx = self.last_pushed.0;
+                self.actions.push_back(Action::Send(Message::Doorbell(d)));
+                self.stats.doorbells.fetch_add(1, Relaxed);
+            }
+            if self.features.event_idx {
+                let _ = mem.store_u16(self.layout.avail_event(), avail.0);
+            }
+            fence(Ordering::SeqCst);
+            let again = mem.load_u16(self.layout.avail_idx()).unwrap_or(avail.0);
+            if again == avail.0 {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies a chain's descriptors (not validated: the server does that).
+    fn copy_chain<M: GuestMemory + ?Sized>(&self, mem: &M, pos: u16) -> DoorbellEntry {
+        let max = self.cfg.chain_copy;
+        let head = mem.load_u16(self.layout.avail_ring(pos)).unwrap_or(0);
+        let mut e = DoorbellEntry {
+            pos,
+            head,
+            descs: Vec::new(),
+        };
+        let mut idx = head;
+        while e.descs.len() < max && idx < self.layout.size {
+            let gpa = self.layout.desc_addr(idx);
+            let mut b = [0u8; 16];
+            if mem.read(gpa, &mut b).is_err() {
+                break;
+            }
+            e.descs.push((gpa, b));
+            let d = Descriptor::from_bytes(&b);
+            if d.is_indirect() {
+                let n = (d.len as usize / 16).min(max.saturating_sub(e.descs.len()));
+                for i in 0..n {
+                    let ga = d.addr.wrapping_add(16 * i as u64);
+                    let mut t = [0u8; 16];
+                    if mem.read(ga, &mut t).is_err() {
+                        break;
+                    }
+                    e.descs.push((ga, t));
+                }
+                break;
+            }
+            if !d.has_next() {
+                break;
+            }
+            idx = d.next;
+        }
+        e
+    }
+}
