@@ -43,6 +43,9 @@ pub(super) struct Areas {
 }
 
 const FETCH_MAX: usize = 64 << 10;
+/// Control messages (SET_MODE, QUIESCED, the ATTACH reply) in flight at
+/// once; more wait in order until a slot's SEND has completed.
+const MSG_SLOTS: usize = 4;
 
 /// Direction of a one-sided request, seen from the server.
 #[derive(Debug, Clone, Copy)]
@@ -52,11 +55,13 @@ pub(super) enum Dir {
     WriteImm(u32),
 }
 
-/// Where a queue's batch is: waiting for nothing, for its READ wave, or
-/// for its reply wave (each names the signalled work request that ends it).
+/// Where a queue's batch is: waiting for nothing, for a READ its intake
+/// needs (the avail ring, descriptors), for its READ wave, or for its reply
+/// wave (the waves name the signalled work request that ends them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Stage {
     Idle,
+    Intake,
     Reading(u64),
     Writing(u64),
 }
@@ -66,11 +71,57 @@ fn align(x: usize) -> usize {
     x.div_ceil(4096) * 4096
 }
 
-/// New avail entries a batch takes, in ring order, with the round trips
-/// spent learning of them.
-pub(super) struct Learned {
-    pub heads: Vec<u16>,
-    pub rtts: u64,
+/// What [`FabricRing::intake`] got.
+pub(super) enum Intake {
+    /// No new requests.
+    Nothing,
+    /// A READ (of the avail ring, or of descriptors) is in flight: call
+    /// again once it completed.
+    Waiting,
+    /// The batch's chains are in the caller's list, walked and validated
+    /// (or refused); `rtts` round trips were spent on learning and fetching.
+    Ready { rtts: u64 },
+}
+
+/// A READ of guest bytes into the shadow, in flight.
+#[derive(Debug, Clone, Copy)]
+struct Fetch {
+    wr: u64,
+    off: usize,
+    gpa: u64,
+    len: usize,
+}
+
+/// How far one chain's walk has got.
+#[derive(Debug, Default)]
+struct WalkState {
+    fetches: u32,
+    table_fetched: bool,
+    fetch: Option<Fetch>,
+    rtts: u64,
+}
+
+/// How far a batch's intake has got: learning of new avail entries (maybe
+/// waiting for a READ of the avail ring), then walking their chains one
+/// after another (maybe waiting for a fetch). Nothing here blocks: each
+/// wait returns to the sidecore, which serves its other queues meanwhile.
+#[derive(Debug, Default)]
+struct IntakeState {
+    /// A READ of the avail ring in flight.
+    avail_wr: Option<u64>,
+    /// This intake has read the avail ring already.
+    avail_read: bool,
+    /// Round trips spent learning.
+    learn_rtts: u64,
+    /// Learned heads, in ring order, once learning is done.
+    heads: Option<Vec<u16>>,
+    /// The next of `heads` to walk.
+    next: usize,
+    /// The chain being walked while a fetch is in flight.
+    chain: Option<DescriptorChain>,
+    walk: WalkState,
+    /// The most round trips one chain's walk took.
+    walk_rtts: u64,
 }
 
 pub(super) struct FabricRing {
@@ -110,6 +161,16 @@ pub(super) struct FabricRing {
     pub stats: Arc<RemoteStats>,
     /// The agent asked for the queue back: finish the batch, start no other.
     pub quiescing: bool,
+    /// The QUIESCED answer: not yet posted (Some(None)), or its SEND.
+    handing_back: Option<Option<u64>>,
+    /// Control messages waiting for a free slot, in order.
+    msgs: std::collections::VecDeque<Message>,
+    /// The last work request posted from each message slot.
+    msg_wr: [u64; MSG_SLOTS],
+    /// Work requests waiting for room in the send queue, in order.
+    backlog: Vec<SendRequest>,
+    intake: IntakeState,
+    scratch: Vec<u8>,
     /// Why the queue stopped: every later poll reports it again.
     failed: Option<RemoteQueueError>,
 }
@@ -169,7 +230,7 @@ impl FabricRing {
         let fetch = o;
         o = align(o + FETCH_MAX);
         let send = o;
-        o = align(o + MAX_MSG);
+        o = align(o + MSG_SLOTS * MAX_MSG);
         let data = o;
         let data_len = cfg.max_request * cfg.max_batch.max(1);
         let areas = Areas {
@@ -220,6 +281,12 @@ impl FabricRing {
             idle_run: 0,
             stats,
             quiescing: false,
+            handing_back: None,
+            msgs: std::collections::VecDeque::new(),
+            msg_wr: [0; MSG_SLOTS],
+            backlog: Vec::new(),
+            intake: IntakeState::default(),
+            scratch: Vec::new(),
             failed: None,
         };
         let recvs: Vec<RecvRequest> = (0..size).map(|i| q.recv_wr(i)).collect();
@@ -229,10 +296,11 @@ impl FabricRing {
 
     /// Answers the agent's ATTACH.
     pub(super) fn reply_attach(&mut self, config: Vec<u8>) -> Result<(), RemoteQueueError> {
-        self.send(&Message::AttachReply(crate::proto::wire::AttachReply {
+        self.send(Message::AttachReply(crate::proto::wire::AttachReply {
             status: 0,
             config,
         }))
+        .map(|_| ())
     }
 
     /// The next avail index the queue serves (== next used when idle).
@@ -315,29 +383,6 @@ impl FabricRing {
         self.wr_seq
     }
 
-    /// Posts the queued work requests and waits for the last one. One call
-    /// is one round trip; used only off the common path (remote polls,
-    /// fetches, control messages).
-    pub(super) fn flush_and_wait(&mut self) -> Result<(), RemoteQueueError> {
-        let Some(target) = self.post_wave()? else {
-            return Ok(());
-        };
-        let deadline = Instant::now() + self.cfg.op_timeout;
-        let mut spins = 0u32;
-        loop {
-            if self.drain_cq(Some(target))? {
-                return Ok(());
-            }
-            spins += 1;
-            if spins > 64 {
-                if Instant::now() > deadline {
-                    return Err(RemoteQueueError::Timeout);
-                }
-                std::thread::yield_now();
-            }
-        }
-    }
-
     /// Handles completions; true when `target` completed.
     pub(super) fn drain_cq(&mut self, target: Option<u64>) -> Result<bool, RemoteQueueError> {
         loop {
@@ -380,6 +425,10 @@ impl FabricRing {
             self.cqes = cqes;
             res?;
             if n < self.cqes.len() {
+                // Completions made room: post what waited, messages first
+                // in line after the work requests before them.
+                self.post_backlog()?;
+                self.flush_msgs()?;
                 return Ok(target.is_some_and(|t| self.done_wr >= t));
             }
         }
@@ -427,46 +476,94 @@ impl FabricRing {
     }
 
     /// The batch in flight has landed: tell the agent where we stopped and
-    /// retire. Idle means next avail == next used (in-order service).
+    /// retire once that answer is out. Idle means next avail == next used
+    /// (in-order service).
     pub(super) fn hand_back(&mut self) -> Result<PollOutcome, RemoteQueueError> {
+        let waiting = PollOutcome {
+            pending: 1,
+            ..PollOutcome::default()
+        };
         let next = self.next_used.0;
-        // Counted first: the agent may close the link as soon as it reads
-        // the answer, before our send completes.
-        self.stats.handovers.fetch_add(1, Relaxed);
-        self.send(&Message::Quiesced(crate::proto::wire::Quiesced { next }))?;
-        tracing::info!(queue = %self.name, next, "queue handed back to the VM host");
-        Err(RemoteQueueError::HandedBack { next })
+        match self.handing_back {
+            None => {
+                // Counted first: the agent may close the link as soon as it
+                // reads the answer, before our send completes.
+                self.stats.handovers.fetch_add(1, Relaxed);
+                let wr = self.send(Message::Quiesced(crate::proto::wire::Quiesced { next }))?;
+                self.handing_back = Some(wr);
+                Ok(waiting)
+            }
+            // Still waiting for a message slot.
+            Some(None) => {
+                self.flush_msgs()?;
+                Ok(waiting)
+            }
+            Some(Some(wr)) if self.in_flight(wr)? => Ok(waiting),
+            Some(Some(_)) => {
+                tracing::info!(queue = %self.name, next, "queue handed back to the VM host");
+                Err(RemoteQueueError::HandedBack { next })
+            }
+        }
     }
 
-    pub(super) fn send(&mut self, m: &Message) -> Result<(), RemoteQueueError> {
-        let mut buf = std::mem::take(&mut self.msg);
-        let r = m.encode(&mut buf).map_err(RemoteQueueError::Encode);
-        let off = self.areas.send;
-        let r = r.and_then(|_| {
-            self.staging()
-                .put(off, &buf)
-                .map_err(RemoteQueueError::from)
-        });
-        let len = buf.len();
-        self.msg = buf;
-        r?;
-        let wr_id = self.next_wr();
-        let local = self.sge(off, len);
-        self.wrs.push(SendRequest {
-            wr_id,
-            opcode: Opcode::Send,
-            local,
-            signaled: false,
-        });
-        self.flush_and_wait()
+    /// Sends a control message without waiting: posted at once if a slot is
+    /// free (returns its work request), else queued behind the others.
+    pub(super) fn send(&mut self, m: Message) -> Result<Option<u64>, RemoteQueueError> {
+        self.msgs.push_back(m);
+        self.flush_msgs()
     }
 
-    /// READs the avail ring (flags, idx, ring) in one operation.
-    pub(super) fn read_avail(&mut self) -> Result<(), RemoteQueueError> {
+    /// Posts queued control messages while slots are free; returns the
+    /// work request of the last one posted.
+    fn flush_msgs(&mut self) -> Result<Option<u64>, RemoteQueueError> {
+        let mut last = None;
+        while !self.msgs.is_empty() {
+            let Some(slot) = (0..MSG_SLOTS).find(|&i| self.msg_wr[i] <= self.done_wr) else {
+                break;
+            };
+            let Some(m) = self.msgs.pop_front() else {
+                break;
+            };
+            let mut buf = std::mem::take(&mut self.msg);
+            let r = m.encode(&mut buf).map_err(RemoteQueueError::Encode);
+            let off = self.areas.send + slot * MAX_MSG;
+            let r = r.and_then(|_| {
+                self.staging()
+                    .put(off, &buf)
+                    .map_err(RemoteQueueError::from)
+            });
+            let len = buf.len();
+            self.msg = buf;
+            r?;
+            let wr_id = self.next_wr();
+            let local = self.sge(off, len);
+            self.msg_wr[slot] = wr_id;
+            self.backlog.push(SendRequest {
+                wr_id,
+                opcode: Opcode::Send,
+                local,
+                // Signalled: the slot is free again once it completes.
+                signaled: true,
+            });
+            last = Some(wr_id);
+        }
+        if last.is_some() {
+            self.stage_started = Instant::now();
+            self.post_backlog()?;
+        }
+        Ok(last)
+    }
+
+    /// Posts a READ of the avail ring (flags, idx, ring) in one operation.
+    fn post_avail_read(&mut self) -> Result<u64, RemoteQueueError> {
         let len = 4 + 2 * usize::from(self.layout.size);
         self.queue_wr(Dir::Read, self.layout.avail, self.areas.avail, len)?;
-        self.flush_and_wait()?;
         self.stats.remote_polls.fetch_add(1, Relaxed);
+        Ok(self.post_wave()?.unwrap_or(0))
+    }
+
+    /// Takes in what the READ of the avail ring brought.
+    fn apply_avail_read(&mut self) -> Result<(), RemoteQueueError> {
         let mut b = [0u8; 2];
         let base = self.areas.avail;
         self.staging().get(base + 2, &mut b)?;
@@ -489,92 +586,95 @@ impl FabricRing {
         Ok(())
     }
 
-    /// READs `len` guest bytes at `gpa` into the shadow. The outer error
-    /// is the queue's (the link failed), the inner one the chain's.
-    fn fetch(
+    /// Advances one chain's walk: walks over the shadow, and when it lacks
+    /// bytes posts their READ and returns None (call again once it is
+    /// done). The outer error is the queue's (the fabric failed); the inner
+    /// one the chain's.
+    #[allow(clippy::type_complexity)]
+    fn walk_step(
         &mut self,
-        gpa: u64,
-        len: u64,
-        whole_table: bool,
-    ) -> Result<Result<(), ChainError>, RemoteQueueError> {
-        let (off, max) = if whole_table {
+        head: u16,
+        chain: &mut DescriptorChain,
+        ws: &mut WalkState,
+    ) -> Result<Option<Result<(), ChainError>>, RemoteQueueError> {
+        if let Some(f) = ws.fetch {
+            if self.in_flight(f.wr)? {
+                return Ok(None);
+            }
+            ws.fetch = None;
+            ws.rtts += 1;
+            let mut tmp = std::mem::take(&mut self.scratch);
+            tmp.resize(f.len, 0);
+            let r = self.staging().get(f.off, &mut tmp);
+            if r.is_ok() {
+                self.shadow.insert(f.gpa, &tmp);
+            }
+            self.scratch = tmp;
+            if let Err(e) = r {
+                return Ok(Some(Err(ChainError::Memory(e))));
+            }
+        }
+        if ws.fetches > self.cfg.max_fetches {
+            return Ok(Some(Err(ChainError::TooLong {
+                limit: self.layout.size,
+            })));
+        }
+        let r = self.walker.walk(
+            &self.shadow,
+            &self.map,
+            &self.layout,
+            self.features,
+            head,
+            chain,
+        );
+        let Err(e) = &r else { return Ok(Some(r)) };
+        let Some((addr, len)) = e.needs_fetch() else {
+            return Ok(Some(r));
+        };
+        let l = self.layout;
+        let in_table = addr >= l.desc && addr < l.desc + l.desc_table_bytes();
+        let (gpa, len, whole) = if in_table && !ws.table_fetched {
+            ws.table_fetched = true;
+            (l.desc, l.desc_table_bytes(), true)
+        } else if let ChainError::BadIndirectTable { addr, len, .. } = e {
+            (*addr, u64::from(*len), false)
+        } else {
+            (addr, len, false)
+        };
+        let (off, max) = if whole {
             (self.areas.desc, 16 * usize::from(self.layout.size))
         } else {
             (self.areas.fetch, FETCH_MAX)
         };
         if len as usize > max {
-            return Ok(Err(ChainError::IndirectTooLarge {
+            return Ok(Some(Err(ChainError::IndirectTooLarge {
                 entries: (len / 16) as u32,
                 limit: self.layout.size,
-            }));
+            })));
         }
         if let Err(source) = self.queue_wr(Dir::Read, gpa, off, len as usize) {
-            return Ok(Err(ChainError::BadBuffer {
+            return Ok(Some(Err(ChainError::BadBuffer {
                 addr: gpa,
                 len: len as u32,
                 source,
-            }));
+            })));
         }
         self.stats.fetches.fetch_add(1, Relaxed);
-        self.flush_and_wait()?;
-        let mut tmp = vec![0u8; len as usize];
-        if let Err(e) = self.staging().get(off, &mut tmp) {
-            return Ok(Err(ChainError::Memory(e)));
-        }
-        self.shadow.insert(gpa, &tmp);
-        Ok(Ok(()))
+        ws.fetches += 1;
+        let wr = self.post_wave()?.unwrap_or(0);
+        ws.fetch = Some(Fetch {
+            wr,
+            off,
+            gpa,
+            len: len as usize,
+        });
+        Ok(None)
     }
 
-    /// Walks one chain, fetching what the shadow lacks. The outer error is
-    /// the queue's (the fabric failed); the inner one the chain's.
-    #[allow(clippy::type_complexity)]
-    pub(super) fn walk(
-        &mut self,
-        head: u16,
-        chain: &mut DescriptorChain,
-    ) -> Result<(Result<(), ChainError>, u32), RemoteQueueError> {
-        let mut rtts = 0;
-        let mut table_fetched = false;
-        for _ in 0..=self.cfg.max_fetches {
-            let r = self.walker.walk(
-                &self.shadow,
-                &self.map,
-                &self.layout,
-                self.features,
-                head,
-                chain,
-            );
-            let Err(e) = &r else { return Ok((r, rtts)) };
-            let Some((addr, len)) = e.needs_fetch() else {
-                return Ok((r, rtts));
-            };
-            let l = self.layout;
-            let in_table = addr >= l.desc && addr < l.desc + l.desc_table_bytes();
-            let res = if in_table && !table_fetched {
-                table_fetched = true;
-                self.fetch(l.desc, l.desc_table_bytes(), true)?
-            } else if let ChainError::BadIndirectTable { addr, len, .. } = e {
-                self.fetch(*addr, u64::from(*len), false)?
-            } else {
-                self.fetch(addr, len, false)?
-            };
-            rtts += 1;
-            if let Err(e) = res {
-                return Ok((Err(e), rtts));
-            }
-        }
-        Ok((
-            Err(ChainError::TooLong {
-                limit: self.layout.size,
-            }),
-            rtts,
-        ))
-    }
-
-    /// Posts a wave without waiting; returns its signalled target. A wave
-    /// can outgrow the send queue (a batch of requests with many segments
-    /// each, on top of waves still in flight): it then goes in parts, each
-    /// ending signalled, and each waiting until the queue has room.
+    /// Posts a wave without waiting; returns its signalled target. What the
+    /// send queue has no room for waits in the backlog, in order, and goes
+    /// out as completions make room (a batch of requests with many segments
+    /// each can outgrow the queue).
     pub(super) fn post_wave(&mut self) -> Result<Option<u64>, RemoteQueueError> {
         let Some(target) = self.wrs.last().map(|w| w.wr_id) else {
             return Ok(None);
@@ -582,49 +682,35 @@ impl FabricRing {
         self.stats
             .fabric_ops
             .fetch_add(self.wrs.len() as u64, Relaxed);
-        let mut wrs = std::mem::take(&mut self.wrs);
-        let r = self.post_parts(&mut wrs);
-        wrs.clear();
-        self.wrs = wrs;
-        r?;
+        if let Some(last) = self.wrs.last_mut() {
+            last.signaled = true;
+        }
+        self.backlog.append(&mut self.wrs);
+        self.post_backlog()?;
         self.stage_started = Instant::now();
         Ok(Some(target))
     }
 
-    fn post_parts(&mut self, wrs: &mut [SendRequest]) -> Result<(), RemoteQueueError> {
-        let mut start = 0;
-        while start < wrs.len() {
-            let room = self.send_room()?;
-            let end = (start + room).min(wrs.len());
-            if end < wrs.len() {
-                tracing::debug!(queue = %self.name, posted = end - start, left = wrs.len() - end, "send queue full: posting the wave in parts");
+    /// Posts as much of the backlog as the send queue has room for. Work
+    /// requests complete in order, so everything up to the last completed
+    /// signalled one is gone; counting the rest as in flight may
+    /// overestimate, never undercount. Each part posted ends signalled, so
+    /// that its completion makes room for the next.
+    fn post_backlog(&mut self) -> Result<(), RemoteQueueError> {
+        let depth = self.cfg.send_depth.max(1) as u64;
+        while !self.backlog.is_empty() {
+            let in_flight = self.posted_wr.saturating_sub(self.done_wr);
+            if in_flight >= depth {
+                tracing::debug!(queue = %self.name, left = self.backlog.len(), "send queue full: the rest of the wave waits");
+                break;
             }
-            wrs[end - 1].signaled = true;
-            self.ep.post_send(&wrs[start..end])?;
-            self.posted_wr = wrs[end - 1].wr_id;
-            start = end;
+            let n = ((depth - in_flight) as usize).min(self.backlog.len());
+            self.backlog[n - 1].signaled = true;
+            self.ep.post_send(&self.backlog[..n])?;
+            self.posted_wr = self.backlog[n - 1].wr_id;
+            self.backlog.drain(..n);
         }
         Ok(())
-    }
-
-    /// Free send-queue slots, waiting (bounded by the operation timeout)
-    /// for completions while there are none. Work requests complete in
-    /// order, so everything up to the last completed signalled one is gone;
-    /// counting the rest as in flight may overestimate, never undercount.
-    fn send_room(&mut self) -> Result<usize, RemoteQueueError> {
-        let depth = self.cfg.send_depth.max(1) as u64;
-        let deadline = Instant::now() + self.cfg.op_timeout;
-        loop {
-            let in_flight = self.posted_wr.saturating_sub(self.done_wr);
-            if in_flight < depth {
-                return Ok((depth - in_flight) as usize);
-            }
-            self.drain_cq(None)?;
-            if Instant::now() > deadline {
-                return Err(RemoteQueueError::SendQueueFull);
-            }
-            std::thread::yield_now();
-        }
     }
 
     /// Adaptive mode: remote polling while busy, doorbells while quiet.
@@ -648,7 +734,7 @@ impl FabricRing {
                 self.idle_run = 0;
                 self.polling_remote = true;
                 self.stats.mode_switches.fetch_add(1, Relaxed);
-                self.send(&Message::SetMode(SetMode {
+                self.send(Message::SetMode(SetMode {
                     poll: true,
                     next_avail: self.next_avail.0,
                 }))?;
@@ -668,46 +754,125 @@ impl FabricRing {
         self.stats.mode_switches.fetch_add(1, Relaxed);
         // Forget what polling learned: the agent re-announces it.
         self.known_avail = self.next_avail;
-        self.send(&Message::SetMode(SetMode {
+        self.send(Message::SetMode(SetMode {
             poll: false,
             next_avail: self.next_avail.0,
         }))
+        .map(|_| ())
     }
 
-    /// Learns of new requests (doorbells already received, or a READ of the
-    /// avail ring), takes at most `max` of them and loads their doorbell
-    /// copies into the shadow. None when there is nothing to take.
-    pub(super) fn learn(&mut self, max: usize) -> Result<Option<Learned>, RemoteQueueError> {
-        let mut rtts: u64 = 0;
-        if self.polling_remote {
-            self.read_avail()?;
-            rtts += 1;
+    /// Takes in a batch of at most `max` new requests, as far as it can
+    /// without waiting: learns of them (doorbells already received, or a
+    /// READ of the avail ring) and walks their chains over the shadow,
+    /// fetching what it lacks. Walked chains go to `out` (taken from
+    /// `spare`), in ring order.
+    pub(super) fn intake(
+        &mut self,
+        max: usize,
+        out: &mut Vec<(u16, Result<DescriptorChain, ChainError>)>,
+        spare: &mut Vec<DescriptorChain>,
+    ) -> Result<Intake, RemoteQueueError> {
+        let mut st = std::mem::take(&mut self.intake);
+        let r = self.intake_step(&mut st, max, out, spare);
+        if matches!(r, Ok(Intake::Waiting)) {
+            self.intake = st;
+        }
+        r
+    }
+
+    fn intake_step(
+        &mut self,
+        st: &mut IntakeState,
+        max: usize,
+        out: &mut Vec<(u16, Result<DescriptorChain, ChainError>)>,
+        spare: &mut Vec<DescriptorChain>,
+    ) -> Result<Intake, RemoteQueueError> {
+        if st.heads.is_none() {
+            match self.learn_step(st, max)? {
+                None => return Ok(Intake::Waiting),
+                Some(None) => return Ok(Intake::Nothing),
+                Some(Some(heads)) => st.heads = Some(heads),
+            }
+        }
+        let heads = st.heads.take().unwrap_or_default();
+        while st.next < heads.len() {
+            let head = heads[st.next];
+            let mut chain = st
+                .chain
+                .take()
+                .unwrap_or_else(|| spare.pop().unwrap_or_default());
+            let mut ws = std::mem::take(&mut st.walk);
+            match self.walk_step(head, &mut chain, &mut ws)? {
+                None => {
+                    st.walk = ws;
+                    st.chain = Some(chain);
+                    st.heads = Some(heads);
+                    return Ok(Intake::Waiting);
+                }
+                Some(r) => {
+                    // Fetches of different chains happen one after another.
+                    st.walk_rtts = st.walk_rtts.max(ws.rtts);
+                    out.push((head, r.map(|_| chain)));
+                    st.next += 1;
+                }
+            }
+        }
+        Ok(Intake::Ready {
+            rtts: st.learn_rtts + st.walk_rtts,
+        })
+    }
+
+    /// Learns of new requests and takes at most `max` of them, loading
+    /// their doorbell copies into the shadow: None while a READ of the
+    /// avail ring is in flight, Some(None) when there is nothing to take.
+    #[allow(clippy::option_option)]
+    fn learn_step(
+        &mut self,
+        st: &mut IntakeState,
+        max: usize,
+    ) -> Result<Option<Option<Vec<u16>>>, RemoteQueueError> {
+        if let Some(wr) = st.avail_wr {
+            if self.in_flight(wr)? {
+                return Ok(None);
+            }
+            st.avail_wr = None;
+            st.avail_read = true;
+            st.learn_rtts += 1;
+            self.apply_avail_read()?;
+        }
+        if self.polling_remote && !st.avail_read {
+            st.avail_wr = Some(self.post_avail_read()?);
+            return Ok(None);
         }
         let avail = (self.known_avail - self.next_avail).0 as usize;
         let n = avail.min(max);
+        // Announced but not delivered: read the ring once.
+        let missing = (0..n).any(|k| {
+            let pos = self.next_avail + Wrapping(k as u16);
+            let slot = usize::from(pos.0 % self.layout.size);
+            self.pending[slot].as_ref().is_none_or(|e| e.pos != pos.0)
+        });
+        if missing {
+            if st.avail_read {
+                return Err(RemoteQueueError::AvailEntryVanished);
+            }
+            st.avail_wr = Some(self.post_avail_read()?);
+            return Ok(None);
+        }
         self.adapt(n)?;
         if n == 0 {
-            if rtts > 0 {
-                self.stats.idle_rtts.fetch_add(rtts, Relaxed);
+            if st.learn_rtts > 0 {
+                self.stats.idle_rtts.fetch_add(st.learn_rtts, Relaxed);
             }
-            return Ok(None);
+            return Ok(Some(None));
         }
         self.shadow.clear();
         let mut heads = Vec::with_capacity(n);
         for k in 0..n {
             let pos = self.next_avail + Wrapping(k as u16);
             let slot = usize::from(pos.0 % self.layout.size);
-            let e = match self.pending[slot].take().filter(|e| e.pos == pos.0) {
-                Some(e) => e,
-                None => {
-                    // Announced but not delivered: read the ring once.
-                    self.read_avail()?;
-                    rtts += 1;
-                    match self.pending[slot].take().filter(|e| e.pos == pos.0) {
-                        Some(e) => e,
-                        None => return Err(RemoteQueueError::AvailEntryVanished),
-                    }
-                }
+            let Some(e) = self.pending[slot].take() else {
+                return Err(RemoteQueueError::AvailEntryVanished);
             };
             for (gpa, d) in &e.descs {
                 self.shadow.insert(*gpa, d);
@@ -715,7 +880,7 @@ impl FabricRing {
             heads.push(e.head);
         }
         self.next_avail += Wrapping(n as u16);
-        Ok(Some(Learned { heads, rtts }))
+        Ok(Some(Some(heads)))
     }
 
     /// Queues WRITEs of the first `len` bytes of `segs` from staging `off`
@@ -820,7 +985,11 @@ impl FabricRing {
             return Ok(false);
         }
         if self.stage_started.elapsed() > self.cfg.op_timeout {
-            return Err(RemoteQueueError::Timeout);
+            return Err(if self.backlog.is_empty() {
+                RemoteQueueError::Timeout
+            } else {
+                RemoteQueueError::SendQueueFull
+            });
         }
         Ok(true)
     }

@@ -30,7 +30,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vrio_rdma::{Domain, Endpoint};
 
-use super::fabric_ring::{FabricRing, Stage};
+use super::fabric_ring::{FabricRing, Intake, Stage};
 use super::queue_error::RemoteQueueError;
 use super::staging::StagedChains;
 use super::stats::RemoteStats;
@@ -68,6 +68,10 @@ pub struct RemoteRxQueue {
     /// Chains whose used elements are in the wave in flight.
     sent: Vec<DescriptorChain>,
     used: Vec<(u16, u32)>,
+    /// Chains an intake walked, before they are held.
+    walked: Vec<(u16, Result<DescriptorChain, ChainError>)>,
+    /// What an unfinished intake counted.
+    intake_out: PollOutcome,
     stage: Stage,
     batch_out: PollOutcome,
     alive: Arc<()>,
@@ -97,6 +101,8 @@ impl RemoteRxQueue {
             frame: Vec::new(),
             sent: Vec::new(),
             used: Vec::new(),
+            walked: Vec::new(),
+            intake_out: PollOutcome::default(),
             stage: Stage::Idle,
             batch_out: PollOutcome::default(),
             alive: Arc::new(()),
@@ -144,26 +150,47 @@ impl RemoteRxQueue {
             .fit(len, self.held.iter().map(|c| c.writable_len()), more)
     }
 
-    /// Takes newly available buffers: validated, then held.
-    fn intake(&mut self, out: &mut PollOutcome) -> Result<(), RemoteQueueError> {
+    /// Takes newly available buffers: validated, then held. False while a
+    /// READ the intake needs is in flight.
+    fn intake(&mut self, out: &mut PollOutcome) -> Result<bool, RemoteQueueError> {
         let room = self.ring_size().saturating_sub(self.held.len());
-        let Some(learned) = self.ring.learn(room)? else {
-            return Ok(());
+        let mut walked = std::mem::take(&mut self.walked);
+        let r = self.ring.intake(room, &mut walked, &mut self.spare);
+        let r = match r {
+            Ok(Intake::Waiting) => Ok(false),
+            Ok(Intake::Nothing | Intake::Ready { .. }) => {
+                self.take_walked(&mut walked, out);
+                Ok(true)
+            }
+            Err(e) => Err(e),
         };
+        self.walked = walked;
+        r
+    }
+
+    /// Holds the usable chains of an intake; completes the others (and, to
+    /// keep ring order, every chain held before them) with length 0.
+    fn take_walked(
+        &mut self,
+        walked: &mut Vec<(u16, Result<DescriptorChain, ChainError>)>,
+        out: &mut PollOutcome,
+    ) {
         let max = self.ring.cfg.max_request as u64;
-        for head in learned.heads {
-            let mut c = self.spare.pop().unwrap_or_default();
-            let (r, _) = self.ring.walk(head, &mut c)?;
-            let bad = match r {
-                Err(e) => Some(Unusable::Chain(e)),
-                Ok(()) => match RxDevice::check_chain(&c) {
-                    Err(e) => Some(Unusable::Rx(e)),
-                    Ok(()) if c.writable_len() > max => Some(Unusable::TooLarge(c.writable_len())),
-                    Ok(()) => None,
+        for (head, r) in walked.drain(..) {
+            let (bad, c) = match r {
+                Err(e) => (Some(Unusable::Chain(e)), None),
+                Ok(c) => match RxDevice::check_chain(&c) {
+                    Err(e) => (Some(Unusable::Rx(e)), Some(c)),
+                    Ok(()) if c.writable_len() > max => {
+                        (Some(Unusable::TooLarge(c.writable_len())), Some(c))
+                    }
+                    Ok(()) => (None, Some(c)),
                 },
             };
             let Some(why) = bad else {
-                self.held.push_back(c);
+                if let Some(c) = c {
+                    self.held.push_back(c);
+                }
                 continue;
             };
             tracing::warn!(queue = %self.ring.name, head, error = %why, "unusable RX chain");
@@ -174,11 +201,11 @@ impl RemoteRxQueue {
                 self.used.push((h.head, 0));
                 self.sent.push(h);
             }
+            let mut c = c.unwrap_or_else(|| self.spare.pop().unwrap_or_default());
             c.head = head;
             self.used.push((head, 0));
             self.sent.push(c);
         }
-        Ok(())
     }
 
     /// Stages as many waiting frames as fit the held buffers and the
@@ -257,11 +284,19 @@ impl RemoteRxQueue {
         loop {
             match self.stage {
                 Stage::Idle if self.ring.quiescing => return self.ring.hand_back(),
-                Stage::Idle => {
-                    let mut out = PollOutcome::default();
-                    self.intake(&mut out)?;
+                Stage::Idle | Stage::Intake => {
+                    let mut out = std::mem::take(&mut self.intake_out);
+                    if !self.intake(&mut out)? {
+                        // Errors seen so far are reported with the batch.
+                        self.intake_out = out;
+                        self.stage = Stage::Intake;
+                        res.pending = 1;
+                        return Ok(res);
+                    }
+                    self.stage = Stage::Idle;
                     self.deliver(budget.min(self.ring.cfg.max_batch), &mut out)?;
                     if self.used.is_empty() {
+                        res.errors += out.errors;
                         return Ok(res);
                     }
                     self.ring.queue_used(&self.used)?;

@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use vrio_rdma::{Domain, Endpoint};
 
-use super::fabric_ring::{Dir, FabricRing, Stage};
+use super::fabric_ring::{Dir, FabricRing, Intake, Stage};
 use super::queue_error::RemoteQueueError;
 use super::staging::StagedChain;
 use super::stats::RemoteStats;
@@ -111,7 +111,7 @@ impl<D: DeviceModel> RemoteQueue<D> {
         loop {
             match self.stage {
                 Stage::Idle if self.ring.quiescing => return self.ring.hand_back(),
-                Stage::Idle => {
+                Stage::Idle | Stage::Intake => {
                     if self.start_batch(budget)? {
                         out.pending = 1;
                     }
@@ -140,51 +140,57 @@ impl<D: DeviceModel> RemoteQueue<D> {
         }
     }
 
-    /// Learns of requests, validates their chains and posts the READ wave.
-    /// False when there is nothing to do.
+    /// Learns of requests, validates their chains and posts the READ wave;
+    /// or, while a READ the intake needs is in flight, waits for it
+    /// (`Stage::Intake`). False when there is nothing to do.
     fn start_batch(&mut self, budget: usize) -> Result<bool, RemoteQueueError> {
         // 1-2. Chains, validated over the shadow.
-        let Some(learned) = self.ring.learn(budget.min(self.ring.cfg.max_batch))? else {
-            return Ok(false);
+        let max = budget.min(self.ring.cfg.max_batch);
+        let rtts = match self
+            .ring
+            .intake(max, &mut self.batch, &mut self.spare_chains)?
+        {
+            Intake::Nothing => {
+                self.stage = Stage::Idle;
+                return Ok(false);
+            }
+            Intake::Waiting => {
+                self.stage = Stage::Intake;
+                return Ok(true);
+            }
+            Intake::Ready { rtts } => rtts,
         };
-        let mut rtts = learned.rtts;
         self.oversize.clear();
         let max_request = self.ring.cfg.max_request as u64;
-        let mut walk_rtts = 0;
-        for head in learned.heads {
-            let mut chain = self.spare_chains.pop().unwrap_or_default();
-            let (r, w) = self.ring.walk(head, &mut chain)?;
-            walk_rtts = walk_rtts.max(w);
-            let need = StagedChain::bytes_needed(&chain);
+        for (_, r) in self.batch.iter_mut() {
             let mut oversize = false;
-            let r = r.and_then(|_| {
-                if need <= max_request {
-                    return Ok(());
+            if let Ok(chain) = r {
+                let need = StagedChain::bytes_needed(chain);
+                if need > max_request {
+                    // Too large to stage: fail it with the device's error
+                    // status, written to the chain's last byte, never silently.
+                    match chain.writable.last().copied().filter(|s| s.len > 0) {
+                        Some(last) => {
+                            chain.readable.clear();
+                            chain.writable.clear();
+                            chain.writable.push(crate::ring::Segment {
+                                addr: last.addr + u64::from(last.len) - 1,
+                                len: 1,
+                            });
+                            oversize = true;
+                        }
+                        None => {
+                            *r = Err(ChainError::BadBuffer {
+                                addr: 0,
+                                len: u32::MAX,
+                                source: MemoryError::OutOfBounds { addr: 0, len: need },
+                            });
+                        }
+                    }
                 }
-                // Too large to stage: fail it with the device's error status,
-                // written to the chain's last byte, never silently.
-                let last = chain.writable.last().copied().filter(|s| s.len > 0);
-                let Some(last) = last else {
-                    return Err(ChainError::BadBuffer {
-                        addr: 0,
-                        len: u32::MAX,
-                        source: MemoryError::OutOfBounds { addr: 0, len: need },
-                    });
-                };
-                chain.readable.clear();
-                chain.writable.clear();
-                chain.writable.push(crate::ring::Segment {
-                    addr: last.addr + u64::from(last.len) - 1,
-                    len: 1,
-                });
-                oversize = true;
-                Ok(())
-            });
-            self.batch.push((head, r.map(|_| chain)));
+            }
             self.oversize.push(oversize);
         }
-        // Fetches of different chains happen one after another.
-        rtts += walk_rtts as u64;
 
         // 3. One wave of READs for every readable segment.
         let mut off = self.ring.areas.data;
