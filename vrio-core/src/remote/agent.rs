@@ -27,13 +27,13 @@ use vrio_rdma::{
     SendRequest, Sge, WcOpcode,
 };
 
-use super::staging::StagingBuffer;
 use crate::cputime::thread_cpu_ns;
 use crate::memory::{LocalMemory, MemoryMap};
 use crate::proto::agent::{Action, HostQueue, HostQueueConfig};
 pub use crate::proto::agent::{
     AgentError, AgentStats, LinkState, MoveReport, QueueStatus, QueueTarget,
 };
+use crate::proto::staging::StagingBuffer;
 use crate::proto::wire::{
     Attach, AttachDevice, DeviceKind, Message, NotifyMode, WireRegion, MAX_MSG,
 };

@@ -7,23 +7,24 @@
 //!   [`crate::sidecore::ServedQueue`], bounded by `proto::config`;
 //! - [`server`]: accepts attachments and spreads queues over sidecores;
 //! - [`net_rx`]: a virtio-net receive queue on the I/O server;
-//! - [`net_devices`]: the server's switch and its net devices' ports;
-//! - [`staging`]: local copies of guest buffers.
+//! - [`net_devices`]: the server's switch and its net devices' ports.
 //!
-//! The messages between them (`wire`), the server's shadow of guest rings
-//! and the queue limits are in `proto`, which does no I/O.
+//! The protocol itself — the messages (`wire`), the server's shadow of
+//! guest rings and staging buffer, the queue limits, and both sides of a
+//! queue as state machines — is in `proto`, which does no I/O; this
+//! module is the runtime around it: threads, endpoints, registrations,
+//! eventfds.
 
 pub mod agent;
-mod fabric_ring;
+mod link;
 pub mod net_devices;
 pub mod net_rx;
-mod queue_error;
 pub mod remote_queue;
 pub mod server;
-pub mod staging;
-pub mod stats;
 
 pub use crate::proto::config::RemoteQueueConfig;
+pub use crate::proto::queue_error::RemoteQueueError;
+pub use crate::proto::stats::{RemoteSnapshot, RemoteStats};
 pub use crate::proto::wire::{DeviceKind, NotifyMode, ANY_SIDECORE};
 pub use agent::{
     attach, attach_placed, AgentConfig, AgentError, AgentStats, AttachedDevice, DeviceAttach,
@@ -31,27 +32,10 @@ pub use agent::{
 };
 pub use net_devices::{NetDeviceError, NetDevices, NetServerConfig};
 pub use net_rx::RemoteRxQueue;
-pub use queue_error::RemoteQueueError;
 pub use remote_queue::RemoteQueue;
 pub use server::{IoServer, IoServerConfig, ServerError};
-pub use stats::{RemoteSnapshot, RemoteStats};
 
-/// The wire's numeric device id for a controller's device id: the number
-/// itself when the id is decimal, else a stable 64-bit hash (FNV-1a), so
-/// agents and servers name a queue (`dev<key>.q<queue>`) the same way.
-pub fn device_key(id: &str) -> u64 {
-    if let Ok(n) = id.parse::<u64>() {
-        return n;
-    }
-    id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
-/// The name an I/O server gives a queue.
-pub fn queue_name(device_key: u64, queue: u16) -> String {
-    format!("dev{device_key}.q{queue}")
-}
+pub use crate::proto::{device_key, queue_name};
 
 #[cfg(test)]
 mod tests {

@@ -1,51 +1,28 @@
-//! The I/O server's side of one remote queue: a [`ServedQueue`] whose rings
-//! and buffers are reached only through the fabric.
-//!
-//! Per batch of requests:
-//! 1. learn of requests: doorbells already received (doorbell mode), or one
-//!    READ of the avail ring (remote poll);
-//! 2. walk and validate each chain over a
-//!    [`Shadow`](crate::proto::shadow::Shadow); what is missing is fetched with
-//!    READ (the whole table once, then indirect tables);
-//! 3. one wave of READs brings every readable segment into staging;
-//! 4. the unchanged device model runs over the staged bytes;
-//! 5. one wave of WRITEs returns the writable segments and the used
-//!    elements, closed by a WRITE_WITH_IMM carrying the new used index; the
-//!    VM host publishes used.idx and interrupts the guest.
-//!
-//! Steps 1-2, the waves and the control messages are the shared
-//! `FabricRing` (`fabric_ring.rs`), which the virtio-net RX queue
-//! (`net_rx.rs`) uses too. Any [`DeviceModel`] that turns one chain into
-//! one reply serves through this queue: virtio-blk and virtio-net TX.
+//! The I/O server's side of one request/reply queue (virtio-blk, net TX):
+//! a [`ServedQueue`] whose rings and buffers are reached only through the
+//! fabric. The protocol is [`RequestQueue`] (`proto::server`); this is the
+//! runtime around it: the endpoint, the registrations, the sidecore seam.
 
-use std::sync::atomic::Ordering::Relaxed;
+use std::os::fd::RawFd;
 use std::sync::Arc;
+use std::time::Instant;
 
 use vrio_rdma::{Domain, Endpoint};
 
-use super::fabric_ring::{Dir, FabricRing, Intake, Stage};
-use super::queue_error::RemoteQueueError;
-use super::staging::StagedChain;
-use super::stats::RemoteStats;
+use super::link::Link;
 use crate::device::DeviceModel;
-use crate::memory::MemoryError;
 use crate::proto::config::RemoteQueueConfig;
+use crate::proto::queue_error::RemoteQueueError;
+use crate::proto::server::RequestQueue;
+use crate::proto::stats::RemoteStats;
 use crate::proto::wire::{Attach, NotifyMode};
-use crate::ring::{ChainError, DescriptorChain};
 use crate::sidecore::{PollOutcome, QueueFailure, ServedQueue};
 
+/// A request/reply queue served by a remote sidecore.
 pub struct RemoteQueue<D> {
-    ring: FabricRing,
-    device: D,
-    batch: Vec<(u16, Result<DescriptorChain, ChainError>)>,
-    bases: Vec<usize>,
-    /// Per batch entry: too large to serve, failed with an error status.
-    oversize: Vec<bool>,
-    used: Vec<(u16, u32)>,
-    batch_rtts: u64,
-    batch_out: PollOutcome,
-    stage: Stage,
-    spare_chains: Vec<DescriptorChain>,
+    // The link before the core: its registrations go before the buffers.
+    link: Link,
+    core: RequestQueue<D>,
     /// Lives as long as the queue; the server's registry holds a weak
     /// reference to tell served queues from dropped ones.
     alive: Arc<()>,
@@ -53,7 +30,7 @@ pub struct RemoteQueue<D> {
 
 impl<D: DeviceModel> RemoteQueue<D> {
     /// Builds the server side of a queue from the agent's ATTACH, on an
-    /// endpoint that already has `recv` buffers posted for its first SEND.
+    /// endpoint that already received it.
     pub fn new(
         domain: &dyn Domain,
         ep: Box<dyn Endpoint>,
@@ -62,36 +39,40 @@ impl<D: DeviceModel> RemoteQueue<D> {
         cfg: RemoteQueueConfig,
         stats: Arc<RemoteStats>,
     ) -> Result<Self, QueueFailure> {
-        Ok(Self {
-            ring: FabricRing::new(domain, ep, attach, cfg, stats)?,
-            device,
-            batch: Vec::new(),
-            bases: Vec::new(),
-            oversize: Vec::new(),
-            used: Vec::new(),
-            batch_rtts: 0,
-            batch_out: PollOutcome::default(),
-            stage: Stage::Idle,
-            spare_chains: Vec::new(),
-            alive: Arc::new(()),
-        })
+        let name = crate::proto::queue_name(attach.device_id, attach.queue);
+        let open = || -> Result<Self, RemoteQueueError> {
+            let mut core = RequestQueue::new(attach, device, cfg, stats, Instant::now())?;
+            let link = Link::open(domain, ep, core.ring())?;
+            Ok(Self {
+                link,
+                core,
+                alive: Arc::new(()),
+            })
+        };
+        open().map_err(|e| e.at(&name))
     }
 
     /// Answers the agent's ATTACH.
     pub fn reply_attach(&mut self, config: Vec<u8>) -> Result<(), QueueFailure> {
-        self.ring
+        let r = self
+            .core
+            .ring()
             .reply_attach(config)
-            .map_err(|e| self.ring.failure(e))
+            .and_then(|_| self.link.flush(self.core.ring()));
+        r.map_err(|e| self.core.ring_ref().failure(e))
     }
 
+    /// The queue's name (`dev<key>.q<queue>`).
     pub fn name(&self) -> &str {
-        &self.ring.name
+        &self.core.ring_ref().name
     }
+    /// How the queue learns of requests.
     pub fn mode(&self) -> NotifyMode {
-        self.ring.mode
+        self.core.ring_ref().mode
     }
+    /// Whether it polls the guest's avail ring now (adaptive or remote poll).
     pub fn is_polling_remote(&self) -> bool {
-        self.ring.polling_remote
+        self.core.ring_ref().polling_remote
     }
     /// A token that lives exactly as long as the queue.
     pub fn liveness(&self) -> std::sync::Weak<()> {
@@ -99,239 +80,45 @@ impl<D: DeviceModel> RemoteQueue<D> {
     }
     /// The next avail index the queue serves (== next used when idle).
     pub fn position(&self) -> (u16, u16) {
-        self.ring.position()
+        self.core.ring_ref().position()
     }
 
-    /// Advances this queue's batch without blocking on the fabric: a
-    /// sidecore visits its other queues while a wave is in flight, so round
-    /// trips overlap across queues.
     fn serve(&mut self, budget: usize) -> Result<PollOutcome, RemoteQueueError> {
-        self.ring.drain_cq(None)?;
-        let mut out = PollOutcome::default();
-        loop {
-            match self.stage {
-                Stage::Idle if self.ring.quiescing => return self.ring.hand_back(),
-                Stage::Idle | Stage::Intake => {
-                    if self.start_batch(budget)? {
-                        out.pending = 1;
-                    }
-                    return Ok(out);
-                }
-                Stage::Reading(target) | Stage::Writing(target) if self.ring.done_wr < target => {
-                    if self.ring.stage_started.elapsed() > self.ring.cfg.op_timeout {
-                        return Err(RemoteQueueError::Timeout);
-                    }
-                    out.pending = 1;
-                    return Ok(out);
-                }
-                Stage::Reading(_) => {
-                    self.process_and_reply()?;
-                    out.pending = 1;
-                    return Ok(out);
-                }
-                Stage::Writing(_) => {
-                    let done = self.finish_batch();
-                    out.requests += done.requests;
-                    out.errors += done.errors;
-                    out.bytes += done.bytes;
-                    // Go on with the next batch in the same visit.
-                }
-            }
-        }
-    }
-
-    /// Learns of requests, validates their chains and posts the READ wave;
-    /// or, while a READ the intake needs is in flight, waits for it
-    /// (`Stage::Intake`). False when there is nothing to do.
-    fn start_batch(&mut self, budget: usize) -> Result<bool, RemoteQueueError> {
-        // 1-2. Chains, validated over the shadow.
-        let max = budget.min(self.ring.cfg.max_batch);
-        let rtts = match self
-            .ring
-            .intake(max, &mut self.batch, &mut self.spare_chains)?
-        {
-            Intake::Nothing => {
-                self.stage = Stage::Idle;
-                return Ok(false);
-            }
-            Intake::Waiting => {
-                self.stage = Stage::Intake;
-                return Ok(true);
-            }
-            Intake::Ready { rtts } => rtts,
-        };
-        self.oversize.clear();
-        let max_request = self.ring.cfg.max_request as u64;
-        for (_, r) in self.batch.iter_mut() {
-            let mut oversize = false;
-            if let Ok(chain) = r {
-                let need = StagedChain::bytes_needed(chain);
-                if need > max_request {
-                    // Too large to stage: fail it with the device's error
-                    // status, written to the chain's last byte, never silently.
-                    match chain.writable.last().copied().filter(|s| s.len > 0) {
-                        Some(last) => {
-                            chain.readable.clear();
-                            chain.writable.clear();
-                            chain.writable.push(crate::ring::Segment {
-                                addr: last.addr + u64::from(last.len) - 1,
-                                len: 1,
-                            });
-                            oversize = true;
-                        }
-                        None => {
-                            *r = Err(ChainError::BadBuffer {
-                                addr: 0,
-                                len: u32::MAX,
-                                source: MemoryError::OutOfBounds { addr: 0, len: need },
-                            });
-                        }
-                    }
-                }
-            }
-            self.oversize.push(oversize);
-        }
-
-        // 3. One wave of READs for every readable segment.
-        let mut off = self.ring.areas.data;
-        let batch = std::mem::take(&mut self.batch);
-        self.bases.clear();
-        for (_, c) in &batch {
-            self.bases.push(off);
-            let Ok(c) = c else { continue };
-            for s in &c.readable {
-                if s.len == 0 {
-                    continue;
-                }
-                self.ring.queue_wr(Dir::Read, s.addr, off, s.len as usize)?;
-                off += s.len as usize;
-            }
-            // Writable bytes start zeroed, so nothing stale leaks back.
-            let wl = c.writable_len() as usize;
-            self.ring.staging().zero(off, wl)?;
-            off += wl;
-        }
-        self.batch = batch;
-        self.batch_rtts = rtts;
-        match self.ring.post_wave()? {
-            Some(target) => {
-                self.batch_rtts += 1;
-                self.stage = Stage::Reading(target);
-            }
-            // Nothing to read (only bad chains): reply at once.
-            None => {
-                self.stage = Stage::Reading(0);
-                self.process_and_reply()?;
-            }
-        }
-        Ok(true)
-    }
-
-    /// 4-5. Runs the device model over the staged bytes and posts the reply
-    /// wave: data, used elements, then the immediate.
-    fn process_and_reply(&mut self) -> Result<(), RemoteQueueError> {
-        let batch = std::mem::take(&mut self.batch);
-        let bases = std::mem::take(&mut self.bases);
-        let mut out = PollOutcome::default();
-        self.used.clear();
-        let name = &self.ring.name;
-        for (i, ((head, c), base)) in batch.iter().zip(&bases).enumerate() {
-            let len = match c {
-                Ok(chain) if self.oversize.get(i).copied().unwrap_or(false) => {
-                    let view = StagedChain {
-                        buf: &self.ring.staging,
-                        chain,
-                        base: *base,
-                    };
-                    tracing::warn!(queue = %name, head, max = self.ring.cfg.max_request, "request too large; failed with the device's error status");
-                    out.errors += 1;
-                    self.device.fail_request(&view, chain).unwrap_or(0)
-                }
-                Ok(chain) => {
-                    let view = StagedChain {
-                        buf: &self.ring.staging,
-                        chain,
-                        base: *base,
-                    };
-                    out.requests += 1;
-                    out.bytes += chain.readable_len() + chain.writable_len();
-                    match self.device.process(&view, chain) {
-                        Ok(l) => l,
-                        Err(e) => {
-                            tracing::warn!(queue = %name, head, error = %e, "request failed");
-                            out.errors += 1;
-                            0
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(queue = %name, head, error = %e, "bad descriptor chain");
-                    out.errors += 1;
-                    0
-                }
-            };
-            self.used.push((*head, len));
-        }
-        for ((_, c), base) in batch.iter().zip(&bases) {
-            let Ok(c) = c else { continue };
-            let o = *base + c.readable_len() as usize;
-            self.ring.queue_writes(&c.writable, o, c.writable_len())?;
-        }
-        let n = batch.len();
-        self.ring.queue_used(&self.used)?;
-        self.batch_rtts += 1;
-        // Count before posting: the guest may see these completions (and a
-        // test read the counters) as soon as the wave is out.
-        let st = &self.ring.stats;
-        st.batches.fetch_add(1, Relaxed);
-        st.requests.fetch_add(n as u64, Relaxed);
-        st.bad_requests.fetch_add(u64::from(out.errors), Relaxed);
-        st.critical_rtts
-            .fetch_add(self.batch_rtts * n as u64, Relaxed);
-        let target = self.ring.post_wave()?.unwrap_or(0);
-        self.batch = batch;
-        self.bases = bases;
-        self.batch_out = out;
-        self.stage = Stage::Writing(target);
-        Ok(())
-    }
-
-    /// The reply wave landed: the batch is complete.
-    fn finish_batch(&mut self) -> PollOutcome {
-        let out = std::mem::take(&mut self.batch_out);
-        for (_, c) in self.batch.drain(..) {
-            if let Ok(mut c) = c {
-                c.clear();
-                self.spare_chains.push(c);
-            }
-        }
-        self.stage = Stage::Idle;
-        out
+        self.link.pump(self.core.ring())?;
+        let r = self.core.serve(budget);
+        // Post what was queued even when the batch failed: a QUIESCED
+        // answer, say, goes out before the queue retires.
+        self.link.flush(self.core.ring())?;
+        r
     }
 }
 
 impl<D: DeviceModel> ServedQueue for RemoteQueue<D> {
     fn poll(&mut self, budget: usize) -> Result<PollOutcome, QueueFailure> {
-        self.ring.check()?;
+        self.core.ring_ref().check()?;
         let r = self.serve(budget);
-        self.ring.latch(r)
+        self.core.ring().latch(r)
     }
 
     fn set_notifications(&mut self, enabled: bool) -> Result<bool, QueueFailure> {
-        self.ring
-            .set_notifications(enabled, self.stage != Stage::Idle)
-            .map_err(|e| self.ring.failure(e))
+        let r = self
+            .core
+            .set_notifications(enabled)
+            .and_then(|w| self.link.wake(self.core.ring(), w));
+        r.map_err(|e| self.core.ring_ref().failure(e))
     }
 
-    fn kick_fd(&self) -> Option<std::os::fd::RawFd> {
-        Some(self.ring.ep.notify_fd())
+    fn kick_fd(&self) -> Option<RawFd> {
+        Some(self.link.ep.notify_fd())
     }
 
     fn take_kick(&mut self) -> bool {
-        self.ring.take_kick(self.stage != Stage::Idle)
+        let w = self.core.take_kick();
+        // On failure, let poll() report it.
+        self.link.wake(self.core.ring(), w).unwrap_or(true)
     }
 
     fn name(&self) -> &str {
-        &self.ring.name
+        &self.core.ring_ref().name
     }
 }

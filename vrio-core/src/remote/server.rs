@@ -19,12 +19,12 @@ use vrio_rdma::{
 use super::net_devices::{NetDeviceError, NetDevices, NetQueue, NetServerConfig};
 use super::net_rx::RemoteRxQueue;
 use super::remote_queue::RemoteQueue;
-use super::staging::StagingBuffer;
-use super::stats::RemoteStats;
 use crate::blk::{BlockBackend, BlockConfig, BlockDevice};
 use crate::memory::MemoryError;
 use crate::net::{RxDevice, TxDevice};
 use crate::proto::config::RemoteQueueConfig;
+use crate::proto::staging::StagingBuffer;
+use crate::proto::stats::RemoteStats;
 use crate::proto::wire::{Attach, DeviceKind, Message, WireError, MAX_MSG};
 use crate::sidecore::{QueueFailure, ServedQueue, SidecoreConfig, SidecoreHandle, SidecoreThread};
 

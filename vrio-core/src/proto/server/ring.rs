@@ -14,17 +14,14 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 
-use vrio_rdma::{
-    Access, Completion, Domain, Endpoint, MemoryRegion, Opcode, RecvRequest, SendRequest, Sge,
-    WcStatus,
-};
+use vrio_rdma::{Completion, Opcode, RecvRequest, SendRequest, Sge, WcStatus};
 
-use super::queue_error::RemoteQueueError;
-use super::staging::StagingBuffer;
-use super::stats::RemoteStats;
 use crate::memory::{GuestRegion, MemoryError, MemoryMap};
 use crate::proto::config::RemoteQueueConfig;
+use crate::proto::queue_error::RemoteQueueError;
 use crate::proto::shadow::Shadow;
+use crate::proto::staging::StagingBuffer;
+use crate::proto::stats::RemoteStats;
 use crate::proto::wire::{
     Attach, DoorbellEntry, Message, NotifyMode, SetMode, WireRegion, MAX_MSG,
 };
@@ -33,7 +30,7 @@ use crate::sidecore::{PollOutcome, QueueFailure};
 
 /// Offsets inside the staging buffer.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Areas {
+pub(crate) struct Areas {
     pub desc: usize,
     pub avail: usize,
     pub used: usize,
@@ -49,7 +46,7 @@ const MSG_SLOTS: usize = 4;
 
 /// Direction of a one-sided request, seen from the server.
 #[derive(Debug, Clone, Copy)]
-pub(super) enum Dir {
+pub(crate) enum Dir {
     Read,
     Write,
     WriteImm(u32),
@@ -59,7 +56,7 @@ pub(super) enum Dir {
 /// needs (the avail ring, descriptors), for its READ wave, or for its reply
 /// wave (the waves name the signalled work request that ends them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Stage {
+pub(crate) enum Stage {
     Idle,
     Intake,
     Reading(u64),
@@ -71,8 +68,8 @@ fn align(x: usize) -> usize {
     x.div_ceil(4096) * 4096
 }
 
-/// What [`FabricRing::intake`] got.
-pub(super) enum Intake {
+/// What [`ServerRing::intake`] got.
+pub(crate) enum Intake {
     /// No new requests.
     Nothing,
     /// A READ (of the avail ring, or of descriptors) is in flight: call
@@ -124,43 +121,48 @@ struct IntakeState {
     walk_rtts: u64,
 }
 
-pub(super) struct FabricRing {
-    // Registrations first: fields drop in order, and a region must be
-    // deregistered before its memory is unmapped.
-    mr_staging: Box<dyn MemoryRegion>,
-    mr_recv: Box<dyn MemoryRegion>,
-    pub ep: Box<dyn Endpoint>,
-    pub staging: UnsafeCell<StagingBuffer>,
+/// What every remote queue kind shares on the I/O server: one guest ring
+/// reached through the fabric (see the module docs).
+pub struct ServerRing {
+    /// Keys of the two buffers, once the runtime has registered them.
+    lkey_staging: u32,
+    lkey_recv: u32,
+    /// Work requests and receives to post, in order; the runtime posts
+    /// them after each call.
+    out_sends: Vec<SendRequest>,
+    out_recvs: Vec<RecvRequest>,
+    /// The time, as the runtime last said.
+    now: Instant,
+    pub(crate) staging: UnsafeCell<StagingBuffer>,
     recv: StagingBuffer,
-    pub name: String,
-    pub cfg: RemoteQueueConfig,
-    pub areas: Areas,
-    pub mode: NotifyMode,
-    pub polling_remote: bool,
-    pub layout: RingLayout,
+    pub(crate) name: String,
+    pub(crate) cfg: RemoteQueueConfig,
+    pub(crate) areas: Areas,
+    pub(crate) mode: NotifyMode,
+    pub(crate) polling_remote: bool,
+    pub(crate) layout: RingLayout,
     features: RingFeatures,
     map: MemoryMap,
     regions: Vec<WireRegion>,
-    pub next_avail: Wrapping<u16>,
-    pub next_used: Wrapping<u16>,
-    pub known_avail: Wrapping<u16>,
+    pub(crate) next_avail: Wrapping<u16>,
+    pub(crate) next_used: Wrapping<u16>,
+    pub(crate) known_avail: Wrapping<u16>,
     pending: Vec<Option<DoorbellEntry>>,
     walker: Walker,
     shadow: Shadow,
-    pub stage_started: Instant,
+    pub(crate) stage_started: Instant,
     /// Highest signalled work request known complete.
-    pub done_wr: u64,
+    pub(crate) done_wr: u64,
     /// Last work request posted.
     posted_wr: u64,
     wrs: Vec<SendRequest>,
-    cqes: Vec<Completion>,
     msg: Vec<u8>,
     wr_seq: u64,
     busy_run: u32,
     idle_run: u32,
-    pub stats: Arc<RemoteStats>,
+    pub(crate) stats: Arc<RemoteStats>,
     /// The agent asked for the queue back: finish the batch, start no other.
-    pub quiescing: bool,
+    pub(crate) quiescing: bool,
     /// The QUIESCED answer: not yet posted (Some(None)), or its SEND.
     handing_back: Option<Option<u64>>,
     /// Control messages waiting for a free slot, in order.
@@ -175,27 +177,17 @@ pub(super) struct FabricRing {
     failed: Option<RemoteQueueError>,
 }
 
-impl FabricRing {
-    /// Builds the server side of a queue from the agent's ATTACH, on an
-    /// endpoint that already has `recv` buffers posted for its first SEND.
-    pub(super) fn new(
-        domain: &dyn Domain,
-        ep: Box<dyn Endpoint>,
-        attach: &Attach,
-        cfg: RemoteQueueConfig,
-        stats: Arc<RemoteStats>,
-    ) -> Result<Self, QueueFailure> {
-        let name = super::queue_name(attach.device_id, attach.queue);
-        Self::open(domain, ep, attach, cfg, stats, name.clone()).map_err(|e| e.at(&name))
-    }
-
-    fn open(
-        domain: &dyn Domain,
-        ep: Box<dyn Endpoint>,
+impl ServerRing {
+    /// The server side of a queue from the agent's ATTACH, named `name`.
+    /// Its staging and receive buffers ([`ServerRing::buffers`]) must be
+    /// registered, and [`ServerRing::start`] called with their keys, before
+    /// it serves.
+    pub fn new(
         attach: &Attach,
         cfg: RemoteQueueConfig,
         stats: Arc<RemoteStats>,
         name: String,
+        now: Instant,
     ) -> Result<Self, RemoteQueueError> {
         let regions = {
             let mut r = attach.regions.clone();
@@ -243,16 +235,12 @@ impl FabricRing {
         };
         let staging = StagingBuffer::new(data + data_len)?;
         let recv = StagingBuffer::new(size * MAX_MSG)?;
-        // SAFETY: both buffers are owned by the queue and outlive their
-        // registrations (declared earlier, dropped earlier).
-        let mr_staging =
-            unsafe { domain.register(staging.as_ptr(), staging.len(), Access::LOCAL_ONLY) }?;
-        // SAFETY: as above.
-        let mr_recv = unsafe { domain.register(recv.as_ptr(), recv.len(), Access::LOCAL_ONLY) }?;
-        let mut q = Self {
-            mr_staging,
-            mr_recv,
-            ep,
+        Ok(Self {
+            lkey_staging: 0,
+            lkey_recv: 0,
+            out_sends: Vec::new(),
+            out_recvs: Vec::new(),
+            now,
             staging: UnsafeCell::new(staging),
             recv,
             name,
@@ -270,11 +258,10 @@ impl FabricRing {
             pending: vec![None; size],
             walker: Walker::new(),
             shadow: Shadow::default(),
-            stage_started: Instant::now(),
+            stage_started: now,
             done_wr: 0,
             posted_wr: 0,
             wrs: Vec::new(),
-            cqes: vec![Completion::EMPTY; 64],
             msg: Vec::with_capacity(MAX_MSG),
             wr_seq: 0,
             busy_run: 0,
@@ -288,14 +275,52 @@ impl FabricRing {
             intake: IntakeState::default(),
             scratch: Vec::new(),
             failed: None,
-        };
-        let recvs: Vec<RecvRequest> = (0..size).map(|i| q.recv_wr(i)).collect();
-        q.ep.post_recv(&recvs)?;
-        Ok(q)
+        })
+    }
+
+    /// The staging and receive buffers, (address, length), for the runtime
+    /// to register (local access only: the server's own memory).
+    pub fn buffers(&self) -> [(*mut u8, usize); 2] {
+        // SAFETY: reading the pointer and length only; no reference to the
+        // contents is created.
+        let staging = unsafe { &*self.staging.get() };
+        [
+            (staging.as_ptr(), staging.len()),
+            (self.recv.as_ptr(), self.recv.len()),
+        ]
+    }
+
+    /// The buffers are registered under these keys: post a receive for
+    /// every ring slot (the agent's doorbells land there).
+    pub fn start(&mut self, lkey_staging: u32, lkey_recv: u32) {
+        self.lkey_staging = lkey_staging;
+        self.lkey_recv = lkey_recv;
+        for i in 0..usize::from(self.layout.size) {
+            let wr = self.recv_wr(i);
+            self.out_recvs.push(wr);
+        }
+    }
+
+    /// The time now (the runtime says it before each call).
+    pub fn set_now(&mut self, now: Instant) {
+        self.now = now;
+    }
+
+    /// What to post: work requests for the send queue, then receives. The
+    /// runtime posts them in this order and then calls
+    /// [`ServerRing::clear_outbox`].
+    pub fn outbox(&self) -> (&[SendRequest], &[RecvRequest]) {
+        (&self.out_sends, &self.out_recvs)
+    }
+
+    /// The outbox was posted.
+    pub fn clear_outbox(&mut self) {
+        self.out_sends.clear();
+        self.out_recvs.clear();
     }
 
     /// Answers the agent's ATTACH.
-    pub(super) fn reply_attach(&mut self, config: Vec<u8>) -> Result<(), RemoteQueueError> {
+    pub(crate) fn reply_attach(&mut self, config: Vec<u8>) -> Result<(), RemoteQueueError> {
         self.send(Message::AttachReply(crate::proto::wire::AttachReply {
             status: 0,
             config,
@@ -304,41 +329,41 @@ impl FabricRing {
     }
 
     /// The next avail index the queue serves (== next used when idle).
-    pub(super) fn position(&self) -> (u16, u16) {
+    pub(crate) fn position(&self) -> (u16, u16) {
         (self.next_avail.0, self.next_used.0)
     }
 
-    pub(super) fn recv_wr(&self, i: usize) -> RecvRequest {
+    pub(crate) fn recv_wr(&self, i: usize) -> RecvRequest {
         RecvRequest {
             wr_id: RECV_TAG | i as u64,
             local: Sge {
-                lkey: self.mr_recv.lkey(),
+                lkey: self.lkey_recv,
                 addr: self.recv.addr() + (i * MAX_MSG) as u64,
                 len: MAX_MSG as u32,
             },
         }
     }
 
-    pub(super) fn staging(&mut self) -> &mut StagingBuffer {
+    pub(crate) fn staging(&mut self) -> &mut StagingBuffer {
         self.staging.get_mut()
     }
 
-    pub(super) fn sge(&self, off: usize, len: usize) -> Sge {
+    pub(crate) fn sge(&self, off: usize, len: usize) -> Sge {
         Sge {
-            lkey: self.mr_staging.lkey(),
+            lkey: self.lkey_staging,
             addr: self.staging_addr() + off as u64,
             len: len as u32,
         }
     }
 
-    pub(super) fn staging_addr(&self) -> u64 {
+    pub(crate) fn staging_addr(&self) -> u64 {
         // SAFETY: reading the pointer value only; no reference to the
         // contents is created.
         unsafe { &*self.staging.get() }.addr()
     }
 
     /// Remote address and rkey of a validated guest range.
-    pub(super) fn translate(&self, gpa: u64, len: u64) -> Result<(u64, u32), MemoryError> {
+    pub(crate) fn translate(&self, gpa: u64, len: u64) -> Result<(u64, u32), MemoryError> {
         self.map.check(gpa, len)?;
         let (i, r) = self
             .map
@@ -350,7 +375,7 @@ impl FabricRing {
 
     /// Queues one one-sided request between staging offset `off` and guest
     /// range `gpa..gpa+len` (validated against the guest's map first).
-    pub(super) fn queue_wr(
+    pub(crate) fn queue_wr(
         &mut self,
         dir: Dir,
         gpa: u64,
@@ -378,63 +403,40 @@ impl FabricRing {
         Ok(())
     }
 
-    pub(super) fn next_wr(&mut self) -> u64 {
+    pub(crate) fn next_wr(&mut self) -> u64 {
         self.wr_seq += 1;
         self.wr_seq
     }
 
-    /// Handles completions; true when `target` completed.
-    pub(super) fn drain_cq(&mut self, target: Option<u64>) -> Result<bool, RemoteQueueError> {
-        loop {
-            let mut cqes = std::mem::take(&mut self.cqes);
-            let n = self.ep.poll(&mut cqes);
-            let n = match n {
-                Ok(n) => n,
-                Err(e) => {
-                    self.cqes = cqes;
-                    return Err(e.into());
-                }
-            };
-            let mut res = Ok(());
-            for c in &cqes[..n] {
-                if !c.status.is_ok() {
-                    res = Err(match c.status {
-                        WcStatus::Flushed | WcStatus::RetryExceeded => {
-                            RemoteQueueError::Disconnected(c.status)
-                        }
-                        status => RemoteQueueError::Completion {
-                            status,
-                            wr_id: c.wr_id,
-                        },
-                    });
-                    break;
-                }
-                if c.wr_id & RECV_TAG != 0 {
-                    if let Err(e) =
-                        self.on_recv((c.wr_id & !RECV_TAG) as usize, c.byte_len as usize)
-                    {
-                        res = Err(e);
-                        break;
+    /// Handles completions the runtime polled, in order.
+    pub fn on_completions(&mut self, cqes: &[Completion]) -> Result<(), RemoteQueueError> {
+        for c in cqes {
+            if !c.status.is_ok() {
+                return Err(match c.status {
+                    WcStatus::Flushed | WcStatus::RetryExceeded => {
+                        RemoteQueueError::Disconnected(c.status)
                     }
-                } else {
-                    // RC completes in order: a signalled request done means
-                    // every earlier one is done too.
-                    self.done_wr = self.done_wr.max(c.wr_id);
-                }
+                    status => RemoteQueueError::Completion {
+                        status,
+                        wr_id: c.wr_id,
+                    },
+                });
             }
-            self.cqes = cqes;
-            res?;
-            if n < self.cqes.len() {
-                // Completions made room: post what waited, messages first
-                // in line after the work requests before them.
-                self.post_backlog()?;
-                self.flush_msgs()?;
-                return Ok(target.is_some_and(|t| self.done_wr >= t));
+            if c.wr_id & RECV_TAG != 0 {
+                self.on_recv((c.wr_id & !RECV_TAG) as usize, c.byte_len as usize)?;
+            } else {
+                // RC completes in order: a signalled request done means
+                // every earlier one is done too.
+                self.done_wr = self.done_wr.max(c.wr_id);
             }
         }
+        // Completions made room: post what waited.
+        self.post_backlog()?;
+        self.flush_msgs()?;
+        Ok(())
     }
 
-    pub(super) fn on_recv(&mut self, i: usize, len: usize) -> Result<(), RemoteQueueError> {
+    pub(crate) fn on_recv(&mut self, i: usize, len: usize) -> Result<(), RemoteQueueError> {
         if i >= usize::from(self.layout.size) || len > MAX_MSG {
             return Err(RemoteQueueError::RecvOutOfRange);
         }
@@ -446,7 +448,7 @@ impl FabricRing {
             .and_then(|_| Message::decode(&buf).map_err(RemoteQueueError::BadMessage));
         self.msg = buf;
         let wr = self.recv_wr(i);
-        self.ep.post_recv(&[wr])?;
+        self.out_recvs.push(wr);
         match decoded? {
             Message::Doorbell(d) => {
                 self.stats.doorbells.fetch_add(1, Relaxed);
@@ -478,7 +480,7 @@ impl FabricRing {
     /// The batch in flight has landed: tell the agent where we stopped and
     /// retire once that answer is out. Idle means next avail == next used
     /// (in-order service).
-    pub(super) fn hand_back(&mut self) -> Result<PollOutcome, RemoteQueueError> {
+    pub(crate) fn hand_back(&mut self) -> Result<PollOutcome, RemoteQueueError> {
         let waiting = PollOutcome {
             pending: 1,
             ..PollOutcome::default()
@@ -508,7 +510,7 @@ impl FabricRing {
 
     /// Sends a control message without waiting: posted at once if a slot is
     /// free (returns its work request), else queued behind the others.
-    pub(super) fn send(&mut self, m: Message) -> Result<Option<u64>, RemoteQueueError> {
+    pub(crate) fn send(&mut self, m: Message) -> Result<Option<u64>, RemoteQueueError> {
         self.msgs.push_back(m);
         self.flush_msgs()
     }
@@ -548,7 +550,7 @@ impl FabricRing {
             last = Some(wr_id);
         }
         if last.is_some() {
-            self.stage_started = Instant::now();
+            self.stage_started = self.now;
             self.post_backlog()?;
         }
         Ok(last)
@@ -675,7 +677,7 @@ impl FabricRing {
     /// send queue has no room for waits in the backlog, in order, and goes
     /// out as completions make room (a batch of requests with many segments
     /// each can outgrow the queue).
-    pub(super) fn post_wave(&mut self) -> Result<Option<u64>, RemoteQueueError> {
+    pub(crate) fn post_wave(&mut self) -> Result<Option<u64>, RemoteQueueError> {
         let Some(target) = self.wrs.last().map(|w| w.wr_id) else {
             return Ok(None);
         };
@@ -687,7 +689,7 @@ impl FabricRing {
         }
         self.backlog.append(&mut self.wrs);
         self.post_backlog()?;
-        self.stage_started = Instant::now();
+        self.stage_started = self.now;
         Ok(Some(target))
     }
 
@@ -706,7 +708,7 @@ impl FabricRing {
             }
             let n = ((depth - in_flight) as usize).min(self.backlog.len());
             self.backlog[n - 1].signaled = true;
-            self.ep.post_send(&self.backlog[..n])?;
+            self.out_sends.extend_from_slice(&self.backlog[..n]);
             self.posted_wr = self.backlog[n - 1].wr_id;
             self.backlog.drain(..n);
         }
@@ -714,7 +716,7 @@ impl FabricRing {
     }
 
     /// Adaptive mode: remote polling while busy, doorbells while quiet.
-    pub(super) fn adapt(&mut self, n: usize) -> Result<(), RemoteQueueError> {
+    pub(crate) fn adapt(&mut self, n: usize) -> Result<(), RemoteQueueError> {
         if self.mode != NotifyMode::Adaptive {
             return Ok(());
         }
@@ -748,7 +750,7 @@ impl FabricRing {
     /// Hands discovery back to the agent. It pushes everything from our
     /// `next_avail` on, so a request posted during the switch is not
     /// stranded.
-    pub(super) fn switch_to_doorbells(&mut self) -> Result<(), RemoteQueueError> {
+    pub(crate) fn switch_to_doorbells(&mut self) -> Result<(), RemoteQueueError> {
         self.polling_remote = false;
         self.idle_run = 0;
         self.stats.mode_switches.fetch_add(1, Relaxed);
@@ -766,7 +768,7 @@ impl FabricRing {
     /// READ of the avail ring) and walks their chains over the shadow,
     /// fetching what it lacks. Walked chains go to `out` (taken from
     /// `spare`), in ring order.
-    pub(super) fn intake(
+    pub(crate) fn intake(
         &mut self,
         max: usize,
         out: &mut Vec<(u16, Result<DescriptorChain, ChainError>)>,
@@ -885,7 +887,7 @@ impl FabricRing {
 
     /// Queues WRITEs of the first `len` bytes of `segs` from staging `off`
     /// on (segments laid out back to back there).
-    pub(super) fn queue_writes(
+    pub(crate) fn queue_writes(
         &mut self,
         segs: &[crate::ring::Segment],
         mut off: usize,
@@ -905,7 +907,7 @@ impl FabricRing {
     /// Queues the used elements `used` (from `next_used` on, split where the
     /// ring wraps) and the WRITE_WITH_IMM that tells the agent the new used
     /// index; the caller posts the wave.
-    pub(super) fn queue_used(&mut self, used: &[(u16, u32)]) -> Result<(), RemoteQueueError> {
+    pub(crate) fn queue_used(&mut self, used: &[(u16, u32)]) -> Result<(), RemoteQueueError> {
         let first = self.next_used;
         for &(head, len) in used {
             let slot = usize::from(self.next_used.0 % self.layout.size);
@@ -930,22 +932,13 @@ impl FabricRing {
         Ok(self.queue_wr(imm, self.layout.used_idx(), self.areas.send, 0)?)
     }
 
-    /// Doorbell mode, going idle: arms the endpoint's notification and
-    /// says whether requests (or a quiesce) arrived meanwhile.
-    pub(super) fn arm_doorbells(&mut self) -> Result<bool, RemoteQueueError> {
-        self.drain_cq(None)?;
-        let _ = self.ep.arm();
-        self.drain_cq(None)?;
-        Ok(self.has_news())
-    }
-
     /// Requests announced but not taken, or a quiesce to answer.
-    pub(super) fn has_news(&self) -> bool {
+    pub(crate) fn has_news(&self) -> bool {
         self.known_avail != self.next_avail || self.quiescing
     }
 
     /// Refuses to serve a queue that already failed.
-    pub(super) fn check(&self) -> Result<(), QueueFailure> {
+    pub(crate) fn check(&self) -> Result<(), QueueFailure> {
         match &self.failed {
             Some(e) => Err(self.failure(e.clone())),
             None => Ok(()),
@@ -953,7 +946,7 @@ impl FabricRing {
     }
 
     /// Remembers a failure, so that every later poll reports it again.
-    pub(super) fn latch(
+    pub(crate) fn latch(
         &mut self,
         r: Result<PollOutcome, RemoteQueueError>,
     ) -> Result<PollOutcome, QueueFailure> {
@@ -964,7 +957,7 @@ impl FabricRing {
     }
 
     /// `e` as this queue's failure, for the sidecore.
-    pub(super) fn failure(&self, e: RemoteQueueError) -> QueueFailure {
+    pub(crate) fn failure(&self, e: RemoteQueueError) -> QueueFailure {
         e.at(&self.name)
     }
 
@@ -980,11 +973,11 @@ impl FabricRing {
 
     /// Whether the wave `target` is still in flight (an error once it has
     /// taken longer than the peer is given).
-    pub(super) fn in_flight(&self, target: u64) -> Result<bool, RemoteQueueError> {
+    pub(crate) fn in_flight(&self, target: u64) -> Result<bool, RemoteQueueError> {
         if self.done_wr >= target {
             return Ok(false);
         }
-        if self.stage_started.elapsed() > self.cfg.op_timeout {
+        if self.now.saturating_duration_since(self.stage_started) > self.cfg.op_timeout {
             return Err(if self.backlog.is_empty() {
                 RemoteQueueError::Timeout
             } else {
@@ -994,35 +987,46 @@ impl FabricRing {
         Ok(true)
     }
 
-    /// `ServedQueue::set_notifications` for the ring: true when requests
-    /// must still be served (`busy`: a batch is in flight).
-    pub(super) fn set_notifications(
+    /// `ServedQueue::set_notifications` for the ring.
+    pub(crate) fn set_notifications(
         &mut self,
         enabled: bool,
         busy: bool,
-    ) -> Result<bool, RemoteQueueError> {
+    ) -> Result<Wake, RemoteQueueError> {
         if enabled && (busy || self.quiescing) {
             // Keep polling until the batch lands.
-            return Ok(true);
+            return Ok(Wake::Poll);
         }
         match (self.mode, enabled) {
             // A remote-poll queue has no notifications: keep polling.
-            (NotifyMode::RemotePoll, _) => Ok(true),
+            (NotifyMode::RemotePoll, _) => Ok(Wake::Poll),
             (NotifyMode::Adaptive, true) if self.polling_remote => {
                 self.switch_to_doorbells()?;
-                Ok(false)
+                Ok(Wake::Sleep)
             }
-            (_, true) => self.arm_doorbells(),
-            (_, false) => Ok(false),
+            (_, true) => Ok(Wake::ArmDoorbells),
+            (_, false) => Ok(Wake::Sleep),
         }
     }
 
     /// `ServedQueue::take_kick` for the ring.
-    pub(super) fn take_kick(&mut self, busy: bool) -> bool {
+    pub(crate) fn take_kick(&self, busy: bool) -> Wake {
         if self.polling_remote || busy {
-            return true;
+            Wake::Poll
+        } else {
+            Wake::ArmDoorbells
         }
-        // On failure, let poll() report it.
-        self.arm_doorbells().unwrap_or(true)
     }
+}
+
+/// What a queue needs from the sidecore before it may sleep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// Work is under way (or the queue polls the guest): poll again.
+    Poll,
+    /// Nothing to wait for on the fabric.
+    Sleep,
+    /// Arm the endpoint's completion notification, take in what arrived
+    /// meanwhile, and poll again if requests (or a quiesce) did.
+    ArmDoorbells,
 }
