@@ -1,4 +1,4 @@
-//! Deterministic tests of the VM-host side of a queue ([`HostQueue`]): a
+//! The VM-host side of a queue ([`HostQueue`]) alone: a
 //! synthetic guest driver on plain memory, a fake clock, and in-test I/O
 //! servers that follow the protocol (serve in ring order from where they
 //! were attached, answer QUIESCE with where they stopped). No threads,
@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 
-use super::agent::{Action, AgentError, AgentStats, HostQueue, HostQueueConfig, LinkState};
-use super::agent::{MoveReport, QueueTarget};
-use super::wire::{Message, NotifyMode, Quiesced, SetMode};
 use crate::memory::{anonymous_memory, GuestMemory, LocalMemory, MemoryMap};
+use crate::proto::agent::{Action, AgentError, AgentStats, HostQueue, HostQueueConfig, LinkState};
+use crate::proto::agent::{MoveReport, QueueTarget};
+use crate::proto::wire::{Message, NotifyMode, Quiesced, SetMode};
 use crate::ring::layout::VRING_USED_F_NO_NOTIFY;
 use crate::ring::{DriverQueue, RingFeatures, RingLayout, Segment};
 
@@ -239,7 +239,7 @@ impl World {
         }
     }
 
-    fn doorbells(&self) -> Vec<&super::wire::Doorbell> {
+    fn doorbells(&self) -> Vec<&crate::proto::wire::Doorbell> {
         self.sent
             .iter()
             .filter_map(|m| match m {
