@@ -6,15 +6,15 @@
 
 pub mod blk;
 mod cputime;
-pub mod device;
-pub mod memory;
 pub mod models;
 pub mod net;
 pub mod proto;
 pub mod remote;
-pub mod ring;
 pub mod sidecore;
 pub mod vhost_user;
+pub mod virtio;
+
+pub use virtio::{device, memory, ring};
 
 pub use memory::{
     memory_from_fds, memory_from_pointers, GuestMemory, GuestRegion, LocalMemory, MemoryError,

@@ -7,8 +7,8 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vrio_core::device::DeviceSide;
 use vrio_core::memory::{anonymous_memory, LocalMemory, MemoryError};
-use vrio_core::models::DeviceSide;
 use vrio_core::ring::{
     DriverError, DriverQueue, IndirectArea, QueueError, RingFeatures, RingLayout, Segment,
 };

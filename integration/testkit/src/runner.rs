@@ -10,7 +10,8 @@ use crate::guest::{
     run_queue, GuestConfig, GuestError, QueueReport, SyntheticGuest, WorkloadConfig,
 };
 use vrio_core::blk::{BlockBackend, BlockConfig, BlockDevice};
-use vrio_core::models::{DeviceSide, LocalQueue, VhostWorker};
+use vrio_core::device::DeviceSide;
+use vrio_core::models::{LocalQueue, VhostWorker};
 use vrio_core::ring::RingFeatures;
 use vrio_core::sidecore::{ServedQueue, SidecoreConfig, SidecoreThread, StatsSnapshot};
 

@@ -8,8 +8,8 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::backend::{check_range, id_from_str, read_only_error, BlockBackend};
 use super::{ID_BYTES, SECTOR_SIZE};
+use crate::virtio::blk::{check_range, id_from_str, read_only_error, BlockBackend};
 
 /// iovecs passed to one `preadv`/`pwritev` call (well under IOV_MAX).
 const IOV_BATCH: usize = 64;

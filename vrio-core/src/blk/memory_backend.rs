@@ -7,8 +7,8 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock};
 
-use super::backend::{check_range, id_from_str, read_only_error, BlockBackend};
 use super::{ID_BYTES, SECTOR_SIZE};
+use crate::virtio::blk::{check_range, id_from_str, read_only_error, BlockBackend};
 
 const CHUNK: u64 = 4096;
 const SHARDS: u64 = 64;

@@ -1,33 +1,13 @@
-//! virtio-blk device model (virtio 1.2 §5.2): feature bits, config space,
-//! request parsing and execution, and the storage back-ends behind a trait.
-//!
-//! [`BlockDevice`] turns one validated descriptor chain into backend I/O and
-//! a status byte. It reaches guest memory only through
-//! [`GuestMemory`](crate::memory::GuestMemory), so the same code serves local
-//! rings and rings reached over RDMA.
+//! virtio-blk: the device model (in `virtio::blk`, re-exported here) and
+//! the storage back-ends behind its [`BlockBackend`] trait: a file
+//! ([`FileBackend`]) or memory ([`MemoryBackend`]).
 
-mod backend;
-mod config;
-mod device;
-mod error;
-mod features;
 mod file_backend;
 mod memory_backend;
-mod request;
 
-pub use backend::{id_from_str, BlockBackend};
-pub use config::{config_space, BlockConfig};
-pub use device::BlockDevice;
-pub use error::{BlkError, RequestError, Status};
-pub use features::device_features;
+pub use crate::virtio::blk::*;
 pub use file_backend::FileBackend;
 pub use memory_backend::MemoryBackend;
-pub use request::{RequestHeader, RequestLayout, HEADER_SIZE};
-
-/// Requests address the disk in 512-byte sectors, whatever `blk_size` says.
-pub const SECTOR_SIZE: u64 = 512;
-/// Bytes of the GET_ID answer.
-pub const ID_BYTES: usize = virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES as usize;
 
 #[cfg(test)]
 mod tests;

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use virtio_bindings::virtio_blk::*;
 
 use super::*;
-use crate::memory::{anonymous_memory, GuestMemory, LocalMemory, MemoryError, MemoryMap};
-use crate::ring::{
+use crate::virtio::memory::{anonymous_memory, GuestMemory, LocalMemory, MemoryError, MemoryMap};
+use crate::virtio::ring::{
     DescriptorChain, DeviceQueue, DriverQueue, IndirectArea, RingFeatures, RingLayout, Segment,
 };
 

@@ -1,27 +1,11 @@
 //! A queue whose rings live in local (shared) guest memory.
 
 use std::os::fd::RawFd;
-use std::sync::Arc;
-
-use vmm_sys_util::eventfd::EventFd;
 
 use super::local_ring::{LocalRing, Popped};
-use crate::device::DeviceModel;
-use crate::memory::LocalMemory;
-use crate::ring::{DescriptorChain, DeviceQueue, QueueError, RingFeatures, RingLayout, RingState};
 use crate::sidecore::{PollOutcome, QueueFailure, ServedQueue};
-
-/// What a device back-end gets from the VMM for one queue.
-pub struct DeviceSide {
-    pub name: String,
-    pub mem: Arc<LocalMemory>,
-    pub layout: RingLayout,
-    pub features: RingFeatures,
-    /// Written by the guest to kick (non-blocking).
-    pub kick: EventFd,
-    /// Written by the device to interrupt the guest.
-    pub call: EventFd,
-}
+use crate::virtio::device::{DeviceModel, DeviceSide};
+use crate::virtio::ring::{DescriptorChain, DeviceQueue, QueueError, RingState};
 
 /// One queue served a chain at a time by a [`DeviceModel`] (blk, net TX),
 /// on a ring in local guest memory: the unit the vhost-style worker and
@@ -108,14 +92,19 @@ impl<D: DeviceModel> ServedQueue for LocalQueue<D> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
+
+    use vmm_sys_util::eventfd::EventFd;
+
+    use crate::virtio::memory::LocalMemory;
+    use crate::virtio::ring::{RingFeatures, RingLayout};
 
     use vm_memory::GuestAddress;
 
     use super::*;
-    use crate::device::RequestError;
-    use crate::memory::GuestMemory;
-    use crate::ring::{DriverQueue, Segment};
+    use crate::virtio::device::RequestError;
+    use crate::virtio::memory::GuestMemory;
+    use crate::virtio::ring::{DriverQueue, Segment};
 
     const SIZE: u16 = 8;
     const TAGS: u64 = 0x8000;

@@ -8,10 +8,10 @@ use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::memory::{GuestMemory, LocalMemory, MemoryMap};
-use crate::models::DeviceSide;
-use crate::ring::{DescriptorChain, DeviceQueue, QueueError};
 use crate::sidecore::QueueFailure;
+use crate::virtio::device::DeviceSide;
+use crate::virtio::memory::{GuestMemory, LocalMemory, MemoryMap};
+use crate::virtio::ring::{DescriptorChain, DeviceQueue, QueueError};
 
 pub(crate) struct LocalRing {
     pub name: String,

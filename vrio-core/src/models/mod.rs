@@ -6,5 +6,5 @@ mod local_queue;
 pub(crate) mod local_ring;
 mod vhost_style;
 
-pub use local_queue::{DeviceSide, LocalQueue};
+pub use local_queue::LocalQueue;
 pub use vhost_style::VhostWorker;

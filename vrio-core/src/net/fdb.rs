@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
-use super::mac::MacAddr;
 use super::port::PortId;
+use crate::virtio::net::mac::MacAddr;
 
 #[derive(Debug)]
 struct Entry {

@@ -12,10 +12,10 @@ use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::mac::MacAddr;
-use super::rx::FrameSource;
 use super::stats::{DropReason, PortStats};
 use super::uplink::Uplink;
+use crate::virtio::net::mac::MacAddr;
+use crate::virtio::net::rx::FrameSource;
 
 pub type PortId = usize;
 

@@ -6,12 +6,12 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use super::port::Port;
-use super::rx::{Fit, FrameSource, RxDevice};
 use super::stats::DropReason;
 use crate::models::local_ring::{LocalRing, Popped};
-use crate::models::DeviceSide;
-use crate::ring::{DescriptorChain, QueueError};
 use crate::sidecore::{PollOutcome, QueueFailure, ServedQueue};
+use crate::virtio::device::DeviceSide;
+use crate::virtio::net::rx::{Fit, FrameSource, RxDevice};
+use crate::virtio::ring::{DescriptorChain, QueueError};
 
 pub struct NetRxQueue {
     ring: LocalRing,
@@ -32,10 +32,12 @@ impl NetRxQueue {
         match ring.kick.try_clone() {
             Ok(fd) => port.set_waker(Some(fd)),
             Err(e) => {
-                return Err(QueueError::Memory(crate::memory::MemoryError::Access {
-                    addr: 0,
-                    reason: format!("cannot clone the kick eventfd: {e}"),
-                }))
+                return Err(QueueError::Memory(
+                    crate::virtio::memory::MemoryError::Access {
+                        addr: 0,
+                        reason: format!("cannot clone the kick eventfd: {e}"),
+                    },
+                ))
             }
         }
         Ok(Self {

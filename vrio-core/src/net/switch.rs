@@ -13,11 +13,11 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use super::fdb::Fdb;
-use super::frame::{parse_frame, FrameError, FrameLimits};
-use super::mac::MacAddr;
 use super::port::{Port, PortId, PortKind};
-use super::stats::DropReason;
 use super::uplink::Uplink;
+use crate::virtio::net::frame::{parse_frame, FrameError, FrameLimits};
+use crate::virtio::net::mac::MacAddr;
+use crate::virtio::net::{DropReason, FrameSink, TxDevice};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SwitchConfig {
@@ -172,6 +172,42 @@ impl Switch {
             p.enqueue(f);
         }
         Forwarded::Flooded(n)
+    }
+}
+
+/// A guest's port on a switch, as the sink its TX device sends into.
+pub struct SwitchPort {
+    switch: Arc<Switch>,
+    port: Arc<Port>,
+}
+
+impl SwitchPort {
+    /// The TX device of the guest behind `port` on `switch`.
+    pub fn tx(switch: Arc<Switch>, port: Arc<Port>) -> TxDevice {
+        TxDevice::new(Arc::new(Self { switch, port }))
+    }
+}
+
+impl FrameSink for SwitchPort {
+    fn max_frame(&self) -> usize {
+        self.switch.config().limits.max_frame()
+    }
+
+    fn forward(&self, frame: Vec<u8>) {
+        // Drops are counted on the ports by the switch itself.
+        let _ = self.switch.forward(&self.port, frame);
+    }
+
+    fn dropped(&self, reason: DropReason) {
+        self.port.stats().dropped(reason);
+    }
+
+    fn checksummed(&self) {
+        self.port.stats().checksummed();
+    }
+
+    fn name(&self) -> &str {
+        self.port.name()
     }
 }
 

@@ -29,9 +29,11 @@ use super::wire::{
     doorbell_entry_size, Doorbell, DoorbellEntry, Message, NotifyMode, WireError, ANY_SIDECORE,
     DOORBELL_HEADER, MAX_MSG,
 };
-use crate::memory::{GuestMemory, MemoryError, MemoryMap};
-use crate::ring::layout::VRING_USED_F_NO_NOTIFY;
-use crate::ring::{Descriptor, DeviceQueue, QueueError, RingFeatures, RingLayout, RingState};
+use crate::virtio::memory::{GuestMemory, MemoryError, MemoryMap};
+use crate::virtio::ring::layout::VRING_USED_F_NO_NOTIFY;
+use crate::virtio::ring::{
+    Descriptor, DeviceQueue, QueueError, RingFeatures, RingLayout, RingState,
+};
 
 /// Why attaching, serving or moving a queue failed.
 #[derive(Debug, thiserror::Error)]

@@ -9,10 +9,10 @@ use std::sync::Arc;
 
 use vrio_rdma::{FabricError, WcStatus};
 
-use crate::memory::MemoryError;
 use crate::proto::wire::{Message, WireError};
-use crate::ring::QueueError;
 use crate::sidecore::QueueFailure;
+use crate::virtio::memory::MemoryError;
+use crate::virtio::ring::QueueError;
 
 /// A remote queue's failure. Cloned when the queue latches it, so the
 /// non-`Clone` sources are shared.

@@ -6,7 +6,7 @@
 //! guessed. The walker validates the copy it acts on, so a guest that
 //! rewrites its table afterwards cannot get past a check.
 
-use crate::memory::{GuestMemory, MemoryError};
+use crate::virtio::memory::{GuestMemory, MemoryError};
 
 #[derive(Debug, Default)]
 pub struct Shadow {

@@ -7,8 +7,8 @@
 
 use std::cell::UnsafeCell;
 
-use crate::memory::{GuestMemory, MemoryError};
-use crate::ring::DescriptorChain;
+use crate::virtio::memory::{GuestMemory, MemoryError};
+use crate::virtio::ring::DescriptorChain;
 
 /// Page-aligned memory registered with the fabric.
 pub struct StagingBuffer {

@@ -19,7 +19,7 @@
 use vrio_rdma::RemoteRegion;
 
 use crate::net::MacAddr;
-use crate::ring::{RingFeatures, RingLayout};
+use crate::virtio::ring::{RingFeatures, RingLayout};
 
 pub const MAGIC: u32 = 0x4f49_5256; // "VRIO"
 pub const VERSION: u16 = 3;

@@ -28,7 +28,6 @@ use vrio_rdma::{
 };
 
 use crate::cputime::thread_cpu_ns;
-use crate::memory::{LocalMemory, MemoryMap};
 use crate::proto::agent::{Action, HostQueue, HostQueueConfig};
 pub use crate::proto::agent::{
     AgentError, AgentStats, LinkState, MoveReport, QueueStatus, QueueTarget,
@@ -37,7 +36,8 @@ use crate::proto::staging::StagingBuffer;
 use crate::proto::wire::{
     Attach, AttachDevice, DeviceKind, Message, NotifyMode, WireRegion, MAX_MSG,
 };
-use crate::ring::{RingFeatures, RingLayout};
+use crate::virtio::memory::{LocalMemory, MemoryMap};
+use crate::virtio::ring::{RingFeatures, RingLayout};
 
 /// One queue as the VMM negotiated it.
 pub struct QueueAttach {

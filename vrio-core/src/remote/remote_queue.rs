@@ -10,13 +10,13 @@ use std::time::Instant;
 use vrio_rdma::{Domain, Endpoint};
 
 use super::link::Link;
-use crate::device::DeviceModel;
 use crate::proto::config::RemoteQueueConfig;
 use crate::proto::queue_error::RemoteQueueError;
 use crate::proto::server::RequestQueue;
 use crate::proto::stats::RemoteStats;
 use crate::proto::wire::{Attach, NotifyMode};
 use crate::sidecore::{PollOutcome, QueueFailure, ServedQueue};
+use crate::virtio::device::DeviceModel;
 
 /// A request/reply queue served by a remote sidecore.
 pub struct RemoteQueue<D> {

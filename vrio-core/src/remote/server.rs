@@ -20,13 +20,13 @@ use super::net_devices::{NetDeviceError, NetDevices, NetQueue, NetServerConfig};
 use super::net_rx::RemoteRxQueue;
 use super::remote_queue::RemoteQueue;
 use crate::blk::{BlockBackend, BlockConfig, BlockDevice};
-use crate::memory::MemoryError;
-use crate::net::{RxDevice, TxDevice};
+use crate::net::{RxDevice, SwitchPort};
 use crate::proto::config::RemoteQueueConfig;
 use crate::proto::staging::StagingBuffer;
 use crate::proto::stats::RemoteStats;
 use crate::proto::wire::{Attach, DeviceKind, Message, WireError, MAX_MSG};
 use crate::sidecore::{QueueFailure, ServedQueue, SidecoreConfig, SidecoreHandle, SidecoreThread};
+use crate::virtio::memory::MemoryError;
 
 #[derive(Debug, Clone)]
 pub struct IoServerConfig {
@@ -533,7 +533,7 @@ fn admit_queue(
     let stats = kinds.net_stats.clone();
     Ok(match which {
         NetQueue::Tx => {
-            let dev = TxDevice::new(kinds.net.switch().clone(), port);
+            let dev = SwitchPort::tx(kinds.net.switch().clone(), port);
             let mut q = RemoteQueue::new(domain, ep, attach, dev, qcfg, stats)?;
             q.reply_attach(config)?;
             let alive = q.liveness();

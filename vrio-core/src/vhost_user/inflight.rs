@@ -27,9 +27,9 @@ use std::sync::atomic::Ordering;
 
 use vm_memory::{Bytes, FileOffset, MmapRegion, VolatileMemory};
 
-use crate::memory::GuestMemory;
-use crate::ring::layout::MAX_QUEUE_SIZE;
-use crate::ring::RingLayout;
+use crate::virtio::memory::GuestMemory;
+use crate::virtio::ring::layout::MAX_QUEUE_SIZE;
+use crate::virtio::ring::RingLayout;
 
 /// The region version this back-end writes; 0 means a fresh (reset) one.
 pub const INFLIGHT_VERSION: u16 = 1;
@@ -377,7 +377,7 @@ impl QueueRegion<'_> {
     }
 }
 
-fn guest<T>(r: Result<T, crate::memory::MemoryError>) -> Result<T, InflightError> {
+fn guest<T>(r: Result<T, crate::virtio::memory::MemoryError>) -> Result<T, InflightError> {
     r.map_err(|e| InflightError::Guest(e.to_string()))
 }
 
@@ -648,7 +648,7 @@ impl QueueTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::{anonymous_memory, LocalMemory};
+    use crate::virtio::memory::{anonymous_memory, LocalMemory};
 
     const SIZE: u16 = 8;
 

@@ -84,7 +84,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::ring::layout::{
+    use crate::virtio::ring::layout::{
         VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
     };
 

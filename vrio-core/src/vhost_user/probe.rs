@@ -11,9 +11,9 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vrio_rdma::Domain;
 
-use crate::memory::LocalMemory;
 use crate::remote::{attach, AgentConfig, AgentError, DeviceAttach, QueueAttach};
-use crate::ring::{QueueError, RingFeatures, RingLayout};
+use crate::virtio::memory::LocalMemory;
+use crate::virtio::ring::{QueueError, RingFeatures, RingLayout};
 
 /// Why the server's config space could not be had.
 #[derive(Debug, thiserror::Error)]

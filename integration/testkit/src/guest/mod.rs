@@ -13,7 +13,7 @@ use vrio_core::memory::LocalMemory;
 
 pub use crate::driver::GuestError;
 use crate::driver::{build_queues, device_side, GuestRing};
-use vrio_core::models::DeviceSide;
+use vrio_core::device::DeviceSide;
 use vrio_core::ring::{DriverQueue, RingFeatures};
 
 pub use pattern::{fill_pattern, pattern_matches};

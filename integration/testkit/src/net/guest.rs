@@ -8,8 +8,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::driver::{build_queues, device_side, GuestRing};
 use crate::guest::GuestError;
+use vrio_core::device::DeviceSide;
 use vrio_core::memory::LocalMemory;
-use vrio_core::models::DeviceSide;
 use vrio_core::net::header::HDR_LEN;
 use vrio_core::net::mac::MacAddr;
 use vrio_core::ring::{DriverQueue, RingFeatures};

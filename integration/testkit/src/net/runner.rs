@@ -21,6 +21,7 @@ use vrio_core::net::rx_queue::NetRxQueue;
 use vrio_core::net::stats::PortSnapshot;
 use vrio_core::net::switch::{Switch, SwitchConfig};
 use vrio_core::net::tx::TxDevice;
+use vrio_core::net::SwitchPort;
 use vrio_core::ring::RingFeatures;
 use vrio_core::sidecore::{ServedQueue, StatsSnapshot};
 
@@ -125,7 +126,7 @@ pub fn attach_net_guest(
     .map_err(dev)?;
     let tx = LocalQueue::new(
         guest.device_side(TX_QUEUE)?,
-        TxDevice::new(switch.clone(), port.clone()),
+        SwitchPort::tx(switch.clone(), port.clone()),
     )
     .map_err(dev)?;
     Ok(AttachedNetGuest {

@@ -25,15 +25,15 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use super::ring::{Dir, Intake, ServerRing, Stage, Wake};
-use crate::device::DeviceModel;
-use crate::memory::MemoryError;
 use crate::proto::config::RemoteQueueConfig;
 use crate::proto::queue_error::RemoteQueueError;
 use crate::proto::staging::StagedChain;
 use crate::proto::stats::RemoteStats;
 use crate::proto::wire::Attach;
-use crate::ring::{ChainError, DescriptorChain};
 use crate::sidecore::PollOutcome;
+use crate::virtio::device::DeviceModel;
+use crate::virtio::memory::MemoryError;
+use crate::virtio::ring::{ChainError, DescriptorChain};
 
 /// One request/reply queue's batches: learn, walk, READ wave, device, reply
 /// wave.
@@ -168,7 +168,7 @@ impl<D: DeviceModel> RequestQueue<D> {
                         Some(last) => {
                             chain.readable.clear();
                             chain.writable.clear();
-                            chain.writable.push(crate::ring::Segment {
+                            chain.writable.push(crate::virtio::ring::Segment {
                                 addr: last.addr + u64::from(last.len) - 1,
                                 len: 1,
                             });

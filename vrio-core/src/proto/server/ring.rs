@@ -16,7 +16,6 @@ use std::time::Instant;
 
 use vrio_rdma::{Completion, Opcode, RecvRequest, SendRequest, Sge, WcStatus};
 
-use crate::memory::{GuestRegion, MemoryError, MemoryMap};
 use crate::proto::config::RemoteQueueConfig;
 use crate::proto::queue_error::RemoteQueueError;
 use crate::proto::shadow::Shadow;
@@ -25,8 +24,11 @@ use crate::proto::stats::RemoteStats;
 use crate::proto::wire::{
     Attach, DoorbellEntry, Message, NotifyMode, SetMode, WireRegion, MAX_MSG,
 };
-use crate::ring::{ChainError, DescriptorChain, QueueError, RingFeatures, RingLayout, Walker};
 use crate::sidecore::{PollOutcome, QueueFailure};
+use crate::virtio::memory::{GuestRegion, MemoryError, MemoryMap};
+use crate::virtio::ring::{
+    ChainError, DescriptorChain, QueueError, RingFeatures, RingLayout, Walker,
+};
 
 /// Offsets inside the staging buffer.
 #[derive(Debug, Clone, Copy)]
@@ -889,7 +891,7 @@ impl ServerRing {
     /// on (segments laid out back to back there).
     pub(crate) fn queue_writes(
         &mut self,
-        segs: &[crate::ring::Segment],
+        segs: &[crate::virtio::ring::Segment],
         mut off: usize,
         mut len: u64,
     ) -> Result<(), RemoteQueueError> {

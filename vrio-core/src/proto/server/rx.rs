@@ -35,8 +35,8 @@ use crate::proto::queue_error::RemoteQueueError;
 use crate::proto::staging::StagedChains;
 use crate::proto::stats::RemoteStats;
 use crate::proto::wire::Attach;
-use crate::ring::{ChainError, DescriptorChain};
 use crate::sidecore::PollOutcome;
+use crate::virtio::ring::{ChainError, DescriptorChain};
 
 /// Why a chain the guest offered cannot hold frames.
 #[derive(Debug, thiserror::Error)]

@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 
-use crate::memory::{anonymous_memory, GuestMemory, LocalMemory, MemoryMap};
 use crate::proto::agent::{Action, AgentError, AgentStats, HostQueue, HostQueueConfig, LinkState};
 use crate::proto::agent::{MoveReport, QueueTarget};
 use crate::proto::wire::{Message, NotifyMode, Quiesced, SetMode};
-use crate::ring::layout::VRING_USED_F_NO_NOTIFY;
-use crate::ring::{DriverQueue, RingFeatures, RingLayout, Segment};
+use crate::virtio::memory::{anonymous_memory, GuestMemory, LocalMemory, MemoryMap};
+use crate::virtio::ring::layout::VRING_USED_F_NO_NOTIFY;
+use crate::virtio::ring::{DriverQueue, RingFeatures, RingLayout, Segment};
 
 const SIZE: u16 = 16;
 const RING: u64 = 0x1000;

@@ -21,8 +21,6 @@ use rand::{Rng, SeedableRng};
 use vm_memory::GuestMemoryBackend;
 use vrio_rdma::{Completion, Opcode, RecvRequest, RemoteRegion, SendRequest, WcOpcode, WcStatus};
 
-use crate::device::{DeviceModel, RequestError};
-use crate::memory::{anonymous_memory, GuestMemory, LocalMemory, MemoryMap};
 use crate::proto::agent::{
     Action, AgentError, AgentStats, HostQueue, HostQueueConfig, LinkState, QueueTarget,
 };
@@ -31,7 +29,9 @@ use crate::proto::queue_error::RemoteQueueError;
 use crate::proto::server::RequestQueue;
 use crate::proto::stats::RemoteStats;
 use crate::proto::wire::{Attach, Message, NotifyMode, WireRegion, ANY_SIDECORE};
-use crate::ring::{DescriptorChain, DriverQueue, RingFeatures, RingLayout, Segment};
+use crate::virtio::device::{DeviceModel, RequestError};
+use crate::virtio::memory::{anonymous_memory, GuestMemory, LocalMemory, MemoryMap};
+use crate::virtio::ring::{DescriptorChain, DriverQueue, RingFeatures, RingLayout, Segment};
 
 const SIZE: u16 = 16;
 const MEM: usize = 0x10000;

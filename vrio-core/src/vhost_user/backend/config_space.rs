@@ -59,8 +59,8 @@ mod tests {
 
     use super::*;
     use crate::blk::config_space;
-    use crate::ring::layout::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
     use crate::vhost_user::{FrontConfig, RemoteFront, Serving, VrioBackend};
+    use crate::virtio::ring::layout::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
     fn front(queues: u16, max_request: u32) -> FrontConfig {
         FrontConfig {

@@ -18,11 +18,11 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{FrontConfig, LocalFront, Mem, Serving, VrioBackend};
 use crate::blk::{BlockBackend, BlockConfig, MemoryBackend};
-use crate::memory::{GuestMemory, LocalMemory};
-use crate::ring::layout::VIRTIO_RING_F_EVENT_IDX;
-use crate::ring::{DriverQueue, Segment};
-use crate::ring::{RingFeatures, RingLayout};
 use crate::sidecore::{SidecoreConfig, SidecoreThread};
+use crate::virtio::memory::{GuestMemory, LocalMemory};
+use crate::virtio::ring::layout::VIRTIO_RING_F_EVENT_IDX;
+use crate::virtio::ring::{DriverQueue, Segment};
+use crate::virtio::ring::{RingFeatures, RingLayout};
 
 const SIZE: u16 = 16;
 const HDR: u64 = 0x10000;

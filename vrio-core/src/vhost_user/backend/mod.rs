@@ -36,8 +36,8 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::memory::LocalMemory;
 use crate::remote::DeviceKind;
+use crate::virtio::memory::LocalMemory;
 
 use super::inflight::InflightRegion;
 

@@ -28,13 +28,14 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::blk::BlockDevice;
-use crate::memory::{GuestMemory, LocalMemory};
-use crate::models::{DeviceSide, LocalQueue};
+use crate::models::LocalQueue;
 use crate::remote::{
     attach_placed, AgentConfig, AttachedDevice, DeviceAttach, DeviceKind, QueueAttach, QueueTarget,
 };
-use crate::ring::{RingFeatures, RingLayout, RingState};
 use crate::vhost_user::inflight::{InflightRegion, QueueTracker};
+use crate::virtio::device::DeviceSide;
+use crate::virtio::memory::{GuestMemory, LocalMemory};
+use crate::virtio::ring::{RingFeatures, RingLayout, RingState};
 
 use super::serving::{RemoteFront, Serving};
 use super::{Mem, State, VrioBackend};

@@ -2,7 +2,7 @@
 
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
 
-use crate::memory::MemoryError;
+use crate::virtio::memory::MemoryError;
 
 /// The status byte written at the end of a request (§5.2.6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,7 +2,7 @@
 //! a panic and never an access outside the guest's memory.
 
 use super::*;
-use crate::memory::{GuestRegion, MemoryError};
+use crate::virtio::memory::{GuestRegion, MemoryError};
 
 fn out_of_bounds(e: &MemoryError) -> bool {
     matches!(e, MemoryError::OutOfBounds { .. })

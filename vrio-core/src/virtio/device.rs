@@ -1,8 +1,13 @@
 //! The seam between queues and device models (virtio-blk now, virtio-net
 //! later): a model turns one validated chain into guest-visible results.
 
-use crate::memory::GuestMemory;
-use crate::ring::DescriptorChain;
+use std::sync::Arc;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::virtio::memory::{GuestMemory, LocalMemory};
+use crate::virtio::ring::DescriptorChain;
+use crate::virtio::ring::{RingFeatures, RingLayout};
 
 /// A request the device model could not make sense of; the queue completes
 /// it with length 0.
@@ -33,13 +38,13 @@ pub trait DeviceModel: Send {
     fn refused_chain(&mut self) {}
 }
 
-impl DeviceModel for crate::blk::BlockDevice {
+impl DeviceModel for crate::virtio::blk::BlockDevice {
     fn process<M: GuestMemory + ?Sized>(
         &mut self,
         mem: &M,
         chain: &DescriptorChain,
     ) -> Result<u32, RequestError> {
-        crate::blk::BlockDevice::process(self, mem, chain).map_err(|e| e.into())
+        crate::virtio::blk::BlockDevice::process(self, mem, chain).map_err(|e| e.into())
     }
 
     fn fail_request<M: GuestMemory + ?Sized>(
@@ -56,4 +61,18 @@ impl DeviceModel for crate::blk::BlockDevice {
         mem.write(s.addr + u64::from(s.len) - 1, &[ioerr])?;
         Ok(1)
     }
+}
+
+/// What a device back-end gets from the VMM for one queue: the guest's
+/// memory, where the ring is and what was negotiated, and the two eventfds
+/// (the back-end only holds them; its runtime waits on and writes them).
+pub struct DeviceSide {
+    pub name: String,
+    pub mem: Arc<LocalMemory>,
+    pub layout: RingLayout,
+    pub features: RingFeatures,
+    /// Written by the guest to kick (non-blocking).
+    pub kick: EventFd,
+    /// Written by the device to interrupt the guest.
+    pub call: EventFd,
 }

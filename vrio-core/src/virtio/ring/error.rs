@@ -1,7 +1,7 @@
 //! Typed errors for hostile or broken rings. Each validation rule has its own
 //! variant, so that tests (and operators reading logs) can tell them apart.
 
-use crate::memory::MemoryError;
+use crate::virtio::memory::MemoryError;
 
 /// Why one descriptor chain was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

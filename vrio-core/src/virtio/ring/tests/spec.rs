@@ -1,7 +1,7 @@
 //! virtio 1.2 §2.7 rules on well-formed rings.
 
 use super::*;
-use crate::ring::layout::{VRING_AVAIL_F_NO_INTERRUPT, VRING_USED_F_NO_NOTIFY};
+use crate::virtio::ring::layout::{VRING_AVAIL_F_NO_INTERRUPT, VRING_USED_F_NO_NOTIFY};
 
 #[test]
 fn driver_to_device_round_trip() {

@@ -6,33 +6,42 @@ use std::sync::Arc;
 
 use super::checksum::complete_partial;
 use super::copy::gather;
+use super::drop_reason::DropReason;
 use super::frame::ETH_HLEN;
 use super::header::{NetHeader, HDR_LEN};
-use super::port::Port;
-use super::stats::DropReason;
-use super::switch::{Forwarded, Switch};
-use crate::device::{DeviceModel, RequestError};
-use crate::memory::{GuestMemory, MemoryError};
-use crate::ring::DescriptorChain;
+use crate::virtio::device::{DeviceModel, RequestError};
+use crate::virtio::memory::{GuestMemory, MemoryError};
+use crate::virtio::ring::DescriptorChain;
 
-/// A guest's transmit path into its switch port.
+/// Where transmitted frames go: in vrio, the guest's port on the I/O
+/// server's switch (`net::SwitchPort`). Counting is the sink's: the device
+/// says why it dropped a frame, or that it completed a checksum.
+pub trait FrameSink: Send + Sync {
+    /// The largest frame (Ethernet header included) the sink takes.
+    fn max_frame(&self) -> usize;
+    /// Takes a checked frame (the sink may still drop it, and counts that).
+    fn forward(&self, frame: Vec<u8>);
+    /// The device dropped a frame, for `reason`.
+    fn dropped(&self, reason: DropReason);
+    /// The device completed a partial checksum.
+    fn checksummed(&self);
+    /// The sink's name, for logs.
+    fn name(&self) -> &str;
+}
+
+/// A guest's transmit path into its sink.
 pub struct TxDevice {
-    switch: Arc<Switch>,
-    port: Arc<Port>,
+    sink: Arc<dyn FrameSink>,
 }
 
 impl TxDevice {
-    pub fn new(switch: Arc<Switch>, port: Arc<Port>) -> Self {
-        Self { switch, port }
+    /// A device that transmits into `sink`.
+    pub fn new(sink: Arc<dyn FrameSink>) -> Self {
+        Self { sink }
     }
 
-    pub fn port(&self) -> &Arc<Port> {
-        &self.port
-    }
-
-    fn drop_frame(&self, reason: DropReason) -> Forwarded {
-        self.port.stats().dropped(reason);
-        Forwarded::Dropped(reason)
+    fn drop_frame(&self, reason: DropReason) {
+        self.sink.dropped(reason);
     }
 
     /// Reads `virtio_net_hdr` + frame from the chain's readable segments,
@@ -42,40 +51,47 @@ impl TxDevice {
         &mut self,
         mem: &M,
         chain: &DescriptorChain,
-    ) -> Result<Forwarded, MemoryError> {
+    ) -> Result<(), MemoryError> {
         // §2.7.4: TX buffers are device-readable only.
         if !chain.writable.is_empty() {
-            return Ok(self.drop_frame(DropReason::BadChain));
+            self.drop_frame(DropReason::BadChain);
+            return Ok(());
         }
         let total = chain.readable_len();
         if total < HDR_LEN as u64 {
-            return Ok(self.drop_frame(DropReason::Short));
+            self.drop_frame(DropReason::Short);
+            return Ok(());
         }
         let len = total - HDR_LEN as u64;
         // Refuse before allocating: the guest picks `len`.
-        if len > self.switch.config().limits.max_frame() as u64 {
-            return Ok(self.drop_frame(DropReason::Oversized));
+        if len > self.sink.max_frame() as u64 {
+            self.drop_frame(DropReason::Oversized);
+            return Ok(());
         }
         let mut hb = [0u8; HDR_LEN];
         gather(mem, &chain.readable, 0, &mut hb)?;
         let hdr = NetHeader::from_bytes(&hb);
         if let Err(e) = hdr.validate_tx(len as usize) {
-            tracing::debug!(port = self.port.name(), error = %e, "TX header refused");
-            return Ok(self.drop_frame(DropReason::BadHeader));
+            tracing::debug!(port = self.sink.name(), error = %e, "TX header refused");
+            self.drop_frame(DropReason::BadHeader);
+            return Ok(());
         }
         if (len as usize) < ETH_HLEN {
-            return Ok(self.drop_frame(DropReason::Short));
+            self.drop_frame(DropReason::Short);
+            return Ok(());
         }
         let mut frame = vec![0u8; len as usize];
         gather(mem, &chain.readable, HDR_LEN as u64, &mut frame)?;
         if hdr.needs_csum() {
             // validate_tx checked the field lies in the frame.
             if complete_partial(&mut frame, hdr.csum_start, hdr.csum_offset).is_err() {
-                return Ok(self.drop_frame(DropReason::BadHeader));
+                self.drop_frame(DropReason::BadHeader);
+                return Ok(());
             }
-            self.port.stats().checksummed();
+            self.sink.checksummed();
         }
-        Ok(self.switch.forward(&self.port, frame))
+        self.sink.forward(frame);
+        Ok(())
     }
 }
 
@@ -96,11 +112,11 @@ impl DeviceModel for TxDevice {
         _mem: &M,
         _status: &DescriptorChain,
     ) -> Result<u32, RequestError> {
-        self.port.stats().dropped(DropReason::Oversized);
+        self.sink.dropped(DropReason::Oversized);
         Ok(0)
     }
 
     fn refused_chain(&mut self) {
-        self.port.stats().dropped(DropReason::BadChain);
+        self.sink.dropped(DropReason::BadChain);
     }
 }

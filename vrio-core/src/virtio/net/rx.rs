@@ -18,10 +18,10 @@
 //! frame arrived", and the unchanged vhost worker and sidecore sleep on it.
 
 use super::copy::scatter;
+use super::drop_reason::DropReason;
 use super::header::{NetHeader, HDR_LEN};
-use super::stats::DropReason;
-use crate::memory::{GuestMemory, MemoryError};
-use crate::ring::DescriptorChain;
+use crate::virtio::memory::{GuestMemory, MemoryError};
+use crate::virtio::ring::DescriptorChain;
 
 /// Where received frames wait (a port's backlog). One consumer per source.
 pub trait FrameSource: Send + Sync {
@@ -145,8 +145,8 @@ impl RxDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::anonymous_memory;
-    use crate::ring::Segment;
+    use crate::virtio::memory::anonymous_memory;
+    use crate::virtio::ring::Segment;
 
     fn chain(head: u16, segs: &[(u64, u32)]) -> DescriptorChain {
         DescriptorChain {
@@ -193,8 +193,13 @@ mod tests {
         let mut out = vec![0u8; 212];
         let mut at = 0;
         for (c, &(_, n)) in chains.iter().zip(&used) {
-            at += crate::net::copy::gather(&mem, &c.writable, 0, &mut out[at..at + n as usize])
-                .unwrap();
+            at += crate::virtio::net::copy::gather(
+                &mem,
+                &c.writable,
+                0,
+                &mut out[at..at + n as usize],
+            )
+            .unwrap();
         }
         assert_eq!(&out[..12], &NetHeader::rx(3).to_bytes());
         assert_eq!(&out[12..], &frame[..]);

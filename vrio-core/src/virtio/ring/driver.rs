@@ -13,7 +13,7 @@ use super::layout::{
     vring_need_event, RingFeatures, RingLayout, DESC_SIZE, VRING_AVAIL_F_NO_INTERRUPT,
     VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY,
 };
-use crate::memory::{GuestMemory, MemoryError};
+use crate::virtio::memory::{GuestMemory, MemoryError};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DriverError {

@@ -38,7 +38,7 @@ pub fn id_from_str(s: &str) -> [u8; ID_BYTES] {
 }
 
 /// `InvalidInput` unless `offset..offset+len` lies within `size` bytes.
-pub(super) fn check_range(offset: u64, len: u64, size: u64) -> io::Result<()> {
+pub(crate) fn check_range(offset: u64, len: u64, size: u64) -> io::Result<()> {
     match offset.checked_add(len) {
         Some(end) if end <= size => Ok(()),
         _ => Err(io::Error::new(
@@ -48,6 +48,6 @@ pub(super) fn check_range(offset: u64, len: u64, size: u64) -> io::Result<()> {
     }
 }
 
-pub(super) fn read_only_error() -> io::Error {
+pub(crate) fn read_only_error() -> io::Error {
     io::Error::new(io::ErrorKind::PermissionDenied, "backend is read-only")
 }

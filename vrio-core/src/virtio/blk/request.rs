@@ -4,8 +4,8 @@
 //! part, and the status byte as the very last writable byte.
 
 use super::error::BlkError;
-use crate::memory::{GuestMemory, MemoryError};
-use crate::ring::{DescriptorChain, Segment};
+use crate::virtio::memory::{GuestMemory, MemoryError};
+use crate::virtio::ring::{DescriptorChain, Segment};
 
 /// `struct virtio_blk_outhdr`: le32 type, le32 reserved, le64 sector.
 pub const HEADER_SIZE: u64 = 16;
@@ -138,7 +138,7 @@ pub(super) fn write_segments<M: GuestMemory + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::anonymous_memory;
+    use crate::virtio::memory::anonymous_memory;
 
     fn seg(addr: u64, len: u32) -> Segment {
         Segment { addr, len }

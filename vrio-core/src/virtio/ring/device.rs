@@ -14,7 +14,7 @@ use super::layout::{
     vring_need_event, RingFeatures, RingLayout, VRING_AVAIL_F_NO_INTERRUPT, VRING_USED_F_NO_NOTIFY,
 };
 use super::walker::Walker;
-use crate::memory::{GuestMemory, MemoryMap};
+use crate::virtio::memory::{GuestMemory, MemoryMap};
 
 /// The ring position to hand over when a queue moves between sidecores.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

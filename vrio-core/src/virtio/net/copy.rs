@@ -1,7 +1,7 @@
 //! Copies between a flat buffer and a chain's scattered segments.
 
-use crate::memory::{GuestMemory, MemoryError};
-use crate::ring::Segment;
+use crate::virtio::memory::{GuestMemory, MemoryError};
+use crate::virtio::ring::Segment;
 
 /// Reads `out.len()` bytes starting `offset` bytes into `segs`. Returns the
 /// bytes read: fewer when the segments end first.
@@ -58,7 +58,7 @@ pub fn scatter<M: GuestMemory + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::anonymous_memory;
+    use crate::virtio::memory::anonymous_memory;
 
     #[test]
     fn round_trips_across_segments_at_any_offset() {

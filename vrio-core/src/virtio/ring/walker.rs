@@ -10,7 +10,7 @@
 use super::descriptor::{Descriptor, DescriptorChain, Segment};
 use super::error::ChainError;
 use super::layout::{RingFeatures, RingLayout, DESC_SIZE};
-use crate::memory::{GuestMemory, MemoryError, MemoryMap};
+use crate::virtio::memory::{GuestMemory, MemoryError, MemoryMap};
 
 /// Reusable scratch for loop detection (one bit per table entry).
 #[derive(Debug, Default)]

@@ -6,7 +6,7 @@ use virtio_bindings::virtio_blk::{
 };
 
 use super::config::BlockConfig;
-use crate::ring::layout::{
+use crate::virtio::ring::layout::{
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 

@@ -15,8 +15,8 @@ use super::error::{BlkError, RequestError, Status};
 use super::features::device_features;
 use super::request::{read_segments, write_segments, RequestLayout, HEADER_SIZE};
 use super::{ID_BYTES, SECTOR_SIZE};
-use crate::memory::GuestMemory;
-use crate::ring::DescriptorChain;
+use crate::virtio::memory::GuestMemory;
+use crate::virtio::ring::DescriptorChain;
 
 /// `struct virtio_blk_discard_write_zeroes`: le64 sector, le32 num_sectors,
 /// le32 flags.
@@ -59,7 +59,7 @@ impl BlockDevice {
     }
 
     #[cfg(test)]
-    pub(super) fn bounce_len(&self) -> usize {
+    pub(crate) fn bounce_len(&self) -> usize {
         self.bounce.len()
     }
 

@@ -10,7 +10,7 @@ mod spec;
 
 use super::layout::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use super::*;
-use crate::memory::{anonymous_memory, GuestMemory, LocalMemory, MemoryMap};
+use crate::virtio::memory::{anonymous_memory, GuestMemory, LocalMemory, MemoryMap};
 
 /// Guest memory size of every rig.
 const MEM: u64 = 0x10000;

@@ -17,10 +17,10 @@ use virtio_bindings::virtio_net::{
 };
 
 use super::config::NetConfig;
-use crate::ring::layout::{
+use crate::virtio::ring::layout::{
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
-use crate::ring::RingFeatures;
+use crate::virtio::ring::RingFeatures;
 
 pub fn device_features(cfg: &NetConfig) -> u64 {
     let mut bits = [
