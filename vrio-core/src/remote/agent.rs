@@ -41,7 +41,9 @@ use crate::virtio::ring::{RingFeatures, RingLayout};
 
 /// One queue as the VMM negotiated it.
 pub struct QueueAttach {
+    /// Where the guest put the ring.
     pub layout: RingLayout,
+    /// The ring features the driver negotiated.
     pub features: RingFeatures,
     /// The guest writes it to kick (non-blocking eventfd).
     pub kick: EventFd,
@@ -52,15 +54,22 @@ pub struct QueueAttach {
     pub start: u16,
 }
 
+/// A device to attach: its id, the guest's memory, and its queues.
 pub struct DeviceAttach {
+    /// The device's id on the wire (see `remote::device_key`).
     pub device_id: u64,
+    /// The guest's RAM, registered with the fabric for the server.
     pub mem: Arc<LocalMemory>,
+    /// Its queues, in device order.
     pub queues: Vec<QueueAttach>,
 }
 
+/// How the agent attaches and serves a device's queues.
 #[derive(Debug, Clone, Copy)]
 pub struct AgentConfig {
+    /// How the server learns of requests.
     pub mode: NotifyMode,
+    /// Queue depths of each queue's endpoint.
     pub endpoint: EndpointConfig,
     /// Descriptors copied per chain into a doorbell (the server fetches
     /// the rest).
@@ -147,6 +156,7 @@ pub struct AttachedDevice {
 }
 
 impl AttachedDevice {
+    /// What the agent did so far, for all queues of the device.
     pub fn stats(&self) -> &Arc<AgentStats> {
         &self.stats
     }
