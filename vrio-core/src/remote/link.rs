@@ -7,6 +7,7 @@ use std::time::Instant;
 use vrio_rdma::{Access, Completion, Domain, Endpoint, MemoryRegion};
 
 use crate::proto::queue_error::RemoteQueueError;
+use crate::sidecore::QueueFailure;
 use crate::proto::server::{ServerRing, Wake};
 
 pub(super) struct Link {
@@ -84,5 +85,16 @@ impl Link {
         };
         self.flush(ring)?;
         Ok(again)
+    }
+
+    /// Answers the agent's ATTACH with the device's config space, as
+    /// queue `ring`'s failure if that fails.
+    pub fn reply_attach(
+        &mut self,
+        ring: &mut ServerRing,
+        config: Vec<u8>,
+    ) -> Result<(), QueueFailure> {
+        let r = ring.reply_attach(config).and_then(|_| self.flush(ring));
+        r.map_err(|e| ring.failure(e))
     }
 }

@@ -81,12 +81,7 @@ impl RemoteRxQueue {
 
     /// Answers the agent's ATTACH.
     pub fn reply_attach(&mut self, config: Vec<u8>) -> Result<(), QueueFailure> {
-        let r = self
-            .core
-            .ring()
-            .reply_attach(config)
-            .and_then(|_| self.link.flush(self.core.ring()));
-        r.map_err(|e| self.core.ring_ref().failure(e))
+        self.link.reply_attach(self.core.ring(), config)
     }
     /// A token that lives exactly as long as the queue.
     pub fn liveness(&self) -> std::sync::Weak<()> {

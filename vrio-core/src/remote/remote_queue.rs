@@ -54,12 +54,7 @@ impl<D: DeviceModel> RemoteQueue<D> {
 
     /// Answers the agent's ATTACH.
     pub fn reply_attach(&mut self, config: Vec<u8>) -> Result<(), QueueFailure> {
-        let r = self
-            .core
-            .ring()
-            .reply_attach(config)
-            .and_then(|_| self.link.flush(self.core.ring()));
-        r.map_err(|e| self.core.ring_ref().failure(e))
+        self.link.reply_attach(self.core.ring(), config)
     }
 
     /// The queue's name (`dev<key>.q<queue>`).
