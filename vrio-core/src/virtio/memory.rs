@@ -267,22 +267,12 @@ mod tests {
         assert_eq!(m.check(0x1000, 0x1000), Ok(()));
         assert_eq!(m.check(0x1fff, 1), Ok(()));
         assert_eq!(m.check(0x1fff, 0), Ok(()));
-        assert!(matches!(
-            m.check(0x1fff, 2),
-            Err(MemoryError::OutOfBounds { .. })
-        ));
-        assert!(matches!(
-            m.check(0x0, 1),
-            Err(MemoryError::OutOfBounds { .. })
-        ));
-        assert!(matches!(
-            m.check(0x2000, 1),
-            Err(MemoryError::OutOfBounds { .. })
-        ));
-        assert!(matches!(
-            m.check(0x1fff0, 0x20),
-            Err(MemoryError::OutOfBounds { .. })
-        ));
+        for (addr, len) in [(0x1fff, 2), (0x0, 1), (0x2000, 1), (0x1fff0, 0x20)] {
+            assert!(
+                matches!(m.check(addr, len), Err(MemoryError::OutOfBounds { .. })),
+                "{addr:#x}+{len:#x}"
+            );
+        }
         assert!(matches!(
             m.check(u64::MAX - 1, 4),
             Err(MemoryError::Overflow { .. })
