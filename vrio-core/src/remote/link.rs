@@ -7,8 +7,8 @@ use std::time::Instant;
 use vrio_rdma::{Access, Completion, Domain, Endpoint, MemoryRegion};
 
 use crate::proto::queue_error::RemoteQueueError;
-use crate::sidecore::QueueFailure;
 use crate::proto::server::{ServerRing, Wake};
+use crate::sidecore::QueueFailure;
 
 pub(super) struct Link {
     // Registrations before the endpoint, and the link before the core in

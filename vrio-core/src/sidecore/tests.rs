@@ -87,14 +87,25 @@ fn cfg() -> SidecoreConfig {
     }
 }
 
-#[test]
-fn round_robin_with_batch_budget() {
+/// A sidecore serving fake queues "a" and "b", added at the returned time.
+fn two_queues() -> (
+    Sidecore,
+    Instant,
+    Arc<Mutex<FakeState>>,
+    Arc<Mutex<FakeState>>,
+) {
     let t0 = Instant::now();
     let mut sc = Sidecore::new(cfg());
     let (a, sa) = fake("a");
     let (b, sb) = fake("b");
     sc.add(a, t0);
     sc.add(b, t0);
+    (sc, t0, sa, sb)
+}
+
+#[test]
+fn round_robin_with_batch_budget() {
+    let (mut sc, t0, sa, sb) = two_queues();
     sa.lock().unwrap().pending = 10;
     sb.lock().unwrap().pending = 3;
     assert_eq!(sc.round(t0), RoundOutcome::Worked);
@@ -188,12 +199,7 @@ fn idle_backs_off_after_spinning() {
 
 #[test]
 fn failed_queue_is_dropped_and_others_continue() {
-    let t0 = Instant::now();
-    let mut sc = Sidecore::new(cfg());
-    let (a, sa) = fake("a");
-    let (b, sb) = fake("b");
-    sc.add(a, t0);
-    sc.add(b, t0);
+    let (mut sc, t0, sa, sb) = two_queues();
     sa.lock().unwrap().fail = true;
     sb.lock().unwrap().pending = 1;
     assert_eq!(sc.round(t0), RoundOutcome::Worked);

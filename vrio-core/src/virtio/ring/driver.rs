@@ -131,13 +131,7 @@ impl DriverQueue {
             head = self.take(1)?[0];
             let table = area.base + u64::from(head) * u64::from(area.max_entries) * DESC_SIZE;
             for (i, (s, wf)) in segs.enumerate() {
-                let last = i + 1 == n;
-                let d = Descriptor {
-                    addr: s.addr,
-                    len: s.len,
-                    flags: wf | if last { 0 } else { VRING_DESC_F_NEXT },
-                    next: if last { 0 } else { i as u16 + 1 },
-                };
+                let d = link(s, wf, (i + 1 < n).then_some(i as u16 + 1));
                 mem.write(table + DESC_SIZE * i as u64, &d.to_bytes())?;
             }
             let d = Descriptor {
@@ -154,13 +148,7 @@ impl DriverQueue {
             let idx = self.take(n as u16)?;
             head = idx[0];
             for (i, (s, wf)) in segs.enumerate() {
-                let last = i + 1 == n;
-                let d = Descriptor {
-                    addr: s.addr,
-                    len: s.len,
-                    flags: wf | if last { 0 } else { VRING_DESC_F_NEXT },
-                    next: if last { 0 } else { idx[i + 1] },
-                };
+                let d = link(s, wf, idx.get(i + 1).copied());
                 mem.write(self.layout.desc_addr(idx[i]), &d.to_bytes())?;
             }
         }
@@ -264,5 +252,16 @@ impl DriverQueue {
             mem.store_u16(self.layout.avail_flags(), f | VRING_AVAIL_F_NO_INTERRUPT)?;
         }
         Ok(())
+    }
+}
+
+/// The descriptor for segment `s` (`flags` carries WRITE), chained to
+/// `next` if there is one.
+fn link(s: &Segment, flags: u16, next: Option<u16>) -> Descriptor {
+    Descriptor {
+        addr: s.addr,
+        len: s.len,
+        flags: flags | if next.is_some() { VRING_DESC_F_NEXT } else { 0 },
+        next: next.unwrap_or(0),
     }
 }
