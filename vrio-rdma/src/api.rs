@@ -155,6 +155,17 @@ pub enum Opcode {
     Send,
 }
 
+impl Opcode {
+    /// The [`WcOpcode`] of this request's completion at the requester.
+    pub fn completion_opcode(&self) -> WcOpcode {
+        match self {
+            Opcode::Read { .. } => WcOpcode::Read,
+            Opcode::Write { .. } | Opcode::WriteWithImm { .. } => WcOpcode::Write,
+            Opcode::Send => WcOpcode::Send,
+        }
+    }
+}
+
 /// A send-queue work request (READ, WRITE, WRITE_WITH_IMM or SEND).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SendRequest {

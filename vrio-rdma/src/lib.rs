@@ -5,6 +5,10 @@
 //! - `verbs`: real RDMA through sideway (RoCE, InfiniBand, Soft-RoCE);
 //! - `soft`: the same semantics in user space over TCP or Unix sockets.
 //!
+//! Feature `sim` adds [`sim`]: the same semantics in memory, with no threads
+//! or clocks, stepped by a test harness's seeded rng (deterministic protocol
+//! tests).
+//!
 //! The API mirrors verbs closely on purpose: work requests name local memory
 //! by `(lkey, addr, len)` and remote memory by `(rkey, addr)`, and every
 //! outcome (including protection faults and dead peers) arrives as a
@@ -23,10 +27,14 @@
 
 #![deny(missing_docs)]
 
+mod access;
 pub mod api;
 pub mod async_endpoint;
 pub mod conformance;
+mod eventfd;
 pub mod select;
+#[cfg(feature = "sim")]
+pub mod sim;
 pub mod soft;
 #[cfg(feature = "verbs")]
 pub mod verbs;

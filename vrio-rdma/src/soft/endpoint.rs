@@ -9,18 +9,20 @@
 //! exactly RC's ordering guarantee.
 
 use std::collections::VecDeque;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::region::{Need, Registry};
+use super::region::Registry;
 use super::tx::{shutdown, Tx};
 use super::wire::{Header, Kind, Status, HEADER_LEN, MAX_MESSAGE};
+use crate::access::Need;
 use crate::api::{
     Completion, Endpoint, EndpointConfig, FabricError, Opcode, RecvRequest, SendRequest, Sge,
     WcOpcode, WcStatus,
 };
+use crate::eventfd::EventFd;
 
 /// How long a SEND or WRITE_WITH_IMM waits for the application to post a
 /// receive (verbs: RNR retries) before it fails with `RnrRetryExceeded`.
@@ -61,7 +63,7 @@ struct Shared {
     cq_cv: Condvar,
     rq_cv: Condvar,
     /// eventfd, written when completions arrive while armed.
-    notify: OwnedFd,
+    notify: EventFd,
 }
 
 impl Shared {
@@ -80,24 +82,8 @@ impl Shared {
         }
         if st.armed {
             st.armed = false;
-            let one: u64 = 1;
-            // SAFETY: writes 8 bytes from a live u64 to our eventfd.
-            unsafe {
-                libc::write(
-                    self.notify.as_raw_fd(),
-                    (&one as *const u64).cast(),
-                    std::mem::size_of::<u64>(),
-                )
-            };
+            self.notify.signal();
         }
-    }
-}
-
-fn send_opcode(op: &Opcode) -> WcOpcode {
-    match op {
-        Opcode::Read { .. } => WcOpcode::Read,
-        Opcode::Write { .. } | Opcode::WriteWithImm { .. } => WcOpcode::Write,
-        Opcode::Send => WcOpcode::Send,
     }
 }
 
@@ -213,13 +199,7 @@ impl SoftEndpoint {
         reg: Arc<Registry>,
         cfg: EndpointConfig,
     ) -> Result<Self, FabricError> {
-        // SAFETY: plain syscall; the result is checked before use.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if efd < 0 {
-            return Err(FabricError::Io(std::io::Error::last_os_error()));
-        }
-        // SAFETY: `efd` is a fresh descriptor that nothing else owns.
-        let notify = unsafe { OwnedFd::from_raw_fd(efd) };
+        let notify = EventFd::new()?;
         let sq_depth = cfg.send_depth.max(1) as usize;
         let rq_depth = cfg.recv_depth.max(1) as usize;
         let shared = Arc::new(Shared {
@@ -296,7 +276,7 @@ impl Endpoint for SoftEndpoint {
                 st.cq.push_back(Completion {
                     wr_id: wr.wr_id,
                     status: WcStatus::Flushed,
-                    opcode: send_opcode(&wr.opcode),
+                    opcode: wr.opcode.completion_opcode(),
                     byte_len: 0,
                     imm: None,
                 });
@@ -326,7 +306,7 @@ impl Endpoint for SoftEndpoint {
                 blocked |= fault;
                 st.sq.push_back(SqEntry {
                     wr_id: wr.wr_id,
-                    op: send_opcode(&wr.opcode),
+                    op: wr.opcode.completion_opcode(),
                     local: wr.local,
                     signaled: wr.signaled,
                     sent,
@@ -424,16 +404,7 @@ impl Endpoint for SoftEndpoint {
     }
 
     fn arm(&mut self) -> Result<(), FabricError> {
-        let mut v: u64 = 0;
-        // SAFETY: reads at most 8 bytes into a live u64 from our
-        // non-blocking eventfd (EAGAIN when already drained is fine).
-        unsafe {
-            libc::read(
-                self.shared.notify.as_raw_fd(),
-                (&mut v as *mut u64).cast(),
-                std::mem::size_of::<u64>(),
-            )
-        };
+        self.shared.notify.drain();
         let mut st = self.shared.lock();
         st.armed = true;
         // Completions that are already queued fire at once, so a caller that

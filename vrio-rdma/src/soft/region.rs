@@ -11,18 +11,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
+use crate::access::{permits, Need};
 use crate::api::{Access, FabricError, MemoryRegion};
-
-/// What an access needs from a region.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Need {
-    /// Local source (WRITE/SEND payload): any registered region.
-    LocalRead,
-    /// Local destination (READ result, receive buffer).
-    LocalWrite,
-    RemoteRead,
-    RemoteWrite,
-}
 
 #[derive(Debug, Clone, Copy)]
 struct Entry {
@@ -121,15 +111,7 @@ impl RegistryGuard<'_> {
             return Some(std::ptr::NonNull::<u8>::dangling().as_ptr());
         }
         let e = self.map.get(&key)?;
-        let allowed = match need {
-            Need::LocalRead => true,
-            Need::LocalWrite => e.access.local_write,
-            Need::RemoteRead => e.access.remote_read,
-            Need::RemoteWrite => e.access.remote_write,
-        };
-        let end = addr.checked_add(len)?;
-        let region_end = e.addr + e.len;
-        (allowed && addr >= e.addr && end <= region_end).then_some(addr as usize as *mut u8)
+        permits(e.addr, e.len, e.access, addr, len, need).then_some(addr as usize as *mut u8)
     }
 
     /// Copies `src` into registered memory.

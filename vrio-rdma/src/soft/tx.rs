@@ -15,8 +15,9 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use super::region::{Need, Registry};
+use super::region::Registry;
 use super::wire::Header;
+use crate::access::Need;
 
 /// Payloads up to this size are copied into the header buffer: one iovec
 /// entry less is worth more than a copy this small.

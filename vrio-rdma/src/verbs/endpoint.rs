@@ -456,14 +456,9 @@ impl Endpoint for VerbsEndpoint {
             Err(e) => return Err(verr("ibv_wr_complete", e)),
         }
         for wr in wrs {
-            let op = match wr.opcode {
-                Opcode::Read { .. } => WcOpcode::Read,
-                Opcode::Write { .. } | Opcode::WriteWithImm { .. } => WcOpcode::Write,
-                Opcode::Send => WcOpcode::Send,
-            };
             self.sq.push_back(Posted {
                 wr_id: wr.wr_id,
-                op,
+                op: wr.opcode.completion_opcode(),
                 len: wr.local.len,
                 signaled: wr.signaled,
             });
