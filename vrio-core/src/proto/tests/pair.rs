@@ -1,17 +1,16 @@
 //! Both sides of a queue together: a guest driver, the VM-host side
-//! ([`HostQueue`]) and the I/O server's side ([`RequestQueue`]) over an
-//! in-memory model of an RC queue pair, driven by a seeded scheduler and a
-//! fake clock.
+//! ([`HostQueue`]) and the I/O server's side ([`RequestQueue`]) over
+//! `vrio_rdma::sim`, an in-memory model of RC queue pairs, driven by a
+//! seeded scheduler and a fake clock.
 //!
-//! The model keeps RC's rules: one direction's operations execute in the
-//! order they were posted; a SEND or WRITE_WITH_IMM consumes the peer's
-//! next posted receive (it waits while there is none); one-sided
-//! operations are checked against the registered region and its rkey.
-//! What the scheduler picks next (which direction moves, when the server
-//! or the guest runs, when the queue moves or its server dies, how the
-//! clock advances) comes from the seed.
+//! The sim keeps RC's rules (per-endpoint order, receives consumed in
+//! order, RNR, rkey, range and access checks, error states and flushes).
+//! What the scheduler picks next (which fabric step runs, when the server,
+//! the agent or the guest runs, when the queue moves or its server dies,
+//! how the clock advances) comes from the seed. The test stands in for the
+//! runtimes: it posts the server's outbox and the agent's messages, and
+//! feeds each side its completions.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,7 +18,11 @@ use proptest::prelude::*;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use vm_memory::GuestMemoryBackend;
-use vrio_rdma::{Completion, Opcode, RecvRequest, RemoteRegion, SendRequest, WcOpcode, WcStatus};
+use vrio_rdma::sim::{SimDomain, SimEndpoint, SimNet};
+use vrio_rdma::{
+    Access, Completion, Domain, Endpoint, EndpointConfig, MemoryRegion, Opcode, RecvRequest,
+    SendRequest, Sge, WcOpcode,
+};
 
 use crate::proto::agent::{
     Action, AgentError, AgentStats, HostQueue, HostQueueConfig, LinkState, QueueTarget,
@@ -27,8 +30,9 @@ use crate::proto::agent::{
 use crate::proto::config::RemoteQueueConfig;
 use crate::proto::queue_error::RemoteQueueError;
 use crate::proto::server::RequestQueue;
+use crate::proto::staging::StagingBuffer;
 use crate::proto::stats::RemoteStats;
-use crate::proto::wire::{Attach, Message, NotifyMode, WireRegion, ANY_SIDECORE};
+use crate::proto::wire::{Attach, Message, NotifyMode, WireRegion, ANY_SIDECORE, MAX_MSG};
 use crate::virtio::device::{DeviceModel, RequestError};
 use crate::virtio::memory::{anonymous_memory, GuestMemory, LocalMemory, MemoryMap};
 use crate::virtio::ring::{DescriptorChain, DriverQueue, RingFeatures, RingLayout, Segment};
@@ -39,7 +43,9 @@ const RING: u64 = 0x1000;
 /// Request buffers: 16 bytes per head, the readable tag then the writable
 /// answer.
 const BUF: u64 = 0x8000;
-const RKEY: u32 = 7;
+/// The agent's message slots per link, each way.
+const SLOTS: usize = 16;
+const RECV_TAG: u64 = 1 << 63;
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A device that answers each request with the 4-byte tag it carries, so
@@ -75,27 +81,62 @@ impl DeviceModel for Echo {
     }
 }
 
-/// One server's link: the queue's server side and what is in flight
-/// between it and the VM host.
+/// One server's link: the queue's server side, the connected pair of
+/// endpoints, and the agent's message buffers.
 struct Link {
-    server: RequestQueue<Echo>,
-    /// Work requests the server posted, not yet executed.
-    to_host: VecDeque<SendRequest>,
-    /// Messages the VM host sent, not yet delivered.
-    to_server: VecDeque<Vec<u8>>,
-    /// Receives the server posted, not yet consumed.
-    recvs: VecDeque<RecvRequest>,
-    /// Completions the server has not polled yet.
-    cq: Vec<Completion>,
+    // Registrations before the buffers they cover (fields drop in order).
+    _server_mrs: [Box<dyn MemoryRegion>; 2],
+    msg_mr: Box<dyn MemoryRegion>,
+    /// None once the server retired (handed back) or failed.
+    server: Option<RequestQueue<Echo>>,
+    _server_dom: SimDomain,
+    sep: SimEndpoint,
+    aep: SimEndpoint,
+    /// The agent's SEND slots then its receive slots.
+    msgs: StagingBuffer,
+    free_send: Vec<usize>,
+}
+
+impl Link {
+    fn msg_sge(&self, slot: usize, len: usize) -> Sge {
+        Sge {
+            lkey: self.msg_mr.lkey(),
+            addr: self.msgs.addr() + (slot * MAX_MSG) as u64,
+            len: len as u32,
+        }
+    }
+
+    fn agent_recv(&self, s: usize) -> RecvRequest {
+        RecvRequest {
+            wr_id: RECV_TAG | s as u64,
+            local: self.msg_sge(SLOTS + s, MAX_MSG),
+        }
+    }
+
+    /// Posts what the server queued (the server's runtime does this).
+    fn flush_server(&mut self) {
+        let Some(server) = &mut self.server else {
+            return;
+        };
+        let ring = server.ring();
+        let (sends, recvs) = ring.outbox();
+        if !sends.is_empty() {
+            let _ = self.sep.post_send(sends);
+        }
+        if !recvs.is_empty() {
+            let _ = self.sep.post_recv(recvs);
+        }
+        ring.clear_outbox();
+    }
 }
 
 /// What the scheduler can do next.
 #[derive(Debug, Clone, Copy)]
 enum Step {
-    /// Execute the server's next work request.
-    ToHost,
-    /// Deliver the VM host's next message.
-    ToServer,
+    /// The fabric moves one step.
+    Net,
+    /// The agent takes its link's completions.
+    AgentPoll,
     /// The server's sidecore visits the queue.
     Serve,
     /// The guest posts requests and kicks.
@@ -112,12 +153,15 @@ enum Step {
 
 struct Pair {
     rng: SmallRng,
+    net: SimNet,
+    agent_dom: SimDomain,
+    // The link and the registration of guest RAM go before the memory.
+    link: Option<Link>,
+    guest_mr: Box<dyn MemoryRegion>,
     mem: LocalMemory,
-    host_base: u64,
     layout: RingLayout,
     driver: DriverQueue,
     hq: HostQueue,
-    link: Option<Link>,
     cfg: RemoteQueueConfig,
     mode: NotifyMode,
     stats: Arc<RemoteStats>,
@@ -130,8 +174,6 @@ struct Pair {
     completed: u64,
     /// Malformed requests completed (with length 0, as they must be).
     refused: u64,
-    /// One-sided operations outside the registered region.
-    violations: u64,
     moves: u64,
     kills: u64,
 }
@@ -139,7 +181,12 @@ struct Pair {
 impl Pair {
     fn new(seed: u64, mode: NotifyMode, cfg: RemoteQueueConfig) -> Self {
         let mem = anonymous_memory(MEM).unwrap();
-        let host_base = mem.iter().next().unwrap().as_ptr() as u64;
+        let net = SimNet::new();
+        let agent_dom = net.domain().unwrap();
+        let host = mem.iter().next().unwrap().as_ptr();
+        // SAFETY: `mem` is one anonymous mapping of MEM bytes that the
+        // pair owns and drops after this registration (declared later).
+        let guest_mr = unsafe { agent_dom.register(host, MEM, Access::GUEST_RAM) }.unwrap();
         let (layout, _) = RingLayout::packed(SIZE, RING).unwrap();
         let features = RingFeatures::default();
         let driver = DriverQueue::new(layout, features, None);
@@ -157,12 +204,14 @@ impl Pair {
         hq.start(&mem);
         let mut p = Self {
             rng: SmallRng::seed_from_u64(seed),
+            net,
+            agent_dom,
+            link: None,
+            guest_mr,
             mem,
-            host_base,
             layout,
             driver,
             hq,
-            link: None,
             cfg,
             mode,
             stats: Arc::new(RemoteStats::default()),
@@ -173,7 +222,6 @@ impl Pair {
             posted: 0,
             completed: 0,
             refused: 0,
-            violations: 0,
             moves: 0,
             kills: 0,
         };
@@ -181,7 +229,8 @@ impl Pair {
         p
     }
 
-    /// A fresh server side for the queue, resuming at `start`.
+    /// A fresh server side for the queue, resuming at `start`, connected
+    /// to the agent by a new pair of endpoints.
     fn open_link(&mut self, start: u16) -> Link {
         let attach = Attach {
             device_id: 1,
@@ -193,158 +242,126 @@ impl Pair {
             sidecore: ANY_SIDECORE,
             regions: vec![WireRegion {
                 gpa: 0,
-                remote: RemoteRegion {
-                    addr: self.host_base,
-                    len: MEM as u64,
-                    rkey: RKEY,
-                },
+                remote: self.guest_mr.remote(),
             }],
         };
         let mut server =
             RequestQueue::new(&attach, Echo, self.cfg, self.stats.clone(), self.now).unwrap();
-        server.ring().start(1, 2);
-        let mut link = Link {
-            server,
-            to_host: VecDeque::new(),
-            to_server: VecDeque::new(),
-            recvs: VecDeque::new(),
-            cq: Vec::new(),
+        let server_dom = self.net.domain().unwrap();
+        let [(sp, sl), (rp, rl)] = server.ring().buffers();
+        // SAFETY: the ring owns both buffers; the link drops these
+        // registrations before the ring (declared earlier).
+        let mrs = unsafe {
+            [
+                server_dom.register(sp, sl, Access::LOCAL_ONLY).unwrap(),
+                server_dom.register(rp, rl, Access::LOCAL_ONLY).unwrap(),
+            ]
         };
-        Self::collect(&mut link);
+        server.ring().start(mrs[0].lkey(), mrs[1].lkey());
+        // The server's send queue is as deep as its config says (a small
+        // one makes waves wait for room); the agent's is the default.
+        let server_cfg = EndpointConfig {
+            send_depth: self.cfg.send_depth as u32,
+            ..EndpointConfig::default()
+        };
+        let (aep, sep) = self
+            .net
+            .pair(
+                &self.agent_dom,
+                &server_dom,
+                EndpointConfig::default(),
+                server_cfg,
+            )
+            .unwrap();
+        let msgs = StagingBuffer::new(2 * SLOTS * MAX_MSG).unwrap();
+        // SAFETY: the link owns `msgs` and drops this registration first.
+        let msg_mr = unsafe {
+            self.agent_dom
+                .register(msgs.as_ptr(), msgs.len(), Access::LOCAL_ONLY)
+        }
+        .unwrap();
+        let mut link = Link {
+            _server_mrs: mrs,
+            msg_mr,
+            server: Some(server),
+            _server_dom: server_dom,
+            sep,
+            aep,
+            msgs,
+            free_send: (0..SLOTS).collect(),
+        };
+        let recvs: Vec<RecvRequest> = (0..SLOTS).map(|i| link.agent_recv(i)).collect();
+        link.aep.post_recv(&recvs).unwrap();
+        link.flush_server();
         link
     }
 
-    /// Moves the server's outbox onto the wire.
-    fn collect(link: &mut Link) {
-        let ring = link.server.ring();
-        let (sends, recvs) = ring.outbox();
-        link.to_host.extend(sends.iter().cloned());
-        link.recvs.extend(recvs.iter().cloned());
-        ring.clear_outbox();
-    }
-
-    /// The guest address behind a remote address, if the operation stays
-    /// inside the registered region under its rkey.
-    fn remote(&mut self, addr: u64, rkey: u32, len: u32) -> Option<u64> {
-        let off = addr.checked_sub(self.host_base)?;
-        let ok = rkey == RKEY && off.checked_add(u64::from(len))? <= MEM as u64;
-        if !ok {
-            self.violations += 1;
-        }
-        ok.then_some(off)
-    }
-
-    /// Executes the server's next work request.
-    fn deliver_to_host(&mut self) {
-        let Some(wr) = self.link.as_mut().and_then(|l| l.to_host.pop_front()) else {
-            return;
-        };
-        let len = wr.local.len as usize;
-        // The staging buffer is the server's own memory (an mmap it owns),
-        // addressed by the local sge's address.
-        let local = wr.local.addr as *mut u8;
-        let mut buf = vec![0u8; len];
-        let mut to_agent = None;
-        let opcode = match wr.opcode {
-            Opcode::Read { remote_addr, rkey } => {
-                if let Some(gpa) = self.remote(remote_addr, rkey, wr.local.len) {
-                    self.mem.read(gpa, &mut buf).unwrap();
-                    // SAFETY: `local..local+len` lies in the server's
-                    // staging buffer (the ring built the sge from it), which
-                    // lives as long as the link; nothing else references it
-                    // during the copy.
-                    unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), local, len) };
-                }
-                WcOpcode::Read
+    /// The agent takes its link's completions: used indexes, messages,
+    /// freed send slots, or the news that the link failed.
+    fn agent_poll(&mut self) {
+        let Some(link) = &mut self.link else { return };
+        let mut cqes = [Completion::EMPTY; 16];
+        let n = link.aep.poll(&mut cqes).unwrap_or(0);
+        for c in &cqes[..n] {
+            let Some(link) = &mut self.link else { return };
+            if !c.status.is_ok() {
+                self.hq.on_link_error(
+                    AgentError::Completion {
+                        status: c.status,
+                        wr_id: c.wr_id,
+                    },
+                    self.now,
+                );
+                break;
             }
-            Opcode::Write { remote_addr, rkey }
-            | Opcode::WriteWithImm {
-                remote_addr, rkey, ..
-            } => {
-                // SAFETY: as above, reading the staging buffer.
-                unsafe { std::ptr::copy_nonoverlapping(local, buf.as_mut_ptr(), len) };
-                if let Some(gpa) = self.remote(remote_addr, rkey, wr.local.len) {
-                    self.mem.write(gpa, &buf).unwrap();
-                }
-                if let Opcode::WriteWithImm { imm, .. } = wr.opcode {
-                    to_agent = Some(Err(imm as u16));
-                }
-                WcOpcode::Write
+            if c.wr_id & RECV_TAG == 0 {
+                link.free_send.push(c.wr_id as usize);
+                continue;
             }
-            Opcode::Send => {
-                // SAFETY: as above, reading the staging buffer.
-                unsafe { std::ptr::copy_nonoverlapping(local, buf.as_mut_ptr(), len) };
-                to_agent = Some(Ok(Message::decode(&buf).unwrap()));
-                WcOpcode::Send
+            let slot = (c.wr_id & !RECV_TAG) as usize;
+            let mut buf = vec![0u8; c.byte_len as usize];
+            link.msgs.get((SLOTS + slot) * MAX_MSG, &mut buf).unwrap();
+            let wr = link.agent_recv(slot);
+            link.aep.post_recv(&[wr]).unwrap();
+            match c.opcode {
+                WcOpcode::RecvWithImm => {
+                    self.hq
+                        .on_used(&self.mem, c.imm.unwrap_or(0) as u16, self.now)
+                }
+                _ => self
+                    .hq
+                    .on_message(&self.mem, Message::decode(&buf).unwrap(), self.now),
             }
-        };
-        if let Some(link) = self.link.as_mut().filter(|_| wr.signaled) {
-            link.cq.push(Completion {
-                wr_id: wr.wr_id,
-                status: WcStatus::Success,
-                opcode,
-                byte_len: wr.local.len,
-                imm: None,
-            });
-        }
-        match to_agent {
-            Some(Ok(m)) => self.hq.on_message(&self.mem, m, self.now),
-            Some(Err(idx)) => self.hq.on_used(&self.mem, idx, self.now),
-            None => {}
+            if self.hq.link_closing() {
+                break;
+            }
         }
         self.act();
     }
 
-    /// Delivers the VM host's next message into the server's next receive.
-    fn deliver_to_server(&mut self) {
-        let Some(link) = &mut self.link else { return };
-        if link.to_server.is_empty() || link.recvs.is_empty() {
-            // RC: the sender waits for a receive (RNR retries).
-            return;
-        }
-        let (Some(m), Some(r)) = (link.to_server.pop_front(), link.recvs.pop_front()) else {
-            return;
-        };
-        assert!(m.len() <= r.local.len as usize);
-        // SAFETY: the receive buffer is the server's own memory (its
-        // ring's receive area), `r.local.len` long, alive with the link.
-        unsafe { std::ptr::copy_nonoverlapping(m.as_ptr(), r.local.addr as *mut u8, m.len()) };
-        link.cq.push(Completion {
-            wr_id: r.wr_id,
-            status: WcStatus::Success,
-            opcode: WcOpcode::Recv,
-            byte_len: m.len() as u32,
-            imm: None,
-        });
-    }
-
     /// The server's sidecore visits the queue, as `remote::RemoteQueue`
-    /// does: completions in, serve, outbox out. A failed queue is dropped,
-    /// which the VM host sees as a lost link.
+    /// does: completions in, serve, outbox out. A failed queue is dropped
+    /// and its endpoint closed, which the VM host notices.
     fn serve(&mut self) {
         let Some(link) = &mut self.link else { return };
-        let ring = link.server.ring();
+        let Some(server) = &mut link.server else {
+            return;
+        };
+        let mut cqes = [Completion::EMPTY; 64];
+        let n = link.sep.poll(&mut cqes).unwrap_or(0);
+        let ring = server.ring();
         ring.set_now(self.now);
-        let cq = std::mem::take(&mut link.cq);
         let r = ring
-            .on_completions(&cq)
-            .and_then(|_| link.server.serve(usize::from(SIZE)));
-        Self::collect(link);
+            .on_completions(&cqes[..n])
+            .and_then(|_| server.serve(usize::from(SIZE)));
+        link.flush_server();
         match r {
             Ok(_) => {}
-            // Handed back: the VM host already closes this link.
-            Err(RemoteQueueError::HandedBack { .. }) => {}
-            Err(e) => {
-                self.link = None;
-                self.hq.on_link_error(
-                    AgentError::Completion {
-                        status: WcStatus::RetryExceeded,
-                        wr_id: 0,
-                    },
-                    self.now,
-                );
-                let _ = e;
-                self.act();
+            // Handed back: the queue retires once its answer is out.
+            Err(RemoteQueueError::HandedBack { .. }) => link.server = None,
+            Err(_) => {
+                link.server = None;
+                let _ = self.net.disconnect(link.sep.id());
             }
         }
     }
@@ -356,9 +373,19 @@ impl Pair {
                 Action::Send(m) => {
                     let mut b = Vec::new();
                     m.encode(&mut b).unwrap();
-                    match &mut self.link {
-                        Some(l) => l.to_server.push_back(b),
-                        None => self.hq.on_link_error(AgentError::NoServer, self.now),
+                    let posted = self.link.as_mut().and_then(|l| {
+                        let slot = l.free_send.pop()?;
+                        l.msgs.put(slot * MAX_MSG, &b).ok()?;
+                        let wr = SendRequest {
+                            wr_id: slot as u64,
+                            opcode: Opcode::Send,
+                            local: l.msg_sge(slot, b.len()),
+                            signaled: true,
+                        };
+                        l.aep.post_send(&[wr]).ok()
+                    });
+                    if posted.is_none() {
+                        self.hq.on_link_error(AgentError::SendQueueStuck, self.now);
                     }
                 }
                 // Closing the link fences the old server out.
@@ -464,17 +491,13 @@ impl Pair {
         self.act();
     }
 
+    /// The server dies: its queue is gone and its connection cut; the
+    /// agent learns of it from its completions.
     fn kill(&mut self) {
-        if self.link.take().is_some() {
+        if let Some(link) = self.link.as_mut().filter(|l| l.server.is_some()) {
+            link.server = None;
+            let _ = self.net.disconnect(link.sep.id());
             self.kills += 1;
-            self.hq.on_link_error(
-                AgentError::Completion {
-                    status: WcStatus::RetryExceeded,
-                    wr_id: 0,
-                },
-                self.now,
-            );
-            self.act();
         }
     }
 
@@ -487,8 +510,8 @@ impl Pair {
     fn pick(&mut self, churn: bool) -> Step {
         let r = self.rng.gen_range(0..100);
         match r {
-            0..=24 => Step::ToHost,
-            25..=39 => Step::ToServer,
+            0..=29 => Step::Net,
+            30..=39 => Step::AgentPoll,
             40..=64 => Step::Serve,
             65..=79 => Step::Post,
             80..=91 => Step::Reap,
@@ -500,8 +523,11 @@ impl Pair {
 
     fn step(&mut self, churn: bool, hostile: bool, posting: bool) {
         match self.pick(churn) {
-            Step::ToHost => self.deliver_to_host(),
-            Step::ToServer => self.deliver_to_server(),
+            Step::Net => {
+                let mut rng = SmallRng::seed_from_u64(self.rng.gen());
+                self.net.step(&mut rng);
+            }
+            Step::AgentPoll => self.agent_poll(),
             Step::Serve => self.serve(),
             Step::Post if !posting => self.reap(),
             Step::Post => {
@@ -540,7 +566,11 @@ impl Pair {
             self.step(false, false, false);
         }
         self.reap();
-        assert_eq!(self.violations, 0, "the server stayed inside guest memory");
+        assert_eq!(
+            self.net.stats().faults,
+            0,
+            "the server stayed inside guest memory"
+        );
         assert_eq!(
             self.completed,
             self.posted,
@@ -555,16 +585,10 @@ impl Pair {
     fn settle(&mut self, n: usize) {
         for _ in 0..n {
             self.serve();
-            while self.link.as_ref().is_some_and(|l| !l.to_host.is_empty()) {
-                self.deliver_to_host();
-            }
-            while self
-                .link
-                .as_ref()
-                .is_some_and(|l| !l.to_server.is_empty() && !l.recvs.is_empty())
-            {
-                self.deliver_to_server();
-            }
+            let mut rng = SmallRng::seed_from_u64(self.rng.gen());
+            self.net.run(&mut rng, 10_000);
+            self.agent_poll();
+            self.net.run(&mut rng, 10_000);
             self.tick(Duration::from_millis(1));
         }
     }
@@ -654,12 +678,18 @@ fn a_hostile_guests_bad_chains_complete_empty_and_the_queue_goes_on() {
 fn a_server_that_times_out_is_replaced_and_its_requests_re_served() {
     let mut p = Pair::new(4, NotifyMode::Doorbell, small_queue());
     p.post(5, false);
-    // The server takes the requests in and posts its READ wave, which
-    // never completes: time passes beyond the server's timeout.
-    p.deliver_to_server();
+    // The doorbell arrives; the server takes the requests in and posts its
+    // READ wave, which stalls (its send queue is paused): time passes
+    // beyond the server's timeout.
+    let mut rng = SmallRng::seed_from_u64(4);
+    p.net.run(&mut rng, 1000);
+    let sep = p.link.as_ref().map(|l| l.sep.id()).unwrap();
+    p.net.pause(sep).unwrap();
     p.serve();
     p.tick(TIMEOUT * 2);
     p.serve();
+    p.net.run(&mut rng, 1000);
+    p.agent_poll();
     assert_eq!(
         p.hq.status().state,
         LinkState::Orphaned,
