@@ -1,5 +1,5 @@
-//! The seam between queues and device models (virtio-blk now, virtio-net
-//! later): a model turns one validated chain into guest-visible results.
+//! The seam between queues and device models (virtio-blk, virtio-net TX):
+//! a model turns one validated chain into guest-visible results.
 
 use crate::memory::GuestMemory;
 use crate::ring::DescriptorChain;
@@ -8,6 +8,10 @@ use crate::ring::DescriptorChain;
 /// it with length 0.
 pub type RequestError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A device type as a queue drives it, one chain at a time (virtio-blk's
+/// `BlockDevice`, virtio-net's `TxDevice`). Local queues, sidecores and
+/// remote queues all serve a queue through this trait, so a model is written
+/// once over [`GuestMemory`].
 pub trait DeviceModel: Send {
     /// Serves one validated chain through `mem`; returns the used length.
     fn process<M: GuestMemory + ?Sized>(

@@ -18,7 +18,7 @@ mod request;
 pub use backend::{id_from_str, BlockBackend};
 pub use config::{config_space, BlockConfig};
 pub use device::BlockDevice;
-pub use error::{BlkError, RequestError, Status};
+pub use error::BlkError;
 pub use features::device_features;
 pub use file_backend::FileBackend;
 pub use memory_backend::MemoryBackend;

@@ -13,9 +13,13 @@ use crate::sidecore::{PollOutcome, QueueFailure, ServedQueue};
 
 /// What a device back-end gets from the VMM for one queue.
 pub struct DeviceSide {
+    /// The queue's name in logs and failures.
     pub name: String,
+    /// Guest memory the rings and buffers are in.
     pub mem: Arc<LocalMemory>,
+    /// Where the rings are.
     pub layout: RingLayout,
+    /// The negotiated ring features.
     pub features: RingFeatures,
     /// Written by the guest to kick (non-blocking).
     pub kick: EventFd,
@@ -33,6 +37,8 @@ pub struct LocalQueue<D> {
 }
 
 impl<D: DeviceModel> LocalQueue<D> {
+    /// A queue on a fresh ring (indices 0) served by `device`; fails when
+    /// the rings lie outside `side.mem`.
     pub fn new(side: DeviceSide, device: D) -> Result<Self, QueueError> {
         Ok(Self {
             ring: LocalRing::new(side)?,
@@ -50,6 +56,7 @@ impl<D: DeviceModel> LocalQueue<D> {
         Ok(q)
     }
 
+    /// The device side of the ring (its position, for a handover).
     pub fn ring(&self) -> &DeviceQueue {
         &self.ring.queue
     }

@@ -13,6 +13,8 @@ use crate::models::DeviceSide;
 use crate::ring::{DescriptorChain, QueueError};
 use crate::sidecore::{PollOutcome, QueueFailure, ServedQueue};
 
+/// A local virtio-net receive queue, served as a [`ServedQueue`] by the
+/// vhost-style worker or a sidecore.
 pub struct NetRxQueue {
     ring: LocalRing,
     device: RxDevice,

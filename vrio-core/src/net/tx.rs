@@ -22,10 +22,12 @@ pub struct TxDevice {
 }
 
 impl TxDevice {
+    /// Transmits into `switch` from `port` (the guest's).
     pub fn new(switch: Arc<Switch>, port: Arc<Port>) -> Self {
         Self { switch, port }
     }
 
+    /// The guest's port.
     pub fn port(&self) -> &Arc<Port> {
         &self.port
     }
