@@ -16,6 +16,7 @@ const IOV_BATCH: usize = 64;
 /// Source of zeros for the write-zeros fallback.
 static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
 
+/// A [`BlockBackend`] over a raw image file or host block device.
 #[derive(Debug)]
 pub struct FileBackend {
     file: File,
@@ -82,6 +83,8 @@ impl FileBackend {
         })
     }
 
+    /// Sets the GET_ID serial (default: the file's name), truncated to 20
+    /// bytes.
     pub fn with_id(mut self, id: &str) -> Self {
         self.id = id_from_str(id);
         self

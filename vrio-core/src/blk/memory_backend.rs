@@ -16,6 +16,7 @@ const SHARDS: u64 = 64;
 type Chunk = Box<[u8; CHUNK as usize]>;
 type Shard = RwLock<HashMap<u64, Chunk>>;
 
+/// A [`BlockBackend`] in process memory, sparse; its contents die with it.
 pub struct MemoryBackend {
     shards: Vec<Shard>,
     size: u64,
@@ -59,11 +60,13 @@ impl MemoryBackend {
         }
     }
 
+    /// Sets the GET_ID serial (default `vrio-mem`), truncated to 20 bytes.
     pub fn with_id(mut self, id: &str) -> Self {
         self.id = id_from_str(id);
         self
     }
 
+    /// Makes the disk refuse writes, discards and write-zeroes.
     pub fn with_read_only(mut self, read_only: bool) -> Self {
         self.read_only = read_only;
         self

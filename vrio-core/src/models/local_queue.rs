@@ -17,6 +17,8 @@ pub struct LocalQueue<D> {
 }
 
 impl<D: DeviceModel> LocalQueue<D> {
+    /// A queue on a fresh ring (indices 0) served by `device`; fails when
+    /// the rings lie outside `side.mem`.
     pub fn new(side: DeviceSide, device: D) -> Result<Self, QueueError> {
         Ok(Self {
             ring: LocalRing::new(side)?,
@@ -34,6 +36,7 @@ impl<D: DeviceModel> LocalQueue<D> {
         Ok(q)
     }
 
+    /// The device side of the ring (its position, for a handover).
     pub fn ring(&self) -> &DeviceQueue {
         &self.ring.queue
     }

@@ -12,6 +12,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::cputime::thread_cpu_ns;
 use crate::sidecore::{ServedQueue, SidecoreStats};
 
+/// A running vhost-style worker: one thread serving one device's queues,
+/// blocked in epoll until a kick; each kick drains its queue. Stopped on
+/// drop.
 pub struct VhostWorker {
     stop: Arc<EventFd>,
     stats: Arc<SidecoreStats>,
@@ -54,6 +57,7 @@ impl VhostWorker {
         })
     }
 
+    /// The worker's counters (the same kind a sidecore keeps).
     pub fn stats(&self) -> &Arc<SidecoreStats> {
         &self.stats
     }
@@ -63,6 +67,7 @@ impl VhostWorker {
         self.cpu_ns.load(Relaxed)
     }
 
+    /// Stops the thread and waits for it.
     pub fn stop(&mut self) {
         let _ = self.stop.write(1);
         if let Some(j) = self.join.take() {

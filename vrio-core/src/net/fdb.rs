@@ -21,6 +21,8 @@ struct Entry {
     seen: AtomicU64,
 }
 
+/// A bounded MAC → port table with ageing; shared by every thread that
+/// forwards through the switch.
 #[derive(Debug)]
 pub struct Fdb {
     map: RwLock<HashMap<MacAddr, Entry>>,
@@ -30,6 +32,9 @@ pub struct Fdb {
 }
 
 impl Fdb {
+    /// An empty table holding at most `capacity` addresses (at least one),
+    /// each forgotten `ageing` after it was last seen; times count from
+    /// `epoch`.
     pub fn new(ageing: Duration, capacity: usize, epoch: Instant) -> Self {
         Self {
             map: RwLock::new(HashMap::new()),
@@ -104,9 +109,11 @@ impl Fdb {
         map.retain(|_, e| e.port != port);
     }
 
+    /// Addresses held, expired ones not yet dropped included.
     pub fn len(&self) -> usize {
         self.map.read().unwrap_or_else(|e| e.into_inner()).len()
     }
+    /// No address held.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

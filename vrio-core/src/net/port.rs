@@ -17,16 +17,24 @@ use super::uplink::Uplink;
 use crate::virtio::net::mac::MacAddr;
 use crate::virtio::net::rx::FrameSource;
 
+/// A port's index in its switch; a removed port's id is not reused.
 pub type PortId = usize;
 
+/// What is behind a port.
 pub enum PortKind {
     /// A guest device: it may only send from `mac`.
     Guest {
+        /// The device's configured address.
         mac: MacAddr,
     },
+    /// A way out of the server (a TAP): any source address, frames sent at
+    /// once rather than queued.
     Uplink(Arc<dyn Uplink>),
 }
 
+/// One port of a [`Switch`](super::Switch): its identity, its counters,
+/// and for a guest the backlog its RX queue drains (as a
+/// [`FrameSource`]).
 pub struct Port {
     id: PortId,
     name: String,
@@ -56,12 +64,15 @@ impl Port {
         }
     }
 
+    /// The port's id in its switch.
     pub fn id(&self) -> PortId {
         self.id
     }
+    /// The name given when it was added (for logs).
     pub fn name(&self) -> &str {
         &self.name
     }
+    /// What is behind the port.
     pub fn kind(&self) -> &PortKind {
         &self.kind
     }
@@ -72,9 +83,11 @@ impl Port {
             PortKind::Uplink(_) => None,
         }
     }
+    /// The port's counters.
     pub fn stats(&self) -> &PortStats {
         &self.stats
     }
+    /// Frames waiting in the backlog.
     pub fn backlog_len(&self) -> usize {
         self.queued.load(Ordering::Acquire)
     }

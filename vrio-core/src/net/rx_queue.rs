@@ -13,6 +13,8 @@ use crate::virtio::device::DeviceSide;
 use crate::virtio::net::rx::{Fit, FrameSource, RxDevice};
 use crate::virtio::ring::{DescriptorChain, QueueError};
 
+/// A local virtio-net receive queue, served as a [`ServedQueue`] by the
+/// vhost-style worker or a sidecore.
 pub struct NetRxQueue {
     ring: LocalRing,
     device: RxDevice,

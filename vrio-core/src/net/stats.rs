@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 pub use crate::virtio::net::DropReason;
 
+/// One port's live counters (relaxed atomics); read them with
+/// [`PortStats::snapshot`].
 #[derive(Debug, Default)]
 pub struct PortStats {
     rx_packets: AtomicU64,
@@ -17,21 +19,22 @@ pub struct PortStats {
 }
 
 impl PortStats {
-    pub fn received(&self, bytes: usize) {
+    pub(crate) fn received(&self, bytes: usize) {
         self.rx_packets.fetch_add(1, Relaxed);
         self.rx_bytes.fetch_add(bytes as u64, Relaxed);
     }
-    pub fn delivered(&self, bytes: usize) {
+    pub(crate) fn delivered(&self, bytes: usize) {
         self.tx_packets.fetch_add(1, Relaxed);
         self.tx_bytes.fetch_add(bytes as u64, Relaxed);
     }
     /// A transmitted frame whose partial checksum the device completed.
-    pub fn checksummed(&self) {
+    pub(crate) fn checksummed(&self) {
         self.checksummed.fetch_add(1, Relaxed);
     }
-    pub fn dropped(&self, reason: DropReason) {
+    pub(crate) fn dropped(&self, reason: DropReason) {
         self.drops[reason.index()].fetch_add(1, Relaxed);
     }
+    /// Reads every counter.
     pub fn snapshot(&self) -> PortSnapshot {
         let mut drops = [0; DropReason::ALL.len()];
         for (d, a) in drops.iter_mut().zip(&self.drops) {
@@ -48,11 +51,17 @@ impl PortStats {
     }
 }
 
+/// A port's counters read at one moment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PortSnapshot {
+    /// Frames the switch accepted from the port.
     pub rx_packets: u64,
+    /// Their bytes.
     pub rx_bytes: u64,
+    /// Frames delivered to the port (into the guest's RX ring, or out of
+    /// the uplink).
     pub tx_packets: u64,
+    /// Their bytes.
     pub tx_bytes: u64,
     /// Frames from the port whose checksum the device completed (CSUM).
     pub checksummed: u64,
@@ -60,9 +69,11 @@ pub struct PortSnapshot {
 }
 
 impl PortSnapshot {
+    /// Frames dropped for `reason`.
     pub fn drops(&self, reason: DropReason) -> u64 {
         self.drops[reason.index()]
     }
+    /// Frames dropped for any reason.
     pub fn total_drops(&self) -> u64 {
         self.drops.iter().sum()
     }

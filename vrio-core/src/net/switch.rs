@@ -19,8 +19,10 @@ use crate::virtio::net::frame::{parse_frame, FrameError, FrameLimits};
 use crate::virtio::net::mac::MacAddr;
 use crate::virtio::net::{DropReason, FrameSink, TxDevice};
 
+/// A switch's frame limits, backlogs and forwarding table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SwitchConfig {
+    /// Frame size bounds every port's frames are checked against.
     pub limits: FrameLimits,
     /// Frames each port's backlog holds before dropping.
     pub backlog: usize,
@@ -45,12 +47,16 @@ impl Default for SwitchConfig {
 /// What happened to one frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Forwarded {
+    /// Queued for (or sent to) the one port the destination was learned on.
     Unicast(PortId),
     /// Sent to this many ports (some may have dropped it: see their stats).
     Flooded(usize),
+    /// Refused at the sending port and counted there.
     Dropped(DropReason),
 }
 
+/// An L2 learning switch; share it as `Arc<Switch>` between the threads
+/// that forward into it.
 pub struct Switch {
     cfg: SwitchConfig,
     ports: RwLock<Vec<Option<Arc<Port>>>>,
@@ -58,6 +64,7 @@ pub struct Switch {
 }
 
 impl Switch {
+    /// A switch without ports.
     pub fn new(cfg: SwitchConfig) -> Arc<Self> {
         Arc::new(Self {
             cfg,
@@ -66,9 +73,11 @@ impl Switch {
         })
     }
 
+    /// The switch's configuration.
     pub fn config(&self) -> &SwitchConfig {
         &self.cfg
     }
+    /// The forwarding table.
     pub fn fdb(&self) -> &Fdb {
         &self.fdb
     }
@@ -87,6 +96,7 @@ impl Switch {
         self.add(name, PortKind::Guest { mac })
     }
 
+    /// A port for an uplink (any source address; frames go straight out).
     pub fn add_uplink(&self, name: &str, uplink: Arc<dyn Uplink>) -> Arc<Port> {
         self.add(name, PortKind::Uplink(uplink))
     }
@@ -102,16 +112,22 @@ impl Switch {
         self.fdb.forget_port(id);
     }
 
+    /// The port with `id`, unless it was removed.
     pub fn port(&self, id: PortId) -> Option<Arc<Port>> {
         let ports = self.ports.read().unwrap_or_else(|e| e.into_inner());
         ports.get(id).and_then(Clone::clone)
     }
 
+    /// The ports attached now.
     pub fn ports(&self) -> Vec<Arc<Port>> {
         let ports = self.ports.read().unwrap_or_else(|e| e.into_inner());
         ports.iter().flatten().cloned().collect()
     }
 
+    /// Switches one frame sent by `from`: validates it (length, unicast
+    /// source, a guest port's own MAC), learns the source, then delivers to
+    /// the learned port or floods to every other one. Never blocks; drops
+    /// are counted on the ports.
     pub fn forward(&self, from: &Port, frame: Vec<u8>) -> Forwarded {
         self.forward_at(from, frame, Instant::now())
     }

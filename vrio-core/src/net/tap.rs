@@ -28,14 +28,24 @@ const POLL: Duration = Duration::from_millis(100);
 /// an oversized frame arrives whole and the switch counts it.
 const READ_BUF: usize = 65_536 + 64;
 
+/// Why a TAP could not be opened or joined to the switch.
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {
+    /// The name is empty, longer than 15 bytes or holds a NUL.
     #[error("TAP name {0:?} is empty, too long (15 bytes at most) or has a NUL")]
     BadName(String),
+    /// `/dev/net/tun` could not be opened.
     #[error("cannot open /dev/net/tun (needs the tun module): {0}")]
     Open(io::Error),
+    /// TUNSETIFF failed (no CAP_NET_ADMIN, or the name is busy).
     #[error("cannot create TAP {name:?} (needs CAP_NET_ADMIN; a busy name is refused): {err}")]
-    Create { name: String, err: io::Error },
+    Create {
+        /// The TAP's name.
+        name: String,
+        /// The ioctl's error.
+        err: io::Error,
+    },
+    /// The pump thread did not spawn (the port was removed again).
     #[error("cannot start the TAP pump thread: {0}")]
     Thread(io::Error),
 }
@@ -84,6 +94,7 @@ impl Tap {
         })
     }
 
+    /// The interface name.
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -159,6 +170,7 @@ impl TapUplink {
         })
     }
 
+    /// The uplink's switch port (its counters are the TAP's traffic).
     pub fn port(&self) -> &Arc<Port> {
         &self.port
     }

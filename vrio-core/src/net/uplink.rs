@@ -1,13 +1,16 @@
-//! The switch's way out of the server: a TAP device later, a capture in
-//! tests. An uplink port has no fixed MAC (anything behind it may send).
+//! The switch's way out of the server: a TAP device (`tap.rs`), a capture
+//! in tests. An uplink port has no fixed MAC (anything behind it may send).
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
+/// Why an uplink refused a frame (the switch counts it as a drop).
 #[derive(Debug, thiserror::Error)]
 pub enum UplinkError {
+    /// No room now (a full capture, a TAP that would block).
     #[error("uplink is full")]
     Full,
+    /// Writing the frame failed.
     #[error("uplink i/o: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -15,6 +18,7 @@ pub enum UplinkError {
 /// Where frames leaving the switch go. `transmit` must not block: a full
 /// uplink refuses the frame and the switch counts the drop.
 pub trait Uplink: Send + Sync {
+    /// Sends one whole frame, or refuses it.
     fn transmit(&self, frame: &[u8]) -> Result<(), UplinkError>;
 }
 
@@ -26,6 +30,7 @@ pub struct CaptureUplink {
 }
 
 impl CaptureUplink {
+    /// A capture that holds at most `capacity` frames.
     pub fn new(capacity: usize) -> Self {
         Self {
             frames: Mutex::new(VecDeque::new()),

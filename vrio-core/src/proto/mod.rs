@@ -2,7 +2,7 @@
 //! server say to each other ([`wire`]), the server's local copy of guest
 //! ring memory ([`shadow`]), the limits of a remote queue ([`config`]) and
 //! the two sides of a queue as state machines ([`agent`] for the VM host,
-//! [`server`] for the I/O server, with its [`staging`] buffer): events in
+//! [`server`] for the I/O server, with its staging buffer): events in
 //! (kicks, completions, messages, commands, the time), actions out (send
 //! this, connect there, interrupt the guest). `remote` is the runtime that
 //! owns the threads, endpoints and eventfds around it.
@@ -12,7 +12,7 @@ pub mod config;
 pub mod queue_error;
 pub mod server;
 pub mod shadow;
-pub mod staging;
+pub(crate) mod staging;
 pub mod stats;
 pub mod wire;
 

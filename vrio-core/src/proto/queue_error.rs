@@ -42,7 +42,12 @@ pub enum RemoteQueueError {
     Disconnected(WcStatus),
     /// Any other failed completion.
     #[error("fabric completion {status:?} for wr {wr_id:#x}")]
-    Completion { status: WcStatus, wr_id: u64 },
+    Completion {
+        /// The completion's status.
+        status: WcStatus,
+        /// The work request it completes.
+        wr_id: u64,
+    },
     /// A receive completion named a buffer we never posted.
     #[error("receive completion out of range")]
     RecvOutOfRange,
@@ -62,7 +67,10 @@ pub enum RemoteQueueError {
     /// Not a fault: the agent asked for the queue back (QUIESCE) and got
     /// it at `next`; the queue leaves its sidecore as failed ones do.
     #[error("handed back to the VM host at {next}")]
-    HandedBack { next: u16 },
+    HandedBack {
+        /// The ring position the agent resumes at.
+        next: u16,
+    },
 }
 
 impl From<FabricError> for RemoteQueueError {

@@ -8,6 +8,8 @@
 
 use crate::virtio::memory::{GuestMemory, MemoryError};
 
+/// Guest bytes held at their guest addresses; reads of anything else fail
+/// with [`MemoryError::NotPresent`]. Writes are refused.
 #[derive(Debug, Default)]
 pub struct Shadow {
     /// (guest address, bytes), few and small: a linear scan is fastest.
@@ -17,6 +19,7 @@ pub struct Shadow {
 }
 
 impl Shadow {
+    /// Forgets every range, keeping the buffers for reuse.
     pub fn clear(&mut self) {
         for (_, mut b) in self.ranges.drain(..) {
             b.clear();

@@ -51,9 +51,6 @@ impl StagingBuffer {
     pub fn len(&self) -> usize {
         self.len
     }
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
 
     /// Copies `src` into the buffer at `off`.
     pub fn put(&mut self, off: usize, src: &[u8]) -> Result<(), MemoryError> {

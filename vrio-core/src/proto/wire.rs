@@ -21,7 +21,10 @@ use vrio_rdma::RemoteRegion;
 use crate::net::MacAddr;
 use crate::virtio::ring::{RingFeatures, RingLayout};
 
+/// First four bytes of every message ("VRIO" as a little-endian u32).
 pub const MAGIC: u32 = 0x4f49_5256; // "VRIO"
+/// Protocol version; a message of another version is refused
+/// ([`WireError::BadHeader`]).
 pub const VERSION: u16 = 3;
 /// Largest message (and receive buffer).
 pub const MAX_MSG: usize = 4096;
@@ -63,6 +66,8 @@ impl NotifyMode {
             _ => return Err(WireError::Bad("notify mode")),
         })
     }
+    /// The mode's name in logs and command lines (`remote-poll`,
+    /// `doorbell`, `adaptive`).
     pub fn name(self) -> &'static str {
         match self {
             NotifyMode::RemotePoll => "remote-poll",
@@ -72,16 +77,23 @@ impl NotifyMode {
     }
 }
 
+/// Why a message did not encode or decode.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
+    /// The bytes end before the message does.
     #[error("message truncated")]
     Truncated,
+    /// Wrong [`MAGIC`] or [`VERSION`].
     #[error("bad magic or version")]
     BadHeader,
+    /// A kind code no message has.
     #[error("unexpected message kind {0}")]
     UnexpectedKind(u16),
+    /// A field's value is invalid (named: notify mode, ring layout, device
+    /// type, net device MAC).
     #[error("invalid {0}")]
     Bad(&'static str),
+    /// More than [`MAX_MSG`] bytes, encoding or decoding.
     #[error("message larger than {MAX_MSG} bytes")]
     TooLarge,
 }
@@ -90,22 +102,31 @@ pub enum WireError {
 /// reach it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WireRegion {
+    /// Guest-physical start.
     pub gpa: u64,
+    /// The fabric registration of the same bytes (address, length, rkey).
     pub remote: RemoteRegion,
 }
 
+/// ATTACH: the agent asks the server to serve one queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attach {
+    /// The device's numeric id (see [`super::device_key`]).
     pub device_id: u64,
+    /// The queue's index in its device.
     pub queue: u16,
+    /// Where the rings are in guest memory.
     pub layout: RingLayout,
+    /// The negotiated ring features.
     pub features: RingFeatures,
+    /// How the server learns of new requests.
     pub mode: NotifyMode,
     /// Next avail and next used index: 0 for a new queue, the handed-over
     /// position for a moved, failed-over or reconnected one.
     pub start: u16,
     /// The sidecore the controller placed the queue on, or [`ANY_SIDECORE`].
     pub sidecore: u16,
+    /// The guest's memory, region by region, as the server may reach it.
     pub regions: Vec<WireRegion>,
 }
 
@@ -113,10 +134,12 @@ pub struct Attach {
 /// receives, queue 1 transmits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceKind {
+    /// virtio-blk.
     Blk,
     /// `mac` is the port's address: the switch drops frames the guest
     /// sends from any other source.
     Net {
+        /// The port's MAC address (never multicast).
         mac: MacAddr,
     },
 }
@@ -124,14 +147,19 @@ pub enum DeviceKind {
 /// ATTACH with the device type said explicitly.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttachDevice {
+    /// The queue, as in ATTACH.
     pub attach: Attach,
+    /// The device it belongs to.
     pub device: DeviceKind,
 }
 
+/// ATTACH_REPLY: the server's answer to ATTACH or ATTACH_DEVICE.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttachReply {
     /// 0 on success; otherwise the server refused the queue.
     pub status: u16,
+    /// The device's config space (virtio 1.2 §4.1.4.3), as the server
+    /// presents it.
     pub config: Vec<u8>,
 }
 
@@ -139,19 +167,31 @@ pub struct AttachReply {
 /// indirect table entries) the agent copied, by guest address.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct DoorbellEntry {
+    /// Position in the avail ring (free-running, not wrapped to the size).
     pub pos: u16,
+    /// The head the avail entry names.
     pub head: u16,
+    /// Descriptor bytes as the guest wrote them, by guest address; the
+    /// server validates them like any other guest data.
     pub descs: Vec<(u64, [u8; 16])>,
 }
 
+/// DOORBELL: the agent announces new avail entries.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Doorbell {
+    /// The guest's avail.idx.
     pub avail_idx: u16,
+    /// Some or all of the new entries, with their descriptors; what is
+    /// missing the server reads itself.
     pub entries: Vec<DoorbellEntry>,
 }
 
+/// SET_MODE: the server switches between remote polling and doorbells
+/// (adaptive mode).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SetMode {
+    /// True: the server polls, the agent stops sending doorbells; false:
+    /// doorbells again.
     pub poll: bool,
     /// The server's next avail index: the agent pushes from here.
     pub next_avail: u16,
@@ -161,17 +201,28 @@ pub struct SetMode {
 /// resumes at `next` (next avail == next used).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Quiesced {
+    /// Where the queue resumes.
     pub next: u16,
 }
 
+/// One message of the table above.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
+    /// ATTACH (a virtio-blk queue, or whatever the server's configuration
+    /// types it as).
     Attach(Attach),
+    /// ATTACH_DEVICE.
     AttachDevice(AttachDevice),
+    /// ATTACH_REPLY.
     AttachReply(AttachReply),
+    /// DOORBELL.
     Doorbell(Doorbell),
+    /// SET_MODE.
     SetMode(SetMode),
+    /// QUIESCE: finish the batch in flight, start no other, answer with
+    /// QUIESCED.
     Quiesce,
+    /// QUIESCED.
     Quiesced(Quiesced),
 }
 

@@ -20,34 +20,59 @@ use crate::proto::wire::DeviceKind;
 /// Why a net device's queue was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NetDeviceError {
+    /// The ATTACH_DEVICE and the server's configuration disagree on the
+    /// device's type or MAC.
     #[error("device {device_id} attached as {said:?} but configured as {configured:?}")]
     KindMismatch {
+        /// The device.
         device_id: u64,
+        /// What the agent declared.
         said: DeviceKind,
+        /// What the configuration says.
         configured: DeviceKind,
     },
+    /// The device already has a port with another MAC (a queue may not
+    /// re-point it).
     #[error("device {device_id} has port address {has:?}, not {asked}")]
     OtherMac {
+        /// The device.
         device_id: u64,
+        /// Its port's MAC.
         has: Option<MacAddr>,
+        /// The MAC this queue asked for.
         asked: MacAddr,
     },
+    /// The MAC asked for is multicast or all zeros.
     #[error("device {device_id}: {mac} is not a unicast address")]
-    NotUnicast { device_id: u64, mac: MacAddr },
+    NotUnicast {
+        /// The device.
+        device_id: u64,
+        /// The MAC asked for.
+        mac: MacAddr,
+    },
+    /// Another device's port holds the MAC.
     #[error("device {device_id}: address {mac} belongs to device {owner}")]
     MacTaken {
+        /// The device.
         device_id: u64,
+        /// The MAC asked for.
         mac: MacAddr,
+        /// The device whose port holds it.
         owner: u64,
     },
+    /// A queue index other than RX (0) or TX (1).
     #[error("virtio-net queue {0} is not offered")]
     NoSuchQueue(u16),
+    /// The port map's lock was poisoned by a panic.
     #[error("net ports poisoned")]
     Poisoned,
 }
 
+/// The I/O server's virtio-net side: its switch, the receive buffering
+/// offered, and devices typed by configuration.
 #[derive(Debug, Clone)]
 pub struct NetServerConfig {
+    /// The switch every net device's port joins.
     pub switch: SwitchConfig,
     /// Offer MRG_RXBUF semantics: a frame may span several RX buffers.
     pub mergeable: bool,
@@ -68,11 +93,14 @@ impl Default for NetServerConfig {
 
 /// Which net queue an ATTACH is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NetQueue {
+pub(crate) enum NetQueue {
     Rx,
     Tx,
 }
 
+/// The server's switch and the port of each net device, shared by the
+/// device's RX and TX queues. A port leaves the switch once none of its
+/// device's queues is served (checked on the next attach).
 pub struct NetDevices {
     cfg: NetServerConfig,
     switch: Arc<Switch>,
@@ -80,7 +108,7 @@ pub struct NetDevices {
 }
 
 impl NetDevices {
-    pub fn new(cfg: NetServerConfig) -> Self {
+    pub(crate) fn new(cfg: NetServerConfig) -> Self {
         Self {
             switch: Switch::new(cfg.switch),
             cfg,
@@ -88,16 +116,17 @@ impl NetDevices {
         }
     }
 
+    /// The switch all net devices' ports are on (join an uplink here).
     pub fn switch(&self) -> &Arc<Switch> {
         &self.switch
     }
-    pub fn mergeable(&self) -> bool {
+    pub(crate) fn mergeable(&self) -> bool {
         self.cfg.mergeable
     }
 
     /// The device's type from what the agent said (`said`, None for a
     /// plain ATTACH) and the configuration.
-    pub fn kind(
+    pub(crate) fn kind(
         &self,
         device_id: u64,
         said: Option<DeviceKind>,
@@ -121,7 +150,7 @@ impl NetDevices {
     }
 
     /// The port of net device `device_id`, made on its first queue.
-    pub fn port(&self, device_id: u64, mac: MacAddr) -> Result<Arc<Port>, NetDeviceError> {
+    pub(crate) fn port(&self, device_id: u64, mac: MacAddr) -> Result<Arc<Port>, NetDeviceError> {
         let mut ports = self.ports.lock().map_err(|_| NetDeviceError::Poisoned)?;
         self.prune(&mut ports);
         if let Some(p) = ports.get(&device_id) {
@@ -171,7 +200,7 @@ impl NetDevices {
 
     /// §5.1.2: queue 0 receives, queue 1 transmits; no control queue or
     /// multiqueue is offered.
-    pub fn queue(index: u16) -> Result<NetQueue, NetDeviceError> {
+    pub(crate) fn queue(index: u16) -> Result<NetQueue, NetDeviceError> {
         match usize::from(index) {
             RX_QUEUE => Ok(NetQueue::Rx),
             TX_QUEUE => Ok(NetQueue::Tx),
@@ -179,7 +208,7 @@ impl NetDevices {
         }
     }
 
-    pub fn config_space(&self, mac: MacAddr) -> Vec<u8> {
+    pub(crate) fn config_space(&self, mac: MacAddr) -> Vec<u8> {
         config_space(&NetConfig {
             mac,
             mtu: self.cfg.switch.limits.mtu,

@@ -28,14 +28,24 @@ use crate::proto::wire::{Attach, DeviceKind, Message, WireError, MAX_MSG};
 use crate::sidecore::{QueueFailure, ServedQueue, SidecoreConfig, SidecoreHandle, SidecoreThread};
 use crate::virtio::memory::MemoryError;
 
+/// How an [`IoServer`] listens, how many sidecores it runs, and what its
+/// queues and devices look like.
 #[derive(Debug, Clone)]
 pub struct IoServerConfig {
+    /// Fabric address agents connect to (port 0: any free port; see
+    /// [`IoServer::addr`]).
     pub listen: String,
+    /// Sidecore threads to start (at least one).
     pub sidecores: usize,
+    /// Scheduling of each sidecore.
     pub sidecore: SidecoreConfig,
+    /// Limits of every queue; its `send_depth` is taken from `endpoint`.
     pub queue: RemoteQueueConfig,
+    /// The virtio-blk device every blk queue presents.
     pub blk: BlockConfig,
+    /// Which devices are net devices, and their switch.
     pub net: NetServerConfig,
+    /// The endpoints accepted from agents.
     pub endpoint: EndpointConfig,
 }
 
@@ -53,16 +63,24 @@ impl Default for IoServerConfig {
     }
 }
 
+/// Why the server did not start, or a queue did not move.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    /// [`IoServer::start`]: the fabric would not listen.
     #[error("fabric: {0}")]
     Fabric(#[from] FabricError),
+    /// [`IoServer::start`]: the accept thread did not spawn.
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// A sidecore thread did not spawn or refused a queue, or the registry
+    /// of queues was poisoned.
     #[error("sidecore: {0}")]
     Sidecore(String),
+    /// [`IoServer::move_queue`]: no live queue has that name.
     #[error("no queue {0} is served here")]
     NoSuchQueue(String),
+    /// [`IoServer::move_queue`]: the target sidecore (first) does not exist
+    /// among this many (second).
     #[error("no sidecore {0} (this server has {1})")]
     NoSuchSidecore(usize, usize),
 }
@@ -132,6 +150,8 @@ impl Sidecores {
     }
 }
 
+/// A running I/O server: an accept thread that admits one queue per
+/// endpoint, and the sidecores serving them. Dropping it stops both.
 pub struct IoServer {
     addr: String,
     stop: Arc<AtomicBool>,
@@ -146,6 +166,9 @@ pub struct IoServer {
 }
 
 impl IoServer {
+    /// Listens on `cfg.listen`, spawns the sidecores and the accept thread,
+    /// and returns at once. Every virtio-blk queue serves `backend`.
+    /// Attachments that fail are logged and refused; the server goes on.
     pub fn start(
         domain: Arc<dyn Domain>,
         backend: Arc<dyn BlockBackend>,

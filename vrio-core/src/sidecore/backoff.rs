@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+/// How an idle sidecore waits: spin, then sleep exponentially longer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backoff {
     /// Empty rounds to spin before sleeping at all.

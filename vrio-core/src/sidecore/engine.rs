@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use super::{Backoff, ServedQueue, SidecoreStats};
 
+/// How a sidecore batches, when its queues go back to kicks, and how it
+/// idles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SidecoreConfig {
     /// Requests served from one queue per visit.
@@ -14,6 +16,7 @@ pub struct SidecoreConfig {
     /// A polled queue idle this long goes back to guest notifications.
     /// Elvis used 3 s; a shorter default keeps idle guests cheap.
     pub poll_idle: Duration,
+    /// How the sidecore waits when no queue has work.
     pub backoff: Backoff,
 }
 
@@ -39,7 +42,9 @@ pub enum RoundOutcome {
     /// `all_notify`: every queue waits for kicks, so blocking on the kick
     /// fds is safe.
     Idle {
+        /// How long to back off.
         sleep: Option<Duration>,
+        /// Every queue waits for kicks.
         all_notify: bool,
     },
 }
@@ -51,6 +56,9 @@ struct Slot {
     last_work: Instant,
 }
 
+/// The scheduling state of one sidecore: its queues, each in poll or
+/// notification mode, and the idle count behind the back-off. Driven by
+/// [`Sidecore::round`]; owns no thread.
 pub struct Sidecore {
     cfg: SidecoreConfig,
     slots: Vec<Slot>,
@@ -60,6 +68,7 @@ pub struct Sidecore {
 }
 
 impl Sidecore {
+    /// A sidecore without queues.
     pub fn new(cfg: SidecoreConfig) -> Self {
         Self {
             cfg,
@@ -70,15 +79,19 @@ impl Sidecore {
         }
     }
 
+    /// The sidecore's counters.
     pub fn stats(&self) -> &Arc<SidecoreStats> {
         &self.stats
     }
+    /// Its configuration.
     pub fn config(&self) -> &SidecoreConfig {
         &self.cfg
     }
+    /// Queues served.
     pub fn len(&self) -> usize {
         self.slots.len()
     }
+    /// No queue served.
     pub fn is_empty(&self) -> bool {
         self.slots.is_empty()
     }
@@ -86,6 +99,8 @@ impl Sidecore {
     pub fn is_polling(&self, id: u64) -> Option<bool> {
         self.slots.iter().find(|s| s.id == id).map(|s| s.polling)
     }
+    /// The kick fds of the queues that have one (to block on when every
+    /// queue waits for kicks).
     pub fn kick_fds(&self) -> Vec<std::os::fd::RawFd> {
         self.slots
             .iter()

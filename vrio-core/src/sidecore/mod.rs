@@ -21,7 +21,9 @@ pub use thread::{SidecoreHandle, SidecoreThread};
 /// What one poll of a queue did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PollOutcome {
+    /// Requests served (added to the used ring).
     pub requests: u32,
+    /// Bytes in the served requests' buffers.
     pub bytes: u64,
     /// Requests that failed validation (bad chains); already completed.
     pub errors: u32,
@@ -47,6 +49,7 @@ pub trait ServedQueue: Send {
     fn take_kick(&mut self) -> bool {
         true
     }
+    /// The queue's name (`dev<key>.q<queue>` on an I/O server).
     fn name(&self) -> &str;
 }
 
@@ -55,6 +58,7 @@ pub trait ServedQueue: Send {
 #[derive(Debug, thiserror::Error)]
 #[error("queue {queue}: {reason}")]
 pub struct QueueFailure {
+    /// The failed queue's name.
     pub queue: String,
     /// The rule that broke, as the queue kind's own typed error (a local
     /// ring's `ring::QueueError`, a remote queue's `RemoteQueueError`):

@@ -2,36 +2,56 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+/// Live counters of one sidecore (or vhost-style worker), bumped with
+/// relaxed atomics; read them with [`SidecoreStats::snapshot`].
 #[derive(Debug, Default)]
 pub struct SidecoreStats {
+    /// Requests served ([`PollOutcome::requests`](super::PollOutcome::requests)).
     pub requests: AtomicU64,
+    /// Bytes in their buffers.
     pub bytes: AtomicU64,
+    /// Failed requests ([`PollOutcome::errors`](super::PollOutcome::errors)).
     pub errors: AtomicU64,
+    /// Queue polls.
     pub polls: AtomicU64,
+    /// Polls that found nothing.
     pub empty_polls: AtomicU64,
     /// Time spent in rounds that served at least one request.
     pub busy_ns: AtomicU64,
     /// Times the sidecore slept or blocked.
     pub sleeps: AtomicU64,
-    /// Queue switches into (and out of) poll mode.
+    /// Queue switches into poll mode.
     pub poll_mode_on: AtomicU64,
+    /// Queue switches back to guest notifications.
     pub poll_mode_off: AtomicU64,
 }
 
+/// The counters of [`SidecoreStats`] read at one moment; each field as the
+/// counter of the same name.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StatsSnapshot {
+    /// See [`SidecoreStats::requests`].
     pub requests: u64,
+    /// See [`SidecoreStats::bytes`].
     pub bytes: u64,
+    /// See [`SidecoreStats::errors`].
     pub errors: u64,
+    /// See [`SidecoreStats::polls`].
     pub polls: u64,
+    /// See [`SidecoreStats::empty_polls`].
     pub empty_polls: u64,
+    /// See [`SidecoreStats::busy_ns`].
     pub busy_ns: u64,
+    /// See [`SidecoreStats::sleeps`].
     pub sleeps: u64,
+    /// See [`SidecoreStats::poll_mode_on`].
     pub poll_mode_on: u64,
+    /// See [`SidecoreStats::poll_mode_off`].
     pub poll_mode_off: u64,
 }
 
 impl SidecoreStats {
+    /// Reads every counter (relaxed: the fields need not agree exactly).
     pub fn snapshot(&self) -> StatsSnapshot {
         StatsSnapshot {
             requests: self.requests.load(Relaxed),

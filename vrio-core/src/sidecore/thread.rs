@@ -37,9 +37,12 @@ pub enum SidecoreError {
     Start(#[from] std::io::Error),
 }
 
+/// Starts sidecore threads (see [`SidecoreThread::spawn`]).
 pub struct SidecoreThread;
 
 impl SidecoreThread {
+    /// Spawns a sidecore thread called `name`, without queues; add them
+    /// with [`SidecoreHandle::add`].
     pub fn spawn(name: &str, cfg: SidecoreConfig) -> Result<SidecoreHandle, SidecoreError> {
         let (tx, rx) = mpsc::channel();
         let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
@@ -81,6 +84,7 @@ impl SidecoreHandle {
         rx.recv().map_err(|_| SidecoreError::Stopped)
     }
 
+    /// The sidecore's counters.
     pub fn stats(&self) -> &Arc<SidecoreStats> {
         &self.stats
     }

@@ -47,35 +47,82 @@ const D_INFLIGHT: u64 = 0;
 const D_NEXT: u64 = 6;
 const D_COUNTER: u64 = 8;
 
+/// Why a region was refused or could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum InflightError {
+    /// No queues, no entries, or more entries than a split ring has.
     #[error("inflight region geometry: {queues} queue(s) of {queue_size} entries")]
-    Geometry { queues: u16, queue_size: u16 },
+    Geometry {
+        /// Queues asked for.
+        queues: u16,
+        /// Entries per queue asked for.
+        queue_size: u16,
+    },
+    /// The peer's region is smaller than its geometry needs.
     #[error(
         "inflight region of {size} bytes: {queues} queue(s) of {queue_size} entries need {need}"
     )]
     TooSmall {
+        /// The region's size.
         size: u64,
+        /// Bytes the geometry needs.
         need: u64,
+        /// Queues in the geometry.
         queues: u16,
+        /// Entries per queue.
         queue_size: u16,
     },
+    /// The region (given or needed) exceeds [`MAX_REGION`].
     #[error("inflight region of {0} bytes is over the {MAX_REGION} byte limit")]
     TooLarge(u64),
+    /// The peer's mmap offset is not page aligned.
     #[error("inflight region offset {0:#x} is not page aligned")]
     Misaligned(u64),
+    /// The peer's offset and size reach past the end of its file.
     #[error("inflight region at {offset:#x}+{size:#x} lies past the end of its {file} byte file")]
-    PastEof { offset: u64, size: u64, file: u64 },
+    PastEof {
+        /// The mmap offset.
+        offset: u64,
+        /// The mmap size.
+        size: u64,
+        /// The file's length.
+        file: u64,
+    },
+    /// The peer's fd lacks F_SEAL_SHRINK.
     #[error("the inflight fd is not sealed against shrinking (a shrink would fault us)")]
     NotSealed,
+    /// [`InflightRegion::queue`]: the queue index is past the region's.
     #[error("queue {q} is not in the inflight region ({queues} queue(s))")]
-    NoQueue { q: usize, queues: u16 },
+    NoQueue {
+        /// The queue asked for.
+        q: usize,
+        /// Queues in the region.
+        queues: u16,
+    },
+    /// [`InflightRegion::queue`]: the vring is empty or larger than the
+    /// region's queues.
     #[error("queue {q}: the vring has {size} entries, the region holds {capacity}")]
-    QueueTooBig { q: usize, size: u16, capacity: u16 },
+    QueueTooBig {
+        /// The queue.
+        q: usize,
+        /// The vring's size.
+        size: u16,
+        /// Entries per queue in the region.
+        capacity: u16,
+    },
+    /// A load or store in the mapping failed, or named an entry past the
+    /// vring.
     #[error("inflight region access at {offset:#x}: {reason}")]
-    Access { offset: u64, reason: String },
+    Access {
+        /// Offset in the region (or the entry's head).
+        offset: u64,
+        /// What failed.
+        reason: String,
+    },
+    /// Creating, sealing, inspecting or mapping the file failed.
     #[error("inflight region: {0}")]
     Io(#[from] io::Error),
+    /// Reading the vring from guest memory failed.
     #[error("guest memory: {0}")]
     Guest(String),
 }
@@ -220,15 +267,19 @@ impl InflightRegion {
     pub fn fd(&self) -> &File {
         &self.file
     }
+    /// The mapped bytes (mmap_size).
     pub fn size(&self) -> u64 {
         self.size
     }
+    /// Where the mapping starts in the file (mmap_offset).
     pub fn offset(&self) -> u64 {
         self.offset
     }
+    /// Queues the region holds.
     pub fn queues(&self) -> u16 {
         self.queues
     }
+    /// Entries per queue (the region's queue size, at least each vring's).
     pub fn queue_size(&self) -> u16 {
         self.queue_size
     }
@@ -304,34 +355,42 @@ impl QueueRegion<'_> {
         }
         Ok(self.base + HEADER + DESC_STATE * u64::from(head) + field)
     }
+    /// The header's `version` (0: fresh, [`INFLIGHT_VERSION`]: ours).
     pub fn version(&self) -> Result<u16, InflightError> {
         self.region
             .load::<u16>(self.base + VERSION)
             .map(u16::from_le)
     }
+    /// The header's `desc_num`: entries the region was laid out for.
     pub fn desc_num(&self) -> Result<u16, InflightError> {
         self.region
             .load::<u16>(self.base + DESC_NUM)
             .map(u16::from_le)
     }
+    /// The header's `used_idx`: the used index the region last recorded.
     pub fn used_idx(&self) -> Result<u16, InflightError> {
         self.region
             .load::<u16>(self.base + USED_IDX)
             .map(u16::from_le)
     }
+    /// The header's `last_batch_head`: first head of the last batch of
+    /// completions recorded.
     pub fn last_batch_head(&self) -> Result<u16, InflightError> {
         self.region
             .load::<u16>(self.base + LAST_BATCH_HEAD)
             .map(u16::from_le)
     }
+    /// Whether `head` is marked in flight.
     pub fn inflight(&self, head: u16) -> Result<bool, InflightError> {
         Ok(self.region.load::<u8>(self.desc(head, D_INFLIGHT)?)? != 0)
     }
+    /// `head`'s counter: the order in which entries were marked.
     pub fn counter(&self, head: u16) -> Result<u64, InflightError> {
         self.region
             .load::<u64>(self.desc(head, D_COUNTER)?)
             .map(u64::from_le)
     }
+    /// `head`'s `next`: the following head in the last batch.
     pub fn next(&self, head: u16) -> Result<u16, InflightError> {
         self.region
             .load::<u16>(self.desc(head, D_NEXT)?)

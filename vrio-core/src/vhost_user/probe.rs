@@ -18,14 +18,19 @@ use crate::virtio::ring::{QueueError, RingFeatures, RingLayout};
 /// Why the server's config space could not be had.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
+    /// The scratch guest memory could not be allocated.
     #[error("scratch memory: {0}")]
     ScratchMemory(#[source] FromRangesError),
+    /// The scratch ring's layout was refused.
     #[error("scratch ring: {0}")]
     ScratchRing(#[source] QueueError),
+    /// An eventfd could not be made.
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// Attaching the scratch queue failed (no server, refused, fabric).
     #[error(transparent)]
     Agent(#[from] AgentError),
+    /// The server replied with no config space.
     #[error("the server sent an empty config space")]
     EmptyConfig,
 }

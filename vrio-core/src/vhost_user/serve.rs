@@ -9,8 +9,10 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::backend::{FrontConfig, VrioBackend};
 
+/// Why serving stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
+    /// The vhost-user daemon could not be created for a session.
     #[error("vhost-user daemon: {0}")]
     Daemon(String),
 }

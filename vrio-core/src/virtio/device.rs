@@ -1,5 +1,5 @@
-//! The seam between queues and device models (virtio-blk now, virtio-net
-//! later): a model turns one validated chain into guest-visible results.
+//! The seam between queues and device models (virtio-blk, virtio-net TX):
+//! a model turns one validated chain into guest-visible results.
 
 use std::sync::Arc;
 
@@ -13,6 +13,10 @@ use crate::virtio::ring::{RingFeatures, RingLayout};
 /// it with length 0.
 pub type RequestError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A device type as a queue drives it, one chain at a time (virtio-blk's
+/// `BlockDevice`, virtio-net's `TxDevice`). Local queues, sidecores and
+/// remote queues all serve a queue through this trait, so a model is written
+/// once over [`GuestMemory`].
 pub trait DeviceModel: Send {
     /// Serves one validated chain through `mem`; returns the used length.
     fn process<M: GuestMemory + ?Sized>(
@@ -67,9 +71,13 @@ impl DeviceModel for crate::virtio::blk::BlockDevice {
 /// memory, where the ring is and what was negotiated, and the two eventfds
 /// (the back-end only holds them; its runtime waits on and writes them).
 pub struct DeviceSide {
+    /// The queue's name in logs and failures.
     pub name: String,
+    /// Guest memory the rings and buffers are in.
     pub mem: Arc<LocalMemory>,
+    /// Where the rings are.
     pub layout: RingLayout,
+    /// The negotiated ring features.
     pub features: RingFeatures,
     /// Written by the guest to kick (non-blocking).
     pub kick: EventFd,

@@ -14,22 +14,53 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 /// Errors from a guest memory access or a range check.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MemoryError {
+    /// [`MemoryMap::check`]: `addr + len` wraps the 64-bit address space.
     #[error("guest range {addr:#x}+{len:#x} overflows the address space")]
-    Overflow { addr: u64, len: u64 },
+    Overflow {
+        /// Start of the range.
+        addr: u64,
+        /// Its length.
+        len: u64,
+    },
+    /// The range is not inside one registered region (or, for views such
+    /// as the server's staging, outside what the view holds).
     #[error("guest range {addr:#x}+{len:#x} is outside the guest's registered memory")]
-    OutOfBounds { addr: u64, len: u64 },
+    OutOfBounds {
+        /// Start of the range.
+        addr: u64,
+        /// Its length.
+        len: u64,
+    },
+    /// A partial copy of guest memory (the I/O server's shadow of fetched
+    /// ranges) does not hold the range: fetch it, then retry.
     #[error("guest range {addr:#x}+{len:#x} is not present locally (fetch it first)")]
-    NotPresent { addr: u64, len: u64 },
+    NotPresent {
+        /// Start of the range.
+        addr: u64,
+        /// Its length.
+        len: u64,
+    },
+    /// [`MemoryMap::new`] or a `memory_from_*` constructor: empty, wrapping
+    /// or overlapping regions.
     #[error("invalid guest memory map: {0}")]
     InvalidMap(String),
+    /// The access itself failed (`vm-memory` refused it, a mapping failed,
+    /// or a chain was shorter than the bytes asked for).
     #[error("guest memory access at {addr:#x} failed: {reason}")]
-    Access { addr: u64, reason: String },
+    Access {
+        /// Guest address of the access.
+        addr: u64,
+        /// What failed.
+        reason: String,
+    },
 }
 
 /// One guest-physical range of a guest's memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GuestRegion {
+    /// Guest-physical start.
     pub gpa: u64,
+    /// Length in bytes.
     pub len: u64,
 }
 
@@ -82,6 +113,7 @@ impl MemoryMap {
         )
     }
 
+    /// The regions, sorted by address.
     pub fn regions(&self) -> &[GuestRegion] {
         &self.regions
     }
@@ -126,7 +158,9 @@ impl MemoryMap {
 ///
 /// Implementations must refuse (not clamp) any access outside what they hold.
 pub trait GuestMemory {
+    /// Fills `buf` from guest address `addr`, all or nothing.
     fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemoryError>;
+    /// Writes `buf` at guest address `addr`.
     fn write(&self, addr: u64, buf: &[u8]) -> Result<(), MemoryError>;
 
     /// Reads a ring index with acquire ordering.

@@ -25,9 +25,12 @@ impl std::fmt::Debug for Placement {
 }
 
 impl Placement {
+    /// Where vring `q` attaches next (None: the server's choice).
     pub fn target(&self, q: usize) -> Option<QueueTarget> {
         self.targets.lock().ok()?.get(q).cloned().flatten()
     }
+    /// Sets where vring `q` attaches next; a vring already attached stays
+    /// where it is until it is attached again.
     pub fn set_target(&self, q: usize, t: QueueTarget) {
         if let Ok(mut v) = self.targets.lock() {
             if v.len() <= q {
@@ -36,6 +39,7 @@ impl Placement {
             v[q] = Some(t);
         }
     }
+    /// The agent serving vring `q` now, if it runs.
     pub fn attached(&self, q: usize) -> Option<Arc<AttachedDevice>> {
         self.attached.lock().ok()?.get(q).cloned().flatten()
     }

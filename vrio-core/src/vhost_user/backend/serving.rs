@@ -13,9 +13,11 @@ use super::placement::Placement;
 /// The front: what the VMM is offered and who serves the vrings.
 #[derive(Debug, Clone)]
 pub struct FrontConfig {
+    /// Who serves the vrings.
     pub serving: Serving,
     /// Queues offered to the VMM (and written into the config space).
     pub queues: u16,
+    /// Largest vring the VMM may set up (the back-end's `max_queue_size`).
     pub max_queue_size: u16,
 }
 
@@ -31,7 +33,9 @@ pub enum Serving {
 /// What the front needs to reach the I/O server.
 #[derive(Debug, Clone)]
 pub struct RemoteFront {
+    /// The I/O server's fabric address.
     pub server: String,
+    /// Which fabric reaches it.
     pub fabric: vrio_rdma::Backend,
     /// RDMA device for verbs (default: the first one).
     pub device: Option<String>,
@@ -42,6 +46,7 @@ pub struct RemoteFront {
     /// Device id the queue attachments carry (vring q attaches as queue q
     /// of this device).
     pub device_id: u64,
+    /// How each vring's agent runs.
     pub agent: AgentConfig,
     /// Where each vring goes and which agent serves it; a controller
     /// follower reads and updates it.
@@ -51,6 +56,7 @@ pub struct RemoteFront {
 /// A local sidecore serving the vrings from a block back-end.
 #[derive(Clone)]
 pub struct LocalFront {
+    /// The storage every queue's device runs on.
     pub backend: Arc<dyn BlockBackend>,
     /// The device every queue runs (limits, read-only).
     pub blk: BlockConfig,

@@ -18,11 +18,18 @@ pub struct BlockConfig {
     /// Data bytes one IN/OUT request may carry; beyond it the request fails
     /// with IOERR, so a guest cannot make the device allocate without bound.
     pub max_request_bytes: u32,
+    /// Largest DISCARD range, in sectors (§5.2.4 `max_discard_sectors`).
     pub max_discard_sectors: u32,
+    /// Most ranges in one DISCARD request.
     pub max_discard_seg: u32,
+    /// Advertised DISCARD alignment, in sectors.
     pub discard_sector_alignment: u32,
+    /// Largest WRITE_ZEROES range, in sectors.
     pub max_write_zeroes_sectors: u32,
+    /// Most ranges in one WRITE_ZEROES request.
     pub max_write_zeroes_seg: u32,
+    /// Whether WRITE_ZEROES with the UNMAP flag may deallocate (advertised
+    /// and honoured).
     pub write_zeroes_may_unmap: bool,
     /// Read-only regardless of the backend (a read-only backend is always RO).
     pub read_only: bool,

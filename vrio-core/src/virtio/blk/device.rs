@@ -42,6 +42,7 @@ impl std::fmt::Debug for BlockDevice {
 }
 
 impl BlockDevice {
+    /// A device over `backend` that advertises and enforces `cfg`.
     pub fn new(backend: Arc<dyn BlockBackend>, cfg: BlockConfig) -> Self {
         Self {
             backend,
@@ -50,10 +51,12 @@ impl BlockDevice {
         }
     }
 
+    /// The storage requests run on.
     pub fn backend(&self) -> &Arc<dyn BlockBackend> {
         &self.backend
     }
 
+    /// What the device advertises and enforces.
     pub fn config(&self) -> &BlockConfig {
         &self.cfg
     }
@@ -63,6 +66,7 @@ impl BlockDevice {
         self.bounce.len()
     }
 
+    /// Read-only by configuration or because the backend is.
     pub fn read_only(&self) -> bool {
         self.cfg.read_only || self.backend.read_only()
     }

@@ -6,14 +6,14 @@ use crate::virtio::memory::MemoryError;
 
 /// The status byte written at the end of a request (§5.2.6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Status {
+pub(crate) enum Status {
     Ok,
     IoErr,
     Unsupp,
 }
 
 impl Status {
-    pub fn byte(self) -> u8 {
+    pub(crate) fn byte(self) -> u8 {
         (match self {
             Status::Ok => VIRTIO_BLK_S_OK,
             Status::IoErr => VIRTIO_BLK_S_IOERR,
@@ -26,17 +26,23 @@ impl Status {
 /// reported, so the caller completes it with used length 0.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BlkError {
+    /// The readable part is shorter than `struct virtio_blk_outhdr`.
     #[error("request has {len} device-readable bytes, less than the 16-byte header")]
-    HeaderTooShort { len: u64 },
+    HeaderTooShort {
+        /// Device-readable bytes in the chain.
+        len: u64,
+    },
+    /// The chain has no non-empty writable descriptor to hold the status.
     #[error("request has no device-writable byte for the status")]
     NoStatusByte,
+    /// Reading the header or writing the status byte failed.
     #[error("guest memory access for the header or status failed: {0}")]
     Memory(#[from] MemoryError),
 }
 
 /// A request that was parsed but failed; the guest sees [`Self::status`].
 #[derive(Debug, thiserror::Error)]
-pub enum RequestError {
+pub(crate) enum RequestError {
     #[error("request type {0} is not supported")]
     UnsupportedType(u32),
     #[error("write-type request on a read-only device")]
@@ -67,7 +73,7 @@ pub enum RequestError {
 
 impl RequestError {
     /// The status byte the spec asks for.
-    pub fn status(&self) -> Status {
+    pub(crate) fn status(&self) -> Status {
         match self {
             RequestError::UnsupportedType(_)
             | RequestError::ReadOnly

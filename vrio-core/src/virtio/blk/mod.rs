@@ -17,7 +17,7 @@ pub(crate) use backend::{check_range, read_only_error};
 pub use backend::{id_from_str, BlockBackend};
 pub use config::{config_space, BlockConfig};
 pub use device::BlockDevice;
-pub use error::{BlkError, RequestError, Status};
+pub use error::BlkError;
 pub use features::device_features;
 pub use request::{RequestHeader, RequestLayout, HEADER_SIZE};
 

@@ -10,13 +10,17 @@ use crate::virtio::ring::{DescriptorChain, Segment};
 /// `struct virtio_blk_outhdr`: le32 type, le32 reserved, le64 sector.
 pub const HEADER_SIZE: u64 = 16;
 
+/// The decoded `struct virtio_blk_outhdr` (the reserved word dropped).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RequestHeader {
+    /// `VIRTIO_BLK_T_*`.
     pub request_type: u32,
+    /// First 512-byte sector of the request.
     pub sector: u64,
 }
 
 impl RequestHeader {
+    /// Decodes the 16 header bytes.
     pub fn from_bytes(b: &[u8; HEADER_SIZE as usize]) -> Self {
         let mut s = [0u8; 8];
         s.copy_from_slice(&b[8..16]);
@@ -26,6 +30,7 @@ impl RequestHeader {
         }
     }
 
+    /// Encodes the 16 header bytes (reserved zero).
     pub fn to_bytes(&self) -> [u8; HEADER_SIZE as usize] {
         let mut b = [0u8; HEADER_SIZE as usize];
         b[0..4].copy_from_slice(&self.request_type.to_le_bytes());
@@ -37,6 +42,7 @@ impl RequestHeader {
 /// A parsed request: its header and the extent of its data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RequestLayout {
+    /// The request's header.
     pub header: RequestHeader,
     /// Device-readable bytes after the header (OUT data, discard ranges).
     pub out_len: u64,

@@ -10,8 +10,11 @@
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("checksum at {start}+{offset} does not fit a {len}-byte frame")]
 pub struct ChecksumError {
+    /// The header's `csum_start`.
     pub start: u16,
+    /// The header's `csum_offset`.
     pub offset: u16,
+    /// The frame's length.
     pub len: usize,
 }
 

@@ -17,6 +17,7 @@ pub struct NetConfig {
     pub mtu: u16,
     /// Advertise `mtu` (VIRTIO_NET_F_MTU); otherwise the guest assumes 1500.
     pub offer_mtu: bool,
+    /// The VIRTIO_NET_S_LINK_UP bit of `status` (VIRTIO_NET_F_STATUS).
     pub link_up: bool,
 }
 
@@ -32,18 +33,19 @@ impl Default for NetConfig {
 }
 
 impl NetConfig {
+    /// The frame size bounds this device's MTU sets.
     pub fn limits(&self) -> FrameLimits {
         FrameLimits { mtu: self.mtu }
     }
 }
 
-/// Bytes of config space exposed: up to and including `mtu`. Fields past it
-/// (speed, duplex, RSS) belong to features not offered.
 /// The receive queue's number (virtio 1.2 §5.1.2: receiveq1).
 pub const RX_QUEUE: usize = 0;
 /// The transmit queue's number (virtio 1.2 §5.1.2: transmitq1).
 pub const TX_QUEUE: usize = 1;
 
+/// Bytes of config space exposed: up to and including `mtu`. Fields past it
+/// (speed, duplex, RSS) belong to features not offered.
 pub const CONFIG_LEN: usize = offset_of!(Cfg, speed);
 
 fn put(b: &mut [u8], off: usize, v: &[u8]) {

@@ -27,6 +27,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
+    /// Every reason, in counter order.
     pub const ALL: [DropReason; 10] = [
         DropReason::Short,
         DropReason::Oversized,
@@ -40,6 +41,7 @@ impl DropReason {
         DropReason::UplinkError,
     ];
 
+    /// The reason's name in reports (snake case).
     pub fn name(&self) -> &'static str {
         match self {
             DropReason::Short => "short",

@@ -22,6 +22,8 @@ use crate::virtio::ring::layout::{
 };
 use crate::virtio::ring::RingFeatures;
 
+/// Offered device features: VERSION_1, the ring features the engine
+/// implements, CSUM, MAC, MRG_RXBUF, STATUS, and MTU when `cfg` offers it.
 pub fn device_features(cfg: &NetConfig) -> u64 {
     let mut bits = [
         VIRTIO_F_VERSION_1,
@@ -40,10 +42,13 @@ pub fn device_features(cfg: &NetConfig) -> u64 {
     bits
 }
 
+/// Why a driver's feature set was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum FeatureError {
+    /// The driver acked bits (given) the device did not offer.
     #[error("driver accepted features {0:#x} that were not offered")]
     NotOffered(u64),
+    /// The driver did not ack VIRTIO_F_VERSION_1.
     #[error("driver did not accept VERSION_1 (legacy drivers are not supported)")]
     NoVersion1,
 }
@@ -53,10 +58,13 @@ pub enum FeatureError {
 pub struct NetFeatures {
     /// MRG_RXBUF: a received frame may span several RX chains.
     pub mergeable: bool,
+    /// The negotiated ring features.
     pub ring: RingFeatures,
 }
 
 impl NetFeatures {
+    /// Checks the driver's `acked` bits against `offered` (a subset, with
+    /// VERSION_1) and keeps what changes the device's behaviour.
     pub fn negotiate(offered: u64, acked: u64) -> Result<Self, FeatureError> {
         if acked & !offered != 0 {
             return Err(FeatureError::NotOffered(acked & !offered));

@@ -12,6 +12,7 @@ const ETH_P_8021Q: u16 = 0x8100;
 /// header; FCS is not carried by virtio-net).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameLimits {
+    /// Largest payload, in bytes.
     pub mtu: u16,
 }
 
@@ -28,12 +29,21 @@ impl FrameLimits {
     }
 }
 
+/// Why [`parse_frame`] refused a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
+    /// Shorter than [`ETH_HLEN`] (the length given).
     #[error("frame of {0} bytes is shorter than an Ethernet header")]
     Short(usize),
+    /// Longer than the MTU allows.
     #[error("frame of {len} bytes exceeds the limit of {max}")]
-    Oversized { len: usize, max: usize },
+    Oversized {
+        /// The frame's length.
+        len: usize,
+        /// The limit for this frame (with a VLAN tag's 4 bytes if tagged).
+        max: usize,
+    },
+    /// The source address is multicast or broadcast.
     #[error("source address {0} is a group address")]
     MulticastSource(MacAddr),
 }
@@ -41,7 +51,9 @@ pub enum FrameError {
 /// The addresses the switch needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EthAddrs {
+    /// Destination address.
     pub dst: MacAddr,
+    /// Source address (unicast).
     pub src: MacAddr,
 }
 

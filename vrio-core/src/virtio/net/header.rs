@@ -17,18 +17,30 @@ use virtio_bindings::virtio_net::{
 /// Header bytes in front of every frame (VERSION_1).
 pub const HDR_LEN: usize = size_of::<virtio_net_hdr_mrg_rxbuf>();
 
+/// `flags`: the device must complete a partial checksum (§5.1.6.2).
 pub const F_NEEDS_CSUM: u8 = VIRTIO_NET_HDR_F_NEEDS_CSUM as u8;
+/// `flags`: the checksum was verified (device to driver only, with
+/// GUEST_CSUM; never sent here).
 pub const F_DATA_VALID: u8 = VIRTIO_NET_HDR_F_DATA_VALID as u8;
+/// `gso_type`: no segmentation offload.
 pub const GSO_NONE: u8 = VIRTIO_NET_HDR_GSO_NONE as u8;
 
+/// The decoded `struct virtio_net_hdr`, one field per spec field.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct NetHeader {
+    /// `F_*` bits.
     pub flags: u8,
+    /// `GSO_*` type; only [`GSO_NONE`] is accepted.
     pub gso_type: u8,
+    /// Header bytes to copy per segment (GSO only).
     pub hdr_len: u16,
+    /// Segment payload size (GSO only).
     pub gso_size: u16,
+    /// Where checksumming starts (with [`F_NEEDS_CSUM`]).
     pub csum_start: u16,
+    /// Where the checksum goes, from `csum_start`.
     pub csum_offset: u16,
+    /// Buffers a received frame spans (RX; ignored on TX).
     pub num_buffers: u16,
 }
 
@@ -38,6 +50,7 @@ pub enum HeaderError {
     /// Only NEEDS_CSUM may be set on TX (DATA_VALID is the device's, §5.1.6.2.1).
     #[error("header flags {0:#x}: only NEEDS_CSUM is allowed on transmit")]
     Flags(u8),
+    /// NEEDS_CSUM names a checksum field outside the frame.
     #[error(transparent)]
     Checksum(#[from] ChecksumError),
     /// §5.1.6.2.1: without any GSO feature gso_type MUST be GSO_NONE.
@@ -46,6 +59,7 @@ pub enum HeaderError {
 }
 
 impl NetHeader {
+    /// Decodes the 12 header bytes.
     pub fn from_bytes(b: &[u8; HDR_LEN]) -> Self {
         let u = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
         Self {
@@ -59,6 +73,7 @@ impl NetHeader {
         }
     }
 
+    /// Encodes the 12 header bytes.
     pub fn to_bytes(&self) -> [u8; HDR_LEN] {
         let mut b = [0u8; HDR_LEN];
         b[0] = self.flags;
@@ -107,6 +122,7 @@ impl NetHeader {
         Ok(())
     }
 
+    /// [`F_NEEDS_CSUM`] is set.
     pub fn needs_csum(&self) -> bool {
         self.flags & F_NEEDS_CSUM != 0
     }

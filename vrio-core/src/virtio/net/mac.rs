@@ -7,6 +7,7 @@ use std::fmt;
 pub struct MacAddr(pub [u8; 6]);
 
 impl MacAddr {
+    /// ff:ff:ff:ff:ff:ff.
     pub const BROADCAST: MacAddr = MacAddr([0xff; 6]);
 
     /// Reads the address at `b[0..6]`; `None` when `b` is shorter.
@@ -25,9 +26,11 @@ impl MacAddr {
     pub fn is_multicast(&self) -> bool {
         self.0[0] & 1 != 0
     }
+    /// The broadcast address.
     pub fn is_broadcast(&self) -> bool {
         *self == Self::BROADCAST
     }
+    /// All zeros (no address).
     pub fn is_zero(&self) -> bool {
         self.0 == [0; 6]
     }

@@ -27,6 +27,7 @@ use crate::virtio::ring::DescriptorChain;
 pub trait FrameSource: Send + Sync {
     /// Length of the next frame, without taking it.
     fn peek_len(&self) -> Option<usize>;
+    /// Takes the next frame.
     fn pop(&self) -> Option<Vec<u8>>;
     /// Asks to be woken when a frame arrives; true when one already waits.
     fn arm(&self) -> bool;
@@ -34,14 +35,17 @@ pub trait FrameSource: Send + Sync {
     fn disarm(&self);
     /// A frame reached the guest.
     fn delivered(&self, bytes: usize);
+    /// A frame taken from the source was dropped for `reason`.
     fn dropped(&self, reason: DropReason);
 }
 
 /// Why an RX chain cannot be used at all (completed with length 0).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum RxChainError {
+    /// The chain has device-readable descriptors.
     #[error("RX chain has device-readable descriptors")]
     Readable,
+    /// The chain's writable bytes (given) are fewer than a header.
     #[error("RX chain of {0} bytes cannot hold the {HDR_LEN}-byte header")]
     TooSmall(u64),
 }
@@ -57,6 +61,8 @@ pub enum Fit {
     Never,
 }
 
+/// The receive side of a virtio-net device: fits frames to held chains
+/// and writes them (see the module doc).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RxDevice {
     /// MRG_RXBUF negotiated.
@@ -64,6 +70,7 @@ pub struct RxDevice {
 }
 
 impl RxDevice {
+    /// A device with or without MRG_RXBUF.
     pub fn new(mergeable: bool) -> Self {
         Self { mergeable }
     }

@@ -5,13 +5,18 @@ use super::layout::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
 /// `struct virtq_desc`, decoded from little-endian bytes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Descriptor {
+    /// Guest address of the buffer (or of an indirect table).
     pub addr: u64,
+    /// Buffer length in bytes.
     pub len: u32,
+    /// `VRING_DESC_F_*` bits.
     pub flags: u16,
+    /// The next descriptor, when NEXT is set.
     pub next: u16,
 }
 
 impl Descriptor {
+    /// Decodes the 16 table bytes.
     pub fn from_bytes(b: &[u8; 16]) -> Self {
         let mut a = [0u8; 8];
         a.copy_from_slice(&b[0..8]);
@@ -23,6 +28,7 @@ impl Descriptor {
         }
     }
 
+    /// Encodes the 16 table bytes.
     pub fn to_bytes(&self) -> [u8; 16] {
         let mut b = [0u8; 16];
         b[0..8].copy_from_slice(&self.addr.to_le_bytes());
@@ -32,12 +38,15 @@ impl Descriptor {
         b
     }
 
+    /// VRING_DESC_F_NEXT: the chain continues at `next`.
     pub fn has_next(&self) -> bool {
         self.flags & VRING_DESC_F_NEXT != 0
     }
+    /// VRING_DESC_F_WRITE: the device writes this buffer.
     pub fn is_write_only(&self) -> bool {
         self.flags & VRING_DESC_F_WRITE != 0
     }
+    /// VRING_DESC_F_INDIRECT: the buffer is a table of descriptors.
     pub fn is_indirect(&self) -> bool {
         self.flags & VRING_DESC_F_INDIRECT != 0
     }
@@ -46,7 +55,9 @@ impl Descriptor {
 /// A validated guest buffer: `len` bytes at guest address `addr`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Segment {
+    /// Guest address.
     pub addr: u64,
+    /// Length in bytes.
     pub len: u32,
 }
 
@@ -54,8 +65,11 @@ pub struct Segment {
 /// memory map, and the device-readable ones come first.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DescriptorChain {
+    /// The head index, returned in the used element.
     pub head: u16,
+    /// Device-readable buffers, in chain order.
     pub readable: Vec<Segment>,
+    /// Device-writable buffers, in chain order.
     pub writable: Vec<Segment>,
     /// Descriptors visited, indirect table entries included.
     pub descriptors: u16,
@@ -64,6 +78,7 @@ pub struct DescriptorChain {
 }
 
 impl DescriptorChain {
+    /// Empties the chain, keeping its allocations for the next walk.
     pub fn clear(&mut self) {
         self.head = 0;
         self.readable.clear();
@@ -71,9 +86,11 @@ impl DescriptorChain {
         self.descriptors = 0;
         self.indirect = false;
     }
+    /// Total bytes of the readable segments.
     pub fn readable_len(&self) -> u64 {
         self.readable.iter().map(|s| u64::from(s.len)).sum()
     }
+    /// Total bytes of the writable segments.
     pub fn writable_len(&self) -> u64 {
         self.writable.iter().map(|s| u64::from(s.len)).sum()
     }

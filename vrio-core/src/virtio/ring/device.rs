@@ -19,10 +19,15 @@ use crate::virtio::memory::{GuestMemory, MemoryMap};
 /// The ring position to hand over when a queue moves between sidecores.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RingState {
+    /// The next avail ring entry the device will pop.
     pub next_avail: u16,
+    /// The next used ring entry the device will fill.
     pub next_used: u16,
 }
 
+/// The device side of one split virtqueue: pops validated chains, fills
+/// used elements and decides notifications both ways. Does no I/O of its
+/// own beyond loads and stores to guest memory.
 #[derive(Debug)]
 pub struct DeviceQueue {
     layout: RingLayout,
@@ -58,12 +63,15 @@ impl DeviceQueue {
         })
     }
 
+    /// Where the rings are.
     pub fn layout(&self) -> &RingLayout {
         &self.layout
     }
+    /// The negotiated ring features.
     pub fn features(&self) -> RingFeatures {
         self.features
     }
+    /// The position to hand over (see [`DeviceQueue::set_state`]).
     pub fn state(&self) -> RingState {
         RingState {
             next_avail: self.next_avail.0,
@@ -77,9 +85,11 @@ impl DeviceQueue {
         self.next_used = Wrapping(s.next_used);
         self.signalled_used = None;
     }
+    /// The next avail ring entry to pop.
     pub fn next_avail(&self) -> u16 {
         self.next_avail.0
     }
+    /// The next used ring entry to fill.
     pub fn next_used(&self) -> u16 {
         self.next_used.0
     }

@@ -15,20 +15,39 @@ use super::layout::{
 };
 use crate::virtio::memory::{GuestMemory, MemoryError};
 
+/// Why the driver side refused a chain or a used element.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DriverError {
+    /// [`DriverQueue::add`] with no segments.
     #[error("a chain needs at least one segment")]
     Empty,
+    /// [`DriverQueue::add`]: fewer free descriptors than the chain needs.
     #[error("not enough free descriptors: need {need}, have {free}")]
-    NoSpace { need: u16, free: u16 },
+    NoSpace {
+        /// Descriptors the chain needs.
+        need: u16,
+        /// Descriptors free.
+        free: u16,
+    },
+    /// An indirect chain was asked for, but INDIRECT_DESC was not
+    /// negotiated or the queue has no [`IndirectArea`].
     #[error("indirect descriptors not negotiated or no indirect area configured")]
     IndirectUnavailable,
+    /// More segments than the queue size (or than an indirect table holds).
     #[error("{0} segments exceed the indirect table capacity")]
     TooManySegments(usize),
+    /// [`DriverQueue::pop_used`]: the device returned an id that is not an
+    /// outstanding head.
     #[error("device returned used id {id}, which is not outstanding")]
-    BadUsedId { id: u32 },
+    BadUsedId {
+        /// The id in the used element.
+        id: u32,
+    },
+    /// [`DriverQueue::pop_used`]: used.idx moved by more than the chains
+    /// outstanding.
     #[error("device moved used.idx by {0}, more than outstanding")]
     BadUsedIdx(u16),
+    /// Reading or writing the rings failed.
     #[error(transparent)]
     Memory(#[from] MemoryError),
 }
@@ -37,16 +56,21 @@ pub enum DriverError {
 /// head, starting at `base`.
 #[derive(Debug, Clone, Copy)]
 pub struct IndirectArea {
+    /// Guest address of head 0's table.
     pub base: u64,
+    /// Descriptors per table (the longest indirect chain).
     pub max_entries: u16,
 }
 
 impl IndirectArea {
+    /// Bytes an area needs for a queue of `size` heads.
     pub fn bytes_for(size: u16, max_entries: u16) -> u64 {
         u64::from(size) * u64::from(max_entries) * DESC_SIZE
     }
 }
 
+/// The driver side of one split virtqueue: adds chains, publishes them,
+/// decides kicks and reaps used elements.
 #[derive(Debug)]
 pub struct DriverQueue {
     layout: RingLayout,
@@ -64,6 +88,8 @@ pub struct DriverQueue {
 }
 
 impl DriverQueue {
+    /// A driver over rings at `layout`; call [`DriverQueue::init`] on fresh
+    /// memory. `indirect` is where indirect tables go, if any.
     pub fn new(layout: RingLayout, features: RingFeatures, indirect: Option<IndirectArea>) -> Self {
         let size = layout.size;
         Self {
@@ -79,12 +105,15 @@ impl DriverQueue {
         }
     }
 
+    /// Where the rings are.
     pub fn layout(&self) -> &RingLayout {
         &self.layout
     }
+    /// Free descriptors in the ring's table.
     pub fn num_free(&self) -> u16 {
         self.free.len() as u16
     }
+    /// Chains added and not yet reaped.
     pub fn outstanding(&self) -> u16 {
         self.outstanding
     }
@@ -102,7 +131,9 @@ impl DriverQueue {
         Ok(())
     }
 
-    /// Adds one chain (not yet visible to the device: see [`Self::publish`]).
+    /// Adds one chain (not yet visible to the device: see [`Self::publish`])
+    /// and returns its head. With `use_indirect` the segments go to the
+    /// head's indirect table and take one ring descriptor.
     pub fn add<M: GuestMemory + ?Sized>(
         &mut self,
         mem: &M,

@@ -24,9 +24,11 @@ pub const VRING_USED_F_NO_NOTIFY: u16 = virtio_ring::VRING_USED_F_NO_NOTIFY as u
 /// §2.7.7: the driver asks the device not to interrupt.
 pub const VRING_AVAIL_F_NO_INTERRUPT: u16 = virtio_ring::VRING_AVAIL_F_NO_INTERRUPT as u16;
 
-/// Feature bit numbers the ring engine cares about (§6).
+/// Feature bit number (§6): indirect descriptors (§2.7.5.3).
 pub const VIRTIO_RING_F_INDIRECT_DESC: u32 = virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+/// Feature bit number (§6): used_event / avail_event suppression (§2.7.10).
 pub const VIRTIO_RING_F_EVENT_IDX: u32 = virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+/// Feature bit number (§6): a virtio 1.x device, not legacy.
 pub const VIRTIO_F_VERSION_1: u32 = virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 
 /// Size of one descriptor (§2.7.5).
@@ -39,9 +41,13 @@ pub const MAX_QUEUE_SIZE: u16 = 32768;
 /// Where a split ring's three parts live in guest memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RingLayout {
+    /// Queue size: entries in each part.
     pub size: u16,
+    /// Guest address of the descriptor table.
     pub desc: u64,
+    /// Guest address of the avail ring.
     pub avail: u64,
+    /// Guest address of the used ring.
     pub used: u64,
 }
 
@@ -82,6 +88,7 @@ impl RingLayout {
         Ok((l, used + l.used_bytes() - base))
     }
 
+    /// Bytes of the descriptor table.
     pub fn desc_table_bytes(&self) -> u64 {
         DESC_SIZE * u64::from(self.size)
     }
@@ -94,12 +101,15 @@ impl RingLayout {
         6 + USED_ELEM_SIZE * u64::from(self.size)
     }
 
+    /// Address of descriptor `index`.
     pub fn desc_addr(&self, index: u16) -> u64 {
         self.desc + DESC_SIZE * u64::from(index)
     }
+    /// `avail.flags`.
     pub fn avail_flags(&self) -> u64 {
         self.avail
     }
+    /// `avail.idx`.
     pub fn avail_idx(&self) -> u64 {
         self.avail + 2
     }
@@ -111,9 +121,11 @@ impl RingLayout {
     pub fn used_event(&self) -> u64 {
         self.avail + 4 + 2 * u64::from(self.size)
     }
+    /// `used.flags`.
     pub fn used_flags(&self) -> u64 {
         self.used
     }
+    /// `used.idx`.
     pub fn used_idx(&self) -> u64 {
         self.used + 2
     }
@@ -136,17 +148,21 @@ pub fn vring_need_event(event: u16, new: u16, old: u16) -> bool {
 /// Ring features negotiated for one queue.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RingFeatures {
+    /// VIRTIO_RING_F_INDIRECT_DESC.
     pub indirect: bool,
+    /// VIRTIO_RING_F_EVENT_IDX.
     pub event_idx: bool,
 }
 
 impl RingFeatures {
+    /// The ring features among negotiated feature bits.
     pub fn from_bits(features: u64) -> Self {
         Self {
             indirect: features & (1 << VIRTIO_RING_F_INDIRECT_DESC) != 0,
             event_idx: features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0,
         }
     }
+    /// These features as feature bits.
     pub fn bits(&self) -> u64 {
         (u64::from(self.indirect) << VIRTIO_RING_F_INDIRECT_DESC)
             | (u64::from(self.event_idx) << VIRTIO_RING_F_EVENT_IDX)

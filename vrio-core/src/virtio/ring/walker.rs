@@ -19,6 +19,7 @@ pub struct Walker {
 }
 
 impl Walker {
+    /// Empty scratch; it grows to the largest table walked.
     pub fn new() -> Self {
         Self::default()
     }
