@@ -288,15 +288,9 @@ impl BlockBackend for FileBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::blk::tests::read_back as read;
     use crate::blk::tests::TempPath;
     use std::sync::Arc;
-
-    fn read(b: &FileBackend, off: u64, len: usize) -> Vec<u8> {
-        let mut v = vec![0xeeu8; len];
-        b.read_vectored_at(off, &mut [IoSliceMut::new(&mut v)])
-            .unwrap();
-        v
-    }
 
     #[test]
     fn create_extends_but_never_shrinks() {
@@ -428,7 +422,7 @@ mod tests {
         for blk in 0..512u64 {
             let want = (blk % 2) as u8 + 1;
             assert!(
-                read(&b, blk * 4096, 4096).iter().all(|&x| x == want),
+                read(&*b, blk * 4096, 4096).iter().all(|&x| x == want),
                 "block {blk}"
             );
         }

@@ -207,14 +207,8 @@ impl BlockBackend for MemoryBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::blk::tests::read_back as read;
     use std::sync::Arc;
-
-    fn read(b: &MemoryBackend, off: u64, len: usize) -> Vec<u8> {
-        let mut v = vec![0xeeu8; len];
-        b.read_vectored_at(off, &mut [IoSliceMut::new(&mut v)])
-            .unwrap();
-        v
-    }
 
     #[test]
     fn unwritten_reads_zero_and_uses_no_memory() {
@@ -326,7 +320,7 @@ mod tests {
         for blk in 0..4000u64 {
             let want = (blk % 2) as u8 + 1;
             assert!(
-                read(&b, blk * 4096, 4096).iter().all(|&x| x == want),
+                read(&*b, blk * 4096, 4096).iter().all(|&x| x == want),
                 "block {blk}"
             );
         }

@@ -25,6 +25,15 @@ const MEM_SIZE: usize = 4 << 20;
 const UNTOUCHED: u8 = 0xee;
 
 /// A unique file under the temp dir, removed on drop.
+/// `len` bytes of `b` from `off` (poisoned first, so a read that writes
+/// nothing shows).
+pub(crate) fn read_back(b: &dyn BlockBackend, off: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0xeeu8; len];
+    b.read_vectored_at(off, &mut [IoSliceMut::new(&mut v)])
+        .unwrap();
+    v
+}
+
 pub(crate) struct TempPath(pub PathBuf);
 
 impl TempPath {

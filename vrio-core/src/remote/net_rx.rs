@@ -49,7 +49,7 @@ impl RemoteRxQueue {
         let name = crate::proto::queue_name(attach.device_id, attach.queue);
         let open = || -> Result<Self, RemoteQueueError> {
             let mut core = RxQueue::new(attach, device, port, cfg, stats, Instant::now())?;
-            let link = Link::open(domain, ep, core.ring())?;
+            let link = Link::open(domain, ep, &mut core.ring)?;
             let (wake, epoll) = Self::wake_set(&link, core.port())?;
             Ok(Self {
                 link,
@@ -81,7 +81,7 @@ impl RemoteRxQueue {
 
     /// Answers the agent's ATTACH.
     pub fn reply_attach(&mut self, config: Vec<u8>) -> Result<(), QueueFailure> {
-        self.link.reply_attach(self.core.ring(), config)
+        self.link.reply_attach(&mut self.core.ring, config)
     }
     /// A token that lives exactly as long as the queue.
     pub fn liveness(&self) -> std::sync::Weak<()> {
@@ -93,26 +93,26 @@ impl RemoteRxQueue {
     }
 
     fn serve(&mut self, budget: usize) -> Result<PollOutcome, RemoteQueueError> {
-        self.link.pump(self.core.ring())?;
+        self.link.pump(&mut self.core.ring)?;
         let r = self.core.serve(budget);
-        self.link.flush(self.core.ring())?;
+        self.link.flush(&mut self.core.ring)?;
         r
     }
 }
 
 impl ServedQueue for RemoteRxQueue {
     fn poll(&mut self, budget: usize) -> Result<PollOutcome, QueueFailure> {
-        self.core.ring_ref().check()?;
+        self.core.ring.check()?;
         let r = self.serve(budget);
-        self.core.ring().latch(r)
+        self.core.ring.latch(r)
     }
 
     fn set_notifications(&mut self, enabled: bool) -> Result<bool, QueueFailure> {
         let r = self.core.set_notifications(enabled).and_then(|(w, frame)| {
-            let news = self.link.wake(self.core.ring(), w)?;
+            let news = self.link.wake(&mut self.core.ring, w)?;
             Ok(frame || news)
         });
-        r.map_err(|e| self.core.ring_ref().failure(e))
+        r.map_err(|e| self.core.ring.failure(e))
     }
 
     fn kick_fd(&self) -> Option<RawFd> {
@@ -123,12 +123,12 @@ impl ServedQueue for RemoteRxQueue {
         // Empty after a read or when nothing was written: either is fine.
         let _ = self.wake.read();
         let (w, frame) = self.core.take_kick();
-        let news = self.link.wake(self.core.ring(), w).unwrap_or(true);
+        let news = self.link.wake(&mut self.core.ring, w).unwrap_or(true);
         frame || news
     }
 
     fn name(&self) -> &str {
-        &self.core.ring_ref().name
+        &self.core.ring.name
     }
 }
 

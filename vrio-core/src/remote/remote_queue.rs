@@ -42,7 +42,7 @@ impl<D: DeviceModel> RemoteQueue<D> {
         let name = crate::proto::queue_name(attach.device_id, attach.queue);
         let open = || -> Result<Self, RemoteQueueError> {
             let mut core = RequestQueue::new(attach, device, cfg, stats, Instant::now())?;
-            let link = Link::open(domain, ep, core.ring())?;
+            let link = Link::open(domain, ep, &mut core.ring)?;
             Ok(Self {
                 link,
                 core,
@@ -54,20 +54,20 @@ impl<D: DeviceModel> RemoteQueue<D> {
 
     /// Answers the agent's ATTACH.
     pub fn reply_attach(&mut self, config: Vec<u8>) -> Result<(), QueueFailure> {
-        self.link.reply_attach(self.core.ring(), config)
+        self.link.reply_attach(&mut self.core.ring, config)
     }
 
     /// The queue's name (`dev<key>.q<queue>`).
     pub fn name(&self) -> &str {
-        &self.core.ring_ref().name
+        &self.core.ring.name
     }
     /// How the queue learns of requests.
     pub fn mode(&self) -> NotifyMode {
-        self.core.ring_ref().mode
+        self.core.ring.mode
     }
     /// Whether it polls the guest's avail ring now (adaptive or remote poll).
     pub fn is_polling_remote(&self) -> bool {
-        self.core.ring_ref().polling_remote
+        self.core.ring.polling_remote
     }
     /// A token that lives exactly as long as the queue.
     pub fn liveness(&self) -> std::sync::Weak<()> {
@@ -75,32 +75,32 @@ impl<D: DeviceModel> RemoteQueue<D> {
     }
     /// The next avail index the queue serves (== next used when idle).
     pub fn position(&self) -> (u16, u16) {
-        self.core.ring_ref().position()
+        self.core.ring.position()
     }
 
     fn serve(&mut self, budget: usize) -> Result<PollOutcome, RemoteQueueError> {
-        self.link.pump(self.core.ring())?;
+        self.link.pump(&mut self.core.ring)?;
         let r = self.core.serve(budget);
         // Post what was queued even when the batch failed: a QUIESCED
         // answer, say, goes out before the queue retires.
-        self.link.flush(self.core.ring())?;
+        self.link.flush(&mut self.core.ring)?;
         r
     }
 }
 
 impl<D: DeviceModel> ServedQueue for RemoteQueue<D> {
     fn poll(&mut self, budget: usize) -> Result<PollOutcome, QueueFailure> {
-        self.core.ring_ref().check()?;
+        self.core.ring.check()?;
         let r = self.serve(budget);
-        self.core.ring().latch(r)
+        self.core.ring.latch(r)
     }
 
     fn set_notifications(&mut self, enabled: bool) -> Result<bool, QueueFailure> {
         let r = self
             .core
             .set_notifications(enabled)
-            .and_then(|w| self.link.wake(self.core.ring(), w));
-        r.map_err(|e| self.core.ring_ref().failure(e))
+            .and_then(|w| self.link.wake(&mut self.core.ring, w));
+        r.map_err(|e| self.core.ring.failure(e))
     }
 
     fn kick_fd(&self) -> Option<RawFd> {
@@ -110,10 +110,10 @@ impl<D: DeviceModel> ServedQueue for RemoteQueue<D> {
     fn take_kick(&mut self) -> bool {
         let w = self.core.take_kick();
         // On failure, let poll() report it.
-        self.link.wake(self.core.ring(), w).unwrap_or(true)
+        self.link.wake(&mut self.core.ring, w).unwrap_or(true)
     }
 
     fn name(&self) -> &str {
-        &self.core.ring_ref().name
+        &self.core.ring.name
     }
 }

@@ -38,7 +38,8 @@ use crate::virtio::ring::{ChainError, DescriptorChain};
 /// One request/reply queue's batches: learn, walk, READ wave, device, reply
 /// wave.
 pub struct RequestQueue<D> {
-    ring: ServerRing,
+    /// The ring it serves: indices, completions in, the outbox out.
+    pub ring: ServerRing,
     device: D,
     batch: Vec<(u16, Result<DescriptorChain, ChainError>)>,
     bases: Vec<usize>,
@@ -75,16 +76,6 @@ impl<D: DeviceModel> RequestQueue<D> {
             stage: Stage::Idle,
             spare_chains: Vec::new(),
         })
-    }
-
-    /// The ring: indices, outbox, completions in.
-    pub fn ring(&mut self) -> &mut ServerRing {
-        &mut self.ring
-    }
-
-    /// The ring, to read.
-    pub fn ring_ref(&self) -> &ServerRing {
-        &self.ring
     }
 
     /// What the sidecore must do before the queue may sleep (see

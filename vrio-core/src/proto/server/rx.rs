@@ -51,7 +51,8 @@ enum Unusable {
 
 /// A virtio-net receive queue's batches: buffers in, frames out.
 pub struct RxQueue {
-    ring: ServerRing,
+    /// The ring it serves: indices, completions in, the outbox out.
+    pub ring: ServerRing,
     device: RxDevice,
     port: Arc<Port>,
     /// Buffers taken from the ring but not used yet, in ring order.
@@ -96,16 +97,6 @@ impl RxQueue {
             stage: Stage::Idle,
             batch_out: PollOutcome::default(),
         })
-    }
-
-    /// The ring: indices, outbox, completions in.
-    pub fn ring(&mut self) -> &mut ServerRing {
-        &mut self.ring
-    }
-
-    /// The ring, to read.
-    pub fn ring_ref(&self) -> &ServerRing {
-        &self.ring
     }
 
     /// The port frames come from.

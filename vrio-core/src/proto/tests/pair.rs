@@ -118,7 +118,7 @@ impl Link {
         let Some(server) = &mut self.server else {
             return;
         };
-        let ring = server.ring();
+        let ring = &mut server.ring;
         let (sends, recvs) = ring.outbox();
         if !sends.is_empty() {
             let _ = self.sep.post_send(sends);
@@ -248,7 +248,7 @@ impl Pair {
         let mut server =
             RequestQueue::new(&attach, Echo, self.cfg, self.stats.clone(), self.now).unwrap();
         let server_dom = self.net.domain().unwrap();
-        let [(sp, sl), (rp, rl)] = server.ring().buffers();
+        let [(sp, sl), (rp, rl)] = server.ring.buffers();
         // SAFETY: the ring owns both buffers; the link drops these
         // registrations before the ring (declared earlier).
         let mrs = unsafe {
@@ -257,7 +257,7 @@ impl Pair {
                 server_dom.register(rp, rl, Access::LOCAL_ONLY).unwrap(),
             ]
         };
-        server.ring().start(mrs[0].lkey(), mrs[1].lkey());
+        server.ring.start(mrs[0].lkey(), mrs[1].lkey());
         // The server's send queue is as deep as its config says (a small
         // one makes waves wait for room); the agent's is the default.
         let server_cfg = EndpointConfig {
@@ -349,7 +349,7 @@ impl Pair {
         };
         let mut cqes = [Completion::EMPTY; 64];
         let n = link.sep.poll(&mut cqes).unwrap_or(0);
-        let ring = server.ring();
+        let ring = &mut server.ring;
         ring.set_now(self.now);
         let r = ring
             .on_completions(&cqes[..n])
