@@ -238,13 +238,9 @@ pub fn memory_from_fds(
     for (gpa, file, offset, size) in regions {
         let m = vm_memory::MmapRegion::from_file(vm_memory::FileOffset::new(file, offset), size)
             .map_err(|e| access_err(gpa, e))?;
-        v.push(
-            vm_memory::GuestRegionMmap::new(m, GuestAddress(gpa))
-                .ok_or_else(|| MemoryError::InvalidMap(format!("region at {gpa:#x} wraps")))?,
-        );
+        v.push(guest_region(m, gpa)?);
     }
-    v.sort_by_key(|r| r.start_addr());
-    LocalMemory::from_regions(v).map_err(|e| MemoryError::InvalidMap(e.to_string()))
+    collect_regions(v)
 }
 
 /// Guest RAM already mapped in this process, as `(gpa, host pointer, size)`.
@@ -268,11 +264,22 @@ pub unsafe fn memory_from_pointers(
             )
         }
         .map_err(|e| access_err(gpa, e))?;
-        v.push(
-            vm_memory::GuestRegionMmap::new(m, GuestAddress(gpa))
-                .ok_or_else(|| MemoryError::InvalidMap(format!("region at {gpa:#x} wraps")))?,
-        );
+        v.push(guest_region(m, gpa)?);
     }
+    collect_regions(v)
+}
+
+/// One mapped region of guest RAM at `gpa`.
+fn guest_region(
+    m: vm_memory::MmapRegion,
+    gpa: u64,
+) -> Result<vm_memory::GuestRegionMmap, MemoryError> {
+    vm_memory::GuestRegionMmap::new(m, GuestAddress(gpa))
+        .ok_or_else(|| MemoryError::InvalidMap(format!("region at {gpa:#x} wraps")))
+}
+
+/// Guest memory from its regions, in address order.
+fn collect_regions(mut v: Vec<vm_memory::GuestRegionMmap>) -> Result<LocalMemory, MemoryError> {
     v.sort_by_key(|r| r.start_addr());
     LocalMemory::from_regions(v).map_err(|e| MemoryError::InvalidMap(e.to_string()))
 }

@@ -63,9 +63,8 @@ impl<D: DeviceModel> RequestQueue<D> {
         stats: Arc<RemoteStats>,
         now: std::time::Instant,
     ) -> Result<Self, RemoteQueueError> {
-        let name = crate::proto::queue_name(attach.device_id, attach.queue);
         Ok(Self {
-            ring: ServerRing::new(attach, cfg, stats, name, now)?,
+            ring: ServerRing::for_attach(attach, cfg, stats, now)?,
             device,
             batch: Vec::new(),
             bases: Vec::new(),

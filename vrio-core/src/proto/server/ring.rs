@@ -280,6 +280,17 @@ impl ServerRing {
         })
     }
 
+    /// [`ServerRing::new`], named as the server names the queue.
+    pub fn for_attach(
+        attach: &Attach,
+        cfg: RemoteQueueConfig,
+        stats: Arc<RemoteStats>,
+        now: Instant,
+    ) -> Result<Self, RemoteQueueError> {
+        let name = crate::proto::queue_name(attach.device_id, attach.queue);
+        Self::new(attach, cfg, stats, name, now)
+    }
+
     /// The staging and receive buffers, (address, length), for the runtime
     /// to register (local access only: the server's own memory).
     pub fn buffers(&self) -> [(*mut u8, usize); 2] {

@@ -82,9 +82,8 @@ impl RxQueue {
         stats: Arc<RemoteStats>,
         now: std::time::Instant,
     ) -> Result<Self, RemoteQueueError> {
-        let name = crate::proto::queue_name(attach.device_id, attach.queue);
         Ok(Self {
-            ring: ServerRing::new(attach, cfg, stats, name, now)?,
+            ring: ServerRing::for_attach(attach, cfg, stats, now)?,
             device,
             port,
             held: VecDeque::new(),
