@@ -56,6 +56,11 @@ impl Default for RunConfig {
     }
 }
 
+/// Cores that `cpu_ns` of CPU time kept busy on average over `wall`.
+pub fn busy_cores(cpu_ns: u64, wall: Duration) -> f64 {
+    cpu_ns as f64 / 1e9 / wall.as_secs_f64().max(1e-9)
+}
+
 #[derive(Debug, Clone)]
 pub struct ModelReport {
     pub model: String,
@@ -77,7 +82,7 @@ impl ModelReport {
     }
     /// Device-side cores busy on average.
     pub fn device_cores(&self) -> f64 {
-        self.device_cpu_ns as f64 / 1e9 / self.wall.as_secs_f64().max(1e-9)
+        busy_cores(self.device_cpu_ns, self.wall)
     }
     pub fn requests_per_core_sec(&self) -> f64 {
         self.io.completed as f64 / (self.device_cpu_ns as f64 / 1e9).max(1e-9)

@@ -83,7 +83,7 @@ impl NetReport {
         self.recv.bytes as f64 * 8.0 / 1e9 / self.wall.as_secs_f64().max(1e-9)
     }
     pub fn device_cores(&self) -> f64 {
-        self.device_cpu_ns as f64 / 1e9 / self.wall.as_secs_f64().max(1e-9)
+        crate::runner::busy_cores(self.device_cpu_ns, self.wall)
     }
     pub fn packets_per_core_sec(&self) -> f64 {
         self.recv.received as f64 / (self.device_cpu_ns as f64 / 1e9).max(1e-9)
