@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use vrio_core::blk::{BlockBackend, FileBackend, MemoryBackend};
 use vrio_testkit::guest::WorkloadConfig;
-use vrio_testkit::runner::{busy_cores, ModelReport, RunConfig};
+use vrio_testkit::runner::{ModelReport, RunConfig, RunCost};
 
 /// Prints a live progress line to stderr until stopped.
 pub struct Progress {
@@ -111,7 +111,7 @@ pub fn model_row(r: &ModelReport) -> Vec<String> {
         format!("{:.1}", r.mb_per_sec()),
         format!("{:.1}", r.p50_us()),
         format!("{:.1}", r.p99_us()),
-        format!("{:.2}", r.device_cores()),
+        format!("{:.2}", r.cost.device_cores()),
         r.io.failures().to_string(),
     ]
 }
@@ -130,18 +130,13 @@ pub const MODEL_HEADERS: [&str; 8] = [
 /// The JSON object `j` of a model run with what the run cost added: wall
 /// time, and the CPU time of the device side (workers or sidecores) and of
 /// the whole process.
-pub fn with_cost(
-    mut j: serde_json::Value,
-    wall: Duration,
-    device_cpu_ns: u64,
-    process_cpu_ns: u64,
-) -> serde_json::Value {
+pub fn with_cost(mut j: serde_json::Value, cost: &RunCost) -> serde_json::Value {
     if let Some(o) = j.as_object_mut() {
-        o.insert("wall_s".into(), wall.as_secs_f64().into());
-        o.insert("device_cpu_s".into(), (device_cpu_ns as f64 / 1e9).into());
-        o.insert("process_cpu_s".into(), (process_cpu_ns as f64 / 1e9).into());
-        let cores = busy_cores(device_cpu_ns, wall);
-        o.insert("device_cores".into(), cores.into());
+        o.insert("wall_s".into(), cost.wall.as_secs_f64().into());
+        let cpu_s = |ns: u64| serde_json::Value::from(ns as f64 / 1e9);
+        o.insert("device_cpu_s".into(), cpu_s(cost.device_cpu_ns));
+        o.insert("process_cpu_s".into(), cpu_s(cost.process_cpu_ns));
+        o.insert("device_cores".into(), cost.device_cores().into());
     }
     j
 }
@@ -165,15 +160,15 @@ pub fn model_json(r: &ModelReport) -> serde_json::Value {
         "lost": r.io.lost,
         "protocol_errors": r.io.protocol_errors,
         "sidecore": {
-            "polls": r.stats.polls,
-            "empty_polls": r.stats.empty_polls,
-            "sleeps": r.stats.sleeps,
-            "busy_s": r.stats.busy_ns as f64 / 1e9,
-            "poll_mode_on": r.stats.poll_mode_on,
-            "poll_mode_off": r.stats.poll_mode_off,
+            "polls": r.cost.stats.polls,
+            "empty_polls": r.cost.stats.empty_polls,
+            "sleeps": r.cost.stats.sleeps,
+            "busy_s": r.cost.stats.busy_ns as f64 / 1e9,
+            "poll_mode_on": r.cost.stats.poll_mode_on,
+            "poll_mode_off": r.cost.stats.poll_mode_off,
         },
     });
-    with_cost(j, r.wall, r.device_cpu_ns, r.process_cpu_ns)
+    with_cost(j, &r.cost)
 }
 
 /// A binary's exit code for what `run` came to: success when every request

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use vrio_control::{
@@ -25,7 +25,7 @@ use vrio_examples::{
 use vrio_testkit::guest::WorkloadConfig;
 use vrio_testkit::runner::{
     attach_guests_placed, drive_guests, make_guests, run_local, run_remote, LocalModel,
-    ModelReport, RunConfig,
+    ModelReport, RunClock, RunConfig,
 };
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -152,7 +152,7 @@ fn run(a: &Args) -> Result<bool, Box<dyn std::error::Error>> {
             "  {}: {} requests in {:.2} s, {} errors",
             r.model,
             r.io.completed,
-            r.wall.as_secs_f64(),
+            r.cost.wall.as_secs_f64(),
             r.io.failures()
         );
         reports.push(r);
@@ -246,8 +246,7 @@ fn run_controlled(
         print_move,
     )?;
     let stop = Arc::new(AtomicBool::new(false));
-    let cpu0 = vrio_testkit::cputime::process_cpu_ns();
-    let t0 = Instant::now();
+    let clock = RunClock::start();
     let io = std::thread::scope(|s| {
         let work = s.spawn(|| drive_guests(guests, rc, done, &stop));
         while done.load(Relaxed) < total / 2 && !work.is_finished() {
@@ -262,7 +261,7 @@ fn run_controlled(
         work.join()
     })
     .map_err(|_| "the guests' thread panicked")?;
-    let wall = t0.elapsed();
+    let wall = clock.wall();
     follower.stop();
     let (mut moves, mut failovers) = (0, 0);
     for d in &agents {
@@ -298,9 +297,6 @@ fn run_controlled(
             sidecores.max(1)
         ),
         io,
-        wall,
-        device_cpu_ns,
-        process_cpu_ns: vrio_testkit::cputime::process_cpu_ns().saturating_sub(cpu0),
-        stats,
+        cost: clock.cost(wall, device_cpu_ns, stats),
     })
 }

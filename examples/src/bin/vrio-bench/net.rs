@@ -89,14 +89,14 @@ fn json(
         "duplicate": r.recv.duplicate,
         "port_drops": r.port_drops(),
         "sidecore": {
-            "polls": r.stats.polls,
-            "empty_polls": r.stats.empty_polls,
-            "sleeps": r.stats.sleeps,
-            "poll_mode_on": r.stats.poll_mode_on,
-            "poll_mode_off": r.stats.poll_mode_off,
+            "polls": r.cost.stats.polls,
+            "empty_polls": r.cost.stats.empty_polls,
+            "sleeps": r.cost.stats.sleeps,
+            "poll_mode_on": r.cost.stats.poll_mode_on,
+            "poll_mode_off": r.cost.stats.poll_mode_off,
         },
     });
-    with_cost(j, r.wall, r.device_cpu_ns, r.process_cpu_ns)
+    with_cost(j, &r.cost)
 }
 
 pub fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
@@ -148,7 +148,7 @@ pub fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
                 size.to_string(),
                 format!("{:.0}", r.packets_per_sec()),
                 format!("{:.3}", r.gbit_per_sec()),
-                format!("{:.2}", r.device_cores()),
+                format!("{:.2}", r.cost.device_cores()),
                 format!("{:.0}", r.packets_per_core_sec()),
                 format!("{:.3}", r.gbit_per_core_sec()),
                 format!("{ratio_pps:.2}"),
