@@ -7,11 +7,10 @@
 use std::sync::Arc;
 
 use vrio_core::memory::{GuestMemory, LocalMemory};
-use vrio_core::models::DeviceSide;
 use vrio_core::net::{
     DropReason, MacAddr, NetHeader, Switch, SwitchConfig, HDR_LEN, RX_QUEUE, TX_QUEUE,
 };
-use vrio_core::ring::{Descriptor, DriverQueue, Segment};
+use vrio_core::ring::{Descriptor, DriverQueue, RingLayout, Segment};
 use vrio_core::sidecore::ServedQueue;
 use vrio_testkit::net::traffic::{build_frame, check_frame};
 use vrio_testkit::net::{attach_net_guest, AttachedNetGuest, NetGuestConfig};
@@ -28,11 +27,11 @@ fn seg(addr: u64, len: u32) -> Segment {
 }
 
 /// A driver of its own on `g`'s ring `queue`, to post hostile chains, with
-/// the guest's memory and the ring's device side.
-fn own_driver(g: &AttachedNetGuest, queue: usize) -> (Arc<LocalMemory>, DeviceSide, DriverQueue) {
+/// the guest's memory and the ring's layout.
+fn own_driver(g: &AttachedNetGuest, queue: usize) -> (Arc<LocalMemory>, RingLayout, DriverQueue) {
     let side = g.guest.device_side(queue).unwrap();
     let drv = DriverQueue::new(side.layout, side.features, None);
-    (g.guest.memory().clone(), side, drv)
+    (g.guest.memory().clone(), side.layout, drv)
 }
 
 /// Writes header + frame at the start of TX slot `slot` and returns it as one segment.
@@ -56,7 +55,7 @@ fn tx_area(g: &AttachedNetGuest) -> u64 {
 #[test]
 fn bad_frames_are_dropped_counted_and_completed() {
     let (_sw, mut a, b) = pair(true);
-    let (mem, side, mut drv) = own_driver(&a, TX_QUEUE);
+    let (mem, layout, mut drv) = own_driver(&a, TX_QUEUE);
     let (ma, mb) = (a.guest.cfg.mac, b.guest.cfg.mac);
     let good = build_frame(mb, ma, 1, 100);
     // A checksum field past the frame's end.
@@ -151,12 +150,11 @@ fn bad_frames_are_dropped_counted_and_completed() {
         )
         .unwrap();
     let mut d = [0u8; 16];
-    mem.read(side.layout.desc_addr(l), &mut d).unwrap();
+    mem.read(layout.desc_addr(l), &mut d).unwrap();
     let first = Descriptor::from_bytes(&d);
     let mut looped = first;
     looped.next = l;
-    mem.write(side.layout.desc_addr(l), &looped.to_bytes())
-        .unwrap();
+    mem.write(layout.desc_addr(l), &looped.to_bytes()).unwrap();
     drv.publish(&*mem).unwrap();
 
     let out = a.tx.poll(64).unwrap();
