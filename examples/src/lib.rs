@@ -5,12 +5,16 @@
 pub mod control;
 
 use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use vrio_testkit::runner::ModelReport;
+use vrio_core::blk::{BlockBackend, FileBackend, MemoryBackend};
+use vrio_testkit::guest::WorkloadConfig;
+use vrio_testkit::runner::{ModelReport, RunConfig, RunCost};
 
 /// Prints a live progress line to stderr until stopped.
 pub struct Progress {
@@ -107,7 +111,7 @@ pub fn model_row(r: &ModelReport) -> Vec<String> {
         format!("{:.1}", r.mb_per_sec()),
         format!("{:.1}", r.p50_us()),
         format!("{:.1}", r.p99_us()),
-        format!("{:.2}", r.device_cores()),
+        format!("{:.2}", r.cost.device_cores()),
         r.io.failures().to_string(),
     ]
 }
@@ -123,37 +127,129 @@ pub const MODEL_HEADERS: [&str; 8] = [
     "errors",
 ];
 
+/// The JSON object `j` of a model run with what the run cost added: wall
+/// time, and the CPU time of the device side (workers or sidecores) and of
+/// the whole process.
+pub fn with_cost(mut j: serde_json::Value, cost: &RunCost) -> serde_json::Value {
+    if let Some(o) = j.as_object_mut() {
+        o.insert("wall_s".into(), cost.wall.as_secs_f64().into());
+        let cpu_s = |ns: u64| serde_json::Value::from(ns as f64 / 1e9);
+        o.insert("device_cpu_s".into(), cpu_s(cost.device_cpu_ns));
+        o.insert("process_cpu_s".into(), cpu_s(cost.process_cpu_ns));
+        o.insert("device_cores".into(), cost.device_cores().into());
+    }
+    j
+}
+
 /// JSON of one model run.
 pub fn model_json(r: &ModelReport) -> serde_json::Value {
-    serde_json::json!({
+    let j = serde_json::json!({
         "model": r.model,
         "requests": r.io.completed,
         "reads": r.io.reads,
         "writes": r.io.writes,
         "flushes": r.io.flushes,
         "bytes": r.io.bytes,
-        "wall_s": r.wall.as_secs_f64(),
         "requests_per_s": r.requests_per_sec(),
         "mb_per_s": r.mb_per_sec(),
         "p50_us": r.p50_us(),
         "p99_us": r.p99_us(),
-        "device_cpu_s": r.device_cpu_ns as f64 / 1e9,
-        "process_cpu_s": r.process_cpu_ns as f64 / 1e9,
-        "device_cores": r.device_cores(),
         "requests_per_device_core_s": r.requests_per_core_sec(),
         "io_errors": r.io.io_errors,
         "corrupt": r.io.corrupt,
         "lost": r.io.lost,
         "protocol_errors": r.io.protocol_errors,
         "sidecore": {
-            "polls": r.stats.polls,
-            "empty_polls": r.stats.empty_polls,
-            "sleeps": r.stats.sleeps,
-            "busy_s": r.stats.busy_ns as f64 / 1e9,
-            "poll_mode_on": r.stats.poll_mode_on,
-            "poll_mode_off": r.stats.poll_mode_off,
+            "polls": r.cost.stats.polls,
+            "empty_polls": r.cost.stats.empty_polls,
+            "sleeps": r.cost.stats.sleeps,
+            "busy_s": r.cost.stats.busy_ns as f64 / 1e9,
+            "poll_mode_on": r.cost.stats.poll_mode_on,
+            "poll_mode_off": r.cost.stats.poll_mode_off,
         },
-    })
+    });
+    with_cost(j, &r.cost)
+}
+
+/// A binary's exit code for what `run` came to: success when every request
+/// verified; 1, after printing `bin: FAILED: {failed}`, when some did not; 2,
+/// after printing the error, when the run could not go on.
+pub fn verdict_exit(
+    bin: &str,
+    run: Result<bool, Box<dyn std::error::Error>>,
+    failed: &str,
+) -> ExitCode {
+    match run {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("{bin}: FAILED: {failed}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("{bin}: error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The synthetic blk workload's flags, shared by vrio-client and vrio-demo
+/// (which changes the defaults of `--requests` and `--blocks` with
+/// `mut_arg`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct WorkloadArgs {
+    /// Synthetic guests (VMs).
+    #[arg(long, default_value_t = 4)]
+    pub guests: u32,
+    /// virtio-blk queues per guest.
+    #[arg(long, default_value_t = 1)]
+    pub queues: u16,
+    /// Requests per queue.
+    #[arg(long, default_value_t = 10_000)]
+    pub requests: u64,
+    /// Requests in flight per queue.
+    #[arg(long, default_value_t = 16)]
+    pub depth: u16,
+    /// Percent of reads; the rest are writes and flushes.
+    #[arg(long, default_value_t = 50)]
+    pub read_pct: u8,
+    /// Percent of flushes.
+    #[arg(long, default_value_t = 5)]
+    pub flush_pct: u8,
+    /// 4 KiB blocks each queue owns on the disk.
+    #[arg(long, default_value_t = 256)]
+    pub blocks: u64,
+}
+
+impl WorkloadArgs {
+    /// The sizes must all be at least 1.
+    pub fn check(&self) -> Result<(), Box<dyn std::error::Error>> {
+        if self.guests == 0 || self.queues == 0 || self.depth == 0 || self.blocks == 0 {
+            return Err("--guests, --queues, --depth and --blocks must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The run these flags ask for; `workload` sets what they do not say.
+    pub fn run_config(&self, workload: WorkloadConfig) -> RunConfig {
+        RunConfig {
+            guests: self.guests,
+            queues_per_guest: self.queues,
+            workload: WorkloadConfig {
+                requests: self.requests,
+                depth: self.depth,
+                read_pct: self.read_pct,
+                flush_pct: self.flush_pct,
+                blocks: self.blocks,
+                ..workload
+            },
+            ..RunConfig::default()
+        }
+    }
+
+    /// Requests over all guests and queues.
+    pub fn total_requests(&self) -> u64 {
+        self.requests * u64::from(self.guests) * u64::from(self.queues)
+    }
 }
 
 pub fn init_tracing() {
@@ -163,6 +259,33 @@ pub fn init_tracing() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// `--disk` choices of vrio-server and vrio-demo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Disk {
+    /// Sparse in-memory disk (lost at exit).
+    Memory,
+    /// Raw image file (see --file).
+    File,
+}
+
+impl Disk {
+    /// A disk of `size` bytes: sparse memory, or the image `file` (created
+    /// or grown to `size`).
+    pub fn open(
+        self,
+        file: Option<&Path>,
+        size: u64,
+    ) -> Result<Arc<dyn BlockBackend>, Box<dyn std::error::Error>> {
+        Ok(match self {
+            Disk::Memory => Arc::new(MemoryBackend::new(size)),
+            Disk::File => {
+                let path = file.ok_or("--disk file needs --file PATH")?;
+                Arc::new(FileBackend::create(path, size)?)
+            }
+        })
+    }
 }
 
 /// `--fabric` choices of the server and client binaries.

@@ -12,42 +12,34 @@
 #        target's, 124 on timeout, 3 if a guest never reported.
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=lib.sh
+. "$HERE/lib.sh"
 SCRIPT=${1:?usage: run-2guests.sh GUEST-SCRIPT [BINARY...]}
 shift
 DIR=${VRIO_RXE_DIR:-/tmp/vrio-rxe}
 TMO=${TMO:-600}; SMP=${SMP:-1}; MEM=${MEM:-1024}
 PORT=${PORT:-$((20000 + ($$ % 20000) * 2))}
-KVER=${KVER:-$(ls /boot/vmlinuz-*-amd64 2>/dev/null | sed "s|/boot/vmlinuz-||" | sort -V | tail -n1)}
-[ -n "$KVER" ] || { echo "run-2guests: no /boot/vmlinuz-*-amd64 (run scripts/setup.sh)" >&2; exit 2; }
-command -v qemu-system-x86_64 >/dev/null || { echo "run-2guests: qemu-system-x86_64 missing (run scripts/setup.sh)" >&2; exit 2; }
-mkdir -p "$DIR"
-RUN=$(mktemp -d "$DIR/run2.XXXXXX")
-IMG=$RUN/initramfs.cpio.gz
-KVER=$KVER "$HERE/build-initramfs.sh" "$IMG" "$SCRIPT" "$@" || exit 2
+rxe_prepare run-2guests run2 "$SCRIPT" "$@"
 
 guest() {  # guest NAME LOCAL-PORT REMOTE-PORT MAC APPEND
-  timeout "$TMO" qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp "$SMP" -m "$MEM" \
-    -kernel "/boot/vmlinuz-$KVER" -initrd "$IMG" \
-    -append "console=ttyS0 loglevel=4 panic=-1 $5" \
+  rxe_qemu "$RUN/$1.serial.log" "$5" \
     -netdev "dgram,id=n0,local.type=inet,local.host=127.0.0.1,local.port=$2,remote.type=inet,remote.host=127.0.0.1,remote.port=$3" \
-    -device virtio-net-pci,netdev=n0,mac="$4" \
-    -display none -monitor none -serial "file:$RUN/$1.serial.log" -no-reboot
+    -device virtio-net-pci,netdev=n0,mac="$4"
 }
 T0=$(date +%s.%N)
 guest target "$PORT" $((PORT + 1)) 52:54:00:00:04:01 "vrioip=10.0.4.1 vriorole=target" & GA=$!
 guest initiator $((PORT + 1)) "$PORT" 52:54:00:00:04:02 "vrioip=10.0.4.2 vriorole=initiator vriopeer=10.0.4.1" & GB=$!
 wait $GB; RB=$?
 wait $GA; RA=$?
-T1=$(date +%s.%N)
+SECS=$(rxe_seconds_since "$T0")
 rm -f "$IMG"
 for n in target initiator; do
   echo "==== guest $n"
   tr -d '\r' < "$RUN/$n.serial.log"
 done
-echo "run-2guests: qemu rc target=$RA initiator=$RB after $(awk -v a="$T1" -v b="$T0" 'BEGIN{printf "%.1f", a-b}')s; logs in $RUN"
+echo "run-2guests: qemu rc target=$RA initiator=$RB after ${SECS}s; logs in $RUN"
 [ $RA -eq 124 ] || [ $RB -eq 124 ] && { echo "run-2guests: TIMEOUT after ${TMO}s"; exit 124; }
-rc_of() { tr -d '\r' < "$RUN/$1.serial.log" | sed -n 's/.*VRIO-GUEST-DONE rc=\([0-9]*\).*/\1/p' | tail -n1; }
-CA=$(rc_of target); CB=$(rc_of initiator)
+CA=$(rxe_guest_rc "$RUN/target.serial.log"); CB=$(rxe_guest_rc "$RUN/initiator.serial.log")
 { [ -n "$CA" ] && [ -n "$CB" ]; } || { echo "run-2guests: a guest never reported"; exit 3; }
 [ "$CB" -ne 0 ] && exit "$CB"
 exit "$CA"

@@ -79,6 +79,13 @@ pub fn ensure_host() -> Result<(), String> {
     }
 }
 
+/// [`ensure_host`] for a test: panics saying that `what` cannot run.
+pub fn require_host(what: &str) {
+    if let Err(e) = ensure_host() {
+        panic!("cannot run {what}: {e}");
+    }
+}
+
 /// The profile directory the calling test binary was built in
 /// (`target/debug` or `target/release`).
 pub fn profile_dir() -> Result<PathBuf, String> {
@@ -93,6 +100,11 @@ pub fn profile_dir() -> Result<PathBuf, String> {
 /// Builds `bin` of `package` in the caller's profile and returns its path.
 pub fn build_bin(package: &str, bin: &str) -> Result<PathBuf, String> {
     build(package, "--bin", bin)
+}
+
+/// [`build_bin`] for a test: panics if the build fails.
+pub fn bin(package: &str, bin: &str) -> PathBuf {
+    build_bin(package, bin).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Builds example `name` of `package` in the caller's profile.
@@ -172,6 +184,34 @@ pub fn run_two_guests(script: &str, bins: &[&Path]) -> Result<GuestRun, String> 
     run_script("run-2guests.sh", script, bins)
 }
 
+/// Runs a guest harness with `run` (which may build what it needs first)
+/// for a test: panics if it cannot run, prints its output and how long it
+/// took (`{what} took N s`).
+pub fn timed_run(what: &str, run: impl FnOnce() -> Result<GuestRun, String>) -> GuestRun {
+    let t0 = std::time::Instant::now();
+    let run = run().unwrap_or_else(|e| panic!("{e}"));
+    println!("{}", run.output);
+    println!(
+        "{what} took {:.1} s (TCG Soft-RoCE: correctness only)",
+        t0.elapsed().as_secs_f64()
+    );
+    run
+}
+
+/// Asserts that the conformance suite passed in `output`: no failed case,
+/// and a summary line (printed by `whose`) with cases run and none failed.
+pub fn assert_conformance_passed(output: &str, whose: &str) {
+    let fails = failures(output);
+    assert!(
+        fails.is_empty(),
+        "conformance failures over verbs: {fails:#?}"
+    );
+    let (passed, failed) =
+        summary(output).unwrap_or_else(|| panic!("no `N passed, M failed` line from {whose}"));
+    assert_eq!(failed, 0, "{failed} conformance cases failed over verbs");
+    assert!(passed > 0, "no conformance case ran");
+}
+
 /// The conformance summary line `N passed, M failed`, if present (the last
 /// one wins).
 pub fn summary(output: &str) -> Option<(u32, u32)> {
@@ -218,6 +258,8 @@ mod tests {
     fn scripts_are_there() {
         for s in [
             "run-in-guest.sh",
+            "run-2guests.sh",
+            "lib.sh",
             "build-initramfs.sh",
             "init.sh",
             "conformance.sh",

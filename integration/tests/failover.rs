@@ -10,12 +10,15 @@
 //!   duplicated.
 //! - A second server joining a loaded one: rebalancing converges.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::{soft_server, synthetic_client};
 use vrio_control::client::connect;
 use vrio_control::pb;
 use vrio_integration::rxe;
@@ -160,7 +163,7 @@ struct Bins {
 }
 
 fn bins() -> Bins {
-    let b = |n| rxe::build_bin("vrio-examples", n).unwrap_or_else(|e| panic!("{e}"));
+    let b = |n| rxe::bin("vrio-examples", n);
     Bins {
         controller: b("vrio-controller"),
         server: b("vrio-server"),
@@ -187,21 +190,13 @@ fn controller(bin: &Path, lease_ms: u64, rebalance_secs: u64) -> (Proc, String) 
 }
 
 fn server(bin: &Path, ctl: &str, id: &str, image: &Path) -> Proc {
-    let mut p = Proc::spawn(Command::new(bin).args([
-        "--fabric",
-        "soft",
-        "--listen",
-        "127.0.0.1:0",
-        "--sidecores",
-        "2",
+    let mut p = Proc::spawn(soft_server(bin).args([
         "--disk",
         "file",
         "--file",
         image.to_str().unwrap(),
         "--size-mib",
         "64",
-        "--stats-every",
-        "0",
         "--controller",
         ctl,
         "--server-id",
@@ -221,14 +216,7 @@ const CLIENT_SECONDS: u32 = 300;
 const EVENT_DEADLINE: Duration = Duration::from_secs(180);
 
 fn client(bin: &Path, ctl: &str, guests: u32) -> Proc {
-    Proc::spawn(Command::new(bin).args([
-        "synthetic",
-        "--fabric",
-        "soft",
-        "--controller",
-        ctl,
-        "--guests",
-        &guests.to_string(),
+    Proc::spawn(synthetic_client(bin, "--controller", ctl, guests).args([
         "--queues",
         "2",
         "--seconds",
@@ -238,6 +226,68 @@ fn client(bin: &Path, ctl: &str, guests: u32) -> Proc {
         "--blocks",
         "128",
     ]))
+}
+
+/// What every test starts from: the binaries, a controller on loopback
+/// (`lease_ms`, rebalancing every `rebalance_secs`, 0: never) and the disk
+/// image its servers share, in a directory of the test's own (`name`).
+struct Setup {
+    b: Bins,
+    dir: PathBuf,
+    image: PathBuf,
+    _ctl: Proc,
+    addr: String,
+    rt: tokio::runtime::Runtime,
+}
+
+fn setup(name: &str, lease_ms: u64, rebalance_secs: u64) -> Setup {
+    let b = bins();
+    let dir = std::env::temp_dir().join(format!("vrio-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let image = dir.join("disk.img");
+    let (ctl, addr) = controller(&b.controller, lease_ms, rebalance_secs);
+    Setup {
+        b,
+        dir,
+        image,
+        _ctl: ctl,
+        addr,
+        rt: rt(),
+    }
+}
+
+impl Setup {
+    /// Starts I/O server `id`, registered with the controller.
+    fn server(&self, id: &str) -> Proc {
+        server(&self.b.server, &self.addr, id, &self.image)
+    }
+
+    /// Starts a client with `guests` guests placed by the controller, and
+    /// waits until they are attached.
+    fn client(&self, guests: u32) -> Proc {
+        let mut c = client(&self.b.client, &self.addr, guests);
+        c.wait_for("attached to", Duration::from_secs(30));
+        c
+    }
+
+    /// Waits until `n` servers are alive at the controller.
+    fn wait_servers(&self, n: usize) {
+        wait_servers(&self.rt, &self.addr, n);
+    }
+
+    fn assignments(&self) -> Vec<pb::Assignment> {
+        assignments(&self.rt, &self.addr)
+    }
+
+    /// Removes the test's directory (after a pass; a failed run leaves it).
+    fn remove_dir(&self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// How many of `lines` contain `needle`.
+fn count(lines: &[(Instant, String)], needle: &str) -> usize {
+    lines.iter().filter(|(_, l)| l.contains(needle)).count()
 }
 
 fn rt() -> tokio::runtime::Runtime {
@@ -310,20 +360,15 @@ fn assert_verified(ok: bool, lines: &[(Instant, String)], total: u64) {
 
 #[test]
 fn a_killed_server_fails_over_and_every_request_verifies() {
-    let b = bins();
-    let dir = std::env::temp_dir().join(format!("vrio-failover-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let image = dir.join("disk.img");
     let lease_ms = 1500;
-    let (_ctl, addr) = controller(&b.controller, lease_ms, 0);
-    let rt = rt();
-    let mut a = server(&b.server, &addr, "io-a", &image);
-    let _b = server(&b.server, &addr, "io-b", &image);
-    wait_servers(&rt, &addr, 2);
+    let s = setup("failover", lease_ms, 0);
+    let mut a = s.server("io-a");
+    let _b = s.server("io-b");
+    s.wait_servers(2);
     let guests = 3u32;
-    let mut c = client(&b.client, &addr, guests);
-    c.wait_for("attached to", Duration::from_secs(30));
-    let on_a = assignments(&rt, &addr)
+    let mut c = s.client(guests);
+    let on_a = s
+        .assignments()
         .iter()
         .filter(|x| x.server_id == "io-a")
         .count();
@@ -354,10 +399,7 @@ fn a_killed_server_fails_over_and_every_request_verifies() {
     c.wait_requests(at_least, EVENT_DEADLINE);
     c.sigterm();
     let (ok, lines) = c.finish(Duration::from_secs(120));
-    let failovers = lines
-        .iter()
-        .filter(|(_, l)| l.contains("failover:"))
-        .count();
+    let failovers = count(&lines, "failover:");
     println!(
         "RECOVERY: {on_a} queue(s) failed over; lease {lease_ms} ms; kill -> last queue serving again: {} ms; per-queue time without a server: {downs:?} ms",
         recovery.as_millis()
@@ -366,37 +408,25 @@ fn a_killed_server_fails_over_and_every_request_verifies() {
     let total = verdict_total(&lines);
     assert!(total >= at_least, "only {total} requests");
     assert_verified(ok, &lines, total);
-    assert!(assignments(&rt, &addr)
-        .iter()
-        .all(|x| x.server_id == "io-b"));
-    let _ = std::fs::remove_dir_all(&dir);
+    assert!(s.assignments().iter().all(|x| x.server_id == "io-b"));
+    s.remove_dir();
 }
 
 #[test]
 fn move_queue_every_100ms_loses_and_duplicates_nothing() {
-    let b = bins();
-    let dir = std::env::temp_dir().join(format!("vrio-moves-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let image = dir.join("disk.img");
-    let (_ctl, addr) = controller(&b.controller, 60_000, 0);
-    let rt = rt();
-    let mut srv = [
-        server(&b.server, &addr, "io-a", &image),
-        server(&b.server, &addr, "io-b", &image),
-    ];
-    wait_servers(&rt, &addr, 2);
+    let s = setup("moves", 60_000, 0);
+    let mut srv = [s.server("io-a"), s.server("io-b")];
+    s.wait_servers(2);
     // The guests run until the moves asserted below have happened.
-    let guests = 2u32;
-    let mut c = client(&b.client, &addr, guests);
-    c.wait_for("attached to", Duration::from_secs(30));
+    let mut c = s.client(2);
     // Two of every four moves change the server (the agents hand the
     // queue over), two only the sidecore (the server moves it).
     let slots = [("io-a", 0u32), ("io-a", 1), ("io-b", 0), ("io-b", 1)];
     let mut moves = 0u64;
     let mut tick = 0usize;
     let started = Instant::now();
-    rt.block_on(async {
-        let mut ctl = connect(&addr, Some(TOKEN)).await.unwrap();
+    s.rt.block_on(async {
+        let mut ctl = connect(&s.addr, Some(TOKEN)).await.unwrap();
         while c.child.try_wait().unwrap().is_none()
             && (moves < 20 || c.count("moved:") < 8)
             && started.elapsed() < EVENT_DEADLINE
@@ -427,11 +457,8 @@ fn move_queue_every_100ms_loses_and_duplicates_nothing() {
     });
     c.sigterm();
     let (ok, lines) = c.finish(Duration::from_secs(120));
-    let handovers = lines.iter().filter(|(_, l)| l.contains("moved:")).count();
-    let failovers = lines
-        .iter()
-        .filter(|(_, l)| l.contains("failover:"))
-        .count();
+    let handovers = count(&lines, "moved:");
+    let failovers = count(&lines, "failover:");
     println!("MOVES: {moves} MoveQueue calls, {handovers} handovers between servers, {failovers} failovers");
     assert!(moves >= 20, "only {moves} moves were made");
     assert!(handovers >= 8, "only {handovers} handovers between servers");
@@ -459,7 +486,7 @@ fn move_queue_every_100ms_loses_and_duplicates_nothing() {
         sidecore_moves >= 2,
         "servers moved only {sidecore_moves} queues between sidecores"
     );
-    let _ = std::fs::remove_dir_all(&dir);
+    s.remove_dir();
 }
 
 /// io-a serves every queue; io-b joins. The controller's periodic
@@ -468,51 +495,30 @@ fn move_queue_every_100ms_loses_and_duplicates_nothing() {
 /// it took from io-b's registration to the last move.
 #[test]
 fn rebalancing_converges_when_a_server_joins() {
-    let b = bins();
-    let dir = std::env::temp_dir().join(format!("vrio-rebalance-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let image = dir.join("disk.img");
-    let (_ctl, addr) = controller(&b.controller, 3_000, 1);
-    let rt = rt();
-    let _a = server(&b.server, &addr, "io-a", &image);
-    wait_servers(&rt, &addr, 1);
-    let mut c = Proc::spawn(Command::new(&b.client).args([
-        "synthetic",
-        "--fabric",
-        "soft",
-        "--controller",
-        &addr,
-        "--guests",
-        "4",
-        "--queues",
-        "2",
-        "--seconds",
-        &CLIENT_SECONDS.to_string(),
-        "--depth",
-        "8",
-        "--blocks",
-        "128",
-    ]));
-    c.wait_for("attached to", Duration::from_secs(30));
+    let s = setup("rebalance", 3_000, 1);
+    let _a = s.server("io-a");
+    s.wait_servers(1);
+    let mut c = s.client(4);
     // Load reports from io-a under load, then the newcomer.
     std::thread::sleep(Duration::from_secs(2));
-    let _b = server(&b.server, &addr, "io-b", &image);
-    wait_servers(&rt, &addr, 2);
+    let _b = s.server("io-b");
+    s.wait_servers(2);
     let joined = Instant::now();
-    let snapshot = |rt: &tokio::runtime::Runtime| {
-        let mut v: Vec<(String, u32, String, u32)> = assignments(rt, &addr)
+    let snapshot = || {
+        let mut v: Vec<(String, u32, String, u32)> = s
+            .assignments()
             .into_iter()
             .map(|a| (a.device_id, a.queue, a.server_id, a.sidecore))
             .collect();
         v.sort();
         v
     };
-    let mut last = snapshot(&rt);
+    let mut last = snapshot();
     let mut changed = joined;
     let mut converged = None;
     while joined.elapsed() < EVENT_DEADLINE {
         std::thread::sleep(Duration::from_millis(100));
-        let now = snapshot(&rt);
+        let now = snapshot();
         if now != last {
             changed = Instant::now();
             last = now;
@@ -527,7 +533,7 @@ fn rebalancing_converges_when_a_server_joins() {
     let on_b = last.iter().filter(|a| a.2 == "io-b").count();
     c.sigterm();
     let (ok, lines) = c.finish(Duration::from_secs(120));
-    let moved = lines.iter().filter(|(_, l)| l.contains("moved:")).count();
+    let moved = count(&lines, "moved:");
     let converged = converged.unwrap_or_else(|| panic!("placement did not settle: {last:?}"));
     println!(
         "CONVERGENCE: io-b joined io-a (8 queues); placement settled {} ms after io-b registered, {on_b} queue(s) on io-b, {moved} agent handover(s)",
@@ -547,5 +553,5 @@ fn rebalancing_converges_when_a_server_joins() {
         .map(|(_, l)| l.clone())
         .unwrap_or_default();
     assert!(ok && verdict.contains(", 0 errors"), "client: {verdict}");
-    let _ = std::fs::remove_dir_all(&dir);
+    s.remove_dir();
 }

@@ -8,29 +8,13 @@ use vrio_integration::rxe;
 
 #[test]
 fn conformance_over_verbs_in_rxe_guest() {
-    if let Err(e) = rxe::ensure_host() {
-        panic!("cannot run the Soft-RoCE guest: {e}");
-    }
-    let bin =
-        rxe::build_bin("vrio-rdma", "vrio-fabric-conformance").unwrap_or_else(|e| panic!("{e}"));
-    let t0 = std::time::Instant::now();
-    let smoke = rxe::build_example("vrio-rdma", "verbs_smoke").unwrap_or_else(|e| panic!("{e}"));
-    let run =
-        rxe::run_in_guest("conformance.sh", &[&bin, &smoke]).unwrap_or_else(|e| panic!("{e}"));
-    println!("{}", run.output);
-    println!(
-        "rxe guest run took {:.1} s (TCG Soft-RoCE: correctness only)",
-        t0.elapsed().as_secs_f64()
-    );
-    let fails = rxe::failures(&run.output);
-    assert!(
-        fails.is_empty(),
-        "conformance failures over verbs: {fails:#?}"
-    );
-    let (passed, failed) =
-        rxe::summary(&run.output).expect("no `N passed, M failed` line from the guest");
-    assert_eq!(failed, 0, "{failed} conformance cases failed over verbs");
-    assert!(passed > 0, "no conformance case ran");
+    rxe::require_host("the Soft-RoCE guest");
+    let bin = rxe::bin("vrio-rdma", "vrio-fabric-conformance");
+    let run = rxe::timed_run("rxe guest run", || {
+        let smoke = rxe::build_example("vrio-rdma", "verbs_smoke")?;
+        rxe::run_in_guest("conformance.sh", &[&bin, &smoke])
+    });
+    rxe::assert_conformance_passed(&run.output, "the guest");
     assert!(
         run.output.contains("smoke: SMOKE OK"),
         "verbs smoke example (async notify_fd path) did not finish"

@@ -6,19 +6,12 @@ use vrio_integration::rxe;
 
 #[test]
 fn server_and_client_over_verbs_in_rxe_guest() {
-    if let Err(e) = rxe::ensure_host() {
-        panic!("cannot run the Soft-RoCE guest: {e}");
-    }
-    let server = rxe::build_bin("vrio-examples", "vrio-server").unwrap_or_else(|e| panic!("{e}"));
-    let client = rxe::build_bin("vrio-examples", "vrio-client").unwrap_or_else(|e| panic!("{e}"));
-    let t0 = std::time::Instant::now();
-    let run = rxe::run_in_guest("server-client.sh", &[&server, &client])
-        .unwrap_or_else(|e| panic!("{e}"));
-    println!("{}", run.output);
-    println!(
-        "rxe guest run took {:.1} s (TCG Soft-RoCE: correctness only)",
-        t0.elapsed().as_secs_f64()
-    );
+    rxe::require_host("the Soft-RoCE guest");
+    let server = rxe::bin("vrio-examples", "vrio-server");
+    let client = rxe::bin("vrio-examples", "vrio-client");
+    let run = rxe::timed_run("rxe guest run", || {
+        rxe::run_in_guest("server-client.sh", &[&server, &client])
+    });
     assert!(
         run.output.contains("(fabric verbs"),
         "the client did not use real verbs"

@@ -1,28 +1,20 @@
 //! vrio-server and vrio-client as separate processes (an I/O server and a VM
 //! host) over the software fabric on loopback.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+mod common;
 
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+
+use common::{soft_server, synthetic_client};
 use vrio_integration::rxe;
 
 #[test]
 fn client_processes_verify_their_guests_through_a_server_process() {
-    let server = rxe::build_bin("vrio-examples", "vrio-server").unwrap_or_else(|e| panic!("{e}"));
-    let client = rxe::build_bin("vrio-examples", "vrio-client").unwrap_or_else(|e| panic!("{e}"));
-    let mut srv = Command::new(&server)
-        .args([
-            "--fabric",
-            "soft",
-            "--listen",
-            "127.0.0.1:0",
-            "--sidecores",
-            "2",
-            "--stats-every",
-            "0",
-            "--duration",
-            "300",
-        ])
+    let server = rxe::bin("vrio-examples", "vrio-server");
+    let client = rxe::bin("vrio-examples", "vrio-client");
+    let mut srv = soft_server(&server)
+        .args(["--duration", "300"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -35,57 +27,50 @@ fn client_processes_verify_their_guests_through_a_server_process() {
         .and_then(|s| s.split_whitespace().next())
         .unwrap_or_else(|| panic!("no address in {line:?}"))
         .to_string();
-    // Two VM hosts at once, on disjoint disk ranges, in two modes.
-    let c1 = Command::new(&client)
-        .args([
-            "synthetic",
-            "--fabric",
-            "soft",
-            "--server",
-            &addr,
-            "--guests",
-            "3",
-            "--queues",
-            "2",
-        ])
-        .args(["--requests", "2000", "--mode", "doorbell"])
-        .output()
-        .unwrap();
-    let c2 = Command::new(&client)
-        .args([
-            "synthetic",
-            "--fabric",
-            "soft",
-            "--server",
-            &addr,
-            "--guests",
-            "2",
-        ])
-        .args([
-            "--requests",
-            "1000",
-            "--mode",
-            "adaptive",
-            "--first-block",
-            "100000",
-        ])
-        .output()
-        .unwrap();
-    let s1 = String::from_utf8_lossy(&c1.stdout);
-    let s2 = String::from_utf8_lossy(&c2.stdout);
-    println!("{s1}\n{s2}");
-    assert!(
-        c1.status.success(),
-        "client 1: {}",
-        String::from_utf8_lossy(&c1.stderr)
-    );
-    assert!(
-        c2.status.success(),
-        "client 2: {}",
-        String::from_utf8_lossy(&c2.stderr)
-    );
-    assert!(s1.contains("12000 of 12000 requests verified, 0 errors"));
-    assert!(s2.contains("2000 of 2000 requests verified, 0 errors"));
+    // Two VM hosts, on disjoint disk ranges, in two modes: guests, their
+    // flags, and the verdict each must print.
+    let hosts: [(u32, &[&str], &str); 2] = [
+        (
+            3,
+            &["--queues", "2", "--requests", "2000", "--mode", "doorbell"],
+            "12000 of 12000 requests verified, 0 errors",
+        ),
+        (
+            2,
+            &[
+                "--requests",
+                "1000",
+                "--mode",
+                "adaptive",
+                "--first-block",
+                "100000",
+            ],
+            "2000 of 2000 requests verified, 0 errors",
+        ),
+    ];
+    let runs: Vec<_> = hosts
+        .iter()
+        .map(|(guests, flags, _)| {
+            synthetic_client(&client, "--server", &addr, *guests)
+                .args(*flags)
+                .output()
+                .unwrap()
+        })
+        .collect();
+    let stdouts: Vec<_> = runs
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.stdout))
+        .collect();
+    println!("{}", stdouts.join("\n"));
+    for (i, (run, (_, _, verdict))) in runs.iter().zip(&hosts).enumerate() {
+        assert!(
+            run.status.success(),
+            "client {}: {}",
+            i + 1,
+            String::from_utf8_lossy(&run.stderr)
+        );
+        assert!(stdouts[i].contains(verdict), "client {}: {verdict}", i + 1);
+    }
     // SIGTERM: the server stops cleanly and reports what it served.
     // SAFETY: kill with a valid pid of our own child and a valid signal.
     unsafe {

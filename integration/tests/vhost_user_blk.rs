@@ -72,20 +72,18 @@ fn strip_ansi(s: &str) -> String {
 fn run_guests(env: &[(&str, &str)], guest: &str) -> (String, bool) {
     // QEMU, the kernel, busybox (and e2fsprogs): scripts/setup.sh installs
     // them when missing; a host where that fails must fail here, loudly.
-    if let Err(e) = rxe::ensure_host() {
-        panic!("cannot run the vhost-user-blk guest: {e}");
-    }
+    rxe::require_host("the vhost-user-blk guest");
     for tool in ["mke2fs", "e2fsck", "debugfs", "md5sum", "qemu-img"] {
         assert!(
             on_path(tool),
             "{tool} is missing on the host (e2fsprogs/coreutils/qemu-utils; run scripts/setup.sh)"
         );
     }
-    let server = rxe::build_bin("vrio-examples", "vrio-server").unwrap_or_else(|e| panic!("{e}"));
-    let client = rxe::build_bin("vrio-examples", "vrio-client").unwrap_or_else(|e| panic!("{e}"));
+    let server = rxe::bin("vrio-examples", "vrio-server");
+    let client = rxe::bin("vrio-examples", "vrio-client");
     // run.sh finds these next to vrio-server (BACKEND=controlled).
     for bin in ["vrio-controller", "vrio-ctl"] {
-        rxe::build_bin("vrio-examples", bin).unwrap_or_else(|e| panic!("{e}"));
+        rxe::bin("vrio-examples", bin);
     }
     let dir = rxe::workspace_root().join("integration").join("vhost");
     let script = dir.join("run.sh");
@@ -114,9 +112,51 @@ fn run_guests(env: &[(&str, &str)], guest: &str) -> (String, bool) {
     (log, out.status.success())
 }
 
-/// The first line reporting a failure (the guest's "FAIL ..."), if any.
-fn failure(log: &str) -> Option<&str> {
-    log.lines().find(|l| l.contains("FAIL "))
+/// The end of a guest loop run by `script` (its lines start with SCRIPT):
+/// no failure reported (the guest's "FAIL ..."), a clean kernel log, and
+/// the pattern verdict of [`assert_guest_verdict`].
+fn assert_clean_run(log: &str, ok: bool, script: &str) {
+    let fail = log.lines().find(|l| l.contains("FAIL "));
+    assert!(
+        fail.is_none(),
+        "the guest reported a failure: {}",
+        fail.unwrap_or_default()
+    );
+    assert!(
+        log.contains(&format!("{script} DMESG CLEAN")),
+        "I/O errors in the guest's kernel log"
+    );
+    assert_guest_verdict(log, ok);
+}
+
+/// The remote I/O server served the socket and refused nothing.
+fn assert_served_remotely(log: &str) {
+    assert!(
+        log.contains("(fabric soft, 2 queue(s)"),
+        "vrio-client did not serve the socket remotely"
+    );
+    assert!(
+        log.contains(" requests (0 refused)"),
+        "the server refused requests"
+    );
+}
+
+/// vrio-client served the socket with its local sidecore.
+fn assert_served_locally(log: &str) {
+    assert!(
+        log.contains("served by a local sidecore (file "),
+        "vrio-client did not serve the socket locally"
+    );
+}
+
+/// The numbers after `key` on the log lines that contain `line`.
+fn numbers(log: &str, line: &str, key: &str) -> Vec<u64> {
+    log.lines()
+        .filter(|l| l.contains(line))
+        .filter_map(|l| l.split(key).nth(1))
+        .filter_map(|s| s.split_whitespace().next())
+        .filter_map(|n| n.parse().ok())
+        .collect()
 }
 
 /// The end of a pattern run: the pattern read back identical, the guest's
@@ -224,10 +264,7 @@ fn stock_guest_checks_a_pattern_on_a_local_sidecore_through_vhost_user_blk() {
         "blk.sh",
     );
     let has = |s: &str| log.contains(s);
-    assert!(
-        has("served by a local sidecore (file "),
-        "vrio-client did not serve the socket locally"
-    );
+    assert_served_locally(&log);
     assert!(
         !has("vrio-server"),
         "the local mode must not use an I/O server"
@@ -280,29 +317,26 @@ fn stock_guest_checks_a_pattern_on_a_local_sidecore_through_vhost_user_blk() {
 /// Outstanding requests of every vring resumed after a restart, from the
 /// client log's "resuming the vring" lines.
 fn resumed_outstanding(log: &str) -> Vec<u64> {
-    log.lines()
-        .filter(|l| l.contains("resuming the vring at the VMM's base"))
-        .filter_map(|l| l.split("outstanding=").nth(1))
-        .filter_map(|s| s.split_whitespace().next())
-        .filter_map(|n| n.parse().ok())
-        .collect()
+    numbers(log, "resuming the vring at the VMM's base", "outstanding=")
 }
 
 /// Requests resubmitted from the inflight region at each vring attach,
 /// from the client log's "resubmitting requests from the inflight region"
 /// lines.
 fn resubmitted(log: &str) -> Vec<u64> {
-    log.lines()
-        .filter(|l| l.contains("resubmitting requests from the inflight region"))
-        .filter_map(|l| l.split("resubmitted=").nth(1))
-        .filter_map(|s| s.split_whitespace().next())
-        .filter_map(|n| n.parse().ok())
-        .collect()
+    numbers(
+        log,
+        "resubmitting requests from the inflight region",
+        "resubmitted=",
+    )
 }
 
-/// The guest's I/O loop under two restarts of vrio-client; checks what
-/// both back-ends share and returns the log.
-fn run_reconnect(backend: &str, kills: &str) -> String {
+/// The guest's write/read-back loop (`reconnect.sh`) on `backend`, at least
+/// `secs` s and until run.sh's `event` (KILLS or MOVES, with its value) are
+/// over (hostdone), however fast the guest is; the last `tail` serial lines
+/// printed. Checks the loop started; returns the log and run.sh's verdict.
+fn run_io_loop(backend: &str, event: (&str, &str), secs: u32, tail: &str) -> (String, bool) {
+    let append = format!("rcsecs={secs}");
     let (log, ok) = run_guests(
         &[
             ("BACKEND", backend),
@@ -310,18 +344,26 @@ fn run_reconnect(backend: &str, kills: &str) -> String {
             ("BOOTS", "1"),
             ("BLKMB", "8"),
             ("FSMB", "0"),
-            ("KILLS", kills),
-            // At least 20 s of I/O; the loop also runs until run.sh's kills
-            // and restarts are over (hostdone), however fast the guest is.
-            ("APPEND", "rcsecs=20"),
-            ("SERIAL_TAIL", "150"),
+            event,
+            ("APPEND", &append),
+            ("SERIAL_TAIL", tail),
             ("TMO", "300"),
         ],
         "reconnect.sh",
     );
+    assert!(
+        log.contains("RECONNECT IO START"),
+        "the guest never started its I/O"
+    );
+    (log, ok)
+}
+
+/// The guest's I/O loop under two restarts of vrio-client; checks what
+/// both back-ends share and returns the log.
+fn run_reconnect(backend: &str, kills: &str) -> String {
+    let (log, ok) = run_io_loop(backend, ("KILLS", kills), 20, "150");
     let has = |s: &str| log.contains(s);
     // The restarts happened while the guest's loop ran.
-    assert!(has("RECONNECT IO START"), "the guest never started its I/O");
     assert_eq!(
         log.matches("host: SIGKILL vrio-client").count(),
         2,
@@ -392,16 +434,7 @@ fn run_reconnect(backend: &str, kills: &str) -> String {
     let resubmits = resubmitted(&log);
     // The guest's verdict: every read-back matched, no dd failed, a clean
     // kernel log.
-    let fail = failure(&log);
-    assert!(
-        fail.is_none(),
-        "the guest reported a failure: {}",
-        fail.unwrap_or_default()
-    );
-    assert!(
-        has("RECONNECT DMESG CLEAN"),
-        "I/O errors in the guest's kernel log"
-    );
+    assert_clean_run(&log, ok, "RECONNECT");
     let stats = log
         .lines()
         .find_map(|l| l.split("RECONNECT STATS ").nth(1))
@@ -412,7 +445,6 @@ fn run_reconnect(backend: &str, kills: &str) -> String {
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
     assert!(iterations >= 4, "only {iterations} write/read iterations");
-    assert_guest_verdict(&log, ok);
     println!(
         "reconnect ({backend}): {stats}; outstanding requests at each resumed vring: {outstanding:?}; resubmitted from the inflight region at each attach: {resubmits:?}"
     );
@@ -434,14 +466,7 @@ fn a_guest_keeps_its_data_while_the_remote_agent_is_killed_and_restarted() {
         resubmits.iter().any(|&n| n > 0),
         "no request was resubmitted from the inflight region: {resubmits:?}"
     );
-    assert!(
-        log.contains("(fabric soft, 2 queue(s)"),
-        "vrio-client did not serve the socket remotely"
-    );
-    assert!(
-        log.contains(" requests (0 refused)"),
-        "the server refused requests"
-    );
+    assert_served_remotely(&log);
 }
 
 #[test]
@@ -454,10 +479,7 @@ fn a_guest_keeps_its_data_while_the_local_sidecore_client_is_killed_and_restarte
         "local: resubmitted from the inflight region at each attach: {:?}",
         resubmitted(&log)
     );
-    assert!(
-        log.contains("served by a local sidecore (file "),
-        "vrio-client did not serve the socket locally"
-    );
+    assert_served_locally(&log);
 }
 
 /// A stock Linux guest keeps verifying its data while a controller moves
@@ -465,25 +487,10 @@ fn a_guest_keeps_its_data_while_the_local_sidecore_client_is_killed_and_restarte
 /// the real virtio_blk driver: quiesce, hand over the ring index, resume).
 #[test]
 fn a_guest_keeps_its_data_while_the_controller_moves_its_vrings_between_io_servers() {
-    let (log, ok) = run_guests(
-        &[
-            ("BACKEND", "controlled"),
-            ("NQ", "2"),
-            ("BOOTS", "1"),
-            ("BLKMB", "8"),
-            ("FSMB", "0"),
-            // Each round once every vring runs, and after the agent's
-            // handovers of the last one; the guest's loop (at least 16 s)
-            // runs until then (hostdone).
-            ("MOVES", "4 8 12"),
-            ("APPEND", "rcsecs=16"),
-            ("SERIAL_TAIL", "80"),
-            ("TMO", "300"),
-        ],
-        "reconnect.sh",
-    );
+    // Each round once every vring runs, and after the agent's handovers of
+    // the last one; the guest's loop (at least 16 s) runs until then.
+    let (log, ok) = run_io_loop("controlled", ("MOVES", "4 8 12"), 16, "80");
     let has = |s: &str| log.contains(s);
-    assert!(has("RECONNECT IO START"), "the guest never started its I/O");
     assert_eq!(
         log.matches("host: moved the vrings to").count(),
         3,
@@ -495,17 +502,7 @@ fn a_guest_keeps_its_data_while_the_controller_moves_its_vrings_between_io_serve
         "only {handovers} live handovers between servers"
     );
     assert!(!has("agent: failover:"), "a live move must not fail over");
-    let fail = failure(&log);
-    assert!(
-        fail.is_none(),
-        "the guest reported a failure: {}",
-        fail.unwrap_or_default()
-    );
-    assert!(
-        has("RECONNECT DMESG CLEAN"),
-        "I/O errors in the guest's kernel log"
-    );
-    assert_guest_verdict(&log, ok);
+    assert_clean_run(&log, ok, "RECONNECT");
     println!("controller moves under a real guest: {handovers} handovers between servers");
 }
 
@@ -560,17 +557,7 @@ fn run_hotplug(backend: &str) -> String {
         !has("cannot attach the queue"),
         "a vring stayed unserved after the hot-plug"
     );
-    let fail = failure(&log);
-    assert!(
-        fail.is_none(),
-        "the guest reported a failure: {}",
-        fail.unwrap_or_default()
-    );
-    assert!(
-        has("HOTPLUG DMESG CLEAN"),
-        "I/O errors in the guest's kernel log"
-    );
-    assert_guest_verdict(&log, ok);
+    assert_clean_run(&log, ok, "HOTPLUG");
     println!(
         "hot-plug ({backend}): {} vring re-attach(es) with the new table",
         reattached.len()
@@ -581,21 +568,11 @@ fn run_hotplug(backend: &str) -> String {
 #[test]
 fn a_guest_does_direct_io_into_hot_plugged_memory_on_a_remote_disk() {
     let log = run_hotplug("vrio");
-    assert!(
-        log.contains("(fabric soft, 2 queue(s)"),
-        "vrio-client did not serve the socket remotely"
-    );
-    assert!(
-        log.contains(" requests (0 refused)"),
-        "the server refused requests"
-    );
+    assert_served_remotely(&log);
 }
 
 #[test]
 fn a_guest_does_direct_io_into_hot_plugged_memory_on_a_local_sidecore() {
     let log = run_hotplug("local");
-    assert!(
-        log.contains("served by a local sidecore (file "),
-        "vrio-client did not serve the socket locally"
-    );
+    assert_served_locally(&log);
 }

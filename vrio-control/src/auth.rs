@@ -47,6 +47,35 @@ impl Interceptor for AllowAll {
     }
 }
 
+/// Server side as the operator configured it: the token check, or no check
+/// at all when auth is off.
+#[derive(Clone)]
+pub enum ServerAuth {
+    /// Calls must carry the token.
+    Token(RequireToken),
+    /// Auth is off.
+    Off(AllowAll),
+}
+
+impl ServerAuth {
+    /// [`RequireToken`] for `Some(token)`, [`AllowAll`] for `None`.
+    pub fn new(token: Option<&str>) -> Self {
+        match token {
+            Some(t) => ServerAuth::Token(RequireToken::new(t)),
+            None => ServerAuth::Off(AllowAll),
+        }
+    }
+}
+
+impl Interceptor for ServerAuth {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        match self {
+            ServerAuth::Token(t) => t.call(req),
+            ServerAuth::Off(a) => a.call(req),
+        }
+    }
+}
+
 /// Client side: adds the bearer token to every call.
 #[derive(Clone)]
 pub struct AddToken {

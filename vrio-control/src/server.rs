@@ -2,7 +2,7 @@
 //! token check, plus gRPC health and reflection (open, so probes and grpcurl
 //! `list`/`describe` work without a token), plus the lease and rebalance timer.
 
-use crate::auth::{AllowAll, RequireToken};
+use crate::auth::ServerAuth;
 use crate::pb;
 use crate::service::{now_ms, ControlService};
 use crate::state::Controller;
@@ -99,32 +99,19 @@ pub async fn serve(
     } else {
         tracing::warn!("TLS is off: tokens and placement travel in the clear");
     }
-    let router = match &opts.token {
-        Some(t) => {
-            health_reporter
-                .set_serving::<pb::control_server::ControlServer<ControlService>>()
-                .await;
-            builder
-                .add_service(health)
-                .add_service(reflection)
-                .add_service(pb::control_server::ControlServer::with_interceptor(
-                    svc,
-                    RequireToken::new(t),
-                ))
-        }
-        None => {
-            tracing::warn!("authentication is off: anyone who reaches the port controls placement");
-            health_reporter
-                .set_serving::<pb::control_server::ControlServer<ControlService>>()
-                .await;
-            builder
-                .add_service(health)
-                .add_service(reflection)
-                .add_service(pb::control_server::ControlServer::with_interceptor(
-                    svc, AllowAll,
-                ))
-        }
-    };
+    if opts.token.is_none() {
+        tracing::warn!("authentication is off: anyone who reaches the port controls placement");
+    }
+    health_reporter
+        .set_serving::<pb::control_server::ControlServer<ControlService>>()
+        .await;
+    let router = builder
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(pb::control_server::ControlServer::with_interceptor(
+            svc,
+            ServerAuth::new(opts.token.as_deref()),
+        ));
     let out = router
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;

@@ -39,6 +39,22 @@ pub struct Snapshot {
     pub counters: Counters,
 }
 
+impl Snapshot {
+    /// Parses a stored snapshot (`path` names where it was stored, for the
+    /// error) and checks its format version.
+    pub fn decode(bytes: &[u8], path: impl Into<PathBuf>) -> Result<Snapshot, StoreError> {
+        let snap: Snapshot =
+            serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt {
+                path: path.into(),
+                source,
+            })?;
+        if snap.version != SNAPSHOT_VERSION {
+            return Err(StoreError::Version(snap.version));
+        }
+        Ok(snap)
+    }
+}
+
 /// Why loading or saving state failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -133,15 +149,7 @@ impl StateStore for FileStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(self.io(&self.path)(e)),
         };
-        let snap: Snapshot =
-            serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt {
-                path: self.path.clone(),
-                source,
-            })?;
-        if snap.version != SNAPSHOT_VERSION {
-            return Err(StoreError::Version(snap.version));
-        }
-        Ok(Some(snap))
+        Snapshot::decode(&bytes, &self.path).map(Some)
     }
 
     fn save(&self, snapshot: &Snapshot) -> Result<(), StoreError> {

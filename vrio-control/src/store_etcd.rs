@@ -5,7 +5,7 @@
 //! the etcd client runs on its own thread with its own runtime and each call
 //! waits for that thread's answer.
 
-use crate::store::{Snapshot, StateStore, StoreError, SNAPSHOT_VERSION};
+use crate::store::{Snapshot, StateStore, StoreError};
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use std::sync::mpsc;
 use std::sync::Mutex;
@@ -142,15 +142,7 @@ impl StateStore for EtcdStore {
         let Some(bytes) = self.call(Cmd::Load)? else {
             return Ok(None);
         };
-        let snap: Snapshot =
-            serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt {
-                path: self.key.clone().into(),
-                source,
-            })?;
-        if snap.version != SNAPSHOT_VERSION {
-            return Err(StoreError::Version(snap.version));
-        }
-        Ok(Some(snap))
+        Snapshot::decode(&bytes, &self.key).map(Some)
     }
 
     fn save(&self, snapshot: &Snapshot) -> Result<(), StoreError> {

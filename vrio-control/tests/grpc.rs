@@ -1,50 +1,40 @@
 //! The gRPC surface: auth, status codes, watch streams, lease failover over
 //! the wire, health. Runs a real server on 127.0.0.1:0.
 
-use std::sync::Arc;
+mod common;
+
 use std::time::Duration;
-use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
-use tonic::Code;
+use tonic::transport::Channel;
+use tonic::{Code, Streaming};
 use vrio_control::client::{connect, Client};
 use vrio_control::pb;
-use vrio_control::placement::LeastLoaded;
-use vrio_control::server::{serve, ServeOptions};
-use vrio_control::store::MemoryStore;
-use vrio_control::{Controller, ControllerConfig};
+use vrio_control::server::ServeOptions;
+use vrio_control::ControllerConfig;
 
 const TOKEN: &str = "test-token";
 
 async fn start(lease_ttl_ms: u64) -> (String, tokio::sync::oneshot::Sender<()>) {
-    let ctrl = Arc::new(
-        Controller::open(
-            ControllerConfig {
-                lease_ttl_ms,
-                ..ControllerConfig::default()
-            },
-            Box::new(MemoryStore::default()),
-            Box::new(LeastLoaded::default()),
-            vrio_control::service::now_ms(),
-        )
-        .unwrap(),
-    );
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let config = ControllerConfig {
+        lease_ttl_ms,
+        ..ControllerConfig::default()
+    };
     let opts = ServeOptions {
         token: Some(TOKEN.into()),
         tick: Duration::from_millis(20),
         rebalance_every: None,
         tls: None,
     };
-    tokio::spawn(async move {
-        serve(listener, ctrl, opts, async {
-            let _ = rx.await;
-        })
+    common::start(config, opts).await
+}
+
+/// A plain channel to `addr`, without the token.
+async fn channel(addr: &str) -> Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
         .await
-        .unwrap();
-    });
-    (addr, tx)
+        .unwrap()
 }
 
 fn register(id: &str, cores: u32, cap: u32) -> pb::RegisterServerRequest {
@@ -99,6 +89,31 @@ async fn assignments(c: &mut Client) -> Vec<pb::Assignment> {
         .assignments
 }
 
+async fn list_servers(c: &mut Client) -> Vec<pb::IoServer> {
+    c.list_servers(pb::ListServersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .servers
+}
+
+/// Attaches device `id` with `queues` queues; returns where they went.
+async fn place(c: &mut Client, id: &str, queues: u32) -> Vec<pb::Assignment> {
+    c.attach_device(attach(id, queues))
+        .await
+        .unwrap()
+        .into_inner()
+        .assignments
+}
+
+/// Watches every assignment.
+async fn watch(c: &mut Client) -> Streaming<pb::AssignmentEvent> {
+    c.watch_assignments(pb::WatchAssignmentsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 #[tokio::test]
 async fn calls_without_the_right_token_are_rejected() {
     let (addr, _stop) = start(60_000).await;
@@ -123,12 +138,7 @@ async fn calls_without_the_right_token_are_rejected() {
 #[tokio::test]
 async fn health_is_served_without_a_token() {
     let (addr, _stop) = start(60_000).await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel(&addr).await);
     let resp = health
         .check(tonic_health::pb::HealthCheckRequest {
             service: "vrio.control.v1.Control".into(),
@@ -149,12 +159,7 @@ async fn reflection_lists_the_services_for_grpcurl() {
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
     use tonic_reflection::pb::v1::ServerReflectionRequest;
     let (addr, _stop) = start(60_000).await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client = ServerReflectionClient::new(channel);
+    let mut client = ServerReflectionClient::new(channel(&addr).await);
     let req = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
@@ -191,46 +196,35 @@ async fn bad_requests_map_to_status_codes() {
         code(c.register_server(register("a", 2, 8)).await),
         Code::AlreadyExists
     );
-    assert_eq!(
-        code(c.attach_device(attach("disk0", 1)).await),
-        Code::AlreadyExists
-    );
-    assert_eq!(
-        code(c.attach_device(attach("big", 100)).await),
-        Code::ResourceExhausted
-    );
     let mut untyped = attach("x", 1);
     untyped.device.as_mut().unwrap().r#type = 0;
-    assert_eq!(code(c.attach_device(untyped).await), Code::InvalidArgument);
-    assert_eq!(
-        code(
-            c.attach_device(pb::AttachDeviceRequest { device: None })
-                .await
+    for (req, want) in [
+        (attach("disk0", 1), Code::AlreadyExists),
+        (attach("big", 100), Code::ResourceExhausted),
+        (untyped, Code::InvalidArgument),
+        (
+            pb::AttachDeviceRequest { device: None },
+            Code::InvalidArgument,
         ),
-        Code::InvalidArgument
-    );
+    ] {
+        let what = format!("{req:?}");
+        assert_eq!(code(c.attach_device(req).await), want, "{what}");
+    }
     let mv = |d: &str, q: u32, s: &str, core: u32| pb::MoveQueueRequest {
         device_id: d.into(),
         queue: q,
         server_id: s.into(),
         sidecore: core,
     };
-    assert_eq!(
-        code(c.move_queue(mv("nope", 0, "a", 0)).await),
-        Code::NotFound
-    );
-    assert_eq!(
-        code(c.move_queue(mv("disk0", 0, "nope", 0)).await),
-        Code::NotFound
-    );
-    assert_eq!(
-        code(c.move_queue(mv("disk0", 0, "a", 9)).await),
-        Code::InvalidArgument
-    );
-    assert_eq!(
-        code(c.move_queue(mv("disk0", 5, "a", 0)).await),
-        Code::InvalidArgument
-    );
+    for (req, want) in [
+        (mv("nope", 0, "a", 0), Code::NotFound),
+        (mv("disk0", 0, "nope", 0), Code::NotFound),
+        (mv("disk0", 0, "a", 9), Code::InvalidArgument),
+        (mv("disk0", 5, "a", 0), Code::InvalidArgument),
+    ] {
+        let what = format!("{req:?}");
+        assert_eq!(code(c.move_queue(req).await), want, "{what}");
+    }
     assert_eq!(
         code(
             c.detach_device(pb::DetachDeviceRequest {
@@ -251,12 +245,7 @@ async fn bad_requests_map_to_status_codes() {
         "draining the only server has nowhere to go"
     );
     assert_eq!(assignments(&mut c).await, before);
-    let servers = c
-        .list_servers(pb::ListServersRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .servers;
+    let servers = list_servers(&mut c).await;
     assert!(
         !servers[0].draining,
         "a failed drain must not leave the server draining"
@@ -275,12 +264,7 @@ async fn watch_streams_snapshot_moves_and_lease_failover() {
     // b too renews until the queues are placed and the watch is open: on a
     // loaded machine its lease must not lapse before we look.
     let b_renewer = keep_renewing(&c, "b");
-    let placed = c
-        .attach_device(attach("disk0", 4))
-        .await
-        .unwrap()
-        .into_inner()
-        .assignments;
+    let placed = place(&mut c, "disk0", 4).await;
     let on_b: Vec<u32> = placed
         .iter()
         .filter(|a| a.server_id == "b")
@@ -288,11 +272,7 @@ async fn watch_streams_snapshot_moves_and_lease_failover() {
         .collect();
     assert_eq!(on_b.len(), 2);
 
-    let mut watch = c
-        .watch_assignments(pb::WatchAssignmentsRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = watch(&mut c).await;
     for _ in 0..4 {
         let e = watch.next().await.unwrap().unwrap();
         assert_eq!(e.kind, pb::EventKind::Snapshot as i32);
@@ -361,12 +341,7 @@ async fn lease_keeper_keeps_its_lease_while_a_silent_server_fails_over() {
     // Wait until the lease keeper has registered a.
     let registered_by = std::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let servers = c
-            .list_servers(pb::ListServersRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .servers;
+        let servers = list_servers(&mut c).await;
         if servers.iter().any(|s| s.id == "a") {
             break;
         }
@@ -380,17 +355,8 @@ async fn lease_keeper_keeps_its_lease_while_a_silent_server_fails_over() {
     // b renews until its queue is placed (a loaded machine must not let its
     // lease lapse first), then goes silent.
     let b_renewer = keep_renewing(&c, "b");
-    let mut watch = c
-        .watch_assignments(pb::WatchAssignmentsRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    let placed = c
-        .attach_device(attach("disk0", 2))
-        .await
-        .unwrap()
-        .into_inner()
-        .assignments;
+    let mut watch = watch(&mut c).await;
+    let placed = place(&mut c, "disk0", 2).await;
     // With both registered, one queue lands on each.
     let mut servers: Vec<&str> = placed.iter().map(|a| a.server_id.as_str()).collect();
     servers.sort();
@@ -411,12 +377,7 @@ async fn lease_keeper_keeps_its_lease_while_a_silent_server_fails_over() {
             _ = &mut deadline => panic!("b's queue never failed over"),
         }
     }
-    let servers = c
-        .list_servers(pb::ListServersRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .servers;
+    let servers = list_servers(&mut c).await;
     let a = servers.iter().find(|s| s.id == "a").unwrap();
     let b = servers.iter().find(|s| s.id == "b").unwrap();
     assert!(a.alive && !b.alive);

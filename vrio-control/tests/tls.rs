@@ -2,19 +2,17 @@
 //! controller's CA (and the token) gets through; a client with no
 //! certificate, one from another CA, or plain HTTP/2 does not.
 
+mod common;
+
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-use tokio::net::TcpListener;
 use vrio_control::client::connect_with;
 use vrio_control::pb;
-use vrio_control::placement::LeastLoaded;
-use vrio_control::server::{serve, ServeOptions};
-use vrio_control::store::MemoryStore;
+use vrio_control::server::ServeOptions;
 use vrio_control::tls::{ClientTls, ServerTls, TlsFiles};
-use vrio_control::{Controller, ControllerConfig};
+use vrio_control::ControllerConfig;
 
 const TOKEN: &str = "tls-test-token";
 
@@ -52,32 +50,13 @@ impl Ca {
 }
 
 async fn start(tls: ServerTls) -> (String, tokio::sync::oneshot::Sender<()>) {
-    let ctrl = Arc::new(
-        Controller::open(
-            ControllerConfig::default(),
-            Box::new(MemoryStore::default()),
-            Box::new(LeastLoaded::default()),
-            vrio_control::service::now_ms(),
-        )
-        .unwrap(),
-    );
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let opts = ServeOptions {
         token: Some(TOKEN.into()),
         tick: Duration::from_millis(50),
         rebalance_every: None,
         tls: Some(tls),
     };
-    tokio::spawn(async move {
-        serve(listener, ctrl, opts, async {
-            let _ = rx.await;
-        })
-        .await
-        .unwrap();
-    });
-    (addr, tx)
+    common::start(ControllerConfig::default(), opts).await
 }
 
 /// A Stats call over the given TLS setup: Ok, or the error's text.

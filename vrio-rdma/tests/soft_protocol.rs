@@ -103,13 +103,7 @@ impl Rig {
     fn completions(&mut self, n: usize) -> Vec<Completion> {
         let mut got = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(20);
-        let mut buf = [Completion {
-            wr_id: 0,
-            status: WcStatus::Success,
-            opcode: WcOpcode::Send,
-            byte_len: 0,
-            imm: None,
-        }; 16];
+        let mut buf = [Completion::EMPTY; 16];
         while got.len() < n && Instant::now() < deadline {
             let _ = self.ep.wait(Duration::from_millis(50));
             let k = self.ep.poll(&mut buf).unwrap();

@@ -32,13 +32,11 @@ use vrio_core::vhost_user::{
 };
 use vrio_examples::control::print_move;
 use vrio_examples::{
-    backend_name, block_signals, init_tracing, print_table, resolve_fabric, wait_for_signal,
-    FabricChoice, Progress,
+    backend_name, block_signals, init_tracing, print_table, resolve_fabric, verdict_exit,
+    wait_for_signal, FabricChoice, Progress, WorkloadArgs,
 };
 use vrio_testkit::guest::WorkloadConfig;
-use vrio_testkit::runner::{
-    attach_guests, attach_guests_placed, drive_guests, make_guests, RunConfig,
-};
+use vrio_testkit::runner::{attach_guests, attach_guests_placed, drive_guests, make_guests};
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 enum Mode {
@@ -185,7 +183,7 @@ struct VhostArgs {
     /// --server, and follow its moves and failovers while the guest runs.
     #[arg(long, conflicts_with_all = ["server", "local_file"])]
     controller: Option<String>,
-    /// The device's id at the controller (default: vhost-user-<device-id>).
+    /// The device's id at the controller (default: `vhost-user-<device-id>`).
     #[arg(long, requires = "controller")]
     device_name: Option<String>,
     /// VM id reported to the controller.
@@ -226,32 +224,13 @@ struct Args {
     /// The I/O server's address (as vrio-server printed it).
     #[arg(long, default_value = "127.0.0.1:7420")]
     server: String,
-    /// Synthetic guests.
-    #[arg(long, default_value_t = 4)]
-    guests: u32,
-    /// Queues per guest.
-    #[arg(long, default_value_t = 1)]
-    queues: u16,
-    /// Requests per queue.
-    #[arg(long, default_value_t = 10_000)]
-    requests: u64,
+    #[command(flatten)]
+    w: WorkloadArgs,
     /// Run for this many seconds instead of a number of requests. SIGINT or
     /// SIGTERM ends any run early: the guests stop issuing, drain what is in
     /// flight, and the verdict is printed as usual.
     #[arg(long, conflicts_with = "requests")]
     seconds: Option<f64>,
-    /// Requests in flight per queue.
-    #[arg(long, default_value_t = 16)]
-    depth: u16,
-    /// Percent of reads; the rest are writes and flushes.
-    #[arg(long, default_value_t = 50)]
-    read_pct: u8,
-    /// Percent of flushes.
-    #[arg(long, default_value_t = 5)]
-    flush_pct: u8,
-    /// 4 KiB blocks each queue owns.
-    #[arg(long, default_value_t = 256)]
-    blocks: u64,
     /// First disk block used (clients sharing one server use disjoint ranges).
     #[arg(long, default_value_t = 0)]
     first_block: u64,
@@ -261,7 +240,7 @@ struct Args {
     /// of --server, and follow its moves and failovers.
     #[arg(long, conflicts_with = "server")]
     controller: Option<String>,
-    /// VM id reported to the controller; device ids are <vm-id>-d<guest>.
+    /// VM id reported to the controller; device ids are `<vm-id>-d<guest>`.
     #[arg(long, default_value = "synthetic", requires = "controller")]
     vm_id: String,
     /// Bearer token for the controller.
@@ -274,21 +253,14 @@ struct Args {
 fn main() -> ExitCode {
     init_tracing();
     match Cli::parse().cmd {
-        Cmd::Synthetic(a) => synthetic(&a),
-        Cmd::VhostUserBlk(a) => match vhost_user_blk(&a) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("vrio-client: error: {e}");
-                ExitCode::from(2)
-            }
-        },
-        Cmd::VhostUserNet(a) => match vhost_user_net(&a) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("vrio-client: error: {e}");
-                ExitCode::from(2)
-            }
-        },
+        Cmd::Synthetic(a) => verdict_exit(
+            "vrio-client",
+            run(&a),
+            "requests were lost, failed or corrupt",
+        ),
+        // These serve until the VMM leaves: nothing to verify.
+        Cmd::VhostUserBlk(a) => verdict_exit("vrio-client", vhost_user_blk(&a).map(|()| true), ""),
+        Cmd::VhostUserNet(a) => verdict_exit("vrio-client", vhost_user_net(&a).map(|()| true), ""),
     }
 }
 
@@ -366,13 +338,7 @@ fn vhost_user_blk(a: &VhostArgs) -> Result<(), Box<dyn std::error::Error>> {
         a.link.mode.notify().name(),
         capacity(&config)
     );
-    let cfg = FrontConfig {
-        serving: Serving::Remote(remote),
-        queues: a.queues,
-        max_queue_size: a.max_queue_size,
-    };
-    let once = a.once;
-    serve(&a.socket, &cfg, &config, || !once)?;
+    serve_blk(a, Serving::Remote(remote), &config)?;
     if let Some(f) = follower.as_mut() {
         f.stop();
     }
@@ -408,6 +374,23 @@ fn vhost_user_net(a: &VhostNetArgs) -> Result<(), Box<dyn std::error::Error>> {
     let once = a.once;
     serve_net(&a.socket, &remote, a.mac, a.max_queue_size, || !once)?;
     println!("vrio-client: the VMM disconnected, exiting");
+    Ok(())
+}
+
+/// Serves the vhost-user-blk socket with `serving` until the VMM leaves
+/// (the first one with `--once`).
+fn serve_blk(
+    a: &VhostArgs,
+    serving: Serving,
+    config: &[u8],
+) -> Result<(), Box<dyn std::error::Error>> {
+    let cfg = FrontConfig {
+        serving,
+        queues: a.queues,
+        max_queue_size: a.max_queue_size,
+    };
+    let once = a.once;
+    serve(&a.socket, &cfg, config, || !once)?;
     Ok(())
 }
 
@@ -451,35 +434,13 @@ fn vhost_user_blk_local(
         a.queues,
         capacity(&config)
     );
-    let cfg = FrontConfig {
-        serving: Serving::Local(local),
-        queues: a.queues,
-        max_queue_size: a.max_queue_size,
-    };
-    let once = a.once;
-    serve(&a.socket, &cfg, &config, || !once)?;
+    serve_blk(a, Serving::Local(local), &config)?;
     println!("vrio-client: the VMM disconnected, exiting");
     Ok(())
 }
 
-fn synthetic(a: &Args) -> ExitCode {
-    match run(a) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => {
-            eprintln!("vrio-client: FAILED: requests were lost, failed or corrupt");
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("vrio-client: error: {e}");
-            ExitCode::from(2)
-        }
-    }
-}
-
 fn run(a: &Args) -> Result<bool, Box<dyn std::error::Error>> {
-    if a.guests == 0 || a.queues == 0 || a.depth == 0 || a.blocks == 0 {
-        return Err("--guests, --queues, --depth and --blocks must be at least 1".into());
-    }
+    a.w.check()?;
     if a.seconds.is_some_and(|s| !(s > 0.0 && s < 1e9)) {
         return Err("--seconds must be a positive number".into());
     }
@@ -505,22 +466,16 @@ fn run(a: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     }
     let mode = a.link.mode.notify();
     let fabric = resolve_fabric(a.link.fabric, a.link.device.as_deref())?;
-    let rc = RunConfig {
-        guests: a.guests,
-        queues_per_guest: a.queues,
-        workload: WorkloadConfig {
-            requests: if a.seconds.is_some() { 0 } else { a.requests },
-            duration: a.seconds.map(Duration::from_secs_f64),
-            depth: a.depth,
-            read_pct: a.read_pct,
-            flush_pct: a.flush_pct,
-            blocks: a.blocks,
-            first_block: a.first_block,
-            stall_timeout: Duration::from_secs(60),
-            ..WorkloadConfig::default()
-        },
-        ..RunConfig::default()
-    };
+    let mut rc = a.w.run_config(WorkloadConfig {
+        duration: a.seconds.map(Duration::from_secs_f64),
+        first_block: a.first_block,
+        stall_timeout: Duration::from_secs(60),
+        ..WorkloadConfig::default()
+    });
+    if a.seconds.is_some() {
+        // Until the duration is over, however many requests that is.
+        rc.workload.requests = 0;
+    }
     let guests = make_guests(&rc)?;
     let (agents, where_, follower) = match &a.controller {
         None => {
@@ -533,8 +488,8 @@ fn run(a: &Args) -> Result<bool, Box<dyn std::error::Error>> {
                 token: a.token.clone(),
                 tls: a.tls.load()?,
             };
-            let ids: Vec<(String, u16)> = (0..a.guests)
-                .map(|g| (format!("{}-d{g}", a.vm_id), a.queues))
+            let ids: Vec<(String, u16)> = (0..a.w.guests)
+                .map(|g| (format!("{}-d{g}", a.vm_id), a.w.queues))
                 .collect();
             let placed = place_devices(&ctl, &a.vm_id, "vrio-client", &ids)?;
             let targets: Vec<_> = placed
@@ -574,8 +529,8 @@ fn run(a: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     };
     println!(
         "vrio-client: {} guest(s) x {} queue(s) attached to {} (fabric {}, {} mode)",
-        a.guests,
-        a.queues,
+        a.w.guests,
+        a.w.queues,
         where_,
         backend_name(fabric),
         mode.name()
@@ -583,7 +538,7 @@ fn run(a: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     // 0: as many as the run's duration allows.
     let total = match a.seconds {
         Some(_) => 0,
-        None => a.requests * u64::from(a.guests) * u64::from(a.queues),
+        None => a.w.total_requests(),
     };
     let done = Arc::new(AtomicU64::new(0));
     let progress = Progress::start("remote guests".into(), done.clone(), total);

@@ -7,22 +7,25 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use vrio_control::{
     drain, embedded_controller, follow_placement, join_as_server, place_devices, wait_for_servers,
     AttachedSet, ControlOpts,
 };
-use vrio_core::blk::{BlockBackend, BlockConfig, FileBackend, MemoryBackend};
+use vrio_core::blk::{BlockBackend, BlockConfig};
 use vrio_core::remote::{device_key, AttachedDevice, IoServer, IoServerConfig, NotifyMode};
 use vrio_core::sidecore::SidecoreConfig;
 use vrio_examples::control::print_move;
-use vrio_examples::{init_tracing, model_json, model_row, print_table, Progress, MODEL_HEADERS};
+use vrio_examples::{
+    init_tracing, model_json, model_row, print_table, verdict_exit, Disk, Progress, WorkloadArgs,
+    MODEL_HEADERS,
+};
 use vrio_testkit::guest::WorkloadConfig;
 use vrio_testkit::runner::{
     attach_guests_placed, drive_guests, make_guests, run_local, run_remote, LocalModel,
-    ModelReport, RunConfig,
+    ModelReport, RunClock, RunConfig,
 };
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -43,39 +46,18 @@ enum Model {
     Controlled,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-enum Disk {
-    /// Sparse in-memory disk.
-    Memory,
-    /// Raw image file (see --file).
-    File,
-}
-
 /// Compare vrio's I/O models on one machine with verified synthetic guests.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(
+    version,
+    about,
+    long_about = None,
+    mut_arg("requests", |a| a.default_value("20000")),
+    mut_arg("blocks", |a| a.default_value("512"))
+)]
 struct Args {
-    /// Synthetic guests (VMs).
-    #[arg(long, default_value_t = 4)]
-    guests: u32,
-    /// virtio-blk queues per guest.
-    #[arg(long, default_value_t = 1)]
-    queues: u16,
-    /// Requests per queue.
-    #[arg(long, default_value_t = 20_000)]
-    requests: u64,
-    /// Requests in flight per queue.
-    #[arg(long, default_value_t = 16)]
-    depth: u16,
-    /// Percent of reads (the rest: writes and flushes).
-    #[arg(long, default_value_t = 50)]
-    read_pct: u8,
-    /// Percent of flushes.
-    #[arg(long, default_value_t = 5)]
-    flush_pct: u8,
-    /// 4 KiB blocks each queue owns on the disk.
-    #[arg(long, default_value_t = 512)]
-    blocks: u64,
+    #[command(flatten)]
+    w: WorkloadArgs,
     /// Sidecore threads for the sidecore model.
     #[arg(long, default_value_t = 1)]
     sidecores: usize,
@@ -96,54 +78,30 @@ struct Args {
 fn main() -> ExitCode {
     init_tracing();
     let a = Args::parse();
-    match run(&a) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => {
-            eprintln!("vrio-demo: FAILED: some requests were lost, failed or corrupt (see table)");
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("vrio-demo: error: {e}");
-            ExitCode::from(2)
-        }
-    }
+    verdict_exit(
+        "vrio-demo",
+        run(&a),
+        "some requests were lost, failed or corrupt (see table)",
+    )
 }
 
 fn run(a: &Args) -> Result<bool, Box<dyn std::error::Error>> {
-    if a.guests == 0 || a.queues == 0 || a.depth == 0 || a.blocks == 0 {
-        return Err("--guests, --queues, --depth and --blocks must be at least 1".into());
-    }
-    let total_blocks = a.blocks * u64::from(a.guests) * u64::from(a.queues);
+    a.w.check()?;
+    let total_blocks = a.w.blocks * u64::from(a.w.guests) * u64::from(a.w.queues);
     let capacity = total_blocks * 4096;
-    let rc = RunConfig {
-        guests: a.guests,
-        queues_per_guest: a.queues,
-        workload: WorkloadConfig {
-            requests: a.requests,
-            depth: a.depth,
-            read_pct: a.read_pct,
-            flush_pct: a.flush_pct,
-            blocks: a.blocks,
-            stall_timeout: Duration::from_secs(30),
-            ..WorkloadConfig::default()
-        },
-        ..RunConfig::default()
-    };
+    let rc = a.w.run_config(WorkloadConfig {
+        stall_timeout: Duration::from_secs(30),
+        ..WorkloadConfig::default()
+    });
     println!(
         "vrio-demo: {} guests x {} queue(s), {} requests per queue at depth {}, {}% reads, {}% flushes, {} MiB {:?} disk",
-        a.guests, a.queues, a.requests, a.depth, a.read_pct, a.flush_pct, capacity >> 20, a.disk
+        a.w.guests, a.w.queues, a.w.requests, a.w.depth, a.w.read_pct, a.w.flush_pct, capacity >> 20, a.disk
     );
     let mut reports: Vec<ModelReport> = Vec::new();
     for m in &a.models {
-        let backend: Arc<dyn BlockBackend> = match a.disk {
-            Disk::Memory => Arc::new(MemoryBackend::new(capacity)),
-            Disk::File => {
-                let path = a.file.clone().ok_or("--disk file needs --file PATH")?;
-                Arc::new(FileBackend::create(&path, capacity)?)
-            }
-        };
+        let backend = a.disk.open(a.file.as_deref(), capacity)?;
         let done = Arc::new(AtomicU64::new(0));
-        let total = a.requests * u64::from(a.guests) * u64::from(a.queues);
+        let total = a.w.total_requests();
         let remote = match m {
             Model::Remote => Some(NotifyMode::Doorbell),
             Model::RemotePoll => Some(NotifyMode::RemotePoll),
@@ -194,7 +152,7 @@ fn run(a: &Args) -> Result<bool, Box<dyn std::error::Error>> {
             "  {}: {} requests in {:.2} s, {} errors",
             r.model,
             r.io.completed,
-            r.wall.as_secs_f64(),
+            r.cost.wall.as_secs_f64(),
             r.io.failures()
         );
         reports.push(r);
@@ -210,7 +168,7 @@ fn run(a: &Args) -> Result<bool, Box<dyn std::error::Error>> {
         std::fs::write(p, serde_json::to_string_pretty(&j)?)?;
         println!("wrote {}", p.display());
     }
-    let expected = a.requests * u64::from(a.guests) * u64::from(a.queues);
+    let expected = a.w.total_requests();
     Ok(reports
         .iter()
         .all(|r| r.io.failures() == 0 && r.io.completed == expected))
@@ -288,8 +246,7 @@ fn run_controlled(
         print_move,
     )?;
     let stop = Arc::new(AtomicBool::new(false));
-    let cpu0 = vrio_testkit::cputime::process_cpu_ns();
-    let t0 = Instant::now();
+    let clock = RunClock::start();
     let io = std::thread::scope(|s| {
         let work = s.spawn(|| drive_guests(guests, rc, done, &stop));
         while done.load(Relaxed) < total / 2 && !work.is_finished() {
@@ -304,7 +261,7 @@ fn run_controlled(
         work.join()
     })
     .map_err(|_| "the guests' thread panicked")?;
-    let wall = t0.elapsed();
+    let wall = clock.wall();
     follower.stop();
     let (mut moves, mut failovers) = (0, 0);
     for d in &agents {
@@ -340,9 +297,6 @@ fn run_controlled(
             sidecores.max(1)
         ),
         io,
-        wall,
-        device_cpu_ns,
-        process_cpu_ns: vrio_testkit::cputime::process_cpu_ns().saturating_sub(cpu0),
-        stats,
+        cost: clock.cost(wall, device_cpu_ns, stats),
     })
 }

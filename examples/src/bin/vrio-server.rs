@@ -11,22 +11,14 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use vrio_control::{join_as_server, ControlOpts};
-use vrio_core::blk::{BlockBackend, BlockConfig, FileBackend, MemoryBackend};
+use vrio_core::blk::BlockConfig;
 use vrio_core::net::{PortSnapshot, TapUplink};
 use vrio_core::remote::{IoServer, IoServerConfig};
 use vrio_examples::{
-    backend_name, block_signals, init_tracing, resolve_fabric, wait_for_signal, FabricChoice,
+    backend_name, block_signals, init_tracing, resolve_fabric, wait_for_signal, Disk, FabricChoice,
 };
-
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-enum Disk {
-    /// Sparse in-memory disk (lost at exit).
-    Memory,
-    /// Raw image file (see --file).
-    File,
-}
 
 /// Serve remote guests' virtio-blk and virtio-net queues with polling
 /// sidecores; net devices share one switch, with an optional TAP uplink.
@@ -75,7 +67,7 @@ struct Args {
     /// placement decisions.
     #[arg(long)]
     controller: Option<String>,
-    /// This server's id at the controller (default: server-<listen address>).
+    /// This server's id at the controller (default: `server-<listen address>`).
     #[arg(long, requires = "controller")]
     server_id: Option<String>,
     /// Most queues the controller may place here.
@@ -112,13 +104,7 @@ fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
         .size_mib
         .checked_mul(1 << 20)
         .ok_or("--size-mib too large")?;
-    let backend: Arc<dyn BlockBackend> = match a.disk {
-        Disk::Memory => Arc::new(MemoryBackend::new(size)),
-        Disk::File => {
-            let p = a.file.as_ref().ok_or("--disk file needs --file PATH")?;
-            Arc::new(FileBackend::create(p, size)?)
-        }
-    };
+    let backend = a.disk.open(a.file.as_deref(), size)?;
     let fabric = resolve_fabric(a.fabric, a.device.as_deref())?;
     let domain: Arc<dyn vrio_rdma::Domain> =
         Arc::from(vrio_rdma::open(fabric, a.device.as_deref())?);

@@ -144,6 +144,53 @@ pub fn publish_and_kick(
     Ok(())
 }
 
+/// Publishes and kicks if `added` chains were added. A ring the device
+/// broke is counted in `errors`; returns whether the ring still works.
+pub fn kick_added(
+    driver: &mut DriverQueue,
+    mem: &LocalMemory,
+    kick: &EventFd,
+    added: usize,
+    errors: &mut u64,
+) -> bool {
+    if added > 0 && publish_and_kick(driver, mem, kick).is_err() {
+        *errors += 1;
+        return false;
+    }
+    true
+}
+
+/// The next used entry, None when there is none. A bad one (the device broke
+/// the ring) is logged as the `side` device's, counted in `errors` and
+/// returned as the error.
+pub fn next_used(
+    driver: &mut DriverQueue,
+    mem: &LocalMemory,
+    side: &str,
+    errors: &mut u64,
+) -> Result<Option<(u16, u32)>, DriverError> {
+    driver.pop_used(mem).inspect_err(|e| {
+        tracing::error!(error = %e, "{side}device returned a bad used entry");
+        *errors += 1;
+    })
+}
+
+/// [`wait_for_call`], with a ring the device broke counted in `errors` and
+/// returned as None.
+pub fn wait_counted(
+    driver: &mut DriverQueue,
+    mem: &LocalMemory,
+    call: &EventFd,
+    ms: i32,
+    errors: &mut u64,
+) -> Option<bool> {
+    let r = wait_for_call(driver, mem, call, ms).ok();
+    if r.is_none() {
+        *errors += 1;
+    }
+    r
+}
+
 /// Re-enables interrupts and, unless used entries arrived meanwhile, waits
 /// up to `ms` for the device's call. Returns whether the caller should look
 /// at the used ring again at once.

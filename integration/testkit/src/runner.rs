@@ -57,10 +57,10 @@ impl Default for RunConfig {
     }
 }
 
+/// What a model run cost: its wall time, the CPU time of the device side
+/// and of the whole process, and the device side's counters.
 #[derive(Debug, Clone)]
-pub struct ModelReport {
-    pub model: String,
-    pub io: QueueReport,
+pub struct RunCost {
     pub wall: Duration,
     /// CPU time of the device side (workers or sidecores).
     pub device_cpu_ns: u64,
@@ -69,19 +69,70 @@ pub struct ModelReport {
     pub stats: StatsSnapshot,
 }
 
-impl ModelReport {
-    pub fn requests_per_sec(&self) -> f64 {
-        self.io.completed as f64 / self.wall.as_secs_f64().max(1e-9)
+impl RunCost {
+    /// `n` per second of wall time.
+    pub fn per_sec(&self, n: f64) -> f64 {
+        n / self.wall.as_secs_f64().max(1e-9)
     }
-    pub fn mb_per_sec(&self) -> f64 {
-        self.io.bytes as f64 / 1e6 / self.wall.as_secs_f64().max(1e-9)
+    /// `n` per second of the device side's CPU time.
+    pub fn per_core_sec(&self, n: f64) -> f64 {
+        n / (self.device_cpu_ns as f64 / 1e9).max(1e-9)
     }
     /// Device-side cores busy on average.
     pub fn device_cores(&self) -> f64 {
-        self.device_cpu_ns as f64 / 1e9 / self.wall.as_secs_f64().max(1e-9)
+        self.per_sec(self.device_cpu_ns as f64 / 1e9)
+    }
+}
+
+/// Measures a model run from its start: wall time, and the process's CPU
+/// time.
+pub struct RunClock {
+    cpu0: u64,
+    t0: Instant,
+}
+
+impl RunClock {
+    pub fn start() -> Self {
+        let cpu0 = process_cpu_ns();
+        Self {
+            cpu0,
+            t0: Instant::now(),
+        }
+    }
+
+    /// Wall time since the start.
+    pub fn wall(&self) -> Duration {
+        self.t0.elapsed()
+    }
+
+    /// The cost of a run that took `wall` (the process's CPU time counted
+    /// until now), whose device side used `device_cpu_ns` and counted `stats`.
+    pub fn cost(&self, wall: Duration, device_cpu_ns: u64, stats: StatsSnapshot) -> RunCost {
+        RunCost {
+            wall,
+            device_cpu_ns,
+            process_cpu_ns: process_cpu_ns().saturating_sub(self.cpu0),
+            stats,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelReport {
+    pub model: String,
+    pub io: QueueReport,
+    pub cost: RunCost,
+}
+
+impl ModelReport {
+    pub fn requests_per_sec(&self) -> f64 {
+        self.cost.per_sec(self.io.completed as f64)
+    }
+    pub fn mb_per_sec(&self) -> f64 {
+        self.cost.per_sec(self.io.bytes as f64 / 1e6)
     }
     pub fn requests_per_core_sec(&self) -> f64 {
-        self.io.completed as f64 / (self.device_cpu_ns as f64 / 1e9).max(1e-9)
+        self.cost.per_core_sec(self.io.completed as f64)
     }
     pub fn p50_us(&self) -> f64 {
         self.io.latency.value_at_quantile(0.5) as f64 / 1e3
@@ -241,19 +292,15 @@ pub fn run_local(
         devices.push(qs);
     }
     let stop = Arc::new(AtomicBool::new(false));
-    let cpu0 = process_cpu_ns();
-    let t0 = Instant::now();
+    let clock = RunClock::start();
     let (io, device_cpu_ns, stats) = serve_local(model, devices, "blk", || {
         drive_guests(guests, rc, progress, &stop)
     })?;
-    let wall = t0.elapsed();
+    let wall = clock.wall();
     Ok(ModelReport {
         model: model.name(),
         io,
-        wall,
-        device_cpu_ns,
-        process_cpu_ns: process_cpu_ns().saturating_sub(cpu0),
-        stats,
+        cost: clock.cost(wall, device_cpu_ns, stats),
     })
 }
 
@@ -389,10 +436,9 @@ pub fn run_remote_with(
     let guests = make_guests(rc)?;
     let mut agents = attach_guests(&guests, server.addr(), vrio_rdma::Backend::Soft, None, mode)?;
     let stop = Arc::new(AtomicBool::new(false));
-    let cpu0 = process_cpu_ns();
-    let t0 = Instant::now();
+    let clock = RunClock::start();
     let io = drive_guests(guests, rc, progress, &stop);
-    let wall = t0.elapsed();
+    let wall = clock.wall();
     let mut fig = RemoteFigures::default();
     for a in agents.iter_mut() {
         a.detach();
@@ -407,10 +453,7 @@ pub fn run_remote_with(
         ModelReport {
             model: format!("remote {} x{}", mode.name(), sidecores.max(1)),
             io,
-            wall,
-            device_cpu_ns,
-            process_cpu_ns: process_cpu_ns().saturating_sub(cpu0),
-            stats,
+            cost: clock.cost(wall, device_cpu_ns, stats),
         },
         fig,
     ))

@@ -6,9 +6,11 @@
 
 use std::sync::Arc;
 
-use vrio_core::memory::GuestMemory;
-use vrio_core::net::{DropReason, MacAddr, NetHeader, Switch, SwitchConfig, HDR_LEN};
-use vrio_core::ring::{Descriptor, Segment};
+use vrio_core::memory::{GuestMemory, LocalMemory};
+use vrio_core::net::{
+    DropReason, MacAddr, NetHeader, Switch, SwitchConfig, HDR_LEN, RX_QUEUE, TX_QUEUE,
+};
+use vrio_core::ring::{Descriptor, DriverQueue, RingLayout, Segment};
 use vrio_core::sidecore::ServedQueue;
 use vrio_testkit::net::traffic::{build_frame, check_frame};
 use vrio_testkit::net::{attach_net_guest, AttachedNetGuest, NetGuestConfig};
@@ -20,16 +22,25 @@ fn pair(mergeable: bool) -> (Arc<Switch>, AttachedNetGuest, AttachedNetGuest) {
     (sw, a, b)
 }
 
+fn seg(addr: u64, len: u32) -> Segment {
+    Segment { addr, len }
+}
+
+/// A driver of its own on `g`'s ring `queue`, to post hostile chains, with
+/// the guest's memory and the ring's layout.
+fn own_driver(g: &AttachedNetGuest, queue: usize) -> (Arc<LocalMemory>, RingLayout, DriverQueue) {
+    let side = g.guest.device_side(queue).unwrap();
+    let drv = DriverQueue::new(side.layout, side.features, None);
+    (g.guest.memory().clone(), side.layout, drv)
+}
+
 /// Writes header + frame at the start of TX slot `slot` and returns it as one segment.
 fn tx_buf(g: &AttachedNetGuest, slot: u64, hdr: NetHeader, frame: &[u8]) -> Segment {
     let mem = g.guest.memory();
     let base = tx_area(g) + slot * 2048;
     mem.write(base, &hdr.to_bytes()).unwrap();
     mem.write(base + HDR_LEN as u64, frame).unwrap();
-    Segment {
-        addr: base,
-        len: (HDR_LEN + frame.len()) as u32,
-    }
+    seg(base, (HDR_LEN + frame.len()) as u32)
 }
 
 /// The synthetic guest's TX slot area, from the TX ring's device side.
@@ -44,9 +55,7 @@ fn tx_area(g: &AttachedNetGuest) -> u64 {
 #[test]
 fn bad_frames_are_dropped_counted_and_completed() {
     let (_sw, mut a, b) = pair(true);
-    let mem = a.guest.memory().clone();
-    let side = a.guest.device_side(vrio_core::net::TX_QUEUE).unwrap();
-    let mut drv = vrio_core::ring::DriverQueue::new(side.layout, side.features, None);
+    let (mem, layout, mut drv) = own_driver(&a, TX_QUEUE);
     let (ma, mb) = (a.guest.cfg.mac, b.guest.cfg.mac);
     let good = build_frame(mb, ma, 1, 100);
     // A checksum field past the frame's end.
@@ -81,10 +90,7 @@ fn bad_frames_are_dropped_counted_and_completed() {
             Some(DropReason::Short),
         ),
         (
-            vec![Segment {
-                addr: tx_area(&a) + 3 * 2048,
-                len: 10,
-            }],
+            vec![seg(tx_area(&a) + 3 * 2048, 10)],
             vec![],
             Some(DropReason::Short),
         ),
@@ -113,21 +119,11 @@ fn bad_frames_are_dropped_counted_and_completed() {
         // A device-writable descriptor in a TX chain.
         (
             vec![tx_buf(&a, 7, h, &good)],
-            vec![Segment {
-                addr: tx_area(&a) + 8 * 2048,
-                len: 64,
-            }],
+            vec![seg(tx_area(&a) + 8 * 2048, 64)],
             Some(DropReason::BadChain),
         ),
         // A buffer outside guest memory (refused by the walker).
-        (
-            vec![Segment {
-                addr: 1 << 40,
-                len: 100,
-            }],
-            vec![],
-            Some(DropReason::BadChain),
-        ),
+        (vec![seg(1 << 40, 100)], vec![], Some(DropReason::BadChain)),
         // Finally a good frame, which must still get through.
         (vec![tx_buf(&a, 9, h, &good)], vec![], None),
     ];
@@ -135,10 +131,7 @@ fn bad_frames_are_dropped_counted_and_completed() {
     cases.insert(
         0,
         (
-            vec![Segment {
-                addr: tx_area(&a),
-                len: u32::MAX,
-            }],
+            vec![seg(tx_area(&a), u32::MAX)],
             vec![],
             Some(DropReason::BadChain),
         ),
@@ -157,12 +150,11 @@ fn bad_frames_are_dropped_counted_and_completed() {
         )
         .unwrap();
     let mut d = [0u8; 16];
-    mem.read(side.layout.desc_addr(l), &mut d).unwrap();
+    mem.read(layout.desc_addr(l), &mut d).unwrap();
     let first = Descriptor::from_bytes(&d);
     let mut looped = first;
     looped.next = l;
-    mem.write(side.layout.desc_addr(l), &looped.to_bytes())
-        .unwrap();
+    mem.write(layout.desc_addr(l), &looped.to_bytes()).unwrap();
     drv.publish(&*mem).unwrap();
 
     let out = a.tx.poll(64).unwrap();
@@ -190,68 +182,23 @@ fn bad_frames_are_dropped_counted_and_completed() {
 #[test]
 fn bad_rx_chains_are_completed_and_frames_still_arrive() {
     let (sw, a, mut b) = pair(true);
-    let mem = b.guest.memory().clone();
-    let side = b.guest.device_side(vrio_core::net::RX_QUEUE).unwrap();
-    let mut drv = vrio_core::ring::DriverQueue::new(side.layout, side.features, None);
+    let (mem, _, mut drv) = own_driver(&b, RX_QUEUE);
     // Scratch buffers in the guest's (unused here) TX slot area.
     let rx_base = tx_area(&b);
     // Readable descriptor, too small for a header, outside memory, then two
     // good 64-byte buffers (frame of 100 bytes + 12 needs both: merged).
-    drv.add(
-        &*mem,
-        &[Segment {
-            addr: rx_base,
-            len: 64,
-        }],
-        &[Segment {
-            addr: rx_base + 64,
-            len: 64,
-        }],
-        false,
-    )
-    .unwrap();
-    drv.add(
-        &*mem,
-        &[],
-        &[Segment {
-            addr: rx_base + 128,
-            len: 11,
-        }],
-        false,
-    )
-    .unwrap();
-    drv.add(
-        &*mem,
-        &[],
-        &[Segment {
-            addr: 1 << 40,
-            len: 64,
-        }],
-        false,
-    )
-    .unwrap();
-    let g1 = drv
-        .add(
-            &*mem,
-            &[],
-            &[Segment {
-                addr: rx_base + 256,
-                len: 64,
-            }],
-            false,
-        )
-        .unwrap();
-    let g2 = drv
-        .add(
-            &*mem,
-            &[],
-            &[Segment {
-                addr: rx_base + 320,
-                len: 64,
-            }],
-            false,
-        )
-        .unwrap();
+    let chains: [(&[Segment], &[Segment]); 5] = [
+        (&[seg(rx_base, 64)], &[seg(rx_base + 64, 64)]),
+        (&[], &[seg(rx_base + 128, 11)]),
+        (&[], &[seg(1 << 40, 64)]),
+        (&[], &[seg(rx_base + 256, 64)]),
+        (&[], &[seg(rx_base + 320, 64)]),
+    ];
+    let heads: Vec<u16> = chains
+        .iter()
+        .map(|(r, w)| drv.add(&*mem, r, w, false).unwrap())
+        .collect();
+    let (g1, g2) = (heads[3], heads[4]);
     drv.publish(&*mem).unwrap();
     let (ma, mb) = (a.guest.cfg.mac, b.guest.cfg.mac);
     sw.forward(&a.port, build_frame(mb, ma, 5, 100));
@@ -308,9 +255,7 @@ fn sum16(b: &[u8], mut acc: u32) -> u16 {
 #[test]
 fn a_partial_udp_checksum_is_completed_before_switching() {
     let (_sw, mut a, b) = pair(true);
-    let mem = a.guest.memory().clone();
-    let side = a.guest.device_side(vrio_core::net::TX_QUEUE).unwrap();
-    let mut drv = vrio_core::ring::DriverQueue::new(side.layout, side.features, None);
+    let (mem, _, mut drv) = own_driver(&a, TX_QUEUE);
     let (ma, mb) = (a.guest.cfg.mac, b.guest.cfg.mac);
     // Ethernet + IPv4 (20) + UDP (8) + 101 bytes of payload (odd).
     let payload: Vec<u8> = (0..101u8).map(|i| i.wrapping_mul(37)).collect();

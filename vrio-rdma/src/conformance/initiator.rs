@@ -8,7 +8,7 @@ use super::proto::{self, Msg, MSG};
 use super::{Summary, RO_SEED};
 use crate::api::{
     Access, Completion, Domain, Endpoint, EndpointConfig, FabricError, MemoryRegion, Opcode,
-    RecvRequest, RemoteRegion, SendRequest, Sge, WcOpcode, WcStatus,
+    RecvRequest, RemoteRegion, SendRequest, Sge, WcStatus,
 };
 
 // Layout of the initiator's local memory.
@@ -169,13 +169,7 @@ impl<'a> Initiator<'a> {
     /// Moves whatever completed into the per-kind queues; waits a little if
     /// nothing did.
     fn pump(&self, c: &mut Conn) -> Result<(), String> {
-        let mut buf = [Completion {
-            wr_id: 0,
-            status: WcStatus::Success,
-            opcode: WcOpcode::Send,
-            byte_len: 0,
-            imm: None,
-        }; 64];
+        let mut buf = [Completion::EMPTY; 64];
         let mut n = c.ep.poll(&mut buf).map_err(err)?;
         if n == 0 {
             c.ep.wait(Duration::from_millis(100)).map_err(err)?;

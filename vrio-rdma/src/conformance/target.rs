@@ -9,7 +9,7 @@ use super::proto::{self, Msg, MSG};
 use super::{RO_LEN, RO_SEED, RW_LEN};
 use crate::api::{
     Access, Completion, Domain, Endpoint, FabricError, Listener, MemoryRegion, Opcode, RecvRequest,
-    SendRequest, Sge, WcOpcode, WcStatus,
+    SendRequest, Sge, WcOpcode,
 };
 
 const RECV_SLOTS: usize = 32;
@@ -135,13 +135,7 @@ fn serve(
     let recvs: Vec<RecvRequest> = (0..RECV_SLOTS).map(|s| ctrl.recv_wr(s)).collect();
     ep.post_recv(&recvs)?;
     let mut expect: Option<proto::Expect> = None;
-    let mut done = [Completion {
-        wr_id: 0,
-        status: WcStatus::Success,
-        opcode: WcOpcode::Recv,
-        byte_len: 0,
-        imm: None,
-    }; 32];
+    let mut done = [Completion::EMPTY; 32];
     while !quit.load(Ordering::SeqCst) {
         ep.wait(Duration::from_millis(200))?;
         let n = ep.poll(&mut done)?;

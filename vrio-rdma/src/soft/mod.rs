@@ -11,6 +11,8 @@ use std::sync::Arc;
 
 pub use endpoint::SoftEndpoint;
 pub use region::SoftRegion;
+// The verbs back-end implements `MemoryRegion` for its regions with it too.
+pub(crate) use region::impl_memory_region;
 
 use crate::api::{Access, Domain, Endpoint, EndpointConfig, FabricError, Listener, MemoryRegion};
 use region::Registry;

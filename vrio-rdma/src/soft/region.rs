@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use crate::access::{permits, Need};
-use crate::api::{Access, FabricError, MemoryRegion};
+use crate::api::{Access, FabricError};
 
 #[derive(Debug, Clone, Copy)]
 struct Entry {
@@ -141,23 +141,34 @@ pub struct SoftRegion {
     access: Access,
 }
 
-impl MemoryRegion for SoftRegion {
-    fn lkey(&self) -> u32 {
-        self.key
-    }
-    fn rkey(&self) -> u32 {
-        self.key
-    }
-    fn addr(&self) -> u64 {
-        self.addr
-    }
-    fn len(&self) -> u64 {
-        self.len
-    }
-    fn access(&self) -> Access {
-        self.access
-    }
+/// Implements [`MemoryRegion`](crate::api::MemoryRegion) for a back-end's region type from its
+/// fields: the two named key fields (`u32`), and `addr: u64`, `len: u64` and
+/// `access: Access`. The soft and the verbs region share it.
+macro_rules! impl_memory_region {
+    ($region:ty, lkey: $lkey:ident, rkey: $rkey:ident) => {
+        impl $crate::api::MemoryRegion for $region {
+            fn lkey(&self) -> u32 {
+                self.$lkey
+            }
+            fn rkey(&self) -> u32 {
+                self.$rkey
+            }
+            fn addr(&self) -> u64 {
+                self.addr
+            }
+            fn len(&self) -> u64 {
+                self.len
+            }
+            fn access(&self) -> $crate::api::Access {
+                self.access
+            }
+        }
+    };
 }
+pub(crate) use impl_memory_region;
+
+// A soft region has one key for local and remote access.
+impl_memory_region!(SoftRegion, lkey: key, rkey: key);
 
 impl Drop for SoftRegion {
     fn drop(&mut self) {

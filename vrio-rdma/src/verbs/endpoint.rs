@@ -372,13 +372,7 @@ impl VerbsEndpoint {
     }
 
     fn fill_pending(&mut self) -> Result<usize, FabricError> {
-        let mut buf = [Completion {
-            wr_id: 0,
-            status: WcStatus::Success,
-            opcode: WcOpcode::Send,
-            byte_len: 0,
-            imm: None,
-        }; POLL_BATCH];
+        let mut buf = [Completion::EMPTY; POLL_BATCH];
         let n = self.poll_cq(&mut buf)?;
         self.pending.extend(buf[..n].iter().copied());
         Ok(n)

@@ -64,19 +64,15 @@ mod tests {
         g
     }
 
+    fn row(index: u32, gid: [u8; 16], kind: GidKind) -> GidRow {
+        GidRow { index, gid, kind }
+    }
+
     /// The table rxe shows on Debian 6.1 for eth0 = 10.0.2.15.
     fn rxe_table() -> Vec<GidRow> {
         vec![
-            GidRow {
-                index: 0,
-                gid: link_local(),
-                kind: GidKind::RoceV2,
-            },
-            GidRow {
-                index: 1,
-                gid: mapped([10, 0, 2, 15]),
-                kind: GidKind::RoceV2,
-            },
+            row(0, link_local(), GidKind::RoceV2),
+            row(1, mapped([10, 0, 2, 15]), GidKind::RoceV2),
         ]
     }
 
@@ -92,26 +88,10 @@ mod tests {
     #[test]
     fn skips_roce_v1_entry_with_same_address() {
         let rows = vec![
-            GidRow {
-                index: 0,
-                gid: link_local(),
-                kind: GidKind::RoceV1,
-            },
-            GidRow {
-                index: 1,
-                gid: link_local(),
-                kind: GidKind::RoceV2,
-            },
-            GidRow {
-                index: 2,
-                gid: mapped([192, 168, 1, 5]),
-                kind: GidKind::RoceV1,
-            },
-            GidRow {
-                index: 3,
-                gid: mapped([192, 168, 1, 5]),
-                kind: GidKind::RoceV2,
-            },
+            row(0, link_local(), GidKind::RoceV1),
+            row(1, link_local(), GidKind::RoceV2),
+            row(2, mapped([192, 168, 1, 5]), GidKind::RoceV1),
+            row(3, mapped([192, 168, 1, 5]), GidKind::RoceV2),
         ];
         assert_eq!(pick_roce_v2_ipv4(&rows, None), Some(3));
     }
@@ -119,16 +99,8 @@ mod tests {
     #[test]
     fn matches_the_wanted_address() {
         let rows = vec![
-            GidRow {
-                index: 2,
-                gid: mapped([10, 0, 4, 1]),
-                kind: GidKind::RoceV2,
-            },
-            GidRow {
-                index: 5,
-                gid: mapped([10, 0, 4, 2]),
-                kind: GidKind::RoceV2,
-            },
+            row(2, mapped([10, 0, 4, 1]), GidKind::RoceV2),
+            row(5, mapped([10, 0, 4, 2]), GidKind::RoceV2),
         ];
         assert_eq!(
             pick_roce_v2_ipv4(&rows, Some(Ipv4Addr::new(10, 0, 4, 2))),
@@ -143,16 +115,8 @@ mod tests {
     #[test]
     fn none_without_ipv4_v2_entry() {
         let rows = vec![
-            GidRow {
-                index: 0,
-                gid: link_local(),
-                kind: GidKind::RoceV2,
-            },
-            GidRow {
-                index: 1,
-                gid: mapped([10, 0, 2, 15]),
-                kind: GidKind::InfiniBand,
-            },
+            row(0, link_local(), GidKind::RoceV2),
+            row(1, mapped([10, 0, 2, 15]), GidKind::InfiniBand),
         ];
         assert_eq!(pick_roce_v2_ipv4(&rows, None), None);
         assert_eq!(pick_roce_v2_ipv4(&[], None), None);

@@ -9,7 +9,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use sideway::ibverbs::memory_region::MemoryRegion as SidewayMr;
 
-use crate::api::{Access, MemoryRegion};
+use crate::api::Access;
 
 /// The bounds (`addr`, `len`) of the domain's live regions by lkey.
 #[derive(Debug, Default)]
@@ -95,23 +95,7 @@ impl Drop for VerbsRegion {
     }
 }
 
-impl MemoryRegion for VerbsRegion {
-    fn lkey(&self) -> u32 {
-        self.lkey
-    }
-    fn rkey(&self) -> u32 {
-        self.rkey
-    }
-    fn addr(&self) -> u64 {
-        self.addr
-    }
-    fn len(&self) -> u64 {
-        self.len
-    }
-    fn access(&self) -> Access {
-        self.access
-    }
-}
+crate::soft::impl_memory_region!(VerbsRegion, lkey: lkey, rkey: rkey);
 
 #[cfg(test)]
 mod tests {

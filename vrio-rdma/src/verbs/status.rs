@@ -24,29 +24,18 @@ mod tests {
 
     #[test]
     fn maps_every_named_status() {
-        assert_eq!(map_status(s::IBV_WC_SUCCESS), WcStatus::Success);
-        assert_eq!(
-            map_status(s::IBV_WC_REM_ACCESS_ERR),
-            WcStatus::RemoteAccessError
-        );
-        assert_eq!(
-            map_status(s::IBV_WC_LOC_PROT_ERR),
-            WcStatus::LocalProtectionError
-        );
-        assert_eq!(map_status(s::IBV_WC_WR_FLUSH_ERR), WcStatus::Flushed);
-        assert_eq!(map_status(s::IBV_WC_RETRY_EXC_ERR), WcStatus::RetryExceeded);
-        assert_eq!(
-            map_status(s::IBV_WC_RNR_RETRY_EXC_ERR),
-            WcStatus::RnrRetryExceeded
-        );
-        assert_eq!(
-            map_status(s::IBV_WC_REM_OP_ERR),
-            WcStatus::RemoteOperationError
-        );
-        assert_eq!(
-            map_status(s::IBV_WC_REM_INV_REQ_ERR),
-            WcStatus::RemoteOperationError
-        );
+        for (code, status) in [
+            (s::IBV_WC_SUCCESS, WcStatus::Success),
+            (s::IBV_WC_REM_ACCESS_ERR, WcStatus::RemoteAccessError),
+            (s::IBV_WC_LOC_PROT_ERR, WcStatus::LocalProtectionError),
+            (s::IBV_WC_WR_FLUSH_ERR, WcStatus::Flushed),
+            (s::IBV_WC_RETRY_EXC_ERR, WcStatus::RetryExceeded),
+            (s::IBV_WC_RNR_RETRY_EXC_ERR, WcStatus::RnrRetryExceeded),
+            (s::IBV_WC_REM_OP_ERR, WcStatus::RemoteOperationError),
+            (s::IBV_WC_REM_INV_REQ_ERR, WcStatus::RemoteOperationError),
+        ] {
+            assert_eq!(map_status(code), status, "ibv_wc_status {code}");
+        }
     }
 
     #[test]

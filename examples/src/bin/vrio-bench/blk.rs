@@ -95,7 +95,9 @@ pub fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
                 let (r, fig) = point(m, g, d, a.seconds)?;
                 // VM-host CPU: all of the device work for local models, only
                 // the agent's for remote ones.
-                let vmhost_ns = fig.as_ref().map_or(r.device_cpu_ns, |f| f.vmhost_cpu_ns);
+                let vmhost_ns = fig
+                    .as_ref()
+                    .map_or(r.cost.device_cpu_ns, |f| f.vmhost_cpu_ns);
                 let per_req = |ns: u64| ns as f64 / 1e3 / r.io.completed.max(1) as f64;
                 if r.io.failures() > 0 {
                     return Err(format!("{}: {} failed requests", r.model, r.io.failures()).into());
@@ -107,7 +109,7 @@ pub fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
                     g.to_string(),
                     d.to_string(),
                     format!("{:.0}", r.requests_per_sec()),
-                    format!("{:.2}", r.device_cores()),
+                    format!("{:.2}", r.cost.device_cores()),
                     format!("{:.0}", r.requests_per_core_sec()),
                     format!("{ratio:.2}"),
                     format!("{:.1}", r.p50_us()),

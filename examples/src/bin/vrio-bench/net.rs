@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vrio_core::remote::NotifyMode;
-use vrio_examples::{print_table, Progress};
+use vrio_examples::{print_table, with_cost, Progress};
 
 use super::Model;
 use vrio_testkit::net::{run_net, run_net_remote, NetReport, NetRunConfig, RemoteNetFigures};
@@ -69,19 +69,15 @@ fn json(
             "vmhost_cpu_s": f.vmhost_cpu_ns as f64 / 1e9,
         })
     });
-    serde_json::json!({
+    let j = serde_json::json!({
         "fabric": fabric,
         "model": r.model,
         "frame_bytes": size,
         "frames_sent": r.sent.sent,
         "frames_received": r.recv.received,
         "bytes_received": r.recv.bytes,
-        "wall_s": r.wall.as_secs_f64(),
         "packets_per_s": r.packets_per_sec(),
         "gbit_per_s": r.gbit_per_sec(),
-        "device_cpu_s": r.device_cpu_ns as f64 / 1e9,
-        "process_cpu_s": r.process_cpu_ns as f64 / 1e9,
-        "device_cores": r.device_cores(),
         "packets_per_device_core_s": r.packets_per_core_sec(),
         "gbit_per_device_core_s": r.gbit_per_core_sec(),
         "ratio_packets_per_s_vs_vhost": ratio_pps,
@@ -93,13 +89,14 @@ fn json(
         "duplicate": r.recv.duplicate,
         "port_drops": r.port_drops(),
         "sidecore": {
-            "polls": r.stats.polls,
-            "empty_polls": r.stats.empty_polls,
-            "sleeps": r.stats.sleeps,
-            "poll_mode_on": r.stats.poll_mode_on,
-            "poll_mode_off": r.stats.poll_mode_off,
+            "polls": r.cost.stats.polls,
+            "empty_polls": r.cost.stats.empty_polls,
+            "sleeps": r.cost.stats.sleeps,
+            "poll_mode_on": r.cost.stats.poll_mode_on,
+            "poll_mode_off": r.cost.stats.poll_mode_off,
         },
-    })
+    });
+    with_cost(j, &r.cost)
 }
 
 pub fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
@@ -151,7 +148,7 @@ pub fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
                 size.to_string(),
                 format!("{:.0}", r.packets_per_sec()),
                 format!("{:.3}", r.gbit_per_sec()),
-                format!("{:.2}", r.device_cores()),
+                format!("{:.2}", r.cost.device_cores()),
                 format!("{:.0}", r.packets_per_core_sec()),
                 format!("{:.3}", r.gbit_per_core_sec()),
                 format!("{ratio_pps:.2}"),

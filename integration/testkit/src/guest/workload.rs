@@ -15,7 +15,7 @@ use virtio_bindings::virtio_blk::{
 };
 
 use super::{fill_pattern, pattern_matches, GuestQueue, BLOCK};
-use crate::driver::{add_chain, publish_and_kick, wait_for_call, Slots};
+use crate::driver::{add_chain, kick_added, next_used, wait_counted, Slots};
 use vrio_core::memory::{GuestMemory, LocalMemory};
 use vrio_core::ring::Segment;
 
@@ -267,8 +267,7 @@ pub fn run_queue(
             issued += 1;
             added += 1;
         }
-        if added > 0 && publish_and_kick(&mut q.driver, mem, &q.kick).is_err() {
-            r.protocol_errors += 1;
+        if !kick_added(&mut q.driver, mem, &q.kick, added, &mut r.protocol_errors) {
             break;
         }
         let outstanding = usize::from(depth) - free.free();
@@ -279,17 +278,12 @@ pub fn run_queue(
         // Reap what completed.
         let mut reaped = 0;
         loop {
-            let (head, len) = match q.driver.pop_used(mem) {
-                Ok(Some(x)) => x,
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::error!(error = %e, "device returned a bad used entry");
-                    r.protocol_errors += 1;
-                    r.lost += (usize::from(depth) - free.free()) as u64;
-                    r.elapsed = started.elapsed();
-                    return r;
-                }
+            let Ok(used) = next_used(&mut q.driver, mem, "", &mut r.protocol_errors) else {
+                r.lost += (usize::from(depth) - free.free()) as u64;
+                r.elapsed = started.elapsed();
+                return r;
             };
+            let Some((head, len)) = used else { break };
             reaped += 1;
             let Some((si, slot)) = free.complete(head).and_then(|si| {
                 let slot = slots.get_mut(usize::from(si))?;
@@ -349,13 +343,10 @@ pub fn run_queue(
         let outstanding = usize::from(depth) - free.free();
         if outstanding > 0 && (free.free() == 0 || done_issuing(issued) || added == 0) {
             // Wait for an interrupt.
-            match wait_for_call(&mut q.driver, mem, &q.call, 100) {
-                Ok(true) => continue,
-                Ok(false) => {}
-                Err(_) => {
-                    r.protocol_errors += 1;
-                    break;
-                }
+            let called = wait_counted(&mut q.driver, mem, &q.call, 100, &mut r.protocol_errors);
+            let Some(look_again) = called else { break };
+            if look_again {
+                continue;
             }
             if last_progress.elapsed() > cfg.stall_timeout {
                 tracing::error!(outstanding, "device stalled; giving up");

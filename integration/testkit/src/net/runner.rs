@@ -6,15 +6,16 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::cputime::process_cpu_ns;
 use crate::guest::GuestError;
 use crate::net::guest::{NetGuest, NetGuestConfig, RX_QUEUE, TX_QUEUE};
 use crate::net::traffic::{
     run_receiver, run_sender, Link, RecvConfig, RecvReport, SendConfig, SendReport,
 };
-use crate::runner::{open_domain, queue_attach, serve_local, LocalModel, RunError};
+use crate::runner::{
+    open_domain, queue_attach, serve_local, LocalModel, RunClock, RunCost, RunError,
+};
 use vrio_core::models::LocalQueue;
 use vrio_core::net::rx::RxDevice;
 use vrio_core::net::rx_queue::NetRxQueue;
@@ -23,7 +24,7 @@ use vrio_core::net::switch::{Switch, SwitchConfig};
 use vrio_core::net::tx::TxDevice;
 use vrio_core::net::SwitchPort;
 use vrio_core::ring::RingFeatures;
-use vrio_core::sidecore::{ServedQueue, StatsSnapshot};
+use vrio_core::sidecore::ServedQueue;
 
 #[derive(Debug, Clone, Copy)]
 pub struct NetRunConfig {
@@ -68,29 +69,23 @@ pub struct NetReport {
     pub model: String,
     pub sent: SendReport,
     pub recv: RecvReport,
-    pub wall: Duration,
-    pub device_cpu_ns: u64,
-    pub process_cpu_ns: u64,
-    pub stats: StatsSnapshot,
+    pub cost: RunCost,
     /// Per guest port, in guest order.
     pub ports: Vec<PortSnapshot>,
 }
 
 impl NetReport {
     pub fn packets_per_sec(&self) -> f64 {
-        self.recv.received as f64 / self.wall.as_secs_f64().max(1e-9)
+        self.cost.per_sec(self.recv.received as f64)
     }
     pub fn gbit_per_sec(&self) -> f64 {
-        self.recv.bytes as f64 * 8.0 / 1e9 / self.wall.as_secs_f64().max(1e-9)
-    }
-    pub fn device_cores(&self) -> f64 {
-        self.device_cpu_ns as f64 / 1e9 / self.wall.as_secs_f64().max(1e-9)
+        self.cost.per_sec(self.recv.bytes as f64 * 8.0 / 1e9)
     }
     pub fn packets_per_core_sec(&self) -> f64 {
-        self.recv.received as f64 / (self.device_cpu_ns as f64 / 1e9).max(1e-9)
+        self.cost.per_core_sec(self.recv.received as f64)
     }
     pub fn gbit_per_core_sec(&self) -> f64 {
-        self.recv.bytes as f64 * 8.0 / 1e9 / (self.device_cpu_ns as f64 / 1e9).max(1e-9)
+        self.cost.per_core_sec(self.recv.bytes as f64 * 8.0 / 1e9)
     }
     pub fn port_drops(&self) -> u64 {
         self.ports.iter().map(PortSnapshot::total_drops).sum()
@@ -137,46 +132,46 @@ pub fn attach_net_guest(
     })
 }
 
+/// The guests of `rc`, in sending pairs (rounded up to even).
+fn guest_configs(rc: &NetRunConfig) -> Vec<NetGuestConfig> {
+    let n = rc.guests.max(2).div_ceil(2) * 2;
+    (0..n)
+        .map(|id| NetGuestConfig {
+            queue_size: rc.queue_size,
+            rx_buf_len: rc.rx_buf_len,
+            features: rc.features,
+            ..NetGuestConfig::new(id)
+        })
+        .collect()
+}
+
 /// Runs `rc` under `model`.
 pub fn run_net(
     model: LocalModel,
     rc: &NetRunConfig,
     progress: &Arc<AtomicU64>,
 ) -> Result<NetReport, RunError> {
-    let n = rc.guests.max(2).div_ceil(2) * 2;
     let switch = Switch::new(rc.switch);
     let mut guests = Vec::new();
     let mut devices: Vec<Vec<Box<dyn ServedQueue>>> = Vec::new();
     let mut ports = Vec::new();
-    for id in 0..n {
-        let cfg = NetGuestConfig {
-            queue_size: rc.queue_size,
-            rx_buf_len: rc.rx_buf_len,
-            features: rc.features,
-            ..NetGuestConfig::new(id)
-        };
+    for cfg in guest_configs(rc) {
         let a = attach_net_guest(&switch, cfg, rc.mergeable)?;
         devices.push(vec![Box::new(a.rx), Box::new(a.tx)]);
         ports.push(a.port);
         guests.push(a.guest);
     }
-    let links: Vec<Arc<Link>> = (0..n).map(|_| Arc::new(Link::default())).collect();
     let stop = Arc::new(AtomicBool::new(false));
-    let cpu0 = process_cpu_ns();
-    let t0 = Instant::now();
-    let (run, device_cpu_ns, stats) = serve_local(model, devices, "net", || {
-        drive(guests, rc, &links, progress, &stop)
-    })?;
+    let clock = RunClock::start();
+    let (run, device_cpu_ns, stats) =
+        serve_local(model, devices, "net", || drive(guests, rc, progress, &stop))?;
     let (sent, recv) = run?;
-    let wall = t0.elapsed();
+    let wall = clock.wall();
     Ok(NetReport {
         model: model.name(),
         sent,
         recv,
-        wall,
-        device_cpu_ns,
-        process_cpu_ns: process_cpu_ns().saturating_sub(cpu0),
-        stats,
+        cost: clock.cost(wall, device_cpu_ns, stats),
         ports: ports.iter().map(|p| p.stats().snapshot()).collect(),
     })
 }
@@ -231,15 +226,7 @@ pub fn run_net_remote(
 ) -> Result<(NetReport, RemoteNetFigures), RunError> {
     use std::sync::atomic::Ordering::Relaxed;
     use vrio_core::remote::{IoServer, IoServerConfig, NetServerConfig};
-    let n = rc.guests.max(2).div_ceil(2) * 2;
-    let cfgs: Vec<NetGuestConfig> = (0..n)
-        .map(|id| NetGuestConfig {
-            queue_size: rc.queue_size,
-            rx_buf_len: rc.rx_buf_len,
-            features: rc.features,
-            ..NetGuestConfig::new(id)
-        })
-        .collect();
+    let cfgs = guest_configs(rc);
     let domain = open_domain(vrio_rdma::Backend::Soft, None)?;
     let server = IoServer::start(
         domain,
@@ -262,12 +249,10 @@ pub fn run_net_remote(
         agents.push(attach_net_remote(&g, u64::from(c.id), server.addr(), mode)?);
         guests.push(g);
     }
-    let links: Vec<Arc<Link>> = (0..n).map(|_| Arc::new(Link::default())).collect();
     let stop = Arc::new(AtomicBool::new(false));
-    let cpu0 = process_cpu_ns();
-    let t0 = Instant::now();
-    let (sent, recv) = drive(guests, rc, &links, progress, &stop)?;
-    let wall = t0.elapsed();
+    let clock = RunClock::start();
+    let (sent, recv) = drive(guests, rc, progress, &stop)?;
+    let wall = clock.wall();
     let mut fig = RemoteNetFigures::default();
     for a in agents.iter_mut() {
         a.detach();
@@ -288,10 +273,7 @@ pub fn run_net_remote(
             model: format!("remote {} x{}", mode.name(), sidecores.max(1)),
             sent,
             recv,
-            wall,
-            device_cpu_ns,
-            process_cpu_ns: process_cpu_ns().saturating_sub(cpu0),
-            stats,
+            cost: clock.cost(wall, device_cpu_ns, stats),
             ports,
         },
         fig,
@@ -302,10 +284,10 @@ pub fn run_net_remote(
 fn drive(
     guests: Vec<NetGuest>,
     rc: &NetRunConfig,
-    links: &[Arc<Link>],
     progress: &Arc<AtomicU64>,
     stop: &Arc<AtomicBool>,
 ) -> Result<(SendReport, RecvReport), RunError> {
+    let links: Vec<Arc<Link>> = guests.iter().map(|_| Arc::new(Link::default())).collect();
     let macs: Vec<_> = guests.iter().map(|g| g.cfg.mac).collect();
     let mut senders = Vec::new();
     let mut receivers = Vec::new();

@@ -10,7 +10,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
-use crate::driver::{add_chain, publish_and_kick, wait_for_call, Slots};
+use crate::driver::{add_chain, kick_added, next_used, wait_counted, Slots};
 use crate::net::guest::NetGuestQueue;
 use vrio_core::memory::{GuestMemory, LocalMemory};
 use vrio_core::net::header::{NetHeader, HDR_LEN};
@@ -119,22 +119,16 @@ pub fn run_sender(
     loop {
         let mut reaped = 0;
         loop {
-            match q.driver.pop_used(mem) {
-                Ok(Some((head, _))) => {
-                    if free.complete(head).is_none() {
-                        r.protocol_errors += 1;
-                    }
-                    reaped += 1;
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::error!(error = %e, "TX device returned a bad used entry");
-                    r.protocol_errors += 1;
-                    r.elapsed = started.elapsed();
-                    link.sender_done.store(true, SeqCst);
-                    return r;
-                }
+            let Ok(used) = next_used(&mut q.driver, mem, "TX ", &mut r.protocol_errors) else {
+                r.elapsed = started.elapsed();
+                link.sender_done.store(true, SeqCst);
+                return r;
+            };
+            let Some((head, _)) = used else { break };
+            if free.complete(head).is_none() {
+                r.protocol_errors += 1;
             }
+            reaped += 1;
         }
         let done = stop.load(Relaxed)
             || (cfg.frames > 0 && seq >= cfg.frames)
@@ -178,8 +172,7 @@ pub fn run_sender(
             link.sent.store(seq, SeqCst);
             added += 1;
         }
-        if added > 0 && publish_and_kick(&mut q.driver, mem, &q.kick).is_err() {
-            r.protocol_errors += 1;
+        if !kick_added(&mut q.driver, mem, &q.kick, added, &mut r.protocol_errors) {
             break;
         }
         let outstanding = q.driver.outstanding();
@@ -191,13 +184,10 @@ pub fn run_sender(
             continue;
         }
         if outstanding > 0 && (free.free() == 0 || done) {
-            match wait_for_call(&mut q.driver, mem, &q.call, 1) {
-                Ok(true) => continue,
-                Ok(false) => {}
-                Err(_) => {
-                    r.protocol_errors += 1;
-                    break;
-                }
+            let called = wait_counted(&mut q.driver, mem, &q.call, 1, &mut r.protocol_errors);
+            let Some(look_again) = called else { break };
+            if look_again {
+                continue;
             }
         } else {
             // Window closed: the peer has not caught up yet.
@@ -304,21 +294,15 @@ pub fn run_receiver(
             free.take(head);
             added += 1;
         }
-        if added > 0 && publish_and_kick(&mut q.driver, mem, &q.kick).is_err() {
-            r.protocol_errors += 1;
+        if !kick_added(&mut q.driver, mem, &q.kick, added, &mut r.protocol_errors) {
             break;
         }
         let mut reaped = 0;
         loop {
-            let (head, len) = match q.driver.pop_used(mem) {
-                Ok(Some(x)) => x,
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::error!(error = %e, "RX device returned a bad used entry");
-                    r.protocol_errors += 1;
-                    break 'outer;
-                }
+            let Ok(used) = next_used(&mut q.driver, mem, "RX ", &mut r.protocol_errors) else {
+                break 'outer;
             };
+            let Some((head, len)) = used else { break };
             reaped += 1;
             let Some(si) = free.complete(head) else {
                 r.protocol_errors += 1;
@@ -406,13 +390,10 @@ pub fn run_receiver(
             );
             break;
         }
-        match wait_for_call(&mut q.driver, mem, &q.call, 1) {
-            Ok(true) => continue,
-            Ok(false) => {}
-            Err(_) => {
-                r.protocol_errors += 1;
-                break;
-            }
+        let called = wait_counted(&mut q.driver, mem, &q.call, 1, &mut r.protocol_errors);
+        let Some(look_again) = called else { break };
+        if look_again {
+            continue;
         }
     }
     r.lost = link.sent.load(SeqCst).saturating_sub(counted);
