@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use vrio_core::blk::MemoryBackend;
 use vrio_core::remote::{IoServer, IoServerConfig, NotifyMode};
 use vrio_rdma::{Backend, EndpointConfig};
-use vrio_testkit::guest::WorkloadConfig;
 use vrio_testkit::runner::{attach_guests, drive_guests, make_guests, RunConfig};
 
 #[test]
@@ -32,17 +31,7 @@ fn silent_connections_do_not_hold_up_an_attach() {
         })
         .collect();
 
-    let rc = RunConfig {
-        guests: 1,
-        queues_per_guest: 1,
-        workload: WorkloadConfig {
-            requests: 500,
-            depth: 4,
-            blocks: 64,
-            ..WorkloadConfig::default()
-        },
-        ..RunConfig::default()
-    };
+    let rc = RunConfig::one_queue(500, 4, 64);
     let guests = make_guests(&rc).unwrap();
     let t0 = Instant::now();
     let agents = attach_guests(

@@ -248,6 +248,18 @@ pub struct Completion {
 }
 
 impl Completion {
+    /// What a request posted to an endpoint in the error state completes
+    /// with, as verbs does.
+    pub fn flushed(wr: &SendRequest) -> Self {
+        Completion {
+            wr_id: wr.wr_id,
+            status: WcStatus::Flushed,
+            opcode: wr.opcode.completion_opcode(),
+            byte_len: 0,
+            imm: None,
+        }
+    }
+
     /// A blank entry, to size the buffers `poll` fills.
     pub const EMPTY: Completion = Completion {
         wr_id: 0,

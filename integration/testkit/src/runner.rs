@@ -42,6 +42,24 @@ pub struct RunConfig {
     pub workload: WorkloadConfig,
 }
 
+impl RunConfig {
+    /// One guest with one queue: `requests` at depth `depth` over `blocks`
+    /// blocks of its own, the rest as the defaults.
+    pub fn one_queue(requests: u64, depth: u16, blocks: u64) -> Self {
+        Self {
+            guests: 1,
+            queues_per_guest: 1,
+            workload: WorkloadConfig {
+                requests,
+                depth,
+                blocks,
+                ..WorkloadConfig::default()
+            },
+            ..Self::default()
+        }
+    }
+}
+
 impl Default for RunConfig {
     fn default() -> Self {
         Self {

@@ -173,13 +173,7 @@ impl Qp {
         if self.dead {
             // Posting to a QP in the error state flushes, as verbs does.
             for wr in wrs {
-                self.cq.push_back(Completion {
-                    wr_id: wr.wr_id,
-                    status: WcStatus::Flushed,
-                    opcode: wr.opcode.completion_opcode(),
-                    byte_len: 0,
-                    imm: None,
-                });
+                self.cq.push_back(Completion::flushed(wr));
             }
             return Ok(());
         }

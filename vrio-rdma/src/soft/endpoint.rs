@@ -273,13 +273,7 @@ impl Endpoint for SoftEndpoint {
         if st.dead {
             // Posting to a QP in the error state flushes, as verbs does.
             for wr in wrs {
-                st.cq.push_back(Completion {
-                    wr_id: wr.wr_id,
-                    status: WcStatus::Flushed,
-                    opcode: wr.opcode.completion_opcode(),
-                    byte_len: 0,
-                    imm: None,
-                });
+                st.cq.push_back(Completion::flushed(wr));
             }
             self.shared.wake(&mut st);
             return Ok(());
