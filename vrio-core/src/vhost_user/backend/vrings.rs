@@ -229,22 +229,16 @@ impl VrioBackend {
         }
         let mem_for_ring = mem.clone();
         match self.attach_queue(q, vring, mem, acked, st.inflight.as_deref()) {
-            Ok(Attached {
-                dev,
-                kick,
-                call,
-                layout,
-                base,
-                tracker,
-            }) => {
+            Ok(a) => {
                 let Some(qs) = st.queues.get_mut(q) else {
                     return false;
                 };
-                qs.ring = Some((layout, mem_for_ring, vring.clone()));
-                qs.dev = Some(dev);
-                qs.kick = Some(kick);
-                qs.call = Some(call);
-                qs.tracker = tracker;
+                let base = a.base;
+                qs.ring = Some((a.layout, mem_for_ring, vring.clone()));
+                qs.dev = Some(a.dev);
+                qs.kick = Some(a.kick);
+                qs.call = Some(a.call);
+                qs.tracker = a.tracker;
                 tracing::info!(queue = q, to = %self.cfg.serving.name(), base, "queue attached");
                 if base != 0 {
                     // The back-end before us may have published completions
