@@ -346,6 +346,36 @@ pub trait Domain: Send + Sync {
         access: Access,
     ) -> Result<Box<dyn MemoryRegion>, FabricError>;
 
+    /// Registers memory that is a shared mapping of `fd` at `offset` (guest
+    /// RAM from a memfd, say). Back-ends that can share the file with peers
+    /// (`shm`) hand it to them, so their READs and WRITEs become plain
+    /// copies; the others register `ptr` as [`Domain::register`] does.
+    ///
+    /// # Safety
+    /// As [`Domain::register`]; in addition `ptr..ptr+len` must be a
+    /// `MAP_SHARED` mapping of `fd` starting at `offset`.
+    unsafe fn register_fd(
+        &self,
+        ptr: *mut u8,
+        len: usize,
+        access: Access,
+        fd: std::os::fd::BorrowedFd<'_>,
+        offset: u64,
+    ) -> Result<Box<dyn MemoryRegion>, FabricError> {
+        let _ = (fd, offset);
+        // SAFETY: the caller upholds `register`'s contract, which this one
+        // extends.
+        unsafe { self.register(ptr, len, access) }
+    }
+
+    /// CPU time, in nanoseconds, used so far by the threads this domain runs
+    /// on its endpoints' behalf (the `soft` back-end's "NIC" threads); 0 for
+    /// back-ends that run none (`verbs`, `shm`, `sim`). For CPU per request
+    /// by role in the benchmarks.
+    fn fabric_cpu_ns(&self) -> u64 {
+        0
+    }
+
     /// Listens for reliable connections on `addr` (`host:port` or a Unix path
     /// for `soft`, an IP address and port for `verbs`).
     fn listen(&self, addr: &str, cfg: EndpointConfig) -> Result<Box<dyn Listener>, FabricError>;
