@@ -297,6 +297,10 @@ pub enum FabricChoice {
     Soft,
     /// Real verbs (RoCE, InfiniBand, Soft-RoCE); fails without a device.
     Verbs,
+    /// Shared memory with processes on this host (`unix:PATH` addresses):
+    /// an I/O server beside its VMs, where READ and WRITE cost the target
+    /// no CPU.
+    Shm,
 }
 
 /// Resolves `--fabric` to a back-end once, so every later domain (one per
@@ -308,6 +312,7 @@ pub fn resolve_fabric(
     use vrio_rdma::Backend;
     match choice {
         FabricChoice::Soft => Ok(Backend::Soft),
+        FabricChoice::Shm => Ok(Backend::Shm),
         FabricChoice::Verbs => vrio_rdma::open(Backend::Verbs, device).map(|_| Backend::Verbs),
         FabricChoice::Auto => match vrio_rdma::open(Backend::Verbs, device) {
             Ok(_) => Ok(Backend::Verbs),
@@ -324,6 +329,7 @@ pub fn backend_name(b: vrio_rdma::Backend) -> &'static str {
     match b {
         vrio_rdma::Backend::Soft => "soft",
         vrio_rdma::Backend::Verbs => "verbs",
+        vrio_rdma::Backend::Shm => "shm",
     }
 }
 

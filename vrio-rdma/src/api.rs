@@ -423,4 +423,7 @@ pub enum Backend {
     Soft,
     /// Real RDMA verbs (needs a device and the `verbs` feature).
     Verbs,
+    /// Shared memory between processes on one host (`unix:PATH`
+    /// addresses): READ and WRITE are copies by the initiator.
+    Shm,
 }

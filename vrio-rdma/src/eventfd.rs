@@ -1,5 +1,5 @@
 //! The non-blocking eventfd behind `Endpoint::notify_fd` of the `soft` and
-//! `sim` back-ends.
+//! `sim` back-ends, and the wake-up of a sleeping `shm` peer.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
@@ -17,6 +17,12 @@ impl EventFd {
         }
         // SAFETY: `fd` is a fresh descriptor that nothing else owns.
         Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Wraps an eventfd someone else created (the `shm` peer's, which it
+    /// passed us). The caller has checked that it is one.
+    pub(crate) fn from_owned(fd: OwnedFd) -> Self {
+        Self(fd)
     }
 
     /// Makes the fd readable (adds one to the count).

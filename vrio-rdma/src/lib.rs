@@ -3,7 +3,9 @@
 //! one API and one conformance suite:
 //!
 //! - `verbs`: real RDMA through sideway (RoCE, InfiniBand, Soft-RoCE);
-//! - `soft`: the same semantics in user space over TCP or Unix sockets.
+//! - `soft`: the same semantics in user space over TCP or Unix sockets;
+//! - `shm`: the same semantics between processes on one host, with READ
+//!   and WRITE done as copies by the initiator (the target spends no CPU).
 //!
 //! Feature `sim` adds [`sim`]: the same semantics in memory, with no threads
 //! or clocks, stepped by a test harness's seeded rng (deterministic protocol
@@ -33,6 +35,7 @@ pub mod async_endpoint;
 pub mod conformance;
 mod eventfd;
 pub mod select;
+pub mod shm;
 #[cfg(feature = "sim")]
 pub mod sim;
 pub mod soft;

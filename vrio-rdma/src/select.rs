@@ -3,10 +3,11 @@
 use crate::api::{Backend, Domain, FabricError};
 
 /// Opens a domain on `backend`. `device` names the RDMA device for `verbs`
-/// (the first one if `None`); `soft` ignores it.
+/// (the first one if `None`); `soft` and `shm` ignore it.
 pub fn open(backend: Backend, device: Option<&str>) -> Result<Box<dyn Domain>, FabricError> {
     match backend {
         Backend::Soft => crate::soft::open_domain(),
+        Backend::Shm => crate::shm::open_domain(),
         Backend::Verbs => open_verbs(device),
     }
 }
@@ -42,8 +43,9 @@ impl std::str::FromStr for crate::api::Backend {
         match s {
             "soft" => Ok(Backend::Soft),
             "verbs" => Ok(Backend::Verbs),
+            "shm" => Ok(Backend::Shm),
             other => Err(FabricError::InvalidRequest(format!(
-                "unknown back-end {other:?} (soft or verbs)"
+                "unknown back-end {other:?} (soft, shm or verbs)"
             ))),
         }
     }
@@ -58,6 +60,8 @@ mod tests {
         assert!(open(Backend::Soft, None).is_ok());
         assert_eq!("soft".parse::<Backend>().ok(), Some(Backend::Soft));
         assert_eq!("verbs".parse::<Backend>().ok(), Some(Backend::Verbs));
+        assert_eq!("shm".parse::<Backend>().ok(), Some(Backend::Shm));
+        assert!(open(Backend::Shm, None).is_ok());
         assert!("ib".parse::<Backend>().is_err());
     }
 

@@ -14,9 +14,9 @@ fn in_process(addr: &str) {
     let text = String::from_utf8(out).unwrap();
     print!("{text}");
     assert_eq!(sum.failed, 0, "failures: {:?}", sum.failures);
-    // Every case ran (connect + 11 cases) and the closing line is exact.
-    assert_eq!(sum.passed, 12, "{text}");
-    assert!(text.ends_with("12 passed, 0 failed\n"), "{text}");
+    // Every case ran (connect + 12 cases) and the closing line is exact.
+    assert_eq!(sum.passed, 13, "{text}");
+    assert!(text.ends_with("13 passed, 0 failed\n"), "{text}");
 }
 
 #[test]
@@ -71,7 +71,7 @@ fn two_processes(listen: &str) {
     let mut rest = String::new();
     let _ = lines.read_to_string(&mut rest);
     assert!(out.status.success(), "initiator failed:\n{text}");
-    assert!(text.ends_with("12 passed, 0 failed\n"), "{text}");
+    assert!(text.ends_with("13 passed, 0 failed\n"), "{text}");
     assert!(!text.contains("FAIL"), "{text}");
     assert_eq!(
         st.map(|s| s.success()),

@@ -17,13 +17,20 @@ use vrio_rdma::{Backend, EndpointConfig};
 enum BackendArg {
     Soft,
     Verbs,
+    Shm,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Role {
+    /// Serve the suite's target on --addr (prints "listening on ADDR").
     Target,
+    /// Run every case against the target at --addr.
     Initiator,
+    /// Run target and initiator in this process.
     Local,
+    /// Connect to --addr, print "connected", then keep the endpoint open
+    /// until killed (a peer for dead-peer tests).
+    Hold,
 }
 
 #[derive(Debug, Parser)]
@@ -33,7 +40,7 @@ struct Args {
     backend: BackendArg,
     #[arg(long, value_enum)]
     role: Role,
-    /// `host:port` (soft, verbs) or `unix:/path` (soft). The target may use
+    /// `host:port` (soft, verbs) or `unix:/path` (soft, shm). The target may use
     /// port 0 and prints the address it listens on.
     #[arg(long)]
     addr: String,
@@ -65,6 +72,7 @@ fn run(args: &Args) -> Result<bool, vrio_rdma::FabricError> {
     let backend = match args.backend {
         BackendArg::Soft => Backend::Soft,
         BackendArg::Verbs => Backend::Verbs,
+        BackendArg::Shm => Backend::Shm,
     };
     let device = args.device.as_deref();
     let mut out = std::io::stdout();
@@ -98,6 +106,21 @@ fn run(args: &Args) -> Result<bool, vrio_rdma::FabricError> {
                 &mut out,
             )?;
             Ok(sum.failed == 0)
+        }
+        Role::Hold => {
+            let domain = vrio_rdma::open(backend, device)?;
+            let mut ep = domain.connect(&args.addr, EndpointConfig::default())?;
+            let _ = writeln!(out, "connected");
+            let _ = out.flush();
+            let mut done = [vrio_rdma::Completion::EMPTY; 16];
+            loop {
+                match ep.wait(std::time::Duration::from_secs(1)) {
+                    Ok(()) => {
+                        ep.poll(&mut done)?;
+                    }
+                    Err(_) => return Ok(true),
+                }
+            }
         }
         Role::Local => {
             let target = vrio_rdma::open(backend, device)?;

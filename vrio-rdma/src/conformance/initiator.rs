@@ -566,6 +566,55 @@ impl<'a> Initiator<'a> {
         })
     }
 
+    /// Fencing: once the target has deregistered a region, a WRITE into it
+    /// fails with RemoteAccessError and changes nothing, even though the
+    /// target keeps the memory.
+    fn deregistered_region(&self) -> CaseResult {
+        let mut c = self.connect()?;
+        self.send_msg(&mut c, &proto::new(proto::TEMP))?;
+        let m = self.recv_msg(&mut c)?;
+        if proto::op(&m) != proto::TEMP_REGION {
+            return Err(format!("expected TEMP_REGION, got op {}", proto::op(&m)));
+        }
+        let r = RemoteRegion::from_bytes(&m[4..24]).map_err(err)?;
+        let len = 4096;
+        self.mem.write(L_SRC, &pattern_vec(31, 0, len));
+        self.run_ok(
+            &mut c,
+            &[
+                self.op(700, Self::write_op(&r, 4096), L_SRC, len),
+                self.op(701, Self::read_op(&r, 4096), L_DST, len),
+            ],
+        )?;
+        if self.mem.to_vec(L_DST, len) != pattern_vec(31, 0, len) {
+            return Err("WRITE to the fresh region did not read back".into());
+        }
+        self.send_msg(&mut c, &proto::new(proto::TEMP_DROP))?;
+        let m = self.recv_msg(&mut c)?;
+        if proto::op(&m) != proto::TEMP_SUM {
+            return Err(format!("expected TEMP_SUM, got op {}", proto::op(&m)));
+        }
+        let before = proto::get_u64(&m, 8);
+        self.mem.write(L_SRC, &pattern_vec(32, 0, len));
+        c.ep.post_send(&[self.op(702, Self::write_op(&r, 0), L_SRC, len)])
+            .map_err(err)?;
+        let d = self.wait_data(&mut c, 1, self.opts.timeout)?;
+        if d[0].status != WcStatus::RemoteAccessError {
+            return Err(format!(
+                "WRITE to a deregistered region completed {:?}, want RemoteAccessError",
+                d[0].status
+            ));
+        }
+        drop(c);
+        let mut c = self.connect()?;
+        self.send_msg(&mut c, &proto::new(proto::TEMP_CHECK))?;
+        let m = self.recv_msg(&mut c)?;
+        if proto::op(&m) != proto::TEMP_SUM || proto::get_u64(&m, 8) != before {
+            return Err("the deregistered region's memory changed after deregistration".into());
+        }
+        Ok(())
+    }
+
     /// The peer dies while READs are outstanding: keep up to 64 in flight
     /// until errors appear, then everything completes (nothing hangs):
     /// successes only before the first error, which is RetryExceeded or
@@ -664,6 +713,7 @@ pub fn run_initiator(
             report("out_of_bounds", ini.out_of_bounds());
             report("write_read_only", ini.write_read_only());
             report("local_protection", ini.local_protection());
+            report("deregistered_region", ini.deregistered_region());
             report("killed_peer", ini.killed_peer());
         }
     }

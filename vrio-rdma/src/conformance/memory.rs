@@ -56,6 +56,12 @@ impl MemfdMemory {
         })
     }
 
+    /// The memfd, for [`Domain::register_fd`](crate::api::Domain::register_fd).
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self._fd.as_fd()
+    }
+
     /// Start of the mapping, for registering it.
     pub fn ptr(&self) -> *mut u8 {
         self.ptr

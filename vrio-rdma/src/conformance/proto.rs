@@ -17,6 +17,15 @@ pub const ECHO: u32 = 3;
 pub const DIE: u32 = 4;
 /// Stop the target.
 pub const QUIT: u32 = 5;
+/// Initiator to target: register a fresh read-write region (answered with
+/// `TEMP_REGION`).
+pub const TEMP: u32 = 6;
+/// Initiator to target: deregister that region, then report the checksum
+/// of its memory (answered with `TEMP_SUM`).
+pub const TEMP_DROP: u32 = 7;
+/// Initiator to target: report the checksum of the dropped region's
+/// memory now (answered with `TEMP_SUM`).
+pub const TEMP_CHECK: u32 = 8;
 /// Target to initiator: the read-write and read-only [`RemoteRegion`]s.
 pub const REGIONS: u32 = 101;
 /// Target to initiator, for every WRITE_WITH_IMM it receives: u32 at 4 is 1
@@ -25,6 +34,10 @@ pub const REGIONS: u32 = 101;
 pub const IMM_RESULT: u32 = 102;
 /// Target to initiator: the `ECHO` message, returned.
 pub const ECHO_REPLY: u32 = 103;
+/// Target to initiator: the `TEMP` region, a [`RemoteRegion`] at byte 4.
+pub const TEMP_REGION: u32 = 106;
+/// Target to initiator: u64 at 8 is the checksum of the `TEMP` memory.
+pub const TEMP_SUM: u32 = 107;
 /// Target to initiator: `QUIT` received, the target stops.
 pub const QUIT_ACK: u32 = 105;
 

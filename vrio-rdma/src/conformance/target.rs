@@ -2,6 +2,7 @@
 //! serves control messages, and dies on request.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use super::memory::{checksum, pattern, MemfdMemory};
@@ -36,9 +37,12 @@ fn setup(domain: &dyn Domain) -> Result<Regions, FabricError> {
     for i in 0..RO_LEN {
         mem.write(RW_LEN + i, &[pattern(RO_SEED, i)]);
     }
+    // The read-write region is registered with its file and the read-only
+    // one without, so back-ends that treat the two differently (shm maps
+    // the first and reaches the second with CMA) run every case on both.
     // SAFETY: `mem` outlives both regions: `Regions` and `run_target` drop
-    // the regions first.
-    let rw = unsafe { domain.register(mem.ptr(), RW_LEN, Access::GUEST_RAM)? };
+    // the regions first; `mem` maps its memfd from offset 0.
+    let rw = unsafe { domain.register_fd(mem.ptr(), RW_LEN, Access::GUEST_RAM, mem.fd(), 0)? };
     // SAFETY: as above; the second range starts inside the same mapping.
     let ro = unsafe { domain.register(mem.ptr().add(RW_LEN), RO_LEN, Access::REMOTE_READ_ONLY)? };
     Ok(Regions { rw, ro, mem })
@@ -54,6 +58,9 @@ pub fn run_target(
     stop: &AtomicBool,
 ) -> Result<(), FabricError> {
     let Regions { rw, ro, mem } = setup(domain)?;
+    // The memory of the fencing case's region, shared by all connections:
+    // it outlives its registration, so writes after it can be caught.
+    let temp: Mutex<Option<MemfdMemory>> = Mutex::new(None);
     let quit = stop;
     let res = std::thread::scope(|s| loop {
         let ep = match listener.accept() {
@@ -66,9 +73,17 @@ pub fn run_target(
         if quit.load(Ordering::SeqCst) {
             return Ok(());
         }
-        let (rw, ro, mem) = (&*rw, &*ro, &mem);
+        let t = Target {
+            domain,
+            rw: &*rw,
+            ro: &*ro,
+            mem: &mem,
+            temp: &temp,
+            quit,
+            opts,
+        };
         s.spawn(move || {
-            if let Err(e) = serve(domain, ep, rw, ro, mem, quit, opts) {
+            if let Err(e) = serve(t, ep) {
                 tracing::info!("conformance target: connection ended: {e}");
             }
         });
@@ -114,15 +129,37 @@ impl Ctrl {
     }
 }
 
-fn serve(
-    domain: &dyn Domain,
-    mut ep: Box<dyn Endpoint>,
-    rw: &dyn MemoryRegion,
-    ro: &dyn MemoryRegion,
-    mem: &MemfdMemory,
-    quit: &AtomicBool,
+/// What every connection of the target shares.
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    domain: &'a dyn Domain,
+    rw: &'a dyn MemoryRegion,
+    ro: &'a dyn MemoryRegion,
+    mem: &'a MemfdMemory,
+    temp: &'a Mutex<Option<MemfdMemory>>,
+    quit: &'a AtomicBool,
     opts: TargetOptions,
-) -> Result<(), FabricError> {
+}
+
+const TEMP_LEN: usize = 4 * 4096;
+
+fn temp_sum(temp: &Mutex<Option<MemfdMemory>>) -> u64 {
+    let t = temp.lock().unwrap_or_else(|e| e.into_inner());
+    t.as_ref().map_or(0, |m| checksum(&m.to_vec(0, m.len())))
+}
+
+fn serve(t: Target<'_>, mut ep: Box<dyn Endpoint>) -> Result<(), FabricError> {
+    let Target {
+        domain,
+        rw,
+        ro,
+        mem,
+        temp,
+        quit,
+        opts,
+    } = t;
+    // The fencing case's registration, on this connection.
+    let mut temp_mr: Option<Box<dyn MemoryRegion>> = None;
     let cmem = MemfdMemory::new("vrio-conformance-ctrl", (RECV_SLOTS + SEND_SLOTS) * MSG)?;
     // SAFETY: `cmem` outlives the region: `ctrl` drops `mr` before `mem`
     // (field order), and `ep` (declared later) is dropped before `ctrl`.
@@ -183,6 +220,29 @@ fn serve(
                     ctrl.send(ep.as_mut(), &proto::regions(rw.remote(), ro.remote()))?
                 }
                 proto::EXPECT => expect = Some(proto::parse_expect(&m)),
+                proto::TEMP => {
+                    let tm = MemfdMemory::new("vrio-conformance-temp", TEMP_LEN)?;
+                    // SAFETY: the memory is kept in `temp` (never dropped
+                    // while the target runs), and `tm` maps its memfd from 0.
+                    let mr = unsafe {
+                        domain.register_fd(tm.ptr(), TEMP_LEN, Access::GUEST_RAM, tm.fd(), 0)?
+                    };
+                    let mut r = proto::new(proto::TEMP_REGION);
+                    r[4..24].copy_from_slice(&mr.remote().to_bytes());
+                    temp_mr = Some(mr);
+                    // Replacing an older one is fine: its region is gone.
+                    *temp.lock().unwrap_or_else(|e| e.into_inner()) = Some(tm);
+                    ctrl.send(ep.as_mut(), &r)?;
+                }
+                proto::TEMP_DROP | proto::TEMP_CHECK => {
+                    if proto::op(&m) == proto::TEMP_DROP {
+                        // Deregistration fences the peer out before it returns.
+                        drop(temp_mr.take());
+                    }
+                    let mut r = proto::new(proto::TEMP_SUM);
+                    proto::put_u64(&mut r, 8, temp_sum(temp));
+                    ctrl.send(ep.as_mut(), &r)?;
+                }
                 proto::ECHO => {
                     proto::put_u32(&mut m, 0, proto::ECHO_REPLY);
                     ctrl.send(ep.as_mut(), &m)?;

@@ -15,7 +15,7 @@ pub use region::SoftRegion;
 pub(crate) use region::impl_memory_region;
 
 use crate::api::{Access, Domain, Endpoint, EndpointConfig, FabricError, Listener, MemoryRegion};
-use region::Registry;
+pub(crate) use region::Registry;
 use socket::SoftSocketListener;
 
 /// A soft protection domain: its regions are reachable only through
