@@ -2,7 +2,7 @@
 # Host side of the vhost-user-blk end-to-end run:
 #   QEMU (TCG, stock Debian kernel, virtio_blk on vhost-user-blk-pci)
 #     -> vrio-client vhost-user-blk (the VM-host agent)
-#     -> soft fabric -> vrio-server --disk file (the I/O server);
+#     -> soft (or shm) fabric -> vrio-server --disk file (the I/O server);
 #   or, with BACKEND=local, vrio-client vhost-user-blk --local-file serving
 #   the vrings itself with a local sidecore (no I/O server).
 # The guest runs GUEST-SCRIPT (default blk.sh); afterwards the host checks
@@ -13,7 +13,8 @@
 # Env:   NQ (queues, default 2), SMP (2), MEM (512 MiB), TMO (guest timeout s, 300),
 #        BLKMB (64), PATOFF (192), FSMB (128; 0: no ext4 part, guest or
 #        host), DISKMB (256), WORK (temp dir),
-#        BACKEND (vrio: remote I/O server; local: vrio local sidecore;
+#        FABRIC (soft: loopback TCP, default; shm: shared memory over a
+#        Unix socket in WORK), BACKEND (vrio: remote I/O server; local: vrio local sidecore;
 #        qsd: qemu-storage-daemon's vhost-user-blk export on the same kind
 #        of file, the baseline for compare.sh),
 #        CHECKS (1: the blk.sh checks on the backing file; 0: none),
@@ -73,6 +74,9 @@ el() { awk -v a="$(date +%s.%N)" -v b="$T0" 'BEGIN{printf "%.1f", a-b}'; }
 "$HERE/build-initramfs.sh" "$WORK/initramfs.cpio.gz" "$SCRIPT" || { echo "RESULT: FAIL (initramfs)"; exit 1; }
 
 BACKEND=${BACKEND:-vrio}; CHECKS=${CHECKS:-1}; BOOTS=${BOOTS:-1}
+FABRIC=${FABRIC:-soft}
+# Where an I/O server named $1 listens on $FABRIC.
+listen_addr() { if [ "$FABRIC" = shm ]; then echo "unix:$WORK/io-$1.sock"; else echo 127.0.0.1:0; fi; }
 ONCE=; [ "$BOOTS" = 1 ] && ONCE=--once
 KILLS=${KILLS:-}; RESTART_DELAY=${RESTART_DELAY:-0.5}; RECONNECT_MS=${RECONNECT_MS:-500}
 if [ -n "$KILLS" ] && { [ "$BOOTS" != 1 ] || [ "$BACKEND" = qsd ]; }; then
@@ -211,7 +215,7 @@ for _ in $(seq 100); do grep -qE '^127\.0\.0\.1:[0-9]+$' "$WORK/controller.log" 
 CTL=$(grep -E '^127\.0\.0\.1:[0-9]+$' "$WORK/controller.log" | head -n1)
 [ -n "$CTL" ] || { echo "vrio-controller did not start:"; cat "$WORK/controller.log"; echo "RESULT: FAIL"; exit 1; }
 for id in io-a io-b; do
-  "$SERVER" --fabric soft --listen 127.0.0.1:0 --disk file --file "$DISK" --size-mib "$DISKMB" \
+  "$SERVER" --fabric "$FABRIC" --listen "$(listen_addr "$id")" --disk file --file "$DISK" --size-mib "$DISKMB" \
     --sidecores 2 --stats-every 0 --controller "$CTL" --server-id "$id" > "$WORK/server-$id.log" 2>&1 &
   SPIDS+=($!)
 done
@@ -220,7 +224,7 @@ for _ in $(seq 200); do
   sleep 0.1
 done
 echo "host: vrio-controller on $CTL, I/O servers:"; "$BIN/vrio-ctl" --addr "$CTL" servers
-CLIENT_ARGS=(vhost-user-blk --fabric soft --socket "$SOCK" --controller "$CTL" --device-name vub --queues "$NQ" $ONCE)
+CLIENT_ARGS=(vhost-user-blk --fabric "$FABRIC" --socket "$SOCK" --controller "$CTL" --device-name vub --queues "$NQ" $ONCE)
 start_client || exit 1
 # MOVES: every queue to the other server, at each time.
 # Handovers the agent reported (a move hands over attached vrings only).
@@ -259,7 +263,7 @@ qemu-img create -f raw "$DISK" "${DISKMB}M" > /dev/null
 CLIENT_ARGS=(vhost-user-blk --socket "$SOCK" --local-file "$DISK" --queues "$NQ" $ONCE)
 start_client || exit 1
 else
-"$SERVER" --fabric soft --listen 127.0.0.1:0 --disk file --file "$DISK" --size-mib "$DISKMB" \
+"$SERVER" --fabric "$FABRIC" --listen "$(listen_addr io)" --disk file --file "$DISK" --size-mib "$DISKMB" \
   --sidecores 1 --stats-every 0 > "$WORK/server.log" 2>&1 &
 SPID=$!
 for _ in $(seq 100); do grep -q "listening on" "$WORK/server.log" && break; sleep 0.1; done
@@ -267,7 +271,7 @@ ADDR=$(sed -n 's/.*listening on \([^ ]*\).*/\1/p' "$WORK/server.log" | head -n1)
 [ -n "$ADDR" ] || { echo "vrio-server did not start:"; cat "$WORK/server.log"; echo "RESULT: FAIL"; exit 1; }
 echo "host: vrio-server on $ADDR (backing file $DISK, ${DISKMB} MiB)"
 
-CLIENT_ARGS=(vhost-user-blk --fabric soft --socket "$SOCK" --server "$ADDR" --queues "$NQ" $ONCE)
+CLIENT_ARGS=(vhost-user-blk --fabric "$FABRIC" --socket "$SOCK" --server "$ADDR" --queues "$NQ" $ONCE)
 start_client || exit 1
 fi
 

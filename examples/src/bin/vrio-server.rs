@@ -29,14 +29,15 @@ use vrio_examples::{
     long_about = None,
     after_help = "Examples:\n  \
         vrio-server --listen 127.0.0.1:7420 --sidecores 2\n  \
+        vrio-server --fabric shm --listen unix:/run/vrio/io.sock   (VMs on this host)\n  \
         VRIO_TOKEN=secret vrio-server --listen 127.0.0.1:7421 --controller 127.0.0.1:7470 --server-id io-1 \\\n    \
         --disk file --file /var/lib/vrio/disk.img\n  \
         vrio-server --listen 127.0.0.1:7420 --uplink-tap vrio0\n    \
         (then: ip addr add 10.0.0.254/24 dev vrio0; ip link set vrio0 up)"
 )]
 struct Args {
-    /// Address to listen on: IP:PORT (port 0 picks one), or unix:PATH for
-    /// the software fabric.
+    /// Address to listen on: IP:PORT (port 0 picks one), or unix:PATH
+    /// (soft, and always for shm).
     #[arg(long, default_value = "127.0.0.1:7420")]
     listen: String,
     /// Sidecore threads.

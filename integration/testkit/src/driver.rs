@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vrio_core::device::DeviceSide;
-use vrio_core::memory::{anonymous_memory, LocalMemory, MemoryError};
+use vrio_core::memory::{shared_memory, LocalMemory, MemoryError};
 use vrio_core::ring::{
     DriverError, DriverQueue, IndirectArea, QueueError, RingFeatures, RingLayout, Segment,
 };
@@ -88,7 +88,7 @@ pub fn build_queues(
     let head = align_up(ring_bytes, PAGE) + align_up(ind_bytes, PAGE);
     let sizes: Vec<u64> = areas.iter().map(|a| head + align_up(*a, PAGE)).collect();
     let size = PAGE + sizes.iter().sum::<u64>();
-    let mem = Arc::new(anonymous_memory(size as usize)?);
+    let mem = Arc::new(shared_memory(size as usize)?);
     let mut queues = Vec::with_capacity(areas.len());
     let mut base = PAGE;
     for size in sizes {

@@ -235,9 +235,21 @@ pub fn attach_placed(
     let mut regions = Vec::new();
     let mut wire = Vec::new();
     for r in dev.mem.iter() {
+        let (ptr, len) = (r.as_ptr(), r.len() as usize);
         // SAFETY: the region is guest RAM mapped by `dev.mem`, which the
-        // agent thread keeps alive (an Arc) for as long as the registration.
-        let mr = unsafe { domain.register(r.as_ptr(), r.len() as usize, Access::GUEST_RAM) }?;
+        // agent thread keeps alive (an Arc) for as long as the registration;
+        // when it has a file, it is a shared mapping of that file from
+        // `start` (vm-memory's FileOffset), so a fabric that hands the file
+        // to the server (shm) gives it the same memory.
+        let mr = unsafe {
+            match r.file_offset() {
+                Some(f) => {
+                    use std::os::fd::AsFd;
+                    domain.register_fd(ptr, len, Access::GUEST_RAM, f.file().as_fd(), f.start())
+                }
+                None => domain.register(ptr, len, Access::GUEST_RAM),
+            }
+        }?;
         wire.push(WireRegion {
             gpa: r.start_addr().0,
             remote: mr.remote(),
