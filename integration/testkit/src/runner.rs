@@ -98,6 +98,7 @@ impl RunCost {
             ..self
         }
     }
+
     /// `n` per second of wall time.
     pub fn per_sec(&self, n: f64) -> f64 {
         n / self.wall.as_secs_f64().max(1e-9)
