@@ -33,7 +33,7 @@ fn exchange(mode: NotifyMode, frame_len: usize, frames: u64) {
         ..NetRunConfig::default()
     };
     let progress = Arc::new(AtomicU64::new(0));
-    let (r, fig) = run_net_remote(mode, 1, &rc, &progress).unwrap();
+    let (r, fig) = run_net_remote(mode, 1, Backend::Soft, &rc, &progress).unwrap();
     let f = &fig.fabric;
     println!(
         "{} {frame_len} B: sent {} received {} (merged {}), {:.0} pkt/s, \
@@ -240,7 +240,16 @@ fn net_guests(
             ..NetGuestConfig::new(i as u32)
         })
         .unwrap();
-        agents.push(attach_net_remote(&g, i as u64, server.addr(), NotifyMode::Doorbell).unwrap());
+        agents.push(
+            attach_net_remote(
+                &g,
+                i as u64,
+                server.addr(),
+                NotifyMode::Doorbell,
+                Backend::Soft,
+            )
+            .unwrap(),
+        );
         guests.push(g);
     }
     (guests, agents)

@@ -40,7 +40,16 @@ fn exactly_once_under_load(mode: NotifyMode, requests_per_queue: u64) {
     };
     let backend = Arc::new(MemoryBackend::new(16 * 256 * 4096));
     let done = Arc::new(AtomicU64::new(0));
-    let (r, fig) = run_remote(mode, 2, backend, BlockConfig::default(), &rc, &done).unwrap();
+    let (r, fig) = run_remote(
+        mode,
+        2,
+        Backend::Soft,
+        backend,
+        BlockConfig::default(),
+        &rc,
+        &done,
+    )
+    .unwrap();
     let expected = 16 * requests_per_queue;
     println!(
         "{}: {} requests, {} reads {} writes {} flushes, {:.2} ops/req, {:.2} RTT/req",
@@ -105,7 +114,15 @@ fn a_small_send_queue_splits_waves_instead_of_failing_the_queue() {
     };
     let backend = Arc::new(MemoryBackend::new(2 * 256 * 4096));
     let done = Arc::new(AtomicU64::new(0));
-    let (r, fig) = run_remote_with(NotifyMode::Doorbell, server, backend, &rc, &done).unwrap();
+    let (r, fig) = run_remote_with(
+        NotifyMode::Doorbell,
+        Backend::Soft,
+        server,
+        backend,
+        &rc,
+        &done,
+    )
+    .unwrap();
     assert_eq!(r.io.completed, 6_000, "every request completes once");
     assert_eq!(
         (
@@ -143,6 +160,7 @@ fn doorbell_mode_meets_the_round_trip_target() {
         let (r, fig) = run_remote(
             NotifyMode::Doorbell,
             1,
+            Backend::Soft,
             backend,
             BlockConfig::default(),
             &rc,

@@ -1,4 +1,5 @@
-//! The benchmark runs briefly and writes JSON with every row (no timing
+//! The benchmark runs briefly and writes JSON with every row, each with
+//! every fabric and TCP, and the target's CPU per operation (no timing
 //! assertions: figures on a shared machine are not test material).
 
 use std::process::Command;
@@ -7,7 +8,7 @@ use std::process::Command;
 fn bench_writes_json_with_all_rows() {
     let path = std::env::temp_dir().join(format!("vrio-bench-{}.json", std::process::id()));
     let out = Command::new(env!("CARGO_BIN_EXE_vrio-fabric-bench"))
-        .args(["--seconds", "0.3", "--json"])
+        .args(["--seconds", "0.3", "--fabric", "soft", "--json"])
         .arg(&path)
         .output()
         .unwrap();
@@ -17,7 +18,8 @@ fn bench_writes_json_with_all_rows() {
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("soft/tcp"), "{stdout}");
+    assert!(stdout.contains("tgt CPU us/op"), "{stdout}");
+    assert!(stdout.contains("x tcp"), "{stdout}");
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let _ = std::fs::remove_file(&path);
@@ -42,15 +44,32 @@ fn bench_writes_json_with_all_rows() {
         }
     }
     assert_eq!(seen, want);
+    assert_eq!(v["fabrics"], serde_json::json!(["soft"]));
     for r in rows {
-        for side in ["soft", "tcp"] {
-            assert!(r[side]["ops"].as_u64().unwrap() > 0, "{r}");
-            assert!(r[side]["ops_per_sec"].as_f64().unwrap() > 0.0, "{r}");
+        let sides = [&r["soft"], &r["tcp"], &r["fabrics"]["soft"]];
+        for m in sides {
+            assert!(m["ops"].as_u64().unwrap() > 0, "{r}");
+            assert!(m["ops_per_sec"].as_f64().unwrap() > 0.0, "{r}");
             assert!(
-                r[side]["p99_us"].as_f64().unwrap() >= r[side]["p50_us"].as_f64().unwrap(),
+                m["p99_us"].as_f64().unwrap() >= m["p50_us"].as_f64().unwrap(),
                 "{r}"
             );
+            // Both targets run threads of their own (the soft "NIC", the
+            // TCP echo server), so both spent some CPU.
+            assert!(m["target_cpu_us_per_op"].as_f64().unwrap() > 0.0, "{r}");
         }
         assert!(r["ratio"].as_f64().unwrap() > 0.0, "{r}");
+        assert_eq!(r["ratio"], r["fabrics"]["soft"]["ratio_vs_tcp"], "{r}");
     }
+}
+
+#[test]
+fn an_unknown_fabric_is_refused() {
+    let out = Command::new(env!("CARGO_BIN_EXE_vrio-fabric-bench"))
+        .args(["--seconds", "0.1", "--fabric", "soft,carrier-pigeon"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("carrier-pigeon"), "{stderr}");
 }

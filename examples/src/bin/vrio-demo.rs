@@ -118,6 +118,7 @@ fn run(a: &Args) -> Result<bool, Box<dyn std::error::Error>> {
             let r = run_remote(
                 mode,
                 a.sidecores,
+                vrio_rdma::Backend::Soft,
                 backend,
                 BlockConfig::default(),
                 &rc,

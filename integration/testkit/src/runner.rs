@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::cputime::process_cpu_ns;
+use crate::cputime::{process_cpu_ns, spawn_timed, FabricCpuClock};
 use crate::guest::{
     run_queue, GuestConfig, GuestError, QueueReport, SyntheticGuest, WorkloadConfig,
 };
@@ -75,8 +75,8 @@ impl Default for RunConfig {
     }
 }
 
-/// What a model run cost: its wall time, the CPU time of the device side
-/// and of the whole process, and the device side's counters.
+/// What a model run cost: its wall time, the CPU time of the device side,
+/// of the guests and of the whole process, and the device side's counters.
 #[derive(Debug, Clone)]
 pub struct RunCost {
     pub wall: Duration,
@@ -84,10 +84,21 @@ pub struct RunCost {
     pub device_cpu_ns: u64,
     /// CPU time of the whole process (guests included).
     pub process_cpu_ns: u64,
+    /// CPU time of the synthetic guests' driver threads (their thread
+    /// clocks, summed).
+    pub guest_cpu_ns: u64,
     pub stats: StatsSnapshot,
 }
 
 impl RunCost {
+    /// This cost with the guests' CPU time set to `ns`.
+    pub fn with_guest_cpu(self, ns: u64) -> Self {
+        Self {
+            guest_cpu_ns: ns,
+            ..self
+        }
+    }
+
     /// `n` per second of wall time.
     pub fn per_sec(&self, n: f64) -> f64 {
         n / self.wall.as_secs_f64().max(1e-9)
@@ -124,12 +135,14 @@ impl RunClock {
     }
 
     /// The cost of a run that took `wall` (the process's CPU time counted
-    /// until now), whose device side used `device_cpu_ns` and counted `stats`.
+    /// until now), whose device side used `device_cpu_ns` and counted `stats`
+    /// (the guests' CPU time unknown: see [`RunCost::with_guest_cpu`]).
     pub fn cost(&self, wall: Duration, device_cpu_ns: u64, stats: StatsSnapshot) -> RunCost {
         RunCost {
             wall,
             device_cpu_ns,
             process_cpu_ns: process_cpu_ns().saturating_sub(self.cpu0),
+            guest_cpu_ns: 0,
             stats,
         }
     }
@@ -195,7 +208,8 @@ pub fn queue_workload(rc: &RunConfig, g: u32, q: u16) -> WorkloadConfig {
     }
 }
 
-/// Runs every guest queue on its own thread until the workload ends.
+/// Runs every guest queue on its own thread until the workload ends. The
+/// report's `cpu_ns` is those threads' CPU time.
 pub fn drive_guests(
     guests: Vec<SyntheticGuest>,
     rc: &RunConfig,
@@ -208,7 +222,7 @@ pub fn drive_guests(
         for (q, mut gq) in queues.into_iter().enumerate() {
             let wl = queue_workload(rc, g as u32, q as u16);
             let (mem, progress, stop) = (mem.clone(), progress.clone(), stop.clone());
-            threads.push(std::thread::spawn(move || {
+            threads.push(spawn_timed(move || {
                 run_queue(&mut gq, &mem, &wl, &progress, &stop)
             }));
         }
@@ -216,7 +230,10 @@ pub fn drive_guests(
     let mut total = QueueReport::empty();
     for t in threads {
         match t.join() {
-            Ok(r) => total.merge(&r),
+            Ok((r, cpu)) => {
+                total.merge(&r);
+                total.cpu_ns += cpu;
+            }
             Err(_) => total.protocol_errors += 1,
         }
     }
@@ -315,10 +332,13 @@ pub fn run_local(
         drive_guests(guests, rc, progress, &stop)
     })?;
     let wall = clock.wall();
+    let guest_cpu_ns = io.cpu_ns;
     Ok(ModelReport {
         model: model.name(),
         io,
-        cost: clock.cost(wall, device_cpu_ns, stats),
+        cost: clock
+            .cost(wall, device_cpu_ns, stats)
+            .with_guest_cpu(guest_cpu_ns),
     })
 }
 
@@ -331,6 +351,37 @@ pub fn open_domain(
     vrio_rdma::open(backend, device)
         .map(Arc::from)
         .map_err(|e| RunError::Model(e.to_string()))
+}
+
+/// `n` protection domains on `backend`, one per guest.
+pub fn open_domains(
+    backend: vrio_rdma::Backend,
+    device: Option<&str>,
+    n: usize,
+) -> Result<Vec<Arc<dyn vrio_rdma::Domain>>, RunError> {
+    (0..n).map(|_| open_domain(backend, device)).collect()
+}
+
+/// Where an in-process I/O server listens on `backend`: any free loopback
+/// TCP port for the socket and verbs back-ends; a fresh Unix socket path
+/// (`unix:/tmp/...`, unique in this process and among processes) for the
+/// others, which take `unix:` addresses.
+pub fn listen_addr_for(backend: vrio_rdma::Backend) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    use vrio_rdma::Backend;
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    match backend {
+        Backend::Soft | Backend::Verbs => "127.0.0.1:0".into(),
+        #[allow(unreachable_patterns)]
+        _ => {
+            let name = format!(
+                "vrio-{}-{}.sock",
+                std::process::id(),
+                NEXT.fetch_add(1, Relaxed)
+            );
+            format!("unix:{}", std::env::temp_dir().join(name).display())
+        }
+    }
 }
 
 /// The attach request for the queue behind `side`, from the ring's start.
@@ -353,14 +404,7 @@ pub fn attach_guests(
     device: Option<&str>,
     mode: vrio_core::remote::NotifyMode,
 ) -> Result<Vec<vrio_core::remote::AttachedDevice>, RunError> {
-    let placed: Vec<_> = guests
-        .iter()
-        .enumerate()
-        .map(|(g, guest)| {
-            let t = vrio_core::remote::QueueTarget::any(server);
-            (g as u64, vec![t; usize::from(guest.cfg.queues)])
-        })
-        .collect();
+    let placed = any_placement(guests, server);
     attach_guests_placed(guests, &placed, backend, device, mode)
 }
 
@@ -373,23 +417,34 @@ pub fn attach_guests_placed(
     device: Option<&str>,
     mode: vrio_core::remote::NotifyMode,
 ) -> Result<Vec<vrio_core::remote::AttachedDevice>, RunError> {
+    let domains = open_domains(backend, device, guests.len())?;
+    attach_in_domains(guests, placed, &domains, mode)
+}
+
+/// [`attach_guests_placed`] with guest `g`'s agent in `domains[g]`.
+fn attach_in_domains(
+    guests: &[SyntheticGuest],
+    placed: &[(u64, Vec<vrio_core::remote::QueueTarget>)],
+    domains: &[Arc<dyn vrio_rdma::Domain>],
+    mode: vrio_core::remote::NotifyMode,
+) -> Result<Vec<vrio_core::remote::AttachedDevice>, RunError> {
     use vrio_core::remote::{attach_placed, AgentConfig, DeviceAttach};
-    if placed.len() != guests.len() {
+    if placed.len() != guests.len() || domains.len() != guests.len() {
         return Err(RunError::Model(format!(
-            "{} placements for {} guests",
+            "{} placements and {} domains for {} guests",
             placed.len(),
+            domains.len(),
             guests.len()
         )));
     }
     let mut agents = Vec::with_capacity(guests.len());
-    for (guest, (device_id, targets)) in guests.iter().zip(placed) {
+    for ((guest, (device_id, targets)), domain) in guests.iter().zip(placed).zip(domains) {
         let mut queues = Vec::new();
         for q in 0..usize::from(guest.cfg.queues) {
             queues.push(queue_attach(guest.device_side(q)?));
         }
-        let domain = open_domain(backend, device)?;
         let dev = attach_placed(
-            domain,
+            Arc::clone(domain),
             targets.clone(),
             DeviceAttach {
                 device_id: *device_id,
@@ -411,17 +466,41 @@ pub fn attach_guests_placed(
 #[derive(Debug, Clone, Default)]
 pub struct RemoteFigures {
     pub fabric: vrio_core::remote::RemoteSnapshot,
-    /// CPU time of the VM-host agents (what vRIO leaves on the VM host).
+    /// CPU time of the VM-host agents (what vRIO leaves on the VM host,
+    /// besides the fabric's own threads).
     pub vmhost_cpu_ns: u64,
+    /// CPU time of the VM host's fabric threads (its domains'
+    /// [`fabric_cpu_ns`](vrio_rdma::Domain::fabric_cpu_ns); 0 with a NIC).
+    pub vmhost_fabric_cpu_ns: u64,
+    /// CPU time of the I/O server's fabric threads.
+    pub server_fabric_cpu_ns: u64,
     pub doorbells: u64,
     pub interrupts: u64,
 }
 
+/// The placement of every queue of `guests` on the server at `server`,
+/// guest `g` as device `g`.
+fn any_placement(
+    guests: &[SyntheticGuest],
+    server: &str,
+) -> Vec<(u64, Vec<vrio_core::remote::QueueTarget>)> {
+    guests
+        .iter()
+        .enumerate()
+        .map(|(g, guest)| {
+            let t = vrio_core::remote::QueueTarget::any(server);
+            (g as u64, vec![t; usize::from(guest.cfg.queues)])
+        })
+        .collect()
+}
+
 /// Runs `rc` against remote sidecores: an in-process I/O server and one
-/// agent per guest, over the software fabric on loopback TCP.
+/// agent per guest, over `fabric` on this host (listening where
+/// [`listen_addr_for`] says).
 pub fn run_remote(
     mode: vrio_core::remote::NotifyMode,
     sidecores: usize,
+    fabric: vrio_rdma::Backend,
     backend: Arc<dyn BlockBackend>,
     blk: BlockConfig,
     rc: &RunConfig,
@@ -432,28 +511,35 @@ pub fn run_remote(
         blk,
         ..vrio_core::remote::IoServerConfig::default()
     };
-    run_remote_with(mode, server, backend, rc, progress)
+    run_remote_with(mode, fabric, server, backend, rc, progress)
 }
 
-/// [`run_remote`] with the whole I/O server configuration.
+/// [`run_remote`] with the whole I/O server configuration (except its
+/// `listen` address, which [`listen_addr_for`] picks for `fabric`).
 pub fn run_remote_with(
     mode: vrio_core::remote::NotifyMode,
+    fabric: vrio_rdma::Backend,
     server_cfg: vrio_core::remote::IoServerConfig,
     backend: Arc<dyn BlockBackend>,
     rc: &RunConfig,
     progress: &Arc<AtomicU64>,
 ) -> Result<(ModelReport, RemoteFigures), RunError> {
     use std::sync::atomic::Ordering::Relaxed;
-    use vrio_core::remote::IoServer;
+    use vrio_core::remote::{IoServer, IoServerConfig};
     let sidecores = server_cfg.sidecores;
-    let open = || -> Result<Arc<dyn vrio_rdma::Domain>, RunError> {
-        open_domain(vrio_rdma::Backend::Soft, None)
+    let server_domain = open_domain(fabric, None)?;
+    let server_cfg = IoServerConfig {
+        listen: listen_addr_for(fabric),
+        ..server_cfg
     };
-    let server = IoServer::start(open()?, backend, server_cfg)
+    let server = IoServer::start(Arc::clone(&server_domain), backend, server_cfg)
         .map_err(|e| RunError::Model(e.to_string()))?;
     let guests = make_guests(rc)?;
-    let mut agents = attach_guests(&guests, server.addr(), vrio_rdma::Backend::Soft, None, mode)?;
+    let host_domains = open_domains(fabric, None, guests.len())?;
+    let placed = any_placement(&guests, server.addr());
+    let mut agents = attach_in_domains(&guests, &placed, &host_domains, mode)?;
     let stop = Arc::new(AtomicBool::new(false));
+    let fabric_clock = FabricCpuClock::start(&server_domain, &host_domains);
     let clock = RunClock::start();
     let io = drive_guests(guests, rc, progress, &stop);
     let wall = clock.wall();
@@ -464,14 +550,19 @@ pub fn run_remote_with(
         fig.doorbells += a.stats().doorbells.load(Relaxed);
         fig.interrupts += a.stats().interrupts.load(Relaxed);
     }
+    // Before `stop`, whose own connection to the server is no request's.
+    (fig.vmhost_fabric_cpu_ns, fig.server_fabric_cpu_ns) = fabric_clock.elapsed();
     let stats = server.sidecore_stats();
     fig.fabric = server.stats().snapshot();
     let device_cpu_ns = server.stop();
+    let guest_cpu_ns = io.cpu_ns;
     Ok((
         ModelReport {
             model: format!("remote {} x{}", mode.name(), sidecores.max(1)),
             io,
-            cost: clock.cost(wall, device_cpu_ns, stats),
+            cost: clock
+                .cost(wall, device_cpu_ns, stats)
+                .with_guest_cpu(guest_cpu_ns),
         },
         fig,
     ))

@@ -1,34 +1,42 @@
-//! Benchmark of the soft fabric over loopback TCP against its limit: a plain
-//! TCP request/response of the same sizes, measured in the same run.
+//! Benchmark of the fabrics on one host against their limit: a plain TCP
+//! request/response of the same sizes, measured in the same run.
 //!
-//! READ n: soft READ of n bytes vs. TCP 16-byte request -> n-byte response.
-//! WRITE n: soft WRITE of n bytes vs. TCP (16 + n)-byte request -> 16-byte
-//! response. Depth 1 gives latency; depth 32 (pipelined) gives throughput.
+//! READ n: a fabric READ of n bytes vs. TCP 16-byte request -> n-byte
+//! response. WRITE n: a fabric WRITE of n bytes vs. TCP (16 + n)-byte
+//! request -> 16-byte response. Depth 1 gives latency; depth 32 (pipelined)
+//! gives throughput. Every fabric row also gives the target's CPU per
+//! operation: the target domain's fabric threads
+//! ([`Domain::fabric_cpu_ns`]) for a fabric, the echo server's thread for
+//! TCP (a NIC would make it zero for a one-sided operation).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use vrio_rdma::conformance::memory::MemfdMemory;
-use vrio_rdma::soft::SoftDomain;
+use vrio_rdma::soft::thread_cpu_ns;
 use vrio_rdma::{
-    Access, Completion, Domain, Endpoint, EndpointConfig, MemoryRegion, Opcode, SendRequest, Sge,
-    WcOpcode, WcStatus,
+    Access, Backend, Completion, Domain, Endpoint, EndpointConfig, MemoryRegion, Opcode,
+    SendRequest, Sge, WcOpcode, WcStatus,
 };
 
 #[derive(Debug, Parser)]
-#[command(about = "soft fabric vs plain TCP request/response on loopback")]
+#[command(about = "fabrics vs plain TCP request/response on one host")]
 struct Args {
-    /// Total measuring time, split evenly over all rows and both transports.
+    /// Total measuring time, split evenly over all rows and transports.
     #[arg(long, default_value_t = 4.0)]
     seconds: f64,
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Fabrics to measure beside plain TCP, comma-separated (soft, verbs).
+    #[arg(long, value_delimiter = ',', default_value = "soft")]
+    fabric: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +51,18 @@ struct Measure {
     ops_per_sec: f64,
     p50_us: f64,
     p99_us: f64,
+    /// CPU the target spent per operation, from per-thread clocks: its
+    /// fabric threads, or the TCP echo server's thread.
+    target_cpu_us_per_op: f64,
+}
+
+/// One fabric's figures in a row.
+#[derive(Debug, Serialize)]
+struct FabricMeasure {
+    #[serde(flatten)]
+    measure: Measure,
+    /// This fabric's op/s divided by TCP's.
+    ratio_vs_tcp: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -50,31 +70,62 @@ struct Row {
     op: &'static str,
     size: usize,
     depth: usize,
-    soft: Measure,
+    /// The `soft` fabric (when measured), as before `fabrics` existed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    soft: Option<Measure>,
     tcp: Measure,
-    /// soft ops/s divided by TCP ops/s.
-    ratio: f64,
+    /// soft ops/s divided by TCP ops/s (when soft was measured).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ratio: Option<f64>,
+    /// Every fabric measured, by name.
+    fabrics: BTreeMap<String, FabricMeasure>,
 }
 
 #[derive(Debug, Serialize)]
 struct Report {
     transport: &'static str,
     seconds_per_measurement: f64,
+    /// The fabrics measured beside TCP, in order.
+    fabrics: Vec<String>,
     rows: Vec<Row>,
 }
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
 
-fn measure(lat: &Histogram<u64>, ops: u64, elapsed: Duration) -> Measure {
+fn measure(lat: &Histogram<u64>, ops: u64, elapsed: Duration, target_cpu_ns: u64) -> Measure {
     Measure {
         ops,
         ops_per_sec: ops as f64 / elapsed.as_secs_f64().max(1e-9),
         p50_us: lat.value_at_quantile(0.5) as f64 / 1000.0,
         p99_us: lat.value_at_quantile(0.99) as f64 / 1000.0,
+        target_cpu_us_per_op: target_cpu_ns as f64 / 1000.0 / ops.max(1) as f64,
     }
 }
 
-struct SoftRig {
+/// Where a rig's target listens on `backend`: loopback TCP for the socket
+/// and verbs back-ends, a fresh Unix socket path for the others.
+fn listen_addr(backend: Backend) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    match backend {
+        Backend::Soft | Backend::Verbs => "127.0.0.1:0".into(),
+        #[allow(unreachable_patterns)]
+        _ => format!(
+            "unix:{}",
+            std::env::temp_dir()
+                .join(format!(
+                    "vrio-fabric-bench-{}-{}.sock",
+                    std::process::id(),
+                    NEXT.fetch_add(1, Ordering::Relaxed)
+                ))
+                .display()
+        ),
+    }
+}
+
+/// One connection on one fabric: an initiator endpoint and its local
+/// memory, the target's registered memory, and both domains.
+struct Rig {
+    name: String,
     ep: Box<dyn Endpoint>,
     _peer: Box<dyn Endpoint>,
     remote: vrio_rdma::RemoteRegion,
@@ -82,24 +133,31 @@ struct SoftRig {
     _rmr: Box<dyn MemoryRegion>,
     lmem: MemfdMemory,
     _rmem: MemfdMemory,
-    _domains: (SoftDomain, SoftDomain),
+    target: Box<dyn Domain>,
+    _initiator: Box<dyn Domain>,
 }
 
-fn soft_rig() -> BenchResult<SoftRig> {
-    let (td, id) = (SoftDomain::new(), SoftDomain::new());
+/// Connects an initiator domain to a target domain listening on `addr`.
+fn rig(
+    name: &str,
+    target: Box<dyn Domain>,
+    initiator: Box<dyn Domain>,
+    addr: &str,
+) -> BenchResult<Rig> {
     let rmem = MemfdMemory::new("bench-target", 1 << 20)?;
     let lmem = MemfdMemory::new("bench-initiator", 1 << 20)?;
     // SAFETY: both memories live in the rig and are dropped after the regions
-    // (field order of SoftRig).
-    let rmr = unsafe { td.register(rmem.ptr(), rmem.len(), Access::GUEST_RAM)? };
+    // (field order of Rig).
+    let rmr = unsafe { target.register(rmem.ptr(), rmem.len(), Access::GUEST_RAM)? };
     // SAFETY: as above.
-    let lmr = unsafe { id.register(lmem.ptr(), lmem.len(), Access::LOCAL_ONLY)? };
-    let mut l = td.listen("127.0.0.1:0", EndpointConfig::default())?;
+    let lmr = unsafe { initiator.register(lmem.ptr(), lmem.len(), Access::LOCAL_ONLY)? };
+    let mut l = target.listen(addr, EndpointConfig::default())?;
     let addr = l.local_addr();
     let acc = std::thread::spawn(move || l.accept());
-    let ep = id.connect(&addr, EndpointConfig::default())?;
+    let ep = initiator.connect(&addr, EndpointConfig::default())?;
     let peer = acc.join().map_err(|_| "accept thread panicked")??;
-    Ok(SoftRig {
+    Ok(Rig {
+        name: name.to_string(),
         ep,
         _peer: peer,
         remote: rmr.remote(),
@@ -107,17 +165,25 @@ fn soft_rig() -> BenchResult<SoftRig> {
         _rmr: rmr,
         lmem,
         _rmem: rmem,
-        _domains: (td, id),
+        target,
+        _initiator: initiator,
     })
 }
 
-fn bench_soft(
-    rig: &mut SoftRig,
+/// A rig on `backend`, named `name` (both domains on it).
+fn fabric_rig(name: &str, backend: Backend) -> BenchResult<Rig> {
+    let open = || vrio_rdma::open(backend, None);
+    rig(name, open()?, open()?, &listen_addr(backend))
+}
+
+fn bench_fabric(
+    rig: &mut Rig,
     op: Op,
     size: usize,
     depth: usize,
     dur: Duration,
 ) -> BenchResult<Measure> {
+    let name = rig.name.clone();
     let mut lat = Histogram::<u64>::new(3)?;
     let mut posted = vec![Instant::now(); depth];
     let wr = |k: usize| SendRequest {
@@ -147,6 +213,7 @@ fn bench_soft(
         byte_len: 0,
         imm: None,
     }; 64];
+    let cpu0 = rig.target.fabric_cpu_ns();
     let start = Instant::now();
     for p in posted.iter_mut() {
         *p = start;
@@ -160,7 +227,7 @@ fn bench_soft(
             rig.ep.wait(Duration::from_secs(5))?;
             n = rig.ep.poll(&mut done)?;
             if n == 0 {
-                return Err("soft: no completion within 5 s".into());
+                return Err(format!("{name}: no completion within 5 s").into());
             }
         }
         let now = Instant::now();
@@ -168,7 +235,7 @@ fn bench_soft(
         again.clear();
         for c in &done[..n] {
             if !c.status.is_ok() {
-                return Err(format!("soft: wr {} completed {:?}", c.wr_id, c.status).into());
+                return Err(format!("{name}: wr {} completed {:?}", c.wr_id, c.status).into());
             }
             let k = c.wr_id as usize;
             lat.record(now.duration_since(posted[k]).as_nanos() as u64)?;
@@ -184,12 +251,16 @@ fn bench_soft(
             outstanding += again.len();
         }
     }
-    Ok(measure(&lat, ops, start.elapsed()))
+    let elapsed = start.elapsed();
+    let cpu = rig.target.fabric_cpu_ns().saturating_sub(cpu0);
+    Ok(measure(&lat, ops, elapsed, cpu))
 }
 
 /// The baseline server: 16-byte header `[op u32, len u32, pad u64]`; READ
-/// answers `len` bytes, WRITE reads `len` bytes and answers 16.
-fn tcp_server(l: TcpListener) -> std::io::Result<()> {
+/// answers `len` bytes, WRITE reads `len` bytes and answers 16. Returns the
+/// CPU time its thread used.
+fn tcp_server(l: TcpListener) -> std::io::Result<u64> {
+    let cpu0 = thread_cpu_ns();
     let (s, _) = l.accept()?;
     s.set_nodelay(true)?;
     let mut r = BufReader::with_capacity(256 << 10, s.try_clone()?);
@@ -199,7 +270,7 @@ fn tcp_server(l: TcpListener) -> std::io::Result<()> {
     let mut h = [0u8; 16];
     loop {
         if r.read_exact(&mut h).is_err() {
-            return Ok(());
+            return Ok(thread_cpu_ns().saturating_sub(cpu0));
         }
         let op = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
         let len = (u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize).min(data.len());
@@ -265,11 +336,11 @@ fn bench_tcp(op: Op, size: usize, depth: usize, dur: Duration) -> BenchResult<Me
             posted.extend(std::iter::repeat_n(now, n));
         }
     }
-    let m = measure(&lat, ops, start.elapsed());
+    let elapsed = start.elapsed();
     drop(rd);
     s.shutdown(std::net::Shutdown::Both)?;
-    server.join().map_err(|_| "server panicked")??;
-    Ok(m)
+    let cpu = server.join().map_err(|_| "server panicked")??;
+    Ok(measure(&lat, ops, elapsed, cpu))
 }
 
 fn main() -> std::process::ExitCode {
@@ -291,56 +362,90 @@ fn run(args: Args) -> BenchResult<()> {
                 .flat_map(move |s| [1usize, 32].map(|d| (op, s, d)))
         })
         .collect();
-    let per = Duration::from_secs_f64((args.seconds / (2 * configs.len()) as f64).max(0.01));
-    let mut rig = soft_rig()?;
+    let mut fabrics: Vec<(String, Backend)> = Vec::new();
+    for f in args.fabric.iter().map(|f| f.trim()) {
+        let backend = f.parse().map_err(|e| format!("--fabric {f}: {e}"))?;
+        if !fabrics.iter().any(|(x, _)| x == f) {
+            fabrics.push((f.to_string(), backend));
+        }
+    }
+    let mut rigs = fabrics
+        .iter()
+        .map(|(f, b)| fabric_rig(f, *b).map_err(|e| format!("{f}: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let fabrics: Vec<String> = fabrics.into_iter().map(|(f, _)| f).collect();
+    let transports = rigs.len() + 1;
+    let per =
+        Duration::from_secs_f64((args.seconds / (transports * configs.len()) as f64).max(0.01));
     let mut rows = Vec::new();
     for (op, size, depth) in configs {
-        let soft = bench_soft(&mut rig, op, size, depth, per)?;
+        let mut measured = Vec::new();
+        for rig in rigs.iter_mut() {
+            measured.push((rig.name.clone(), bench_fabric(rig, op, size, depth, per)?));
+        }
         let tcp = bench_tcp(op, size, depth, per)?;
+        let vs_tcp = |m: &Measure| m.ops_per_sec / tcp.ops_per_sec.max(1e-9);
+        let soft = measured.iter().find(|(n, _)| n == "soft").map(|(_, m)| *m);
         rows.push(Row {
             op: if op == Op::Read { "READ" } else { "WRITE" },
             size,
             depth,
             soft,
             tcp,
-            ratio: soft.ops_per_sec / tcp.ops_per_sec.max(1e-9),
+            ratio: soft.as_ref().map(vs_tcp),
+            fabrics: measured
+                .into_iter()
+                .map(|(n, measure)| {
+                    let ratio_vs_tcp = vs_tcp(&measure);
+                    (
+                        n,
+                        FabricMeasure {
+                            measure,
+                            ratio_vs_tcp,
+                        },
+                    )
+                })
+                .collect(),
         });
     }
     println!(
-        "soft fabric vs plain TCP request/response, loopback, {:.2} s per measurement",
+        "{} vs plain TCP request/response, one host, {:.2} s per measurement",
+        fabrics.join(", "),
         per.as_secs_f64()
     );
-    println!(
-        "{:<6} {:>5} {:>5} | {:>11} {:>8} {:>8} | {:>11} {:>8} {:>8} | {:>9}",
-        "op",
-        "size",
-        "depth",
-        "soft op/s",
-        "p50 us",
-        "p99 us",
-        "tcp op/s",
-        "p50 us",
-        "p99 us",
-        "soft/tcp"
+    println!("tgt CPU: the target's CPU per operation (fabric threads, or the TCP server thread)");
+    let header = format!(
+        "{:<6} {:>5} {:>5} {:<6} | {:>11} {:>8} {:>8} | {:>13} | {:>6}",
+        "op", "size", "depth", "fabric", "op/s", "p50 us", "p99 us", "tgt CPU us/op", "x tcp"
     );
+    println!("{header}");
+    println!("{}", "-".repeat(header.len()));
     for r in &rows {
-        println!(
-            "{:<6} {:>5} {:>5} | {:>11.0} {:>8.1} {:>8.1} | {:>11.0} {:>8.1} {:>8.1} | {:>9.2}",
-            r.op,
-            r.size,
-            r.depth,
-            r.soft.ops_per_sec,
-            r.soft.p50_us,
-            r.soft.p99_us,
-            r.tcp.ops_per_sec,
-            r.tcp.p50_us,
-            r.tcp.p99_us,
-            r.ratio
-        );
+        let line = |name: &str, m: &Measure, ratio: f64| {
+            println!(
+                "{:<6} {:>5} {:>5} {:<6} | {:>11.0} {:>8.1} {:>8.1} | {:>13.3} | {:>6.2}",
+                r.op,
+                r.size,
+                r.depth,
+                name,
+                m.ops_per_sec,
+                m.p50_us,
+                m.p99_us,
+                m.target_cpu_us_per_op,
+                ratio
+            )
+        };
+        for f in &fabrics {
+            if let Some(m) = r.fabrics.get(f) {
+                line(f, &m.measure, m.ratio_vs_tcp);
+            }
+        }
+        line("tcp", &r.tcp, 1.0);
     }
     let report = Report {
         transport: "tcp loopback",
         seconds_per_measurement: per.as_secs_f64(),
+        fabrics,
         rows,
     };
     if let Some(p) = &args.json {

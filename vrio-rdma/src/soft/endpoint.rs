@@ -14,6 +14,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::cpu::FabricCpu;
 use super::region::Registry;
 use super::tx::{shutdown, Tx};
 use super::wire::{Header, Kind, Status, HEADER_LEN, MAX_MESSAGE};
@@ -197,6 +198,7 @@ impl SoftEndpoint {
         sock: OwnedFd,
         peer: String,
         reg: Arc<Registry>,
+        cpu: &Arc<FabricCpu>,
         cfg: EndpointConfig,
     ) -> Result<Self, FabricError> {
         let notify = EventFd::new()?;
@@ -231,13 +233,10 @@ impl SoftEndpoint {
             end: 0,
             cur: None,
         };
-        let rx_thread = std::thread::Builder::new()
-            .name("vrio-soft-rx".into())
-            .spawn(move || rx.run())?;
+        // Both threads are the domain's "NIC": their CPU is its fabric CPU.
+        let rx_thread = cpu.spawn("vrio-soft-rx", move || rx.run())?;
         let (tx2, reg2) = (Arc::clone(&tx), Arc::clone(&reg));
-        let tx_thread = std::thread::Builder::new()
-            .name("vrio-soft-tx".into())
-            .spawn(move || tx2.run_flusher(&reg2));
+        let tx_thread = cpu.spawn("vrio-soft-tx", move || tx2.run_flusher(&reg2));
         let tx_thread = match tx_thread {
             Ok(t) => t,
             Err(e) => {

@@ -1,6 +1,7 @@
 //! The `soft` back-end: verbs RC semantics in user space over TCP or Unix
 //! stream sockets. See `docs/fabric.md` for the semantics and the protocol.
 
+mod cpu;
 mod endpoint;
 mod region;
 mod socket;
@@ -9,20 +10,25 @@ pub mod wire;
 
 use std::sync::Arc;
 
+pub use cpu::thread_cpu_ns;
 pub use endpoint::SoftEndpoint;
 pub use region::SoftRegion;
 // The verbs back-end implements `MemoryRegion` for its regions with it too.
 pub(crate) use region::impl_memory_region;
 
 use crate::api::{Access, Domain, Endpoint, EndpointConfig, FabricError, Listener, MemoryRegion};
+use cpu::FabricCpu;
 pub(crate) use region::Registry;
 use socket::SoftSocketListener;
 
 /// A soft protection domain: its regions are reachable only through
-/// endpoints created from it.
+/// endpoints created from it. The threads of those endpoints (connected or
+/// accepted through its listeners) are accounted to it
+/// ([`Domain::fabric_cpu_ns`]).
 #[derive(Debug)]
 pub struct SoftDomain {
     reg: Arc<Registry>,
+    cpu: Arc<FabricCpu>,
 }
 
 /// Opens a soft domain (always succeeds; kept fallible like `verbs`).
@@ -35,6 +41,7 @@ impl SoftDomain {
     pub fn new() -> Self {
         Self {
             reg: Registry::new(),
+            cpu: FabricCpu::new(),
         }
     }
 }
@@ -57,10 +64,15 @@ impl Domain for SoftDomain {
         Ok(Box::new(self.reg.register(ptr, len, access)?))
     }
 
+    fn fabric_cpu_ns(&self) -> u64 {
+        self.cpu.total_ns()
+    }
+
     fn listen(&self, addr: &str, cfg: EndpointConfig) -> Result<Box<dyn Listener>, FabricError> {
         Ok(Box::new(SoftListener {
             sock: SoftSocketListener::bind(addr)?,
             reg: Arc::clone(&self.reg),
+            cpu: Arc::clone(&self.cpu),
             cfg,
         }))
     }
@@ -71,6 +83,7 @@ impl Domain for SoftDomain {
             fd,
             peer,
             Arc::clone(&self.reg),
+            &self.cpu,
             cfg,
         )?))
     }
@@ -82,6 +95,7 @@ impl Domain for SoftDomain {
 pub struct SoftListener {
     sock: SoftSocketListener,
     reg: Arc<Registry>,
+    cpu: Arc<FabricCpu>,
     cfg: EndpointConfig,
 }
 
@@ -92,6 +106,7 @@ impl Listener for SoftListener {
             fd,
             peer,
             Arc::clone(&self.reg),
+            &self.cpu,
             self.cfg,
         )?))
     }

@@ -1,5 +1,6 @@
 //! `vrio-bench blk`: 4 KiB random reads on the memory back-end, for
-//! several guest counts and queue depths, under every model.
+//! several guest counts and queue depths, under every model (remote ones
+//! over every fabric of `--fabric`), with CPU per request by role.
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
@@ -8,9 +9,10 @@ use std::time::Duration;
 
 use vrio_core::blk::{BlockConfig, MemoryBackend};
 use vrio_core::remote::NotifyMode;
-use vrio_examples::{model_json, print_table};
+use vrio_examples::model_json;
 
-use super::Model;
+use super::cpu::{self, RemoteCpu, RoleCpu};
+use super::{Fabrics, Model};
 use vrio_testkit::guest::WorkloadConfig;
 use vrio_testkit::runner::{run_local, run_remote, ModelReport, RemoteFigures, RunConfig};
 
@@ -32,6 +34,8 @@ pub struct Args {
     /// Leave out the remote-sidecore models (local models only).
     #[arg(long)]
     pub local_only: bool,
+    #[command(flatten)]
+    pub fabrics: Fabrics,
 }
 
 type Point = (ModelReport, Option<RemoteFigures>);
@@ -59,16 +63,19 @@ fn point(
     };
     let backend = Arc::new(MemoryBackend::new(u64::from(guests) * blocks * 4096));
     let done = Arc::new(AtomicU64::new(0));
-    Ok(match model {
+    let (mut r, fig) = match model {
         Model::Local(m) => (
             run_local(m, backend, BlockConfig::default(), &rc, &done)?,
             None,
         ),
-        Model::Remote(mode) => {
-            let (r, f) = run_remote(mode, 1, backend, BlockConfig::default(), &rc, &done)?;
+        Model::Remote(mode, fabric) => {
+            let cfg = BlockConfig::default();
+            let (r, f) = run_remote(mode, 1, fabric, backend, cfg, &rc, &done)?;
             (r, Some(f))
         }
-    })
+    };
+    r.model = model.name();
+    Ok((r, fig))
 }
 
 pub fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
@@ -81,7 +88,7 @@ pub fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
             NotifyMode::Adaptive,
         ]
     };
-    let models = Model::all(remote);
+    let models = Model::all(remote, &a.fabrics);
     let mut rows = Vec::new();
     let mut json = Vec::new();
     let points = a.guests.len() * a.depths.len() * models.len();
@@ -93,18 +100,26 @@ pub fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
                 n += 1;
                 eprintln!("[{n}/{points}] {} guests={g} depth={d} ...", m.name());
                 let (r, fig) = point(m, g, d, a.seconds)?;
-                // VM-host CPU: all of the device work for local models, only
-                // the agent's for remote ones.
+                // The old VM-host figure: all of the device work for local
+                // models, only the agents' for remote ones.
                 let vmhost_ns = fig
                     .as_ref()
                     .map_or(r.cost.device_cpu_ns, |f| f.vmhost_cpu_ns);
+                let roles = RoleCpu::new(
+                    &r.cost,
+                    fig.as_ref().map(|f| RemoteCpu {
+                        agent: f.vmhost_cpu_ns,
+                        vmhost_fabric: f.vmhost_fabric_cpu_ns,
+                        server_fabric: f.server_fabric_cpu_ns,
+                    }),
+                );
                 let per_req = |ns: u64| ns as f64 / 1e3 / r.io.completed.max(1) as f64;
                 if r.io.failures() > 0 {
                     return Err(format!("{}: {} failed requests", r.model, r.io.failures()).into());
                 }
                 let b = base.get_or_insert_with(|| r.clone());
                 let ratio = r.requests_per_core_sec() / b.requests_per_core_sec().max(1e-9);
-                rows.push(vec![
+                let mut row = vec![
                     r.model.clone(),
                     g.to_string(),
                     d.to_string(),
@@ -114,18 +129,20 @@ pub fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
                     format!("{ratio:.2}"),
                     format!("{:.1}", r.p50_us()),
                     format!("{:.1}", r.p99_us()),
-                    format!("{:.2}", per_req(vmhost_ns)),
-                    fig.as_ref()
-                        .map_or("-".into(), |f| format!("{:.2}", f.fabric.ops_per_request())),
-                    fig.as_ref().map_or("-".into(), |f| {
-                        format!("{:.2}", f.fabric.rtts_per_request())
-                    }),
-                ]);
+                ];
+                row.extend(cpu::tail_cells(
+                    &roles,
+                    r.io.completed,
+                    fig.as_ref().map(|f| &f.fabric),
+                ));
+                rows.push(row);
                 let mut j = model_json(&r);
                 j["guests"] = g.into();
                 j["depth"] = d.into();
+                j["fabric_backend"] = m.fabric().into();
                 j["ratio_req_per_core_vs_vhost"] = ratio.into();
                 j["vmhost_cpu_us_per_request"] = per_req(vmhost_ns).into();
+                cpu::merge(&mut j, roles.json(r.io.completed));
                 if let Some(f) = &fig {
                     j["fabric_ops_per_request"] = f.fabric.ops_per_request().into();
                     j["round_trips_per_request"] = f.fabric.rtts_per_request().into();
@@ -142,7 +159,8 @@ pub fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
         "4 KiB random reads, memory back-end, {:.1} s per point",
         a.seconds
     );
-    print_table(
+    cpu::print_rows(
+        "request",
         &[
             "model",
             "guests",
@@ -153,9 +171,6 @@ pub fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
             "x vhost (per core)",
             "p50 us",
             "p99 us",
-            "VM-host CPU us/req",
-            "fabric ops/req",
-            "RTT/req",
         ],
         &rows,
     );

@@ -2,17 +2,18 @@
 //! device: `blk` (4 KiB random reads on the memory back-end) and `net`
 //! (frames through the L2 switch between pairs of guests). Each workload
 //! runs under vhost-style workers, a local polling sidecore and remote
-//! sidecores over the software fabric, prints a table and writes JSON.
+//! sidecores over each fabric of `--fabric`, prints a table and writes JSON.
 //! Throughput figures are ratios against the vhost-style baseline measured
-//! in the same run, because these machines are noisy; remote rows add
-//! VM-host CPU per request and fabric operations and round trips per
-//! request (counts, not times).
+//! in the same run, because these machines are noisy. Every row gives the
+//! CPU per request by role from per-thread clocks ([`cpu`]); remote rows
+//! add fabric operations and round trips per request (counts, not times).
 //!
 //! `vrio-bench [blk options]` without a workload runs `blk`, as the
 //! blk-only vrio-bench did; `vrio-bench net` replaces vrio-netbench. Both
 //! JSON files keep their old fields and add `"workload"`.
 
 mod blk;
+mod cpu;
 mod net;
 
 use std::path::Path;
@@ -21,7 +22,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use vrio_core::remote::NotifyMode;
 use vrio_core::sidecore::SidecoreConfig;
-use vrio_examples::init_tracing;
+use vrio_examples::{backend_name, init_tracing};
+use vrio_rdma::Backend;
 use vrio_testkit::runner::LocalModel;
 
 /// Benchmark the I/O models (vhost-style, local sidecore, remote
@@ -47,18 +49,27 @@ enum Workload {
     Net(net::Args),
 }
 
+/// The fabrics the remote models run over.
+#[derive(clap::Args, Debug, Clone)]
+struct Fabrics {
+    /// Fabrics the remote models run over, comma-separated (soft, verbs):
+    /// each remote model gets a row per fabric, in the same run.
+    #[arg(long = "fabric", value_delimiter = ',', default_value = "soft")]
+    fabric: Vec<Backend>,
+}
+
 /// One I/O model a workload runs under.
 #[derive(Clone, Copy, Debug)]
 enum Model {
     Local(LocalModel),
-    /// One remote sidecore on an in-process I/O server.
-    Remote(NotifyMode),
+    /// One remote sidecore on an in-process I/O server, over a fabric.
+    Remote(NotifyMode, Backend),
 }
 
 impl Model {
     /// vhost-style (the baseline, first), a local sidecore, then one remote
-    /// sidecore per mode in `remote`.
-    fn all(remote: &[NotifyMode]) -> Vec<Model> {
+    /// sidecore per mode in `remote`, each over every fabric of `fabrics`.
+    fn all(remote: &[NotifyMode], fabrics: &Fabrics) -> Vec<Model> {
         let mut models = vec![
             Model::Local(LocalModel::VhostStyle),
             Model::Local(LocalModel::Sidecore {
@@ -66,14 +77,31 @@ impl Model {
                 cfg: SidecoreConfig::default(),
             }),
         ];
-        models.extend(remote.iter().map(|&m| Model::Remote(m)));
+        let mut list: Vec<Backend> = Vec::new();
+        for &f in &fabrics.fabric {
+            if !list.contains(&f) {
+                list.push(f);
+            }
+        }
+        for &m in remote {
+            models.extend(list.iter().map(|&f| Model::Remote(m, f)));
+        }
         models
     }
 
+    /// The row's name, e.g. `remote doorbell x1 (soft)`.
     fn name(&self) -> String {
         match self {
             Model::Local(m) => m.name(),
-            Model::Remote(m) => format!("remote {} x1", m.name()),
+            Model::Remote(m, f) => format!("remote {} x1 ({})", m.name(), backend_name(*f)),
+        }
+    }
+
+    /// The fabric of a remote model.
+    fn fabric(&self) -> Option<&'static str> {
+        match self {
+            Model::Local(_) => None,
+            Model::Remote(_, f) => Some(backend_name(*f)),
         }
     }
 }

@@ -2,9 +2,10 @@
 //! synthetic guests, for 64 B and 1500 B frames, under vhost-style workers
 //! (one per device, woken by kicks and by arriving frames), one local
 //! polling sidecore serving every queue, and one remote sidecore on an
-//! in-process I/O server (doorbell mode). Packets/s and Gbit/s, per wall
-//! second and per device core, with ratios to the vhost-style baseline of
-//! the same frame size.
+//! in-process I/O server (doorbell mode) over every fabric of `--fabric`.
+//! Packets/s and Gbit/s, per wall second and per device core, with ratios
+//! to the vhost-style baseline of the same frame size, and CPU per frame by
+//! role (a "request" in the JSON is one frame received).
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
@@ -12,9 +13,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vrio_core::remote::NotifyMode;
-use vrio_examples::{print_table, with_cost, Progress};
+use vrio_examples::{with_cost, Progress};
 
-use super::Model;
+use super::cpu::{self, RemoteCpu, RoleCpu};
+use super::{Fabrics, Model};
 use vrio_testkit::net::{run_net, run_net_remote, NetReport, NetRunConfig, RemoteNetFigures};
 
 /// Options of the net workload.
@@ -38,6 +40,8 @@ pub struct Args {
     /// Where to write the JSON results.
     #[arg(long, default_value = "target/vrio-netbench.json")]
     pub json: PathBuf,
+    #[command(flatten)]
+    pub fabrics: Fabrics,
 }
 
 /// Runs `model` on the net workload.
@@ -46,20 +50,38 @@ fn run_model(
     rc: &NetRunConfig,
     done: &Arc<AtomicU64>,
 ) -> Result<(NetReport, Option<RemoteNetFigures>), vrio_testkit::runner::RunError> {
-    match model {
-        Model::Local(m) => run_net(m, rc, done).map(|r| (r, None)),
-        Model::Remote(mode) => run_net_remote(mode, 1, rc, done).map(|(r, f)| (r, Some(f))),
-    }
+    let (mut r, fig) = match model {
+        Model::Local(m) => (run_net(m, rc, done)?, None),
+        Model::Remote(mode, fabric) => {
+            let (r, f) = run_net_remote(mode, 1, fabric, rc, done)?;
+            (r, Some(f))
+        }
+    };
+    r.model = model.name();
+    Ok((r, fig))
+}
+
+/// The CPU by role of a run.
+fn roles(r: &NetReport, fig: Option<&RemoteNetFigures>) -> RoleCpu {
+    RoleCpu::new(
+        &r.cost,
+        fig.map(|f| RemoteCpu {
+            agent: f.vmhost_cpu_ns,
+            vmhost_fabric: f.vmhost_fabric_cpu_ns,
+            server_fabric: f.server_fabric_cpu_ns,
+        }),
+    )
 }
 
 fn json(
     r: &NetReport,
     fig: Option<&RemoteNetFigures>,
+    fabric: Option<&str>,
     size: usize,
     ratio_pps: f64,
     ratio_core: f64,
 ) -> serde_json::Value {
-    let fabric = fig.map(|f| {
+    let fabric_figures = fig.map(|f| {
         serde_json::json!({
             "requests": f.fabric.requests,
             "fabric_ops_per_request": f.fabric.ops_per_request(),
@@ -67,10 +89,13 @@ fn json(
             "batches": f.fabric.batches,
             "doorbells": f.fabric.doorbells,
             "vmhost_cpu_s": f.vmhost_cpu_ns as f64 / 1e9,
+            "vmhost_fabric_cpu_s": f.vmhost_fabric_cpu_ns as f64 / 1e9,
+            "server_fabric_cpu_s": f.server_fabric_cpu_ns as f64 / 1e9,
         })
     });
-    let j = serde_json::json!({
-        "fabric": fabric,
+    let mut j = serde_json::json!({
+        "fabric": fabric_figures,
+        "fabric_backend": fabric,
         "model": r.model,
         "frame_bytes": size,
         "frames_sent": r.sent.sent,
@@ -96,11 +121,12 @@ fn json(
             "poll_mode_off": r.cost.stats.poll_mode_off,
         },
     });
+    cpu::merge(&mut j, roles(r, fig).json(r.recv.received));
     with_cost(j, &r.cost)
 }
 
 pub fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
-    let models = Model::all(&[NotifyMode::Doorbell]);
+    let models = Model::all(&[NotifyMode::Doorbell], &a.fabrics);
     let mut rows = Vec::new();
     let mut points = Vec::new();
     let total = a.sizes.len() * models.len();
@@ -143,7 +169,7 @@ pub fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
             let b = base.get_or_insert_with(|| r.clone());
             let ratio_pps = r.packets_per_sec() / b.packets_per_sec().max(1e-9);
             let ratio_core = r.packets_per_core_sec() / b.packets_per_core_sec().max(1e-9);
-            rows.push(vec![
+            let mut row = vec![
                 r.model.clone(),
                 size.to_string(),
                 format!("{:.0}", r.packets_per_sec()),
@@ -155,14 +181,15 @@ pub fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
                 format!("{ratio_core:.2}"),
                 r.recv.merged.to_string(),
                 r.port_drops().to_string(),
-                fig.as_ref()
-                    .map(|f| format!("{:.2}", f.fabric.ops_per_request()))
-                    .unwrap_or_else(|| "-".into()),
-                fig.as_ref()
-                    .map(|f| format!("{:.2}", f.fabric.rtts_per_request()))
-                    .unwrap_or_else(|| "-".into()),
-            ]);
-            points.push(json(&r, fig.as_ref(), size, ratio_pps, ratio_core));
+            ];
+            row.extend(cpu::tail_cells(
+                &roles(&r, fig.as_ref()),
+                r.recv.received,
+                fig.as_ref().map(|f| &f.fabric),
+            ));
+            rows.push(row);
+            let fabric = m.fabric();
+            points.push(json(&r, fig.as_ref(), fabric, size, ratio_pps, ratio_core));
         }
     }
     println!(
@@ -170,7 +197,8 @@ pub fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
         a.guests.max(2).div_ceil(2) * 2,
         a.seconds
     );
-    print_table(
+    cpu::print_rows(
+        "frame received",
         &[
             "model",
             "frame B",
@@ -183,8 +211,6 @@ pub fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
             "x vhost (per core)",
             "merged",
             "drops",
-            "fabric ops/req",
-            "RTT/req",
         ],
         &rows,
     );

@@ -73,6 +73,10 @@ pub struct QueueReport {
     pub elapsed: Duration,
     /// Request latency in nanoseconds.
     pub latency: Histogram<u64>,
+    /// CPU time of the guest threads that drove the queues, from their
+    /// thread clocks ([`crate::runner::drive_guests`] sets it; 0 from
+    /// [`run_queue`] alone).
+    pub cpu_ns: u64,
 }
 
 impl QueueReport {
@@ -91,6 +95,7 @@ impl QueueReport {
             // 3 significant digits up to 100 s: cannot fail.
             latency: Histogram::new_with_bounds(1, 100_000_000_000, 3)
                 .unwrap_or_else(|_| Histogram::new(3).expect("3 sigfigs is valid")),
+            cpu_ns: 0,
         }
     }
 
@@ -115,6 +120,7 @@ impl QueueReport {
         self.protocol_errors += o.protocol_errors;
         self.elapsed = self.elapsed.max(o.elapsed);
         let _ = self.latency.add(&o.latency);
+        self.cpu_ns += o.cpu_ns;
     }
 }
 

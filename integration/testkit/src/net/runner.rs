@@ -8,13 +8,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::cputime::{spawn_timed, FabricCpuClock};
 use crate::guest::GuestError;
 use crate::net::guest::{NetGuest, NetGuestConfig, RX_QUEUE, TX_QUEUE};
 use crate::net::traffic::{
     run_receiver, run_sender, Link, RecvConfig, RecvReport, SendConfig, SendReport,
 };
 use crate::runner::{
-    open_domain, queue_attach, serve_local, LocalModel, RunClock, RunCost, RunError,
+    listen_addr_for, open_domain, open_domains, queue_attach, serve_local, LocalModel, RunClock,
+    RunCost, RunError,
 };
 use vrio_core::models::LocalQueue;
 use vrio_core::net::rx::RxDevice;
@@ -165,20 +167,35 @@ pub fn run_net(
     let clock = RunClock::start();
     let (run, device_cpu_ns, stats) =
         serve_local(model, devices, "net", || drive(guests, rc, progress, &stop))?;
-    let (sent, recv) = run?;
+    let (sent, recv, guest_cpu_ns) = run?;
     let wall = clock.wall();
     Ok(NetReport {
         model: model.name(),
         sent,
         recv,
-        cost: clock.cost(wall, device_cpu_ns, stats),
+        cost: clock
+            .cost(wall, device_cpu_ns, stats)
+            .with_guest_cpu(guest_cpu_ns),
         ports: ports.iter().map(|p| p.stats().snapshot()).collect(),
     })
 }
 
 /// Attaches `guest`'s RX and TX queues to the I/O server at `server`
-/// through an agent of its own, in a protection domain of its own.
+/// through an agent of its own, in a protection domain of its own on
+/// `fabric`.
 pub fn attach_net_remote(
+    guest: &NetGuest,
+    device_id: u64,
+    server: &str,
+    mode: vrio_core::remote::NotifyMode,
+    fabric: vrio_rdma::Backend,
+) -> Result<vrio_core::remote::AttachedDevice, RunError> {
+    attach_net_in(open_domain(fabric, None)?, guest, device_id, server, mode)
+}
+
+/// [`attach_net_remote`] with the agent in `domain`.
+fn attach_net_in(
+    domain: Arc<dyn vrio_rdma::Domain>,
     guest: &NetGuest,
     device_id: u64,
     server: &str,
@@ -189,7 +206,6 @@ pub fn attach_net_remote(
     for q in [RX_QUEUE, TX_QUEUE] {
         queues.push(queue_attach(guest.device_side(q)?));
     }
-    let domain = open_domain(vrio_rdma::Backend::Soft, None)?;
     attach(
         domain,
         server,
@@ -213,25 +229,31 @@ pub struct RemoteNetFigures {
     pub fabric: vrio_core::remote::RemoteSnapshot,
     /// CPU time of the VM-host agents.
     pub vmhost_cpu_ns: u64,
+    /// CPU time of the VM host's fabric threads (0 with a NIC).
+    pub vmhost_fabric_cpu_ns: u64,
+    /// CPU time of the I/O server's fabric threads.
+    pub server_fabric_cpu_ns: u64,
 }
 
 /// Runs `rc` against remote sidecores: an in-process I/O server whose
 /// switch connects the guests (guest `i` is device `i`, port MAC
-/// `MacAddr::local(i)`), one agent per guest, over the software fabric.
+/// `MacAddr::local(i)`), one agent per guest, over `fabric` on this host.
 pub fn run_net_remote(
     mode: vrio_core::remote::NotifyMode,
     sidecores: usize,
+    fabric: vrio_rdma::Backend,
     rc: &NetRunConfig,
     progress: &Arc<AtomicU64>,
 ) -> Result<(NetReport, RemoteNetFigures), RunError> {
     use std::sync::atomic::Ordering::Relaxed;
     use vrio_core::remote::{IoServer, IoServerConfig, NetServerConfig};
     let cfgs = guest_configs(rc);
-    let domain = open_domain(vrio_rdma::Backend::Soft, None)?;
+    let server_domain = open_domain(fabric, None)?;
     let server = IoServer::start(
-        domain,
+        Arc::clone(&server_domain),
         Arc::new(vrio_core::blk::MemoryBackend::new(1 << 20)),
         IoServerConfig {
+            listen: listen_addr_for(fabric),
             sidecores,
             net: NetServerConfig {
                 switch: rc.switch,
@@ -244,20 +266,31 @@ pub fn run_net_remote(
     .map_err(|e| RunError::Model(e.to_string()))?;
     let mut guests = Vec::new();
     let mut agents = Vec::new();
-    for c in cfgs {
+    let host_domains = open_domains(fabric, None, cfgs.len())?;
+    for (c, domain) in cfgs.into_iter().zip(&host_domains) {
         let g = NetGuest::new(c)?;
-        agents.push(attach_net_remote(&g, u64::from(c.id), server.addr(), mode)?);
+        let id = u64::from(c.id);
+        agents.push(attach_net_in(
+            Arc::clone(domain),
+            &g,
+            id,
+            server.addr(),
+            mode,
+        )?);
         guests.push(g);
     }
     let stop = Arc::new(AtomicBool::new(false));
+    let fabric_clock = FabricCpuClock::start(&server_domain, &host_domains);
     let clock = RunClock::start();
-    let (sent, recv) = drive(guests, rc, progress, &stop)?;
+    let (sent, recv, guest_cpu_ns) = drive(guests, rc, progress, &stop)?;
     let wall = clock.wall();
     let mut fig = RemoteNetFigures::default();
     for a in agents.iter_mut() {
         a.detach();
         fig.vmhost_cpu_ns += a.stats().cpu_ns.load(Relaxed);
     }
+    // Before `stop`, whose own connection to the server is no request's.
+    (fig.vmhost_fabric_cpu_ns, fig.server_fabric_cpu_ns) = fabric_clock.elapsed();
     // After the sidecores stopped: nothing is counted any more.
     let device_cpu_ns = server.stop();
     let stats = server.sidecore_stats();
@@ -273,7 +306,9 @@ pub fn run_net_remote(
             model: format!("remote {} x{}", mode.name(), sidecores.max(1)),
             sent,
             recv,
-            cost: clock.cost(wall, device_cpu_ns, stats),
+            cost: clock
+                .cost(wall, device_cpu_ns, stats)
+                .with_guest_cpu(guest_cpu_ns),
             ports,
         },
         fig,
@@ -281,12 +316,14 @@ pub fn run_net_remote(
 }
 
 /// Guest `i` sends on link `i` to its peer `i ^ 1` and receives link `i ^ 1`.
+/// Returns what was sent, what was received, and the CPU time of the
+/// guests' sender and receiver threads.
 fn drive(
     guests: Vec<NetGuest>,
     rc: &NetRunConfig,
     progress: &Arc<AtomicU64>,
     stop: &Arc<AtomicBool>,
-) -> Result<(SendReport, RecvReport), RunError> {
+) -> Result<(SendReport, RecvReport, u64), RunError> {
     let links: Vec<Arc<Link>> = guests.iter().map(|_| Arc::new(Link::default())).collect();
     let macs: Vec<_> = guests.iter().map(|g| g.cfg.mac).collect();
     let mut senders = Vec::new();
@@ -311,17 +348,19 @@ fn drive(
         };
         let (out, inn) = (links[i].clone(), links[i ^ 1].clone());
         let (m2, stop, progress) = (mem.clone(), stop.clone(), progress.clone());
-        senders.push(std::thread::spawn(move || {
+        senders.push(spawn_timed(move || {
             run_sender(&mut txq, &mem, me, &scfg, &out, &stop)
         }));
-        receivers.push(std::thread::spawn(move || {
+        receivers.push(spawn_timed(move || {
             run_receiver(&mut rxq, &m2, me, &rcfg, &inn, &progress)
         }));
     }
+    let mut cpu = 0;
     let mut s = SendReport::default();
     for t in senders {
         match t.join() {
-            Ok(r) => {
+            Ok((r, c)) => {
+                cpu += c;
                 s.sent += r.sent;
                 s.bytes += r.bytes;
                 s.protocol_errors += r.protocol_errors;
@@ -334,9 +373,12 @@ fn drive(
     let mut r = RecvReport::default();
     for t in receivers {
         match t.join() {
-            Ok(x) => r.merge(&x),
+            Ok((x, c)) => {
+                cpu += c;
+                r.merge(&x);
+            }
             Err(_) => r.protocol_errors += 1,
         }
     }
-    Ok((s, r))
+    Ok((s, r, cpu))
 }
