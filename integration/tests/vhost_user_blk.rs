@@ -207,10 +207,10 @@ fn stock_guest_runs_ext4_on_a_remote_disk_through_vhost_user_blk() {
 
 /// The same guest with the I/O server on this host over the `shm` fabric:
 /// the server maps the guest's RAM (QEMU's memfd, passed on by vrio-client)
-/// and its READs and WRITEs are copies. One boot, to stay short.
+/// and its READs and WRITEs are copies.
 #[test]
 fn stock_guest_runs_ext4_on_a_remote_disk_over_the_shm_fabric() {
-    ext4_on_a_remote_disk("shm", 1);
+    ext4_on_a_remote_disk("shm", 2);
 }
 
 /// Boots `boots` guests, one after another, against one vrio-client whose

@@ -8,7 +8,7 @@ use std::process::Command;
 fn bench_writes_json_with_all_rows() {
     let path = std::env::temp_dir().join(format!("vrio-bench-{}.json", std::process::id()));
     let out = Command::new(env!("CARGO_BIN_EXE_vrio-fabric-bench"))
-        .args(["--seconds", "0.3", "--fabric", "soft", "--json"])
+        .args(["--seconds", "0.3", "--fabric", "soft,shm", "--json"])
         .arg(&path)
         .output()
         .unwrap();
@@ -44,7 +44,7 @@ fn bench_writes_json_with_all_rows() {
         }
     }
     assert_eq!(seen, want);
-    assert_eq!(v["fabrics"], serde_json::json!(["soft"]));
+    assert_eq!(v["fabrics"], serde_json::json!(["soft", "shm"]));
     for r in rows {
         let sides = [&r["soft"], &r["tcp"], &r["fabrics"]["soft"]];
         for m in sides {
@@ -58,6 +58,11 @@ fn bench_writes_json_with_all_rows() {
             // TCP echo server), so both spent some CPU.
             assert!(m["target_cpu_us_per_op"].as_f64().unwrap() > 0.0, "{r}");
         }
+        // shm runs no thread of its own: READ and WRITE are the
+        // initiator's copies, so its target spends (next to) nothing.
+        let shm = &r["fabrics"]["shm"];
+        assert!(shm["ops"].as_u64().unwrap() > 0, "{r}");
+        assert!(shm["target_cpu_us_per_op"].as_f64().unwrap() <= 0.05, "{r}");
         assert!(r["ratio"].as_f64().unwrap() > 0.0, "{r}");
         assert_eq!(r["ratio"], r["fabrics"]["soft"]["ratio_vs_tcp"], "{r}");
     }

@@ -34,8 +34,9 @@ struct Args {
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
-    /// Fabrics to measure beside plain TCP, comma-separated (soft, verbs).
-    #[arg(long, value_delimiter = ',', default_value = "soft")]
+    /// Fabrics to measure beside plain TCP, comma-separated (soft, shm,
+    /// verbs).
+    #[arg(long, value_delimiter = ',', default_value = "soft,shm")]
     fabric: Vec<String>,
 }
 
@@ -146,9 +147,12 @@ fn rig(
 ) -> BenchResult<Rig> {
     let rmem = MemfdMemory::new("bench-target", 1 << 20)?;
     let lmem = MemfdMemory::new("bench-initiator", 1 << 20)?;
+    // The target's memory is registered with its file, as guest RAM is, so
+    // fabrics that share files (shm) map it.
     // SAFETY: both memories live in the rig and are dropped after the regions
-    // (field order of Rig).
-    let rmr = unsafe { target.register(rmem.ptr(), rmem.len(), Access::GUEST_RAM)? };
+    // (field order of Rig); `rmem` maps its memfd from offset 0.
+    let rmr =
+        unsafe { target.register_fd(rmem.ptr(), rmem.len(), Access::GUEST_RAM, rmem.fd(), 0)? };
     // SAFETY: as above.
     let lmr = unsafe { initiator.register(lmem.ptr(), lmem.len(), Access::LOCAL_ONLY)? };
     let mut l = target.listen(addr, EndpointConfig::default())?;

@@ -52,9 +52,9 @@ enum Workload {
 /// The fabrics the remote models run over.
 #[derive(clap::Args, Debug, Clone)]
 struct Fabrics {
-    /// Fabrics the remote models run over, comma-separated (soft, verbs):
-    /// each remote model gets a row per fabric, in the same run.
-    #[arg(long = "fabric", value_delimiter = ',', default_value = "soft")]
+    /// Fabrics the remote models run over, comma-separated (soft, shm,
+    /// verbs): each remote model gets a row per fabric, in the same run.
+    #[arg(long = "fabric", value_delimiter = ',', default_value = "soft,shm")]
     fabric: Vec<Backend>,
 }
 
