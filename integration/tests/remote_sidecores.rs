@@ -139,9 +139,15 @@ fn a_small_send_queue_splits_waves_instead_of_failing_the_queue() {
 
 #[test]
 fn doorbell_mode_meets_the_round_trip_target() {
-    // Counts, not times: 4 KiB reads and writes take at most 2 round trips
-    // on the critical path in doorbell mode.
-    for read_pct in [100u8, 0] {
+    // Counts, not times: a doorbell carries a request's header, and a 4 KiB
+    // write's payload, inline, so 4 KiB reads and writes take one round
+    // trip on the critical path (the reply wave), on both fabrics.
+    for (fabric, read_pct) in [
+        (Backend::Soft, 100u8),
+        (Backend::Soft, 0),
+        (Backend::Shm, 100),
+        (Backend::Shm, 0),
+    ] {
         let rc = RunConfig {
             guests: 1,
             queues_per_guest: 1,
@@ -160,7 +166,7 @@ fn doorbell_mode_meets_the_round_trip_target() {
         let (r, fig) = run_remote(
             NotifyMode::Doorbell,
             1,
-            Backend::Soft,
+            fabric,
             backend,
             BlockConfig::default(),
             &rc,
@@ -169,12 +175,60 @@ fn doorbell_mode_meets_the_round_trip_target() {
         .unwrap();
         assert_eq!(r.io.failures(), 0);
         assert!(
-            fig.fabric.rtts_per_request() <= 2.0,
-            "{} RTT per request (read_pct {read_pct})",
+            fig.fabric.rtts_per_request() <= 1.0,
+            "{} RTT per request ({fabric:?}, read_pct {read_pct})",
             fig.fabric.rtts_per_request()
         );
-        assert!(fig.fabric.ops_per_request() >= 2.0);
+        // Every request's header (and a write's payload) came inline.
+        let inline_per_req = fig.fabric.inline_bytes as f64 / fig.fabric.requests as f64;
+        let want = if read_pct == 100 { 16.0 } else { 16.0 + 4096.0 };
+        assert!(
+            inline_per_req >= want,
+            "{inline_per_req} inline bytes per request ({fabric:?}, read_pct {read_pct})"
+        );
+        // At least the WRITE of each request's data or status.
+        assert!(fig.fabric.ops_per_request() >= 1.0);
     }
+}
+
+#[test]
+fn writes_beyond_the_inline_limit_read_their_payload_in_one_wave() {
+    // 4 KiB writes with the inline limit at 512 bytes: only the header
+    // comes inline, the payload is one READ wave: two round trips.
+    let rc = RunConfig {
+        guests: 1,
+        queues_per_guest: 1,
+        workload: WorkloadConfig {
+            requests: 300,
+            depth: 4,
+            read_pct: 0,
+            flush_pct: 0,
+            blocks: 64,
+            ..WorkloadConfig::default()
+        },
+        inline_max: 512,
+        ..RunConfig::default()
+    };
+    let backend = Arc::new(MemoryBackend::new(64 * 4096));
+    let done = Arc::new(AtomicU64::new(0));
+    let (r, fig) = run_remote(
+        NotifyMode::Doorbell,
+        1,
+        Backend::Shm,
+        backend,
+        BlockConfig::default(),
+        &rc,
+        &done,
+    )
+    .unwrap();
+    assert_eq!(r.io.failures(), 0);
+    let rtt = fig.fabric.rtts_per_request();
+    assert!((1.9..=2.0).contains(&rtt), "{rtt} RTT per request");
+    let inline_per_req = fig.fabric.inline_bytes as f64 / fig.fabric.requests as f64;
+    assert!(
+        inline_per_req < 100.0,
+        "{inline_per_req} inline bytes per request"
+    );
 }
 
 /// Writes one chain straight into the ring, bypassing the driver.

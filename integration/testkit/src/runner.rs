@@ -40,6 +40,8 @@ pub struct RunConfig {
     pub features: RingFeatures,
     /// Template for every queue; each gets its own seed and block range.
     pub workload: WorkloadConfig,
+    /// Remote models: the agents' inline limit (`AgentConfig::inline_max`).
+    pub inline_max: usize,
 }
 
 impl RunConfig {
@@ -71,6 +73,7 @@ impl Default for RunConfig {
                 event_idx: true,
             },
             workload: WorkloadConfig::default(),
+            inline_max: vrio_core::remote::AgentConfig::default().inline_max,
         }
     }
 }
@@ -418,7 +421,11 @@ pub fn attach_guests_placed(
     mode: vrio_core::remote::NotifyMode,
 ) -> Result<Vec<vrio_core::remote::AttachedDevice>, RunError> {
     let domains = open_domains(backend, device, guests.len())?;
-    attach_in_domains(guests, placed, &domains, mode)
+    let agent = vrio_core::remote::AgentConfig {
+        mode,
+        ..Default::default()
+    };
+    attach_in_domains(guests, placed, &domains, agent)
 }
 
 /// [`attach_guests_placed`] with guest `g`'s agent in `domains[g]`.
@@ -426,9 +433,9 @@ fn attach_in_domains(
     guests: &[SyntheticGuest],
     placed: &[(u64, Vec<vrio_core::remote::QueueTarget>)],
     domains: &[Arc<dyn vrio_rdma::Domain>],
-    mode: vrio_core::remote::NotifyMode,
+    agent: vrio_core::remote::AgentConfig,
 ) -> Result<Vec<vrio_core::remote::AttachedDevice>, RunError> {
-    use vrio_core::remote::{attach_placed, AgentConfig, DeviceAttach};
+    use vrio_core::remote::{attach_placed, DeviceAttach};
     if placed.len() != guests.len() || domains.len() != guests.len() {
         return Err(RunError::Model(format!(
             "{} placements and {} domains for {} guests",
@@ -451,10 +458,7 @@ fn attach_in_domains(
                 mem: guest.memory().clone(),
                 queues,
             },
-            AgentConfig {
-                mode,
-                ..AgentConfig::default()
-            },
+            agent,
         )
         .map_err(|e| RunError::Model(e.to_string()))?;
         agents.push(dev);
@@ -537,7 +541,12 @@ pub fn run_remote_with(
     let guests = make_guests(rc)?;
     let host_domains = open_domains(fabric, None, guests.len())?;
     let placed = any_placement(&guests, server.addr());
-    let mut agents = attach_in_domains(&guests, &placed, &host_domains, mode)?;
+    let agent = vrio_core::remote::AgentConfig {
+        mode,
+        inline_max: rc.inline_max,
+        ..Default::default()
+    };
+    let mut agents = attach_in_domains(&guests, &placed, &host_domains, agent)?;
     let stop = Arc::new(AtomicBool::new(false));
     let fabric_clock = FabricCpuClock::start(&server_domain, &host_domains);
     let clock = RunClock::start();

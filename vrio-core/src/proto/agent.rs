@@ -254,9 +254,18 @@ pub struct HostQueueConfig {
     /// Descriptors copied per chain into a doorbell (the server fetches
     /// the rest).
     pub chain_copy: usize,
+    /// Payload bytes of a chain copied inline into its doorbell entry
+    /// (NVMe-oF's in-capsule data): a chain whose readable segments beyond
+    /// its headers total at most this goes whole, so the server starts it
+    /// without a READ; larger ones carry only their header-sized segments.
+    pub inline_max: usize,
     /// QUIESCE answers must arrive within this.
     pub timeout: Duration,
 }
+
+/// Readable segments up to this size always go inline: request headers,
+/// which the server needs before it can do anything.
+const INLINE_HEADER: u32 = 64;
 
 enum Link {
     Serving,
@@ -670,7 +679,11 @@ impl HostQueue {
                 let mut bytes = DOORBELL_HEADER;
                 while self.last_pushed != avail {
                     let e = self.copy_chain(mem, self.last_pushed.0);
-                    let sz = doorbell_entry_size(e.descs.len());
+                    let sz = doorbell_entry_size(
+                        e.descs.len(),
+                        e.inline.len(),
+                        e.inline.iter().map(|(_, b)| b.len()).sum(),
+                    );
                     if bytes + sz > MAX_MSG && !d.entries.is_empty() {
                         break;
                     }
@@ -703,6 +716,7 @@ impl HostQueue {
             pos,
             head,
             descs: Vec::new(),
+            inline: Vec::new(),
         };
         let mut idx = head;
         while e.descs.len() < max && idx < self.layout.size {
@@ -730,6 +744,45 @@ impl HostQueue {
             }
             idx = d.next;
         }
+        self.copy_inline(mem, &mut e);
         e
+    }
+
+    /// Copies the chain's readable segments inline (see
+    /// [`HostQueueConfig::inline_max`]). Unvalidated, like the descriptors:
+    /// the server uses a copy only for a segment it validated and that the
+    /// copy covers exactly, and otherwise READs.
+    fn copy_inline<M: GuestMemory + ?Sized>(&self, mem: &M, e: &mut DoorbellEntry) {
+        let readable = || {
+            e.descs
+                .iter()
+                .map(|(_, b)| Descriptor::from_bytes(b))
+                .filter(|d| !d.is_indirect() && !d.is_write_only() && d.len > 0)
+        };
+        // The payload is what is not header-sized; headers always go.
+        let payload: u64 = readable()
+            .filter(|d| d.len > INLINE_HEADER)
+            .map(|d| u64::from(d.len))
+            .sum();
+        let whole = payload <= self.cfg.inline_max as u64;
+        let mut inline = Vec::new();
+        let mut bytes = 0usize;
+        for d in readable() {
+            if !whole && d.len > INLINE_HEADER {
+                continue;
+            }
+            let len = d.len as usize;
+            // Never more than a message can carry beside its descriptors,
+            // whatever the guest says.
+            if bytes + len > MAX_MSG - 1024 {
+                break;
+            }
+            let mut b = vec![0u8; len];
+            if mem.read(d.addr, &mut b).is_ok() {
+                bytes += len;
+                inline.push((d.addr, b));
+            }
+        }
+        e.inline = inline;
     }
 }

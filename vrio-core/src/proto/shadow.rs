@@ -43,6 +43,11 @@ impl Shadow {
         &mut self.ranges[last].1
     }
 
+    /// The `len` bytes at `addr`, if one range holds them all.
+    pub fn get(&self, addr: u64, len: usize) -> Option<&[u8]> {
+        self.find(addr, len)
+    }
+
     fn find(&self, addr: u64, len: usize) -> Option<&[u8]> {
         let end = addr.checked_add(len as u64)?;
         // Latest insert wins: scan from the back.

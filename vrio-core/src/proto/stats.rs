@@ -30,6 +30,8 @@ pub struct RemoteStats {
     pub mode_switches: AtomicU64,
     /// Queues handed back to their VM host (QUIESCE).
     pub handovers: AtomicU64,
+    /// Guest bytes taken from doorbells' inline copies instead of READ.
+    pub inline_bytes: AtomicU64,
 }
 
 /// The counters of [`RemoteStats`] read at one moment; each field as the
@@ -58,6 +60,8 @@ pub struct RemoteSnapshot {
     pub mode_switches: u64,
     /// See [`RemoteStats::handovers`].
     pub handovers: u64,
+    /// See [`RemoteStats::inline_bytes`].
+    pub inline_bytes: u64,
 }
 
 impl RemoteStats {
@@ -75,6 +79,7 @@ impl RemoteStats {
             fetches: self.fetches.load(Relaxed),
             mode_switches: self.mode_switches.load(Relaxed),
             handovers: self.handovers.load(Relaxed),
+            inline_bytes: self.inline_bytes.load(Relaxed),
         }
     }
 }
@@ -93,6 +98,7 @@ impl RemoteSnapshot {
         self.fetches += o.fetches;
         self.mode_switches += o.mode_switches;
         self.handovers += o.handovers;
+        self.inline_bytes += o.inline_bytes;
     }
     /// Fabric operations per request (0 requests count as 1).
     pub fn ops_per_request(&self) -> f64 {

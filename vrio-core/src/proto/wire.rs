@@ -6,7 +6,7 @@
 //! | ATTACH | agent → server | SEND | device, queue layout, mode, guest regions with rkeys (a virtio-blk queue, or one the server's configuration types) |
 //! | ATTACH_DEVICE | agent → server | SEND | ATTACH plus the device type: blk, or net with the port's MAC |
 //! | ATTACH_REPLY | server → agent | SEND | status, the device's config space |
-//! | DOORBELL | agent → server | SEND | new avail.idx, avail entries, their descriptors |
+//! | DOORBELL | agent → server | SEND | new avail.idx, avail entries, their descriptors, and inline the bytes of their readable segments (headers; payloads up to the inline limit) |
 //! | SET_MODE | server → agent | SEND | remote-poll or doorbell, and where the server stopped |
 //! | QUIESCE | agent → server | SEND | finish the batch in flight, start no other |
 //! | QUIESCED | server → agent | SEND | where the server stopped; the queue is handed back |
@@ -25,9 +25,10 @@ use crate::virtio::ring::{RingFeatures, RingLayout};
 pub const MAGIC: u32 = 0x4f49_5256; // "VRIO"
 /// Protocol version; a message of another version is refused
 /// ([`WireError::BadHeader`]).
-pub const VERSION: u16 = 3;
-/// Largest message (and receive buffer).
-pub const MAX_MSG: usize = 4096;
+pub const VERSION: u16 = 4;
+/// Largest message (and receive buffer): room for a 4 KiB write's payload
+/// inline in a doorbell, with its header and descriptors.
+pub const MAX_MSG: usize = 8192;
 
 const ATTACH: u16 = 1;
 const ATTACH_REPLY: u16 = 2;
@@ -174,6 +175,11 @@ pub struct DoorbellEntry {
     /// Descriptor bytes as the guest wrote them, by guest address; the
     /// server validates them like any other guest data.
     pub descs: Vec<(u64, [u8; 16])>,
+    /// Guest bytes the agent copied inline, by guest address: readable
+    /// segments of the chain (its header; a small write's payload), so the
+    /// server need not READ them before it can serve the request. The
+    /// server uses them only for segments they cover exactly.
+    pub inline: Vec<(u64, Vec<u8>)>,
 }
 
 /// DOORBELL: the agent announces new avail entries.
@@ -329,9 +335,10 @@ impl R<'_> {
     }
 }
 
-/// Bytes of a doorbell entry carrying `n` descriptors.
-pub fn doorbell_entry_size(n: usize) -> usize {
-    6 + 24 * n
+/// Bytes of a doorbell entry carrying `n` descriptors and `inline` inline
+/// ranges of `inline_bytes` bytes in all.
+pub fn doorbell_entry_size(n: usize, inline: usize, inline_bytes: usize) -> usize {
+    8 + 24 * n + 12 * inline + inline_bytes
 }
 /// Bytes of a doorbell's fixed part.
 pub const DOORBELL_HEADER: usize = 12;
@@ -375,6 +382,12 @@ impl Message {
                     w.u16(e.descs.len() as u16);
                     for (gpa, b) in &e.descs {
                         w.u64(*gpa);
+                        w.bytes(b);
+                    }
+                    w.u16(e.inline.len() as u16);
+                    for (gpa, b) in &e.inline {
+                        w.u64(*gpa);
+                        w.u32(b.len() as u32);
                         w.bytes(b);
                     }
                 }
@@ -444,7 +457,20 @@ impl Message {
                         d.copy_from_slice(r.take(16)?);
                         descs.push((gpa, d));
                     }
-                    entries.push(DoorbellEntry { pos, head, descs });
+                    let ni = r.u16()?;
+                    let mut inline = Vec::with_capacity(usize::from(ni).min(64));
+                    for _ in 0..ni {
+                        let gpa = r.u64()?;
+                        // take() bounds the length by the message's bytes.
+                        let len = r.u32()? as usize;
+                        inline.push((gpa, r.take(len)?.to_vec()));
+                    }
+                    entries.push(DoorbellEntry {
+                        pos,
+                        head,
+                        descs,
+                        inline,
+                    });
                 }
                 Message::Doorbell(Doorbell { avail_idx, entries })
             }
@@ -531,8 +557,25 @@ mod tests {
                 pos: 8,
                 head: 3,
                 descs: vec![(0x1030, [7u8; 16])],
+                inline: vec![(0x2000, vec![1, 2, 3]), (0x3000, Vec::new())],
             }],
         }));
+        // An inline range longer than the message is refused, not read past.
+        let mut b = Vec::new();
+        Message::Doorbell(Doorbell {
+            avail_idx: 1,
+            entries: vec![DoorbellEntry {
+                pos: 0,
+                head: 0,
+                descs: Vec::new(),
+                inline: vec![(0x2000, vec![9; 8])],
+            }],
+        })
+        .encode(&mut b)
+        .unwrap();
+        let n = b.len();
+        b[n - 12..n - 8].copy_from_slice(&9u32.to_le_bytes());
+        assert_eq!(Message::decode(&b), Err(WireError::Truncated));
         round_trip(Message::SetMode(SetMode {
             poll: true,
             next_avail: 65535,

@@ -74,6 +74,10 @@ pub struct AgentConfig {
     /// Descriptors copied per chain into a doorbell (the server fetches
     /// the rest).
     pub chain_copy: usize,
+    /// Readable bytes of a request sent inline in its doorbell (see
+    /// `HostQueueConfig::inline_max`): 4 KiB by default, so a 4 KiB write
+    /// needs no READ either.
+    pub inline_max: usize,
     /// Attach replies and quiesce answers must arrive within this.
     pub timeout: Duration,
     /// Wire index of the device's first queue. A VMM that attaches its
@@ -91,6 +95,7 @@ impl Default for AgentConfig {
             mode: NotifyMode::Doorbell,
             endpoint: EndpointConfig::default(),
             chain_copy: 8,
+            inline_max: 4096,
             timeout: Duration::from_secs(10),
             queue_base: 0,
             device: DeviceKind::Blk,
@@ -275,6 +280,7 @@ pub fn attach_placed(
         let host_cfg = HostQueueConfig {
             mode: cfg.mode,
             chain_copy: cfg.chain_copy,
+            inline_max: cfg.inline_max,
             timeout: cfg.timeout,
         };
         let mut proto = HostQueue::new(

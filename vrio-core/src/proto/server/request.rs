@@ -9,7 +9,9 @@
 //! 2. walk and validate each chain over a
 //!    [`Shadow`](crate::proto::shadow::Shadow); what is missing is fetched with
 //!    READ (the whole table once, then indirect tables);
-//! 3. one wave of READs brings every readable segment into staging;
+//! 3. every readable segment the doorbell did not carry inline is brought
+//!    into staging by one wave of READs (none at all for a 4 KiB read or a
+//!    small write in doorbell mode);
 //! 4. the unchanged device model runs over the staged bytes;
 //! 5. one wave of WRITEs returns the writable segments and the used
 //!    elements, closed by a WRITE_WITH_IMM carrying the new used index; the
@@ -24,7 +26,7 @@
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
-use super::ring::{Dir, Intake, ServerRing, Stage, Wake};
+use super::ring::{Intake, ServerRing, Stage, Wake};
 use crate::proto::config::RemoteQueueConfig;
 use crate::proto::queue_error::RemoteQueueError;
 use crate::proto::staging::StagedChain;
@@ -188,7 +190,8 @@ impl<D: DeviceModel> RequestQueue<D> {
                 if s.len == 0 {
                     continue;
                 }
-                self.ring.queue_wr(Dir::Read, s.addr, off, s.len as usize)?;
+                // Inline in the doorbell, or READ in this wave.
+                self.ring.stage_readable(s.addr, off, s.len as usize)?;
                 off += s.len as usize;
             }
             // Writable bytes start zeroed, so nothing stale leaks back.
@@ -203,7 +206,8 @@ impl<D: DeviceModel> RequestQueue<D> {
                 self.batch_rtts += 1;
                 self.stage = Stage::Reading(target);
             }
-            // Nothing to read (only bad chains): reply at once.
+            // Nothing to read (everything came inline, or only bad
+            // chains): reply at once, one round trip in all.
             None => {
                 self.stage = Stage::Reading(0);
                 self.process_and_reply()?;

@@ -591,11 +591,18 @@ impl ServerRing {
         while p != idx {
             let slot = usize::from(p.0 % self.layout.size);
             self.staging().get(base + 4 + 2 * slot, &mut b)?;
-            self.pending[slot] = Some(DoorbellEntry {
-                pos: p.0,
-                head: u16::from_le_bytes(b),
-                descs: Vec::new(),
-            });
+            let head = u16::from_le_bytes(b);
+            // A doorbell's copy of the same entry stays: it saves READs.
+            let keep = self.pending[slot]
+                .as_ref()
+                .is_some_and(|e| e.pos == p.0 && e.head == head);
+            if !keep {
+                self.pending[slot] = Some(DoorbellEntry {
+                    pos: p.0,
+                    head,
+                    ..DoorbellEntry::default()
+                });
+            }
             p += 1;
         }
         Ok(())
@@ -892,10 +899,29 @@ impl ServerRing {
             for (gpa, d) in &e.descs {
                 self.shadow.insert(*gpa, d);
             }
+            for (gpa, b) in &e.inline {
+                self.shadow.insert(*gpa, b);
+            }
             heads.push(e.head);
         }
         self.next_avail += Wrapping(n as u16);
         Ok(Some(Some(heads)))
+    }
+
+    /// Brings `len` guest bytes at `gpa` into staging `off`: from the
+    /// doorbell's inline copy when it holds exactly those bytes, else with
+    /// a READ queued for the caller's wave.
+    pub(crate) fn stage_readable(
+        &mut self,
+        gpa: u64,
+        off: usize,
+        len: usize,
+    ) -> Result<(), RemoteQueueError> {
+        if let Some(b) = self.shadow.get(gpa, len) {
+            self.stats.inline_bytes.fetch_add(len as u64, Relaxed);
+            return Ok(self.staging.get_mut().put(off, b)?);
+        }
+        Ok(self.queue_wr(Dir::Read, gpa, off, len)?)
     }
 
     /// Queues WRITEs of the first `len` bytes of `segs` from staging `off`

@@ -64,6 +64,7 @@ impl World {
         let cfg = HostQueueConfig {
             mode,
             chain_copy: 8,
+            inline_max: 4096,
             timeout: TIMEOUT,
         };
         let stats = Arc::new(AgentStats::default());

@@ -196,6 +196,7 @@ impl Pair {
         let host_cfg = HostQueueConfig {
             mode,
             chain_copy: 8,
+            inline_max: 4096,
             timeout: TIMEOUT,
         };
         let stats = Arc::new(AgentStats::default());
