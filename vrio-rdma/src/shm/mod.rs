@@ -255,19 +255,25 @@ impl Default for ShmDomain {
 /// Whether peers will be able to reach this process with CMA; registering
 /// memory without a file fails here, with the reason, when they will not.
 fn cma_allowed() -> Result<(), FabricError> {
-    if let Ok(s) = std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope") {
-        let scope: u32 = s.trim().parse().unwrap_or(0);
-        if scope >= 1 {
-            return Err(FabricError::Register(format!(
-                "shm reaches memory registered without a file descriptor with \
-                 process_vm_readv/writev, which kernel.yama.ptrace_scope={scope} forbids \
-                 between unrelated processes; register it with register_fd (a memfd) \
-                 or set ptrace_scope to 0"
-            )));
-        }
-    }
+    let scope = std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope").ok();
     // SAFETY: PR_GET_DUMPABLE takes no pointers and only returns a value.
-    if unsafe { libc::prctl(libc::PR_GET_DUMPABLE) } == 0 {
+    let dumpable = unsafe { libc::prctl(libc::PR_GET_DUMPABLE) } != 0;
+    cma_verdict(scope.as_deref(), dumpable)
+}
+
+/// The rule behind [`cma_allowed`]: Yama's `ptrace_scope` (absent: no
+/// Yama) and whether the process is dumpable.
+fn cma_verdict(scope: Option<&str>, dumpable: bool) -> Result<(), FabricError> {
+    let scope: u32 = scope.and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+    if scope >= 1 {
+        return Err(FabricError::Register(format!(
+            "shm reaches memory registered without a file descriptor with \
+             process_vm_readv/writev, which kernel.yama.ptrace_scope={scope} forbids \
+             between unrelated processes; register it with register_fd (a memfd) \
+             or set ptrace_scope to 0"
+        )));
+    }
+    if !dumpable {
         return Err(FabricError::Register(
             "shm reaches memory registered without a file descriptor with \
              process_vm_readv/writev, which this process forbids (it is not dumpable); \
@@ -390,5 +396,34 @@ impl Listener for ShmListener {
 impl Drop for ShmListener {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cma_is_refused_with_the_reason_when_ptrace_rules_forbid_it() {
+        assert!(cma_verdict(None, true).is_ok());
+        assert!(cma_verdict(Some("0\n"), true).is_ok());
+        for scope in ["1\n", "2", "3"] {
+            let e = cma_verdict(Some(scope), true).unwrap_err().to_string();
+            assert!(e.contains("ptrace_scope"), "{e}");
+            assert!(e.contains("register_fd"), "{e}");
+        }
+        let e = cma_verdict(None, false).unwrap_err().to_string();
+        assert!(e.contains("not dumpable"), "{e}");
+    }
+
+    #[test]
+    fn memory_with_a_file_needs_no_cma() {
+        let d = ShmDomain::new();
+        let mut buf = vec![0u8; 4096];
+        // Local-only memory is never announced, so CMA does not matter.
+        // SAFETY: `buf` outlives the region (dropped first, below).
+        let r = unsafe { d.register(buf.as_mut_ptr(), buf.len(), Access::LOCAL_ONLY) }.unwrap();
+        assert_eq!(r.len(), 4096);
+        drop(r);
     }
 }
