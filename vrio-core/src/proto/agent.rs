@@ -27,7 +27,7 @@ use vrio_rdma::{FabricError, WcStatus};
 
 use super::wire::{
     doorbell_entry_size, Doorbell, DoorbellEntry, Message, NotifyMode, WireError, ANY_SIDECORE,
-    DOORBELL_HEADER, MAX_MSG,
+    DOORBELL_HEADER, MAX_MSG, NOTIFY_IMM,
 };
 use crate::virtio::memory::{GuestMemory, MemoryError, MemoryMap};
 use crate::virtio::ring::layout::VRING_USED_F_NO_NOTIFY;
@@ -230,14 +230,13 @@ pub enum Action {
     /// Close the current link: its endpoint and rkeys go, which fences the
     /// old server out of guest memory.
     CloseLink,
-    /// Open a link to `to` and attach the queue there at ring index
-    /// `start`; then call [`HostQueue::attached`] or
-    /// [`HostQueue::attach_failed`].
+    /// Open a link to `to` and attach the queue there at the ring index
+    /// [`HostQueue::resume_index`] gives (asked after the old link is
+    /// closed, since the server writes the used index itself); then call
+    /// [`HostQueue::attached`] or [`HostQueue::attach_failed`].
     Attach {
         /// Where.
         to: QueueTarget,
-        /// The ring index the server starts serving at.
-        start: u16,
     },
     /// Interrupt the guest (write its call eventfd).
     Interrupt,
@@ -421,34 +420,63 @@ impl HostQueue {
         }
     }
 
-    /// The server's WRITE_WITH_IMM said the used ring holds entries up to
-    /// `idx`: publish it, and interrupt the guest if it asks for that.
-    pub fn on_used<M: GuestMemory + ?Sized>(&mut self, mem: &M, idx: u16, now: Instant) {
-        if let Err(e) = self.publish_used(mem, idx) {
+    /// The server's WRITE_WITH_IMM (`imm`: the used index it published in
+    /// guest memory, in the low 16 bits, and [`NOTIFY_IMM`]): the guest
+    /// wants an interrupt for those entries. The server writes used entries
+    /// and the index itself and only sends this when the guest's
+    /// suppression asks for it, so the VM host does nothing per request.
+    pub fn on_used<M: GuestMemory + ?Sized>(&mut self, mem: &M, imm: u32, now: Instant) {
+        if let Err(e) = self.note_used(mem, imm as u16) {
             self.on_link_error(e, now);
+            return;
         }
-    }
-
-    fn publish_used<M: GuestMemory + ?Sized>(
-        &mut self,
-        mem: &M,
-        idx: u16,
-    ) -> Result<(), AgentError> {
-        // A server may complete only what the guest posted.
-        let used = self.dq.state().next_used;
-        let avail = mem.load_u16(self.layout.avail_idx())?;
-        if idx.wrapping_sub(used) > avail.wrapping_sub(used) {
-            return Err(AgentError::CompletedPastAvail { idx, avail, used });
-        }
-        // The used elements landed before the immediate (RC ordering);
-        // publishing the index releases them.
-        self.dq.publish_used(mem, idx)?;
-        self.stats.completions.fetch_add(1, Relaxed);
-        if self.dq.needs_notification(mem)? {
+        if imm & NOTIFY_IMM != 0 {
             self.actions.push_back(Action::Interrupt);
             self.stats.interrupts.fetch_add(1, Relaxed);
         }
+    }
+
+    /// Records that the server published used entries up to `idx`.
+    fn note_used<M: GuestMemory + ?Sized>(&mut self, mem: &M, idx: u16) -> Result<(), AgentError> {
+        // A server may complete only what the guest posted.
+        let st = self.dq.state();
+        let avail = mem.load_u16(self.layout.avail_idx())?;
+        if idx.wrapping_sub(st.next_used) > avail.wrapping_sub(st.next_used) {
+            return Err(AgentError::CompletedPastAvail {
+                idx,
+                avail,
+                used: st.next_used,
+            });
+        }
+        self.dq.set_state(RingState {
+            next_used: idx,
+            ..st
+        });
+        self.stats.completions.fetch_add(1, Relaxed);
         Ok(())
+    }
+
+    /// Where the queue resumes on its next server: the used index in guest
+    /// memory, read once the old link is closed (so the old server can no
+    /// longer move it). The runtime calls this between
+    /// [`Action::CloseLink`]'s effect and the attach. An index the guest
+    /// could not have reached (a broken server) falls back to the last one
+    /// the server reported.
+    pub fn resume_index<M: GuestMemory + ?Sized>(&mut self, mem: &M) -> u16 {
+        let known = self.dq.state().next_used;
+        let read = mem.load_u16(self.layout.used_idx()).ok();
+        let avail = mem.load_u16(self.layout.avail_idx()).ok();
+        let start = match (read, avail) {
+            (Some(u), Some(a)) if u.wrapping_sub(known) <= a.wrapping_sub(known) => {
+                let _ = self.note_used(mem, u);
+                u
+            }
+            _ => known,
+        };
+        if let Link::Attaching { start: s, .. } = &mut self.link {
+            *s = start;
+        }
+        start
     }
 
     /// A message from the server.
@@ -512,16 +540,9 @@ impl HostQueue {
             tracing::warn!(queue = self.index, "QUIESCED without a move; ignored");
             return;
         };
-        let used = self.dq.state().next_used;
-        if next != used {
-            // Cannot happen on RC; re-serving from our index is safe anyway.
-            tracing::warn!(
-                queue = self.index,
-                server_next = next,
-                used,
-                "server stopped elsewhere than the agent's used index"
-            );
-        }
+        // The queue resumes at the used index in guest memory, which the
+        // server wrote before it answered (RC order); `next` says the same.
+        tracing::debug!(queue = self.index, server_next = next, "old server stopped");
         self.reattach(to, started, None, true);
     }
 
@@ -537,10 +558,7 @@ impl HostQueue {
         self.actions.retain(|a| !matches!(a, Action::Send(_)));
         self.actions.push_back(Action::CloseLink);
         let start = self.dq.state().next_used;
-        self.actions.push_back(Action::Attach {
-            to: to.clone(),
-            start,
-        });
+        self.actions.push_back(Action::Attach { to: to.clone() });
         self.link = Link::Attaching {
             to,
             start,
@@ -575,6 +593,11 @@ impl HostQueue {
             self.stats.moves.fetch_add(1, Relaxed);
         }
         tracing::info!(queue = self.index, server = %self.target.server, sidecore = self.target.sidecore, start, failover, "queue resumed");
+        // The old server may have published completions and died (or
+        // handed over) before it asked for their interrupt: one spurious
+        // interrupt makes the guest look, a missing one could hang it.
+        self.actions.push_back(Action::Interrupt);
+        self.stats.interrupts.fetch_add(1, Relaxed);
         if !self.polled_by_server {
             // Requests the guest posted while the queue was moving.
             if let Err(e) = self.push(mem) {

@@ -32,6 +32,9 @@ pub struct RemoteStats {
     pub handovers: AtomicU64,
     /// Guest bytes taken from doorbells' inline copies instead of READ.
     pub inline_bytes: AtomicU64,
+    /// Interrupts the server asked VM hosts for (the guests' suppression
+    /// allowed every other batch to complete without the VM host).
+    pub interrupts: AtomicU64,
 }
 
 /// The counters of [`RemoteStats`] read at one moment; each field as the
@@ -62,6 +65,8 @@ pub struct RemoteSnapshot {
     pub handovers: u64,
     /// See [`RemoteStats::inline_bytes`].
     pub inline_bytes: u64,
+    /// See [`RemoteStats::interrupts`].
+    pub interrupts: u64,
 }
 
 impl RemoteStats {
@@ -80,6 +85,7 @@ impl RemoteStats {
             mode_switches: self.mode_switches.load(Relaxed),
             handovers: self.handovers.load(Relaxed),
             inline_bytes: self.inline_bytes.load(Relaxed),
+            interrupts: self.interrupts.load(Relaxed),
         }
     }
 }
@@ -99,6 +105,7 @@ impl RemoteSnapshot {
         self.mode_switches += o.mode_switches;
         self.handovers += o.handovers;
         self.inline_bytes += o.inline_bytes;
+        self.interrupts += o.interrupts;
     }
     /// Fabric operations per request (0 requests count as 1).
     pub fn ops_per_request(&self) -> f64 {

@@ -10,7 +10,7 @@
 //! | SET_MODE | server → agent | SEND | remote-poll or doorbell, and where the server stopped |
 //! | QUIESCE | agent → server | SEND | finish the batch in flight, start no other |
 //! | QUIESCED | server → agent | SEND | where the server stopped; the queue is handed back |
-//! | (completion) | server → agent | WRITE_WITH_IMM, len 0 | imm = new used.idx |
+//! | (interrupt) | server → agent | WRITE_WITH_IMM, len 0 | imm = [`NOTIFY_IMM`] \| the used.idx the server published; sent only when the guest's suppression asks for an interrupt |
 //!
 //! A queue is served strictly in avail order, so "where the server stopped"
 //! is one index: every request before it is in the used ring, none after it
@@ -37,6 +37,11 @@ const SET_MODE: u16 = 4;
 const QUIESCE: u16 = 5;
 const QUIESCED: u16 = 6;
 const ATTACH_DEVICE: u16 = 7;
+/// Set in the immediate of the WRITE_WITH_IMM by which the server asks the
+/// VM host to interrupt the guest; the low 16 bits are the used index it
+/// published in guest memory (used elements and used.idx are the server's
+/// own WRITEs).
+pub const NOTIFY_IMM: u32 = 1 << 16;
 /// `Attach::sidecore` when the server may choose.
 pub const ANY_SIDECORE: u16 = u16::MAX;
 

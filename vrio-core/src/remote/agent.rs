@@ -556,8 +556,10 @@ impl AgentQueue {
                     self.drop_conn(epoll);
                     self.publish(ctx);
                 }
-                Action::Attach { to, start } => {
+                Action::Attach { to } => {
                     self.drop_conn(epoll);
+                    // The old link is closed: the used index is final now.
+                    let start = self.proto.resume_index(&*ctx.mem);
                     let l = *self.proto.layout();
                     let r = connect(
                         ctx,
@@ -655,8 +657,7 @@ impl AgentQueue {
                     }
                     let wr = conn.recv_wr(s);
                     conn.ep.post_recv(&[wr])?;
-                    self.proto
-                        .on_used(&*ctx.mem, c.imm.unwrap_or(0) as u16, now);
+                    self.proto.on_used(&*ctx.mem, c.imm.unwrap_or(0), now);
                 } else {
                     let m = conn.take_message(s, c.byte_len)?;
                     self.proto.on_message(&*ctx.mem, m, now);

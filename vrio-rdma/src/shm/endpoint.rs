@@ -504,6 +504,10 @@ impl ShmEndpoint {
             };
             let state = match wr.opcode {
                 Opcode::Read { remote_addr, rkey } => {
+                    // RC: a READ sees every WRITE posted before it. Our
+                    // copies are plain stores and loads, which the CPU may
+                    // reorder (store, then load elsewhere): fence them.
+                    fence(Ordering::SeqCst);
                     match self.peers.copy(rkey, remote_addr, local, len, false) {
                         Ok(()) => State::Done(WcStatus::Success),
                         Err(s) => State::Done(s),

@@ -683,6 +683,9 @@ impl Rx {
         match h.kind {
             Kind::Hello => Err(Stop::Broken("HELLO after the handshake".into())),
             Kind::Read => {
+                // RC: this READ sees the WRITEs applied before it; make our
+                // earlier stores visible before these loads on any CPU.
+                std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
                 let len = h.aux;
                 let ok = self
                     .reg

@@ -13,9 +13,10 @@
 //!    into staging by one wave of READs (none at all for a 4 KiB read or a
 //!    small write in doorbell mode);
 //! 4. the unchanged device model runs over the staged bytes;
-//! 5. one wave of WRITEs returns the writable segments and the used
-//!    elements, closed by a WRITE_WITH_IMM carrying the new used index; the
-//!    VM host publishes used.idx and interrupts the guest.
+//! 5. one wave of WRITEs returns the writable segments, the used elements
+//!    and the used index, and READs the guest's suppression word; only if
+//!    the guest wants an interrupt does a WRITE_WITH_IMM ask the VM host
+//!    for one.
 //!
 //! Steps 1-2, the waves and the control messages are the shared
 //! [`ServerRing`], which the virtio-net RX queue (`rx.rs`) uses too. Any
@@ -117,6 +118,7 @@ impl<D: DeviceModel> RequestQueue<D> {
                     return Ok(out);
                 }
                 Stage::Writing(_) => {
+                    self.ring.after_reply()?;
                     let done = self.finish_batch();
                     out.requests += done.requests;
                     out.errors += done.errors;

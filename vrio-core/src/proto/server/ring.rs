@@ -22,7 +22,7 @@ use crate::proto::shadow::Shadow;
 use crate::proto::staging::StagingBuffer;
 use crate::proto::stats::RemoteStats;
 use crate::proto::wire::{
-    Attach, DoorbellEntry, Message, NotifyMode, SetMode, WireRegion, MAX_MSG,
+    Attach, DoorbellEntry, Message, NotifyMode, SetMode, WireRegion, MAX_MSG, NOTIFY_IMM,
 };
 use crate::sidecore::{PollOutcome, QueueFailure};
 use crate::virtio::memory::{GuestRegion, MemoryError, MemoryMap};
@@ -38,6 +38,9 @@ pub(crate) struct Areas {
     pub used: usize,
     pub fetch: usize,
     pub send: usize,
+    /// The used index the server WRITEs, and the suppression word it READs
+    /// back (see [`ServerRing::queue_used`]).
+    pub notify: usize,
     pub data: usize,
 }
 
@@ -174,6 +177,10 @@ pub struct ServerRing {
     /// Work requests waiting for room in the send queue, in order.
     backlog: Vec<SendRequest>,
     intake: IntakeState,
+    /// The used indices (before, after) of the reply wave in flight, whose
+    /// interrupt is decided once the wave's READ of the guest's
+    /// suppression word is back.
+    notify_span: Option<(u16, u16)>,
     scratch: Vec<u8>,
     /// Why the queue stopped: every later poll reports it again.
     failed: Option<RemoteQueueError>,
@@ -225,6 +232,8 @@ impl ServerRing {
         o = align(o + FETCH_MAX);
         let send = o;
         o = align(o + MSG_SLOTS * MAX_MSG);
+        let notify = o;
+        o = align(o + 16);
         let data = o;
         let data_len = cfg.max_request * cfg.max_batch.max(1);
         let areas = Areas {
@@ -233,6 +242,7 @@ impl ServerRing {
             used,
             fetch,
             send,
+            notify,
             data,
         };
         let staging = StagingBuffer::new(data + data_len)?;
@@ -275,6 +285,7 @@ impl ServerRing {
             msg_wr: [0; MSG_SLOTS],
             backlog: Vec::new(),
             intake: IntakeState::default(),
+            notify_span: None,
             scratch: Vec::new(),
             failed: None,
         })
@@ -944,8 +955,14 @@ impl ServerRing {
     }
 
     /// Queues the used elements `used` (from `next_used` on, split where the
-    /// ring wraps) and the WRITE_WITH_IMM that tells the agent the new used
-    /// index; the caller posts the wave.
+    /// ring wraps), then the WRITE of the new used index (RC puts it after
+    /// the elements, so the guest never sees an index before its entries),
+    /// then a READ of the guest's suppression word (`used_event` with
+    /// EVENT_IDX, else the avail flags). RC executes that READ after the
+    /// index is in place, which is the order the spec asks of a device
+    /// (write the index, then look at the suppression), so a driver that
+    /// re-enables interrupts meanwhile is never missed. The caller posts the
+    /// wave; [`ServerRing::after_reply`] then decides on the interrupt.
     pub(crate) fn queue_used(&mut self, used: &[(u16, u32)]) -> Result<(), RemoteQueueError> {
         let first = self.next_used;
         for &(head, len) in used {
@@ -967,8 +984,46 @@ impl ServerRing {
             start += Wrapping(run as u16);
             left -= run;
         }
-        let imm = Dir::WriteImm(u32::from(self.next_used.0));
-        Ok(self.queue_wr(imm, self.layout.used_idx(), self.areas.send, 0)?)
+        let at = self.areas.notify;
+        let idx = self.next_used.0.to_le_bytes();
+        self.staging().put(at, &idx)?;
+        self.queue_wr(Dir::Write, self.layout.used_idx(), at, 2)?;
+        let word = if self.features.event_idx {
+            self.layout.used_event()
+        } else {
+            self.layout.avail_flags()
+        };
+        self.queue_wr(Dir::Read, word, at + 8, 2)?;
+        self.notify_span = Some((first.0, self.next_used.0));
+        Ok(())
+    }
+
+    /// The reply wave landed: if the guest wants an interrupt for the used
+    /// entries it published (its suppression word, read after the index),
+    /// ask the VM host for one with a zero-length WRITE_WITH_IMM; otherwise
+    /// the VM host hears nothing of this batch.
+    pub(crate) fn after_reply(&mut self) -> Result<(), RemoteQueueError> {
+        let Some((old, new)) = self.notify_span.take() else {
+            return Ok(());
+        };
+        let mut b = [0u8; 2];
+        let at = self.areas.notify + 8;
+        self.staging().get(at, &mut b)?;
+        let word = u16::from_le_bytes(b);
+        let wanted = if self.features.event_idx {
+            crate::virtio::ring::layout::vring_need_event(word, new, old)
+        } else {
+            word & crate::virtio::ring::layout::VRING_AVAIL_F_NO_INTERRUPT == 0
+        };
+        if !wanted {
+            return Ok(());
+        }
+        self.stats.interrupts.fetch_add(1, Relaxed);
+        let imm = Dir::WriteImm(u32::from(new) | NOTIFY_IMM);
+        self.queue_wr(imm, self.layout.used_idx(), self.areas.send, 0)?;
+        // Not waited for: RC completes it before anything posted later.
+        self.post_wave()?;
+        Ok(())
     }
 
     /// Requests announced but not taken, or a quiesce to answer.

@@ -287,6 +287,7 @@ impl RxQueue {
                     return Ok(res);
                 }
                 Stage::Reading(_) | Stage::Writing(_) => {
+                    self.ring.after_reply()?;
                     let done = std::mem::take(&mut self.batch_out);
                     res.requests += done.requests;
                     res.errors += done.errors;

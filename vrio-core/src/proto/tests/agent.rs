@@ -12,7 +12,7 @@ use proptest::prelude::*;
 
 use crate::proto::agent::{Action, AgentError, AgentStats, HostQueue, HostQueueConfig, LinkState};
 use crate::proto::agent::{MoveReport, QueueTarget};
-use crate::proto::wire::{Message, NotifyMode, Quiesced, SetMode};
+use crate::proto::wire::{Message, NotifyMode, Quiesced, SetMode, NOTIFY_IMM};
 use crate::virtio::memory::{anonymous_memory, GuestMemory, LocalMemory, MemoryMap};
 use crate::virtio::ring::layout::VRING_USED_F_NO_NOTIFY;
 use crate::virtio::ring::{DriverQueue, RingFeatures, RingLayout, Segment};
@@ -145,8 +145,9 @@ impl World {
                     }
                 }
                 Action::CloseLink => self.link = None,
-                Action::Attach { to, start } => {
+                Action::Attach { to } => {
                     self.link = None;
+                    let start = self.hq.resume_index(&self.mem);
                     if self.down.contains(&to.server) {
                         self.hq.attach_failed(AgentError::NoAttachReply, self.now);
                     } else {
@@ -199,7 +200,11 @@ impl World {
         }
         let (next, quiesced) = (s.next, s.quiesced);
         if done > 0 {
-            self.hq.on_used(&self.mem, next, self.now);
+            // The server publishes the index itself, then asks for the
+            // interrupt.
+            self.mem.store_u16(self.layout.used_idx(), next).unwrap();
+            self.hq
+                .on_used(&self.mem, u32::from(next) | NOTIFY_IMM, self.now);
         }
         if quiesced {
             self.hq

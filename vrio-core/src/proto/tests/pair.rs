@@ -325,10 +325,7 @@ impl Pair {
             let wr = link.agent_recv(slot);
             link.aep.post_recv(&[wr]).unwrap();
             match c.opcode {
-                WcOpcode::RecvWithImm => {
-                    self.hq
-                        .on_used(&self.mem, c.imm.unwrap_or(0) as u16, self.now)
-                }
+                WcOpcode::RecvWithImm => self.hq.on_used(&self.mem, c.imm.unwrap_or(0), self.now),
                 _ => self
                     .hq
                     .on_message(&self.mem, Message::decode(&buf).unwrap(), self.now),
@@ -391,7 +388,8 @@ impl Pair {
                 }
                 // Closing the link fences the old server out.
                 Action::CloseLink => self.link = None,
-                Action::Attach { start, .. } => {
+                Action::Attach { .. } => {
+                    let start = self.hq.resume_index(&self.mem);
                     self.link = Some(self.open_link(start));
                     self.hq.attached(&self.mem, self.now);
                 }
