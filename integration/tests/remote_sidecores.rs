@@ -137,6 +137,21 @@ fn a_small_send_queue_splits_waves_instead_of_failing_the_queue() {
     assert_eq!(fig.fabric.bad_requests, 0);
 }
 
+/// `rc` (64 blocks per queue) on one remote sidecore over `fabric`.
+fn one_sidecore(
+    mode: NotifyMode,
+    fabric: Backend,
+    rc: &RunConfig,
+) -> (
+    vrio_testkit::runner::ModelReport,
+    vrio_testkit::runner::RemoteFigures,
+) {
+    let blocks = u64::from(rc.guests) * u64::from(rc.queues_per_guest) * 64;
+    let backend = Arc::new(MemoryBackend::new(blocks * 4096));
+    let done = Arc::new(AtomicU64::new(0));
+    run_remote(mode, 1, fabric, backend, BlockConfig::default(), rc, &done).unwrap()
+}
+
 #[test]
 fn doorbell_mode_meets_the_round_trip_target() {
     // Counts, not times: a doorbell carries a request's header, and a 4 KiB
@@ -161,18 +176,7 @@ fn doorbell_mode_meets_the_round_trip_target() {
             },
             ..RunConfig::default()
         };
-        let backend = Arc::new(MemoryBackend::new(64 * 4096));
-        let done = Arc::new(AtomicU64::new(0));
-        let (r, fig) = run_remote(
-            NotifyMode::Doorbell,
-            1,
-            fabric,
-            backend,
-            BlockConfig::default(),
-            &rc,
-            &done,
-        )
-        .unwrap();
+        let (r, fig) = one_sidecore(NotifyMode::Doorbell, fabric, &rc);
         assert_eq!(r.io.failures(), 0);
         assert!(
             fig.fabric.rtts_per_request() <= 1.0,
@@ -189,6 +193,33 @@ fn doorbell_mode_meets_the_round_trip_target() {
         // At least the WRITE of each request's data or status.
         assert!(fig.fabric.ops_per_request() >= 1.0);
     }
+}
+
+#[test]
+fn a_busy_remote_poll_brings_the_descriptor_table_with_the_ring() {
+    // Direct chains at QD 32: the polls that find work read the table right
+    // after the ring in the same wave, so chains need no fetch of their own:
+    // poll, READ wave, reply wave.
+    let mut rc = RunConfig::one_queue(2_000, 32, 64);
+    rc.workload.indirect_pct = 0;
+    rc.workload.read_pct = 100;
+    let (r, fig) = one_sidecore(NotifyMode::RemotePoll, Backend::Shm, &rc);
+    assert_eq!(r.io.failures(), 0);
+    let f = &fig.fabric;
+    // Only polls long after any work lack the table (the first ones; on a
+    // loaded machine, a few after long pauses): far fewer fetches than
+    // batches, where every batch used to fetch it.
+    assert!(
+        f.fetches * 4 <= f.batches,
+        "{} descriptor fetches for {} batches",
+        f.fetches,
+        f.batches
+    );
+    assert!(
+        f.rtts_per_request() <= 3.3,
+        "{} RTT per request",
+        f.rtts_per_request()
+    );
 }
 
 #[test]
@@ -209,18 +240,7 @@ fn writes_beyond_the_inline_limit_read_their_payload_in_one_wave() {
         inline_max: 512,
         ..RunConfig::default()
     };
-    let backend = Arc::new(MemoryBackend::new(64 * 4096));
-    let done = Arc::new(AtomicU64::new(0));
-    let (r, fig) = run_remote(
-        NotifyMode::Doorbell,
-        1,
-        Backend::Shm,
-        backend,
-        BlockConfig::default(),
-        &rc,
-        &done,
-    )
-    .unwrap();
+    let (r, fig) = one_sidecore(NotifyMode::Doorbell, Backend::Shm, &rc);
     assert_eq!(r.io.failures(), 0);
     let rtt = fig.fabric.rtts_per_request();
     assert!((1.9..=2.0).contains(&rtt), "{rtt} RTT per request");

@@ -68,6 +68,11 @@ pub(crate) enum Stage {
     Writing(u64),
 }
 const RECV_TAG: u64 = 1 << 63;
+/// Remote polls that keep reading the descriptor table after the last one
+/// that found work: a guest refills its queue a little after its
+/// completions (many polls at shm speed), and an idle queue should still
+/// drop to one READ a poll within a few milliseconds.
+const TABLE_POLLS: u16 = 256;
 
 fn align(x: usize) -> usize {
     x.div_ceil(4096) * 4096
@@ -113,6 +118,8 @@ struct IntakeState {
     avail_wr: Option<u64>,
     /// This intake has read the avail ring already.
     avail_read: bool,
+    /// ...and the descriptor table right after it.
+    table: bool,
     /// Round trips spent learning.
     learn_rtts: u64,
     /// Learned heads, in ring order, once learning is done.
@@ -182,6 +189,10 @@ pub struct ServerRing {
     /// suppression word is back.
     notify_span: Option<(u16, u16)>,
     scratch: Vec<u8>,
+    /// The avail READ in flight brings the descriptor table too.
+    table_read: bool,
+    /// Polls left that read the table too: refilled when a poll finds work.
+    busy_polls: u16,
     /// Why the queue stopped: every later poll reports it again.
     failed: Option<RemoteQueueError>,
 }
@@ -286,6 +297,8 @@ impl ServerRing {
             backlog: Vec::new(),
             intake: IntakeState::default(),
             notify_span: None,
+            table_read: false,
+            busy_polls: 0,
             scratch: Vec::new(),
             failed: None,
         })
@@ -580,10 +593,22 @@ impl ServerRing {
         Ok(last)
     }
 
-    /// Posts a READ of the avail ring (flags, idx, ring) in one operation.
+    /// Posts one wave that reads the avail ring (flags, idx, ring) and,
+    /// while polls find work, the descriptor table after it, so the chains
+    /// it finds walk without a second round trip. The ring is read
+    /// first: RC executes the READs in order, so every descriptor of an
+    /// entry the ring shows (the guest writes them before it publishes the
+    /// entry) is in the table read after it. After [`TABLE_POLLS`] empty
+    /// polls the table READ stops: an idle queue costs one READ a poll.
     fn post_avail_read(&mut self) -> Result<u64, RemoteQueueError> {
-        let len = 4 + 2 * usize::from(self.layout.size);
-        self.queue_wr(Dir::Read, self.layout.avail, self.areas.avail, len)?;
+        let l = self.layout;
+        let ring = 4 + 2 * usize::from(l.size);
+        self.queue_wr(Dir::Read, l.avail, self.areas.avail, ring)?;
+        self.table_read = self.busy_polls > 0;
+        if self.table_read {
+            let table = l.desc_table_bytes() as usize;
+            self.queue_wr(Dir::Read, l.desc, self.areas.desc, table)?;
+        }
         self.stats.remote_polls.fetch_add(1, Relaxed);
         Ok(self.post_wave()?.unwrap_or(0))
     }
@@ -871,6 +896,7 @@ impl ServerRing {
             st.avail_wr = None;
             st.avail_read = true;
             st.learn_rtts += 1;
+            st.table = std::mem::take(&mut self.table_read);
             self.apply_avail_read()?;
         }
         if self.polling_remote && !st.avail_read {
@@ -893,6 +919,16 @@ impl ServerRing {
             return Ok(None);
         }
         self.adapt(n)?;
+        if st.avail_read {
+            // Speculate on the table while polls find work, and for a few
+            // empty polls after (a guest refills its queue a moment after
+            // its completions): an idle queue soon costs one READ a poll.
+            self.busy_polls = if n > 0 {
+                TABLE_POLLS
+            } else {
+                self.busy_polls.saturating_sub(1)
+            };
+        }
         if n == 0 {
             if st.learn_rtts > 0 {
                 self.stats.idle_rtts.fetch_add(st.learn_rtts, Relaxed);
@@ -900,6 +936,19 @@ impl ServerRing {
             return Ok(Some(None));
         }
         self.shadow.clear();
+        if st.table {
+            // The table as this poll's READ found it (after the ring);
+            // doorbell copies, inserted below, win over it.
+            let mut tmp = std::mem::take(&mut self.scratch);
+            tmp.resize(self.layout.desc_table_bytes() as usize, 0);
+            let at = self.areas.desc;
+            let r = self.staging().get(at, &mut tmp);
+            if r.is_ok() {
+                self.shadow.insert(self.layout.desc, &tmp);
+            }
+            self.scratch = tmp;
+            r?;
+        }
         let mut heads = Vec::with_capacity(n);
         for k in 0..n {
             let pos = self.next_avail + Wrapping(k as u16);
