@@ -260,6 +260,19 @@ impl Completion {
         }
     }
 
+    /// The completion `wr` reports on finishing with `status`: none for an
+    /// unsignalled success, as in verbs (unsignalled requests report only
+    /// errors).
+    pub fn of_request(wr: &SendRequest, status: WcStatus) -> Option<Self> {
+        (wr.signaled || !status.is_ok()).then(|| Completion {
+            wr_id: wr.wr_id,
+            status,
+            opcode: wr.opcode.completion_opcode(),
+            byte_len: if status.is_ok() { wr.local.len } else { 0 },
+            imm: None,
+        })
+    }
+
     /// A blank entry, to size the buffers `poll` fills.
     pub const EMPTY: Completion = Completion {
         wr_id: 0,

@@ -1,6 +1,8 @@
 //! What the `shm` back-end adds to the conformance suite: peers that die,
 //! peers that scribble over the shared channels, and fencing on close.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -342,7 +344,7 @@ fn a_target_process_survives_a_scribbling_initiator_and_serves_the_suite_again()
     let sum = conformance::run_initiator(&d, InitiatorOptions::new(&addr, true), &mut out).unwrap();
     let text = String::from_utf8_lossy(&out).to_string();
     assert_eq!(sum.failed, 0, "{text}");
-    assert_eq!(sum.passed, 13, "{text}");
+    assert_eq!(sum.passed, common::CASES, "{text}");
     // The suite's last case killed the target.
     let deadline = Instant::now() + Duration::from_secs(30);
     while child.try_wait().unwrap().is_none() && Instant::now() < deadline {

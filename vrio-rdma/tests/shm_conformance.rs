@@ -1,83 +1,22 @@
 //! The conformance suite on the `shm` back-end: in one process, and across
-//! two processes via the binary.
+//! two processes via the binary. `shm.rs` adds the shm-only cases (dead
+//! and scribbling peers, fencing on close).
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-use vrio_rdma::{conformance, shm::ShmDomain};
-
-fn in_process(addr: &str) {
-    let (t, i) = (ShmDomain::new(), ShmDomain::new());
-    let mut out = Vec::new();
-    let sum = conformance::run_in_process(&t, &i, addr, &mut out).unwrap();
-    let text = String::from_utf8(out).unwrap();
-    print!("{text}");
-    assert_eq!(sum.failed, 0, "failures: {:?}", sum.failures);
-    // Every case ran (connect + 12 cases) and the closing line is exact.
-    assert_eq!(sum.passed, 13, "{text}");
-    assert!(text.ends_with("13 passed, 0 failed\n"), "{text}");
-}
+use vrio_rdma::shm::ShmDomain;
 
 #[test]
 fn in_process_unix() {
     let path = std::env::temp_dir().join(format!("vrio-shmconf-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&path);
-    in_process(&format!("unix:{}", path.display()));
-}
-
-fn wait_exit(child: &mut std::process::Child, limit: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if let Some(st) = child.try_wait().unwrap() {
-            return Some(st);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    None
-}
-
-fn two_processes(listen: &str) {
-    let bin = env!("CARGO_BIN_EXE_vrio-fabric-conformance");
-    let mut target = Command::new(bin)
-        .args(["--backend", "shm", "--role", "target", "--addr", listen])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(target.stdout.take().unwrap());
-    let mut first = String::new();
-    lines.read_line(&mut first).unwrap();
-    let addr = first
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_string();
-    let out = Command::new(bin)
-        .args(["--backend", "shm", "--role", "initiator", "--addr", &addr])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    print!("{text}{}", String::from_utf8_lossy(&out.stderr));
-    // The killed-peer case made the target exit on its own.
-    let st = wait_exit(&mut target, Duration::from_secs(30));
-    if st.is_none() {
-        let _ = target.kill();
-    }
-    let mut rest = String::new();
-    let _ = lines.read_to_string(&mut rest);
-    assert!(out.status.success(), "initiator failed:\n{text}");
-    assert!(text.ends_with("13 passed, 0 failed\n"), "{text}");
-    assert!(!text.contains("FAIL"), "{text}");
-    assert_eq!(
-        st.map(|s| s.success()),
-        Some(true),
-        "target did not exit when told to die"
-    );
+    let addr = format!("unix:{}", path.display());
+    common::in_process(&ShmDomain::new(), &ShmDomain::new(), &addr);
 }
 
 #[test]
 fn two_processes_unix() {
     let path = std::env::temp_dir().join(format!("vrio-shmconf2-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&path);
-    two_processes(&format!("unix:{}", path.display()));
+    common::two_processes("shm", &format!("unix:{}", path.display()));
 }

@@ -367,16 +367,7 @@ impl ShmEndpoint {
     }
 
     fn complete_sq(&mut self, wr: &SendRequest, status: WcStatus) {
-        // Unsignalled requests complete only on error, as in verbs.
-        if wr.signaled || !status.is_ok() {
-            self.cq.push_back(Completion {
-                wr_id: wr.wr_id,
-                status,
-                opcode: wr.opcode.completion_opcode(),
-                byte_len: if status.is_ok() { wr.local.len } else { 0 },
-                imm: None,
-            });
-        }
+        self.cq.extend(Completion::of_request(wr, status));
     }
 
     fn complete_recv(
