@@ -438,10 +438,9 @@ impl HostQueue {
 
     /// Records that the server published used entries up to `idx`.
     fn note_used<M: GuestMemory + ?Sized>(&mut self, mem: &M, idx: u16) -> Result<(), AgentError> {
-        // A server may complete only what the guest posted.
         let st = self.dq.state();
         let avail = mem.load_u16(self.layout.avail_idx())?;
-        if idx.wrapping_sub(st.next_used) > avail.wrapping_sub(st.next_used) {
+        if !self.plausible_used(idx, avail) {
             return Err(AgentError::CompletedPastAvail {
                 idx,
                 avail,
@@ -456,6 +455,15 @@ impl HostQueue {
         Ok(())
     }
 
+    /// Whether a used index `idx` can be the server's with the guest's avail
+    /// index at `avail`: a device completes only what was posted, and no
+    /// more than a ring's worth is ever in flight. Judged against avail
+    /// alone, because the agent hears of the used index only when an
+    /// interrupt is due, so what it last heard may be laps old.
+    fn plausible_used(&self, idx: u16, avail: u16) -> bool {
+        avail.wrapping_sub(idx) <= self.layout.size
+    }
+
     /// Where the queue resumes on its next server: the used index in guest
     /// memory, read once the old link is closed (so the old server can no
     /// longer move it). The runtime calls this between
@@ -467,7 +475,7 @@ impl HostQueue {
         let read = mem.load_u16(self.layout.used_idx()).ok();
         let avail = mem.load_u16(self.layout.avail_idx()).ok();
         let start = match (read, avail) {
-            (Some(u), Some(a)) if u.wrapping_sub(known) <= a.wrapping_sub(known) => {
+            (Some(u), Some(a)) if self.plausible_used(u, a) => {
                 let _ = self.note_used(mem, u);
                 u
             }

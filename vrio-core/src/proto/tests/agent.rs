@@ -299,6 +299,27 @@ fn each_new_entry_is_announced_once_with_its_descriptors() {
 }
 
 #[test]
+fn the_used_index_may_lap_what_the_agent_last_heard() {
+    // The server publishes used entries itself and tells the agent only
+    // when an interrupt is due: after a guest that polled for more than a
+    // lap of the 16-bit index, the next report is "behind" the last one
+    // in wrapping terms, yet plausible against avail.
+    let mut w = World::serving(2, 2);
+    let last_heard = w.hq.status().used;
+    // A lap and then some later, yet 6 "behind" in wrapping terms, with
+    // the guest's avail a few entries further on.
+    let later = last_heard.wrapping_sub(6);
+    w.mem
+        .store_u16(w.layout.avail_idx(), later.wrapping_add(SIZE / 2))
+        .unwrap();
+    w.mem.store_u16(w.layout.used_idx(), later).unwrap();
+    w.hq.on_used(&w.mem, u32::from(later) | NOTIFY_IMM, w.now);
+    w.run();
+    assert!(w.link.is_some(), "a lapped report is not a broken server");
+    assert_eq!(w.hq.status().used, later);
+}
+
+#[test]
 fn a_server_completing_past_avail_is_cut_off() {
     let mut w = World::serving(2, 0);
     w.hq.on_used(&w.mem, 5, w.now);
