@@ -436,19 +436,24 @@ impl HostQueue {
         }
     }
 
-    /// Records that the server published used entries up to `idx`.
+    /// Records that the server published used entries: the interrupt's
+    /// `idx` is only a hint (it may be older than what the server has
+    /// published since); the used index in guest memory, which the server
+    /// writes, is what counts, and it must be consistent with avail.
     fn note_used<M: GuestMemory + ?Sized>(&mut self, mem: &M, idx: u16) -> Result<(), AgentError> {
         let st = self.dq.state();
         let avail = mem.load_u16(self.layout.avail_idx())?;
-        if !self.plausible_used(idx, avail) {
+        let cur = mem.load_u16(self.layout.used_idx())?;
+        if !self.plausible_used(cur, avail) {
+            tracing::debug!(queue = self.index, hint = idx, "used index past avail");
             return Err(AgentError::CompletedPastAvail {
-                idx,
+                idx: cur,
                 avail,
                 used: st.next_used,
             });
         }
         self.dq.set_state(RingState {
-            next_used: idx,
+            next_used: cur,
             ..st
         });
         self.stats.completions.fetch_add(1, Relaxed);
