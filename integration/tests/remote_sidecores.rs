@@ -312,6 +312,7 @@ fn hostile_guest_cannot_hurt_the_server_or_other_guests() {
                 call: side.call.try_clone().unwrap(),
                 start: 0,
             }],
+            credential: None,
         },
         AgentConfig::default(),
     )
@@ -346,6 +347,7 @@ fn hostile_guest_cannot_hurt_the_server_or_other_guests() {
                 call: gside.call,
                 start: 0,
             }],
+            credential: None,
         },
         AgentConfig::default(),
     )
@@ -548,6 +550,7 @@ fn hostile_guest_cannot_hurt_the_server_or_other_guests() {
                 call: s3.call,
                 start: 0,
             }],
+            credential: None,
         },
         AgentConfig::default(),
     )
@@ -592,6 +595,7 @@ fn oversized_request_fails_with_an_error_status_not_silently() {
                 call: call.try_clone().unwrap(),
                 start: 0,
             }],
+            credential: None,
         },
         AgentConfig::default(),
     )

@@ -69,6 +69,7 @@ pub mod net;
 pub mod proto;
 pub mod remote;
 pub mod sidecore;
+pub mod tenancy;
 pub mod vhost_user;
 pub mod virtio;
 

@@ -36,7 +36,9 @@ use vrio_examples::{
     wait_for_signal, FabricChoice, Progress, WorkloadArgs,
 };
 use vrio_testkit::guest::WorkloadConfig;
-use vrio_testkit::runner::{attach_guests, attach_guests_placed, drive_guests, make_guests};
+use vrio_testkit::runner::{
+    any_placement, attach_guests_credentialed, attach_guests_placed, drive_guests, make_guests,
+};
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 enum Mode {
@@ -101,6 +103,40 @@ struct LinkArgs {
     /// RDMA device for verbs (default: the first one).
     #[arg(long)]
     device: Option<String>,
+    /// The device's attach credential, for servers started with
+    /// --key-file (mint one with `vrio-ctl credential mint`): the token, or
+    /// @FILE to read it from a file. `synthetic` takes one per guest, in
+    /// guest order.
+    #[arg(
+        long = "credential",
+        value_name = "TOKEN|@FILE",
+        env = "VRIO_CREDENTIAL",
+        hide_env_values = true
+    )]
+    credentials: Vec<String>,
+}
+
+impl LinkArgs {
+    /// The credentials given, files read.
+    fn credentials(&self) -> Result<Vec<String>, String> {
+        self.credentials
+            .iter()
+            .map(|c| match c.strip_prefix('@') {
+                Some(path) => std::fs::read_to_string(path)
+                    .map(|t| t.trim().to_string())
+                    .map_err(|e| format!("--credential @{path}: {e}")),
+                None => Ok(c.trim().to_string()),
+            })
+            .collect()
+    }
+    /// The one credential of a one-device subcommand.
+    fn credential(&self) -> Result<Option<String>, String> {
+        let mut c = self.credentials()?;
+        if c.len() > 1 {
+            return Err("give --credential once: this serves one device".into());
+        }
+        Ok(c.pop())
+    }
 }
 
 #[derive(ClapArgs, Debug)]
@@ -325,9 +361,22 @@ fn vhost_user_blk(a: &VhostArgs) -> Result<(), Box<dyn std::error::Error>> {
             ..AgentConfig::default()
         },
         placement,
+        credential: a.link.credential()?,
+        read_only: false,
     };
     let domain = Arc::from(vrio_rdma::open(fabric, a.link.device.as_deref())?);
-    let config = fetch_config(domain, &server, device_id << 16 | 0xffff, remote.agent)?;
+    let probed = fetch_config(
+        domain,
+        &server,
+        device_id,
+        remote.credential.clone(),
+        remote.agent,
+    )?;
+    let remote = RemoteFront {
+        read_only: probed.read_only(),
+        ..remote
+    };
+    let config = probed.config;
     // The first line is machine-readable: tests wait for it.
     println!(
         "vrio-client: vhost-user-blk on {} served by {} (fabric {}, {} queue(s), {} mode, {} sectors)",
@@ -360,6 +409,8 @@ fn vhost_user_net(a: &VhostNetArgs) -> Result<(), Box<dyn std::error::Error>> {
             ..AgentConfig::default()
         },
         placement: Arc::new(Placement::default()),
+        credential: a.link.credential()?,
+        read_only: false,
     };
     // The first line is machine-readable: tests wait for it.
     println!(
@@ -479,7 +530,15 @@ fn run(a: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     let guests = make_guests(&rc)?;
     let (agents, where_, follower) = match &a.controller {
         None => {
-            let agents = attach_guests(&guests, &a.server, fabric, a.link.device.as_deref(), mode)?;
+            let placed = any_placement(&guests, &a.server);
+            let agents = attach_guests_credentialed(
+                &guests,
+                &placed,
+                fabric,
+                a.link.device.as_deref(),
+                mode,
+                &a.link.credentials()?,
+            )?;
             (agents, a.server.clone(), None)
         }
         Some(addr) => {

@@ -4,6 +4,11 @@
 //!   vrio-ctl move DEVICE QUEUE SERVER SIDECORE
 //!   vrio-ctl drain SERVER
 //!   vrio-ctl watch [--count N]
+//!
+//! Data-plane tenancy (local: no controller needed):
+//!   vrio-ctl key generate --out FILE
+//!   vrio-ctl credential mint --key-file FILE (--device NAME | --device-id N) --volume V [--mode rw|ro|shared]
+//!   vrio-ctl volume create|list|delete --dir DIR ...
 
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
@@ -73,6 +78,85 @@ enum Cmd {
         #[arg(long)]
         count: Option<u64>,
     },
+    /// Data-plane keys I/O servers check attach credentials with (local).
+    #[command(subcommand)]
+    Key(KeyCmd),
+    /// Attach credentials for VM hosts (local; needs the key file).
+    #[command(subcommand)]
+    Credential(CredentialCmd),
+    /// Raw-image volumes in a server's --volume-dir (local).
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum KeyCmd {
+    /// Write a new random key file (mode 0600); give it to the I/O servers
+    /// (--key-file) and to whoever mints credentials, and to nobody else.
+    Generate {
+        /// Where to write it (refuses to overwrite).
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// The key's id, for rotation (servers accept every key in the file).
+        #[arg(long, default_value = "k1")]
+        id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CredentialCmd {
+    /// Print a credential that lets one device attach one volume.
+    Mint {
+        /// The key file (vrio-ctl key generate).
+        #[arg(long)]
+        key_file: std::path::PathBuf,
+        /// The device's name at the controller (its wire id is derived).
+        #[arg(
+            long,
+            conflicts_with = "device_id",
+            required_unless_present = "device_id"
+        )]
+        device: Option<String>,
+        /// The device's numeric id (vrio-client --device-id, without a controller).
+        #[arg(long)]
+        device_id: Option<u64>,
+        /// The volume its blk queues serve (net devices: any name, unused).
+        #[arg(long, default_value = "default")]
+        volume: String,
+        /// rw (exclusive writer), ro, or shared (several writers).
+        #[arg(long, default_value = "rw")]
+        mode: vrio_core::tenancy::AccessMode,
+        /// The VM host's IP address (`local` for unix: fabrics); empty: any.
+        #[arg(long, default_value = "")]
+        host: String,
+        /// Hours until it expires (checked at attach time).
+        #[arg(long, default_value_t = 24)]
+        ttl_hours: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum VolumeCmd {
+    /// Create a sparse raw image DIR/NAME.img.
+    Create {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        name: String,
+        #[arg(long)]
+        size_mib: u64,
+    },
+    /// List the images in DIR.
+    List {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+    },
+    /// Delete DIR/NAME.img (a server that has it open keeps serving it
+    /// until its last queue detaches).
+    Delete {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        name: String,
+    },
 }
 
 /// println! that ends the program quietly when stdout is a closed pipe
@@ -91,6 +175,15 @@ macro_rules! out {
 async fn main() -> ExitCode {
     vrio_examples::init_tracing();
     let args = Args::parse();
+    if let Some(r) = local(&args) {
+        return match r {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vrio-ctl: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let tls = match args.tls.load() {
         Ok(t) => t,
         Err(e) => {
@@ -127,6 +220,122 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The subcommands that need no controller; None for the others.
+fn local(args: &Args) -> Option<Result<(), String>> {
+    use vrio_core::tenancy::{image_path, valid_volume_name, Keyring};
+    let check_name = |n: &str| {
+        if valid_volume_name(n) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{n:?}: a volume name is 1 to 64 of [A-Za-z0-9._-], not starting with '.'"
+            ))
+        }
+    };
+    Some(match &args.cmd {
+        Cmd::Key(KeyCmd::Generate { out, id }) => (|| {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let text = Keyring::generate_file_text(id).map_err(|e| e.to_string())?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(out)
+                .map_err(|e| format!("{}: {e}", out.display()))?;
+            f.write_all(text.as_bytes())
+                .map_err(|e| format!("{}: {e}", out.display()))?;
+            out!("wrote key {id} to {}", out.display());
+            Ok(())
+        })(),
+        Cmd::Credential(CredentialCmd::Mint {
+            key_file,
+            device,
+            device_id,
+            volume,
+            mode,
+            host,
+            ttl_hours,
+        }) => (|| {
+            let keys = Keyring::from_file(key_file).map_err(|e| e.to_string())?;
+            let id = match (device, device_id) {
+                (Some(name), _) => vrio_core::remote::device_key(name),
+                (None, Some(id)) => *id,
+                (None, None) => return Err("give --device or --device-id".into()),
+            };
+            let ttl = std::time::Duration::from_secs(ttl_hours.saturating_mul(3600));
+            let token = keys
+                .mint(id, volume, *mode, host, ttl)
+                .map_err(|e| e.to_string())?;
+            out!("{token}");
+            Ok(())
+        })(),
+        Cmd::Volume(VolumeCmd::Create {
+            dir,
+            name,
+            size_mib,
+        }) => (|| {
+            check_name(name)?;
+            let path = image_path(dir, name);
+            if path.exists() {
+                return Err(format!("volume {name} exists ({})", path.display()));
+            }
+            let bytes = size_mib
+                .checked_mul(1 << 20)
+                .filter(|&b| b > 0)
+                .ok_or("--size-mib must be at least 1")?;
+            vrio_core::blk::FileBackend::create(&path, bytes)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            out!(
+                "created volume {name}: {} ({size_mib} MiB, sparse)",
+                path.display()
+            );
+            Ok(())
+        })(),
+        Cmd::Volume(VolumeCmd::List { dir }) => (|| {
+            let mut rows = Vec::new();
+            for e in std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))? {
+                let e = e.map_err(|e| e.to_string())?;
+                let p = e.path();
+                let Some(name) = p
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.strip_suffix(".img"))
+                else {
+                    continue;
+                };
+                if !valid_volume_name(name) {
+                    continue;
+                }
+                let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+                rows.push((name.to_string(), len));
+            }
+            rows.sort();
+            if args.json {
+                let v: Vec<Value> = rows
+                    .iter()
+                    .map(|(n, l)| json!({"name": n, "bytes": l}))
+                    .collect();
+                out!("{}", Value::Array(v));
+            } else {
+                out!("{:<32} {:>12}", "VOLUME", "MIB");
+                for (n, l) in rows {
+                    out!("{:<32} {:>12}", n, l >> 20);
+                }
+            }
+            Ok(())
+        })(),
+        Cmd::Volume(VolumeCmd::Delete { dir, name }) => (|| {
+            check_name(name)?;
+            let path = image_path(dir, name);
+            std::fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            out!("deleted volume {name}");
+            Ok(())
+        })(),
+        _ => return None,
+    })
 }
 
 fn explain(s: &tonic::Status) -> String {
@@ -384,6 +593,8 @@ async fn run(c: &mut Client, args: &Args) -> Result<(), tonic::Status> {
                 }
             }
         }
+        // Handled by local() before connecting.
+        Cmd::Key(_) | Cmd::Credential(_) | Cmd::Volume(_) => {}
     }
     Ok(())
 }

@@ -4,7 +4,10 @@
 //!
 //! With `--controller` it registers with vrio-controller, renews its lease
 //! with load reports, and follows the controller's moves of its queues
-//! between its sidecores. Without it, it serves whoever attaches (one box).
+//! between its sidecores. With `--key-file` every attach must carry a
+//! credential signed with one of its keys, naming the volume (under
+//! `--volume-dir`, or `--memory-volume`) the device may use; without it the
+//! server serves whoever attaches, all on one shared disk (one trusted box).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,6 +19,7 @@ use vrio_control::{join_as_server, ControlOpts};
 use vrio_core::blk::BlockConfig;
 use vrio_core::net::{PortSnapshot, TapUplink};
 use vrio_core::remote::{IoServer, IoServerConfig};
+use vrio_core::tenancy::{Keyring, VolumeSet};
 use vrio_examples::{
     backend_name, block_signals, init_tracing, resolve_fabric, wait_for_signal, Disk, FabricChoice,
 };
@@ -29,6 +33,8 @@ use vrio_examples::{
     long_about = None,
     after_help = "Examples:\n  \
         vrio-server --listen 127.0.0.1:7420 --sidecores 2\n  \
+        vrio-ctl key generate --out /etc/vrio/data.key\n  \
+        vrio-server --key-file /etc/vrio/data.key --volume-dir /var/lib/vrio/volumes --memory-volume scratch:512\n  \
         vrio-server --fabric shm --listen unix:/run/vrio/io.sock   (VMs on this host)\n  \
         VRIO_TOKEN=secret vrio-server --listen 127.0.0.1:7421 --controller 127.0.0.1:7470 --server-id io-1 \\\n    \
         --disk file --file /var/lib/vrio/disk.img\n  \
@@ -43,7 +49,9 @@ struct Args {
     /// Sidecore threads.
     #[arg(long, default_value_t = 1)]
     sidecores: usize,
-    /// Disk back-end shared by all attached devices.
+    /// The `default` volume's back-end: the disk every device shares when
+    /// there is no --key-file (with one, only credentials naming `default`
+    /// reach it).
     #[arg(long, value_enum, default_value_t = Disk::Memory)]
     disk: Disk,
     /// Image file for --disk file (created or grown to --size-mib).
@@ -52,6 +60,18 @@ struct Args {
     /// Disk size in MiB.
     #[arg(long, default_value_t = 1024)]
     size_mib: u64,
+    /// Data-plane keys (`vrio-ctl key generate`): every attach must carry a
+    /// credential signed with one of them. Without it the data plane is
+    /// open to any peer that reaches --listen.
+    #[arg(long, value_name = "FILE")]
+    key_file: Option<PathBuf>,
+    /// Serve the raw images `DIR/<volume>.img` as volumes (opened on first
+    /// attach; `vrio-ctl volume create` makes them).
+    #[arg(long, value_name = "DIR")]
+    volume_dir: Option<PathBuf>,
+    /// Add a sparse memory volume: NAME:MIB (repeatable).
+    #[arg(long, value_name = "NAME:MIB", value_parser = parse_memory_volume)]
+    memory_volume: Vec<(String, u64)>,
     /// Fabric back-end.
     #[arg(long, value_enum, default_value_t = FabricChoice::Auto)]
     fabric: FabricChoice,
@@ -87,6 +107,25 @@ struct Args {
     uplink_tap: Option<String>,
 }
 
+fn parse_memory_volume(s: &str) -> Result<(String, u64), String> {
+    let (name, mib) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?}: want NAME:MIB, like scratch:512"))?;
+    if !vrio_core::tenancy::valid_volume_name(name) {
+        return Err(format!(
+            "{name:?}: a volume name is 1 to 64 of [A-Za-z0-9._-], not starting with '.'"
+        ));
+    }
+    let mib: u64 = mib
+        .parse()
+        .map_err(|_| format!("{mib:?}: the size is a number of MiB"))?;
+    let bytes = mib
+        .checked_mul(1 << 20)
+        .filter(|&b| b > 0)
+        .ok_or_else(|| format!("{mib} MiB: the size must be from 1 MiB to 16 EiB"))?;
+    Ok((name.to_string(), bytes))
+}
+
 fn main() -> ExitCode {
     init_tracing();
     let a = Args::parse();
@@ -109,6 +148,22 @@ fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let fabric = resolve_fabric(a.fabric, a.device.as_deref())?;
     let domain: Arc<dyn vrio_rdma::Domain> =
         Arc::from(vrio_rdma::open(fabric, a.device.as_deref())?);
+    let volumes = Arc::new(match &a.volume_dir {
+        Some(d) => {
+            if !d.is_dir() {
+                return Err(format!("--volume-dir {}: not a directory", d.display()).into());
+            }
+            VolumeSet::with_dir(d)
+        }
+        None => VolumeSet::new(),
+    });
+    for (name, bytes) in &a.memory_volume {
+        volumes.add_memory(name, *bytes)?;
+    }
+    let keys = match &a.key_file {
+        Some(f) => Some(Arc::new(Keyring::from_file(f)?)),
+        None => None,
+    };
     let server = IoServer::start(
         domain,
         backend,
@@ -116,6 +171,8 @@ fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
             listen: a.listen.clone(),
             sidecores: a.sidecores,
             blk: BlockConfig::default(),
+            keys,
+            volumes,
             ..IoServerConfig::default()
         },
     )?;
@@ -128,6 +185,21 @@ fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
         a.disk,
         a.size_mib
     );
+    match &a.key_file {
+        Some(f) => println!(
+            "vrio-server: attaches need a credential signed with a key in {}; volumes: {}{}",
+            f.display(),
+            server.volumes().names().join(", "),
+            a.volume_dir
+                .as_ref()
+                .map(|d| format!(", and {}/*.img", d.display()))
+                .unwrap_or_default()
+        ),
+        None => println!(
+            "vrio-server: WARNING: no --key-file: any peer that reaches {} may attach, and every device shares the default disk",
+            server.addr()
+        ),
+    }
     let server = Arc::new(server);
     let uplink = match &a.uplink_tap {
         Some(name) => {
@@ -204,6 +276,16 @@ fn print_stats(server: &IoServer, uplink: Option<&TapUplink>, what: &str) {
         f.handovers,
         server.sidecore_moves()
     );
+    let r = server.refusals();
+    let (unauth, forbidden) = (
+        r.unauthenticated.load(std::sync::atomic::Ordering::Relaxed),
+        r.forbidden.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    if unauth + forbidden > 0 {
+        println!(
+            "vrio-server: {what}: attaches refused: {unauth} without a valid credential, {forbidden} for a volume not granted, missing or busy"
+        );
+    }
     print_net_stats(server, what);
     if let Some(u) = uplink {
         let p = u.port().stats().snapshot();

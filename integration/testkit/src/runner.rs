@@ -420,12 +420,25 @@ pub fn attach_guests_placed(
     device: Option<&str>,
     mode: vrio_core::remote::NotifyMode,
 ) -> Result<Vec<vrio_core::remote::AttachedDevice>, RunError> {
+    attach_guests_credentialed(guests, placed, backend, device, mode, &[])
+}
+
+/// Like [`attach_guests_placed`], guest `g` presenting `credentials[g]`
+/// (none past the end) to servers that check them.
+pub fn attach_guests_credentialed(
+    guests: &[SyntheticGuest],
+    placed: &[(u64, Vec<vrio_core::remote::QueueTarget>)],
+    backend: vrio_rdma::Backend,
+    device: Option<&str>,
+    mode: vrio_core::remote::NotifyMode,
+    credentials: &[String],
+) -> Result<Vec<vrio_core::remote::AttachedDevice>, RunError> {
     let domains = open_domains(backend, device, guests.len())?;
     let agent = vrio_core::remote::AgentConfig {
         mode,
         ..Default::default()
     };
-    attach_in_domains(guests, placed, &domains, agent)
+    attach_in_domains(guests, placed, &domains, agent, credentials)
 }
 
 /// [`attach_guests_placed`] with guest `g`'s agent in `domains[g]`.
@@ -434,6 +447,7 @@ fn attach_in_domains(
     placed: &[(u64, Vec<vrio_core::remote::QueueTarget>)],
     domains: &[Arc<dyn vrio_rdma::Domain>],
     agent: vrio_core::remote::AgentConfig,
+    credentials: &[String],
 ) -> Result<Vec<vrio_core::remote::AttachedDevice>, RunError> {
     use vrio_core::remote::{attach_placed, DeviceAttach};
     if placed.len() != guests.len() || domains.len() != guests.len() {
@@ -445,7 +459,9 @@ fn attach_in_domains(
         )));
     }
     let mut agents = Vec::with_capacity(guests.len());
-    for ((guest, (device_id, targets)), domain) in guests.iter().zip(placed).zip(domains) {
+    for (g, ((guest, (device_id, targets)), domain)) in
+        guests.iter().zip(placed).zip(domains).enumerate()
+    {
         let mut queues = Vec::new();
         for q in 0..usize::from(guest.cfg.queues) {
             queues.push(queue_attach(guest.device_side(q)?));
@@ -457,6 +473,7 @@ fn attach_in_domains(
                 device_id: *device_id,
                 mem: guest.memory().clone(),
                 queues,
+                credential: credentials.get(g).cloned(),
             },
             agent,
         )
@@ -484,7 +501,7 @@ pub struct RemoteFigures {
 
 /// The placement of every queue of `guests` on the server at `server`,
 /// guest `g` as device `g`.
-fn any_placement(
+pub fn any_placement(
     guests: &[SyntheticGuest],
     server: &str,
 ) -> Vec<(u64, Vec<vrio_core::remote::QueueTarget>)> {
@@ -546,7 +563,7 @@ pub fn run_remote_with(
         inline_max: rc.inline_max,
         ..Default::default()
     };
-    let mut agents = attach_in_domains(&guests, &placed, &host_domains, agent)?;
+    let mut agents = attach_in_domains(&guests, &placed, &host_domains, agent, &[])?;
     let stop = Arc::new(AtomicBool::new(false));
     let fabric_clock = FabricCpuClock::start(&server_domain, &host_domains);
     let clock = RunClock::start();

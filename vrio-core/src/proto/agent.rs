@@ -42,7 +42,7 @@ pub enum AgentError {
     #[error("fabric: {0}")]
     Fabric(#[from] FabricError),
     /// The I/O server answered the ATTACH with a non-zero status.
-    #[error("the I/O server refused queue {queue}: status {status}")]
+    #[error("the I/O server refused queue {queue}: {} (status {status})", crate::proto::wire::AttachStatus::from_code(*status))]
     Refused {
         /// The queue, as the device numbers it.
         queue: u16,

@@ -4,8 +4,8 @@
 //! | kind | direction | carried by | content |
 //! |------|-----------|------------|---------|
 //! | ATTACH | agent → server | SEND | device, queue layout, mode, guest regions with rkeys (a virtio-blk queue, or one the server's configuration types) |
-//! | ATTACH_DEVICE | agent → server | SEND | ATTACH plus the device type: blk, or net with the port's MAC |
-//! | ATTACH_REPLY | server → agent | SEND | status, the device's config space |
+//! | ATTACH_DEVICE | agent → server | SEND | ATTACH plus the device type (blk, or net with the port's MAC) and the device's credential, if it has one |
+//! | ATTACH_REPLY | server → agent | SEND | status ([`AttachStatus`]), the device's config space and the feature bits the server imposes (`VIRTIO_BLK_F_RO`) |
 //! | DOORBELL | agent → server | SEND | new avail.idx, avail entries, their descriptors, and inline the bytes of their readable segments (headers; payloads up to the inline limit) |
 //! | SET_MODE | server → agent | SEND | remote-poll or doorbell, and where the server stopped |
 //! | QUIESCE | agent → server | SEND | finish the batch in flight, start no other |
@@ -25,7 +25,7 @@ use crate::virtio::ring::{RingFeatures, RingLayout};
 pub const MAGIC: u32 = 0x4f49_5256; // "VRIO"
 /// Protocol version; a message of another version is refused
 /// ([`WireError::BadHeader`]).
-pub const VERSION: u16 = 4;
+pub const VERSION: u16 = 5;
 /// Largest message (and receive buffer): room for a 4 KiB write's payload
 /// inline in a doorbell, with its header and descriptors.
 pub const MAX_MSG: usize = 8192;
@@ -157,16 +157,75 @@ pub struct AttachDevice {
     pub attach: Attach,
     /// The device it belongs to.
     pub device: DeviceKind,
+    /// The capability that lets this device attach (`tenancy::Keyring`),
+    /// at most [`crate::tenancy::MAX_CREDENTIAL`] bytes.
+    pub credential: Option<String>,
 }
 
 /// ATTACH_REPLY: the server's answer to ATTACH or ATTACH_DEVICE.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AttachReply {
-    /// 0 on success; otherwise the server refused the queue.
+    /// 0 on success; otherwise why the server refused the queue
+    /// ([`AttachStatus`]).
     pub status: u16,
     /// The device's config space (virtio 1.2 §4.1.4.3), as the server
     /// presents it.
     pub config: Vec<u8>,
+    /// Device feature bits the server imposes on the guest: for virtio-blk,
+    /// `VIRTIO_BLK_F_RO` when the volume is attached read-only.
+    pub features: u64,
+}
+
+/// Why a server refused an ATTACH (the reply's `status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachStatus {
+    /// Attached.
+    Ok,
+    /// No credential, or one that is forged, expired, unknown or for
+    /// another device or host.
+    Unauthenticated,
+    /// The credential does not grant this: the volume is not the device's,
+    /// or another device writes it.
+    Forbidden,
+    /// No such volume on this server.
+    NoSuchVolume,
+    /// Anything else (a bad ring, a bad net port, resources).
+    Refused,
+}
+
+impl AttachStatus {
+    /// The code on the wire.
+    pub fn code(self) -> u16 {
+        match self {
+            AttachStatus::Ok => 0,
+            AttachStatus::Refused => 1,
+            AttachStatus::Unauthenticated => 2,
+            AttachStatus::Forbidden => 3,
+            AttachStatus::NoSuchVolume => 4,
+        }
+    }
+    /// The status a code names (unknown codes are [`AttachStatus::Refused`]).
+    pub fn from_code(c: u16) -> Self {
+        match c {
+            0 => AttachStatus::Ok,
+            2 => AttachStatus::Unauthenticated,
+            3 => AttachStatus::Forbidden,
+            4 => AttachStatus::NoSuchVolume,
+            _ => AttachStatus::Refused,
+        }
+    }
+}
+
+impl std::fmt::Display for AttachStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AttachStatus::Ok => "attached",
+            AttachStatus::Unauthenticated => "no valid credential for this device",
+            AttachStatus::Forbidden => "the credential does not allow this volume or mode",
+            AttachStatus::NoSuchVolume => "no such volume on the server",
+            AttachStatus::Refused => "refused",
+        })
+    }
 }
 
 /// One new avail entry: its ring position, head, and the descriptors (and
@@ -370,12 +429,19 @@ impl Message {
                         w.bytes(&mac.0);
                     }
                 }
+                let cred = d.credential.as_deref().unwrap_or("");
+                if cred.len() > crate::tenancy::MAX_CREDENTIAL {
+                    return Err(WireError::Bad("credential length"));
+                }
+                w.u16(cred.len() as u16);
+                w.bytes(cred.as_bytes());
             }
             Message::AttachReply(r) => {
                 w.u16(ATTACH_REPLY);
                 w.u16(r.status);
                 w.u16(r.config.len() as u16);
                 w.bytes(&r.config);
+                w.u64(r.features);
             }
             Message::Doorbell(d) => {
                 w.u16(DOORBELL);
@@ -439,13 +505,29 @@ impl Message {
                     }
                     _ => return Err(WireError::Bad("device type")),
                 };
-                Message::AttachDevice(AttachDevice { attach, device })
+                let n = usize::from(r.u16()?);
+                if n > crate::tenancy::MAX_CREDENTIAL {
+                    return Err(WireError::Bad("credential length"));
+                }
+                let cred = std::str::from_utf8(r.take(n)?)
+                    .map_err(|_| WireError::Bad("credential (not UTF-8)"))?;
+                let credential = (!cred.is_empty()).then(|| cred.to_string());
+                Message::AttachDevice(AttachDevice {
+                    attach,
+                    device,
+                    credential,
+                })
             }
             ATTACH_REPLY => {
                 let status = r.u16()?;
                 let n = r.u16()?;
                 let config = r.take(usize::from(n))?.to_vec();
-                Message::AttachReply(AttachReply { status, config })
+                let features = r.u64()?;
+                Message::AttachReply(AttachReply {
+                    status,
+                    config,
+                    features,
+                })
             }
             DOORBELL => {
                 let avail_idx = r.u16()?;
@@ -547,14 +629,18 @@ mod tests {
                 mac: MacAddr::local(5),
             },
         ] {
-            round_trip(Message::AttachDevice(AttachDevice {
-                attach: attach.clone(),
-                device,
-            }));
+            for credential in [None, Some("vrio-cap-v1.k.p.t".to_string())] {
+                round_trip(Message::AttachDevice(AttachDevice {
+                    attach: attach.clone(),
+                    device,
+                    credential,
+                }));
+            }
         }
         round_trip(Message::AttachReply(AttachReply {
             status: 0,
             config: vec![1, 2, 3],
+            features: 1 << 5,
         }));
         round_trip(Message::Doorbell(Doorbell {
             avail_idx: 9,
@@ -619,10 +705,11 @@ mod tests {
             Message::AttachDevice(AttachDevice {
                 attach: small_attach(),
                 device: DeviceKind::Net { mac },
+                credential: None,
             })
         };
         net(MacAddr::local(1)).encode(&mut d).unwrap();
-        let kind_at = d.len() - 7;
+        let kind_at = d.len() - 9;
         d[kind_at] = 9;
         assert_eq!(Message::decode(&d), Err(WireError::Bad("device type")));
         net(MacAddr::BROADCAST).encode(&mut d).unwrap();

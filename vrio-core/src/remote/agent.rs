@@ -34,7 +34,7 @@ pub use crate::proto::agent::{
 };
 use crate::proto::staging::StagingBuffer;
 use crate::proto::wire::{
-    Attach, AttachDevice, DeviceKind, Message, NotifyMode, WireRegion, MAX_MSG,
+    Attach, AttachDevice, AttachReply, DeviceKind, Message, NotifyMode, WireRegion, MAX_MSG,
 };
 use crate::virtio::memory::{LocalMemory, MemoryMap};
 use crate::virtio::ring::{RingFeatures, RingLayout};
@@ -62,6 +62,10 @@ pub struct DeviceAttach {
     pub mem: Arc<LocalMemory>,
     /// Its queues, in device order.
     pub queues: Vec<QueueAttach>,
+    /// The capability that lets it attach (`tenancy::Keyring::mint`):
+    /// needed by servers that check credentials, sent with every attach,
+    /// move and reconnect of its queues.
+    pub credential: Option<String>,
 }
 
 /// How the agent attaches and serves a device's queues.
@@ -125,6 +129,7 @@ struct Ctx {
     device_id: u64,
     wire: Vec<WireRegion>,
     cfg: AgentConfig,
+    credential: Option<String>,
     mem: Arc<LocalMemory>,
     stats: Arc<AgentStats>,
     status: Arc<Mutex<Vec<QueueStatus>>>,
@@ -157,6 +162,7 @@ pub struct AttachedDevice {
     stats: Arc<AgentStats>,
     status: Arc<Mutex<Vec<QueueStatus>>>,
     config: Vec<u8>,
+    features: u64,
     timeout: Duration,
 }
 
@@ -168,6 +174,11 @@ impl AttachedDevice {
     /// The device config space the I/O server reported.
     pub fn config_space(&self) -> &[u8] {
         &self.config
+    }
+    /// Device feature bits the I/O server imposes (`VIRTIO_BLK_F_RO` for
+    /// a volume attached read-only): the VMM must offer them to the guest.
+    pub fn device_features(&self) -> u64 {
+        self.features
     }
     /// Where each queue is served, as of the agent's last event.
     pub fn queues(&self) -> Vec<QueueStatus> {
@@ -267,16 +278,17 @@ pub fn attach_placed(
         device_id: dev.device_id,
         wire,
         cfg,
+        credential: dev.credential.clone(),
         mem: dev.mem.clone(),
         stats: Arc::new(AgentStats::default()),
         status: Arc::new(Mutex::new(Vec::new())),
     };
     let mut queues = Vec::new();
-    let mut config = Vec::new();
+    let mut reply = AttachReply::default();
     for ((i, q), target) in dev.queues.into_iter().enumerate().zip(targets) {
         let index = i as u16;
-        let (conn, c) = connect(&ctx, index, q.layout, q.features, &target, q.start)?;
-        config = c;
+        let (conn, r) = connect(&ctx, index, q.layout, q.features, &target, q.start)?;
+        reply = r;
         let host_cfg = HostQueueConfig {
             mode: cfg.mode,
             chain_copy: cfg.chain_copy,
@@ -347,7 +359,8 @@ pub fn attach_placed(
         join: Mutex::new(Some(join)),
         stats,
         status,
-        config,
+        config: reply.config,
+        features: reply.features,
         timeout: cfg.timeout,
     })
 }
@@ -436,7 +449,7 @@ impl Conn {
         Message::decode(&b).map_err(AgentError::BadMessage)
     }
 
-    fn wait_reply(&mut self, queue: u16, timeout: Duration) -> Result<Vec<u8>, AgentError> {
+    fn wait_reply(&mut self, queue: u16, timeout: Duration) -> Result<AttachReply, AgentError> {
         let deadline = Instant::now() + timeout;
         let mut c = [Completion::EMPTY; 16];
         loop {
@@ -453,7 +466,7 @@ impl Conn {
                     continue;
                 }
                 return match self.take_message((c.wr_id & !RECV_TAG) as usize, c.byte_len)? {
-                    Message::AttachReply(r) if r.status == 0 => Ok(r.config),
+                    Message::AttachReply(r) if r.status == 0 => Ok(r),
                     Message::AttachReply(r) => Err(AgentError::Refused {
                         queue,
                         status: r.status,
@@ -470,7 +483,7 @@ impl Conn {
 }
 
 /// Connects to `to` and attaches queue `index` there, resuming at `start`;
-/// returns the link and the device's config space.
+/// returns the link and the server's reply (config space, features).
 fn connect(
     ctx: &Ctx,
     index: u16,
@@ -478,7 +491,7 @@ fn connect(
     features: RingFeatures,
     to: &QueueTarget,
     start: u16,
-) -> Result<(Conn, Vec<u8>), AgentError> {
+) -> Result<(Conn, AttachReply), AgentError> {
     let mut conn = Conn::open(&*ctx.domain, &to.server, ctx.cfg.endpoint)?;
     let attach = Attach {
         device_id: ctx.device_id,
@@ -490,13 +503,17 @@ fn connect(
         sidecore: to.sidecore,
         regions: ctx.wire.clone(),
     };
-    conn.send(&match ctx.cfg.device {
+    conn.send(&match (ctx.cfg.device, &ctx.credential) {
         // Plain ATTACH means blk (what every server understands).
-        DeviceKind::Blk => Message::Attach(attach),
-        device => Message::AttachDevice(AttachDevice { attach, device }),
+        (DeviceKind::Blk, None) => Message::Attach(attach),
+        (device, credential) => Message::AttachDevice(AttachDevice {
+            attach,
+            device,
+            credential: credential.clone(),
+        }),
     })?;
-    let config = conn.wait_reply(index, ctx.cfg.timeout)?;
-    Ok((conn, config))
+    let reply = conn.wait_reply(index, ctx.cfg.timeout)?;
+    Ok((conn, reply))
 }
 
 impl AgentQueue {

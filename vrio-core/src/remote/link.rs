@@ -93,8 +93,11 @@ impl Link {
         &mut self,
         ring: &mut ServerRing,
         config: Vec<u8>,
+        features: u64,
     ) -> Result<(), QueueFailure> {
-        let r = ring.reply_attach(config).and_then(|_| self.flush(ring));
+        let r = ring
+            .reply_attach(config, features)
+            .and_then(|_| self.flush(ring));
         r.map_err(|e| ring.failure(e))
     }
 }

@@ -81,7 +81,7 @@ impl RemoteRxQueue {
 
     /// Answers the agent's ATTACH.
     pub fn reply_attach(&mut self, config: Vec<u8>) -> Result<(), QueueFailure> {
-        self.link.reply_attach(&mut self.core.ring, config)
+        self.link.reply_attach(&mut self.core.ring, config, 0)
     }
     /// A token that lives exactly as long as the queue.
     pub fn liveness(&self) -> std::sync::Weak<()> {
@@ -123,8 +123,14 @@ impl ServedQueue for RemoteRxQueue {
         // Empty after a read or when nothing was written: either is fine.
         let _ = self.wake.read();
         let (w, frame) = self.core.take_kick();
-        let news = self.link.wake(&mut self.core.ring, w).unwrap_or(true);
-        frame || news
+        match self.link.wake(&mut self.core.ring, w) {
+            Ok(news) => frame || news,
+            Err(e) => {
+                // Reported (and the queue dropped) by the poll this asks for.
+                self.core.ring.fail(e);
+                true
+            }
+        }
     }
 
     fn name(&self) -> &str {

@@ -53,8 +53,9 @@ impl<D: DeviceModel> RemoteQueue<D> {
     }
 
     /// Answers the agent's ATTACH.
-    pub fn reply_attach(&mut self, config: Vec<u8>) -> Result<(), QueueFailure> {
-        self.link.reply_attach(&mut self.core.ring, config)
+    pub fn reply_attach(&mut self, config: Vec<u8>, features: u64) -> Result<(), QueueFailure> {
+        self.link
+            .reply_attach(&mut self.core.ring, config, features)
     }
 
     /// The queue's name (`dev<key>.q<queue>`).
@@ -109,8 +110,14 @@ impl<D: DeviceModel> ServedQueue for RemoteQueue<D> {
 
     fn take_kick(&mut self) -> bool {
         let w = self.core.take_kick();
-        // On failure, let poll() report it.
-        self.link.wake(&mut self.core.ring, w).unwrap_or(true)
+        match self.link.wake(&mut self.core.ring, w) {
+            Ok(news) => news,
+            Err(e) => {
+                // Reported (and the queue dropped) by the poll this asks for.
+                self.core.ring.fail(e);
+                true
+            }
+        }
     }
 
     fn name(&self) -> &str {

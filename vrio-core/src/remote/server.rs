@@ -3,14 +3,19 @@
 //! loaded one. Queues move between its sidecores as whole objects
 //! ([`IoServer::move_queue`]): the ring state travels with the queue.
 //!
-//! Queues are virtio-blk (one block back-end for all) or virtio-net (TX
+//! Every ATTACH passes the server's [`Gate`] first: with a keyring, its
+//! credential must be signed, current and for this device and host; a blk
+//! queue then claims the volume its credential names (readers share, writers
+//! exclude each other). Refusals are answered with a status and counted.
+//!
+//! Queues are virtio-blk (each on its device's volume) or virtio-net (TX
 //! through [`RemoteQueue`]`<TxDevice>`, RX through [`RemoteRxQueue`]), the
 //! net devices switched among themselves by [`NetDevices`].
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use vrio_rdma::{
     Access, Completion, Domain, Endpoint, EndpointConfig, FabricError, RecvRequest, Sge, WcStatus,
@@ -24,8 +29,13 @@ use crate::net::{RxDevice, SwitchPort};
 use crate::proto::config::RemoteQueueConfig;
 use crate::proto::staging::StagingBuffer;
 use crate::proto::stats::RemoteStats;
-use crate::proto::wire::{Attach, DeviceKind, Message, WireError, MAX_MSG};
+use crate::proto::wire::{
+    Attach, AttachReply, AttachStatus, DeviceKind, Message, WireError, MAX_MSG,
+};
 use crate::sidecore::{QueueFailure, ServedQueue, SidecoreConfig, SidecoreHandle, SidecoreThread};
+use crate::tenancy::{
+    Gate, Keyring, Refusal, RefusalCounts, VolumeSet, WarnLimiter, DEFAULT_VOLUME,
+};
 use crate::virtio::memory::MemoryError;
 
 /// How an [`IoServer`] listens, how many sidecores it runs, and what its
@@ -47,6 +57,13 @@ pub struct IoServerConfig {
     pub net: NetServerConfig,
     /// The endpoints accepted from agents.
     pub endpoint: EndpointConfig,
+    /// Keys attach credentials are checked with. None: an open server
+    /// (attaches are taken on trust and every blk queue shares the
+    /// [`DEFAULT_VOLUME`]), logged as such at start.
+    pub keys: Option<Arc<Keyring>>,
+    /// The volumes blk queues attach (the `backend` given to
+    /// [`IoServer::start`] joins them as [`DEFAULT_VOLUME`]).
+    pub volumes: Arc<VolumeSet>,
 }
 
 impl Default for IoServerConfig {
@@ -59,6 +76,8 @@ impl Default for IoServerConfig {
             blk: BlockConfig::default(),
             net: NetServerConfig::default(),
             endpoint: EndpointConfig::default(),
+            keys: None,
+            volumes: Arc::new(VolumeSet::new()),
         }
     }
 }
@@ -83,6 +102,9 @@ pub enum ServerError {
     /// among this many (second).
     #[error("no sidecore {0} (this server has {1})")]
     NoSuchSidecore(usize, usize),
+    /// [`IoServer::start`]: the default volume could not be added.
+    #[error(transparent)]
+    Volume(#[from] crate::tenancy::VolumeError),
 }
 
 /// A queue a sidecore serves.
@@ -163,17 +185,30 @@ pub struct IoServer {
     net: Arc<NetDevices>,
     domain: Arc<dyn Domain>,
     endpoint: EndpointConfig,
+    gate: Arc<Gate>,
 }
 
 impl IoServer {
     /// Listens on `cfg.listen`, spawns the sidecores and the accept thread,
-    /// and returns at once. Every virtio-blk queue serves `backend`.
-    /// Attachments that fail are logged and refused; the server goes on.
+    /// and returns at once. `backend` joins `cfg.volumes` as the
+    /// [`DEFAULT_VOLUME`] (unless the set has one), which an open server
+    /// gives every blk queue. Attachments that fail are logged (rate
+    /// limited per peer) and refused; the server goes on.
     pub fn start(
         domain: Arc<dyn Domain>,
         backend: Arc<dyn BlockBackend>,
         cfg: IoServerConfig,
     ) -> Result<Self, ServerError> {
+        if !cfg.volumes.names().iter().any(|n| n == DEFAULT_VOLUME) {
+            cfg.volumes.insert(DEFAULT_VOLUME, backend)?;
+        }
+        let gate = Arc::new(Gate::new(cfg.keys.clone(), cfg.volumes.clone()));
+        if !gate.requires_credentials() {
+            tracing::warn!(
+                "data plane open: any peer that reaches {} may attach queues (no keys given)",
+                cfg.listen
+            );
+        }
         let mut listener = domain.listen(&cfg.listen, cfg.endpoint)?;
         let addr = listener.local_addr();
         let mut scs = Vec::new();
@@ -192,7 +227,8 @@ impl IoServer {
         let stop = Arc::new(AtomicBool::new(false));
         let (d, s, sc) = (domain.clone(), stop.clone(), sidecores.clone());
         let kinds = Kinds {
-            backend,
+            gate: gate.clone(),
+            warn: Arc::new(WarnLimiter::new(Duration::from_secs(10), 5)),
             net: net.clone(),
             blk_stats: stats.clone(),
             net_stats: net_stats.clone(),
@@ -252,7 +288,19 @@ impl IoServer {
             net,
             domain,
             endpoint: EndpointConfig::default(),
+            gate,
         })
+    }
+
+    /// Attaches refused so far (no or bad credential; volume not granted,
+    /// missing or busy).
+    pub fn refusals(&self) -> &RefusalCounts {
+        self.gate.refused()
+    }
+
+    /// The volumes this server serves.
+    pub fn volumes(&self) -> &Arc<VolumeSet> {
+        self.gate.volumes()
     }
 
     /// Where agents connect.
@@ -433,7 +481,14 @@ impl Admission {
                 },
                 Err(_) => tracing::error!("sidecore registry poisoned; attach dropped"),
             },
-            Err(e) => tracing::warn!(%peer, error = %e, "attach refused"),
+            Err(e) => {
+                // Keyed by host, not port: a peer reconnecting must not
+                // get a fresh allowance each time.
+                let host = peer.rsplit_once(':').map_or(peer.as_str(), |(h, _)| h);
+                if let Some(suppressed) = self.kinds.warn.allow(host, Instant::now()) {
+                    tracing::warn!(%peer, error = %e, suppressed, "attach refused");
+                }
+            }
         }
         self.admitting.fetch_sub(1, Relaxed);
     }
@@ -442,7 +497,8 @@ impl Admission {
 /// What a queue is built from, by device type.
 #[derive(Clone)]
 struct Kinds {
-    backend: Arc<dyn BlockBackend>,
+    gate: Arc<Gate>,
+    warn: Arc<WarnLimiter>,
     net: Arc<NetDevices>,
     blk_stats: Arc<RemoteStats>,
     net_stats: Arc<RemoteStats>,
@@ -475,17 +531,21 @@ enum AdmitError {
     Net(#[from] NetDeviceError),
     #[error(transparent)]
     Queue(#[from] QueueFailure),
+    #[error("{0}")]
+    Refused(#[from] Refusal),
 }
 
-/// Receives the ATTACH on a new endpoint and builds the queue.
+/// Receives the ATTACH on a new endpoint, checks it at the gate, and
+/// builds the queue.
 fn admit(
     domain: &dyn Domain,
     mut ep: Box<dyn Endpoint>,
     kinds: &Kinds,
     cfg: &IoServerConfig,
 ) -> Result<(Admitted, u16), AdmitError> {
-    let (attach, said) = {
-        let buf = StagingBuffer::new(MAX_MSG)?;
+    let peer = ep.peer();
+    let (attach, kind) = {
+        let mut buf = StagingBuffer::new(MAX_MSG)?;
         // SAFETY: `buf` outlives `mr` (dropped at the end of this block,
         // after `mr`, which is declared later and so dropped first).
         let mr = unsafe { domain.register(buf.as_ptr(), buf.len(), Access::LOCAL_ONLY) }?;
@@ -513,22 +573,100 @@ fn admit(
         }
         let mut b = vec![0u8; (c[0].byte_len as usize).min(MAX_MSG)];
         buf.get(0, &mut b)?;
-        drop(mr);
-        match Message::decode(&b).map_err(AdmitError::BadMessage)? {
-            Message::Attach(a) => (a, None),
-            Message::AttachDevice(d) => (d.attach, Some(d.device)),
-            other => return Err(AdmitError::NotAttach(Box::new(other))),
+        let (attach, said, credential) =
+            match Message::decode(&b).map_err(AdmitError::BadMessage)? {
+                Message::Attach(a) => (a, None, None),
+                Message::AttachDevice(d) => (d.attach, Some(d.device), d.credential),
+                other => return Err(AdmitError::NotAttach(Box::new(other))),
+            };
+        // Checked before any queue, ring or registration exists for it.
+        let checked = kinds
+            .gate
+            .admit(
+                credential.as_deref(),
+                attach.device_id,
+                &peer,
+                SystemTime::now(),
+            )
+            .map_err(AdmitError::from)
+            .and_then(|grant| {
+                Ok(match kinds.net.kind(attach.device_id, said)? {
+                    DeviceKind::Blk => Kind::Blk(kinds.gate.claim(&grant, attach.device_id)?),
+                    DeviceKind::Net { mac } => Kind::Net(mac),
+                })
+            });
+        match checked {
+            Ok(kind) => (attach, kind),
+            Err(e) => {
+                let status = match &e {
+                    AdmitError::Refused(r) => r.status(),
+                    _ => AttachStatus::Refused,
+                };
+                refuse(&mut *ep, &*mr, &mut buf, status);
+                return Err(e);
+            }
         }
     };
-    let q = admit_queue(domain, ep, &attach, said, kinds, cfg)?;
+    let q = admit_queue(domain, ep, &attach, kind, kinds, cfg)?;
     Ok((q, attach.sidecore))
 }
+
+/// What an admitted ATTACH builds: a blk queue on its claim of a volume, or
+/// a net queue on the port of `mac`.
+enum Kind {
+    Blk(crate::tenancy::Claim),
+    Net(crate::net::MacAddr),
+}
+
+/// Tells a refused agent why, best effort (it may be gone or hostile): the
+/// endpoint is dropped right after.
+fn refuse(
+    ep: &mut dyn Endpoint,
+    mr: &dyn vrio_rdma::MemoryRegion,
+    buf: &mut StagingBuffer,
+    status: AttachStatus,
+) {
+    let mut m = Vec::new();
+    let reply = Message::AttachReply(AttachReply {
+        status: status.code(),
+        config: Vec::new(),
+        features: 0,
+    });
+    if reply.encode(&mut m).is_err() || buf.put(0, &m).is_err() {
+        return;
+    }
+    let sent = ep.post_send(&[vrio_rdma::SendRequest {
+        wr_id: 2,
+        opcode: vrio_rdma::Opcode::Send,
+        local: Sge {
+            lkey: mr.lkey(),
+            addr: buf.addr(),
+            len: m.len() as u32,
+        },
+        signaled: true,
+    }]);
+    if sent.is_err() {
+        return;
+    }
+    // The buffer must stay registered until the SEND completes.
+    let deadline = Instant::now() + REFUSE_WAIT;
+    let mut c = [Completion::EMPTY];
+    while Instant::now() < deadline {
+        if !matches!(ep.poll(&mut c), Ok(0)) {
+            return;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// How long a refusal waits for its reply to leave.
+const REFUSE_WAIT: Duration = Duration::from_secs(1);
 
 fn admit_queue(
     domain: &dyn Domain,
     ep: Box<dyn Endpoint>,
     attach: &Attach,
-    said: Option<DeviceKind>,
+    kind: Kind,
     kinds: &Kinds,
     cfg: &IoServerConfig,
 ) -> Result<Admitted, AdmitError> {
@@ -536,19 +674,24 @@ fn admit_queue(
         send_depth: cfg.endpoint.send_depth as usize,
         ..cfg.queue
     };
-    let mac = match kinds.net.kind(attach.device_id, said)? {
-        DeviceKind::Blk => {
-            let dev = BlockDevice::new(kinds.backend.clone(), cfg.blk.clone());
+    let mac = match kind {
+        Kind::Blk(claim) => {
+            let dev = BlockDevice::new(Arc::new(claim), cfg.blk.clone());
             let config = dev.config_space();
+            let features = if dev.read_only() {
+                1 << virtio_bindings::virtio_blk::VIRTIO_BLK_F_RO
+            } else {
+                0
+            };
             let mut q = RemoteQueue::new(domain, ep, attach, dev, qcfg, kinds.blk_stats.clone())?;
-            q.reply_attach(config)?;
+            q.reply_attach(config, features)?;
             let alive = q.liveness();
             return Ok(Admitted {
                 queue: Box::new(q),
                 alive,
             });
         }
-        DeviceKind::Net { mac } => mac,
+        Kind::Net(mac) => mac,
     };
     let which = NetDevices::queue(attach.queue)?;
     let port = kinds.net.port(attach.device_id, mac)?;
@@ -558,7 +701,7 @@ fn admit_queue(
         NetQueue::Tx => {
             let dev = SwitchPort::tx(kinds.net.switch().clone(), port);
             let mut q = RemoteQueue::new(domain, ep, attach, dev, qcfg, stats)?;
-            q.reply_attach(config)?;
+            q.reply_attach(config, 0)?;
             let alive = q.liveness();
             Admitted {
                 queue: Box::new(q),

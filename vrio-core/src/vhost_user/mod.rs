@@ -26,5 +26,5 @@ pub mod serve;
 
 pub use backend::{FrontConfig, LocalFront, Placement, RemoteFront, Serving, VrioBackend};
 pub use net::{net_backend, serve_net};
-pub use probe::{fetch_config, ProbeError};
+pub use probe::{fetch_config, ProbeError, ServerDevice, PROBE_QUEUE};
 pub use serve::{serve, serve_with, ServeError};

@@ -2,7 +2,9 @@
 //!
 //! The VMM asks for the config at realize time, long before the guest sets
 //! up a ring, so we attach one throw-away queue on a scratch ring of our
-//! own, keep the config the server replies with, and detach.
+//! own (as queue [`PROBE_QUEUE`] of the device itself, so its credential
+//! serves), keep the config and feature bits the server replies with, and
+//! detach.
 
 use std::sync::Arc;
 
@@ -36,15 +38,35 @@ pub enum ProbeError {
 }
 
 const SCRATCH_BYTES: usize = 0x4000;
+/// The queue index the scratch queue attaches as: no real vring has it, so
+/// its name never clashes with the device's queues on the server.
+pub const PROBE_QUEUE: u16 = u16::MAX;
 
-/// Attaches a scratch queue as device `device_id` and returns the config
-/// space the server reported.
+/// What the I/O server presents for a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerDevice {
+    /// The device's config space.
+    pub config: Vec<u8>,
+    /// Feature bits the server imposes (`VIRTIO_BLK_F_RO`).
+    pub features: u64,
+}
+
+impl ServerDevice {
+    /// Whether the server serves the device read-only.
+    pub fn read_only(&self) -> bool {
+        self.features & (1 << virtio_bindings::virtio_blk::VIRTIO_BLK_F_RO) != 0
+    }
+}
+
+/// Attaches a scratch queue of device `device_id` (with its `credential`,
+/// if the server needs one) and returns what the server reported.
 pub fn fetch_config(
     domain: Arc<dyn Domain>,
     server: &str,
     device_id: u64,
+    credential: Option<String>,
     cfg: AgentConfig,
-) -> Result<Vec<u8>, ProbeError> {
+) -> Result<ServerDevice, ProbeError> {
     let mem = LocalMemory::from_ranges(&[(GuestAddress(0), SCRATCH_BYTES)])
         .map_err(ProbeError::ScratchMemory)?;
     let layout = RingLayout::new(8, 0, 0x1000, 0x2000).map_err(ProbeError::ScratchRing)?;
@@ -64,15 +86,20 @@ pub fn fetch_config(
                 call: EventFd::new(EFD_NONBLOCK)?,
                 start: 0,
             }],
+            credential,
         },
-        cfg,
+        AgentConfig {
+            queue_base: PROBE_QUEUE,
+            ..cfg
+        },
     )?;
     let config = dev.config_space().to_vec();
+    let features = dev.device_features();
     dev.detach();
     if config.is_empty() {
         return Err(ProbeError::EmptyConfig);
     }
-    Ok(config)
+    Ok(ServerDevice { config, features })
 }
 
 #[cfg(test)]
@@ -89,7 +116,9 @@ mod tests {
         let server = IoServer::start(domain.clone(), backend, IoServerConfig::default()).unwrap();
         let addr = server.addr().to_string();
         for id in [1, 2] {
-            let c = fetch_config(domain.clone(), &addr, id, AgentConfig::default()).unwrap();
+            let d = fetch_config(domain.clone(), &addr, id, None, AgentConfig::default()).unwrap();
+            assert!(!d.read_only());
+            let c = d.config;
             assert_eq!(c.len(), 96);
             let sectors = u64::from_le_bytes(c[0..8].try_into().unwrap());
             assert_eq!(sectors, (4 << 20) / 512);
@@ -101,7 +130,7 @@ mod tests {
     fn no_server_is_an_error() {
         let domain: Arc<dyn Domain> =
             Arc::from(vrio_rdma::open(vrio_rdma::Backend::Soft, None).unwrap());
-        let r = fetch_config(domain, "127.0.0.1:1", 0, AgentConfig::default());
+        let r = fetch_config(domain, "127.0.0.1:1", 0, None, AgentConfig::default());
         assert!(r.is_err());
     }
 }

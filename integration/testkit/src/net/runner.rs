@@ -213,6 +213,7 @@ fn attach_net_in(
             device_id,
             mem: guest.memory().clone(),
             queues,
+            credential: None,
         },
         AgentConfig {
             mode,

@@ -356,11 +356,17 @@ impl ServerRing {
         self.out_recvs.clear();
     }
 
-    /// Answers the agent's ATTACH.
-    pub(crate) fn reply_attach(&mut self, config: Vec<u8>) -> Result<(), RemoteQueueError> {
+    /// Answers the agent's ATTACH: the device's config space and the
+    /// feature bits the server imposes.
+    pub(crate) fn reply_attach(
+        &mut self,
+        config: Vec<u8>,
+        features: u64,
+    ) -> Result<(), RemoteQueueError> {
         self.send(Message::AttachReply(crate::proto::wire::AttachReply {
             status: 0,
             config,
+            features,
         }))
         .map(|_| ())
     }
@@ -1097,6 +1103,15 @@ impl ServerRing {
             self.failed = Some(e.clone());
             self.failure(e)
         })
+    }
+
+    /// Remembers a failure found outside a poll (arming for a kick), so
+    /// that the next poll reports it: the completion that carried it is
+    /// gone, and without this the queue would idle forever as a zombie.
+    pub(crate) fn fail(&mut self, e: RemoteQueueError) {
+        if self.failed.is_none() {
+            self.failed = Some(e);
+        }
     }
 
     /// `e` as this queue's failure, for the sidecore.

@@ -51,6 +51,11 @@ pub struct RemoteFront {
     /// Where each vring goes and which agent serves it; a controller
     /// follower reads and updates it.
     pub placement: Arc<Placement>,
+    /// The device's attach credential, for servers that check them.
+    pub credential: Option<String>,
+    /// Whether the server serves the device read-only (its probe's
+    /// `ServerDevice::read_only`): the guest is offered `VIRTIO_BLK_F_RO`.
+    pub read_only: bool,
 }
 
 /// A local sidecore serving the vrings from a block back-end.
@@ -91,7 +96,7 @@ impl Serving {
 
     pub(super) fn read_only(&self) -> bool {
         match self {
-            Serving::Remote(_) => false,
+            Serving::Remote(r) => r.read_only,
             Serving::Local(l) => l.blk.read_only || l.backend.read_only(),
         }
     }
@@ -116,6 +121,8 @@ impl RemoteFront {
             device_id,
             agent: AgentConfig::default(),
             placement: Default::default(),
+            credential: None,
+            read_only: false,
         }
     }
 }

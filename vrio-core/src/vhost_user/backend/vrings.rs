@@ -435,6 +435,7 @@ fn attach_remote(
                 // model completes in avail order.
                 start,
             }],
+            credential: r.credential.clone(),
         },
         AgentConfig {
             queue_base: q as u16,
