@@ -1,0 +1,337 @@
+//! Data-plane tenancy: an I/O server with keys admits only attaches whose
+//! credential it can verify, and a blk device reaches only the volume its
+//! credential names, in the mode it names. Each hostile attempt runs next to
+//! a legitimate, verified workload that must end with zero errors.
+
+use std::io::IoSliceMut;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use vrio_core::blk::{BlockBackend, MemoryBackend};
+use vrio_core::remote::{IoServer, IoServerConfig, NotifyMode, QueueTarget};
+use vrio_core::tenancy::{AccessMode, Capability, Keyring, VolumeSet};
+use vrio_rdma::{Backend, Domain};
+use vrio_testkit::guest::{QueueReport, WorkloadConfig};
+use vrio_testkit::runner::{attach_guests_credentialed, drive_guests, make_guests, RunConfig};
+
+const BLOCK: u64 = 4096;
+const BLOCKS: u64 = 64;
+
+fn soft() -> Arc<dyn Domain> {
+    Arc::from(vrio_rdma::open(Backend::Soft, None).unwrap())
+}
+
+fn rc(guests: u32, requests: u64) -> RunConfig {
+    RunConfig {
+        guests,
+        queues_per_guest: 1,
+        queue_size: 64,
+        workload: WorkloadConfig {
+            requests,
+            depth: 8,
+            read_pct: 40,
+            flush_pct: 5,
+            blocks: BLOCKS,
+            stall_timeout: Duration::from_secs(60),
+            ..WorkloadConfig::default()
+        },
+        ..RunConfig::default()
+    }
+}
+
+/// A server with keys over `volumes`.
+fn server(keys: &Arc<Keyring>, volumes: Arc<VolumeSet>) -> IoServer {
+    IoServer::start(
+        soft(),
+        Arc::new(MemoryBackend::new(1 << 20)),
+        IoServerConfig {
+            keys: Some(keys.clone()),
+            volumes,
+            ..IoServerConfig::default()
+        },
+    )
+    .unwrap()
+}
+
+/// Attaches `devices[g]` with `credentials[g]` for guest `g` and runs the
+/// workload to its end (or until `stop`); the attach error, or the guests'
+/// merged report.
+fn run_until(
+    addr: &str,
+    rc: &RunConfig,
+    devices: &[u64],
+    credentials: &[String],
+    legit: &Legit,
+) -> Result<QueueReport, String> {
+    let guests = make_guests(rc).map_err(|e| e.to_string())?;
+    let placed: Vec<_> = devices
+        .iter()
+        .map(|&d| (d, vec![QueueTarget::any(addr)]))
+        .collect();
+    let agents = attach_guests_credentialed(
+        &guests,
+        &placed,
+        Backend::Soft,
+        None,
+        NotifyMode::Doorbell,
+        credentials,
+    )
+    .map_err(|e| e.to_string())?;
+    let r = drive_guests(guests, rc, &legit.done, &legit.stop);
+    drop(agents);
+    Ok(r)
+}
+
+fn run(
+    addr: &str,
+    rc: &RunConfig,
+    devices: &[u64],
+    credentials: &[String],
+) -> Result<QueueReport, String> {
+    run_until(addr, rc, devices, credentials, &Legit::default())
+}
+
+/// A legitimate workload's progress, and its stop.
+#[derive(Default, Clone)]
+struct Legit {
+    done: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Legit {
+    /// Lets the workload complete `n` more requests, then stops it: it
+    /// overlapped all of the hostile side and then some.
+    fn finish_after(&self, n: u64) {
+        let target = self.done.load(Relaxed) + n;
+        let deadline = std::time::Instant::now() + Duration::from_secs(50);
+        while self.done.load(Relaxed) < target && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.stop.store(true, Relaxed);
+    }
+}
+
+/// A workload that runs until stopped (at most a minute), so that it is
+/// still running whatever the hostile side takes on a machine of any speed.
+fn endless(guests: u32) -> RunConfig {
+    let mut c = rc(guests, 0);
+    c.workload.duration = Some(Duration::from_secs(60));
+    c
+}
+
+fn assert_clean(r: &QueueReport) {
+    assert!(r.completed > 100, "{} requests completed", r.completed);
+    assert_eq!(
+        (r.io_errors, r.corrupt, r.lost, r.protocol_errors),
+        (0, 0, 0, 0),
+        "io errors, corrupt, lost, protocol errors"
+    );
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn cap(device: u64, volume: &str, mode: AccessMode) -> Capability {
+    Capability {
+        device,
+        volume: volume.into(),
+        mode,
+        host: String::new(),
+        expires: now() + 600,
+    }
+}
+
+/// Attaches one scratch guest as `device` with `credential`; the error.
+fn hostile_attach(addr: &str, device: u64, credential: Option<String>) -> String {
+    let creds: Vec<String> = credential.into_iter().collect();
+    match run(addr, &rc(1, 0), &[device], &creds) {
+        Ok(_) => panic!("device {device:#x} was attached"),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn attaches_without_a_valid_credential_are_refused_and_counted_next_to_a_clean_guest() {
+    let keys = Arc::new(Keyring::ephemeral().unwrap());
+    let volumes = Arc::new(VolumeSet::new());
+    volumes.add_memory("vol-a", BLOCKS * BLOCK).unwrap();
+    let s = server(&keys, volumes);
+    let addr = s.addr().to_string();
+    let good = keys.sign(&cap(1, "vol-a", AccessMode::ReadWrite)).unwrap();
+    let l = Legit::default();
+    let legit = {
+        let (addr, good, l) = (addr.clone(), good.clone(), l.clone());
+        std::thread::spawn(move || run_until(&addr, &endless(1), &[1], &[good], &l))
+    };
+
+    let forger = Keyring::ephemeral().unwrap();
+    let expired = Capability {
+        expires: now() - 5,
+        ..cap(2, "vol-a", AccessMode::ReadOnly)
+    };
+    let elsewhere = Capability {
+        host: "192.0.2.7".into(),
+        ..cap(2, "vol-a", AccessMode::ReadOnly)
+    };
+    let attempts: Vec<(&str, u64, Option<String>)> = vec![
+        ("none", 2, None),
+        ("garbage", 2, Some("not-a-credential".into())),
+        (
+            "forged",
+            2,
+            Some(
+                forger
+                    .sign(&cap(2, "vol-a", AccessMode::ReadWrite))
+                    .unwrap(),
+            ),
+        ),
+        ("expired", 2, Some(keys.sign(&expired).unwrap())),
+        // The legitimate device's own credential, presented by another.
+        ("stolen", 2, Some(good.clone())),
+        ("other host", 2, Some(keys.sign(&elsewhere).unwrap())),
+    ];
+    for (what, device, credential) in &attempts {
+        let e = hostile_attach(&addr, *device, credential.clone());
+        assert!(
+            e.contains("no valid credential") && e.contains("status 2"),
+            "{what}: {e}"
+        );
+    }
+    assert_eq!(
+        s.refusals().unauthenticated.load(Relaxed),
+        attempts.len() as u64
+    );
+    assert_eq!(s.refusals().forbidden.load(Relaxed), 0);
+
+    l.finish_after(1000);
+    let r = legit
+        .join()
+        .unwrap()
+        .expect("the legitimate guest attaches");
+    assert_clean(&r);
+    s.stop();
+}
+
+/// Bytes of `backend` at block `b`.
+fn block(backend: &MemoryBackend, b: u64) -> Vec<u8> {
+    let mut v = vec![0u8; BLOCK as usize];
+    backend
+        .read_vectored_at(b * BLOCK, &mut [IoSliceMut::new(&mut v)])
+        .unwrap();
+    v
+}
+
+#[test]
+fn a_device_reaches_only_the_volume_it_was_granted_and_writers_exclude_each_other() {
+    let keys = Arc::new(Keyring::ephemeral().unwrap());
+    let volumes = Arc::new(VolumeSet::new());
+    // Two guests' worth of blocks each: guest g uses blocks g*64..(g+1)*64.
+    let size = 2 * BLOCKS * BLOCK;
+    let (a, b) = (
+        Arc::new(MemoryBackend::new(size)),
+        Arc::new(MemoryBackend::new(size)),
+    );
+    volumes.insert("vol-a", a.clone()).unwrap();
+    volumes.insert("vol-b", b.clone()).unwrap();
+    let s = server(&keys, volumes);
+    let addr = s.addr().to_string();
+    let ca = keys.sign(&cap(1, "vol-a", AccessMode::ReadWrite)).unwrap();
+    let cb = keys.sign(&cap(2, "vol-b", AccessMode::ReadWrite)).unwrap();
+    let l = Legit::default();
+    let legit = {
+        let (addr, l) = (addr.clone(), l.clone());
+        std::thread::spawn(move || run_until(&addr, &endless(2), &[1, 2], &[ca, cb], &l))
+    };
+    // Wait until both devices hold their volumes (their queues are served).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while s.queues().len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "legit guests attached"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
+    // A volume nobody granted, one that does not exist, and a second writer.
+    let e = hostile_attach(
+        &addr,
+        3,
+        Some(keys.sign(&cap(3, "vol-c", AccessMode::ReadWrite)).unwrap()),
+    );
+    assert!(e.contains("no such volume"), "{e}");
+    let e = hostile_attach(
+        &addr,
+        3,
+        Some(keys.sign(&cap(3, "vol-a", AccessMode::ReadWrite)).unwrap()),
+    );
+    assert!(e.contains("does not allow"), "{e}");
+    let e = hostile_attach(
+        &addr,
+        3,
+        Some(keys.sign(&cap(3, "vol-b", AccessMode::Shared)).unwrap()),
+    );
+    assert!(e.contains("does not allow"), "{e}");
+    assert_eq!(s.refusals().forbidden.load(Relaxed), 3);
+    assert_eq!(s.refusals().unauthenticated.load(Relaxed), 0);
+
+    l.finish_after(1000);
+    let r = legit.join().unwrap().expect("the legitimate guests attach");
+    assert_clean(&r);
+
+    // Guest 0 (device 1) wrote only vol-a, in its own range; guest 1 only
+    // vol-b. One shared disk would hold both ranges.
+    let written = |v: &MemoryBackend, range: std::ops::Range<u64>| {
+        range
+            .filter(|&i| block(v, i).iter().any(|&x| x != 0))
+            .count()
+    };
+    assert!(written(&a, 0..BLOCKS) > 0, "device 1 wrote vol-a");
+    assert_eq!(
+        written(&a, BLOCKS..2 * BLOCKS),
+        0,
+        "nothing else wrote vol-a"
+    );
+    assert!(written(&b, BLOCKS..2 * BLOCKS) > 0, "device 2 wrote vol-b");
+    assert_eq!(written(&b, 0..BLOCKS), 0, "nothing else wrote vol-b");
+    s.stop();
+}
+
+#[test]
+fn a_read_only_grant_is_offered_as_ro_and_its_writes_fail() {
+    let keys = Arc::new(Keyring::ephemeral().unwrap());
+    let volumes = Arc::new(VolumeSet::new());
+    let vol = Arc::new(MemoryBackend::new(BLOCKS * BLOCK));
+    volumes.insert("golden", vol.clone()).unwrap();
+    let s = server(&keys, volumes);
+    let addr = s.addr().to_string();
+    let ro = keys.sign(&cap(7, "golden", AccessMode::ReadOnly)).unwrap();
+    // The probe sees the RO bit, as a VMM would before the guest starts.
+    let d =
+        vrio_core::vhost_user::fetch_config(soft(), &addr, 7, Some(ro.clone()), Default::default())
+            .unwrap();
+    assert!(d.read_only(), "features {:#x}", d.features);
+    // A guest that writes anyway gets an error for every write, and the
+    // volume stays untouched; its reads succeed.
+    let mut c = rc(1, 400);
+    c.workload.flush_pct = 0;
+    let r = run(&addr, &c, &[7], &[ro]).unwrap();
+    assert_eq!(r.completed, 400);
+    assert!(r.writes > 0 && r.reads > 0);
+    assert_eq!(r.io_errors, r.writes, "every write refused, no read");
+    assert_eq!(vol.allocated_chunks(), 0, "the volume was not written");
+    // A second read-only device shares it; a read-write one may too, as
+    // readers never exclude writers.
+    for (dev, mode) in [(8, AccessMode::ReadOnly), (9, AccessMode::ReadWrite)] {
+        let t = keys.sign(&cap(dev, "golden", mode)).unwrap();
+        let d =
+            vrio_core::vhost_user::fetch_config(soft(), &addr, dev, Some(t), Default::default())
+                .unwrap();
+        assert_eq!(d.read_only(), mode == AccessMode::ReadOnly);
+    }
+    s.stop();
+}
