@@ -335,3 +335,50 @@ fn a_read_only_grant_is_offered_as_ro_and_its_writes_fail() {
     }
     s.stop();
 }
+
+#[test]
+fn one_vm_host_gets_at_most_its_share_of_queues() {
+    let s = IoServer::start(
+        soft(),
+        Arc::new(MemoryBackend::new(1 << 20)),
+        IoServerConfig {
+            max_queues_per_peer: 2,
+            ..IoServerConfig::default()
+        },
+    )
+    .unwrap();
+    let addr = s.addr().to_string();
+    let attach = |device: u64| {
+        vrio_core::vhost_user::fetch_config(soft(), &addr, device, None, Default::default())
+    };
+    // Two long-lived queues from this host...
+    let l = Legit::default();
+    let legit = {
+        let (addr, l) = (addr.clone(), l.clone());
+        std::thread::spawn(move || run_until(&addr, &endless(2), &[1, 2], &[], &l))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while s.queues().len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "legit guests attached"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // ...and a third is refused while they live.
+    let e = attach(3).unwrap_err().to_string();
+    assert!(e.contains("refused"), "{e}");
+    l.finish_after(500);
+    assert_clean(&legit.join().unwrap().unwrap());
+    // Once they are gone, the host has room again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !s.queues().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "legit queues detached"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    attach(3).unwrap();
+    s.stop();
+}

@@ -111,6 +111,8 @@ const SEND_SLOTS: usize = 64;
 const RECV_SLOTS: usize = 32;
 const RECV_TAG: u64 = 1 << 63;
 const WAKE: u64 = u64::MAX;
+/// How long a message may wait for a send slot before the link is given up.
+const SEND_WAIT: Duration = Duration::from_secs(10);
 
 /// One queue's link to its server: the endpoint and its message buffers.
 struct Conn {
@@ -121,6 +123,10 @@ struct Conn {
     free_send: Vec<usize>,
     /// Encoding space, reused for every message.
     scratch: Vec<u8>,
+    /// Completions [`Conn::send`] polled while waiting for a send slot that
+    /// were not its business (messages, interrupts): they wait here for
+    /// [`AgentQueue::completions`], never dropped.
+    stash: Vec<Completion>,
 }
 
 /// What every queue of a device shares on the agent thread.
@@ -378,6 +384,7 @@ impl Conn {
             bufs,
             free_send: (0..SEND_SLOTS).collect(),
             scratch: Vec::with_capacity(MAX_MSG),
+            stash: Vec::new(),
         };
         let recvs: Vec<RecvRequest> = (0..RECV_SLOTS).map(|s| c.recv_wr(s)).collect();
         c.ep.post_recv(&recvs)?;
@@ -397,12 +404,19 @@ impl Conn {
 
     fn send(&mut self, m: &Message) -> Result<(), AgentError> {
         m.encode(&mut self.scratch).map_err(AgentError::Encode)?;
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + SEND_WAIT;
         while self.free_send.is_empty() {
-            self.reap_sends_only()?;
-            if Instant::now() > deadline {
+            self.reap_for_send()?;
+            if !self.free_send.is_empty() {
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
                 return Err(AgentError::SendQueueStuck);
             }
+            // Sleep until the server acknowledges something, rather than
+            // spin a core for as long as it does not.
+            self.ep.wait(left.min(Duration::from_millis(50)))?;
         }
         let slot = self.free_send.pop().unwrap_or(0);
         self.bufs.put(slot * MAX_MSG, &self.scratch)?;
@@ -419,19 +433,16 @@ impl Conn {
         Ok(())
     }
 
-    /// Only used while the send ring is full and before the thread runs.
-    fn reap_sends_only(&mut self) -> Result<(), AgentError> {
+    /// Takes send completions while the send ring is full; keeps the rest
+    /// (an interrupt or a SET_MODE dropped here would stall the guest).
+    fn reap_for_send(&mut self) -> Result<(), AgentError> {
         let mut c = [Completion::EMPTY; 16];
         let n = self.ep.poll(&mut c)?;
         for c in &c[..n] {
-            if c.wr_id & RECV_TAG == 0 {
-                if !c.status.is_ok() {
-                    return Err(AgentError::Completion {
-                        status: c.status,
-                        wr_id: c.wr_id,
-                    });
-                }
+            if c.wr_id & RECV_TAG == 0 && c.status.is_ok() {
                 self.free_send.push(c.wr_id as usize);
+            } else {
+                self.stash.push(*c);
             }
         }
         Ok(())
@@ -641,6 +652,17 @@ impl AgentQueue {
         }
         self.proto.on_timer(now);
         self.act(ctx, epoll);
+        // A send that waited for a slot may have put completions aside:
+        // take them now, not at the next event, which may never come.
+        for _ in 0..8 {
+            if !self.conn.as_ref().is_some_and(|c| !c.stash.is_empty()) {
+                break;
+            }
+            if let Err(e) = self.completions(ctx) {
+                self.proto.on_link_error(e, Instant::now());
+            }
+            self.act(ctx, epoll);
+        }
     }
 
     /// Feeds the link's completions to the protocol: used-index updates,
@@ -651,7 +673,17 @@ impl AgentQueue {
             let Some(conn) = &mut self.conn else {
                 return Ok(());
             };
-            let n = conn.ep.poll(&mut c)?;
+            // What a send put aside first: it arrived before anything polled
+            // now.
+            let n = if conn.stash.is_empty() {
+                conn.ep.poll(&mut c)?
+            } else {
+                let n = conn.stash.len().min(c.len());
+                for (d, s) in c.iter_mut().zip(conn.stash.drain(..n)) {
+                    *d = s;
+                }
+                n
+            };
             for c in &c[..n] {
                 if !c.status.is_ok() {
                     return Err(AgentError::Completion {

@@ -34,7 +34,7 @@ use crate::proto::wire::{
 };
 use crate::sidecore::{QueueFailure, ServedQueue, SidecoreConfig, SidecoreHandle, SidecoreThread};
 use crate::tenancy::{
-    Gate, Keyring, Refusal, RefusalCounts, VolumeSet, WarnLimiter, DEFAULT_VOLUME,
+    peer_host, Gate, Keyring, Refusal, RefusalCounts, VolumeSet, WarnLimiter, DEFAULT_VOLUME,
 };
 use crate::virtio::memory::MemoryError;
 
@@ -64,6 +64,9 @@ pub struct IoServerConfig {
     /// The volumes blk queues attach (the `backend` given to
     /// [`IoServer::start`] joins them as [`DEFAULT_VOLUME`]).
     pub volumes: Arc<VolumeSet>,
+    /// Most queues one VM host (peer address) may have attached at once;
+    /// more attaches are refused.
+    pub max_queues_per_peer: usize,
 }
 
 impl Default for IoServerConfig {
@@ -78,6 +81,7 @@ impl Default for IoServerConfig {
             endpoint: EndpointConfig::default(),
             keys: None,
             volumes: Arc::new(VolumeSet::new()),
+            max_queues_per_peer: 256,
         }
     }
 }
@@ -110,6 +114,8 @@ pub enum ServerError {
 /// A queue a sidecore serves.
 struct Served {
     name: String,
+    /// The VM host it came from (`tenancy::peer_host`).
+    host: String,
     sidecore: usize,
     id: u64,
     alive: Weak<()>,
@@ -129,6 +135,12 @@ impl Sidecores {
         self.queues.retain(|s| s.alive.strong_count() > 0);
     }
 
+    /// Live queues attached from `host`.
+    fn from_host(&mut self, host: &str) -> usize {
+        self.prune();
+        self.queues.iter().filter(|s| s.host == host).count()
+    }
+
     fn load(&mut self) -> Vec<usize> {
         self.prune();
         let mut n = vec![0; self.handles.len()];
@@ -140,7 +152,12 @@ impl Sidecores {
 
     /// Puts a new queue on sidecore `hint` if there is one, else on the
     /// least loaded.
-    fn place(&mut self, q: Admitted, hint: u16) -> Result<(String, usize), ServerError> {
+    fn place(
+        &mut self,
+        q: Admitted,
+        hint: u16,
+        host: &str,
+    ) -> Result<(String, usize), ServerError> {
         let Admitted { queue: q, alive } = q;
         let load = self.load();
         let k = if usize::from(hint) < self.handles.len() {
@@ -157,6 +174,7 @@ impl Sidecores {
             .map_err(|e| ServerError::Sidecore(e.to_string()))?;
         self.queues.push(Served {
             name: name.clone(),
+            host: host.to_string(),
             sidecore: k,
             id,
             alive,
@@ -228,6 +246,7 @@ impl IoServer {
         let (d, s, sc) = (domain.clone(), stop.clone(), sidecores.clone());
         let kinds = Kinds {
             gate: gate.clone(),
+            sidecores: sidecores.clone(),
             warn: Arc::new(WarnLimiter::new(Duration::from_secs(10), 5)),
             net: net.clone(),
             blk_stats: stats.clone(),
@@ -473,7 +492,7 @@ impl Admission {
             // closes its endpoint: the agent sees the server gone.
             Ok(_) if self.stop.load(Relaxed) => {}
             Ok((q, hint)) => match self.sidecores.lock() {
-                Ok(mut scs) => match scs.place(q, hint) {
+                Ok(mut scs) => match scs.place(q, hint, peer_host(&peer)) {
                     Ok((name, k)) => {
                         tracing::info!(queue = %name, %peer, sidecore = k, "queue attached")
                     }
@@ -484,8 +503,7 @@ impl Admission {
             Err(e) => {
                 // Keyed by host, not port: a peer reconnecting must not
                 // get a fresh allowance each time.
-                let host = peer.rsplit_once(':').map_or(peer.as_str(), |(h, _)| h);
-                if let Some(suppressed) = self.kinds.warn.allow(host, Instant::now()) {
+                if let Some(suppressed) = self.kinds.warn.allow(peer_host(&peer), Instant::now()) {
                     tracing::warn!(%peer, error = %e, suppressed, "attach refused");
                 }
             }
@@ -498,6 +516,8 @@ impl Admission {
 #[derive(Clone)]
 struct Kinds {
     gate: Arc<Gate>,
+    /// For per-peer queue counts.
+    sidecores: Arc<Mutex<Sidecores>>,
     warn: Arc<WarnLimiter>,
     net: Arc<NetDevices>,
     blk_stats: Arc<RemoteStats>,
@@ -533,7 +553,14 @@ enum AdmitError {
     Queue(#[from] QueueFailure),
     #[error("{0}")]
     Refused(#[from] Refusal),
+    #[error("{host} has {limit} queues attached already (the per-peer limit)")]
+    TooManyQueues { host: String, limit: usize },
+    #[error("{0} guest regions (at most {MAX_REGIONS})")]
+    TooManyRegions(usize),
 }
+
+/// Guest memory regions an ATTACH may name (QEMU uses a handful).
+const MAX_REGIONS: usize = 64;
 
 /// Receives the ATTACH on a new endpoint, checks it at the gate, and
 /// builds the queue.
@@ -590,6 +617,21 @@ fn admit(
             )
             .map_err(AdmitError::from)
             .and_then(|grant| {
+                if attach.regions.len() > MAX_REGIONS {
+                    return Err(AdmitError::TooManyRegions(attach.regions.len()));
+                }
+                let host = peer_host(&peer);
+                let held = kinds
+                    .sidecores
+                    .lock()
+                    .map(|mut s| s.from_host(host))
+                    .unwrap_or(0);
+                if held >= cfg.max_queues_per_peer {
+                    return Err(AdmitError::TooManyQueues {
+                        host: host.to_string(),
+                        limit: cfg.max_queues_per_peer,
+                    });
+                }
                 Ok(match kinds.net.kind(attach.device_id, said)? {
                     DeviceKind::Blk => Kind::Blk(kinds.gate.claim(&grant, attach.device_id)?),
                     DeviceKind::Net { mac } => Kind::Net(mac),

@@ -214,8 +214,8 @@ impl Capability {
 }
 
 /// The host part of an endpoint's peer description (`local` for Unix
-/// sockets).
-fn peer_host(peer: &str) -> &str {
+/// sockets): what per-peer limits and capabilities' `host` are keyed by.
+pub fn peer_host(peer: &str) -> &str {
     if peer.starts_with("unix:") || peer.starts_with('/') {
         return "local";
     }

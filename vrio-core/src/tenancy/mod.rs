@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 pub use credential::{
-    valid_volume_name, AccessMode, Capability, CredentialError, Keyring, MAX_CREDENTIAL,
+    peer_host, valid_volume_name, AccessMode, Capability, CredentialError, Keyring, MAX_CREDENTIAL,
 };
 pub use volume::{image_path, Claim, VolumeError, VolumeSet};
 pub use warn::WarnLimiter;

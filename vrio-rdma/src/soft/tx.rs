@@ -28,6 +28,9 @@ const MAX_BACKLOG_BYTES: usize = 256 << 20;
 const MAX_BACKLOG_SEGS: usize = 1 << 20;
 /// Segments handed to one `sendmsg`.
 const IOV_BATCH: usize = 64;
+/// Backlog capacity a connection keeps once drained (more is given back).
+const KEEP_BYTES: usize = 64 << 10;
+const KEEP_SEGS: usize = 256;
 static ZEROS: [u8; 65536] = [0; 65536];
 
 #[derive(Debug, Clone, Copy)]
@@ -119,8 +122,8 @@ impl Tx {
     pub(crate) fn new(sock: Arc<OwnedFd>) -> Self {
         Self {
             state: Mutex::new(TxState {
-                bytes: Vec::with_capacity(64 << 10),
-                segs: VecDeque::with_capacity(256),
+                bytes: Vec::with_capacity(KEEP_BYTES),
+                segs: VecDeque::with_capacity(KEEP_SEGS),
                 ..TxState::default()
             }),
             cv: Condvar::new(),
@@ -233,6 +236,14 @@ impl Tx {
         }
         st.bytes.clear();
         st.head_done = 0;
+        // Give back what a burst grew (a slow peer can make it reach
+        // MAX_BACKLOG_BYTES), or every connection keeps its high-water mark.
+        if st.bytes.capacity() > KEEP_BYTES {
+            st.bytes.shrink_to(KEEP_BYTES);
+        }
+        if st.segs.capacity() > KEEP_SEGS {
+            st.segs.shrink_to(KEEP_SEGS);
+        }
         if st.fin_when_drained {
             st.fin_when_drained = false;
             shutdown(&self.sock, libc::SHUT_WR);
@@ -284,4 +295,49 @@ impl Tx {
 pub(crate) fn shutdown(sock: &OwnedFd, how: libc::c_int) {
     // SAFETY: shutdown on an fd we own; failure (already shut) is harmless.
     unsafe { libc::shutdown(sock.as_raw_fd(), how) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn a_drained_backlog_gives_its_burst_back() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let tx = Tx::new(Arc::new(OwnedFd::from(a)));
+        let reg = super::super::region::Registry::new();
+        // A burst far beyond what the socket takes at once.
+        let burst = vec![7u8; 8 << 20];
+        let reader = std::thread::spawn(move || {
+            let mut got = 0usize;
+            let mut buf = vec![0u8; 1 << 16];
+            while got < 8 << 20 {
+                got += b.read(&mut buf).unwrap();
+            }
+            got
+        });
+        {
+            let mut st = tx.lock();
+            for chunk in burst.chunks(4096) {
+                st.push_bytes(chunk);
+            }
+            assert!(st.bytes.capacity() >= 8 << 20);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut st = tx.lock();
+            tx.send_now(&mut st, &reg);
+            if st.segs.is_empty() {
+                assert!(st.bytes.capacity() <= KEEP_BYTES, "{}", st.bytes.capacity());
+                assert!(st.segs.capacity() <= KEEP_SEGS.next_power_of_two());
+                break;
+            }
+            drop(st);
+            assert!(std::time::Instant::now() < deadline, "backlog drained");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(reader.join().unwrap(), 8 << 20);
+    }
 }

@@ -74,6 +74,16 @@ const RECV_TAG: u64 = 1 << 63;
 /// drop to one READ a poll within a few milliseconds.
 const TABLE_POLLS: u16 = 256;
 
+/// Receives posted per queue: one per ring slot, at most [`MAX_RECVS`].
+/// The agent keeps at most 64 messages in flight; a peer that sends more
+/// than the server has posted fails its own queue, and a huge ring no
+/// longer buys a peer megabytes of server memory.
+fn recv_slots(size: u16) -> usize {
+    usize::from(size).min(MAX_RECVS)
+}
+/// See [`recv_slots`].
+pub(crate) const MAX_RECVS: usize = 128;
+
 fn align(x: usize) -> usize {
     x.div_ceil(4096) * 4096
 }
@@ -257,7 +267,7 @@ impl ServerRing {
             data,
         };
         let staging = StagingBuffer::new(data + data_len)?;
-        let recv = StagingBuffer::new(size * MAX_MSG)?;
+        let recv = StagingBuffer::new(recv_slots(layout.size) * MAX_MSG)?;
         Ok(Self {
             lkey_staging: 0,
             lkey_recv: 0,
@@ -327,12 +337,12 @@ impl ServerRing {
         ]
     }
 
-    /// The buffers are registered under these keys: post a receive for
-    /// every ring slot (the agent's doorbells land there).
+    /// The buffers are registered under these keys: post the receives
+    /// the agent's doorbells land in.
     pub fn start(&mut self, lkey_staging: u32, lkey_recv: u32) {
         self.lkey_staging = lkey_staging;
         self.lkey_recv = lkey_recv;
-        for i in 0..usize::from(self.layout.size) {
+        for i in 0..recv_slots(self.layout.size) {
             let wr = self.recv_wr(i);
             self.out_recvs.push(wr);
         }
@@ -480,7 +490,7 @@ impl ServerRing {
     }
 
     pub(crate) fn on_recv(&mut self, i: usize, len: usize) -> Result<(), RemoteQueueError> {
-        if i >= usize::from(self.layout.size) || len > MAX_MSG {
+        if i >= recv_slots(self.layout.size) || len > MAX_MSG {
             return Err(RemoteQueueError::RecvOutOfRange);
         }
         let mut buf = std::mem::take(&mut self.msg);
