@@ -342,6 +342,28 @@ impl Default for EndpointConfig {
     }
 }
 
+/// Limits on the connections a `soft` or `shm` listener is setting up, so
+/// that no peer can block or delay another's accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AcceptLimits {
+    /// The whole handshake must finish within this, counted from the
+    /// connection's accept; a slower peer (even one that keeps sending a
+    /// byte now and then) is cut off.
+    pub handshake_deadline: std::time::Duration,
+    /// The most connections in their handshake, or finished and waiting
+    /// for [`Listener::accept`], at once; more are closed at once.
+    pub max_pending: usize,
+}
+
+impl Default for AcceptLimits {
+    fn default() -> Self {
+        Self {
+            handshake_deadline: std::time::Duration::from_secs(10),
+            max_pending: 64,
+        }
+    }
+}
+
 /// A protection domain: registered regions and the endpoints that may use
 /// them. vrio makes one per guest, so one guest's rkeys never open another
 /// guest's memory.
@@ -399,7 +421,7 @@ pub trait Domain: Send + Sync {
 
 /// The passive side of connections: hands out one endpoint per peer.
 pub trait Listener: Send {
-    /// Blocks until one peer connects.
+    /// Blocks until one peer has connected and completed the handshake.
     fn accept(&mut self) -> Result<Box<dyn Endpoint>, FabricError>;
     /// The bound address (useful with port 0).
     fn local_addr(&self) -> String;

@@ -29,11 +29,13 @@
 
 #![deny(missing_docs)]
 
+mod accept;
 mod access;
 pub mod api;
 pub mod async_endpoint;
 pub mod conformance;
 mod eventfd;
+mod ratelimit;
 pub mod select;
 pub mod shm;
 #[cfg(feature = "sim")]

@@ -289,6 +289,37 @@ fn write_with_imm_places_data_then_completes_the_receive() {
     assert_eq!(r.mem.to_vec(PAGE + 200, 4), b"data");
 }
 
+/// A peer that dies halfway through the payload of a message that consumes
+/// one of our receives: that receive completes, flushed, ahead of the
+/// receives still queued (it is not lost with the connection).
+fn receive_in_progress_is_flushed_when_the_peer_dies(imm: bool) {
+    let mut r = rig();
+    r.post_recv(1);
+    r.post_recv(2);
+    let h = if imm {
+        Header::request(Kind::WriteImm, 64, r.rw.addr(), r.rw.rkey(), 0xAB)
+    } else {
+        Header::request(Kind::Send, 64, 0, 0, 0)
+    };
+    r.raw.write_all(&h.encode()).unwrap();
+    r.raw.write_all(&[0x11; 30]).unwrap();
+    r.raw.shutdown(std::net::Shutdown::Both).unwrap();
+    let c = r.completions(2);
+    let got: Vec<_> = c.iter().map(|c| (c.wr_id, c.status)).collect();
+    assert_eq!(got, [(1, WcStatus::Flushed), (2, WcStatus::Flushed)]);
+    assert!(r.canaries_intact());
+}
+
+#[test]
+fn send_in_progress_is_flushed_when_the_peer_dies() {
+    receive_in_progress_is_flushed_when_the_peer_dies(false);
+}
+
+#[test]
+fn write_with_imm_in_progress_is_flushed_when_the_peer_dies() {
+    receive_in_progress_is_flushed_when_the_peer_dies(true);
+}
+
 #[test]
 fn bad_hello_is_dropped_and_accept_goes_on() {
     let dom = SoftDomain::new();

@@ -32,7 +32,10 @@ use std::time::{Duration, Instant};
 
 pub use endpoint::ShmEndpoint;
 
-use crate::api::{Access, Domain, Endpoint, EndpointConfig, FabricError, Listener, MemoryRegion};
+use crate::accept::Acceptor;
+use crate::api::{
+    AcceptLimits, Access, Domain, Endpoint, EndpointConfig, FabricError, Listener, MemoryRegion,
+};
 use crate::soft::{Registry, SoftRegion};
 use channel::{Channel, Ctrl};
 use peer::Announce;
@@ -246,6 +249,33 @@ impl ShmDomain {
     }
 }
 
+impl ShmDomain {
+    /// [`Domain::listen`] with limits other than the default on the
+    /// connections being set up.
+    pub fn listen_with(
+        &self,
+        addr: &str,
+        cfg: EndpointConfig,
+        limits: AcceptLimits,
+    ) -> Result<ShmListener, FabricError> {
+        let (sock, path) = socket::listen(addr)?;
+        let domain = Arc::clone(&self.shared);
+        let acceptor = Acceptor::spawn(
+            "shm fabric",
+            sock,
+            limits,
+            Arc::new(move |sock| ShmEndpoint::start(sock, Arc::clone(&domain), cfg)),
+        );
+        match acceptor {
+            Ok(acceptor) => Ok(ShmListener { acceptor, path }),
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                Err(e)
+            }
+        }
+    }
+}
+
 impl Default for ShmDomain {
     fn default() -> Self {
         Self::new()
@@ -316,13 +346,11 @@ impl Domain for ShmDomain {
     }
 
     fn listen(&self, addr: &str, cfg: EndpointConfig) -> Result<Box<dyn Listener>, FabricError> {
-        let (sock, path) = socket::listen(addr)?;
-        Ok(Box::new(ShmListener {
-            sock,
-            path,
-            domain: Arc::clone(&self.shared),
+        Ok(Box::new(self.listen_with(
+            addr,
             cfg,
-        }))
+            AcceptLimits::default(),
+        )?))
     }
 
     fn connect(&self, addr: &str, cfg: EndpointConfig) -> Result<Box<dyn Endpoint>, FabricError> {
@@ -367,25 +395,18 @@ impl Drop for ShmRegion {
     }
 }
 
-/// A shm listener: a bound Unix seqpacket socket. Its socket file is
-/// removed when it is dropped.
+/// A shm listener: a bound Unix seqpacket socket. Handshakes run
+/// concurrently on threads of the listener's own, each within a deadline
+/// ([`AcceptLimits`]); peers that fail them are logged and dropped.
+/// Dropping the listener stops those threads and removes its socket file.
 pub struct ShmListener {
-    sock: OwnedFd,
+    acceptor: Acceptor<ShmEndpoint>,
     path: PathBuf,
-    domain: Arc<DomainShared>,
-    cfg: EndpointConfig,
 }
 
 impl Listener for ShmListener {
     fn accept(&mut self) -> Result<Box<dyn Endpoint>, FabricError> {
-        loop {
-            let sock = socket::accept(&self.sock)?;
-            match ShmEndpoint::start(sock, Arc::clone(&self.domain), self.cfg) {
-                Ok(ep) => return Ok(Box::new(ep)),
-                // A peer that fails the handshake is dropped, as soft does.
-                Err(e) => tracing::info!("shm fabric: refused a connection: {e}"),
-            }
-        }
+        Ok(Box::new(self.acceptor.accept()?))
     }
 
     fn local_addr(&self) -> String {

@@ -167,18 +167,6 @@ pub(crate) fn connect(addr: &str) -> Result<OwnedFd, FabricError> {
     connect_path(&path).map_err(|e| connect_err(addr, e))
 }
 
-/// Accepts one connection (blocks).
-pub(crate) fn accept(listener: &OwnedFd) -> Result<OwnedFd, FabricError> {
-    loop {
-        match socket::accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
-            // SAFETY: accept4 returned a fresh descriptor nobody else owns.
-            Ok(fd) => return Ok(unsafe { OwnedFd::from_raw_fd(fd) }),
-            Err(nix::errno::Errno::EINTR) | Err(nix::errno::Errno::ECONNABORTED) => continue,
-            Err(e) => return Err(FabricError::Io(e.into())),
-        }
-    }
-}
-
 /// The pid of the process at the other end (from the kernel, not from
 /// anything the peer says).
 pub(crate) fn peer_pid(sock: &OwnedFd) -> Result<i32, FabricError> {

@@ -458,6 +458,15 @@ struct Payload {
     recv: Option<RecvRequest>,
 }
 
+/// Completes the posted receive a half-received SEND or WRITE_WITH_IMM
+/// holds (no longer in `rq`, so `enter_error` cannot flush it) as flushed,
+/// and drops the rest of that payload.
+fn flush_cur(cur: &mut Option<Payload>, st: &mut State) {
+    if let Some(r) = cur.take().and_then(|p| p.recv) {
+        st.complete_recv(r, WcStatus::Flushed, WcOpcode::Recv, 0, None);
+    }
+}
+
 struct Rx {
     shared: Arc<Shared>,
     tx: Arc<Tx>,
@@ -479,6 +488,9 @@ impl Rx {
                     tracing::warn!("soft fabric: peer broke the protocol: {why}");
                 }
                 let mut st = self.shared.lock();
+                // The receive in progress is older than those still queued,
+                // so it flushes first.
+                flush_cur(&mut self.cur, &mut st);
                 // A dead peer: the head request times out, the rest flush.
                 st.enter_error(Some(WcStatus::RetryExceeded));
                 self.shared.wake(&mut st);
@@ -487,6 +499,14 @@ impl Rx {
                 self.tx.close();
             }
             Stop::Fault => {
+                {
+                    // The error state flushed the queued receives already;
+                    // this thread no longer writes into the one in
+                    // progress, so it can go back to the owner too.
+                    let mut st = self.shared.lock();
+                    flush_cur(&mut self.cur, &mut st);
+                    self.shared.wake(&mut st);
+                }
                 self.tx.finish(&self.reg);
                 // Read and drop until the peer closes too, so it sees our
                 // error response before any reset.

@@ -16,7 +16,9 @@ pub use region::SoftRegion;
 // The verbs back-end implements `MemoryRegion` for its regions with it too.
 pub(crate) use region::impl_memory_region;
 
-use crate::api::{Access, Domain, Endpoint, EndpointConfig, FabricError, Listener, MemoryRegion};
+use crate::api::{
+    AcceptLimits, Access, Domain, Endpoint, EndpointConfig, FabricError, Listener, MemoryRegion,
+};
 use cpu::FabricCpu;
 pub(crate) use region::Registry;
 use socket::SoftSocketListener;
@@ -46,6 +48,24 @@ impl SoftDomain {
     }
 }
 
+impl SoftDomain {
+    /// [`Domain::listen`] with limits other than the default on the
+    /// connections being set up.
+    pub fn listen_with(
+        &self,
+        addr: &str,
+        cfg: EndpointConfig,
+        limits: AcceptLimits,
+    ) -> Result<SoftListener, FabricError> {
+        Ok(SoftListener {
+            sock: SoftSocketListener::bind(addr, limits)?,
+            reg: Arc::clone(&self.reg),
+            cpu: Arc::clone(&self.cpu),
+            cfg,
+        })
+    }
+}
+
 impl Default for SoftDomain {
     fn default() -> Self {
         Self::new()
@@ -69,12 +89,11 @@ impl Domain for SoftDomain {
     }
 
     fn listen(&self, addr: &str, cfg: EndpointConfig) -> Result<Box<dyn Listener>, FabricError> {
-        Ok(Box::new(SoftListener {
-            sock: SoftSocketListener::bind(addr)?,
-            reg: Arc::clone(&self.reg),
-            cpu: Arc::clone(&self.cpu),
+        Ok(Box::new(self.listen_with(
+            addr,
             cfg,
-        }))
+            AcceptLimits::default(),
+        )?))
     }
 
     fn connect(&self, addr: &str, cfg: EndpointConfig) -> Result<Box<dyn Endpoint>, FabricError> {
@@ -90,8 +109,10 @@ impl Domain for SoftDomain {
 }
 
 /// A soft listener: a bound TCP or Unix socket. `accept` hands out
-/// endpoints that reach its domain's regions; peers that fail the handshake
-/// are dropped.
+/// endpoints that reach its domain's regions. Handshakes run concurrently
+/// on threads of the listener's own, each within a deadline
+/// ([`AcceptLimits`]); peers that fail them are logged and dropped.
+/// Dropping the listener stops those threads.
 pub struct SoftListener {
     sock: SoftSocketListener,
     reg: Arc<Registry>,
