@@ -299,6 +299,10 @@ pub struct HostQueue {
     /// The next avail position not yet announced to the server.
     last_pushed: Wrapping<u16>,
     polled_by_server: bool,
+    /// `push` stopped after its last round with the guest still
+    /// publishing: entries may be unannounced while the guest, having read
+    /// an old avail_event, will not kick again. Push again unprompted.
+    repush: bool,
     target: QueueTarget,
     link: Link,
     moves: u64,
@@ -334,6 +338,7 @@ impl HostQueue {
             cfg,
             last_pushed: Wrapping(start),
             polled_by_server: cfg.mode == NotifyMode::RemotePoll,
+            repush: false,
             target,
             link: Link::Serving,
             moves: 0,
@@ -675,6 +680,12 @@ impl HostQueue {
         }
     }
 
+    /// Whether the runtime must call [`HostQueue::on_kick`] without a
+    /// kick (and soon): a push gave up with the guest still publishing.
+    pub fn needs_push(&self) -> bool {
+        self.repush && !self.polled_by_server && matches!(self.link, Link::Serving)
+    }
+
     /// Time passed: a quiesce without an answer means the old server is
     /// lost.
     pub fn on_timer(&mut self, now: Instant) {
@@ -700,6 +711,7 @@ impl HostQueue {
     /// kicks and re-checks, so no entry is left behind.
     fn push<M: GuestMemory + ?Sized>(&mut self, mem: &M) -> Result<(), MemoryError> {
         let size = self.layout.size;
+        self.repush = false;
         for _ in 0..64 {
             let avail = Wrapping(mem.load_u16(self.layout.avail_idx())?);
             if (avail - self.last_pushed).0 > size {
@@ -741,6 +753,9 @@ impl HostQueue {
                 return Ok(());
             }
         }
+        // Still moving: the guest may have read the old avail_event and
+        // will not kick for what it published since. Come back unprompted.
+        self.repush = true;
         Ok(())
     }
 

@@ -637,7 +637,7 @@ impl AgentQueue {
             if let Err(e) = self.completions(ctx) {
                 self.proto.on_link_error(e, now);
             }
-            if self.kick.read().is_ok() {
+            if self.kick.read().is_ok() || self.proto.needs_push() {
                 self.proto.on_kick(&*ctx.mem, now);
             }
             if let Some(c) = &mut self.conn {
@@ -734,7 +734,15 @@ fn run(
     let mut published = Instant::now();
     loop {
         let moving = queues.iter().any(|q| q.proto.is_moving());
-        let n = match epoll.wait(if moving { 20 } else { 1000 }, &mut events) {
+        let repush = queues.iter().any(|q| q.proto.needs_push());
+        let timeout = if repush {
+            0
+        } else if moving {
+            20
+        } else {
+            1000
+        };
+        let n = match epoll.wait(timeout, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {

@@ -507,6 +507,14 @@ impl ServerRing {
                 self.stats.doorbells.fetch_add(1, Relaxed);
                 let idx = Wrapping(d.avail_idx);
                 if (idx - self.next_avail).0 > self.layout.size {
+                    // Behind us rather than too far ahead: a doorbell the
+                    // agent built before it took in SET_MODE(poll), overtaken
+                    // by a remote poll that already took its entries (and
+                    // more). It carries nothing new; it is not a broken ring.
+                    if (self.next_avail - idx).0 <= self.layout.size {
+                        tracing::debug!(queue = %self.name, idx = idx.0, next = self.next_avail.0, "stale doorbell ignored");
+                        return Ok(());
+                    }
                     return Err(self.avail_jump(idx).into());
                 }
                 if (idx - self.next_avail).0 > (self.known_avail - self.next_avail).0 {

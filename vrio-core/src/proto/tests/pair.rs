@@ -176,6 +176,10 @@ struct Pair {
     refused: u64,
     moves: u64,
     kills: u64,
+    /// Why the server failed the queue, each time it did: a run without
+    /// churn or hostile requests must have none (`run` re-places an
+    /// orphaned queue, which would hide a server failing for no reason).
+    server_errors: Vec<String>,
 }
 
 impl Pair {
@@ -225,6 +229,7 @@ impl Pair {
             refused: 0,
             moves: 0,
             kills: 0,
+            server_errors: Vec::new(),
         };
         p.link = Some(p.open_link(0));
         p
@@ -357,7 +362,8 @@ impl Pair {
             Ok(_) => {}
             // Handed back: the queue retires once its answer is out.
             Err(RemoteQueueError::HandedBack { .. }) => link.server = None,
-            Err(_) => {
+            Err(e) => {
+                self.server_errors.push(e.to_string());
                 link.server = None;
                 let _ = self.net.disconnect(link.sep.id());
             }
@@ -565,6 +571,13 @@ impl Pair {
             self.step(false, false, false);
         }
         self.reap();
+        if !churn && !hostile {
+            assert!(
+                self.server_errors.is_empty(),
+                "the server failed the queue: {:?}",
+                self.server_errors
+            );
+        }
         assert_eq!(
             self.net.stats().faults,
             0,
@@ -694,6 +707,8 @@ fn a_server_that_times_out_is_replaced_and_its_requests_re_served() {
         LinkState::Orphaned,
         "the server gave up"
     );
+    assert_eq!(p.server_errors, ["fabric operation timed out"]);
+    p.server_errors.clear();
     p.run(0, false, false);
     assert_eq!(p.completed, 5);
     assert_eq!(p.hq.status().failovers, 1);
@@ -718,4 +733,73 @@ proptest! {
         let mut p = Pair::new(seed, NotifyMode::RemotePoll, small_queue());
         p.run(2000, true, false);
     }
+}
+
+/// Adds one 4-byte echo request (not yet published); see [`Pair::post`].
+fn add_request(p: &mut Pair) {
+    let placeholder = Segment { addr: BUF, len: 4 };
+    let head = p
+        .driver
+        .add(&p.mem, &[placeholder], &[placeholder], false)
+        .unwrap();
+    let r = BUF + 16 * u64::from(head);
+    p.rewrite_chain(head, r, r + 8);
+    p.mem.write(r, &p.next_tag.to_le_bytes()).unwrap();
+    p.mem.write(r + 8, &[0xff; 4]).unwrap();
+    p.inflight[usize::from(head)] = Some((p.next_tag, false));
+    p.next_tag += 1;
+    p.posted += 1;
+}
+
+/// The flake of `remote_net::adaptive_and_remote_poll_modes_exchange_exactly_once`:
+/// the agent builds a doorbell (a kick) before it has taken in the
+/// server's SET_MODE(poll); the guest publishes more; the server's remote
+/// polls take everything; the doorbell lands behind next_avail. It must be
+/// ignored, not fail the queue (which orphans it for good).
+#[test]
+fn a_doorbell_overtaken_by_remote_polls_is_ignored() {
+    let cfg = RemoteQueueConfig {
+        busy_batch: 1,
+        busy_polls: 1,
+        ..small_queue()
+    };
+    let mut p = Pair::new(9, NotifyMode::Adaptive, cfg);
+    let mut rng = SmallRng::seed_from_u64(9);
+    // One busy batch: the server switches to remote polling.
+    p.post(2, false);
+    p.net.run(&mut rng, 10_000);
+    p.serve();
+    let polling = |p: &Pair| {
+        p.link
+            .as_ref()
+            .and_then(|l| l.server.as_ref())
+            .is_some_and(|s| s.ring.polling_remote)
+    };
+    assert!(polling(&p));
+    // SET_MODE(poll) is on the wire, not taken in. The guest posts two and
+    // kicks: the agent builds a doorbell up to 4, still unsent (in push).
+    add_request(&mut p);
+    add_request(&mut p);
+    p.driver.publish(&p.mem).unwrap();
+    p.hq.on_kick(&p.mem, p.now);
+    // The guest publishes two more meanwhile.
+    add_request(&mut p);
+    add_request(&mut p);
+    p.driver.publish(&p.mem).unwrap();
+    // Remote polls find all six and serve them: next_avail is 6.
+    for _ in 0..8 {
+        p.serve();
+        p.net.run(&mut rng, 10_000);
+    }
+    // Only now does the doorbell (avail_idx 4) go out.
+    p.act();
+    p.net.run(&mut rng, 10_000);
+    p.serve();
+    assert!(
+        polling(&p),
+        "the server dropped the queue on a stale doorbell"
+    );
+    p.run(0, false, false);
+    assert_eq!(p.hq.status().failovers, 0);
+    assert_eq!(p.hq.status().state, LinkState::Serving);
 }
