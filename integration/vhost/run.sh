@@ -263,15 +263,23 @@ qemu-img create -f raw "$DISK" "${DISKMB}M" > /dev/null
 CLIENT_ARGS=(vhost-user-blk --socket "$SOCK" --local-file "$DISK" --queues "$NQ" $ONCE)
 start_client || exit 1
 else
+# Credentials on, as in production: a data-plane key for the server, and a
+# credential minted with it for device 0 (vrio-client's --device-id) on the
+# default volume (the backing file).
+BIN=$(dirname "$SERVER")
+"$BIN/vrio-ctl" key generate --out "$WORK/data.key" > /dev/null || { echo "RESULT: FAIL"; exit 1; }
+"$BIN/vrio-ctl" credential mint --key-file "$WORK/data.key" --device-id 0 --volume default --mode rw \
+  > "$WORK/device0.cred" || { echo "RESULT: FAIL"; exit 1; }
 "$SERVER" --fabric "$FABRIC" --listen "$(listen_addr io)" --disk file --file "$DISK" --size-mib "$DISKMB" \
-  --sidecores 1 --stats-every 0 > "$WORK/server.log" 2>&1 &
+  --key-file "$WORK/data.key" --sidecores 1 --stats-every 0 > "$WORK/server.log" 2>&1 &
 SPID=$!
 for _ in $(seq 100); do grep -q "listening on" "$WORK/server.log" && break; sleep 0.1; done
 ADDR=$(sed -n 's/.*listening on \([^ ]*\).*/\1/p' "$WORK/server.log" | head -n1)
 [ -n "$ADDR" ] || { echo "vrio-server did not start:"; cat "$WORK/server.log"; echo "RESULT: FAIL"; exit 1; }
 echo "host: vrio-server on $ADDR (backing file $DISK, ${DISKMB} MiB)"
 
-CLIENT_ARGS=(vhost-user-blk --fabric "$FABRIC" --socket "$SOCK" --server "$ADDR" --queues "$NQ" $ONCE)
+CLIENT_ARGS=(vhost-user-blk --fabric "$FABRIC" --socket "$SOCK" --server "$ADDR" --queues "$NQ"
+  --credential "@$WORK/device0.cred" $ONCE)
 start_client || exit 1
 fi
 

@@ -537,6 +537,11 @@ pub fn run_remote(
 
 /// [`run_remote`] with the whole I/O server configuration (except its
 /// `listen` address, which [`listen_addr_for`] picks for `fabric`).
+///
+/// Credentials are on, as in production: unless `server_cfg` has keys of
+/// its own, the server gets a fresh keyring, and each guest attaches with a
+/// credential for the default volume (shared: the guests' block ranges are
+/// disjoint).
 pub fn run_remote_with(
     mode: vrio_core::remote::NotifyMode,
     fabric: vrio_rdma::Backend,
@@ -549,8 +554,15 @@ pub fn run_remote_with(
     use vrio_core::remote::{IoServer, IoServerConfig};
     let sidecores = server_cfg.sidecores;
     let server_domain = open_domain(fabric, None)?;
+    let keys = match &server_cfg.keys {
+        Some(k) => k.clone(),
+        None => Arc::new(
+            vrio_core::tenancy::Keyring::ephemeral().map_err(|e| RunError::Model(e.to_string()))?,
+        ),
+    };
     let server_cfg = IoServerConfig {
         listen: listen_addr_for(fabric),
+        keys: Some(keys.clone()),
         ..server_cfg
     };
     let server = IoServer::start(Arc::clone(&server_domain), backend, server_cfg)
@@ -563,7 +575,20 @@ pub fn run_remote_with(
         inline_max: rc.inline_max,
         ..Default::default()
     };
-    let mut agents = attach_in_domains(&guests, &placed, &host_domains, agent, &[])?;
+    let credentials = placed
+        .iter()
+        .map(|(device, _)| {
+            keys.mint(
+                *device,
+                vrio_core::tenancy::DEFAULT_VOLUME,
+                vrio_core::tenancy::AccessMode::Shared,
+                "",
+                std::time::Duration::from_secs(3600),
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| RunError::Model(e.to_string()))?;
+    let mut agents = attach_in_domains(&guests, &placed, &host_domains, agent, &credentials)?;
     let stop = Arc::new(AtomicBool::new(false));
     let fabric_clock = FabricCpuClock::start(&server_domain, &host_domains);
     let clock = RunClock::start();
