@@ -190,7 +190,7 @@ pub fn attach_net_remote(
     mode: vrio_core::remote::NotifyMode,
     fabric: vrio_rdma::Backend,
 ) -> Result<vrio_core::remote::AttachedDevice, RunError> {
-    attach_net_in(open_domain(fabric, None)?, guest, device_id, server, mode)
+    attach_net_in(open_domain(fabric, None)?, guest, device_id, server, mode, None)
 }
 
 /// [`attach_net_remote`] with the agent in `domain`.
@@ -200,6 +200,7 @@ fn attach_net_in(
     device_id: u64,
     server: &str,
     mode: vrio_core::remote::NotifyMode,
+    credential: Option<String>,
 ) -> Result<vrio_core::remote::AttachedDevice, RunError> {
     use vrio_core::remote::{attach, AgentConfig, DeviceAttach};
     let mut queues = Vec::new();
@@ -213,7 +214,7 @@ fn attach_net_in(
             device_id,
             mem: guest.memory().clone(),
             queues,
-            credential: None,
+            credential,
         },
         AgentConfig {
             mode,
@@ -239,6 +240,7 @@ pub struct RemoteNetFigures {
 /// Runs `rc` against remote sidecores: an in-process I/O server whose
 /// switch connects the guests (guest `i` is device `i`, port MAC
 /// `MacAddr::local(i)`), one agent per guest, over `fabric` on this host.
+/// Credentials are on: a fresh key, one credential per guest.
 pub fn run_net_remote(
     mode: vrio_core::remote::NotifyMode,
     sidecores: usize,
@@ -250,6 +252,9 @@ pub fn run_net_remote(
     use vrio_core::remote::{IoServer, IoServerConfig, NetServerConfig};
     let cfgs = guest_configs(rc);
     let server_domain = open_domain(fabric, None)?;
+    let keys = Arc::new(
+        vrio_core::tenancy::Keyring::ephemeral().map_err(|e| RunError::Model(e.to_string()))?,
+    );
     let server = IoServer::start(
         Arc::clone(&server_domain),
         Arc::new(vrio_core::blk::MemoryBackend::new(1 << 20)),
@@ -261,6 +266,7 @@ pub fn run_net_remote(
                 mergeable: rc.mergeable,
                 devices: cfgs.iter().map(|c| (u64::from(c.id), c.mac)).collect(),
             },
+            keys: Some(keys.clone()),
             ..IoServerConfig::default()
         },
     )
@@ -271,12 +277,23 @@ pub fn run_net_remote(
     for (c, domain) in cfgs.into_iter().zip(&host_domains) {
         let g = NetGuest::new(c)?;
         let id = u64::from(c.id);
+        // Net devices name no volume; the credential still binds the device.
+        let credential = keys
+            .mint(
+                id,
+                "net",
+                vrio_core::tenancy::AccessMode::ReadOnly,
+                "",
+                std::time::Duration::from_secs(3600),
+            )
+            .map_err(|e| RunError::Model(e.to_string()))?;
         agents.push(attach_net_in(
             Arc::clone(domain),
             &g,
             id,
             server.addr(),
             mode,
+            Some(credential),
         )?);
         guests.push(g);
     }
