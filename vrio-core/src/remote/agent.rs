@@ -655,7 +655,7 @@ impl AgentQueue {
         // A send that waited for a slot may have put completions aside:
         // take them now, not at the next event, which may never come.
         for _ in 0..8 {
-            if !self.conn.as_ref().is_some_and(|c| !c.stash.is_empty()) {
+            if self.conn.as_ref().is_none_or(|c| c.stash.is_empty()) {
                 break;
             }
             if let Err(e) = self.completions(ctx) {

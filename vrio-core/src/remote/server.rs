@@ -136,7 +136,7 @@ impl Sidecores {
     }
 
     /// Live queues attached from `host`.
-    fn from_host(&mut self, host: &str) -> usize {
+    fn held_by(&mut self, host: &str) -> usize {
         self.prune();
         self.queues.iter().filter(|s| s.host == host).count()
     }
@@ -624,7 +624,7 @@ fn admit(
                 let held = kinds
                     .sidecores
                     .lock()
-                    .map(|mut s| s.from_host(host))
+                    .map(|mut s| s.held_by(host))
                     .unwrap_or(0);
                 if held >= cfg.max_queues_per_peer {
                     return Err(AdmitError::TooManyQueues {
