@@ -7,7 +7,7 @@ use crate::client::ConnectError;
 use crate::store::StoreError;
 
 /// Why a controller request failed. Each variant maps to the gRPC status
-/// code of the same name (`Store` to `INTERNAL`).
+/// code of the same name (`Store` and `Credential` to `INTERNAL`).
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     /// An unknown server, device or queue.
@@ -29,6 +29,10 @@ pub enum ControlError {
     /// Saving or loading the state failed; the change was not applied.
     #[error("state store: {0}")]
     Store(#[from] StoreError),
+    /// A credential could not be signed (the request's checks let through
+    /// a field the signer refuses); nothing was applied.
+    #[error("credential: {0}")]
+    Credential(#[from] vrio_core::tenancy::CredentialError),
 }
 
 impl From<ControlError> for tonic::Status {
@@ -40,7 +44,9 @@ impl From<ControlError> for tonic::Status {
             ControlError::InvalidArgument(m) => tonic::Status::invalid_argument(m),
             ControlError::FailedPrecondition(m) => tonic::Status::failed_precondition(m),
             ControlError::ResourceExhausted(m) => tonic::Status::resource_exhausted(m),
-            e @ ControlError::Store(_) => tonic::Status::internal(e.to_string()),
+            e @ (ControlError::Store(_) | ControlError::Credential(_)) => {
+                tonic::Status::internal(e.to_string())
+            }
         }
     }
 }

@@ -1,14 +1,20 @@
 //! The I/O-server side of the control plane: register, keep the lease with
-//! load reports (registering again if it was lost), and move queues between
-//! this server's sidecores as the controller decides. Moves between servers
-//! are the VM host's to make ([`crate::vm_host`]).
+//! load reports (registering again if it was lost), move queues between
+//! this server's sidecores as the controller decides, and optionally create
+//! the images of the controller's volumes ([`JoinOptions::volume_dir`]).
+//! Moves between servers are the VM host's to make ([`crate::vm_host`]).
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::io;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::watch;
 use tonic::Code;
 use vrio_core::remote::{device_key, queue_name, IoServer, ServerError};
+use vrio_core::tenancy::{image_path, valid_volume_name};
 
 use crate::background::Background;
 use crate::client::{Client, ControlOpts};
@@ -21,11 +27,28 @@ use crate::pb;
 /// errors are logged and retried, so a controller restart or a network blip
 /// does not end the loop.
 pub async fn keep_registered(
+    client: Client,
+    reg: pb::RegisterServerRequest,
+    load: impl FnMut() -> Vec<pb::SidecoreLoad> + Send,
+    shutdown: impl Future<Output = ()> + Send,
+) {
+    lease_loop(client, reg, load, shutdown, None).await
+}
+
+/// [`keep_registered`], telling `renewed` after each registration and
+/// each renewal that succeeded.
+async fn lease_loop(
     mut client: Client,
     reg: pb::RegisterServerRequest,
     mut load: impl FnMut() -> Vec<pb::SidecoreLoad> + Send,
     shutdown: impl Future<Output = ()> + Send,
+    renewed: Option<watch::Sender<()>>,
 ) {
+    let renewed = || {
+        if let Some(r) = &renewed {
+            r.send_replace(());
+        }
+    };
     tokio::pin!(shutdown);
     let retry = Duration::from_millis(200);
     let mut registered = false;
@@ -38,6 +61,7 @@ pub async fn keep_registered(
                         registered = true;
                         period = Duration::from_millis((r.into_inner().lease_ttl_ms / 3).max(1));
                         tracing::info!(server = %reg.id, "registered with controller");
+                        renewed();
                     }
                     // Our previous incarnation's lease is still live: wait it out.
                     Err(s) if s.code() == Code::AlreadyExists => period = retry,
@@ -52,7 +76,7 @@ pub async fn keep_registered(
                     load: load(),
                 };
                 match client.report_load(req).await {
-                    Ok(_) => {}
+                    Ok(_) => renewed(),
                     Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::NotFound) => {
                         tracing::warn!(server = %reg.id, error = %s, "lease lost, registering again");
                         registered = false;
@@ -101,6 +125,19 @@ impl LoadSampler {
     }
 }
 
+/// What [`join_as_server_with`] does besides what [`join_as_server`] does.
+#[derive(Clone, Debug, Default)]
+pub struct JoinOptions {
+    /// The server's volume directory (`vrio-server --volume-dir`): at
+    /// registration and after each lease renewal, every volume the
+    /// controller records that has no image `<dir>/<name>.img` yet gets a
+    /// sparse one of the volume's size. Images that exist are left as they
+    /// are (a size that differs from the controller's is logged), and none
+    /// is removed when the controller forgets a volume. None: no images
+    /// are created.
+    pub volume_dir: Option<PathBuf>,
+}
+
 /// Registers `server` as `id` with room for `capacity` queues, renews its
 /// lease with load reports, and moves its queues between its sidecores as
 /// the controller decides, on a background thread until stopped. An
@@ -111,6 +148,18 @@ pub fn join_as_server(
     id: String,
     capacity: u32,
     server: Arc<IoServer>,
+) -> Result<Background, GlueError> {
+    join_as_server_with(ctl, id, capacity, server, JoinOptions::default())
+}
+
+/// [`join_as_server`], and with [`JoinOptions::volume_dir`] also creating
+/// the images of the controller's volumes there.
+pub fn join_as_server_with(
+    ctl: ControlOpts,
+    id: String,
+    capacity: u32,
+    server: Arc<IoServer>,
+    opts: JoinOptions,
 ) -> Result<Background, GlueError> {
     let reg = pb::RegisterServerRequest {
         id: id.clone(),
@@ -133,19 +182,126 @@ pub fn join_as_server(
             last: Vec::new(),
             at: Instant::now(),
         };
-        let lease = keep_registered(
+        let (renewed, renewals) = watch::channel(());
+        let provisioner = client.clone();
+        let provision = async move {
+            match opts.volume_dir {
+                Some(dir) => provision_volumes(provisioner, dir, renewals).await,
+                None => std::future::pending().await,
+            }
+        };
+        let lease = lease_loop(
             client.clone(),
             reg,
             move || sampler.sample(),
             std::future::pending(),
+            Some(renewed),
         );
         let follow = follow_assignments(client, id, server);
         tokio::select! {
             _ = stop => {}
             _ = lease => {}
             _ = follow => {}
+            _ = provision => {}
         }
     })?)
+}
+
+/// What [`create_missing_images`] did with one volume.
+#[derive(Debug)]
+pub enum ImageOutcome {
+    /// A sparse image was created.
+    Created,
+    /// An image was there already, of this many bytes.
+    Present(u64),
+    /// The name is not a valid volume name: no path was built from it.
+    BadName,
+    /// Checking or creating the image failed.
+    Failed(io::Error),
+}
+
+/// Creates a sparse image `<dir>/<name>.img` of `size_bytes` for each
+/// (name, size_bytes) in `volumes` that has none; returns what happened to
+/// each, in order. Blocking file I/O.
+pub fn create_missing_images(dir: &Path, volumes: &[(String, u64)]) -> Vec<ImageOutcome> {
+    volumes
+        .iter()
+        .map(|(name, size)| {
+            if !valid_volume_name(name) {
+                return ImageOutcome::BadName;
+            }
+            let path = image_path(dir, name);
+            match std::fs::metadata(&path) {
+                Ok(m) => return ImageOutcome::Present(m.len()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return ImageOutcome::Failed(e),
+            }
+            match vrio_core::blk::FileBackend::create(&path, *size) {
+                Ok(_) => ImageOutcome::Created,
+                Err(e) => ImageOutcome::Failed(e),
+            }
+        })
+        .collect()
+}
+
+/// After each lease renewal, creates in `dir` the images of controller
+/// volumes it lacks. Each problem is logged once until it changes.
+async fn provision_volumes(mut client: Client, dir: PathBuf, mut renewals: watch::Receiver<()>) {
+    // What was last said about each volume, and about listing them.
+    let mut said: HashMap<String, String> = HashMap::new();
+    let mut list_failed = false;
+    while renewals.changed().await.is_ok() {
+        let volumes = match client.list_volumes(pb::ListVolumesRequest {}).await {
+            Ok(r) => {
+                list_failed = false;
+                r.into_inner().volumes
+            }
+            Err(s) => {
+                if !list_failed {
+                    tracing::warn!(error = %s, "cannot list the controller's volumes");
+                }
+                list_failed = true;
+                continue;
+            }
+        };
+        let wanted: Vec<(String, u64)> = volumes
+            .into_iter()
+            .map(|v| (v.name, v.size_bytes))
+            .collect();
+        let d = dir.clone();
+        let w = wanted.clone();
+        let outcomes =
+            match tokio::task::spawn_blocking(move || create_missing_images(&d, &w)).await {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::error!(error = %e, "volume provisioning task failed");
+                    continue;
+                }
+            };
+        said.retain(|name, _| wanted.iter().any(|(n, _)| n == name));
+        for ((name, size), outcome) in wanted.iter().zip(outcomes) {
+            let text = match &outcome {
+                ImageOutcome::Created => {
+                    tracing::info!(volume = %name, bytes = size, dir = %dir.display(), "created volume image");
+                    said.remove(name);
+                    continue;
+                }
+                ImageOutcome::Present(len) if len == size => {
+                    said.remove(name);
+                    continue;
+                }
+                ImageOutcome::Present(len) => {
+                    format!("image is {len} bytes, the controller records {size}; left as it is")
+                }
+                ImageOutcome::BadName => "invalid volume name; no image created".to_string(),
+                ImageOutcome::Failed(e) => format!("cannot create its image: {e}"),
+            };
+            if said.get(name) != Some(&text) {
+                tracing::warn!(volume = %name, dir = %dir.display(), "{text}");
+                said.insert(name.clone(), text);
+            }
+        }
+    }
 }
 
 /// Applies every assignment of this server to its sidecores, watching again

@@ -1,7 +1,8 @@
 //! vrio control plane.
 //!
 //! The controller decides which sidecore on which I/O server serves each guest
-//! queue. [`state::Controller`] holds the logic (pure, synchronous, clock passed
+//! queue, and which device may attach which volume (signing the attach
+//! credentials the I/O servers check). [`state::Controller`] holds the logic (pure, synchronous, clock passed
 //! in); [`placement`] decides; [`store`] makes it survive restarts; [`service`]
 //! exposes it over gRPC with bearer-token auth ([`auth`]).
 //!
@@ -63,6 +64,6 @@ pub use background::Background;
 pub use client::ControlOpts;
 pub use embedded::embedded_controller;
 pub use error::{ControlError, GlueError};
-pub use io_server::join_as_server;
-pub use state::{Controller, ControllerConfig};
+pub use io_server::{join_as_server, join_as_server_with, JoinOptions};
+pub use state::{Attached, Controller, ControllerConfig, CredentialConfig};
 pub use vm_host::{follow_placement, place_devices, AttachedSet, Followed, Placed, QueueMoved};

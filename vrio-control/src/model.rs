@@ -3,6 +3,7 @@
 
 use crate::pb;
 use serde::{Deserialize, Serialize};
+use vrio_core::tenancy::AccessMode;
 
 /// Load of one sidecore over the server's last report.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -67,6 +68,79 @@ pub struct Device {
     pub agent_address: String,
     /// Keep every queue of this device on this server.
     pub pinned_server: Option<String>,
+}
+
+/// A named volume: a raw image of `size_bytes` on each I/O server that
+/// serves it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    /// 1 to 64 of `[A-Za-z0-9._-]`, not starting with a dot
+    /// (`vrio_core::tenancy::valid_volume_name`).
+    pub name: String,
+    /// Size in bytes, a positive multiple of 512.
+    pub size_bytes: u64,
+}
+
+/// Permission for one device to attach one volume, in one mode.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeGrant {
+    /// The volume's name.
+    pub volume: String,
+    /// The device's id at the controller.
+    pub device: String,
+    /// How the device may use the volume (`rw`, `ro` or `shared` in
+    /// snapshots).
+    #[serde(with = "access_mode")]
+    pub mode: AccessMode,
+    /// The VM host the device may attach from: an IP address, or `local`
+    /// for Unix-socket fabrics; None for any.
+    #[serde(default)]
+    pub host: Option<String>,
+}
+
+/// `AccessMode` as its name (`rw`, `ro`, `shared`) in snapshots.
+mod access_mode {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use vrio_core::tenancy::AccessMode;
+
+    pub fn serialize<S: Serializer>(m: &AccessMode, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(m.name())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<AccessMode, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// The wire form of a mode.
+pub fn mode_to_pb(m: AccessMode) -> pb::AccessMode {
+    match m {
+        AccessMode::ReadWrite => pb::AccessMode::Rw,
+        AccessMode::ReadOnly => pb::AccessMode::Ro,
+        AccessMode::Shared => pb::AccessMode::Shared,
+    }
+}
+
+/// A wire mode; None for `UNSPECIFIED` or an unknown value.
+pub fn mode_from_pb(m: i32) -> Option<AccessMode> {
+    match pb::AccessMode::try_from(m) {
+        Ok(pb::AccessMode::Rw) => Some(AccessMode::ReadWrite),
+        Ok(pb::AccessMode::Ro) => Some(AccessMode::ReadOnly),
+        Ok(pb::AccessMode::Shared) => Some(AccessMode::Shared),
+        _ => None,
+    }
+}
+
+impl From<&VolumeGrant> for pb::VolumeGrant {
+    fn from(g: &VolumeGrant) -> Self {
+        pb::VolumeGrant {
+            volume: g.volume.clone(),
+            device_id: g.device.clone(),
+            mode: mode_to_pb(g.mode) as i32,
+            host: g.host.clone().unwrap_or_default(),
+        }
+    }
 }
 
 /// One queue of one device: what gets placed.

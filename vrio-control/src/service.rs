@@ -1,6 +1,6 @@
 //! The gRPC `Control` service over a [`Controller`].
 
-use crate::model::{CoreLoad, Device, QueueKey, Slot};
+use crate::model::{mode_from_pb, CoreLoad, Device, QueueKey, Slot, Volume, VolumeGrant};
 use crate::pb;
 use crate::state::{device_kind, Controller, Registration};
 use std::pin::Pin;
@@ -112,9 +112,10 @@ impl pb::control_server::Control for ControlService {
             agent_address: d.agent_address,
             pinned_server: Some(d.pinned_server_id).filter(|p| !p.is_empty()),
         };
-        let assignments = self.ctrl.attach_device(device, now_ms())?;
+        let attached = self.ctrl.attach_device_with_credential(device, now_ms())?;
         Ok(Response::new(pb::AttachDeviceResponse {
-            assignments: assignments.iter().map(Into::into).collect(),
+            assignments: attached.assignments.iter().map(Into::into).collect(),
+            credential: attached.credential.unwrap_or_default(),
         }))
     }
 
@@ -286,5 +287,91 @@ impl pb::control_server::Control for ControlService {
             rebalance_moves: s.counters.rebalance_moves,
             uptime_ms: self.started.elapsed().as_millis() as u64,
         }))
+    }
+
+    async fn create_volume(
+        &self,
+        req: Request<pb::CreateVolumeRequest>,
+    ) -> Result<Response<pb::CreateVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let v = self.ctrl.create_volume(Volume {
+            name: r.name,
+            size_bytes: r.size_bytes,
+        })?;
+        Ok(Response::new(pb::CreateVolumeResponse {
+            volume: Some(pb::Volume {
+                name: v.name,
+                size_bytes: v.size_bytes,
+                grants: Vec::new(),
+            }),
+        }))
+    }
+
+    async fn list_volumes(
+        &self,
+        _req: Request<pb::ListVolumesRequest>,
+    ) -> Result<Response<pb::ListVolumesResponse>, Status> {
+        let volumes = self
+            .ctrl
+            .volumes()
+            .into_iter()
+            .map(|(v, grants)| pb::Volume {
+                name: v.name,
+                size_bytes: v.size_bytes,
+                grants: grants.iter().map(Into::into).collect(),
+            })
+            .collect();
+        Ok(Response::new(pb::ListVolumesResponse { volumes }))
+    }
+
+    async fn delete_volume(
+        &self,
+        req: Request<pb::DeleteVolumeRequest>,
+    ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let revoked = self.ctrl.delete_volume(&r.name, r.force)?;
+        Ok(Response::new(pb::DeleteVolumeResponse {
+            revoked: revoked.iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn grant_volume(
+        &self,
+        req: Request<pb::GrantVolumeRequest>,
+    ) -> Result<Response<pb::GrantVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let mode = mode_from_pb(r.mode)
+            .ok_or_else(|| Status::invalid_argument("mode must be RW, RO or SHARED"))?;
+        let g = self.ctrl.grant_volume(VolumeGrant {
+            volume: r.volume,
+            device: r.device_id,
+            mode,
+            host: Some(r.host).filter(|h| !h.is_empty()),
+        })?;
+        Ok(Response::new(pb::GrantVolumeResponse {
+            grant: Some((&g).into()),
+        }))
+    }
+
+    async fn revoke_grant(
+        &self,
+        req: Request<pb::RevokeGrantRequest>,
+    ) -> Result<Response<pb::RevokeGrantResponse>, Status> {
+        let r = req.into_inner();
+        let g = self.ctrl.revoke_grant(&r.volume, &r.device_id)?;
+        Ok(Response::new(pb::RevokeGrantResponse {
+            revoked: Some((&g).into()),
+        }))
+    }
+
+    async fn issue_credential(
+        &self,
+        req: Request<pb::IssueCredentialRequest>,
+    ) -> Result<Response<pb::IssueCredentialResponse>, Status> {
+        let credential = self
+            .ctrl
+            .issue_credential(&req.into_inner().device_id, now_ms())?
+            .unwrap_or_default();
+        Ok(Response::new(pb::IssueCredentialResponse { credential }))
     }
 }

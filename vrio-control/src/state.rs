@@ -5,16 +5,54 @@
 //! Each change runs on a copy of the state, is saved to the store, and only
 //! then replaces the live state and is announced: a rejected request or a
 //! failed save leaves nothing behind.
+//!
+//! Besides placement it records volumes and which device may attach which
+//! ([`VolumeGrant`]s), and, given the data-plane key
+//! ([`ControllerConfig::credentials`]), signs the credential each attached
+//! device's agent presents to the I/O servers.
 
 use crate::error::ControlError;
 use crate::model::{
-    Assignment, CoreLoad, Device, DeviceKind, Event, EventKind, QueueKey, Server, Slot,
+    Assignment, CoreLoad, Device, DeviceKind, Event, EventKind, QueueKey, Server, Slot, Volume,
+    VolumeGrant,
 };
 use crate::placement::{ClusterView, PlacementPolicy};
 use crate::store::{Counters, Snapshot, StateStore, SNAPSHOT_VERSION};
 use std::collections::BTreeMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 use tokio::sync::broadcast;
+use vrio_core::tenancy::{valid_volume_name, AccessMode, Capability, Keyring};
+
+/// Largest volume the controller records (1 EiB): guards against absurd
+/// input, as the other limits do.
+pub const MAX_VOLUME_BYTES: u64 = 1 << 60;
+
+/// The volume named in a net device's credential (servers ignore it for net
+/// queues).
+pub const NET_CREDENTIAL_VOLUME: &str = "net";
+
+/// How the controller signs attach credentials: with the data-plane key the
+/// I/O servers check them with (`vrio-server --key-file`).
+#[derive(Clone, Debug)]
+pub struct CredentialConfig {
+    /// The key file's keys; the first signs.
+    pub keys: Arc<Keyring>,
+    /// How long a credential is valid from when it is issued (whole
+    /// seconds count). Servers check it at ATTACH time, so it bounds how
+    /// long a revoked grant can still be used to attach.
+    pub ttl: Duration,
+}
+
+impl CredentialConfig {
+    /// Credentials signed with `keys`, valid for 24 hours.
+    pub fn new(keys: Keyring) -> Self {
+        CredentialConfig {
+            keys: Arc::new(keys),
+            ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
 
 /// Controller settings.
 #[derive(Clone, Debug)]
@@ -25,6 +63,9 @@ pub struct ControllerConfig {
     pub max_sidecores: u32,
     /// Most queues one device may have.
     pub max_queues: u32,
+    /// Sign attach credentials: then a blk device attaches only with a
+    /// volume grant. None: no credentials, and grants are only recorded.
+    pub credentials: Option<CredentialConfig>,
 }
 
 impl Default for ControllerConfig {
@@ -33,6 +74,7 @@ impl Default for ControllerConfig {
             lease_ttl_ms: 10_000,
             max_sidecores: 1024,
             max_queues: 1024,
+            credentials: None,
         }
     }
 }
@@ -43,6 +85,19 @@ struct State {
     devices: BTreeMap<String, Device>,
     assignments: BTreeMap<QueueKey, Assignment>,
     counters: Counters,
+    volumes: BTreeMap<String, Volume>,
+    /// By (volume, device).
+    grants: BTreeMap<(String, String), VolumeGrant>,
+}
+
+/// What attaching a device gave: where its queues run, and the credential
+/// its agent presents to the I/O servers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Attached {
+    /// One per queue, in queue order.
+    pub assignments: Vec<Assignment>,
+    /// None when the controller signs no credentials.
+    pub credential: Option<String>,
 }
 
 /// Totals for the Stats RPC.
@@ -101,6 +156,44 @@ fn bad(msg: impl Into<String>) -> ControlError {
     ControlError::InvalidArgument(msg.into())
 }
 
+fn check_volume_name(name: &str) -> Result<(), ControlError> {
+    if valid_volume_name(name) {
+        Ok(())
+    } else {
+        Err(bad(format!(
+            "volume name {name:?}: 1 to 64 of [A-Za-z0-9._-], not starting with '.'"
+        )))
+    }
+}
+
+fn check_device_name(id: &str) -> Result<(), ControlError> {
+    if id.is_empty() || id.len() > 256 || id.chars().any(char::is_control) {
+        return Err(bad(format!(
+            "device id {id:?}: 1 to 256 bytes, no control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// A grant's host as the I/O servers compare it with a connection's
+/// source: an IP address in canonical form, or `local`; None for empty.
+fn canonical_host(host: Option<&str>) -> Result<Option<String>, ControlError> {
+    match host.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some("local") => Ok(Some("local".into())),
+        Some(h) => h
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .map(|ip| Some(ip.to_string()))
+            .map_err(|_| {
+                bad(format!(
+                    "host {h:?}: the VM host's IP address, or `local` for Unix-socket fabrics"
+                ))
+            }),
+    }
+}
+
 impl State {
     fn snapshot(&self) -> Snapshot {
         Snapshot {
@@ -109,7 +202,61 @@ impl State {
             devices: self.devices.values().cloned().collect(),
             assignments: self.assignments.values().cloned().collect(),
             counters: self.counters.clone(),
+            volumes: self.volumes.values().cloned().collect(),
+            grants: self.grants.values().cloned().collect(),
         }
+    }
+
+    fn grants_of(&self, device: &str) -> Vec<&VolumeGrant> {
+        self.grants
+            .values()
+            .filter(|g| g.device == device)
+            .collect()
+    }
+
+    /// The credential `d`'s agent presents, signed with `cfg`'s key, valid
+    /// from `now_ms`: a blk device's names its one granted volume; a net
+    /// device's names no real volume and reads only. Fails with
+    /// `FailedPrecondition` for a blk device with no grant or several.
+    fn credential(
+        &self,
+        cfg: &CredentialConfig,
+        d: &Device,
+        now_ms: u64,
+    ) -> Result<String, ControlError> {
+        let (volume, mode, host) = match d.kind {
+            DeviceKind::Net => (
+                NET_CREDENTIAL_VOLUME.to_string(),
+                AccessMode::ReadOnly,
+                None,
+            ),
+            DeviceKind::Blk => match self.grants_of(&d.id).as_slice() {
+                [] => {
+                    return Err(ControlError::FailedPrecondition(format!(
+                        "device {0} has no volume grant (vrio-ctl volume grant VOLUME {0})",
+                        d.id
+                    )))
+                }
+                [g] => (g.volume.clone(), g.mode, g.host.clone()),
+                many => {
+                    let names: Vec<&str> = many.iter().map(|g| g.volume.as_str()).collect();
+                    return Err(ControlError::FailedPrecondition(format!(
+                        "device {0} is granted volumes {1}, but a blk device serves one \
+                         (vrio-ctl volume revoke VOLUME {0})",
+                        d.id,
+                        names.join(", ")
+                    )));
+                }
+            },
+        };
+        let cap = Capability {
+            device: vrio_core::remote::device_key(&d.id),
+            volume,
+            mode,
+            host: host.unwrap_or_default(),
+            expires: (now_ms / 1000).saturating_add(cfg.ttl.as_secs()),
+        };
+        Ok(cfg.keys.sign(&cap)?)
     }
 
     fn view(&self, now_ms: u64) -> ClusterView {
@@ -288,10 +435,18 @@ impl Controller {
                 state.assignments.insert(a.key.clone(), a);
             }
             state.counters = snap.counters;
+            for v in snap.volumes {
+                state.volumes.insert(v.name.clone(), v);
+            }
+            for g in snap.grants {
+                state.grants.insert((g.volume.clone(), g.device.clone()), g);
+            }
             tracing::info!(
                 servers = state.servers.len(),
                 devices = state.devices.len(),
                 assignments = state.assignments.len(),
+                volumes = state.volumes.len(),
+                grants = state.grants.len(),
                 "recovered controller state"
             );
         }
@@ -445,8 +600,22 @@ impl Controller {
     /// Adds a device and places each of its queues; returns their
     /// assignments. All or nothing: fails with `ResourceExhausted` if a queue
     /// finds no room, `AlreadyExists` for a known id, `NotFound` for an
-    /// unknown pinned server, `InvalidArgument` for a bad id or queue count.
+    /// unknown pinned server, `InvalidArgument` for a bad id or queue count,
+    /// and, when the controller signs credentials, `FailedPrecondition` for
+    /// a blk device without exactly one volume grant.
     pub fn attach_device(&self, d: Device, now_ms: u64) -> Result<Vec<Assignment>, ControlError> {
+        self.attach_device_with_credential(d, now_ms)
+            .map(|a| a.assignments)
+    }
+
+    /// [`Controller::attach_device`], also returning the credential the
+    /// device's agent presents to the I/O servers (when the controller has
+    /// [`ControllerConfig::credentials`]).
+    pub fn attach_device_with_credential(
+        &self,
+        d: Device,
+        now_ms: u64,
+    ) -> Result<Attached, ControlError> {
         if d.id.is_empty() {
             return Err(bad("device id is empty"));
         }
@@ -462,6 +631,10 @@ impl Controller {
                     return Err(ControlError::NotFound(format!("pinned server {p}")));
                 }
             }
+            let credential = match &self.cfg.credentials {
+                Some(c) => Some(st.credential(c, &d, now_ms)?),
+                None => None,
+            };
             let mut view = st.view(now_ms);
             let mut out = Vec::new();
             for q in 0..d.queues {
@@ -494,10 +667,166 @@ impl Controller {
                 st.assignments.insert(key, a.clone());
                 out.push(a);
             }
-            tracing::info!(device = %d.id, vm = %d.vm_id, queues = d.queues, "device attached");
+            tracing::info!(
+                device = %d.id,
+                vm = %d.vm_id,
+                queues = d.queues,
+                credential = credential.is_some(),
+                "device attached"
+            );
             st.devices.insert(d.id.clone(), d.clone());
-            Ok(out)
+            Ok(Attached {
+                assignments: out,
+                credential,
+            })
         })
+    }
+
+    /// A fresh credential for attached device `id` (an agent that restarted
+    /// and found its device attached already), valid from `now_ms`; None
+    /// when the controller signs no credentials. Fails with `NotFound` for
+    /// an unknown device and as [`Controller::attach_device`] does for a
+    /// blk device without exactly one grant (it may have been revoked).
+    pub fn issue_credential(&self, id: &str, now_ms: u64) -> Result<Option<String>, ControlError> {
+        let st = self.lock();
+        let d = st
+            .devices
+            .get(id)
+            .ok_or_else(|| ControlError::NotFound(format!("device {id}")))?;
+        match &self.cfg.credentials {
+            Some(c) => Ok(Some(st.credential(c, d, now_ms)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Records a new volume. Fails with `InvalidArgument` for a bad name or
+    /// a size that is not a positive multiple of 512 up to
+    /// [`MAX_VOLUME_BYTES`], `AlreadyExists` for a known name.
+    pub fn create_volume(&self, v: Volume) -> Result<Volume, ControlError> {
+        check_volume_name(&v.name)?;
+        if v.size_bytes == 0 || v.size_bytes % 512 != 0 || v.size_bytes > MAX_VOLUME_BYTES {
+            return Err(bad(format!(
+                "volume size {} bytes: a positive multiple of 512, at most {MAX_VOLUME_BYTES}",
+                v.size_bytes
+            )));
+        }
+        self.mutate(|st, _, _| {
+            if st.volumes.contains_key(&v.name) {
+                return Err(ControlError::AlreadyExists(format!("volume {}", v.name)));
+            }
+            st.volumes.insert(v.name.clone(), v.clone());
+            tracing::info!(volume = %v.name, bytes = v.size_bytes, "volume created");
+            Ok(v)
+        })
+    }
+
+    /// Forgets volume `name`; returns the grants it revoked. While the
+    /// volume is granted to any device, fails with `FailedPrecondition`
+    /// unless `force`, which revokes those grants too (credentials already
+    /// issued stay valid until they expire). `NotFound` for an unknown
+    /// volume. Images on the I/O servers are not touched.
+    pub fn delete_volume(&self, name: &str, force: bool) -> Result<Vec<VolumeGrant>, ControlError> {
+        self.mutate(|st, _, _| {
+            if st.volumes.remove(name).is_none() {
+                return Err(ControlError::NotFound(format!("volume {name}")));
+            }
+            let granted: Vec<VolumeGrant> = st
+                .grants
+                .values()
+                .filter(|g| g.volume == name)
+                .cloned()
+                .collect();
+            if !granted.is_empty() && !force {
+                let devices: Vec<&str> = granted.iter().map(|g| g.device.as_str()).collect();
+                return Err(ControlError::FailedPrecondition(format!(
+                    "volume {name} is granted to {} (revoke the grants, or delete with force)",
+                    devices.join(", ")
+                )));
+            }
+            st.grants.retain(|(v, _), _| v != name);
+            tracing::info!(volume = %name, revoked = granted.len(), "volume deleted");
+            Ok(granted)
+        })
+    }
+
+    /// Lets `g.device` attach `g.volume` in `g.mode` (from `g.host`, if
+    /// given: an IP address or `local`, stored in canonical form); returns
+    /// the grant as recorded. Granting the same volume to the same device
+    /// again replaces mode and host. Fails with `NotFound` for an unknown
+    /// volume, `FailedPrecondition` when the device holds a grant of
+    /// another volume (a blk device serves one), `InvalidArgument` for a
+    /// bad name or host. The device need not be attached yet.
+    pub fn grant_volume(&self, g: VolumeGrant) -> Result<VolumeGrant, ControlError> {
+        check_volume_name(&g.volume)?;
+        check_device_name(&g.device)?;
+        let g = VolumeGrant {
+            host: canonical_host(g.host.as_deref())?,
+            ..g
+        };
+        self.mutate(|st, _, _| {
+            if !st.volumes.contains_key(&g.volume) {
+                return Err(ControlError::NotFound(format!("volume {}", g.volume)));
+            }
+            if let Some(other) = st
+                .grants_of(&g.device)
+                .iter()
+                .find(|o| o.volume != g.volume)
+            {
+                return Err(ControlError::FailedPrecondition(format!(
+                    "device {0} is granted volume {1} already, and a device attaches one volume \
+                     (vrio-ctl volume revoke {1} {0} first)",
+                    g.device, other.volume
+                )));
+            }
+            st.grants
+                .insert((g.volume.clone(), g.device.clone()), g.clone());
+            tracing::info!(
+                volume = %g.volume,
+                device = %g.device,
+                mode = %g.mode,
+                host = g.host.as_deref().unwrap_or("any"),
+                "volume granted"
+            );
+            Ok(g)
+        })
+    }
+
+    /// Takes back `device`'s grant of `volume`; returns it. Credentials
+    /// already issued stay valid until they expire. Fails with `NotFound`
+    /// when there is no such grant.
+    pub fn revoke_grant(&self, volume: &str, device: &str) -> Result<VolumeGrant, ControlError> {
+        self.mutate(|st, _, _| {
+            let g = st
+                .grants
+                .remove(&(volume.to_string(), device.to_string()))
+                .ok_or_else(|| {
+                    ControlError::NotFound(format!("grant of volume {volume} to device {device}"))
+                })?;
+            tracing::info!(volume, device, "volume grant revoked");
+            Ok(g)
+        })
+    }
+
+    /// Every volume with its grants, by name.
+    pub fn volumes(&self) -> Vec<(Volume, Vec<VolumeGrant>)> {
+        let st = self.lock();
+        st.volumes
+            .values()
+            .map(|v| {
+                let grants = st
+                    .grants
+                    .range((v.name.clone(), String::new())..)
+                    .take_while(|((name, _), _)| *name == v.name)
+                    .map(|(_, g)| g.clone())
+                    .collect();
+                (v.clone(), grants)
+            })
+            .collect()
+    }
+
+    /// Every grant, by volume then device.
+    pub fn grants(&self) -> Vec<VolumeGrant> {
+        self.lock().grants.values().cloned().collect()
     }
 
     /// Removes a device and its queues' assignments. Fails with `NotFound`

@@ -3,7 +3,7 @@
 //! renames it over the old one and fsyncs the directory, so a crash leaves
 //! either the old or the new snapshot, never a torn one.
 
-use crate::model::{Assignment, Device, Server};
+use crate::model::{Assignment, Device, Server, Volume, VolumeGrant};
 use serde::{Deserialize, Serialize};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -37,6 +37,12 @@ pub struct Snapshot {
     pub assignments: Vec<Assignment>,
     /// Running totals.
     pub counters: Counters,
+    /// Every volume (absent from snapshots written before volumes existed).
+    #[serde(default)]
+    pub volumes: Vec<Volume>,
+    /// Every grant of a volume to a device (absent likewise).
+    #[serde(default)]
+    pub grants: Vec<VolumeGrant>,
 }
 
 impl Snapshot {
@@ -189,6 +195,8 @@ mod tests {
                 moves: n,
                 ..Counters::default()
             },
+            volumes: vec![],
+            grants: vec![],
         }
     }
 
@@ -212,6 +220,43 @@ mod tests {
         fs::write(dir.path().join("state.json.tmp"), b"{\"version\":1,\"serv").unwrap();
         assert_eq!(store.load().unwrap(), Some(snap(7)));
         assert!(!dir.path().join("state.json.tmp").exists());
+    }
+
+    #[test]
+    fn snapshots_from_before_volumes_load_with_none() {
+        let old = br#"{"version":1,"servers":[],"devices":[],"assignments":[],
+            "counters":{"moves":3,"failovers":0,"rebalance_moves":0}}"#;
+        let s = Snapshot::decode(old, "old.json").unwrap();
+        assert_eq!(s, snap(3));
+    }
+
+    #[test]
+    fn volumes_and_grants_round_trip() {
+        use crate::model::{Volume, VolumeGrant};
+        use vrio_core::tenancy::AccessMode;
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let mut s = snap(0);
+        s.volumes.push(Volume {
+            name: "vol-a".into(),
+            size_bytes: 1 << 20,
+        });
+        for (device, mode, host) in [
+            ("d1", AccessMode::ReadWrite, None),
+            ("d2", AccessMode::ReadOnly, Some("10.0.0.2".to_string())),
+            ("d3", AccessMode::Shared, None),
+        ] {
+            s.grants.push(VolumeGrant {
+                volume: "vol-a".into(),
+                device: device.into(),
+                mode,
+                host,
+            });
+        }
+        store.save(&s).unwrap();
+        let text = fs::read_to_string(store.path()).unwrap();
+        assert!(text.contains("\"mode\": \"ro\""), "{text}");
+        assert_eq!(store.load().unwrap(), Some(s));
     }
 
     #[test]

@@ -24,6 +24,10 @@ pub struct Placed {
     pub device_id: String,
     /// Queue q is served at `targets[q]`.
     pub targets: Vec<QueueTarget>,
+    /// The credential the device's agent presents with each ATTACH (for
+    /// I/O servers started with `--key-file`); None when the controller
+    /// signs none (it runs without `--data-key`).
+    pub credential: Option<String>,
 }
 
 /// Where assignment `a` of `device` says to serve its queue: the named
@@ -73,9 +77,12 @@ fn targets(
 }
 
 /// Attaches `devices` (id, queues) of VM `vm_id` with the controller and
-/// returns where each queue goes, in the order given. `agent_address` names
-/// this VM host to operators. A device the controller already knows (an
-/// agent that restarted) keeps its placement.
+/// returns where each queue goes, and the credential to attach with, in the
+/// order given. `agent_address` names this VM host to operators. A device
+/// the controller already knows (an agent that restarted) keeps its
+/// placement and gets a fresh credential. A controller that signs
+/// credentials refuses a blk device without a volume grant
+/// (`FAILED_PRECONDITION`, as [`GlueError::Rpc`]).
 ///
 /// Blocks on a runtime of its own: call it outside any tokio runtime.
 pub fn place_devices(
@@ -99,30 +106,47 @@ pub fn place_devices(
                     pinned_server_id: String::new(),
                 }),
             };
-            let a = match client.attach_device(req).await {
-                Ok(r) => r.into_inner().assignments,
+            let (a, credential) = match client.attach_device(req).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    (r.assignments, r.credential)
+                }
                 Err(s) if s.code() == Code::AlreadyExists => {
                     tracing::info!(device = %id, "device known to the controller; keeping its placement");
-                    client
+                    let a = client
                         .list_assignments(pb::ListAssignmentsRequest {
                             device_id: id.clone(),
                             server_id: String::new(),
                         })
                         .await?
                         .into_inner()
-                        .assignments
+                        .assignments;
+                    let credential = match client
+                        .issue_credential(pb::IssueCredentialRequest {
+                            device_id: id.clone(),
+                        })
+                        .await
+                    {
+                        Ok(r) => r.into_inner().credential,
+                        // A controller from before credentials signs none.
+                        Err(s) if s.code() == Code::Unimplemented => String::new(),
+                        Err(s) => return Err(s.into()),
+                    };
+                    (a, credential)
                 }
                 Err(s) => return Err(s.into()),
             };
-            assigned.push((id.clone(), *queues, a));
+            let credential = Some(credential).filter(|c| !c.is_empty());
+            assigned.push((id.clone(), *queues, a, credential));
         }
         let servers = server_addresses(&mut client).await?;
         assigned
             .into_iter()
-            .map(|(id, n, a)| {
+            .map(|(id, n, a, credential)| {
                 Ok(Placed {
                     targets: targets(n, &a, &servers, &id)?,
                     device_id: id,
+                    credential,
                 })
             })
             .collect()

@@ -387,3 +387,108 @@ async fn lease_keeper_keeps_its_lease_while_a_silent_server_fails_over() {
     let _ = stop_keeper.send(());
     keeper.await.unwrap();
 }
+
+fn grant_req(volume: &str, device: &str, mode: pb::AccessMode) -> pb::GrantVolumeRequest {
+    pb::GrantVolumeRequest {
+        volume: volume.into(),
+        device_id: device.into(),
+        mode: mode as i32,
+        host: String::new(),
+    }
+}
+
+#[tokio::test]
+async fn volume_calls_answer_with_clear_status_codes() {
+    let (addr, _stop) = start(60_000).await;
+    let mut bad = connect(&addr, Some("wrong")).await.unwrap();
+    let create = |name: &str, size_bytes: u64| pb::CreateVolumeRequest {
+        name: name.into(),
+        size_bytes,
+    };
+    assert_eq!(
+        code(bad.create_volume(create("vol-a", 1 << 20)).await),
+        Code::Unauthenticated
+    );
+    let mut c = connect(&addr, Some(TOKEN)).await.unwrap();
+    c.create_volume(create("vol-a", 1 << 20)).await.unwrap();
+    assert_eq!(
+        code(c.create_volume(create("vol-a", 1 << 20)).await),
+        Code::AlreadyExists
+    );
+    assert_eq!(
+        code(c.create_volume(create("a/b", 1 << 20)).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(c.create_volume(create("vol-b", 1000)).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            c.grant_volume(grant_req("vol-a", "disk0", pb::AccessMode::Unspecified))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            c.grant_volume(grant_req("vol-z", "disk0", pb::AccessMode::Rw))
+                .await
+        ),
+        Code::NotFound
+    );
+    let g = c
+        .grant_volume(grant_req("vol-a", "disk0", pb::AccessMode::Ro))
+        .await
+        .unwrap()
+        .into_inner()
+        .grant
+        .unwrap();
+    assert_eq!(g.mode, pb::AccessMode::Ro as i32);
+    let volumes = c
+        .list_volumes(pb::ListVolumesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .volumes;
+    assert_eq!(volumes.len(), 1);
+    assert_eq!(
+        (volumes[0].size_bytes, volumes[0].grants.len()),
+        (1 << 20, 1)
+    );
+    let delete = |force| pb::DeleteVolumeRequest {
+        name: "vol-a".into(),
+        force,
+    };
+    assert_eq!(
+        code(c.delete_volume(delete(false)).await),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        code(
+            c.revoke_grant(pb::RevokeGrantRequest {
+                volume: "vol-a".into(),
+                device_id: "disk9".into(),
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            c.issue_credential(pb::IssueCredentialRequest {
+                device_id: "disk0".into(),
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    let revoked = c
+        .delete_volume(delete(true))
+        .await
+        .unwrap()
+        .into_inner()
+        .revoked;
+    assert_eq!(revoked, vec![g]);
+    assert_eq!(code(c.delete_volume(delete(true)).await), Code::NotFound);
+}

@@ -10,7 +10,8 @@ use std::time::Duration;
 use vrio_control::placement::LeastLoaded;
 use vrio_control::server::{serve, ServeOptions};
 use vrio_control::store::{FileStore, MemoryStore, StateStore};
-use vrio_control::{Controller, ControllerConfig};
+use vrio_control::{Controller, ControllerConfig, CredentialConfig};
+use vrio_core::tenancy::Keyring;
 
 #[derive(Parser, Debug)]
 #[command(about = "vrio control plane: places guest queues on I/O server sidecores")]
@@ -68,6 +69,17 @@ struct Args {
     /// A queue is not rebalanced again within this many seconds.
     #[arg(long, default_value_t = 10)]
     rebalance_cooldown_secs: u64,
+    /// Data-plane key file (`vrio-ctl key generate`; the file the I/O
+    /// servers get as --key-file). With it, AttachDevice answers with a
+    /// signed attach credential, and a blk device attaches only once it is
+    /// granted a volume (`vrio-ctl volume grant VOLUME DEVICE`).
+    #[arg(long, env = "VRIO_DATA_KEY")]
+    data_key: Option<PathBuf>,
+    /// How long an attach credential is valid, in seconds (servers check it
+    /// when a queue attaches; it also bounds how long a revoked grant still
+    /// lets a device attach).
+    #[arg(long, default_value_t = 24 * 3600, requires = "data_key")]
+    credential_ttl_secs: u64,
 }
 
 #[tokio::main]
@@ -121,6 +133,23 @@ async fn run(args: Args) -> Result<(), String> {
         #[cfg(not(feature = "etcd"))]
         Box::new(FileStore::open(&args.state_dir).map_err(|e| e.to_string())?)
     };
+    let credentials = match &args.data_key {
+        Some(path) => {
+            let keys = Keyring::from_file(path).map_err(|e| e.to_string())?;
+            if args.credential_ttl_secs == 0 {
+                return Err("--credential-ttl-secs must be at least 1".into());
+            }
+            tracing::info!(
+                ttl_secs = args.credential_ttl_secs,
+                "signing attach credentials; blk devices need a volume grant"
+            );
+            Some(CredentialConfig {
+                keys: Arc::new(keys),
+                ttl: Duration::from_secs(args.credential_ttl_secs),
+            })
+        }
+        None => None,
+    };
     let policy = LeastLoaded {
         threshold: args.rebalance_threshold,
         cooldown_ms: args.rebalance_cooldown_secs.saturating_mul(1000),
@@ -129,6 +158,7 @@ async fn run(args: Args) -> Result<(), String> {
     let ctrl = Controller::open(
         ControllerConfig {
             lease_ttl_ms: args.lease_ttl_ms,
+            credentials,
             ..ControllerConfig::default()
         },
         store,

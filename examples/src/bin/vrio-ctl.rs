@@ -5,10 +5,17 @@
 //!   vrio-ctl drain SERVER
 //!   vrio-ctl watch [--count N]
 //!
+//! Volumes and grants at the controller:
+//!   vrio-ctl volume create NAME --size-mib N
+//!   vrio-ctl volume list [--json]
+//!   vrio-ctl volume delete NAME [--force]
+//!   vrio-ctl volume grant VOLUME DEVICE [--mode rw|ro|shared] [--host IP]
+//!   vrio-ctl volume revoke VOLUME DEVICE
+//!
 //! Data-plane tenancy (local: no controller needed):
 //!   vrio-ctl key generate --out FILE
 //!   vrio-ctl credential mint --key-file FILE (--device NAME | --device-id N) --volume V [--mode rw|ro|shared]
-//!   vrio-ctl volume create|list|delete --dir DIR ...
+//!   vrio-ctl volume create|list|delete --dir DIR ...   (images in a server's --volume-dir)
 
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
@@ -84,7 +91,8 @@ enum Cmd {
     /// Attach credentials for VM hosts (local; needs the key file).
     #[command(subcommand)]
     Credential(CredentialCmd),
-    /// Raw-image volumes in a server's --volume-dir (local).
+    /// Volumes and which device may attach each: at the controller, or with
+    /// --dir the raw images in a server's --volume-dir (local).
     #[command(subcommand)]
     Volume(VolumeCmd),
 }
@@ -137,25 +145,62 @@ enum CredentialCmd {
 
 #[derive(Subcommand, Debug)]
 enum VolumeCmd {
-    /// Create a sparse raw image DIR/NAME.img.
+    /// Record a volume at the controller (I/O servers that join with a
+    /// volume directory create its image), or with --dir create the sparse
+    /// raw image DIR/NAME.img.
     Create {
-        #[arg(long)]
-        dir: std::path::PathBuf,
+        /// 1 to 64 of [A-Za-z0-9._-], not starting with '.'.
         name: String,
+        /// Size in MiB.
         #[arg(long)]
         size_mib: u64,
+        /// Create the image in this directory instead (no controller).
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
     },
-    /// List the images in DIR.
+    /// The controller's volumes and their grants, or with --dir the images
+    /// in DIR.
     List {
+        /// List the images in this directory instead (no controller).
         #[arg(long)]
-        dir: std::path::PathBuf,
+        dir: Option<std::path::PathBuf>,
     },
-    /// Delete DIR/NAME.img (a server that has it open keeps serving it
-    /// until its last queue detaches).
+    /// Forget a volume at the controller (refused while it is granted,
+    /// unless --force; server images are kept), or with --dir delete
+    /// DIR/NAME.img (a server that has it open keeps serving it until its
+    /// last queue detaches).
     Delete {
-        #[arg(long)]
-        dir: std::path::PathBuf,
+        /// The volume's name.
         name: String,
+        /// Delete the image in this directory instead (no controller).
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+        /// Also revoke the volume's grants.
+        #[arg(long, conflicts_with = "dir")]
+        force: bool,
+    },
+    /// Let a device attach a volume (controller). A device attaches one
+    /// volume; granting the same one again changes mode and host.
+    Grant {
+        /// The volume's name.
+        volume: String,
+        /// The device's id at the controller.
+        device: String,
+        /// rw (exclusive writer), ro, or shared (several writers).
+        #[arg(long, default_value = "rw")]
+        mode: vrio_core::tenancy::AccessMode,
+        /// The VM host's IP address (`local` for unix: fabrics); default:
+        /// any host.
+        #[arg(long)]
+        host: Option<String>,
+    },
+    /// Take a grant back (controller). Credentials already issued stay
+    /// valid until they expire.
+    Revoke {
+        /// The volume's name.
+        volume: String,
+        /// The device's id at the controller.
+        device: String,
     },
 }
 
@@ -273,7 +318,7 @@ fn local(args: &Args) -> Option<Result<(), String>> {
             Ok(())
         })(),
         Cmd::Volume(VolumeCmd::Create {
-            dir,
+            dir: Some(dir),
             name,
             size_mib,
         }) => (|| {
@@ -294,7 +339,7 @@ fn local(args: &Args) -> Option<Result<(), String>> {
             );
             Ok(())
         })(),
-        Cmd::Volume(VolumeCmd::List { dir }) => (|| {
+        Cmd::Volume(VolumeCmd::List { dir: Some(dir) }) => (|| {
             let mut rows = Vec::new();
             for e in std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))? {
                 let e = e.map_err(|e| e.to_string())?;
@@ -327,7 +372,11 @@ fn local(args: &Args) -> Option<Result<(), String>> {
             }
             Ok(())
         })(),
-        Cmd::Volume(VolumeCmd::Delete { dir, name }) => (|| {
+        Cmd::Volume(VolumeCmd::Delete {
+            dir: Some(dir),
+            name,
+            ..
+        }) => (|| {
             check_name(name)?;
             let path = image_path(dir, name);
             std::fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -593,10 +642,196 @@ async fn run(c: &mut Client, args: &Args) -> Result<(), tonic::Status> {
                 }
             }
         }
+        Cmd::Volume(v) => volume(c, v, args.json).await?,
         // Handled by local() before connecting.
-        Cmd::Key(_) | Cmd::Credential(_) | Cmd::Volume(_) => {}
+        Cmd::Key(_) | Cmd::Credential(_) => {}
     }
     Ok(())
+}
+
+/// The volume subcommands that talk to the controller (those without
+/// --dir; local() ran the others).
+async fn volume(c: &mut Client, cmd: &VolumeCmd, json: bool) -> Result<(), tonic::Status> {
+    match cmd {
+        VolumeCmd::Create {
+            dir: None,
+            name,
+            size_mib,
+        } => {
+            let size_bytes = size_mib
+                .checked_mul(1 << 20)
+                .filter(|&b| b > 0)
+                .ok_or_else(|| tonic::Status::invalid_argument("--size-mib must be at least 1"))?;
+            let v = c
+                .create_volume(pb::CreateVolumeRequest {
+                    name: name.clone(),
+                    size_bytes,
+                })
+                .await?
+                .into_inner()
+                .volume
+                .unwrap_or_default();
+            if json {
+                print_json(&volume_json(&v));
+            } else {
+                out!("created volume {} ({} MiB)", v.name, mib(v.size_bytes));
+            }
+        }
+        VolumeCmd::List { dir: None } => {
+            let volumes = c
+                .list_volumes(pb::ListVolumesRequest {})
+                .await?
+                .into_inner()
+                .volumes;
+            if json {
+                print_json(&Value::Array(volumes.iter().map(volume_json).collect()));
+            } else {
+                let mut rows = Vec::new();
+                for v in &volumes {
+                    let size = mib(v.size_bytes);
+                    if v.grants.is_empty() {
+                        rows.push(vec![
+                            v.name.clone(),
+                            size.clone(),
+                            "-".into(),
+                            "-".into(),
+                            "-".into(),
+                        ]);
+                    }
+                    for g in &v.grants {
+                        rows.push(vec![
+                            v.name.clone(),
+                            size.clone(),
+                            g.device_id.clone(),
+                            mode_name(g.mode).into(),
+                            host_name(&g.host),
+                        ]);
+                    }
+                }
+                print_table(&["VOLUME", "MIB", "DEVICE", "MODE", "HOST"], &rows);
+            }
+        }
+        VolumeCmd::Delete {
+            dir: None,
+            name,
+            force,
+        } => {
+            let revoked = c
+                .delete_volume(pb::DeleteVolumeRequest {
+                    name: name.clone(),
+                    force: *force,
+                })
+                .await?
+                .into_inner()
+                .revoked;
+            if json {
+                print_json(&json!({
+                    "deleted": name,
+                    "revoked": revoked.iter().map(grant_json).collect::<Vec<_>>(),
+                }));
+            } else {
+                for g in &revoked {
+                    out!("revoked volume {} from device {}", g.volume, g.device_id);
+                }
+                out!("deleted volume {name} (images on the I/O servers are kept)");
+            }
+        }
+        VolumeCmd::Grant {
+            volume,
+            device,
+            mode,
+            host,
+        } => {
+            let mode = match mode {
+                vrio_core::tenancy::AccessMode::ReadWrite => pb::AccessMode::Rw,
+                vrio_core::tenancy::AccessMode::ReadOnly => pb::AccessMode::Ro,
+                vrio_core::tenancy::AccessMode::Shared => pb::AccessMode::Shared,
+            };
+            let g = c
+                .grant_volume(pb::GrantVolumeRequest {
+                    volume: volume.clone(),
+                    device_id: device.clone(),
+                    mode: mode as i32,
+                    host: host.clone().unwrap_or_default(),
+                })
+                .await?
+                .into_inner()
+                .grant
+                .unwrap_or_default();
+            if json {
+                print_json(&grant_json(&g));
+            } else {
+                out!(
+                    "granted volume {} to device {} ({}, from {})",
+                    g.volume,
+                    g.device_id,
+                    mode_name(g.mode),
+                    host_name(&g.host)
+                );
+            }
+        }
+        VolumeCmd::Revoke { volume, device } => {
+            let g = c
+                .revoke_grant(pb::RevokeGrantRequest {
+                    volume: volume.clone(),
+                    device_id: device.clone(),
+                })
+                .await?
+                .into_inner()
+                .revoked
+                .unwrap_or_default();
+            if json {
+                print_json(&json!({ "revoked": grant_json(&g) }));
+            } else {
+                out!("revoked volume {} from device {}", g.volume, g.device_id);
+            }
+        }
+        // With --dir: handled by local() before connecting.
+        VolumeCmd::Create { dir: Some(_), .. }
+        | VolumeCmd::List { dir: Some(_) }
+        | VolumeCmd::Delete { dir: Some(_), .. } => {}
+    }
+    Ok(())
+}
+
+/// Bytes as MiB: whole when exact, else with two decimals.
+fn mib(bytes: u64) -> String {
+    if bytes % (1 << 20) == 0 {
+        (bytes >> 20).to_string()
+    } else {
+        format!("{:.2}", bytes as f64 / f64::from(1u32 << 20))
+    }
+}
+
+fn mode_name(m: i32) -> &'static str {
+    match pb::AccessMode::try_from(m) {
+        Ok(pb::AccessMode::Rw) => "rw",
+        Ok(pb::AccessMode::Ro) => "ro",
+        Ok(pb::AccessMode::Shared) => "shared",
+        _ => "unknown",
+    }
+}
+
+fn host_name(h: &str) -> String {
+    if h.is_empty() {
+        "any".into()
+    } else {
+        h.into()
+    }
+}
+
+fn grant_json(g: &pb::VolumeGrant) -> Value {
+    json!({
+        "volume": g.volume, "device": g.device_id, "mode": mode_name(g.mode),
+        "host": if g.host.is_empty() { Value::Null } else { json!(g.host) },
+    })
+}
+
+fn volume_json(v: &pb::Volume) -> Value {
+    json!({
+        "name": v.name, "size_bytes": v.size_bytes,
+        "grants": v.grants.iter().map(grant_json).collect::<Vec<_>>(),
+    })
 }
 
 fn dash(s: &str) -> String {

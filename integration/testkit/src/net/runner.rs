@@ -190,7 +190,14 @@ pub fn attach_net_remote(
     mode: vrio_core::remote::NotifyMode,
     fabric: vrio_rdma::Backend,
 ) -> Result<vrio_core::remote::AttachedDevice, RunError> {
-    attach_net_in(open_domain(fabric, None)?, guest, device_id, server, mode, None)
+    attach_net_in(
+        open_domain(fabric, None)?,
+        guest,
+        device_id,
+        server,
+        mode,
+        None,
+    )
 }
 
 /// [`attach_net_remote`] with the agent in `domain`.
