@@ -9,6 +9,10 @@
 //! - MoveQueue every 100 ms while the workload runs: nothing lost, nothing
 //!   duplicated.
 //! - A second server joining a loaded one: rebalancing converges.
+//!
+//! Credentials are on throughout: the controller signs them with a data
+//! key the servers check (`--data-key`, `--key-file`), for the `default`
+//! volume (the shared image) that every guest is granted `shared`.
 
 mod common;
 
@@ -171,8 +175,10 @@ fn bins() -> Bins {
     }
 }
 
-fn controller(bin: &Path, lease_ms: u64, rebalance_secs: u64) -> (Proc, String) {
+fn controller(bin: &Path, key: &Path, lease_ms: u64, rebalance_secs: u64) -> (Proc, String) {
     let mut p = Proc::spawn(Command::new(bin).args([
+        "--data-key",
+        key.to_str().unwrap(),
         "--listen",
         "127.0.0.1:0",
         "--memory",
@@ -189,8 +195,10 @@ fn controller(bin: &Path, lease_ms: u64, rebalance_secs: u64) -> (Proc, String) 
     (p, line.trim().to_string())
 }
 
-fn server(bin: &Path, ctl: &str, id: &str, image: &Path) -> Proc {
+fn server(bin: &Path, ctl: &str, id: &str, image: &Path, key: &Path) -> Proc {
     let mut p = Proc::spawn(soft_server(bin).args([
+        "--key-file",
+        key.to_str().unwrap(),
         "--disk",
         "file",
         "--file",
@@ -235,6 +243,7 @@ struct Setup {
     b: Bins,
     dir: PathBuf,
     image: PathBuf,
+    key: PathBuf,
     _ctl: Proc,
     addr: String,
     rt: tokio::runtime::Runtime,
@@ -245,26 +254,57 @@ fn setup(name: &str, lease_ms: u64, rebalance_secs: u64) -> Setup {
     let dir = std::env::temp_dir().join(format!("vrio-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let image = dir.join("disk.img");
-    let (ctl, addr) = controller(&b.controller, lease_ms, rebalance_secs);
+    let key = dir.join("data.key");
+    std::fs::write(
+        &key,
+        vrio_core::tenancy::Keyring::generate_file_text("k1").unwrap(),
+    )
+    .unwrap();
+    let (ctl, addr) = controller(&b.controller, &key, lease_ms, rebalance_secs);
+    let rt = rt();
+    rt.block_on(async {
+        let mut c = connect(&addr, Some(TOKEN)).await.unwrap();
+        c.create_volume(pb::CreateVolumeRequest {
+            name: "default".into(),
+            size_bytes: 64 << 20,
+        })
+        .await
+        .unwrap();
+    });
     Setup {
         b,
         dir,
         image,
+        key,
         _ctl: ctl,
         addr,
-        rt: rt(),
+        rt,
     }
 }
 
 impl Setup {
     /// Starts I/O server `id`, registered with the controller.
     fn server(&self, id: &str) -> Proc {
-        server(&self.b.server, &self.addr, id, &self.image)
+        server(&self.b.server, &self.addr, id, &self.image, &self.key)
     }
 
     /// Starts a client with `guests` guests placed by the controller, and
     /// waits until they are attached.
     fn client(&self, guests: u32) -> Proc {
+        // The devices it will attach (`synthetic-d<g>`) may use the image.
+        self.rt.block_on(async {
+            let mut c = connect(&self.addr, Some(TOKEN)).await.unwrap();
+            for g in 0..guests {
+                c.grant_volume(pb::GrantVolumeRequest {
+                    volume: "default".into(),
+                    device_id: format!("synthetic-d{g}"),
+                    mode: pb::AccessMode::Shared as i32,
+                    host: String::new(),
+                })
+                .await
+                .unwrap();
+            }
+        });
         let mut c = client(&self.b.client, &self.addr, guests);
         c.wait_for("attached to", Duration::from_secs(30));
         c
