@@ -208,15 +208,18 @@ elif [ "$BACKEND" = controlled ]; then
 BIN=$(dirname "$SERVER")
 export VRIO_TOKEN=vhost-run-token
 qemu-img create -f raw "$DISK" "${DISKMB}M" > /dev/null
+# Credentials on: the controller signs them with the key both servers check.
+"$BIN/vrio-ctl" key generate --out "$WORK/data.key" > /dev/null || { echo "RESULT: FAIL"; exit 1; }
 "$BIN/vrio-controller" --listen 127.0.0.1:0 --memory --lease-ttl-ms 3000 --tick-ms 200 \
-  --rebalance-secs 0 > "$WORK/controller.log" 2>&1 &
+  --rebalance-secs 0 --data-key "$WORK/data.key" > "$WORK/controller.log" 2>&1 &
 SPIDS+=($!)
 for _ in $(seq 100); do grep -qE '^127\.0\.0\.1:[0-9]+$' "$WORK/controller.log" && break; sleep 0.1; done
 CTL=$(grep -E '^127\.0\.0\.1:[0-9]+$' "$WORK/controller.log" | head -n1)
 [ -n "$CTL" ] || { echo "vrio-controller did not start:"; cat "$WORK/controller.log"; echo "RESULT: FAIL"; exit 1; }
 for id in io-a io-b; do
   "$SERVER" --fabric "$FABRIC" --listen "$(listen_addr "$id")" --disk file --file "$DISK" --size-mib "$DISKMB" \
-    --sidecores 2 --stats-every 0 --controller "$CTL" --server-id "$id" > "$WORK/server-$id.log" 2>&1 &
+    --key-file "$WORK/data.key" --sidecores 2 --stats-every 0 --controller "$CTL" --server-id "$id" \
+    > "$WORK/server-$id.log" 2>&1 &
   SPIDS+=($!)
 done
 for _ in $(seq 200); do
@@ -224,6 +227,10 @@ for _ in $(seq 200); do
   sleep 0.1
 done
 echo "host: vrio-controller on $CTL, I/O servers:"; "$BIN/vrio-ctl" --addr "$CTL" servers
+# The guest's disk is both servers' default volume (the backing file).
+"$BIN/vrio-ctl" --addr "$CTL" volume create default --size-mib "$DISKMB" > /dev/null &&
+  "$BIN/vrio-ctl" --addr "$CTL" volume grant default vub --mode rw > /dev/null ||
+  { echo "host: could not grant the volume"; echo "RESULT: FAIL"; exit 1; }
 CLIENT_ARGS=(vhost-user-blk --fabric "$FABRIC" --socket "$SOCK" --controller "$CTL" --device-name vub --queues "$NQ" $ONCE)
 start_client || exit 1
 # MOVES: every queue to the other server, at each time.

@@ -46,3 +46,41 @@ pub fn drain(ctl: &ControlOpts, server_id: &str) -> Result<usize, GlueError> {
         Ok(r.into_inner().moved.len())
     })
 }
+
+/// Makes sure volume `volume` of `size_bytes` exists at the controller and
+/// grants it to each of `devices` in `mode` (any host): what an operator
+/// does with `vrio-ctl volume create` and `volume grant`, for demos and
+/// tests.
+pub fn grant_volume(
+    ctl: &ControlOpts,
+    volume: &str,
+    size_bytes: u64,
+    devices: &[String],
+    mode: vrio_core::tenancy::AccessMode,
+) -> Result<(), GlueError> {
+    let rt = runtime()?;
+    rt.block_on(async {
+        let mut c = ctl.connect().await?;
+        let created = c
+            .create_volume(pb::CreateVolumeRequest {
+                name: volume.to_string(),
+                size_bytes,
+            })
+            .await;
+        match created {
+            Ok(_) => {}
+            Err(s) if s.code() == tonic::Code::AlreadyExists => {}
+            Err(s) => return Err(s.into()),
+        }
+        for d in devices {
+            c.grant_volume(pb::GrantVolumeRequest {
+                volume: volume.to_string(),
+                device_id: d.clone(),
+                mode: crate::model::mode_to_pb(mode) as i32,
+                host: String::new(),
+            })
+            .await?;
+        }
+        Ok(())
+    })
+}

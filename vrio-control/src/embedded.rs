@@ -9,7 +9,7 @@ use crate::background::Background;
 use crate::error::GlueError;
 use crate::placement::LeastLoaded;
 use crate::server::{serve, ServeOptions};
-use crate::state::{Controller, ControllerConfig};
+use crate::state::{Controller, ControllerConfig, CredentialConfig};
 use crate::store::FileStore;
 
 /// Starts a controller on a background thread: the crash-safe file store in
@@ -22,10 +22,22 @@ pub fn embedded_controller(
     token: &str,
     lease_ttl_ms: u64,
 ) -> Result<(Background, String), GlueError> {
+    embedded_controller_with(state_dir, token, lease_ttl_ms, None)
+}
+
+/// [`embedded_controller`] that signs attach credentials with
+/// `credentials` (as `vrio-controller --data-key` does).
+pub fn embedded_controller_with(
+    state_dir: &Path,
+    token: &str,
+    lease_ttl_ms: u64,
+    credentials: Option<CredentialConfig>,
+) -> Result<(Background, String), GlueError> {
     let store = FileStore::open(state_dir)?;
     let ctrl = Controller::open(
         ControllerConfig {
             lease_ttl_ms,
+            credentials,
             ..ControllerConfig::default()
         },
         Box::new(store),

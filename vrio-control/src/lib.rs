@@ -59,10 +59,10 @@ pub mod pb {
         include_bytes!(concat!(env!("OUT_DIR"), "/vrio_descriptor.bin"));
 }
 
-pub use admin::{drain, wait_for_servers};
+pub use admin::{drain, grant_volume, wait_for_servers};
 pub use background::Background;
 pub use client::ControlOpts;
-pub use embedded::embedded_controller;
+pub use embedded::{embedded_controller, embedded_controller_with};
 pub use error::{ControlError, GlueError};
 pub use io_server::{join_as_server, join_as_server_with, JoinOptions};
 pub use state::{Attached, Controller, ControllerConfig, CredentialConfig};

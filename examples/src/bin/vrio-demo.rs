@@ -11,12 +11,13 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use vrio_control::{
-    drain, embedded_controller, follow_placement, join_as_server, place_devices, wait_for_servers,
-    AttachedSet, ControlOpts,
+    drain, embedded_controller_with, follow_placement, grant_volume, join_as_server,
+    place_devices, wait_for_servers, AttachedSet, ControlOpts, CredentialConfig,
 };
 use vrio_core::blk::{BlockBackend, BlockConfig};
 use vrio_core::remote::{device_key, AttachedDevice, IoServer, IoServerConfig, NotifyMode};
 use vrio_core::sidecore::SidecoreConfig;
+use vrio_core::tenancy::{AccessMode, Keyring, DEFAULT_VOLUME};
 use vrio_examples::control::print_move;
 use vrio_examples::{
     init_tracing, model_json, model_row, print_table, verdict_exit, Disk, Progress, WorkloadArgs,
@@ -24,7 +25,7 @@ use vrio_examples::{
 };
 use vrio_testkit::guest::WorkloadConfig;
 use vrio_testkit::runner::{
-    attach_guests_placed, drive_guests, make_guests, run_local, run_remote, LocalModel,
+    attach_guests_credentialed, drive_guests, make_guests, run_local, run_remote, LocalModel,
     ModelReport, RunClock, RunConfig,
 };
 
@@ -188,7 +189,14 @@ fn run_controlled(
 ) -> Result<ModelReport, Box<dyn std::error::Error>> {
     let state = std::env::temp_dir().join(format!("vrio-demo-controller-{}", std::process::id()));
     let token = format!("demo-{:x}", rand::random::<u64>());
-    let (mut controller, addr) = embedded_controller(&state, &token, 3_000)?;
+    // Credentials on: the controller signs them with a key the servers check,
+    // and each guest's device is granted the shared disk.
+    let keys = Arc::new(Keyring::ephemeral()?);
+    let credentials = CredentialConfig {
+        keys: keys.clone(),
+        ttl: Duration::from_secs(3600),
+    };
+    let (mut controller, addr) = embedded_controller_with(&state, &token, 3_000, Some(credentials))?;
     let ctl = ControlOpts {
         addr: addr.clone(),
         token: Some(token),
@@ -205,6 +213,7 @@ fn run_controlled(
             IoServerConfig {
                 sidecores,
                 blk: BlockConfig::default(),
+                keys: Some(keys.clone()),
                 ..IoServerConfig::default()
             },
         )?);
@@ -216,7 +225,19 @@ fn run_controlled(
     let ids: Vec<(String, u16)> = (0..rc.guests)
         .map(|g| (format!("demo-vm{g}"), rc.queues_per_guest))
         .collect();
+    let names: Vec<String> = ids.iter().map(|(n, _)| n.clone()).collect();
+    grant_volume(
+        &ctl,
+        DEFAULT_VOLUME,
+        backend.capacity() * 512,
+        &names,
+        AccessMode::Shared,
+    )?;
     let placed = place_devices(&ctl, "demo", "vrio-demo", &ids)?;
+    let credentials: Vec<String> = placed
+        .iter()
+        .map(|p| p.credential.clone().unwrap_or_default())
+        .collect();
     let targets: Vec<_> = placed
         .iter()
         .map(|p| (device_key(&p.device_id), p.targets.clone()))
@@ -226,12 +247,13 @@ fn run_controlled(
         state.display(),
         targets.iter().map(|t| t.1.len()).sum::<usize>()
     );
-    let agents: Vec<Arc<AttachedDevice>> = attach_guests_placed(
+    let agents: Vec<Arc<AttachedDevice>> = attach_guests_credentialed(
         &guests,
         &targets,
         vrio_rdma::Backend::Soft,
         None,
         NotifyMode::Doorbell,
+        &credentials,
     )?
     .into_iter()
     .map(Arc::new)
