@@ -32,6 +32,8 @@ fn run_net(env: &[(&str, &str)], mib: u64) -> String {
     }
     let server = rxe::build_bin("vrio-examples", "vrio-server").unwrap_or_else(|e| panic!("{e}"));
     let client = rxe::build_bin("vrio-examples", "vrio-client").unwrap_or_else(|e| panic!("{e}"));
+    // run-net.sh mints the devices' credentials with it.
+    rxe::build_bin("vrio-examples", "vrio-ctl").unwrap_or_else(|e| panic!("{e}"));
     let dir = rxe::workspace_root().join("integration").join("vhost");
     let script = dir.join("run-net.sh");
     let guest = dir.join("net.sh");

@@ -47,13 +47,27 @@ el() { awk -v a="$(date +%s.%N)" -v b="$T0" 'BEGIN{printf "%.1f", a-b}'; }
 EXTRA_MODULES=virtio_net "$HERE/build-initramfs.sh" "$WORK/initramfs.cpio.gz" "$SCRIPT" \
   || { echo "RESULT: FAIL (initramfs)"; exit 1; }
 
+# Credentials on: a data-plane key for the servers, one credential per
+# device (net devices name no volume; the credential binds the device).
+BIN=$(dirname "$SERVER")
+if [ -x "$BIN/vrio-ctl" ]; then
+  "$BIN/vrio-ctl" key generate --out "$WORK/data.key" > /dev/null || { echo "RESULT: FAIL (key)"; exit 1; }
+  KEYARGS=(--key-file "$WORK/data.key")
+else
+  echo "host: no vrio-ctl beside vrio-server; the data plane runs without credentials"
+  KEYARGS=()
+fi
+cred_args() {
+  [ ${#KEYARGS[@]} -gt 0 ] || return 0
+  echo --credential "$("$BIN/vrio-ctl" credential mint --key-file "$WORK/data.key" --device-id "$1" --volume net --mode ro)"
+}
 NSERVERS=1; [ "$UPLINK" = 1 ] && NSERVERS=2
 [ "$FRONT" = testpmd ] && NSERVERS=0
 ADDRS=(); TAPS=()
 for j in $(seq 0 $((NSERVERS - 1))); do
   UP=()
   if [ "$UPLINK" = 1 ]; then TAPS+=("vrup$$$j"); UP=(--uplink-tap "vrup$$$j"); fi
-  "$SERVER" --fabric soft --listen 127.0.0.1:0 --disk memory --size-mib 16 \
+  "$SERVER" --fabric soft --listen 127.0.0.1:0 --disk memory --size-mib 16 "${KEYARGS[@]}" \
     --sidecores 1 --stats-every 0 "${UP[@]}" > "$WORK/server$j.log" 2>&1 &
   SPIDS+=($!)
   for _ in $(seq 100); do grep -q "listening on" "$WORK/server$j.log" && break; sleep 0.1; done
@@ -101,7 +115,8 @@ if [ "$FRONT" = testpmd ]; then
 fi
 for i in $(seq 0 $((NSERVERS > 0 ? 1 : -1))); do
   RUST_LOG=${RUST_LOG:-info} "$CLIENT" vhost-user-net --fabric soft --socket "$WORK/vun$i.sock" \
-    --server "${ADDRS[$((i % NSERVERS))]}" --mac "${MACS[$i]}" --device-id $((i + 1)) --once > "$WORK/client$i.log" 2>&1 &
+    --server "${ADDRS[$((i % NSERVERS))]}" --mac "${MACS[$i]}" --device-id $((i + 1)) $(cred_args $((i + 1))) \
+    --once > "$WORK/client$i.log" 2>&1 &
   CPIDS+=($!); PIDS+=($!)
 done
 for i in "${!CPIDS[@]}"; do
