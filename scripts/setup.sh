@@ -4,6 +4,7 @@
 #   - build tools for sideway (cmake, clang/libclang)
 #   - QEMU 10 from bookworm-backports (matching the image's qemu-utils),
 #     the guest kernel, busybox and rdma-core for the Soft-RoCE guest
+#   - Prometheus, which the metrics test starts to scrape the binaries
 #   - the nightly toolchain's cargo-fuzz for the fuzz target
 #
 # Usage: scripts/setup.sh [build|all]   (default all)
@@ -29,7 +30,7 @@ fi
 STAMP=/var/lib/vrio-setup.v1
 for p in qemu-system-x86 linux-image-amd64 busybox-static cpio \
          rdma-core ibverbs-providers ibverbs-utils perftest rdmacm-utils iproute2 iputils-ping e2fsprogs fio \
-         etcd-server protobuf-compiler libprotobuf-dev dpdk-dev librte-net-vhost23; do
+         etcd-server protobuf-compiler libprotobuf-dev dpdk-dev librte-net-vhost23 prometheus; do
   dpkg -s "$p" >/dev/null 2>&1 || { need_apt=1; break; }
 done
 if [ ! -f "$STAMP" ] || [ "$need_apt" = 1 ]; then
@@ -47,6 +48,13 @@ if [ ! -f "$STAMP" ] || [ "$need_apt" = 1 ]; then
   apt-get install -y -q --no-install-recommends etcd-server protobuf-compiler libprotobuf-dev
   # The net benchmark's reference back-end: dpdk-testpmd's vhost-user ports.
   apt-get install -y -q --no-install-recommends dpdk-dev librte-net-vhost23
+  # integration/tests/prometheus.rs scrapes vrio-server and vrio-client with a
+  # real Prometheus, which it starts itself: the packaged service, started on
+  # install where systemd runs, would only take a core and port 9090.
+  if ! dpkg -s prometheus >/dev/null 2>&1; then
+    apt-get install -y -q --no-install-recommends prometheus
+    if [ -d /run/systemd/system ]; then systemctl disable --now prometheus >/dev/null 2>&1 || true; fi
+  fi
   apt-get install -y -q --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils
   ls /boot/vmlinuz-*-amd64 >/dev/null 2>&1 || apt-get install -y -q --no-install-recommends linux-image-amd64
   dpkg -s linux-image-amd64 >/dev/null 2>&1 || apt-get install -y -q --no-install-recommends linux-image-amd64

@@ -3,6 +3,7 @@
 //! lines).
 
 pub mod control;
+pub mod metrics;
 
 use std::io::Write;
 use std::path::Path;
@@ -252,13 +253,62 @@ impl WorkloadArgs {
     }
 }
 
+/// How log events are written to stderr: `--log-format` of vrio-server
+/// and vrio-client, and `VRIO_LOG_FORMAT` for every binary.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One line per event, for people; coloured only when stderr is a
+    /// terminal (and NO_COLOR is unset).
+    #[default]
+    Text,
+    /// One JSON object per line (timestamp, level, target, message and the
+    /// event's fields), for log collectors.
+    Json,
+}
+
+/// Logging for the binaries without a `--log-format` flag: the format of
+/// `VRIO_LOG_FORMAT` (`text`, the default, or `json`); see
+/// [`init_tracing_as`].
 pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
+    let format = match std::env::var("VRIO_LOG_FORMAT") {
+        Ok(v) if !v.is_empty() => <LogFormat as clap::ValueEnum>::from_str(&v, true)
+            .unwrap_or_else(|_| {
+                eprintln!("VRIO_LOG_FORMAT={v:?}: want text or json; logging as text");
+                LogFormat::Text
+            }),
+        _ => LogFormat::Text,
+    };
+    init_tracing_as(format);
+}
+
+/// Logs events to stderr in `format`, filtered by `RUST_LOG` (tracing's
+/// env-filter syntax, e.g. `info` or `vrio_core=debug`; default `warn`).
+/// Text is coloured only when stderr is a terminal and NO_COLOR is unset,
+/// so a log redirected to a file holds no escape sequences.
+pub fn init_tracing_as(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.trim().is_empty() => tracing_subscriber::EnvFilter::try_new(&spec)
+            .unwrap_or_else(|e| {
+                eprintln!("RUST_LOG={spec:?}: {e}; logging warnings only");
+                tracing_subscriber::EnvFilter::new("warn")
+            }),
+        _ => tracing_subscriber::EnvFilter::new("warn"),
+    };
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => fmt.with_ansi(colour).try_init(),
+        LogFormat::Json => fmt
+            .with_ansi(false)
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
+    };
 }
 
 /// `--disk` choices of vrio-server and vrio-demo.

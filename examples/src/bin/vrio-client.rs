@@ -31,14 +31,13 @@ use vrio_core::vhost_user::{
     fetch_config, serve, serve_net, FrontConfig, LocalFront, Placement, RemoteFront, Serving,
 };
 use vrio_examples::control::print_move;
+use vrio_examples::metrics::{Agents, ClientMetrics, MetricsListener, MetricsServer, ObsArgs};
 use vrio_examples::{
-    backend_name, block_signals, init_tracing, print_table, resolve_fabric, verdict_exit,
+    backend_name, block_signals, init_tracing_as, print_table, resolve_fabric, verdict_exit,
     wait_for_signal, FabricChoice, Progress, WorkloadArgs,
 };
 use vrio_testkit::guest::WorkloadConfig;
-use vrio_testkit::runner::{
-    any_placement, attach_guests_credentialed, attach_guests_placed, drive_guests, make_guests,
-};
+use vrio_testkit::runner::{any_placement, attach_guests_credentialed, drive_guests, make_guests};
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 enum Mode {
@@ -72,7 +71,8 @@ impl Mode {
         (then QEMU: -object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem\n     \
         -chardev socket,id=vub0,path=/tmp/vub.sock,reconnect-ms=500\n     \
         -device vhost-user-blk-pci,chardev=vub0,num-queues=2;\n     \
-        reconnect-ms lets QEMU come back to a restarted vrio-client)"
+        reconnect-ms lets QEMU come back to a restarted vrio-client)\n  \
+        vrio-client synthetic --server 127.0.0.1:7420 --metrics-listen 127.0.0.1:9101 --metrics-linger 30"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -163,6 +163,8 @@ struct VhostNetArgs {
     /// Exit when the first VMM disconnects instead of waiting for the next.
     #[arg(long)]
     once: bool,
+    #[command(flatten)]
+    obs: ObsArgs,
 }
 
 fn parse_mac(s: &str) -> Result<MacAddr, String> {
@@ -230,6 +232,8 @@ struct VhostArgs {
     token: Option<String>,
     #[command(flatten)]
     tls: vrio_examples::control::TlsArgs,
+    #[command(flatten)]
+    obs: ObsArgs,
 }
 
 /// The vrings of one vhost-user device, as a controller follower sees them.
@@ -284,11 +288,51 @@ struct Args {
     token: Option<String>,
     #[command(flatten)]
     tls: vrio_examples::control::TlsArgs,
+    #[command(flatten)]
+    obs: ObsArgs,
+    /// With --metrics-listen: before the guests start, wait up to this many
+    /// seconds for a first scrape of /metrics, so that the scraper sees the
+    /// counters start from zero (then go on anyway).
+    #[arg(long, value_name = "SECS", requires = "metrics_listen")]
+    metrics_wait: Option<f64>,
+    /// With --metrics-listen: after the verdict, keep serving /metrics for
+    /// this many seconds (SIGINT or SIGTERM ends it sooner), so that the
+    /// scraper sees the final counts.
+    #[arg(long, value_name = "SECS", requires = "metrics_listen")]
+    metrics_linger: Option<f64>,
+}
+
+impl Cmd {
+    fn obs(&self) -> &ObsArgs {
+        match self {
+            Cmd::Synthetic(a) => &a.obs,
+            Cmd::VhostUserBlk(a) => &a.obs,
+            Cmd::VhostUserNet(a) => &a.obs,
+        }
+    }
+}
+
+/// Serves /metrics from `collector` on `listener` (when --metrics-listen
+/// was given), and says where.
+fn serve_metrics(
+    listener: Option<MetricsListener>,
+    collector: ClientMetrics,
+) -> Result<Option<MetricsServer>, Box<dyn std::error::Error>> {
+    let Some(l) = listener else {
+        return Ok(None);
+    };
+    let m = l.serve("vrio-client", collector)?;
+    println!(
+        "vrio-client: metrics listening on http://{}/metrics",
+        m.addr()
+    );
+    Ok(Some(m))
 }
 
 fn main() -> ExitCode {
-    init_tracing();
-    match Cli::parse().cmd {
+    let cli = Cli::parse();
+    init_tracing_as(cli.cmd.obs().log_format);
+    match cli.cmd {
         Cmd::Synthetic(a) => verdict_exit(
             "vrio-client",
             run(&a),
@@ -307,14 +351,15 @@ fn vhost_user_blk(a: &VhostArgs) -> Result<(), Box<dyn std::error::Error>> {
     if a.max_request_kib < 8 {
         return Err("--max-request-kib must be at least 8".into());
     }
+    let metrics = a.obs.bind_metrics()?;
     if let Some(image) = &a.local_file {
-        return vhost_user_blk_local(a, image);
+        return vhost_user_blk_local(a, image, metrics);
     }
     let fabric = resolve_fabric(a.link.fabric, a.link.device.as_deref())?;
     let placement = Arc::new(Placement::default());
     // With a controller: where it places each vring, and a follower.
-    let (server, device_id, where_, mut follower) = match &a.controller {
-        None => (a.server.clone(), a.device_id, a.server.clone(), None),
+    let (server, device_id, where_, mut follower, issued) = match &a.controller {
+        None => (a.server.clone(), a.device_id, a.server.clone(), None, None),
         Some(addr) => {
             let ctl = ControlOpts {
                 addr: addr.clone(),
@@ -326,10 +371,10 @@ fn vhost_user_blk(a: &VhostArgs) -> Result<(), Box<dyn std::error::Error>> {
                 .clone()
                 .unwrap_or_else(|| format!("vhost-user-{}", a.device_id));
             let placed = place_devices(&ctl, &a.vm_id, "vrio-client", &[(name.clone(), a.queues)])?;
-            let targets = placed
+            let (targets, issued) = placed
                 .into_iter()
                 .next()
-                .map(|p| p.targets)
+                .map(|p| (p.targets, p.credential))
                 .ok_or("the controller placed nothing")?;
             for (q, t) in targets.iter().enumerate() {
                 placement.set_target(q, t.clone());
@@ -347,7 +392,7 @@ fn vhost_user_blk(a: &VhostArgs) -> Result<(), Box<dyn std::error::Error>> {
                 print_move,
             )?;
             let w = format!("controller {addr} as device {name}");
-            (first, device_key(&name), w, Some(f))
+            (first, device_key(&name), w, Some(f), issued)
         }
     };
     let remote = RemoteFront {
@@ -361,7 +406,8 @@ fn vhost_user_blk(a: &VhostArgs) -> Result<(), Box<dyn std::error::Error>> {
             ..AgentConfig::default()
         },
         placement,
-        credential: a.link.credential()?,
+        // The controller's, if it signs them; else the one given.
+        credential: issued.or(a.link.credential()?),
         read_only: false,
     };
     let domain = Arc::from(vrio_rdma::open(fabric, a.link.device.as_deref())?);
@@ -376,6 +422,13 @@ fn vhost_user_blk(a: &VhostArgs) -> Result<(), Box<dyn std::error::Error>> {
         read_only: probed.read_only(),
         ..remote
     };
+    let _metrics = serve_metrics(
+        metrics,
+        ClientMetrics::new(Agents::Vrings {
+            device: device_id.to_string(),
+            placement: remote.placement.clone(),
+        }),
+    )?;
     let config = probed.config;
     // The first line is machine-readable: tests wait for it.
     println!(
@@ -396,6 +449,7 @@ fn vhost_user_blk(a: &VhostArgs) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn vhost_user_net(a: &VhostNetArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let metrics = a.obs.bind_metrics()?;
     let fabric = resolve_fabric(a.link.fabric, a.link.device.as_deref())?;
     let remote = RemoteFront {
         server: a.server.clone(),
@@ -422,6 +476,13 @@ fn vhost_user_net(a: &VhostNetArgs) -> Result<(), Box<dyn std::error::Error>> {
         a.mac,
         a.link.mode.notify().name(),
     );
+    let _metrics = serve_metrics(
+        metrics,
+        ClientMetrics::new(Agents::Vrings {
+            device: a.device_id.to_string(),
+            placement: remote.placement.clone(),
+        }),
+    )?;
     let once = a.once;
     serve_net(&a.socket, &remote, a.mac, a.max_queue_size, || !once)?;
     println!("vrio-client: the VMM disconnected, exiting");
@@ -458,6 +519,7 @@ fn capacity(config: &[u8]) -> u64 {
 fn vhost_user_blk_local(
     a: &VhostArgs,
     image: &std::path::Path,
+    metrics: Option<MetricsListener>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let file = match a.size_mib {
         Some(mib) => FileBackend::create(image, mib.saturating_mul(1 << 20))?,
@@ -485,6 +547,10 @@ fn vhost_user_blk_local(
         a.queues,
         capacity(&config)
     );
+    let _metrics = serve_metrics(
+        metrics,
+        ClientMetrics::new(Agents::None).with_sidecore(local.sidecore.stats().clone()),
+    )?;
     serve_blk(a, Serving::Local(local), &config)?;
     println!("vrio-client: the VMM disconnected, exiting");
     Ok(())
@@ -495,6 +561,15 @@ fn run(a: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     if a.seconds.is_some_and(|s| !(s > 0.0 && s < 1e9)) {
         return Err("--seconds must be a positive number".into());
     }
+    for (flag, v) in [
+        ("--metrics-wait", a.metrics_wait),
+        ("--metrics-linger", a.metrics_linger),
+    ] {
+        if v.is_some_and(|s| !(0.0..1e9).contains(&s)) {
+            return Err(format!("{flag} must be a number of seconds, 0 or more").into());
+        }
+    }
+    let metrics = a.obs.bind_metrics()?;
     // Before any thread starts, so that only the waiter below takes them.
     block_signals();
     let stop = Arc::new(AtomicBool::new(false));
@@ -563,8 +638,21 @@ fn run(a: &Args) -> Result<bool, Box<dyn std::error::Error>> {
                     );
                 }
             }
-            let agents =
-                attach_guests_placed(&guests, &targets, fabric, a.link.device.as_deref(), mode)?;
+            // Credentials the controller signed (none without its
+            // --data-key), else the ones given.
+            let issued: Option<Vec<String>> = placed.iter().map(|p| p.credential.clone()).collect();
+            let credentials = match issued {
+                Some(c) => c,
+                None => a.link.credentials()?,
+            };
+            let agents = attach_guests_credentialed(
+                &guests,
+                &targets,
+                fabric,
+                a.link.device.as_deref(),
+                mode,
+                &credentials,
+            )?;
             (
                 agents,
                 format!("the servers controller {addr} chose"),
@@ -600,6 +688,24 @@ fn run(a: &Args) -> Result<bool, Box<dyn std::error::Error>> {
         None => a.w.total_requests(),
     };
     let done = Arc::new(AtomicU64::new(0));
+    let metrics = serve_metrics(
+        metrics,
+        ClientMetrics::new(Agents::Devices(
+            agents
+                .iter()
+                .enumerate()
+                .map(|(g, d)| (g.to_string(), d.clone()))
+                .collect(),
+        ))
+        .with_completed(done.clone()),
+    )?;
+    if let (Some(m), Some(s)) = (&metrics, a.metrics_wait) {
+        if m.wait_scraped_after(0, Duration::from_secs_f64(s), &stop) {
+            println!("vrio-client: metrics scraped; starting the guests");
+        } else {
+            eprintln!("vrio-client: no scrape of /metrics within --metrics-wait {s} s; starting the guests anyway");
+        }
+    }
     let progress = Progress::start("remote guests".into(), done.clone(), total);
     let t0 = Instant::now();
     let io = drive_guests(guests, &rc, &done, &stop);
@@ -667,5 +773,12 @@ fn run(a: &Args) -> Result<bool, Box<dyn std::error::Error>> {
             ""
         }
     );
+    if let (Some(_), Some(s)) = (&metrics, a.metrics_linger) {
+        println!("vrio-client: serving the final metrics for {s} s (SIGTERM ends it)");
+        let until = Instant::now() + Duration::from_secs_f64(s);
+        while Instant::now() < until && !stop.load(Relaxed) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
     Ok(ok)
 }

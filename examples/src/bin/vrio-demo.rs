@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use vrio_control::{
-    drain, embedded_controller_with, follow_placement, grant_volume, join_as_server,
-    place_devices, wait_for_servers, AttachedSet, ControlOpts, CredentialConfig,
+    drain, embedded_controller_with, follow_placement, grant_volume, join_as_server, place_devices,
+    wait_for_servers, AttachedSet, ControlOpts, CredentialConfig,
 };
 use vrio_core::blk::{BlockBackend, BlockConfig};
 use vrio_core::remote::{device_key, AttachedDevice, IoServer, IoServerConfig, NotifyMode};
@@ -196,7 +196,8 @@ fn run_controlled(
         keys: keys.clone(),
         ttl: Duration::from_secs(3600),
     };
-    let (mut controller, addr) = embedded_controller_with(&state, &token, 3_000, Some(credentials))?;
+    let (mut controller, addr) =
+        embedded_controller_with(&state, &token, 3_000, Some(credentials))?;
     let ctl = ControlOpts {
         addr: addr.clone(),
         token: Some(token),

@@ -15,13 +15,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use vrio_control::{join_as_server, ControlOpts};
+use vrio_control::{join_as_server_with, ControlOpts, JoinOptions};
 use vrio_core::blk::BlockConfig;
 use vrio_core::net::{PortSnapshot, TapUplink};
 use vrio_core::remote::{IoServer, IoServerConfig};
 use vrio_core::tenancy::{Keyring, VolumeSet};
+use vrio_examples::metrics::{ObsArgs, ServerMetrics};
 use vrio_examples::{
-    backend_name, block_signals, init_tracing, resolve_fabric, wait_for_signal, Disk, FabricChoice,
+    backend_name, block_signals, init_tracing_as, resolve_fabric, wait_for_signal, Disk,
+    FabricChoice,
 };
 
 /// Serve remote guests' virtio-blk and virtio-net queues with polling
@@ -39,7 +41,8 @@ use vrio_examples::{
         VRIO_TOKEN=secret vrio-server --listen 127.0.0.1:7421 --controller 127.0.0.1:7470 --server-id io-1 \\\n    \
         --disk file --file /var/lib/vrio/disk.img\n  \
         vrio-server --listen 127.0.0.1:7420 --uplink-tap vrio0\n    \
-        (then: ip addr add 10.0.0.254/24 dev vrio0; ip link set vrio0 up)"
+        (then: ip addr add 10.0.0.254/24 dev vrio0; ip link set vrio0 up)\n  \
+        vrio-server --metrics-listen 127.0.0.1:9100 --log-format json   (Prometheus: http://127.0.0.1:9100/metrics)"
 )]
 struct Args {
     /// Address to listen on: IP:PORT (port 0 picks one), or unix:PATH
@@ -105,6 +108,8 @@ struct Args {
     /// its descriptor keeps working wherever the link goes.
     #[arg(long, value_name = "NAME")]
     uplink_tap: Option<String>,
+    #[command(flatten)]
+    obs: ObsArgs,
 }
 
 fn parse_memory_volume(s: &str) -> Result<(String, u64), String> {
@@ -127,8 +132,8 @@ fn parse_memory_volume(s: &str) -> Result<(String, u64), String> {
 }
 
 fn main() -> ExitCode {
-    init_tracing();
     let a = Args::parse();
+    init_tracing_as(a.obs.log_format);
     block_signals();
     match run(&a) {
         Ok(()) => ExitCode::SUCCESS,
@@ -140,6 +145,8 @@ fn main() -> ExitCode {
 }
 
 fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    // First, so that a taken address fails before anything starts.
+    let metrics = a.obs.bind_metrics()?;
     let size = a
         .size_mib
         .checked_mul(1 << 20)
@@ -212,6 +219,18 @@ fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
         }
         None => None,
     };
+    // Read at scrape time from the server's own counters.
+    let _metrics = match metrics {
+        Some(l) => {
+            let m = l.serve("vrio-server", ServerMetrics::new(server.clone()))?;
+            println!(
+                "vrio-server: metrics listening on http://{}/metrics",
+                m.addr()
+            );
+            Some(m)
+        }
+        None => None,
+    };
     let mut member = match &a.controller {
         Some(addr) => {
             let id = a
@@ -219,7 +238,9 @@ fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
                 .clone()
                 .unwrap_or_else(|| format!("server-{}", server.addr()));
             println!("vrio-server: registering with controller {addr} as {id}");
-            Some(join_as_server(
+            // With --volume-dir, the controller's volumes get their images
+            // here (created sparse when missing).
+            Some(join_as_server_with(
                 ControlOpts {
                     addr: addr.clone(),
                     token: a.token.clone(),
@@ -228,6 +249,9 @@ fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
                 id,
                 a.capacity,
                 server.clone(),
+                JoinOptions {
+                    volume_dir: a.volume_dir.clone(),
+                },
             )?)
         }
         None => None,

@@ -1,0 +1,897 @@
+//! `--metrics-listen ADDR`: a `/metrics` endpoint in the Prometheus text
+//! format (0.0.4), written by the official `prometheus-client` crate and
+//! served by hyper on one thread of its own.
+//!
+//! Nothing here touches the data path: the collectors ([`ServerMetrics`],
+//! [`ClientMetrics`]) read the counters the I/O server, its sidecores and
+//! the VM-host agents keep anyway, at scrape time. The metric reference is
+//! `docs/observability.md`.
+
+use std::convert::Infallible;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use vrio_core::net::{DropReason, PortKind};
+use vrio_core::remote::{AttachedDevice, IoServer, LinkState, RemoteSnapshot, ANY_SIDECORE};
+use vrio_core::sidecore::{SidecoreStats, StatsSnapshot};
+use vrio_core::vhost_user::Placement;
+
+use crate::LogFormat;
+
+/// The observability flags of `vrio-server` and of every `vrio-client`
+/// subcommand.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ObsArgs {
+    /// Serve Prometheus metrics at http://ADDR/metrics (HOST:PORT; port 0
+    /// picks a free one, printed at start). Off by default.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
+    /// Log format on stderr: `text` (coloured only on a terminal) or
+    /// `json` (one object per line). RUST_LOG picks what is logged
+    /// (default: warn).
+    #[arg(
+        long,
+        value_enum,
+        value_name = "FORMAT",
+        env = "VRIO_LOG_FORMAT",
+        default_value_t = LogFormat::Text
+    )]
+    pub log_format: LogFormat,
+}
+
+impl ObsArgs {
+    /// Binds `--metrics-listen`, if given, so that a taken address fails
+    /// before anything else starts.
+    pub fn bind_metrics(&self) -> Result<Option<MetricsListener>, MetricsError> {
+        self.metrics_listen
+            .as_deref()
+            .map(MetricsListener::bind)
+            .transpose()
+    }
+}
+
+/// Why the metrics endpoint did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// The address is not HOST:PORT, or does not resolve.
+    #[error("--metrics-listen {addr}: want HOST:PORT, like 127.0.0.1:9100 ({why})")]
+    Address {
+        /// The address given.
+        addr: String,
+        /// What resolving it said.
+        why: String,
+    },
+    /// Another socket has the address.
+    #[error("--metrics-listen {0}: address in use")]
+    AddrInUse(String),
+    /// Binding failed otherwise (permission, no such local address...).
+    #[error("--metrics-listen {addr}: {source}")]
+    Bind {
+        /// The address given.
+        addr: String,
+        /// The bind error.
+        source: std::io::Error,
+    },
+    /// The server's runtime or thread did not start.
+    #[error("metrics endpoint: {0}")]
+    Start(#[from] std::io::Error),
+}
+
+/// A bound, not yet serving, metrics socket.
+#[derive(Debug)]
+pub struct MetricsListener {
+    listener: std::net::TcpListener,
+}
+
+impl MetricsListener {
+    /// Binds `listen` (HOST:PORT).
+    pub fn bind(listen: &str) -> Result<Self, MetricsError> {
+        let addrs: Vec<SocketAddr> = listen
+            .to_socket_addrs()
+            .map_err(|e| MetricsError::Address {
+                addr: listen.to_string(),
+                why: e.to_string(),
+            })?
+            .collect();
+        if addrs.is_empty() {
+            return Err(MetricsError::Address {
+                addr: listen.to_string(),
+                why: "it resolves to no address".into(),
+            });
+        }
+        let listener = std::net::TcpListener::bind(&addrs[..]).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AddrInUse => MetricsError::AddrInUse(listen.to_string()),
+            _ => MetricsError::Bind {
+                addr: listen.to_string(),
+                source: e,
+            },
+        })?;
+        Ok(Self { listener })
+    }
+
+    /// The address bound (the port chosen, for port 0).
+    pub fn local_addr(&self) -> Result<SocketAddr, MetricsError> {
+        Ok(self.listener.local_addr()?)
+    }
+
+    /// Serves `/metrics` from a registry with `collector` (and
+    /// `vrio_build_info` for `binary`) on a thread of its own, until the
+    /// returned server is dropped.
+    pub fn serve(
+        self,
+        binary: &'static str,
+        collector: impl Collector,
+    ) -> Result<MetricsServer, MetricsError> {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(BuildInfo { binary }));
+        registry.register_collector(Box::new(collector));
+        MetricsServer::start(self.listener, registry)
+    }
+}
+
+/// Connections served at once; more are closed at accept.
+const MAX_CONNECTIONS: usize = 8;
+/// How long a client may take to send a request's headers (and how long
+/// an idle keep-alive connection stays open).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest life of one connection; then it closes after its current
+/// request.
+const MAX_CONNECTION_LIFE: Duration = Duration::from_secs(300);
+
+/// The running endpoint: one thread with a single-threaded tokio runtime
+/// and hyper's HTTP/1 server. Stops when dropped.
+#[derive(Debug)]
+pub struct MetricsServer {
+    addr: SocketAddr,
+    scrapes: Arc<AtomicU64>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    join: Option<JoinHandle<()>>,
+}
+
+impl MetricsServer {
+    fn start(listener: std::net::TcpListener, registry: Registry) -> Result<Self, MetricsError> {
+        let addr = listener.local_addr()?;
+        listener.set_nonblocking(true)?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()?;
+        let listener = {
+            let _in_rt = rt.enter();
+            tokio::net::TcpListener::from_std(listener)?
+        };
+        let scrapes = Arc::new(AtomicU64::new(0));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (registry, s) = (Arc::new(registry), scrapes.clone());
+        let join = std::thread::Builder::new()
+            .name("vrio-metrics".into())
+            .spawn(move || rt.block_on(accept_loop(listener, registry, s, rx)))?;
+        Ok(Self {
+            addr,
+            scrapes,
+            shutdown: Some(tx),
+            join: Some(join),
+        })
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `/metrics` requests answered so far.
+    pub fn scrapes(&self) -> u64 {
+        self.scrapes.load(Relaxed)
+    }
+
+    /// Waits until more than `seen` scrapes were answered; false if
+    /// `timeout` passed or `stop` was set first.
+    pub fn wait_scraped_after(&self, seen: u64, timeout: Duration, stop: &AtomicBool) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.scrapes() <= seen {
+            if stop.load(Relaxed) || Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(j) = self.join.take() {
+            let _ = j.join();
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    registry: Arc<Registry>,
+    scrapes: Arc<AtomicU64>,
+    mut shutdown: tokio::sync::oneshot::Receiver<()>,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut shutdown => return,
+            a = listener.accept() => a,
+        };
+        let stream = match accepted {
+            Ok((s, _)) => s,
+            Err(e) => {
+                // Out of descriptors, or a connection reset before accept:
+                // back off a little rather than spin.
+                tracing::debug!(error = %e, "metrics endpoint: accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!("metrics endpoint: too many connections; one refused");
+            continue;
+        };
+        let (registry, scrapes) = (registry.clone(), scrapes.clone());
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                std::future::ready(Ok::<_, Infallible>(answer(&req, &registry, &scrapes)))
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = tokio::time::sleep(MAX_CONNECTION_LIFE) => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(HEADER_TIMEOUT, conn).await;
+                }
+            }
+            drop(slot);
+        });
+    }
+}
+
+fn answer(
+    req: &Request<Incoming>,
+    registry: &Registry,
+    scrapes: &AtomicU64,
+) -> Response<Full<Bytes>> {
+    let readable = matches!(*req.method(), Method::GET | Method::HEAD);
+    match (req.uri().path(), readable) {
+        ("/metrics", true) => {
+            let mut body = String::with_capacity(16 << 10);
+            match prometheus_client::encoding::prometheus_text::encode(&mut body, registry) {
+                Ok(()) => {
+                    scrapes.fetch_add(1, Relaxed);
+                    reply(
+                        StatusCode::OK,
+                        prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+                        body,
+                    )
+                }
+                Err(_) => reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain; charset=utf-8",
+                    "encoding the metrics failed\n".into(),
+                ),
+            }
+        }
+        ("/", true) => reply(
+            StatusCode::OK,
+            "text/plain; charset=utf-8",
+            "vrio: Prometheus metrics are at /metrics\n".into(),
+        ),
+        ("/metrics" | "/", false) => {
+            let mut r = reply(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain; charset=utf-8",
+                "only GET and HEAD\n".into(),
+            );
+            r.headers_mut()
+                .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+            r
+        }
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            "not found: the metrics are at /metrics\n".into(),
+        ),
+    }
+}
+
+fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+/// A sample's labels.
+type Labels = Vec<(&'static str, String)>;
+
+/// A counter family read from one field of `T`: name, help, the field.
+type Field<T> = (&'static str, &'static str, fn(&T) -> u64);
+
+/// Writes one counter family: `name` (without `_total`, which the
+/// encoder adds) with a sample per label set.
+fn counters<N: prometheus_client::encoding::EncodeCounterValue>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (Labels, N)>,
+) -> std::fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, v) in samples {
+        ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// Writes one gauge family.
+fn gauges<N: prometheus_client::encoding::EncodeGaugeValue>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (Labels, N)>,
+) -> std::fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, v) in samples {
+        ConstGauge::new(v).encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn secs(ns: u64) -> f64 {
+    ns as f64 / 1e9
+}
+
+/// `vrio_build_info{binary, version} 1`.
+#[derive(Debug)]
+struct BuildInfo {
+    binary: &'static str,
+}
+
+impl Collector for BuildInfo {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        gauges(
+            &mut enc,
+            "vrio_build_info",
+            "The binary and its version (always 1).",
+            [(
+                vec![
+                    ("binary", self.binary.to_string()),
+                    ("version", env!("CARGO_PKG_VERSION").to_string()),
+                ],
+                1u64,
+            )],
+        )
+    }
+}
+
+/// Per-sidecore counters: an I/O server's sidecores (by index), or the
+/// local sidecore of `vrio-client vhost-user-blk --local-file`.
+fn encode_sidecores(
+    enc: &mut DescriptorEncoder,
+    loads: &[(StatsSnapshot, Option<usize>)],
+) -> std::fmt::Result {
+    let label = |i: usize| vec![("sidecore", i.to_string())];
+    let each = |f: fn(&StatsSnapshot) -> u64| {
+        loads
+            .iter()
+            .enumerate()
+            .map(move |(i, (s, _))| (label(i), f(s)))
+    };
+    counters(
+        enc,
+        "vrio_sidecore_requests",
+        "Requests the sidecore served.",
+        each(|s| s.requests),
+    )?;
+    counters(
+        enc,
+        "vrio_sidecore_bytes",
+        "Bytes in the buffers of the requests the sidecore served.",
+        each(|s| s.bytes),
+    )?;
+    counters(
+        enc,
+        "vrio_sidecore_errors",
+        "Requests the sidecore completed with an error.",
+        each(|s| s.errors),
+    )?;
+    counters(
+        enc,
+        "vrio_sidecore_polls",
+        "Queue polls.",
+        each(|s| s.polls),
+    )?;
+    counters(
+        enc,
+        "vrio_sidecore_empty_polls",
+        "Queue polls that found nothing.",
+        each(|s| s.empty_polls),
+    )?;
+    counters(
+        enc,
+        "vrio_sidecore_busy_seconds",
+        "Time spent in polling rounds that served at least one request; \
+         1 - rate() of it is the idle fraction.",
+        loads
+            .iter()
+            .enumerate()
+            .map(|(i, (s, _))| (label(i), secs(s.busy_ns))),
+    )?;
+    counters(
+        enc,
+        "vrio_sidecore_sleeps",
+        "Times the sidecore slept or blocked for lack of work.",
+        each(|s| s.sleeps),
+    )?;
+    counters(
+        enc,
+        "vrio_sidecore_poll_mode_switches",
+        "Queue switches into poll mode (to=\"poll\") and back to guest \
+         notifications (to=\"notify\").",
+        loads.iter().enumerate().flat_map(|(i, (s, _))| {
+            [
+                (
+                    vec![("sidecore", i.to_string()), ("to", "poll".into())],
+                    s.poll_mode_on,
+                ),
+                (
+                    vec![("sidecore", i.to_string()), ("to", "notify".into())],
+                    s.poll_mode_off,
+                ),
+            ]
+        }),
+    )?;
+    if loads.iter().any(|(_, n)| n.is_some()) {
+        gauges(
+            enc,
+            "vrio_sidecore_queues",
+            "Queues the sidecore serves now.",
+            loads
+                .iter()
+                .enumerate()
+                .map(|(i, (_, n))| (label(i), n.unwrap_or(0) as u64)),
+        )?;
+    }
+    Ok(())
+}
+
+/// What `vrio-server` exports: its fabric counters (blk and net), its
+/// sidecores, its queues, its refused attaches and its switch ports.
+pub struct ServerMetrics {
+    server: Arc<IoServer>,
+}
+
+impl ServerMetrics {
+    /// The metrics of `server`, read at each scrape.
+    pub fn new(server: Arc<IoServer>) -> Self {
+        Self { server }
+    }
+}
+
+impl std::fmt::Debug for ServerMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerMetrics")
+            .field("server", &self.server.addr())
+            .finish()
+    }
+}
+
+impl Collector for ServerMetrics {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let s = &self.server;
+        let kinds = [
+            ("blk", s.stats().snapshot()),
+            ("net", s.net_stats().snapshot()),
+        ];
+        encode_remote(&mut enc, &kinds)?;
+
+        let loads: Vec<_> = s
+            .sidecore_loads()
+            .into_iter()
+            .map(|(st, n)| (st, Some(n)))
+            .collect();
+        encode_sidecores(&mut enc, &loads)?;
+        counters(
+            &mut enc,
+            "vrio_server_sidecore_moves",
+            "Queues moved between this server's sidecores.",
+            [(Labels::new(), s.sidecore_moves())],
+        )?;
+
+        let queues = s.queues();
+        gauges(
+            &mut enc,
+            "vrio_server_queues",
+            "Queues served now.",
+            [(Labels::new(), queues.len() as u64)],
+        )?;
+        gauges(
+            &mut enc,
+            "vrio_server_queue_info",
+            "A queue served now (dev<device>.q<queue>) and its sidecore (always 1).",
+            queues
+                .into_iter()
+                .map(|(q, sc)| (vec![("queue", q), ("sidecore", sc.to_string())], 1u64)),
+        )?;
+
+        let r = s.refusals();
+        counters(
+            &mut enc,
+            "vrio_server_attach_refusals",
+            "Attaches refused: reason=\"unauthenticated\" (no or no valid \
+             credential), reason=\"forbidden\" (volume not granted, missing \
+             or busy).",
+            [
+                ("unauthenticated", r.unauthenticated.load(Relaxed)),
+                ("forbidden", r.forbidden.load(Relaxed)),
+            ]
+            .map(|(why, n)| (vec![("reason", why.to_string())], n)),
+        )?;
+
+        encode_ports(&mut enc, s)
+    }
+}
+
+/// The fabric counters of the blk and net queues, by `device_type`.
+fn encode_remote(
+    enc: &mut DescriptorEncoder,
+    kinds: &[(&str, RemoteSnapshot)],
+) -> std::fmt::Result {
+    let families: [Field<RemoteSnapshot>; 13] = [
+        (
+            "vrio_server_requests",
+            "Requests completed (net: TX chains plus RX frames).",
+            |r| r.requests,
+        ),
+        (
+            "vrio_server_bad_requests",
+            "Requests that failed validation (bad descriptor chains), completed as errors.",
+            |r| r.bad_requests,
+        ),
+        ("vrio_server_batches", "Batches of requests served.", |r| {
+            r.batches
+        }),
+        (
+            "vrio_server_fabric_ops",
+            "Fabric work requests the server posted (READ, WRITE, WRITE_WITH_IMM, SEND).",
+            |r| r.fabric_ops,
+        ),
+        (
+            "vrio_server_critical_round_trips",
+            "Fabric round trips on the requests' critical paths, summed over requests.",
+            |r| r.critical_rtts,
+        ),
+        (
+            "vrio_server_idle_round_trips",
+            "Fabric round trips spent only discovering work (remote polls that found none).",
+            |r| r.idle_rtts,
+        ),
+        (
+            "vrio_server_doorbells",
+            "Doorbell messages received from VM-host agents.",
+            |r| r.doorbells,
+        ),
+        (
+            "vrio_server_remote_polls",
+            "READs of a guest's avail ring (remote polling).",
+            |r| r.remote_polls,
+        ),
+        (
+            "vrio_server_descriptor_fetches",
+            "READs of descriptors or indirect tables a doorbell did not carry.",
+            |r| r.fetches,
+        ),
+        (
+            "vrio_server_notify_mode_switches",
+            "Switches between doorbells and remote polling (adaptive mode).",
+            |r| r.mode_switches,
+        ),
+        (
+            "vrio_server_handovers",
+            "Queues handed back to their VM host (QUIESCE, for a move).",
+            |r| r.handovers,
+        ),
+        (
+            "vrio_server_inline_bytes",
+            "Guest bytes taken from doorbells' inline copies instead of a READ.",
+            |r| r.inline_bytes,
+        ),
+        (
+            "vrio_server_interrupts",
+            "Guest interrupts the server asked VM hosts for.",
+            |r| r.interrupts,
+        ),
+    ];
+    for (name, help, f) in families {
+        counters(
+            enc,
+            name,
+            help,
+            kinds
+                .iter()
+                .map(|(k, r)| (vec![("device_type", k.to_string())], f(r))),
+        )?;
+    }
+    Ok(())
+}
+
+/// Every port of the server's switch: its guests' net devices
+/// (`dev<device>`) and the uplink TAP, if any.
+fn encode_ports(enc: &mut DescriptorEncoder, server: &IoServer) -> std::fmt::Result {
+    let ports: Vec<_> = server
+        .net()
+        .switch()
+        .ports()
+        .into_iter()
+        .map(|p| {
+            let kind = match p.kind() {
+                PortKind::Guest { .. } => "guest",
+                PortKind::Uplink(_) => "uplink",
+            };
+            let labels = vec![("port", p.name().to_string()), ("port_type", kind.into())];
+            (labels, p.stats().snapshot(), p.backlog_len())
+        })
+        .collect();
+    let each = |f: fn(&vrio_core::net::PortSnapshot) -> u64| {
+        ports.iter().map(move |(l, s, _)| (l.clone(), f(s)))
+    };
+    counters(
+        enc,
+        "vrio_net_port_rx_frames",
+        "Frames the switch accepted from the port (a guest's TX, or in from the uplink).",
+        each(|s| s.rx_packets),
+    )?;
+    counters(
+        enc,
+        "vrio_net_port_rx_bytes",
+        "Bytes of the frames the switch accepted from the port.",
+        each(|s| s.rx_bytes),
+    )?;
+    counters(
+        enc,
+        "vrio_net_port_tx_frames",
+        "Frames the switch delivered to the port (into a guest's RX ring, or out of the uplink).",
+        each(|s| s.tx_packets),
+    )?;
+    counters(
+        enc,
+        "vrio_net_port_tx_bytes",
+        "Bytes of the frames the switch delivered to the port.",
+        each(|s| s.tx_bytes),
+    )?;
+    counters(
+        enc,
+        "vrio_net_port_checksummed_frames",
+        "Frames from the port whose checksum the device completed (CSUM offload).",
+        each(|s| s.checksummed),
+    )?;
+    counters(
+        enc,
+        "vrio_net_port_drops",
+        "Frames dropped at the port, by reason.",
+        ports.iter().flat_map(|(l, s, _)| {
+            DropReason::ALL.iter().map(move |&r| {
+                let mut l = l.clone();
+                l.push(("reason", r.name().to_string()));
+                (l, s.drops(r))
+            })
+        }),
+    )?;
+    gauges(
+        enc,
+        "vrio_net_port_backlog_frames",
+        "Frames waiting in the port's backlog for the guest's RX buffers.",
+        ports.iter().map(|(l, _, n)| (l.clone(), *n as u64)),
+    )
+}
+
+/// The agents a `vrio-client` runs.
+pub enum Agents {
+    /// One agent per device, serving all its queues (`synthetic`):
+    /// `(device, agent)`.
+    Devices(Vec<(String, Arc<AttachedDevice>)>),
+    /// One agent per vring of one device (`vhost-user-blk`,
+    /// `vhost-user-net`), while the VMM has the vring running.
+    Vrings {
+        /// The device's label.
+        device: String,
+        /// Where the front keeps its vrings' agents.
+        placement: Arc<Placement>,
+    },
+    /// No agent (the local model: `vhost-user-blk --local-file`).
+    None,
+}
+
+/// What `vrio-client` exports: its agents' counters and where their
+/// queues are served, the synthetic guests' completed requests, and the
+/// local sidecore of the local model.
+pub struct ClientMetrics {
+    agents: Agents,
+    completed: Option<Arc<AtomicU64>>,
+    sidecore: Option<Arc<SidecoreStats>>,
+}
+
+impl ClientMetrics {
+    /// The metrics of `agents`.
+    pub fn new(agents: Agents) -> Self {
+        Self {
+            agents,
+            completed: None,
+            sidecore: None,
+        }
+    }
+
+    /// Also exports `completed` as `vrio_guest_requests_completed_total`
+    /// (the synthetic guests' own count).
+    pub fn with_completed(mut self, completed: Arc<AtomicU64>) -> Self {
+        self.completed = Some(completed);
+        self
+    }
+
+    /// Also exports a local sidecore as `vrio_sidecore_*{sidecore="0"}`.
+    pub fn with_sidecore(mut self, stats: Arc<SidecoreStats>) -> Self {
+        self.sidecore = Some(stats);
+        self
+    }
+
+    /// `(labels, agent)` for every agent running now.
+    fn agents(&self) -> Vec<(Labels, Arc<AttachedDevice>)> {
+        match &self.agents {
+            Agents::Devices(d) => d
+                .iter()
+                .map(|(name, a)| (vec![("device", name.clone())], a.clone()))
+                .collect(),
+            Agents::Vrings { device, placement } => {
+                let attached = placement
+                    .attached
+                    .lock()
+                    .map(|v| v.clone())
+                    .unwrap_or_default();
+                attached
+                    .into_iter()
+                    .enumerate()
+                    .filter_map(|(q, a)| {
+                        a.map(|a| {
+                            (
+                                vec![("device", device.clone()), ("vring", q.to_string())],
+                                a,
+                            )
+                        })
+                    })
+                    .collect()
+            }
+            Agents::None => Vec::new(),
+        }
+    }
+}
+
+impl std::fmt::Debug for ClientMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientMetrics").finish_non_exhaustive()
+    }
+}
+
+impl Collector for ClientMetrics {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        if let Some(done) = &self.completed {
+            counters(
+                &mut enc,
+                "vrio_guest_requests_completed",
+                "Requests the synthetic guests completed (and verified, when read back).",
+                [(Labels::new(), done.load(Relaxed))],
+            )?;
+        }
+        if let Some(sc) = &self.sidecore {
+            encode_sidecores(&mut enc, &[(sc.snapshot(), None)])?;
+        }
+        if matches!(self.agents, Agents::None) {
+            return Ok(());
+        }
+        let agents = self.agents();
+        let families: [Field<vrio_core::remote::AgentStats>; 7] = [
+            (
+                "vrio_agent_doorbells",
+                "Doorbell messages the agent sent to I/O servers.",
+                |s| s.doorbells.load(Relaxed),
+            ),
+            (
+                "vrio_agent_completions",
+                "Used-index updates the agent published to the guest.",
+                |s| s.completions.load(Relaxed),
+            ),
+            (
+                "vrio_agent_interrupts",
+                "Guest interrupts the agent raised.",
+                |s| s.interrupts.load(Relaxed),
+            ),
+            (
+                "vrio_agent_kicks",
+                "Guest kicks (queue notifications) the agent saw.",
+                |s| s.kicks.load(Relaxed),
+            ),
+            (
+                "vrio_agent_moves",
+                "Queue handovers from a live I/O server to another.",
+                |s| s.moves.load(Relaxed),
+            ),
+            (
+                "vrio_agent_failovers",
+                "Queue re-attachments after a lost I/O server.",
+                |s| s.failovers.load(Relaxed),
+            ),
+            (
+                "vrio_agent_orphaned_queues",
+                "Times a queue lost its I/O server.",
+                |s| s.orphaned.load(Relaxed),
+            ),
+        ];
+        for (name, help, f) in families {
+            counters(
+                &mut enc,
+                name,
+                help,
+                agents.iter().map(|(l, a)| (l.clone(), f(a.stats()))),
+            )?;
+        }
+        counters(
+            &mut enc,
+            "vrio_agent_cpu_seconds",
+            "CPU time of the agent's thread (recorded when the agent stops).",
+            agents
+                .iter()
+                .map(|(l, a)| (l.clone(), secs(a.stats().cpu_ns.load(Relaxed)))),
+        )?;
+        gauges(
+            &mut enc,
+            "vrio_agent_queue_info",
+            "Where each queue is (or was last) served: server, sidecore \
+             (\"any\": the server's choice) and state (serving, moving, \
+             orphaned); always 1.",
+            agents.iter().flat_map(|(l, a)| {
+                a.queues().into_iter().map(move |q| {
+                    let mut l = l.clone();
+                    l.push(("queue", q.queue.to_string()));
+                    l.push(("server", q.target.server.clone()));
+                    let sc = match q.target.sidecore {
+                        ANY_SIDECORE => "any".to_string(),
+                        n => n.to_string(),
+                    };
+                    l.push(("sidecore", sc));
+                    let state = match q.state {
+                        LinkState::Serving => "serving",
+                        LinkState::Moving => "moving",
+                        LinkState::Orphaned => "orphaned",
+                    };
+                    l.push(("state", state.into()));
+                    (l, 1u64)
+                })
+            }),
+        )
+    }
+}
