@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use crate::api::{AcceptLimits, FabricError};
 use crate::eventfd::EventFd;
-use crate::ratelimit::RateLimit;
+use crate::ratelimit::WarnLimiter;
 
 /// How long the acceptor stops accepting when the process is out of file
 /// descriptors or memory (accept would fail again at once).
@@ -64,7 +64,7 @@ struct Shared {
     /// Connections in their handshake, or finished and not yet accepted.
     pending: AtomicUsize,
     setups: Mutex<HashMap<u64, Setup>>,
-    warnings: RateLimit,
+    warnings: WarnLimiter,
 }
 
 impl Shared {
@@ -74,7 +74,7 @@ impl Shared {
     }
 
     fn warn(&self, msg: std::fmt::Arguments<'_>) {
-        match self.warnings.admit() {
+        match self.warnings.allow("listener", Instant::now()) {
             Some(0) => tracing::warn!("{}: {msg}", self.name),
             Some(suppressed) => tracing::warn!(
                 suppressed,
@@ -134,7 +134,7 @@ impl<T: Send + 'static> Acceptor<T> {
             stopping: AtomicBool::new(false),
             pending: AtomicUsize::new(0),
             setups: Mutex::new(HashMap::new()),
-            warnings: RateLimit::new(WARNINGS_PER_SEC, Duration::from_secs(1)),
+            warnings: WarnLimiter::new(Duration::from_secs(1), WARNINGS_PER_SEC),
         });
         let (tx, rx) = mpsc::channel();
         let sh = Arc::clone(&shared);

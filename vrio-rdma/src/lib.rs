@@ -46,4 +46,5 @@ pub mod verbs;
 
 pub use api::*;
 pub use async_endpoint::AsyncEndpoint;
+pub use ratelimit::WarnLimiter;
 pub use select::{open, open_auto};

@@ -1,54 +1,76 @@
-//! Rate-limited warnings: a hostile peer (or a flood of them) must not
-//! flood the log. A few lines per window get through; the rest are counted,
-//! and the next line that gets through reports how many were suppressed.
+//! Rate limits for warnings a peer can cause: a hostile peer must not be
+//! able to flood the log (one once produced 44,832 lines in 12 s), but an
+//! operator must still see that it happens and how often. Used by the
+//! listeners here (one key per listener) and by the I/O server (a key per
+//! peer host).
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-#[derive(Debug, Default)]
+/// Most distinct keys remembered; beyond it the oldest windows are dropped
+/// (a peer cycling source ports must not grow the map without bound).
+const MAX_KEYS: usize = 1024;
+
 struct Window {
-    start: Option<Instant>,
+    start: Instant,
     logged: u32,
     suppressed: u64,
 }
 
-/// Lets at most `per_window` events per `window` be logged.
+/// Lets `burst` warnings per key through in each `period`, and counts the
+/// rest.
 #[derive(Debug)]
-pub(crate) struct RateLimit {
-    per_window: u32,
-    window: Duration,
-    st: Mutex<Window>,
+pub struct WarnLimiter {
+    period: Duration,
+    burst: u32,
+    windows: Mutex<HashMap<String, Window>>,
 }
 
-impl RateLimit {
-    pub(crate) fn new(per_window: u32, window: Duration) -> Self {
+impl std::fmt::Debug for Window {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Window")
+            .field("logged", &self.logged)
+            .field("suppressed", &self.suppressed)
+            .finish()
+    }
+}
+
+impl WarnLimiter {
+    /// `burst` lines per key every `period`.
+    pub fn new(period: Duration, burst: u32) -> Self {
         Self {
-            per_window,
-            window,
-            st: Mutex::new(Window::default()),
+            period,
+            burst: burst.max(1),
+            windows: Mutex::default(),
         }
     }
 
-    /// Whether to log an event now: `Some(n)` if so, with `n` the events
-    /// suppressed since the last one logged; `None` to drop it.
-    pub(crate) fn admit(&self) -> Option<u64> {
-        self.admit_at(Instant::now())
-    }
-
-    fn admit_at(&self, now: Instant) -> Option<u64> {
-        // A counter update cannot be torn: poison is harmless.
-        let mut w = self.st.lock().unwrap_or_else(|e| e.into_inner());
-        if w.start
-            .is_none_or(|s| now.saturating_duration_since(s) >= self.window)
-        {
-            w.start = Some(now);
-            w.logged = 0;
+    /// Whether a warning for `key` may be logged at `now`: `Some(n)` with
+    /// the number suppressed since the last one logged, `None` to drop it.
+    pub fn allow(&self, key: &str, now: Instant) -> Option<u64> {
+        let mut w = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        if w.len() >= MAX_KEYS && !w.contains_key(key) {
+            let period = self.period;
+            w.retain(|_, v| now.saturating_duration_since(v.start) < period);
+            if w.len() >= MAX_KEYS {
+                w.clear();
+            }
         }
-        if w.logged < self.per_window {
-            w.logged += 1;
-            Some(std::mem::take(&mut w.suppressed))
+        let win = w.entry(key.to_string()).or_insert(Window {
+            start: now,
+            logged: 0,
+            suppressed: 0,
+        });
+        if now.saturating_duration_since(win.start) >= self.period {
+            win.start = now;
+            win.logged = 0;
+        }
+        if win.logged < self.burst {
+            win.logged += 1;
+            Some(std::mem::take(&mut win.suppressed))
         } else {
-            w.suppressed += 1;
+            win.suppressed += 1;
             None
         }
     }
@@ -59,16 +81,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn lets_a_few_through_per_window_and_counts_the_rest() {
-        let r = RateLimit::new(3, Duration::from_secs(1));
-        let t0 = Instant::now();
-        let got: Vec<_> = (0..10)
-            .map(|i| r.admit_at(t0 + Duration::from_millis(i)))
-            .collect();
-        assert_eq!(&got[..3], &[Some(0), Some(0), Some(0)]);
-        assert!(got[3..].iter().all(Option::is_none), "{got:?}");
-        // The next window's first line reports the 7 suppressed.
-        assert_eq!(r.admit_at(t0 + Duration::from_millis(1000)), Some(7));
-        assert_eq!(r.admit_at(t0 + Duration::from_millis(1001)), Some(0));
+    fn a_burst_per_key_then_counts_until_the_next_period() {
+        let l = WarnLimiter::new(Duration::from_secs(1), 3);
+        let t = Instant::now();
+        assert_eq!(l.allow("a", t), Some(0));
+        assert_eq!(l.allow("a", t), Some(0));
+        assert_eq!(l.allow("a", t), Some(0));
+        for _ in 0..100 {
+            assert_eq!(l.allow("a", t), None);
+        }
+        // Another peer is not held back by the first.
+        assert_eq!(l.allow("b", t), Some(0));
+        // The next period reports what was dropped.
+        assert_eq!(l.allow("a", t + Duration::from_secs(1)), Some(100));
+        assert_eq!(l.allow("a", t + Duration::from_secs(1)), Some(0));
+        // Many keys do not grow the map without bound.
+        for i in 0..5000 {
+            l.allow(&format!("k{i}"), t);
+        }
+        assert!(l.windows.lock().unwrap().len() <= MAX_KEYS);
     }
 }

@@ -6,7 +6,6 @@
 
 mod credential;
 mod volume;
-mod warn;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -16,7 +15,7 @@ pub use credential::{
     peer_host, valid_volume_name, AccessMode, Capability, CredentialError, Keyring, MAX_CREDENTIAL,
 };
 pub use volume::{image_path, Claim, VolumeError, VolumeSet};
-pub use warn::WarnLimiter;
+pub use vrio_rdma::WarnLimiter;
 
 use crate::proto::wire::AttachStatus;
 
