@@ -129,6 +129,15 @@ fn assert_clean(r: &QueueReport) {
     );
 }
 
+/// Waits (at most 30 s, for a loaded machine) until `cond` holds.
+fn wait_until(cond: impl Fn() -> bool, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -248,14 +257,7 @@ fn a_device_reaches_only_the_volume_it_was_granted_and_writers_exclude_each_othe
         std::thread::spawn(move || run_until(&addr, &endless(2), &[1, 2], &[ca, cb], &l))
     };
     // Wait until both devices hold their volumes (their queues are served).
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while s.queues().len() < 2 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "legit guests attached"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_until(|| s.queues().len() >= 2, "legit guests attached");
 
     // A volume nobody granted, one that does not exist, and a second writer.
     let e = hostile_attach(
@@ -357,28 +359,14 @@ fn one_vm_host_gets_at_most_its_share_of_queues() {
         let (addr, l) = (addr.clone(), l.clone());
         std::thread::spawn(move || run_until(&addr, &endless(2), &[1, 2], &[], &l))
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while s.queues().len() < 2 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "legit guests attached"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_until(|| s.queues().len() >= 2, "legit guests attached");
     // ...and a third is refused while they live.
     let e = attach(3).unwrap_err().to_string();
     assert!(e.contains("refused"), "{e}");
     l.finish_after(500);
     assert_clean(&legit.join().unwrap().unwrap());
     // Once they are gone, the host has room again.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !s.queues().is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "legit queues detached"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_until(|| s.queues().is_empty(), "legit queues detached");
     attach(3).unwrap();
     s.stop();
 }
