@@ -204,29 +204,23 @@ impl CmHub {
         }
     }
 
-    /// Blocks until a connection request arrives.
-    pub fn wait_request(&self, timeout: Option<Duration>) -> Result<Arc<Identifier>, FabricError> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+    /// The next connection request, waiting at most `timeout`; None if
+    /// none came.
+    pub fn next_request(&self, timeout: Duration) -> Result<Option<Arc<Identifier>>, FabricError> {
+        let deadline = Instant::now() + timeout;
         loop {
             {
                 let mut st = self.lock();
                 self.pump(&mut st)?;
                 if let Some(id) = st.requests.pop_front() {
-                    return Ok(id);
+                    return Ok(Some(id));
                 }
             }
-            let step = Duration::from_millis(200);
-            let left = match deadline {
-                Some(d) => {
-                    let left = d.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return Err(FabricError::Verbs("no connection request in time".into()));
-                    }
-                    left.min(step)
-                }
-                None => step,
-            };
-            wait_readable(self.fd(), left)?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            wait_readable(self.fd(), left.min(Duration::from_millis(200)))?;
         }
     }
 }

@@ -13,8 +13,9 @@ mod region;
 mod status;
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
 
 use sideway::ibverbs::address::GidType;
 use sideway::ibverbs::device::{DeviceInfo, DeviceList};
@@ -250,12 +251,17 @@ impl Domain for VerbsDomain {
         id.listen(64)
             .map_err(|e| FabricError::Verbs(format!("rdma_listen({bound}): {e}")))?;
         tracing::info!(addr = %bound, device = %self.inner.name, "verbs listening");
+        let (done_tx, done_rx) = mpsc::channel();
         Ok(Box::new(VerbsListener {
             hub,
             id,
             domain: Arc::clone(&self.inner),
             cfg,
             addr: bound,
+            done_tx,
+            done_rx,
+            in_setup: Arc::new(AtomicUsize::new(0)),
+            warnings: crate::WarnLimiter::new(Duration::from_secs(1), 5),
         }))
     }
 
@@ -309,18 +315,37 @@ fn expect(hub: &CmHub, tok: u64, want: CmEvent) -> Result<(), String> {
     }
 }
 
-/// An rdma_cm listener bound to an `IP:PORT` of the domain's device. Its
-/// `accept` blocks until a peer completes the connection handshake and keeps
-/// listening when a peer's handshake fails.
+/// An rdma_cm listener bound to an `IP:PORT` of the domain's device. Each
+/// connection's handshake runs on a thread of its own (at most
+/// [`MAX_SETUPS`] at once), so a peer that never completes its handshake
+/// delays nobody else's; `accept` returns the next one that completed, and
+/// keeps listening when a peer's handshake fails.
 pub struct VerbsListener {
     hub: Arc<CmHub>,
     id: Arc<Identifier>,
     domain: Arc<DomainInner>,
     cfg: EndpointConfig,
     addr: SocketAddr,
+    done_tx: mpsc::Sender<Result<VerbsEndpoint, FabricError>>,
+    done_rx: mpsc::Receiver<Result<VerbsEndpoint, FabricError>>,
+    in_setup: Arc<AtomicUsize>,
+    warnings: crate::WarnLimiter,
 }
 
-impl VerbsListener {
+/// Handshakes in progress at once; more connection requests are dropped
+/// (the peer's connect times out).
+const MAX_SETUPS: usize = 64;
+
+/// What a handshake thread needs of its listener.
+#[derive(Clone)]
+struct Handshaker {
+    hub: Arc<CmHub>,
+    domain: Arc<DomainInner>,
+    cfg: EndpointConfig,
+    addr: SocketAddr,
+}
+
+impl Handshaker {
     fn accept_one(&self, req: Arc<Identifier>) -> Result<VerbsEndpoint, FabricError> {
         let tok = self.hub.track(&req);
         match self.handshake(&req, tok) {
@@ -359,19 +384,61 @@ impl VerbsListener {
     }
 }
 
+impl VerbsListener {
+    fn warn(&self, msg: std::fmt::Arguments<'_>) {
+        if let Some(suppressed) = self.warnings.allow("listener", Instant::now()) {
+            tracing::warn!(suppressed, "verbs: {msg}");
+        }
+    }
+}
+
 impl Listener for VerbsListener {
     fn accept(&mut self) -> Result<Box<dyn Endpoint>, FabricError> {
         let _keep = &self.id;
         loop {
-            let req = self.hub.wait_request(None)?;
-            match self.accept_one(req) {
-                Ok(ep) => return Ok(Box::new(ep)),
-                // A failed handshake is the peer's problem; keep listening
-                // unless the failure is ours.
-                Err(e @ FabricError::Connect { .. }) => {
-                    tracing::warn!(error = %e, "handshake failed")
+            while let Ok(r) = self.done_rx.try_recv() {
+                match r {
+                    Ok(ep) => return Ok(Box::new(ep)),
+                    // A failed handshake is the peer's problem; keep
+                    // listening unless the failure is ours.
+                    Err(e @ FabricError::Connect { .. }) => {
+                        self.warn(format_args!("handshake failed: {e}"))
+                    }
+                    Err(e) => return Err(e),
                 }
-                Err(e) => return Err(e),
+            }
+            // Back now and then for handshakes that finished meanwhile.
+            let Some(req) = self.hub.next_request(Duration::from_millis(20))? else {
+                continue;
+            };
+            if self.in_setup.load(Ordering::Relaxed) >= MAX_SETUPS {
+                self.warn(format_args!(
+                    "{MAX_SETUPS} handshakes in progress; a connection request is dropped"
+                ));
+                continue;
+            }
+            self.in_setup.fetch_add(1, Ordering::Relaxed);
+            let (hs, tx, n) = (
+                Handshaker {
+                    hub: Arc::clone(&self.hub),
+                    domain: Arc::clone(&self.domain),
+                    cfg: self.cfg,
+                    addr: self.addr,
+                },
+                self.done_tx.clone(),
+                Arc::clone(&self.in_setup),
+            );
+            let spawned = std::thread::Builder::new()
+                .name("vrio-verbs-hs".into())
+                .spawn(move || {
+                    let r = hs.accept_one(req);
+                    n.fetch_sub(1, Ordering::Relaxed);
+                    // The listener may be gone: the endpoint is dropped.
+                    let _ = tx.send(r);
+                });
+            if let Err(e) = spawned {
+                self.in_setup.fetch_sub(1, Ordering::Relaxed);
+                self.warn(format_args!("no thread for a handshake: {e}"));
             }
         }
     }
