@@ -1,4 +1,9 @@
-//! Command lines shared by the cross-process tests.
+//! Command lines shared by the cross-process tests, and a legitimate
+//! workload for the hostile-peer tests ([`legit`]). Each test binary uses
+//! some of it.
+#![allow(dead_code)]
+
+pub mod legit;
 
 use std::path::Path;
 use std::process::Command;
