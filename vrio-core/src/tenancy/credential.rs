@@ -201,7 +201,8 @@ impl Capability {
     }
 
     /// Whether a connection from `peer` (an endpoint's peer description:
-    /// `tcp:IP:PORT`, `unix:PATH`, or a verbs `IP:PORT`) may use it.
+    /// `tcp:IP:PORT`, `unix:PATH`, `shm:pid N`, or a verbs `IP:PORT`) may use
+/// it.
     pub fn check_host(&self, peer: &str) -> Result<(), CredentialError> {
         if self.host.is_empty() || self.host == peer_host(peer) {
             return Ok(());
@@ -216,7 +217,8 @@ impl Capability {
 /// The host part of an endpoint's peer description (`local` for Unix
 /// sockets): what per-peer limits and capabilities' `host` are keyed by.
 pub fn peer_host(peer: &str) -> &str {
-    if peer.starts_with("unix:") || peer.starts_with('/') {
+    // Unix-socket fabrics: soft over `unix:PATH`, and shm (`shm:pid N`).
+    if peer.starts_with("unix:") || peer.starts_with("shm:") || peer.starts_with('/') {
         return "local";
     }
     let p = peer.strip_prefix("tcp:").unwrap_or(peer);
@@ -476,6 +478,8 @@ mod tests {
             ..cap()
         };
         assert!(local.check_host("unix:/run/x").is_ok());
+        assert!(local.check_host("shm:pid 4242").is_ok());
+        assert!(local.check_host("tcp:127.0.0.1:1").is_err());
         let any = Capability {
             host: String::new(),
             ..cap()
