@@ -23,6 +23,11 @@ fn bench_writes_json_with_all_rows() {
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let _ = std::fs::remove_file(&path);
+    // The chart beside the JSON.
+    let chart = path.with_file_name(format!("vrio-bench-{}-ops.svg", std::process::id()));
+    let svg = std::fs::read_to_string(&chart).unwrap_or_default();
+    let _ = std::fs::remove_file(&chart);
+    assert!(svg.contains("<svg"), "no chart at {}", chart.display());
     let rows = v["rows"].as_array().unwrap();
     let mut seen: Vec<(String, u64, u64)> = rows
         .iter()

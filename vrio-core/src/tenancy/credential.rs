@@ -202,7 +202,7 @@ impl Capability {
 
     /// Whether a connection from `peer` (an endpoint's peer description:
     /// `tcp:IP:PORT`, `unix:PATH`, `shm:pid N`, or a verbs `IP:PORT`) may use
-/// it.
+    /// it.
     pub fn check_host(&self, peer: &str) -> Result<(), CredentialError> {
         if self.host.is_empty() || self.host == peer_host(peer) {
             return Ok(());

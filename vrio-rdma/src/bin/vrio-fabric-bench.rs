@@ -8,6 +8,12 @@
 //! operation: the target domain's fabric threads
 //! ([`Domain::fabric_cpu_ns`]) for a fabric, the echo server's thread for
 //! TCP (a NIC would make it zero for a one-sided operation).
+//!
+//! With `--json out.json` it also draws `out-ops.svg`: op/s by size and
+//! depth for every fabric and TCP (`--no-plots` leaves it out).
+
+#[path = "vrio-fabric-bench/chart.rs"]
+mod chart;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -34,6 +40,9 @@ struct Args {
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// With --json, do not draw the chart beside it (`out-ops.svg`).
+    #[arg(long)]
+    no_plots: bool,
     /// Fabrics to measure beside plain TCP, comma-separated (soft, shm,
     /// verbs).
     #[arg(long, value_delimiter = ',', default_value = "soft,shm")]
@@ -454,6 +463,144 @@ fn run(args: Args) -> BenchResult<()> {
     };
     if let Some(p) = &args.json {
         std::fs::write(p, serde_json::to_string_pretty(&report)?)?;
+        if !args.no_plots {
+            // The JSON is written whatever becomes of the chart.
+            let svg = chart::path_beside(p, "ops");
+            chart::render(&svg, &ops_chart(&report))?;
+            println!("wrote {}", svg.display());
+        }
     }
     Ok(())
+}
+
+/// op/s of every row (op, size, depth on x) for every fabric and TCP, on a
+/// log axis (depth 32 and depth 1 differ by an order of magnitude).
+fn ops_chart(report: &Report) -> chart::Chart {
+    let names: Vec<&str> = report
+        .fabrics
+        .iter()
+        .map(String::as_str)
+        .chain(["tcp"])
+        .collect();
+    let series = names
+        .iter()
+        .map(|&name| chart::Series {
+            name: name.to_string(),
+            bars: report
+                .rows
+                .iter()
+                .map(|r| {
+                    let m = match name {
+                        "tcp" => Some(&r.tcp),
+                        f => r.fabrics.get(f).map(|m| &m.measure),
+                    };
+                    m.map(|m| chart::Bar {
+                        solid: m.ops_per_sec,
+                        pale: None,
+                    })
+                })
+                .collect(),
+        })
+        .collect();
+    chart::Chart {
+        title: format!(
+            "Fabric op/s by size and depth ({} vs TCP loopback)",
+            report.fabrics.join(", ")
+        ),
+        y_label: "operations per second (log)".into(),
+        log_y: true,
+        groups: report
+            .rows
+            .iter()
+            .map(|r| format!("{} {} B QD{}", r.op, r.size, r.depth))
+            .collect(),
+        series,
+        note: String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A chart of a tiny fake report is well-formed SVG naming every
+    /// fabric, TCP and every row.
+    #[test]
+    fn the_chart_of_a_fake_report_is_svg_with_every_name() {
+        let m = |ops_per_sec: f64| Measure {
+            ops: 10,
+            ops_per_sec,
+            p50_us: 1.0,
+            p99_us: 2.0,
+            target_cpu_us_per_op: 0.1,
+        };
+        let row = |op, size, depth, k: f64| Row {
+            op,
+            size,
+            depth,
+            soft: Some(m(1000.0 * k)),
+            tcp: m(500.0 * k),
+            ratio: Some(2.0),
+            fabrics: [("soft", 1000.0), ("shm", 5000.0)]
+                .into_iter()
+                .map(|(n, v)| {
+                    let measure = m(v * k);
+                    (
+                        n.to_string(),
+                        FabricMeasure {
+                            measure,
+                            ratio_vs_tcp: 2.0,
+                        },
+                    )
+                })
+                .collect(),
+        };
+        let report = Report {
+            transport: "tcp loopback",
+            seconds_per_measurement: 0.1,
+            fabrics: vec!["soft".into(), "shm".into()],
+            rows: vec![row("READ", 64, 1, 1.0), row("WRITE", 4096, 32, 20.0)],
+        };
+        let dir = std::env::temp_dir().join(format!("vrio-fabric-chart-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let svg = chart::path_beside(&dir.join("out.json"), "ops");
+        assert_eq!(svg, dir.join("out-ops.svg"));
+        chart::render(&svg, &ops_chart(&report)).unwrap();
+        let text = std::fs::read_to_string(&svg).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let doc = roxmltree::Document::parse(&text).unwrap();
+        assert_eq!(doc.root_element().tag_name().name(), "svg");
+        let texts: Vec<&str> = doc
+            .descendants()
+            .filter(|n| n.has_tag_name("text"))
+            .filter_map(|n| n.text())
+            .map(str::trim)
+            .collect();
+        for want in ["soft", "shm", "tcp", "READ 64 B QD1", "WRITE 4096 B QD32"] {
+            assert!(texts.contains(&want), "{want} not in {texts:?}");
+        }
+        assert!(doc.descendants().any(|n| n.has_tag_name("rect")));
+    }
+
+    /// A chart that cannot be written names its file.
+    #[test]
+    fn a_chart_that_cannot_be_written_says_where() {
+        let c = chart::Chart {
+            title: "t".into(),
+            y_label: "y".into(),
+            log_y: false,
+            groups: vec!["g".into()],
+            series: vec![chart::Series {
+                name: "m".into(),
+                bars: vec![Some(chart::Bar {
+                    solid: 1.0,
+                    pale: None,
+                })],
+            }],
+            note: String::new(),
+        };
+        let path = std::path::Path::new("/nonexistent-vrio-dir/out-ops.svg");
+        let e = chart::render(path, &c).unwrap_err();
+        assert!(e.contains("/nonexistent-vrio-dir/out-ops.svg"), "{e}");
+    }
 }

@@ -31,6 +31,10 @@ pub struct Args {
     /// Where to write the JSON results.
     #[arg(long, default_value = "target/vrio-bench.json")]
     pub json: PathBuf,
+    /// Do not draw the SVG charts beside the JSON (`out.json` ->
+    /// `out-throughput.svg`, `out-cpu.svg`, ...).
+    #[arg(long)]
+    pub no_plots: bool,
     /// Leave out the remote-sidecore models (local models only).
     #[arg(long)]
     pub local_only: bool,
@@ -182,5 +186,6 @@ pub fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
             "seconds_per_point": a.seconds,
         }),
         json,
+        !a.no_plots,
     )
 }

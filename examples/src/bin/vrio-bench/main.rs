@@ -10,11 +10,13 @@
 //!
 //! `vrio-bench [blk options]` without a workload runs `blk`, as the
 //! blk-only vrio-bench did; `vrio-bench net` replaces vrio-netbench. Both
-//! JSON files keep their old fields and add `"workload"`.
+//! JSON files keep their old fields and add `"workload"`. Beside the JSON
+//! each run draws SVG charts ([`plot`]; `--no-plots` leaves them out).
 
 mod blk;
 mod cpu;
 mod net;
+mod plot;
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -124,12 +126,14 @@ fn main() -> ExitCode {
 }
 
 /// Writes one run's JSON (`fields` plus `"workload"` and `"points"`) to
-/// `path`, creating its directory.
+/// `path`, creating its directory, then (with `plots`) its charts beside
+/// it. A chart that cannot be written is an error, after the JSON is.
 fn write_json(
     path: &Path,
     workload: &str,
     mut fields: serde_json::Value,
     points: Vec<serde_json::Value>,
+    plots: bool,
 ) -> Result<(), Box<dyn std::error::Error>> {
     fields["workload"] = workload.into();
     fields["points"] = points.into();
@@ -138,5 +142,10 @@ fn write_json(
     }
     std::fs::write(path, serde_json::to_string_pretty(&fields)?)?;
     println!("wrote {}", path.display());
+    if plots {
+        let points = fields["points"].as_array().map_or(&[][..], Vec::as_slice);
+        plot::write(path, workload, points)
+            .map_err(|e| format!("{e} (the JSON is written: {})", path.display()))?;
+    }
     Ok(())
 }

@@ -40,6 +40,10 @@ pub struct Args {
     /// Where to write the JSON results.
     #[arg(long, default_value = "target/vrio-netbench.json")]
     pub json: PathBuf,
+    /// Do not draw the SVG charts beside the JSON (`out.json` ->
+    /// `out-throughput.svg`, `out-cpu.svg`, ...).
+    #[arg(long)]
+    pub no_plots: bool,
     #[command(flatten)]
     pub fabrics: Fabrics,
 }
@@ -225,5 +229,6 @@ pub fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
             "rx_buf_len": a.rx_buf,
         }),
         points,
+        !a.no_plots,
     )
 }
