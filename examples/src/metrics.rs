@@ -895,3 +895,225 @@ impl Collector for ClientMetrics {
         )
     }
 }
+
+/// Where `vrio-controller` puts its controller once it has one: at start
+/// with a local store, once elected with etcd. Until then the endpoint
+/// exports `vrio_controller_leader 0` and the RPC metrics only.
+pub type ControllerSlot = Arc<std::sync::OnceLock<Arc<vrio_control::Controller>>>;
+
+/// What `vrio-controller` exports: whether it leads, its servers and
+/// their leases, its assignments, devices, volumes and grants, its moves
+/// and failovers (read from the controller's state at scrape time), and
+/// the Control service's calls by method and code with their latency.
+pub struct ControllerMetrics {
+    ctrl: ControllerSlot,
+    rpc: Arc<vrio_control::metrics::RpcMetrics>,
+}
+
+impl ControllerMetrics {
+    /// The metrics of the controller `ctrl` holds (or will), and of the
+    /// calls recorded into `rpc` (`vrio_control::server::serve_observed`).
+    pub fn new(ctrl: ControllerSlot, rpc: Arc<vrio_control::metrics::RpcMetrics>) -> Self {
+        Self { ctrl, rpc }
+    }
+}
+
+impl std::fmt::Debug for ControllerMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControllerMetrics")
+            .field("leader", &self.ctrl.get().is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A gRPC code as Prometheus labels usually spell it (`OK`, `NotFound`,
+/// `Unauthenticated`...).
+fn grpc_code_label(code: tonic::Code) -> String {
+    match code {
+        tonic::Code::Ok => "OK".into(),
+        c => format!("{c:?}"),
+    }
+}
+
+impl Collector for ControllerMetrics {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let ctrl = self.ctrl.get();
+        gauges(
+            &mut enc,
+            "vrio_controller_leader",
+            "1 when this instance leads and serves (always, with a local \
+             store); 0 while it waits for the etcd election.",
+            [(Labels::new(), u64::from(ctrl.is_some()))],
+        )?;
+        if let Some(ctrl) = ctrl {
+            encode_controller_state(&mut enc, ctrl)?;
+        }
+        encode_rpcs(&mut enc, &self.rpc.snapshot(), self.rpc.methods())
+    }
+}
+
+fn encode_controller_state(
+    enc: &mut DescriptorEncoder,
+    ctrl: &vrio_control::Controller,
+) -> std::fmt::Result {
+    let stats = ctrl.stats();
+    let servers = ctrl.servers();
+    let now_ms = vrio_control::service::now_ms() as i64;
+    let total = |name: &str, help: &str, v: u64| (name.to_string(), help.to_string(), v);
+    let totals = [
+        total(
+            "vrio_controller_servers",
+            "Servers the controller knows, dead ones included.",
+            u64::from(stats.servers),
+        ),
+        total(
+            "vrio_controller_servers_alive",
+            "Servers whose lease is live.",
+            u64::from(stats.alive_servers),
+        ),
+        total(
+            "vrio_controller_servers_draining",
+            "Servers being drained (they get no new queues).",
+            servers.iter().filter(|(s, _)| s.draining).count() as u64,
+        ),
+        total(
+            "vrio_controller_devices",
+            "Attached devices.",
+            u64::from(stats.devices),
+        ),
+        total(
+            "vrio_controller_queues",
+            "Queues of all attached devices, placed or not.",
+            u64::from(stats.queues),
+        ),
+        total(
+            "vrio_controller_unassigned_queues",
+            "Queues waiting for a server with room.",
+            u64::from(stats.unassigned_queues),
+        ),
+        total(
+            "vrio_controller_volumes",
+            "Volumes defined.",
+            ctrl.volumes().len() as u64,
+        ),
+        total(
+            "vrio_controller_grants",
+            "Volume grants (a volume a device may attach).",
+            ctrl.grants().len() as u64,
+        ),
+    ];
+    for (name, help, v) in totals {
+        gauges(enc, &name, &help, [(Labels::new(), v)])?;
+    }
+    let c = &stats.counters;
+    counters(
+        enc,
+        "vrio_controller_queue_moves",
+        "Queue moves of any cause (by hand, drain, failover, rebalance), kept \
+         with the state (so across restarts).",
+        [(Labels::new(), c.moves)],
+    )?;
+    counters(
+        enc,
+        "vrio_controller_failovers",
+        "Servers whose lease expired and whose queues were failed over.",
+        [(Labels::new(), c.failovers)],
+    )?;
+    counters(
+        enc,
+        "vrio_controller_rebalance_moves",
+        "Queue moves made by rebalance rounds.",
+        [(Labels::new(), c.rebalance_moves)],
+    )?;
+
+    let label = |s: &vrio_control::model::Server| vec![("server", s.id.clone())];
+    gauges(
+        enc,
+        "vrio_controller_server_lease_remaining_seconds",
+        "Seconds until the server's lease runs out unless renewed (negative: \
+         it ran out that long ago).",
+        servers.iter().map(|(s, _)| {
+            let left_ms = (s.lease_expires_ms as i64).saturating_sub(now_ms);
+            (label(s), left_ms as f64 / 1000.0)
+        }),
+    )?;
+    gauges(
+        enc,
+        "vrio_controller_server_alive",
+        "1 while the server's lease is live.",
+        servers.iter().map(|(s, _)| (label(s), u64::from(s.alive))),
+    )?;
+    gauges(
+        enc,
+        "vrio_controller_server_draining",
+        "1 while the server is being drained.",
+        servers
+            .iter()
+            .map(|(s, _)| (label(s), u64::from(s.draining))),
+    )?;
+    gauges(
+        enc,
+        "vrio_controller_server_capacity_queues",
+        "Most queues the server accepts (its registration).",
+        servers
+            .iter()
+            .map(|(s, _)| (label(s), u64::from(s.capacity))),
+    )?;
+    gauges(
+        enc,
+        "vrio_controller_server_queues",
+        "Queues assigned to the server.",
+        servers.iter().map(|(s, n)| (label(s), u64::from(*n))),
+    )
+}
+
+fn encode_rpcs(
+    enc: &mut DescriptorEncoder,
+    snap: &vrio_control::metrics::RpcSnapshot,
+    methods: &[&'static str],
+) -> std::fmt::Result {
+    // Every method appears from the start (with code OK), so rate() and
+    // absent series need no special case.
+    let mut calls: Vec<(Labels, u64)> = methods
+        .iter()
+        .filter(|m| !snap.calls.iter().any(|(c, _, _)| c == *m))
+        .map(|m| (vec![("method", m.to_string()), ("code", "OK".into())], 0u64))
+        .collect();
+    calls.extend(snap.calls.iter().map(|(m, code, n)| {
+        (
+            vec![("method", m.to_string()), ("code", grpc_code_label(*code))],
+            *n,
+        )
+    }));
+    counters(
+        enc,
+        "vrio_controller_rpcs",
+        "Calls of the Control service by method and gRPC code (refused ones \
+         included; method=\"unknown\": a method it does not have).",
+        calls,
+    )?;
+    let mut m = enc.encode_descriptor(
+        "vrio_controller_rpc_duration_seconds",
+        "Time from a call's arrival to its response (for WatchAssignments: \
+         to the stream's start), by method.",
+        None,
+        MetricType::Histogram,
+    )?;
+    let empty = vrio_control::metrics::Latency::default();
+    let mut names: Vec<&str> = methods.to_vec();
+    names.extend(snap.latency.keys().filter(|k| !methods.contains(k)));
+    for name in names {
+        let l = snap.latency.get(name).unwrap_or(&empty);
+        let buckets: Vec<(f64, u64)> = vrio_control::metrics::LATENCY_BUCKETS
+            .iter()
+            .copied()
+            .chain([f64::INFINITY])
+            .zip(l.buckets.iter().copied())
+            .collect();
+        m.encode_family(&vec![("method", name.to_string())])?
+            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            l.sum_secs, l.count, &buckets, None,
+        )?;
+    }
+    Ok(())
+}

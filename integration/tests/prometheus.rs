@@ -1,12 +1,15 @@
 //! A real Prometheus (Debian's `prometheus`, installed by scripts/setup.sh)
-//! scraping `vrio-server --metrics-listen` and `vrio-client synthetic
-//! --metrics-listen` while a verified synthetic workload runs; the
+//! scraping `vrio-server --metrics-listen`, `vrio-client synthetic
+//! --metrics-listen` and `vrio-controller --metrics-listen` (the server
+//! registered with it) while a verified synthetic workload runs; the
 //! assertions go through Prometheus's HTTP API:
 //!
 //! - every target is up;
 //! - `rate()` of the requests is above 0 during the run;
 //! - after the run, the server's request counter and the guests' own
-//!   counter match the count the client verified (within 1%).
+//!   counter match the count the client verified (within 1%);
+//! - the controller leads, counts its one server alive with a live lease,
+//!   and counted the server's RegisterServer and lease calls.
 //!
 //! Also: a taken `--metrics-listen` address is a clear error, and a log
 //! redirected to a file holds no escape sequences (and is JSON with
@@ -29,17 +32,31 @@ use common::{soft_server, synthetic_client};
 use vrio_integration::rxe;
 
 const PROMETHEUS: &str = "/usr/bin/prometheus";
-/// Prometheus scrapes both targets this often (and times out after it).
+/// Prometheus scrapes every target this often (and times out after it).
 const SCRAPE: &str = "400ms";
 /// The workload: guests x 1 queue x requests each.
 const GUESTS: u32 = 2;
 const REQUESTS: u64 = 20_000;
 
-/// vrio-server and vrio-client, built once for all the tests here (in
-/// their profile).
+/// vrio-server, vrio-client and vrio-controller, built once for all the
+/// tests here (in their profile).
 struct Bins {
     server: PathBuf,
     client: PathBuf,
+    controller: PathBuf,
+}
+
+/// The controller's token in these tests.
+const TOKEN: &str = "prometheus-test-token";
+
+/// `vrio-controller` in memory on a free loopback port, with [`TOKEN`];
+/// the caller adds the rest.
+fn controller_cmd(bin: &Path) -> Command {
+    let mut c = Command::new(bin);
+    c.args(["--memory", "--listen", "127.0.0.1:0"])
+        .env("VRIO_TOKEN", TOKEN)
+        .env_remove("VRIO_LOG_FORMAT");
+    c
 }
 
 fn bins() -> &'static Bins {
@@ -47,6 +64,7 @@ fn bins() -> &'static Bins {
     BINS.get_or_init(|| Bins {
         server: rxe::bin("vrio-examples", "vrio-server"),
         client: rxe::bin("vrio-examples", "vrio-client"),
+        controller: rxe::bin("vrio-examples", "vrio-controller"),
     })
 }
 
@@ -361,19 +379,52 @@ fn start_prometheus(bin: &Path, dir: &Path, config: &Path) -> (Proc, String) {
 }
 
 #[test]
-fn prometheus_scrapes_server_and_client_during_a_verified_workload() {
+fn prometheus_scrapes_server_client_and_controller_during_a_verified_workload() {
     let t0 = Instant::now();
     let prom_bin = prometheus_bin();
     let (server_bin, client_bin) = (&bins().server, &bins().client);
+    let controller_bin = &bins().controller;
     println!("binaries ready after {:.1} s", t0.elapsed().as_secs_f64());
     let dir = TempDir::new("prometheus");
 
-    // The server, its log (RUST_LOG=info: attaches are logged) in a file.
+    // The controller: its gRPC address first, then its metrics address.
+    let mut controller = Proc::spawn(
+        "controller",
+        controller_cmd(controller_bin).args(["--metrics-listen", "127.0.0.1:0"]),
+        None,
+    );
+    let (_, line) = controller.wait_for("127.0.0.1:", Duration::from_secs(60));
+    let control_addr = line.trim().to_string();
+    assert!(
+        control_addr.parse::<SocketAddr>().is_ok(),
+        "the controller's first line is not its address: {line:?}"
+    );
+    let (_, line) = controller.wait_for("metrics listening on", Duration::from_secs(30));
+    let controller_metrics = metrics_addr(&line);
+    let (status, body) = http_get(&controller_metrics, "/metrics").expect("GET /metrics");
+    assert_eq!(status, 200, "{body}");
+    for family in [
+        "vrio_controller_leader 1",
+        "vrio_controller_servers_alive 0",
+        "# TYPE vrio_controller_rpcs_total counter",
+        "vrio_controller_rpcs_total{method=\"RegisterServer\",code=\"OK\"} 0",
+        "# TYPE vrio_controller_rpc_duration_seconds histogram",
+        "vrio_controller_rpc_duration_seconds_bucket{method=\"RenewLease\",le=\"+Inf\"} 0",
+        "vrio_build_info{binary=\"vrio-controller\"",
+    ] {
+        assert!(body.contains(family), "no {family:?} in:\n{body}");
+    }
+
+    // The server, registered with the controller as io-1; its log
+    // (RUST_LOG=info: attaches are logged) in a file. The client reaches
+    // it directly (--server), so the controller only keeps its lease.
     let server_log = dir.0.join("server.log");
     let mut server = Proc::spawn(
         "server",
         soft_server(server_bin)
             .args(["--metrics-listen", "127.0.0.1:0"])
+            .args(["--controller", &control_addr, "--server-id", "io-1"])
+            .env("VRIO_TOKEN", TOKEN)
             .env("RUST_LOG", "info")
             .env_remove("VRIO_LOG_FORMAT"),
         Some(File::create(&server_log).expect("server log")),
@@ -433,7 +484,8 @@ fn prometheus_scrapes_server_and_client_during_a_verified_workload() {
             "global:\n  scrape_interval: {SCRAPE}\n  scrape_timeout: {SCRAPE}\n  evaluation_interval: 1s\n\
              scrape_configs:\n\
              \x20 - job_name: vrio-server\n    static_configs:\n      - targets: ['{server_metrics}']\n\
-             \x20 - job_name: vrio-client\n    static_configs:\n      - targets: ['{client_metrics}']\n"
+             \x20 - job_name: vrio-client\n    static_configs:\n      - targets: ['{client_metrics}']\n\
+             \x20 - job_name: vrio-controller\n    static_configs:\n      - targets: ['{controller_metrics}']\n"
         ),
     )
     .expect("prometheus.yml");
@@ -450,7 +502,7 @@ fn prometheus_scrapes_server_and_client_during_a_verified_workload() {
     let (run_start, _) = client.wait_for("metrics scraped; starting", Duration::from_secs(120));
 
     // Every target up.
-    let targets = eventually("both targets up", Duration::from_secs(60), || {
+    let targets = eventually("all targets up", Duration::from_secs(60), || {
         let data = api(&prom, "/api/v1/targets").ok()?;
         let active = data["activeTargets"].as_array()?.clone();
         let up = |job: &str| {
@@ -458,7 +510,8 @@ fn prometheus_scrapes_server_and_client_during_a_verified_workload() {
                 .iter()
                 .any(|t| t["labels"]["job"] == job && t["health"] == "up")
         };
-        (active.len() == 2 && up("vrio-server") && up("vrio-client")).then_some(active)
+        (active.len() == 3 && up("vrio-server") && up("vrio-client") && up("vrio-controller"))
+            .then_some(active)
     });
     for t in &targets {
         println!(
@@ -512,7 +565,7 @@ fn prometheus_scrapes_server_and_client_during_a_verified_workload() {
     println!("prometheus: guests completed {guests}, server served {served}, verified {verified}");
     // Still up after the run (a scrape may time out on a loaded machine:
     // the next one counts).
-    for job in ["vrio-server", "vrio-client"] {
+    for job in ["vrio-server", "vrio-client", "vrio-controller"] {
         eventually(
             &format!("{job} up after the run"),
             Duration::from_secs(30),
@@ -540,11 +593,65 @@ fn prometheus_scrapes_server_and_client_during_a_verified_workload() {
         assert!(max > 0.0, "{expr} never above 0 during the run: {values:?}");
     }
 
+    // The controller, through Prometheus: it leads, its one server is
+    // alive with a live lease, and it counted the server's calls.
+    for (expr, want) in [
+        ("vrio_controller_leader", 1.0),
+        ("vrio_controller_servers", 1.0),
+        ("vrio_controller_servers_alive", 1.0),
+        ("vrio_controller_servers_draining", 0.0),
+        ("vrio_controller_server_alive{server=\"io-1\"}", 1.0),
+        ("vrio_controller_failovers_total", 0.0),
+    ] {
+        eventually(
+            &format!("{expr} == {want}"),
+            Duration::from_secs(30),
+            || (query_one(&prom, expr) == Some(want)).then_some(()),
+        );
+    }
+    let lease = eventually("a live lease for io-1", Duration::from_secs(30), || {
+        query_one(
+            &prom,
+            "vrio_controller_server_lease_remaining_seconds{server=\"io-1\"}",
+        )
+        .filter(|&s| s > 0.0)
+    });
+    let registered = eventually("RegisterServer counted", Duration::from_secs(30), || {
+        query_one(
+            &prom,
+            "vrio_controller_rpcs_total{method=\"RegisterServer\",code=\"OK\"}",
+        )
+        .filter(|&n| n >= 1.0)
+    });
+    let renewals = eventually(
+        "lease renewals or load reports counted",
+        Duration::from_secs(30),
+        || {
+            query_one(
+                &prom,
+                "sum(vrio_controller_rpcs_total{method=~\"RenewLease|ReportLoad\",code=\"OK\"})",
+            )
+            .filter(|&n| n > 0.0)
+        },
+    );
+    let timed = eventually("RPC latencies observed", Duration::from_secs(30), || {
+        query_one(
+            &prom,
+            "sum(vrio_controller_rpc_duration_seconds_count{method=~\"RegisterServer|RenewLease|ReportLoad\"})",
+        )
+        .filter(|&n| n >= registered + renewals)
+    });
+    println!(
+        "prometheus: controller lease {lease:.1} s left, {registered} RegisterServer, \
+         {renewals} renewals/load reports, {timed} timed calls"
+    );
+
     // The client stops lingering on SIGTERM, with the verdict's exit code.
     let st = client.terminate(Duration::from_secs(30));
     assert!(st.success(), "client exited with {st}");
     let st = server.terminate(Duration::from_secs(30));
     assert!(st.success(), "server exited with {st}");
+    controller.terminate(Duration::from_secs(30));
 
     // The server's log, redirected to a file: lines, no escape sequences.
     let log = std::fs::read(&server_log).expect("server log");
@@ -572,6 +679,7 @@ fn a_taken_metrics_address_is_a_clear_error() {
             "client",
             synthetic_client(client, "--server", "127.0.0.1:9", 1),
         ),
+        ("controller", controller_cmd(&bins().controller)),
     ] {
         cmd.args(["--metrics-listen", &addr]);
         let mut p = Proc::spawn(name, &mut cmd, None);
@@ -583,7 +691,10 @@ fn a_taken_metrics_address_is_a_clear_error() {
             p.seen
         );
         assert!(
-            !p.seen.iter().any(|(_, l)| l.contains("listening on 127")),
+            !p.seen
+                .iter()
+                .any(|(_, l)| l.contains("listening on 127")
+                    || l.trim().parse::<SocketAddr>().is_ok()),
             "{name} started serving before failing"
         );
     }

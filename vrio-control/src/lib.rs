@@ -19,6 +19,8 @@
 //!   attach each queue, then [`follow_placement`] moves the attached
 //!   queues as the controller decides, handing each completed move or
 //!   failover back as a [`QueueMoved`] ([`vm_host`]);
+//! - metrics: [`server::serve_observed`] records the Control service's
+//!   calls into a [`metrics::RpcMetrics`];
 //! - tools: [`ControlOpts`] or [`client::connect`] and the generated [`pb`]
 //!   client; [`wait_for_servers`] and [`drain`] ([`admin`]).
 //!
@@ -37,6 +39,7 @@ pub mod client;
 pub mod embedded;
 pub mod error;
 pub mod io_server;
+pub mod metrics;
 pub mod model;
 pub mod placement;
 pub mod server;

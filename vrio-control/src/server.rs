@@ -3,6 +3,7 @@
 //! `list`/`describe` work without a token), plus the lease and rebalance timer.
 
 use crate::auth::ServerAuth;
+use crate::metrics::{Observed, RpcMetrics};
 use crate::pb;
 use crate::service::{now_ms, ControlService};
 use crate::state::Controller;
@@ -84,6 +85,28 @@ pub async fn serve(
     opts: ServeOptions,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    serve_inner(listener, ctrl, opts, None, shutdown).await
+}
+
+/// [`serve`], recording every call of the Control service (refused ones
+/// included) into `rpc`: by method and gRPC code, with its latency.
+pub async fn serve_observed(
+    listener: TcpListener,
+    ctrl: Arc<Controller>,
+    opts: ServeOptions,
+    rpc: Arc<RpcMetrics>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    serve_inner(listener, ctrl, opts, Some(rpc), shutdown).await
+}
+
+async fn serve_inner(
+    listener: TcpListener,
+    ctrl: Arc<Controller>,
+    opts: ServeOptions,
+    rpc: Option<Arc<RpcMetrics>>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -105,13 +128,15 @@ pub async fn serve(
     health_reporter
         .set_serving::<pb::control_server::ControlServer<ControlService>>()
         .await;
-    let router = builder
-        .add_service(health)
-        .add_service(reflection)
-        .add_service(pb::control_server::ControlServer::with_interceptor(
-            svc,
-            ServerAuth::new(opts.token.as_deref()),
-        ));
+    let control = pb::control_server::ControlServer::with_interceptor(
+        svc,
+        ServerAuth::new(opts.token.as_deref()),
+    );
+    let router = builder.add_service(health).add_service(reflection);
+    let router = match rpc {
+        Some(rpc) => router.add_service(Observed::new(control, rpc)),
+        None => router.add_service(control),
+    };
     let out = router
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;

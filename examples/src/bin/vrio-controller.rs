@@ -1,5 +1,7 @@
 //! vrio-controller: the control-plane daemon. Prints the bound address as its
-//! first stdout line (so `--listen 127.0.0.1:0` works for scripts and tests).
+//! first stdout line (so `--listen 127.0.0.1:0` works for scripts and tests);
+//! with `--metrics-listen`, a `vrio-controller: metrics listening on
+//! http://ADDR/metrics` line follows.
 
 use clap::Parser;
 use std::io::Write;
@@ -7,14 +9,19 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
+use vrio_control::metrics::RpcMetrics;
 use vrio_control::placement::LeastLoaded;
-use vrio_control::server::{serve, ServeOptions};
+use vrio_control::server::{serve_observed, ServeOptions};
 use vrio_control::store::{FileStore, MemoryStore, StateStore};
 use vrio_control::{Controller, ControllerConfig, CredentialConfig};
 use vrio_core::tenancy::Keyring;
+use vrio_examples::metrics::{ControllerMetrics, ControllerSlot, ObsArgs};
 
 #[derive(Parser, Debug)]
-#[command(about = "vrio control plane: places guest queues on I/O server sidecores")]
+#[command(
+    about = "vrio control plane: places guest queues on I/O server sidecores",
+    after_help = "Metrics: vrio-controller --metrics-listen 127.0.0.1:9102   (Prometheus: http://127.0.0.1:9102/metrics)"
+)]
 struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:7470")]
@@ -80,12 +87,14 @@ struct Args {
     /// lets a device attach).
     #[arg(long, default_value_t = 24 * 3600, requires = "data_key")]
     credential_ttl_secs: u64,
+    #[command(flatten)]
+    obs: ObsArgs,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    vrio_examples::init_tracing();
     let args = Args::parse();
+    vrio_examples::init_tracing_as(args.obs.log_format);
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -96,6 +105,21 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), String> {
+    // First, so that a taken address fails before anything starts. A
+    // standby (etcd) serves it too, with vrio_controller_leader 0.
+    let metrics_listener = args.obs.bind_metrics().map_err(|e| e.to_string())?;
+    let slot = ControllerSlot::default();
+    let rpc = Arc::new(RpcMetrics::new());
+    let metrics = match metrics_listener {
+        Some(l) => Some(
+            l.serve(
+                "vrio-controller",
+                ControllerMetrics::new(slot.clone(), rpc.clone()),
+            )
+            .map_err(|e| e.to_string())?,
+        ),
+        None => None,
+    };
     let token = match (args.token, args.insecure) {
         (Some(t), _) if t.is_empty() => return Err("--token / VRIO_TOKEN is empty".into()),
         (Some(t), _) => Some(t),
@@ -166,6 +190,7 @@ async fn run(args: Args) -> Result<(), String> {
         vrio_control::service::now_ms(),
     )
     .map_err(|e| format!("cannot recover state: {e}"))?;
+    let ctrl = Arc::new(ctrl);
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .map_err(|e| format!("listen on {}: {e}", args.listen))?;
@@ -173,9 +198,19 @@ async fn run(args: Args) -> Result<(), String> {
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "{addr}").map_err(|e| e.to_string())?;
+        if let Some(m) = &metrics {
+            writeln!(
+                out,
+                "vrio-controller: metrics listening on http://{}/metrics",
+                m.addr()
+            )
+            .map_err(|e| e.to_string())?;
+        }
         out.flush().map_err(|e| e.to_string())?;
     }
     tracing::info!(%addr, "vrio-controller listening");
+    // Leading and serving: the state metrics appear.
+    let _ = slot.set(ctrl.clone());
     let tls = match (&args.tls_cert, &args.tls_key, &args.tls_client_ca) {
         (Some(cert), Some(key), Some(ca)) => Some(
             vrio_control::tls::ServerTls::load(&vrio_control::tls::TlsFiles {
@@ -213,7 +248,9 @@ async fn run(args: Args) -> Result<(), String> {
         let _ = tokio::signal::ctrl_c().await;
         tracing::info!("shutting down");
     };
-    serve(listener, Arc::new(ctrl), opts, shutdown)
+    let out = serve_observed(listener, ctrl, opts, rpc, shutdown)
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string());
+    drop(metrics);
+    out
 }
