@@ -40,6 +40,7 @@ impl LocalRing {
         QueueFailure {
             queue: self.name.clone(),
             reason: e.into(),
+            routine: false,
         }
     }
 

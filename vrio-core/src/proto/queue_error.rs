@@ -90,6 +90,7 @@ impl RemoteQueueError {
     pub fn at(self, name: &str) -> QueueFailure {
         QueueFailure {
             queue: name.to_string(),
+            routine: matches!(self, Self::Disconnected(_) | Self::HandedBack { .. }),
             reason: Box::new(self),
         }
     }

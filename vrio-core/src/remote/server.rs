@@ -491,11 +491,16 @@ impl Admission {
             // A queue admitted while the server stops is dropped, which
             // closes its endpoint: the agent sees the server gone.
             Ok(_) if self.stop.load(Relaxed) => {}
-            Ok((q, hint)) => match self.sidecores.lock() {
-                Ok(mut scs) => match scs.place(q, hint, peer_host(&peer)) {
-                    Ok((name, k)) => {
-                        tracing::info!(queue = %name, %peer, sidecore = k, "queue attached")
-                    }
+            Ok((q, a)) => match self.sidecores.lock() {
+                Ok(mut scs) => match scs.place(q, a.sidecore, peer_host(&peer)) {
+                    Ok((name, k)) => tracing::info!(
+                        device = format_args!("{:#x}", a.device_id),
+                        queue = a.queue,
+                        name = %name,
+                        %peer,
+                        sidecore = k,
+                        "queue attached"
+                    ),
                     Err(e) => tracing::error!(error = %e, "sidecore gone"),
                 },
                 Err(_) => tracing::error!("sidecore registry poisoned; attach dropped"),
@@ -569,7 +574,7 @@ fn admit(
     mut ep: Box<dyn Endpoint>,
     kinds: &Kinds,
     cfg: &IoServerConfig,
-) -> Result<(Admitted, u16), AdmitError> {
+) -> Result<(Admitted, Attach), AdmitError> {
     let peer = ep.peer();
     let (attach, kind) = {
         let mut buf = StagingBuffer::new(MAX_MSG)?;
@@ -650,7 +655,7 @@ fn admit(
         }
     };
     let q = admit_queue(domain, ep, &attach, kind, kinds, cfg)?;
-    Ok((q, attach.sidecore))
+    Ok((q, attach))
 }
 
 /// What an admitted ATTACH builds: a blk queue on its claim of a volume, or

@@ -61,6 +61,8 @@ struct Slot {
 /// [`Sidecore::round`]; owns no thread.
 pub struct Sidecore {
     cfg: SidecoreConfig,
+    /// Warnings of failed queues.
+    failures: vrio_rdma::WarnLimiter,
     slots: Vec<Slot>,
     stats: Arc<SidecoreStats>,
     empty_rounds: u32,
@@ -72,6 +74,7 @@ impl Sidecore {
     pub fn new(cfg: SidecoreConfig) -> Self {
         Self {
             cfg,
+            failures: vrio_rdma::WarnLimiter::new(Duration::from_secs(10), 5),
             slots: Vec::new(),
             stats: Arc::default(),
             empty_rounds: 0,
@@ -142,6 +145,7 @@ impl Sidecore {
         let started = Instant::now();
         let (batch, poll_idle) = (self.cfg.batch, self.cfg.poll_idle);
         let stats = &self.stats;
+        let failures = &self.failures;
         let mut worked = false;
         let mut completed = false;
         // Spun long enough without work: hand every queue back to guest
@@ -155,8 +159,16 @@ impl Sidecore {
             stats.polls.fetch_add(1, Relaxed);
             let out = match slot.queue.poll(batch) {
                 Ok(o) => o,
+                Err(e) if e.routine => {
+                    tracing::info!(queue = %e.queue, reason = %e.reason, "queue left the sidecore");
+                    return false;
+                }
                 Err(e) => {
-                    tracing::info!(error = %e, "queue stopped; dropping it from the sidecore");
+                    // A peer can make queues fail at will: a few lines,
+                    // then a count.
+                    if let Some(suppressed) = failures.allow("queue failed", now) {
+                        tracing::warn!(queue = %e.queue, error = %e.reason, suppressed, "queue failed; dropped from its sidecore");
+                    }
                     return false;
                 }
             };

@@ -64,6 +64,9 @@ pub struct QueueFailure {
     /// ring's `ring::QueueError`, a remote queue's `RemoteQueueError`):
     /// boxed, as the sidecore serves every kind; `downcast_ref` tells which.
     pub reason: Box<dyn std::error::Error + Send + Sync>,
+    /// The queue ended as it should (its VM host detached it or asked for
+    /// it back), not from a fault: logged at info rather than as a warning.
+    pub routine: bool,
 }
 
 #[cfg(test)]

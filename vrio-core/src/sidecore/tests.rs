@@ -32,6 +32,7 @@ impl ServedQueue for FakeQueue {
             return Err(QueueFailure {
                 queue: self.name.clone(),
                 reason: "broken".into(),
+                routine: false,
             });
         }
         let n = s.pending.min(budget as u32);
