@@ -29,6 +29,8 @@ pub const VERSION: u16 = 5;
 /// Largest message (and receive buffer): room for a 4 KiB write's payload
 /// inline in a doorbell, with its header and descriptors.
 pub const MAX_MSG: usize = 8192;
+/// Longest credential an ATTACH_DEVICE carries (`tenancy::Keyring`).
+pub const MAX_CREDENTIAL: usize = 1024;
 
 const ATTACH: u16 = 1;
 const ATTACH_REPLY: u16 = 2;
@@ -158,7 +160,7 @@ pub struct AttachDevice {
     /// The device it belongs to.
     pub device: DeviceKind,
     /// The capability that lets this device attach (`tenancy::Keyring`),
-    /// at most [`crate::tenancy::MAX_CREDENTIAL`] bytes.
+    /// at most [`MAX_CREDENTIAL`] bytes.
     pub credential: Option<String>,
 }
 
@@ -430,7 +432,7 @@ impl Message {
                     }
                 }
                 let cred = d.credential.as_deref().unwrap_or("");
-                if cred.len() > crate::tenancy::MAX_CREDENTIAL {
+                if cred.len() > MAX_CREDENTIAL {
                     return Err(WireError::Bad("credential length"));
                 }
                 w.u16(cred.len() as u16);
@@ -506,7 +508,7 @@ impl Message {
                     _ => return Err(WireError::Bad("device type")),
                 };
                 let n = usize::from(r.u16()?);
-                if n > crate::tenancy::MAX_CREDENTIAL {
+                if n > MAX_CREDENTIAL {
                     return Err(WireError::Bad("credential length"));
                 }
                 let cred = std::str::from_utf8(r.take(n)?)

@@ -18,8 +18,7 @@ use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 
 const PREFIX: &str = "vrio-cap-v1";
-/// Longest capability accepted (the wire carries it in an ATTACH).
-pub const MAX_CREDENTIAL: usize = 1024;
+pub use crate::proto::wire::MAX_CREDENTIAL;
 /// Key bytes of a generated key (HMAC-SHA256's block-size-safe minimum is 32).
 const KEY_BYTES: usize = 32;
 
