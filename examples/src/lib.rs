@@ -4,6 +4,7 @@
 
 pub mod control;
 pub mod metrics;
+pub mod top;
 
 use std::io::Write;
 use std::path::Path;

@@ -4,6 +4,7 @@
 //!   vrio-ctl move DEVICE QUEUE SERVER SIDECORE
 //!   vrio-ctl drain SERVER
 //!   vrio-ctl watch [--count N]
+//!   vrio-ctl top [--interval SECS] [--count N] [--metrics URL]... [--json]
 //!
 //! Volumes and grants at the controller:
 //!   vrio-ctl volume create NAME --size-mib N
@@ -84,6 +85,23 @@ enum Cmd {
         /// Exit after this many events.
         #[arg(long)]
         count: Option<u64>,
+    },
+    /// A live view of servers, sidecores and the busiest queues, from the
+    /// controller and (with --metrics) the servers' /metrics endpoints.
+    Top {
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        /// Exit after this many refreshes (default: until Ctrl-C).
+        #[arg(long)]
+        count: Option<u64>,
+        /// An I/O server's metrics endpoint (vrio-server --metrics-listen),
+        /// e.g. http://127.0.0.1:9100/metrics; repeatable.
+        #[arg(long = "metrics", value_name = "URL")]
+        metrics: Vec<String>,
+        /// How many queues the QUEUES table lists.
+        #[arg(long, default_value_t = 10)]
+        queues: usize,
     },
     /// Data-plane keys I/O servers check attach credentials with (local).
     #[command(subcommand)]
@@ -643,10 +661,132 @@ async fn run(c: &mut Client, args: &Args) -> Result<(), tonic::Status> {
             }
         }
         Cmd::Volume(v) => volume(c, v, args.json).await?,
+        Cmd::Top {
+            interval,
+            count,
+            metrics,
+            queues,
+        } => top(c, args, *interval, *count, metrics, *queues).await?,
         // Handled by local() before connecting.
         Cmd::Key(_) | Cmd::Credential(_) => {}
     }
     Ok(())
+}
+
+/// `vrio-ctl top`: refreshes until `count` views were shown or Ctrl-C. A
+/// failed controller call or scrape is shown in the view and retried at
+/// the next refresh; the exit status is the last controller call's.
+async fn top(
+    c: &mut Client,
+    args: &Args,
+    interval: f64,
+    count: Option<u64>,
+    urls: &[String],
+    max_queues: usize,
+) -> Result<(), tonic::Status> {
+    use std::io::{IsTerminal, Write};
+    use std::time::Duration;
+    use vrio_examples::top::{ControllerView, Target, View};
+    if !(0.1..=3600.0).contains(&interval) {
+        return Err(tonic::Status::invalid_argument(
+            "--interval must be between 0.1 and 3600 seconds",
+        ));
+    }
+    for u in urls {
+        vrio_examples::top::split_url(u).map_err(tonic::Status::invalid_argument)?;
+    }
+    let interval = Duration::from_secs_f64(interval);
+    // A call or a scrape gets at most the interval (and at least 1 s).
+    let timeout = interval.max(Duration::from_secs(1));
+    let tty = !args.json && std::io::stdout().is_terminal();
+    let mut targets: Vec<Target> = urls.iter().cloned().map(Target::new).collect();
+    let mut shown = 0u64;
+    let mut last_error: Option<tonic::Status>;
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        let started = tokio::time::Instant::now();
+        let scrapes: Vec<_> = urls
+            .iter()
+            .cloned()
+            .map(|u| tokio::task::spawn_blocking(move || Target::scrape(&u, timeout)))
+            .collect();
+        let controller = tokio::time::timeout(timeout, async {
+            let servers = c
+                .list_servers(pb::ListServersRequest {})
+                .await?
+                .into_inner()
+                .servers;
+            let assignments = c
+                .list_assignments(pb::ListAssignmentsRequest::default())
+                .await?
+                .into_inner()
+                .assignments;
+            Ok::<_, tonic::Status>(ControllerView {
+                servers,
+                assignments,
+            })
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(tonic::Status::deadline_exceeded(format!(
+                "no answer from {} within {timeout:?}",
+                args.addr
+            )))
+        });
+        for (t, h) in targets.iter_mut().zip(scrapes) {
+            t.record(h.await.unwrap_or_else(|e| Err(e.to_string())));
+        }
+        let view_controller = match controller {
+            Ok(v) => {
+                last_error = None;
+                Ok(v)
+            }
+            Err(s) => {
+                let text = explain(&s);
+                last_error = Some(s);
+                Err(text)
+            }
+        };
+        let view = View {
+            controller_addr: &args.addr,
+            interval,
+            now_ms: vrio_control::service::now_ms(),
+            controller: &view_controller,
+            targets: &targets,
+            max_queues,
+        };
+        if args.json {
+            out!("{}", view.to_json());
+        } else {
+            let text = view.render_text();
+            let mut o = std::io::stdout().lock();
+            let written = if tty {
+                // Home, clear the screen, draw.
+                write!(o, "\x1b[H\x1b[2J{text}")
+            } else {
+                if shown > 0 {
+                    let _ = writeln!(o);
+                }
+                write!(o, "{text}")
+            };
+            if written.and_then(|()| o.flush()).is_err() {
+                std::process::exit(0);
+            }
+        }
+        shown += 1;
+        if count.is_some_and(|n| shown >= n) {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(started + interval) => {}
+            _ = &mut ctrl_c => break,
+        }
+    }
+    match last_error {
+        Some(s) => Err(s),
+        None => Ok(()),
+    }
 }
 
 /// The volume subcommands that talk to the controller (those without
