@@ -199,6 +199,29 @@ impl MetricsServer {
         self.scrapes.load(Relaxed)
     }
 
+    /// CPU time the endpoint's thread (accepting, encoding, answering) has
+    /// used so far, in ns, from its thread clock; 0 if it cannot be read.
+    /// What the metrics cost the process, scrapers aside.
+    pub fn cpu_ns(&self) -> u64 {
+        use std::os::unix::thread::JoinHandleExt;
+        let Some(j) = &self.join else { return 0 };
+        let mut clock: libc::clockid_t = 0;
+        // SAFETY: the thread is joinable (joined only in drop, which needs
+        // `&mut self`), so its pthread_t is valid; `clock` is writable.
+        if unsafe { libc::pthread_getcpuclockid(j.as_pthread_t(), &mut clock) } != 0 {
+            return 0;
+        }
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `clock` is a CPU clock id just obtained, `ts` is writable.
+        if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+            return 0;
+        }
+        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    }
+
     /// Waits until more than `seen` scrapes were answered; false if
     /// `timeout` passed or `stop` was set first.
     pub fn wait_scraped_after(&self, seen: u64, timeout: Duration, stop: &AtomicBool) -> bool {

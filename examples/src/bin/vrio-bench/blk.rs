@@ -22,15 +22,18 @@ pub struct Args {
     /// Seconds per measurement point.
     #[arg(long, default_value_t = 1.0)]
     pub seconds: f64,
-    /// Guest counts to measure.
-    #[arg(long, value_delimiter = ',', default_values_t = [1u32, 4, 16])]
-    pub guests: Vec<u32>,
-    /// Queue depths to measure.
-    #[arg(long, value_delimiter = ',', default_values_t = [1u16, 32])]
-    pub depths: Vec<u16>,
-    /// Where to write the JSON results.
-    #[arg(long, default_value = "target/vrio-bench.json")]
-    pub json: PathBuf,
+    /// Guest counts to measure [default: 1,4,16; with --metrics-cost: 4,
+    /// and only one may be given].
+    #[arg(long, value_delimiter = ',')]
+    pub guests: Option<Vec<u32>>,
+    /// Queue depths to measure [default: 1,32; with --metrics-cost: 32,
+    /// and only one may be given].
+    #[arg(long, value_delimiter = ',')]
+    pub depths: Option<Vec<u16>>,
+    /// Where to write the JSON results [default: target/vrio-bench.json;
+    /// with --metrics-cost: target/vrio-bench-metrics-cost.json].
+    #[arg(long)]
+    pub json: Option<PathBuf>,
     /// Do not draw the SVG charts beside the JSON (`out.json` ->
     /// `out-throughput.svg`, `out-cpu.svg`, ...).
     #[arg(long)]
@@ -38,6 +41,25 @@ pub struct Args {
     /// Leave out the remote-sidecore models (local models only).
     #[arg(long)]
     pub local_only: bool,
+    /// Instead of the model comparison, measure what Prometheus metrics
+    /// cost: the remote doorbell model at one load point (default 4 guests
+    /// x QD32), over each fabric of --fabric, --pairs times with metrics
+    /// OFF and ON (ON: the server's /metrics served on loopback and
+    /// scraped every --scrape-ms), in ABBA order. Prints req/s per run,
+    /// the median ratio ON/OFF of req/s and of CPU per request, the
+    /// spread of the OFF runs (the noise), the scrapes and their mean
+    /// time, the endpoint thread's share of the CPU, and the within-3%
+    /// verdict (which does not change the exit status: only errors do).
+    /// No charts.
+    #[arg(long, conflicts_with = "local_only")]
+    pub metrics_cost: bool,
+    /// With --metrics-cost: OFF/ON pairs per fabric.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..), requires = "metrics_cost")]
+    pub pairs: u32,
+    /// With --metrics-cost: milliseconds between two scrapes of /metrics
+    /// (Prometheus usually scrapes every 1000 to 15000).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..), requires = "metrics_cost")]
+    pub scrape_ms: u64,
     #[command(flatten)]
     pub fabrics: Fabrics,
 }
@@ -82,7 +104,41 @@ fn point(
     Ok((r, fig))
 }
 
+/// The one value of `list`, or `default` when it is not given.
+fn one<T: Copy>(list: &Option<Vec<T>>, default: T, what: &str) -> Result<T, String> {
+    match list.as_deref() {
+        None => Ok(default),
+        Some([v]) => Ok(*v),
+        Some(_) => Err(format!(
+            "--metrics-cost measures one load point: give one {what}"
+        )),
+    }
+}
+
+/// `--metrics-cost`: see [`super::cost`].
+fn metrics_cost(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    let c = super::cost::CostArgs {
+        fabrics: a.fabrics.fabric.clone(),
+        guests: one(&a.guests, 4, "--guests")?,
+        depth: one(&a.depths, 32, "--depths")?,
+        seconds: a.seconds,
+        pairs: a.pairs,
+        scrape_every: Duration::from_millis(a.scrape_ms),
+    };
+    let (fields, points) = super::cost::measure(&c)?;
+    let json = a
+        .json
+        .clone()
+        .unwrap_or_else(|| "target/vrio-bench-metrics-cost.json".into());
+    super::write_json(&json, "blk-metrics-cost", fields, points, false)
+}
+
 pub fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    if a.metrics_cost {
+        return metrics_cost(a);
+    }
+    let guests = a.guests.clone().unwrap_or_else(|| vec![1, 4, 16]);
+    let depths = a.depths.clone().unwrap_or_else(|| vec![1, 32]);
     let remote: &[NotifyMode] = if a.local_only {
         &[]
     } else {
@@ -95,10 +151,10 @@ pub fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let models = Model::all(remote, &a.fabrics);
     let mut rows = Vec::new();
     let mut json = Vec::new();
-    let points = a.guests.len() * a.depths.len() * models.len();
+    let points = guests.len() * depths.len() * models.len();
     let mut n = 0;
-    for &g in &a.guests {
-        for &d in &a.depths {
+    for &g in &guests {
+        for &d in &depths {
             let mut base: Option<ModelReport> = None;
             for &m in &models {
                 n += 1;
@@ -178,8 +234,12 @@ pub fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
         ],
         &rows,
     );
+    let json_path = a
+        .json
+        .clone()
+        .unwrap_or_else(|| "target/vrio-bench.json".into());
     super::write_json(
-        &a.json,
+        &json_path,
         "blk",
         serde_json::json!({
             "benchmark": "io-models-4k-read",

@@ -12,8 +12,13 @@
 //! blk-only vrio-bench did; `vrio-bench net` replaces vrio-netbench. Both
 //! JSON files keep their old fields and add `"workload"`. Beside the JSON
 //! each run draws SVG charts ([`plot`]; `--no-plots` leaves them out).
+//!
+//! `vrio-bench blk --metrics-cost` measures instead what serving Prometheus
+//! metrics costs the I/O server, metrics OFF against ON in the same run
+//! ([`cost`]).
 
 mod blk;
+mod cost;
 mod cpu;
 mod net;
 mod plot;
