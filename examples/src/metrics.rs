@@ -964,8 +964,8 @@ impl Collector for ControllerMetrics {
         gauges(
             &mut enc,
             "vrio_controller_leader",
-            "1 when this instance leads and serves (always, with a local \
-             store); 0 while it waits for the etcd election.",
+            "1 when this instance leads and serves; 0 while it starts (loads \
+             its state) or waits for the etcd election.",
             [(Labels::new(), u64::from(ctrl.is_some()))],
         )?;
         if let Some(ctrl) = ctrl {

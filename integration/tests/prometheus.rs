@@ -401,8 +401,17 @@ fn prometheus_scrapes_server_client_and_controller_during_a_verified_workload() 
     );
     let (_, line) = controller.wait_for("metrics listening on", Duration::from_secs(30));
     let controller_metrics = metrics_addr(&line);
-    let (status, body) = http_get(&controller_metrics, "/metrics").expect("GET /metrics");
-    assert_eq!(status, 200, "{body}");
+    // The endpoint is up before the controller has loaded its state and
+    // leads (it says leader 0 meanwhile): wait for that, bounded.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        let (status, body) = http_get(&controller_metrics, "/metrics").expect("GET /metrics");
+        assert_eq!(status, 200, "{body}");
+        if body.contains("vrio_controller_leader 1") || Instant::now() > deadline {
+            break body;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     for family in [
         "vrio_controller_leader 1",
         "vrio_controller_servers_alive 0",
