@@ -577,8 +577,99 @@ impl Collector for ServerMetrics {
             .map(|(why, n)| (vec![("reason", why.to_string())], n)),
         )?;
 
-        encode_ports(&mut enc, s)
+        encode_ports(&mut enc, s)?;
+        encode_interposition(&mut enc, &s.policies().reports())
     }
+}
+
+/// The interposition stages' counters, for devices that have stages: the
+/// `meter` stage's as `vrio_device_*` families, every other stage's as
+/// `vrio_interpose_events_total`.
+fn encode_interposition(
+    enc: &mut DescriptorEncoder,
+    reports: &[(u64, Vec<vrio_core::interpose::StageReport>)],
+) -> std::fmt::Result {
+    let dev = |d: u64| format!("dev{d}");
+    let meters: Vec<(u64, &vrio_core::interpose::StageReport)> = reports
+        .iter()
+        .flat_map(|(d, rs)| {
+            rs.iter()
+                .filter(|r| r.kind == "meter")
+                .map(move |r| (*d, r))
+        })
+        .collect();
+    for (name, help) in [
+        (
+            "requests",
+            "Requests completed, by op (devices with a `meter` stage).",
+        ),
+        (
+            "bytes",
+            "Data bytes of requests completed without error, by op.",
+        ),
+        (
+            "errors",
+            "Requests completed with a virtio status other than OK, by op.",
+        ),
+    ] {
+        counters(
+            enc,
+            &format!("vrio_device_{name}"),
+            help,
+            meters.iter().flat_map(|(d, r)| {
+                r.counters
+                    .iter()
+                    .filter(move |c| c.name == name)
+                    .map(move |c| (vec![("device", dev(*d)), ("op", c.label.clone())], c.value))
+            }),
+        )?;
+    }
+    let mut m = enc.encode_descriptor(
+        "vrio_device_latency_seconds",
+        "Request latency at the I/O server, from the batch's intake to its \
+         reply landing in guest memory (devices with a `meter` stage).",
+        None,
+        MetricType::Histogram,
+    )?;
+    for (d, r) in &meters {
+        let Some(h) = &r.latency else { continue };
+        let buckets: Vec<(f64, u64)> = h
+            .bounds
+            .iter()
+            .copied()
+            .chain([f64::INFINITY])
+            .zip(h.counts.iter().copied())
+            .collect();
+        m.encode_family(&vec![("device", dev(*d))])?
+            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                h.sum,
+                h.count(),
+                &buckets,
+                None,
+            )?;
+    }
+    counters(
+        enc,
+        "vrio_interpose_events",
+        "What interposition stages other than `meter` counted, by device, \
+         stage (qos, crypt, fault, net_acl, net_rate), event (waits, failed, \
+         delayed, drops) and reason (for drops: acl_mac, acl_ipv4, acl_short).",
+        reports.iter().flat_map(|(d, rs)| {
+            rs.iter().filter(|r| r.kind != "meter").flat_map(move |r| {
+                r.counters.iter().map(move |c| {
+                    (
+                        vec![
+                            ("device", dev(*d)),
+                            ("stage", r.kind.clone()),
+                            ("event", c.name.clone()),
+                            ("reason", c.label.clone()),
+                        ],
+                        c.value,
+                    )
+                })
+            })
+        }),
+    )
 }
 
 /// The fabric counters of the blk and net queues, by `device_type`.
@@ -1139,4 +1230,66 @@ fn encode_rpcs(
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vrio_core::blk::MemoryBackend;
+    use vrio_core::interpose::PolicySpec;
+    use vrio_core::remote::{IoServerConfig, NotifyMode};
+    use vrio_rdma::Backend;
+    use vrio_testkit::runner::{
+        any_placement, attach_guests_placed, drive_guests, make_guests, open_domain, RunConfig,
+    };
+
+    /// A metered device's figures and a QoS stage's counters reach the
+    /// server's exposition, matching the guest's own counts.
+    #[test]
+    fn interposition_counters_are_exported() {
+        let server = Arc::new(
+            IoServer::start(
+                open_domain(Backend::Soft, None).unwrap(),
+                Arc::new(MemoryBackend::new(4 << 20)),
+                IoServerConfig::default(),
+            )
+            .unwrap(),
+        );
+        let spec = PolicySpec::parse(
+            r#"{"stages":[{"stage":"meter"},{"stage":"qos","rw_ios_per_sec":100000}]}"#,
+        )
+        .unwrap();
+        let rc = RunConfig::one_queue(500, 8, 64);
+        let guests = make_guests(&rc).unwrap();
+        let placed = any_placement(&guests, server.addr());
+        for (dev, _) in &placed {
+            server.policies().set(*dev, &spec).unwrap();
+        }
+        let agents =
+            attach_guests_placed(&guests, &placed, Backend::Soft, None, NotifyMode::Doorbell)
+                .unwrap();
+        let r = drive_guests(guests, &rc, &Default::default(), &Default::default());
+        drop(agents);
+        assert_eq!(r.failures(), 0);
+        let mut reg = Registry::default();
+        reg.register_collector(Box::new(ServerMetrics::new(server.clone())));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
+        let dev = format!("dev{}", placed[0].0);
+        let want = format!(
+            "vrio_device_requests_total{{device=\"{dev}\",op=\"read\"}} {}",
+            r.reads
+        );
+        assert!(text.contains(&want), "no {want:?} in:\n{text}");
+        let want = format!(
+            "vrio_device_latency_seconds_count{{device=\"{dev}\"}} {}",
+            r.completed
+        );
+        assert!(text.contains(&want), "no {want:?} in:\n{text}");
+        let want = format!(
+            "vrio_interpose_events_total{{device=\"{dev}\",stage=\"qos\",event=\"waits\",reason=\"\"}}"
+        );
+        assert!(text.contains(&want), "no {want:?} in:\n{text}");
+        server.stop();
+    }
 }

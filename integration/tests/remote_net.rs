@@ -359,3 +359,98 @@ fn spoofed_frames_and_hostile_chains_hurt_no_other_guest() {
     }
     server.stop();
 }
+
+fn net_policy(json: &str) -> vrio_core::interpose::PolicySpec {
+    vrio_core::interpose::PolicySpec::parse(json).unwrap()
+}
+
+#[test]
+fn a_net_acl_drops_and_counts_what_it_does_not_allow_next_to_clean_traffic() {
+    let macs = [MacAddr::local(1), MacAddr::local(2), MacAddr::local(3)];
+    let server = net_server(1, &macs);
+    // Device 2 may only send from guest 0's address, which the switch
+    // would not let it use anyway: everything it sends is refused, by the
+    // ACL before the switch sees it.
+    let acl = format!(
+        r#"{{"stages":[{{"stage":"net_acl","allow_macs":["{}"]}}]}}"#,
+        macs[0]
+    );
+    server.policies().set(2, &net_policy(&acl)).unwrap();
+    let (mut guests, mut agents) = net_guests(&server, &macs, 1024);
+    let filtered = guests.pop().unwrap();
+    let x = Exchange::start(guests, 2000, 700);
+    let (mem, _rx, mut tx) = filtered.into_parts();
+    let n = 40;
+    let r = run_sender(
+        &mut tx,
+        &mem,
+        macs[2],
+        &SendConfig {
+            dst: macs[1],
+            frames: n,
+            duration: None,
+            frame_len: 100,
+            window: 1000,
+            stall_timeout: Duration::from_secs(20),
+        },
+        &Link::default(),
+        &AtomicBool::new(false),
+    );
+    assert_eq!(r.sent, n, "every refused frame completes: {r:?}");
+    x.finish();
+    let ports = server.net().port_stats();
+    assert_eq!(ports[2].1.drops(DropReason::Policy), n);
+    assert_eq!(ports[2].1.rx_packets, 0, "nothing reached the switch");
+    for (id, p) in &ports[..2] {
+        assert_eq!(p.drops(DropReason::Policy), 0, "device {id}");
+    }
+    let reports = server.policies().reports();
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0].0, 2);
+    assert_eq!(reports[0].1[0].counter("drops", "acl_mac"), n);
+    for a in agents.iter_mut() {
+        a.detach();
+    }
+    server.stop();
+}
+
+#[test]
+fn a_net_rate_limit_holds_a_sender_to_its_rate_without_losing_frames() {
+    let macs = [MacAddr::local(1), MacAddr::local(2)];
+    let server = net_server(1, &macs);
+    server
+        .policies()
+        .set(
+            0,
+            &net_policy(r#"{"stages":[{"stage":"net_rate","frames_per_sec":1000}]}"#),
+        )
+        .unwrap();
+    let (guests, mut agents) = net_guests(&server, &macs, 1024);
+    let x = Exchange::start(guests, 0, 200);
+    // Past the first burst, count guest 0's frames over 3 s.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while x.links[0].received.load(Relaxed) < 200 {
+        assert!(Instant::now() < deadline, "no traffic");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (a, b) = (
+        x.links[0].received.load(Relaxed),
+        x.links[1].received.load(Relaxed),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let limited = (x.links[0].received.load(Relaxed) - a) as f64 / 3.0;
+    let free = (x.links[1].received.load(Relaxed) - b) as f64 / 3.0;
+    x.stop();
+    x.finish();
+    println!("limited sender {limited:.0} frames/s, unlimited {free:.0} frames/s");
+    assert!(
+        (900.0..=1100.0).contains(&limited),
+        "{limited:.0} frames/s against 1000"
+    );
+    let reports = server.policies().reports();
+    assert!(reports[0].1[0].counter("waits", "") > 0);
+    for a in agents.iter_mut() {
+        a.detach();
+    }
+    server.stop();
+}

@@ -64,6 +64,7 @@
 
 pub mod blk;
 mod cputime;
+pub mod interpose;
 pub mod models;
 pub mod net;
 pub mod proto;

@@ -17,6 +17,7 @@ use std::time::Duration;
 use clap::Parser;
 use vrio_control::{join_as_server_with, ControlOpts, JoinOptions};
 use vrio_core::blk::BlockConfig;
+use vrio_core::interpose::PolicySpec;
 use vrio_core::net::{PortSnapshot, TapUplink};
 use vrio_core::remote::{IoServer, IoServerConfig};
 use vrio_core::tenancy::{Keyring, VolumeSet};
@@ -108,8 +109,33 @@ struct Args {
     /// its descriptor keeps working wherever the link goes.
     #[arg(long, value_name = "NAME")]
     uplink_tap: Option<String>,
+    /// An interposition policy for one device, without a controller:
+    /// DEVICE is its id (decimal or 0x hex, as `dev<id>` in queue names) or
+    /// its name, FILE the policy's JSON (see docs/interposition.md), for
+    /// example {"stages":[{"stage":"qos","rw_ios_per_sec":2000}]}.
+    /// Repeat for more devices. With --controller, the controller's
+    /// policies (`vrio-ctl policy set`) replace these when they arrive.
+    #[arg(long, value_name = "DEVICE=FILE", value_parser = parse_policy)]
+    policy: Vec<(u64, PolicySpec)>,
     #[command(flatten)]
     obs: ObsArgs,
+}
+
+/// `--policy DEVICE=FILE`: the device's key and the checked policy.
+fn parse_policy(s: &str) -> Result<(u64, PolicySpec), String> {
+    let (dev, file) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: want DEVICE=FILE, like 7=/etc/vrio/qos.json"))?;
+    let id = match dev.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16).ok(),
+        None => dev.parse().ok(),
+    }
+    .unwrap_or_else(|| vrio_core::remote::device_key(dev));
+    let text = std::fs::read_to_string(file).map_err(|e| format!("{file}: {e}"))?;
+    let spec = PolicySpec::parse(&text).map_err(|e| format!("{file}: {e}"))?;
+    // Checked in full (keys included) before the server starts.
+    spec.build(id).map_err(|e| format!("{file}: {e}"))?;
+    Ok((id, spec))
 }
 
 fn parse_memory_volume(s: &str) -> Result<(String, u64), String> {
@@ -206,6 +232,14 @@ fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
             "vrio-server: WARNING: no --key-file: any peer that reaches {} may attach, and every device shares the default disk",
             server.addr()
         ),
+    }
+    for (id, spec) in &a.policy {
+        server.policies().set(*id, spec)?;
+        println!(
+            "vrio-server: device {id:#x} ({}): interposition {}",
+            vrio_core::proto::queue_name(*id, 0),
+            spec.summary()
+        );
     }
     let server = Arc::new(server);
     let uplink = match &a.uplink_tap {

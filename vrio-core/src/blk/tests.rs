@@ -57,6 +57,8 @@ struct Guest {
     drv: DriverQueue,
     dev: DeviceQueue,
     next: u64,
+    /// Interposition stages the device runs requests through.
+    pipe: Option<Arc<crate::interpose::Pipeline>>,
 }
 
 fn hdr(t: u32, sector: u64) -> [u8; 16] {
@@ -103,6 +105,7 @@ impl Guest {
             drv,
             dev,
             next: BUF_BASE,
+            pipe: None,
         }
     }
 
@@ -155,7 +158,15 @@ impl Guest {
         assert!(self.dev.pop(&self.mem, &self.map, &mut chain).unwrap());
         assert_eq!(chain.readable, r);
         assert_eq!(chain.writable, w);
-        let res = blk.process(&self.mem, &chain);
+        let res = match &self.pipe {
+            Some(p) => {
+                let req = BlockDevice::describe(&self.mem, &chain, 1, std::time::Instant::now())
+                    .expect("a blk request");
+                blk.process_interposed(&self.mem, &chain, Some((&req, p)))
+                    .map(|(len, _)| len)
+            }
+            None => blk.process(&self.mem, &chain),
+        };
         let len = *res.as_ref().unwrap_or(&0);
         self.dev.add_used(&self.mem, head, len).unwrap();
         assert_eq!(self.drv.pop_used(&self.mem).unwrap(), Some((head, len)));
@@ -760,4 +771,34 @@ fn two_devices_on_two_threads_share_one_backend() {
         assert_eq!(got, pattern(t.wrapping_add(i as u8), 4096), "block {blkno}");
     }
     assert_eq!(backend.allocated_chunks(), 1000);
+}
+
+#[test]
+fn encryption_reaches_the_disk_as_ciphertext_and_write_zeroes_reads_back_zeroes() {
+    let (disk, mut blk) = mem_device(64, BlockConfig::default());
+    let key = "aa".repeat(32) + &"bb".repeat(32);
+    let spec = crate::interpose::PolicySpec::parse(&format!(
+        r#"{{"stages":[{{"stage":"crypt","key":"{key}"}}]}}"#
+    ))
+    .unwrap();
+    let mut g = Guest::new();
+    g.pipe = Some(Arc::new(spec.build(1).unwrap()));
+    let data = pattern(3, 4096);
+    assert_eq!(g.write(&mut blk, 8, &data), OK);
+    let raw = read_back(&*disk, 8 * 512, 4096);
+    assert_ne!(raw, data, "plaintext on the disk");
+    assert_eq!(g.read(&mut blk, 8, 4096), (OK, data.clone()));
+    // The same bytes at another sector encrypt differently (the tweak).
+    assert_eq!(g.write(&mut blk, 16, &data), OK);
+    assert_ne!(read_back(&*disk, 16 * 512, 4096), raw);
+
+    // WRITE_ZEROES zeroes the disk (it stays sparse), and the guest
+    // reads zeroes, not the decryption of zeroes; so does a fresh sector.
+    let wz = VIRTIO_BLK_T_WRITE_ZEROES;
+    assert_eq!(g.ranges(&mut blk, wz, &[range(8, 8, 0)]), OK);
+    assert!(read_back(&*disk, 8 * 512, 4096).iter().all(|&b| b == 0));
+    assert_eq!(g.read(&mut blk, 8, 4096), (OK, vec![0u8; 4096]));
+    assert_eq!(g.read(&mut blk, 40, 4096), (OK, vec![0u8; 4096]));
+    // Untouched sectors around it kept their data.
+    assert_eq!(g.read(&mut blk, 16, 4096), (OK, data));
 }

@@ -58,6 +58,11 @@ impl<D: DeviceModel> RemoteQueue<D> {
             .reply_attach(&mut self.core.ring, config, features)
     }
 
+    /// Runs the queue's requests through `i`'s interposition stages.
+    pub fn set_interposer(&mut self, i: Arc<crate::interpose::Interposer>) {
+        self.core.set_interposer(i);
+    }
+
     /// The queue's name (`dev<key>.q<queue>`).
     pub fn name(&self) -> &str {
         &self.core.ring.name

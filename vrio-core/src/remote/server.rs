@@ -25,6 +25,7 @@ use super::net_devices::{NetDeviceError, NetDevices, NetQueue, NetServerConfig};
 use super::net_rx::RemoteRxQueue;
 use super::remote_queue::RemoteQueue;
 use crate::blk::{BlockBackend, BlockConfig, BlockDevice};
+use crate::interpose::Policies;
 use crate::net::{RxDevice, SwitchPort};
 use crate::proto::config::RemoteQueueConfig;
 use crate::proto::staging::StagingBuffer;
@@ -67,6 +68,14 @@ pub struct IoServerConfig {
     /// Most queues one VM host (peer address) may have attached at once;
     /// more attaches are refused.
     pub max_queues_per_peer: usize,
+    /// Interposition policies by device id (empty: nothing interposed).
+    /// Shared: a policy set here later, as a controller does, reaches the
+    /// device's queues live ([`IoServer::policies`]).
+    pub policies: Arc<Policies>,
+    /// False: queues get no interposition hooks at all and `policies` has
+    /// no effect; only to measure what the hooks cost (`vrio-bench blk
+    /// --interpose-cost`).
+    pub interposition: bool,
 }
 
 impl Default for IoServerConfig {
@@ -82,6 +91,8 @@ impl Default for IoServerConfig {
             keys: None,
             volumes: Arc::new(VolumeSet::new()),
             max_queues_per_peer: 256,
+            policies: Arc::new(Policies::new()),
+            interposition: true,
         }
     }
 }
@@ -204,6 +215,7 @@ pub struct IoServer {
     domain: Arc<dyn Domain>,
     endpoint: EndpointConfig,
     gate: Arc<Gate>,
+    policies: Arc<Policies>,
 }
 
 impl IoServer {
@@ -251,8 +263,10 @@ impl IoServer {
             net: net.clone(),
             blk_stats: stats.clone(),
             net_stats: net_stats.clone(),
+            policies: cfg.interposition.then(|| cfg.policies.clone()),
         };
         let admitting = Arc::new(AtomicUsize::new(0));
+        let policies = cfg.policies.clone();
         let cfg = Arc::new(cfg);
         let accept = std::thread::Builder::new()
             .name("vrio-accept".into())
@@ -308,7 +322,14 @@ impl IoServer {
             domain,
             endpoint: EndpointConfig::default(),
             gate,
+            policies,
         })
+    }
+
+    /// The devices' interposition policies: set one to change it live, read
+    /// the stages' counters.
+    pub fn policies(&self) -> &Arc<Policies> {
+        &self.policies
     }
 
     /// Attaches refused so far (no or bad credential; volume not granted,
@@ -527,6 +548,8 @@ struct Kinds {
     net: Arc<NetDevices>,
     blk_stats: Arc<RemoteStats>,
     net_stats: Arc<RemoteStats>,
+    /// None: no interposition (`IoServerConfig::interposition` off).
+    policies: Option<Arc<Policies>>,
 }
 
 /// A queue ready for a sidecore, and its liveness token.
@@ -731,6 +754,9 @@ fn admit_queue(
                 0
             };
             let mut q = RemoteQueue::new(domain, ep, attach, dev, qcfg, kinds.blk_stats.clone())?;
+            if let Some(p) = &kinds.policies {
+                q.set_interposer(p.interposer(attach.device_id));
+            }
             q.reply_attach(config, features)?;
             let alive = q.liveness();
             return Ok(Admitted {
@@ -748,6 +774,9 @@ fn admit_queue(
         NetQueue::Tx => {
             let dev = SwitchPort::tx(kinds.net.switch().clone(), port);
             let mut q = RemoteQueue::new(domain, ep, attach, dev, qcfg, stats)?;
+            if let Some(p) = &kinds.policies {
+                q.set_interposer(p.interposer(attach.device_id));
+            }
             q.reply_attach(config, 0)?;
             let alive = q.liveness();
             Admitted {

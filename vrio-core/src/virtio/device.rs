@@ -2,9 +2,11 @@
 //! a model turns one validated chain into guest-visible results.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::interpose::{Pipeline, Refusal, Request};
 use crate::virtio::memory::{GuestMemory, LocalMemory};
 use crate::virtio::ring::DescriptorChain;
 use crate::virtio::ring::{RingFeatures, RingLayout};
@@ -40,6 +42,44 @@ pub trait DeviceModel: Send {
     /// completes it with length 0. A device that counts what it drops
     /// (net TX, on its port) counts it here; the default does nothing.
     fn refused_chain(&mut self) {}
+
+    /// What interposition stages see of the request in `chain`, as device
+    /// `device` learnt of at `arrived`. None (the default): the model has
+    /// nothing to interpose, and stages are skipped for the request.
+    fn describe<M: GuestMemory + ?Sized>(
+        &self,
+        _mem: &M,
+        _chain: &DescriptorChain,
+        _device: u64,
+        _arrived: Instant,
+    ) -> Option<Request> {
+        None
+    }
+
+    /// [`process`](Self::process) with `req`'s data passing `pipe` (for
+    /// models whose stages transform data); returns the used length and
+    /// the request's status (0 is success). The default ignores `pipe`.
+    fn process_interposed<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        chain: &DescriptorChain,
+        _req: &Request,
+        _pipe: &Pipeline,
+    ) -> Result<(u32, u8), RequestError> {
+        self.process(mem, chain).map(|len| (len, 0))
+    }
+
+    /// A stage refused the request: complete it without running it, with
+    /// the refusal's status where the device has one. Returns the used
+    /// length. The default completes it with length 0.
+    fn reject<M: GuestMemory + ?Sized>(
+        &mut self,
+        _mem: &M,
+        _chain: &DescriptorChain,
+        _refusal: &Refusal,
+    ) -> Result<u32, RequestError> {
+        Ok(0)
+    }
 }
 
 impl DeviceModel for crate::virtio::blk::BlockDevice {
@@ -49,6 +89,37 @@ impl DeviceModel for crate::virtio::blk::BlockDevice {
         chain: &DescriptorChain,
     ) -> Result<u32, RequestError> {
         crate::virtio::blk::BlockDevice::process(self, mem, chain).map_err(|e| e.into())
+    }
+
+    fn describe<M: GuestMemory + ?Sized>(
+        &self,
+        mem: &M,
+        chain: &DescriptorChain,
+        device: u64,
+        arrived: Instant,
+    ) -> Option<Request> {
+        crate::virtio::blk::BlockDevice::describe(mem, chain, device, arrived)
+    }
+
+    fn process_interposed<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        chain: &DescriptorChain,
+        req: &Request,
+        pipe: &Pipeline,
+    ) -> Result<(u32, u8), RequestError> {
+        crate::virtio::blk::BlockDevice::process_interposed(self, mem, chain, Some((req, pipe)))
+            .map_err(|e| e.into())
+    }
+
+    fn reject<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        chain: &DescriptorChain,
+        refusal: &Refusal,
+    ) -> Result<u32, RequestError> {
+        crate::virtio::blk::BlockDevice::reject(self, mem, chain, refusal.status)
+            .map_err(|e| e.into())
     }
 
     fn fail_request<M: GuestMemory + ?Sized>(

@@ -53,8 +53,20 @@ pub struct Args {
     /// No charts.
     #[arg(long, conflicts_with = "local_only")]
     pub metrics_cost: bool,
-    /// With --metrics-cost: OFF/ON pairs per fabric.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..), requires = "metrics_cost")]
+    /// Instead of the model comparison, measure what interposition costs:
+    /// the remote doorbell model at one load point (default 4 guests x
+    /// QD32, half reads, half writes), over each fabric of --fabric,
+    /// --pairs rounds of five arms in rotated order: no hooks at all
+    /// (the baseline), hooks with no stages, then a meter, a QoS limit
+    /// far above the load, and AES-XTS encryption. Prints each arm's
+    /// median req/s and CPU per request against the baseline of the same
+    /// round, the baseline's spread (the noise), and AES-XTS-256's rate on
+    /// one core. No charts.
+    #[arg(long, conflicts_with_all = ["local_only", "metrics_cost"])]
+    pub interpose_cost: bool,
+    /// With --metrics-cost: OFF/ON pairs per fabric; with
+    /// --interpose-cost: rounds per fabric.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub pairs: u32,
     /// With --metrics-cost: milliseconds between two scrapes of /metrics
     /// (Prometheus usually scrapes every 1000 to 15000).
@@ -110,13 +122,25 @@ fn one<T: Copy>(list: &Option<Vec<T>>, default: T, what: &str) -> Result<T, Stri
         None => Ok(default),
         Some([v]) => Ok(*v),
         Some(_) => Err(format!(
-            "--metrics-cost measures one load point: give one {what}"
+            "--metrics-cost and --interpose-cost measure one load point: give one {what}"
         )),
     }
 }
 
-/// `--metrics-cost`: see [`super::cost`].
-fn metrics_cost(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
+type Measure =
+    fn(
+        &super::cost::CostArgs,
+    ) -> Result<(serde_json::Value, Vec<serde_json::Value>), Box<dyn std::error::Error>>;
+
+/// `--metrics-cost` ([`super::cost`], reads only) and `--interpose-cost`
+/// ([`super::interpose`], half writes, for the cipher): one load point,
+/// no charts, JSON at `target/vrio-bench-<name>.json` by default.
+fn cost(
+    a: &Args,
+    name: &str,
+    read_pct: u8,
+    measure: Measure,
+) -> Result<(), Box<dyn std::error::Error>> {
     let c = super::cost::CostArgs {
         fabrics: a.fabrics.fabric.clone(),
         guests: one(&a.guests, 4, "--guests")?,
@@ -124,18 +148,22 @@ fn metrics_cost(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
         seconds: a.seconds,
         pairs: a.pairs,
         scrape_every: Duration::from_millis(a.scrape_ms),
+        read_pct,
     };
-    let (fields, points) = super::cost::measure(&c)?;
+    let (fields, points) = measure(&c)?;
     let json = a
         .json
         .clone()
-        .unwrap_or_else(|| "target/vrio-bench-metrics-cost.json".into());
-    super::write_json(&json, "blk-metrics-cost", fields, points, false)
+        .unwrap_or_else(|| format!("target/vrio-bench-{name}.json").into());
+    super::write_json(&json, &format!("blk-{name}"), fields, points, false)
 }
 
 pub fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
     if a.metrics_cost {
-        return metrics_cost(a);
+        return cost(a, "metrics-cost", 100, super::cost::measure);
+    }
+    if a.interpose_cost {
+        return cost(a, "interpose-cost", 50, super::interpose::measure);
     }
     let guests = a.guests.clone().unwrap_or_else(|| vec![1, 4, 16]);
     let depths = a.depths.clone().unwrap_or_else(|| vec![1, 32]);

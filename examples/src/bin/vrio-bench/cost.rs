@@ -35,7 +35,7 @@ use vrio_testkit::runner::{
 
 type BoxError = Box<dyn std::error::Error>;
 
-/// What `--metrics-cost` measures with.
+/// What `--metrics-cost` (and `--interpose-cost`) measure with.
 #[derive(Debug, Clone)]
 pub struct CostArgs {
     pub fabrics: Vec<Backend>,
@@ -44,6 +44,22 @@ pub struct CostArgs {
     pub seconds: f64,
     pub pairs: u32,
     pub scrape_every: Duration,
+    /// Share of reads in the workload (the rest are writes).
+    pub read_pct: u8,
+}
+
+/// What a run changes on the I/O server.
+#[derive(Debug, Clone)]
+pub enum Arm {
+    /// Nothing: metrics off, interposition as by default (no stages).
+    Plain,
+    /// The server's /metrics served and scraped.
+    Metrics,
+    /// No interposition hooks at all (`IoServerConfig::interposition`
+    /// off): the baseline of `--interpose-cost`.
+    NoInterposition,
+    /// Every device under this policy.
+    Policy(vrio_core::interpose::PolicySpec),
 }
 
 /// What the scraper saw during one run.
@@ -61,10 +77,10 @@ struct Scrapes {
 }
 
 /// One run, metrics OFF or ON.
-struct Sample {
-    report: ModelReport,
+pub struct Sample {
+    pub report: ModelReport,
     /// The process's CPU per request, less the scraper's, in us.
-    cpu_us_per_req: f64,
+    pub cpu_us_per_req: f64,
     /// The process's CPU time over the run, less the scraper's, in ns.
     cpu_ns: u64,
     scrapes: Option<Scrapes>,
@@ -120,7 +136,9 @@ fn spawn_scraper(
 
 /// One run of the remote doorbell model over `fabric`, with the server's
 /// metrics served and scraped when `metrics`.
-fn run_once(a: &CostArgs, fabric: Backend, metrics: bool) -> Result<Sample, BoxError> {
+/// One run of the remote doorbell model with `arm`'s change.
+pub fn run_once(a: &CostArgs, fabric: Backend, arm: &Arm) -> Result<Sample, BoxError> {
+    let metrics = matches!(arm, Arm::Metrics);
     let blocks = 256;
     let rc = RunConfig {
         guests: a.guests,
@@ -129,7 +147,7 @@ fn run_once(a: &CostArgs, fabric: Backend, metrics: bool) -> Result<Sample, BoxE
             requests: 0,
             duration: Some(Duration::from_secs_f64(a.seconds)),
             depth: a.depth,
-            read_pct: 100,
+            read_pct: a.read_pct,
             flush_pct: 0,
             blocks,
             ..WorkloadConfig::default()
@@ -147,11 +165,17 @@ fn run_once(a: &CostArgs, fabric: Backend, metrics: bool) -> Result<Sample, BoxE
             sidecores: 1,
             blk: BlockConfig::default(),
             keys: Some(keys.clone()),
+            interposition: !matches!(arm, Arm::NoInterposition),
             ..IoServerConfig::default()
         },
     )?);
     let guests = make_guests(&rc)?;
     let placed = any_placement(&guests, server.addr());
+    if let Arm::Policy(spec) = arm {
+        for (dev, _) in &placed {
+            server.policies().set(*dev, spec)?;
+        }
+    }
     let ttl = Duration::from_secs(3600);
     let credentials = placed
         .iter()
@@ -228,7 +252,7 @@ fn run_once(a: &CostArgs, fabric: Backend, metrics: bool) -> Result<Sample, BoxE
     })
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     match v.len() {
         0 => f64::NAN,
@@ -276,7 +300,7 @@ pub fn measure(a: &CostArgs) -> Result<(serde_json::Value, Vec<serde_json::Value
                     "[{n}/{total}] metrics cost: {name} pair {} metrics {what} ...",
                     pair + 1
                 );
-                let s = run_once(a, fabric, on)?;
+                let s = run_once(a, fabric, if on { &Arm::Metrics } else { &Arm::Plain })?;
                 let r = &s.report;
                 let scr = s.scrapes.unwrap_or_default();
                 let endpoint_pct = 100.0 * scr.endpoint_cpu_ns as f64 / s.cpu_ns.max(1) as f64;
@@ -451,6 +475,7 @@ mod tests {
             seconds: 0.3,
             pairs: 1,
             scrape_every: Duration::from_millis(50),
+            read_pct: 100,
         };
         let (fields, points) = measure(&a).unwrap();
         assert_eq!(points.len(), 2);

@@ -15,11 +15,13 @@
 //!
 //! `vrio-bench blk --metrics-cost` measures instead what serving Prometheus
 //! metrics costs the I/O server, metrics OFF against ON in the same run
-//! ([`cost`]).
+//! ([`cost`]); `--interpose-cost` what interposition stages cost the
+//! remote path, and AES-XTS's rate on one core ([`interpose`]).
 
 mod blk;
 mod cost;
 mod cpu;
+mod interpose;
 mod net;
 mod plot;
 

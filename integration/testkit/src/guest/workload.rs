@@ -304,13 +304,14 @@ pub fn run_queue(
             let lat = slot.start.elapsed().as_nanos() as u64;
             let _ = r.latency.record(lat.max(1));
             let mut status = [0xffu8];
-            if mem.read(q.slots.status(si), &mut status).is_err()
-                || u32::from(status[0]) != VIRTIO_BLK_S_OK
-            {
+            let ok = mem.read(q.slots.status(si), &mut status).is_ok()
+                && u32::from(status[0]) == VIRTIO_BLK_S_OK;
+            if !ok {
                 r.io_errors += 1;
             }
+            // A failed read returns its status alone.
             let expect_len = match slot.op {
-                Op::Read => BLOCK as u32 + 1,
+                Op::Read if ok => BLOCK as u32 + 1,
                 _ => 1,
             };
             if len != expect_len {
@@ -328,8 +329,10 @@ pub fn run_queue(
                     r.reads += 1;
                     r.bytes += BLOCK;
                     busy_block[slot.block as usize] = false;
-                    if mem.read(q.slots.data(si), &mut buf).is_err()
-                        || !pattern_matches(&buf, cfg.seed, disk_block, slot.version)
+                    // A failed read (counted above) has no data to check.
+                    if ok
+                        && (mem.read(q.slots.data(si), &mut buf).is_err()
+                            || !pattern_matches(&buf, cfg.seed, disk_block, slot.version))
                     {
                         tracing::error!(
                             block = disk_block,

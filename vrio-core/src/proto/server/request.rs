@@ -26,8 +26,10 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::time::Instant;
 
 use super::ring::{Intake, ServerRing, Stage, Wake};
+use crate::interpose::{Admit, Interposed, Interposer, Pipeline, Refusal, Request};
 use crate::proto::config::RemoteQueueConfig;
 use crate::proto::queue_error::RemoteQueueError;
 use crate::proto::staging::StagedChain;
@@ -53,6 +55,44 @@ pub struct RequestQueue<D> {
     batch_out: PollOutcome,
     stage: Stage,
     spare_chains: Vec<DescriptorChain>,
+    /// The device's interposition stages, if the server has any for it.
+    interposed: Option<Interposed>,
+    /// The batch's admission through them (empty without stages).
+    admission: Admission,
+}
+
+/// Where a batch is in its passage through the device's stages.
+#[derive(Default)]
+struct Admission {
+    /// The pipeline the batch runs under (None: no stages, nothing to do).
+    pipe: Option<Arc<Pipeline>>,
+    /// Whether `pipe` and `reqs` were taken for this batch yet.
+    started: bool,
+    /// When the queue learnt of the batch.
+    arrived: Option<Instant>,
+    /// Per batch entry: what the stages see of it (None: not a request).
+    reqs: Vec<Option<Request>>,
+    /// Per entry: stages it passed (see `Pipeline::admit`).
+    passed: Vec<usize>,
+    /// Per entry: a stage's refusal.
+    refused: Vec<Option<Refusal>>,
+    /// Per entry: the status it completed with.
+    status: Vec<u8>,
+    /// Entries before this one are admitted.
+    next: usize,
+}
+
+impl Admission {
+    fn reset(&mut self) {
+        self.pipe = None;
+        self.started = false;
+        self.arrived = None;
+        self.reqs.clear();
+        self.passed.clear();
+        self.refused.clear();
+        self.status.clear();
+        self.next = 0;
+    }
 }
 
 impl<D: DeviceModel> RequestQueue<D> {
@@ -77,7 +117,15 @@ impl<D: DeviceModel> RequestQueue<D> {
             batch_out: PollOutcome::default(),
             stage: Stage::Idle,
             spare_chains: Vec::new(),
+            interposed: None,
+            admission: Admission::default(),
         })
+    }
+
+    /// Runs the device's requests through `i`'s stages (live: a policy
+    /// set on it later applies from the next batch).
+    pub fn set_interposer(&mut self, i: Arc<Interposer>) {
+        self.interposed = Some(Interposed::new(i));
     }
 
     /// What the sidecore must do before the queue may sleep (see
@@ -113,6 +161,11 @@ impl<D: DeviceModel> RequestQueue<D> {
                     return Ok(out);
                 }
                 Stage::Reading(_) => {
+                    // Held by a stage: no work to report (so the sidecore
+                    // backs off), but the queue stays busy and is polled.
+                    if !self.admit_batch() {
+                        return Ok(out);
+                    }
                     self.process_and_reply()?;
                     out.pending = 1;
                     return Ok(out);
@@ -149,6 +202,7 @@ impl<D: DeviceModel> RequestQueue<D> {
             }
             Intake::Ready { rtts } => rtts,
         };
+        self.admission.arrived = Some(self.ring.now());
         self.oversize.clear();
         let max_request = self.ring.cfg.max_request as u64;
         for (_, r) in self.batch.iter_mut() {
@@ -212,10 +266,63 @@ impl<D: DeviceModel> RequestQueue<D> {
             // chains): reply at once, one round trip in all.
             None => {
                 self.stage = Stage::Reading(0);
-                self.process_and_reply()?;
+                if self.admit_batch() {
+                    self.process_and_reply()?;
+                }
             }
         }
         Ok(true)
+    }
+
+    /// Passes the staged batch through the device's stages, from where it
+    /// stopped last time. False while a stage holds a request back (the
+    /// batch waits, in order; nothing is dropped).
+    fn admit_batch(&mut self) -> bool {
+        let a = &mut self.admission;
+        if !a.started {
+            a.started = true;
+            let Some(ip) = self.interposed.as_mut() else {
+                return true;
+            };
+            let device = ip.device();
+            let pipe = ip.current().clone();
+            if pipe.is_empty() {
+                return true;
+            }
+            let arrived = a.arrived.unwrap_or_else(|| self.ring.now());
+            for ((_, c), base) in self.batch.iter().zip(&self.bases) {
+                let req = c.as_ref().ok().and_then(|chain| {
+                    let view = StagedChain {
+                        buf: &self.ring.staging,
+                        chain,
+                        base: *base,
+                    };
+                    self.device.describe(&view, chain, device, arrived)
+                });
+                a.reqs.push(req);
+                a.passed.push(0);
+                a.refused.push(None);
+                a.status.push(0);
+            }
+            a.pipe = Some(pipe);
+        }
+        let Some(pipe) = a.pipe.as_ref() else {
+            return true;
+        };
+        let now = self.ring.now();
+        while a.next < a.reqs.len() {
+            let i = a.next;
+            if let (Some(req), false) = (&a.reqs[i], self.oversize.get(i).copied().unwrap_or(false))
+            {
+                match pipe.admit(req, now, &mut a.passed[i]) {
+                    Admit::Go => {}
+                    Admit::Wait(_) => return false,
+                    Admit::Refuse(r) => a.refused[i] = Some(r),
+                }
+            }
+            a.next += 1;
+        }
+        true
     }
 
     /// 4-5. Runs the device model over the staged bytes and posts the reply
@@ -246,11 +353,31 @@ impl<D: DeviceModel> RequestQueue<D> {
                     };
                     out.requests += 1;
                     out.bytes += chain.readable_len() + chain.writable_len();
-                    match self.device.process(&view, chain) {
+                    let a = &mut self.admission;
+                    let staged = match (&a.pipe, a.reqs.get(i).copied().flatten()) {
+                        (Some(pipe), Some(req)) => match a.refused.get(i).copied().flatten() {
+                            Some(r) => {
+                                a.status[i] = r.status;
+                                self.device.reject(&view, chain, &r)
+                            }
+                            None => self
+                                .device
+                                .process_interposed(&view, chain, &req, pipe)
+                                .map(|(len, status)| {
+                                    a.status[i] = status;
+                                    len
+                                }),
+                        },
+                        _ => self.device.process(&view, chain),
+                    };
+                    match staged {
                         Ok(l) => l,
                         Err(e) => {
                             tracing::warn!(queue = %name, head, error = %e, "request failed");
                             out.errors += 1;
+                            if let Some(s) = a.status.get_mut(i) {
+                                *s = virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR as u8;
+                            }
                             0
                         }
                     }
@@ -290,6 +417,17 @@ impl<D: DeviceModel> RequestQueue<D> {
     /// The reply wave landed: the batch is complete.
     fn finish_batch(&mut self) -> PollOutcome {
         let out = std::mem::take(&mut self.batch_out);
+        let a = &mut self.admission;
+        if let Some(pipe) = &a.pipe {
+            let now = self.ring.now();
+            for (req, status) in a.reqs.iter().zip(&a.status) {
+                if let Some(req) = req {
+                    let latency = now.saturating_duration_since(req.arrived);
+                    pipe.completed(req, *status, latency);
+                }
+            }
+        }
+        a.reset();
         for (_, c) in self.batch.drain(..) {
             if let Ok(mut c) = c {
                 c.clear();

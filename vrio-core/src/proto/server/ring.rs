@@ -353,6 +353,11 @@ impl ServerRing {
         self.now = now;
     }
 
+    /// The time the runtime last said.
+    pub fn now(&self) -> Instant {
+        self.now
+    }
+
     /// What to post: work requests for the send queue, then receives. The
     /// runtime posts them in this order and then calls
     /// [`ServerRing::clear_outbox`].

@@ -15,6 +15,7 @@ use super::error::{BlkError, RequestError, Status};
 use super::features::device_features;
 use super::request::{read_segments, write_segments, RequestLayout, HEADER_SIZE};
 use super::{ID_BYTES, SECTOR_SIZE};
+use crate::interpose::{Op, Pipeline, Request};
 use crate::virtio::memory::GuestMemory;
 use crate::virtio::ring::DescriptorChain;
 
@@ -94,6 +95,21 @@ impl BlockDevice {
         mem: &M,
         chain: &DescriptorChain,
     ) -> Result<u32, BlkError> {
+        self.process_interposed(mem, chain, None)
+            .map(|(len, _)| len)
+    }
+
+    /// [`process`](Self::process) with `req`'s data passing `pipe`'s
+    /// stages: writes on their way to the backend, reads on their way
+    /// back. DISCARD and WRITE_ZEROES go to the backend as they are (an
+    /// encrypting stage reads zeroed sectors back as zeroes). Returns the used
+    /// length and the status byte written.
+    pub fn process_interposed<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        chain: &DescriptorChain,
+        interposed: Option<(&Request, &Pipeline)>,
+    ) -> Result<(u32, u8), BlkError> {
         let req = match RequestLayout::parse(mem, chain) {
             Ok(r) => r,
             Err(e) => {
@@ -101,7 +117,7 @@ impl BlockDevice {
                 return Err(e);
             }
         };
-        let (status, written) = match self.execute(mem, chain, &req) {
+        let (status, written) = match self.execute(mem, chain, &req, interposed) {
             Ok(n) => (Status::Ok, n),
             Err(e) => {
                 debug!(
@@ -118,7 +134,50 @@ impl BlockDevice {
         mem.write(req.status_addr, &[status.byte()])?;
         // `written` <= in_len < writable_len, which fits u32 for any chain the
         // walker accepts; saturate rather than trust that.
-        Ok(u32::try_from(written + 1).unwrap_or(u32::MAX))
+        Ok((
+            u32::try_from(written + 1).unwrap_or(u32::MAX),
+            status.byte(),
+        ))
+    }
+
+    /// What the interposition stages see of the request in `chain`: None
+    /// when it is not a virtio-blk request at all (the device fails it).
+    /// DISCARD and WRITE_ZEROES are described by their header's sector
+    /// (their ranges are inside the payload) and no data length.
+    pub fn describe<M: GuestMemory + ?Sized>(
+        mem: &M,
+        chain: &DescriptorChain,
+        device: u64,
+        arrived: std::time::Instant,
+    ) -> Option<Request> {
+        let req = RequestLayout::parse(mem, chain).ok()?;
+        let op = Op::from_blk_type(req.header.request_type);
+        let len = match op {
+            Op::Read => req.in_len,
+            Op::Write => req.out_len,
+            _ => 0,
+        };
+        Some(Request {
+            device,
+            op,
+            sector: req.header.sector,
+            len,
+            frame: None,
+            arrived,
+        })
+    }
+
+    /// Completes the request in `chain` with `status` without running it
+    /// (a policy refused it). Returns the used length.
+    pub fn reject<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        chain: &DescriptorChain,
+        status: u8,
+    ) -> Result<u32, BlkError> {
+        let req = RequestLayout::parse(mem, chain)?;
+        mem.write(req.status_addr, &[status])?;
+        Ok(1)
     }
 
     /// Runs the request; returns the data bytes written into the writable part.
@@ -127,6 +186,7 @@ impl BlockDevice {
         mem: &M,
         chain: &DescriptorChain,
         req: &RequestLayout,
+        interposed: Option<(&Request, &Pipeline)>,
     ) -> Result<u64, RequestError> {
         let sector = req.header.sector;
         match req.header.request_type {
@@ -136,6 +196,9 @@ impl BlockDevice {
                 let buf = grow(&mut self.bounce, len);
                 self.backend
                     .read_vectored_at(offset, &mut [IoSliceMut::new(buf)])?;
+                if let Some((r, p)) = interposed {
+                    p.read_data(r, buf).map_err(RequestError::Refused)?;
+                }
                 write_segments(mem, &chain.writable, 0, buf)?;
                 Ok(len)
             }
@@ -145,6 +208,9 @@ impl BlockDevice {
                 let offset = self.check_io(sector, len)?;
                 let buf = grow(&mut self.bounce, len);
                 read_segments(mem, &chain.readable, HEADER_SIZE, buf)?;
+                if let Some((r, p)) = interposed {
+                    p.write_data(r, buf).map_err(RequestError::Refused)?;
+                }
                 self.backend
                     .write_vectored_at(offset, &[IoSlice::new(buf)])?;
                 Ok(0)

@@ -69,6 +69,8 @@ pub(crate) enum RequestError {
     Backend(#[from] std::io::Error),
     #[error("guest memory access for request data failed: {0}")]
     Memory(#[from] MemoryError),
+    #[error("refused by the device's {} policy", .0.reason)]
+    Refused(crate::interpose::Refusal),
 }
 
 impl RequestError {
@@ -78,6 +80,9 @@ impl RequestError {
             RequestError::UnsupportedType(_)
             | RequestError::ReadOnly
             | RequestError::UnsupportedFlags { .. } => Status::Unsupp,
+            RequestError::Refused(r) if u32::from(r.status) == VIRTIO_BLK_S_UNSUPP => {
+                Status::Unsupp
+            }
             _ => Status::IoErr,
         }
     }

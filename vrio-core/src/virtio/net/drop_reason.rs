@@ -24,11 +24,14 @@ pub enum DropReason {
     Loopback,
     /// The uplink refused the frame.
     UplinkError,
+    /// An interposition stage refused it (the ACL; its own counters say
+    /// why).
+    Policy,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::Short,
         DropReason::Oversized,
         DropReason::BadHeader,
@@ -39,6 +42,7 @@ impl DropReason {
         DropReason::RxTooLarge,
         DropReason::Loopback,
         DropReason::UplinkError,
+        DropReason::Policy,
     ];
 
     /// The reason's name in reports (snake case).
@@ -54,6 +58,7 @@ impl DropReason {
             DropReason::RxTooLarge => "rx_too_large",
             DropReason::Loopback => "loopback",
             DropReason::UplinkError => "uplink_error",
+            DropReason::Policy => "policy",
         }
     }
 

@@ -9,6 +9,7 @@ use super::copy::gather;
 use super::drop_reason::DropReason;
 use super::frame::ETH_HLEN;
 use super::header::{NetHeader, HDR_LEN};
+use crate::interpose::{frame_info, Op, Refusal, Request};
 use crate::virtio::device::{DeviceModel, RequestError};
 use crate::virtio::memory::{GuestMemory, MemoryError};
 use crate::virtio::ring::DescriptorChain;
@@ -118,5 +119,40 @@ impl DeviceModel for TxDevice {
 
     fn refused_chain(&mut self) {
         self.sink.dropped(DropReason::BadChain);
+    }
+
+    /// A frame: its length and addresses (read from the first bytes after
+    /// the virtio-net header).
+    fn describe<M: GuestMemory + ?Sized>(
+        &self,
+        mem: &M,
+        chain: &DescriptorChain,
+        device: u64,
+        arrived: std::time::Instant,
+    ) -> Option<Request> {
+        let len = chain.readable_len().checked_sub(HDR_LEN as u64)?;
+        // Ethernet + the IPv4 or ARP sender address: 14 + 18 bytes.
+        let mut head = [0u8; 32];
+        let n = (len as usize).min(head.len());
+        gather(mem, &chain.readable, HDR_LEN as u64, &mut head[..n]).ok()?;
+        Some(Request {
+            device,
+            op: Op::Transmit,
+            sector: 0,
+            len,
+            frame: frame_info(&head[..n]),
+            arrived,
+        })
+    }
+
+    /// A refused frame is dropped, counted on the port as `policy`.
+    fn reject<M: GuestMemory + ?Sized>(
+        &mut self,
+        _mem: &M,
+        _chain: &DescriptorChain,
+        _refusal: &Refusal,
+    ) -> Result<u32, RequestError> {
+        self.sink.dropped(DropReason::Policy);
+        Ok(0)
     }
 }
