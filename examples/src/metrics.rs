@@ -752,6 +752,50 @@ fn encode_remote(
                 .map(|(k, r)| (vec![("device_type", k.to_string())], f(r))),
         )?;
     }
+    type Kind = (&'static str, fn(&RemoteSnapshot) -> u64);
+    let by_kind: [Kind; 4] = [
+        ("read", |r| r.reads),
+        ("write", |r| r.writes),
+        ("write_imm", |r| r.write_imms),
+        ("send", |r| r.sends),
+    ];
+    counters(
+        enc,
+        "vrio_server_fabric_work_requests",
+        "Work requests the server posted, by kind: read, write, write_imm \
+         (the waves), send (control messages to agents).",
+        kinds.iter().flat_map(|(k, r)| {
+            by_kind.iter().map(move |(kind, f)| {
+                (
+                    vec![("device_type", k.to_string()), ("kind", kind.to_string())],
+                    f(r),
+                )
+            })
+        }),
+    )?;
+    counters(
+        enc,
+        "vrio_server_fabric_bytes",
+        "Bytes moved by one-sided operations: direction=\"read\" from guest \
+         memory, direction=\"write\" into it.",
+        kinds.iter().flat_map(|(k, r)| {
+            [("read", r.read_bytes), ("write", r.write_bytes)].map(|(d, n)| {
+                (
+                    vec![("device_type", k.to_string()), ("direction", d.to_string())],
+                    n,
+                )
+            })
+        }),
+    )?;
+    counters(
+        enc,
+        "vrio_server_fabric_completion_errors",
+        "Work requests that completed with an error status; each ends its \
+         queue (its agent reconnects or fails over).",
+        kinds
+            .iter()
+            .map(|(k, r)| (vec![("device_type", k.to_string())], r.completion_errors)),
+    )?;
     Ok(())
 }
 
@@ -1290,6 +1334,18 @@ mod tests {
             "vrio_interpose_events_total{{device=\"{dev}\",stage=\"qos\",event=\"waits\",reason=\"\"}}"
         );
         assert!(text.contains(&want), "no {want:?} in:\n{text}");
+        // Every read's 4 KiB was written into guest memory by a one-sided
+        // write (plus status bytes and used elements).
+        let line = text
+            .lines()
+            .find(|l| {
+                l.starts_with(
+                    "vrio_server_fabric_bytes_total{device_type=\"blk\",direction=\"write\"}",
+                )
+            })
+            .expect("fabric bytes");
+        let written: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(written >= r.reads * 4096, "{line}");
         server.stop();
     }
 }

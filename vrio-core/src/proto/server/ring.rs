@@ -470,6 +470,7 @@ impl ServerRing {
     pub fn on_completions(&mut self, cqes: &[Completion]) -> Result<(), RemoteQueueError> {
         for c in cqes {
             if !c.status.is_ok() {
+                self.stats.completion_errors.fetch_add(1, Relaxed);
                 return Err(match c.status {
                     WcStatus::Flushed | WcStatus::RetryExceeded => {
                         RemoteQueueError::Disconnected(c.status)
@@ -606,6 +607,7 @@ impl ServerRing {
             let wr_id = self.next_wr();
             let local = self.sge(off, len);
             self.msg_wr[slot] = wr_id;
+            self.stats.sends.fetch_add(1, Relaxed);
             self.backlog.push(SendRequest {
                 wr_id,
                 opcode: Opcode::Send,
@@ -766,9 +768,7 @@ impl ServerRing {
         let Some(target) = self.wrs.last().map(|w| w.wr_id) else {
             return Ok(None);
         };
-        self.stats
-            .fabric_ops
-            .fetch_add(self.wrs.len() as u64, Relaxed);
+        self.count_wave();
         if let Some(last) = self.wrs.last_mut() {
             last.signaled = true;
         }
@@ -776,6 +776,42 @@ impl ServerRing {
         self.post_backlog()?;
         self.stage_started = self.now;
         Ok(Some(target))
+    }
+
+    /// Counts the wave about to go out, by kind and bytes.
+    fn count_wave(&self) {
+        let (mut reads, mut writes, mut imms, mut rb, mut wb) = (0u64, 0u64, 0u64, 0u64, 0u64);
+        for w in &self.wrs {
+            let len = u64::from(w.local.len);
+            match w.opcode {
+                Opcode::Read { .. } => {
+                    reads += 1;
+                    rb += len;
+                }
+                Opcode::Write { .. } => {
+                    writes += 1;
+                    wb += len;
+                }
+                Opcode::WriteWithImm { .. } => {
+                    imms += 1;
+                    wb += len;
+                }
+                _ => {}
+            }
+        }
+        let st = &self.stats;
+        st.fabric_ops.fetch_add(self.wrs.len() as u64, Relaxed);
+        for (c, n) in [
+            (&st.reads, reads),
+            (&st.writes, writes),
+            (&st.write_imms, imms),
+            (&st.read_bytes, rb),
+            (&st.write_bytes, wb),
+        ] {
+            if n > 0 {
+                c.fetch_add(n, Relaxed);
+            }
+        }
     }
 
     /// Posts as much of the backlog as the send queue has room for. Work
