@@ -578,8 +578,103 @@ impl Collector for ServerMetrics {
         )?;
 
         encode_ports(&mut enc, s)?;
+        encode_queues(&mut enc, s)?;
         encode_interposition(&mut enc, &s.policies().reports())
     }
+}
+
+/// Meter figures (requests, bytes, errors and status by op, latency) as
+/// the families `{prefix}_requests_total`, `_bytes_total`,
+/// `_errors_total`, `_status_total` and `_latency_seconds`, one sample set
+/// per labelled report.
+fn encode_meters(
+    enc: &mut DescriptorEncoder,
+    prefix: &str,
+    whose: &str,
+    items: &[(Labels, vrio_core::interpose::StageReport)],
+) -> std::fmt::Result {
+    for (name, label, help) in [
+        ("requests", "op", "Requests completed, by op"),
+        (
+            "bytes",
+            "op",
+            "Data bytes of requests completed without error, by op",
+        ),
+        (
+            "errors",
+            "op",
+            "Requests completed with a virtio status other than OK, by op",
+        ),
+        (
+            "status",
+            "status",
+            "Requests completed, by virtio status (ok, ioerr, unsupp, other)",
+        ),
+    ] {
+        counters(
+            enc,
+            &format!("{prefix}_{name}"),
+            &format!("{help} ({whose})."),
+            items.iter().flat_map(|(labels, r)| {
+                r.counters
+                    .iter()
+                    .filter(move |c| c.name == name)
+                    .map(move |c| {
+                        let mut l = labels.clone();
+                        l.push((label, c.label.clone()));
+                        (l, c.value)
+                    })
+            }),
+        )?;
+    }
+    let (name, help) = (
+        format!("{prefix}_latency_seconds"),
+        format!(
+            "Request latency at the I/O server, from the batch's intake to its \
+             reply landing in guest memory ({whose})."
+        ),
+    );
+    let mut m = enc.encode_descriptor(&name, &help, None, MetricType::Histogram)?;
+    for (labels, r) in items {
+        let Some(h) = &r.latency else { continue };
+        let buckets: Vec<(f64, u64)> = h
+            .bounds
+            .iter()
+            .copied()
+            .chain([f64::INFINITY])
+            .zip(h.counts.iter().copied())
+            .collect();
+        m.encode_family(labels)?
+            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                h.sum,
+                h.count(),
+                &buckets,
+                None,
+            )?;
+    }
+    Ok(())
+}
+
+/// Each queue's own figures (`vrio-server --metrics-listen` keeps them):
+/// `vrio_queue_*`, labelled by device and queue.
+fn encode_queues(enc: &mut DescriptorEncoder, server: &IoServer) -> std::fmt::Result {
+    use vrio_core::interpose::Stage;
+    let queues = server.queue_meters();
+    let labels =
+        |name: &str, d: u64| vec![("device", format!("dev{d}")), ("queue", name.to_string())];
+    let items: Vec<_> = queues
+        .iter()
+        .map(|(name, d, m)| (labels(name, *d), m.meter.report()))
+        .collect();
+    encode_meters(enc, "vrio_queue", "blk and net TX queues", &items)?;
+    gauges(
+        enc,
+        "vrio_queue_in_flight",
+        "Requests the queue took from the guest and has not completed.",
+        queues
+            .iter()
+            .map(|(name, d, m)| (labels(name, *d), m.in_flight.load(Relaxed))),
+    )
 }
 
 /// The interposition stages' counters, for devices that have stages: the
@@ -590,64 +685,15 @@ fn encode_interposition(
     reports: &[(u64, Vec<vrio_core::interpose::StageReport>)],
 ) -> std::fmt::Result {
     let dev = |d: u64| format!("dev{d}");
-    let meters: Vec<(u64, &vrio_core::interpose::StageReport)> = reports
+    let meters: Vec<(Labels, vrio_core::interpose::StageReport)> = reports
         .iter()
         .flat_map(|(d, rs)| {
             rs.iter()
                 .filter(|r| r.kind == "meter")
-                .map(move |r| (*d, r))
+                .map(move |r| (vec![("device", dev(*d))], r.clone()))
         })
         .collect();
-    for (name, help) in [
-        (
-            "requests",
-            "Requests completed, by op (devices with a `meter` stage).",
-        ),
-        (
-            "bytes",
-            "Data bytes of requests completed without error, by op.",
-        ),
-        (
-            "errors",
-            "Requests completed with a virtio status other than OK, by op.",
-        ),
-    ] {
-        counters(
-            enc,
-            &format!("vrio_device_{name}"),
-            help,
-            meters.iter().flat_map(|(d, r)| {
-                r.counters
-                    .iter()
-                    .filter(move |c| c.name == name)
-                    .map(move |c| (vec![("device", dev(*d)), ("op", c.label.clone())], c.value))
-            }),
-        )?;
-    }
-    let mut m = enc.encode_descriptor(
-        "vrio_device_latency_seconds",
-        "Request latency at the I/O server, from the batch's intake to its \
-         reply landing in guest memory (devices with a `meter` stage).",
-        None,
-        MetricType::Histogram,
-    )?;
-    for (d, r) in &meters {
-        let Some(h) = &r.latency else { continue };
-        let buckets: Vec<(f64, u64)> = h
-            .bounds
-            .iter()
-            .copied()
-            .chain([f64::INFINITY])
-            .zip(h.counts.iter().copied())
-            .collect();
-        m.encode_family(&vec![("device", dev(*d))])?
-            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
-                h.sum,
-                h.count(),
-                &buckets,
-                None,
-            )?;
-    }
+    encode_meters(enc, "vrio_device", "devices with a `meter` stage", &meters)?;
     counters(
         enc,
         "vrio_interpose_events",
@@ -1295,7 +1341,10 @@ mod tests {
             IoServer::start(
                 open_domain(Backend::Soft, None).unwrap(),
                 Arc::new(MemoryBackend::new(4 << 20)),
-                IoServerConfig::default(),
+                IoServerConfig {
+                    queue_metrics: true,
+                    ..IoServerConfig::default()
+                },
             )
             .unwrap(),
         );
@@ -1334,6 +1383,20 @@ mod tests {
             "vrio_interpose_events_total{{device=\"{dev}\",stage=\"qos\",event=\"waits\",reason=\"\"}}"
         );
         assert!(text.contains(&want), "no {want:?} in:\n{text}");
+        // The queue's own figures agree with the device's.
+        let want = format!(
+            "vrio_queue_requests_total{{device=\"{dev}\",queue=\"{dev}.q0\",op=\"write\"}} {}",
+            r.writes
+        );
+        assert!(text.contains(&want), "no {want:?} in:\n{text}");
+        let want = format!(
+            "vrio_queue_status_total{{device=\"{dev}\",queue=\"{dev}.q0\",status=\"ok\"}} {}",
+            r.completed
+        );
+        assert!(text.contains(&want), "no {want:?} in:\n{text}");
+        assert!(text.contains(&format!(
+            "vrio_queue_in_flight{{device=\"{dev}\",queue=\"{dev}.q0\"}} 0"
+        )));
         // Every read's 4 KiB was written into guest memory by a one-sided
         // write (plus status bytes and used elements).
         let line = text

@@ -206,6 +206,9 @@ fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
             blk: BlockConfig::default(),
             keys,
             volumes,
+            // The queues' own figures cost a few atomic adds a request:
+            // only kept when something reads them.
+            queue_metrics: metrics.is_some(),
             ..IoServerConfig::default()
         },
     )?;

@@ -1,5 +1,7 @@
 //! Metering: per-device ops, bytes, errors and a latency histogram, as
-//! SPDK's `bdev_get_iostat` and `bdev_get_histogram`.
+//! SPDK's `bdev_get_iostat` and `bdev_get_histogram`. The same counters
+//! serve as every queue's own figures when the server meters queues
+//! ([`QueueMeter`]).
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
@@ -22,9 +24,14 @@ pub struct Meter {
     requests: [AtomicU64; OPS],
     bytes: [AtomicU64; OPS],
     errors: [AtomicU64; OPS],
+    /// By status: OK, IOERR, UNSUPP, anything else.
+    status: [AtomicU64; 4],
     buckets: [AtomicU64; LATENCY_BOUNDS.len() + 1],
     sum_ns: AtomicU64,
 }
+
+/// The status labels of [`Meter`]'s `status` counters.
+const STATUS: [&str; 4] = ["ok", "ioerr", "unsupp", "other"];
 
 impl Default for Meter {
     fn default() -> Self {
@@ -39,6 +46,7 @@ impl Meter {
             requests: Default::default(),
             bytes: Default::default(),
             errors: Default::default(),
+            status: Default::default(),
             buckets: Default::default(),
             sum_ns: AtomicU64::new(0),
         }
@@ -58,6 +66,7 @@ impl Stage for Meter {
         } else {
             self.errors[i].fetch_add(1, Relaxed);
         }
+        self.status[usize::from(status.min(3))].fetch_add(1, Relaxed);
         let s = latency.as_secs_f64();
         let b = LATENCY_BOUNDS.partition_point(|&bound| bound < s);
         self.buckets[b].fetch_add(1, Relaxed);
@@ -82,6 +91,13 @@ impl Stage for Meter {
                     value: v.load(Relaxed),
                 });
             }
+        }
+        for (label, v) in STATUS.iter().zip(&self.status) {
+            counters.push(StageCounter {
+                name: "status".into(),
+                label: (*label).into(),
+                value: v.load(Relaxed),
+            });
         }
         StageReport {
             kind: "meter".into(),
@@ -120,9 +136,22 @@ mod tests {
         assert_eq!(rep.counter("bytes", "read"), 8192);
         assert_eq!(rep.counter("errors", "write"), 1);
         assert_eq!(rep.counter("bytes", "write"), 0);
+        assert_eq!(rep.counter("status", "ok"), 2);
+        assert_eq!(rep.counter("status", "ioerr"), 1);
         let h = rep.latency.expect("histogram");
         assert_eq!(h.count(), 3);
         assert_eq!(h.quantile(0.5), Some(50e-6));
         assert_eq!(h.quantile(1.0), Some(f64::INFINITY));
     }
+}
+
+/// One queue's own I/O figures, kept when the server meters queues
+/// (`IoServerConfig::queue_metrics`): a [`Meter`] of the queue's requests
+/// and the number it holds in flight.
+#[derive(Debug, Default)]
+pub struct QueueMeter {
+    /// Requests by op and status, bytes, latency.
+    pub meter: Meter,
+    /// Requests the queue took from the guest and has not completed.
+    pub in_flight: AtomicU64,
 }

@@ -32,7 +32,7 @@ mod stage;
 
 pub use crypt::XtsStage;
 pub use fault::FaultStage;
-pub use meter::{Meter, LATENCY_BOUNDS};
+pub use meter::{Meter, QueueMeter, LATENCY_BOUNDS};
 pub use net::{frame_info, AclStage, NetRateStage};
 pub use pipeline::{Interposed, Interposer, Pipeline, Policies};
 pub use qos::QosStage;

@@ -63,6 +63,11 @@ impl<D: DeviceModel> RemoteQueue<D> {
         self.core.set_interposer(i);
     }
 
+    /// Keeps the queue's own I/O figures in `m`.
+    pub fn set_meter(&mut self, m: Arc<crate::interpose::QueueMeter>) {
+        self.core.set_meter(m);
+    }
+
     /// The queue's name (`dev<key>.q<queue>`).
     pub fn name(&self) -> &str {
         &self.core.ring.name

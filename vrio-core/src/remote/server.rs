@@ -25,7 +25,7 @@ use super::net_devices::{NetDeviceError, NetDevices, NetQueue, NetServerConfig};
 use super::net_rx::RemoteRxQueue;
 use super::remote_queue::RemoteQueue;
 use crate::blk::{BlockBackend, BlockConfig, BlockDevice};
-use crate::interpose::Policies;
+use crate::interpose::{Policies, QueueMeter};
 use crate::net::{RxDevice, SwitchPort};
 use crate::proto::config::RemoteQueueConfig;
 use crate::proto::staging::StagingBuffer;
@@ -76,6 +76,11 @@ pub struct IoServerConfig {
     /// no effect; only to measure what the hooks cost (`vrio-bench blk
     /// --interpose-cost`).
     pub interposition: bool,
+    /// Keep every blk and net TX queue's own I/O figures (requests, bytes
+    /// and status by op, latency, in flight; [`IoServer::queue_meters`]),
+    /// as `vrio-server --metrics-listen` does. A few atomic adds per
+    /// request.
+    pub queue_metrics: bool,
 }
 
 impl Default for IoServerConfig {
@@ -93,6 +98,7 @@ impl Default for IoServerConfig {
             max_queues_per_peer: 256,
             policies: Arc::new(Policies::new()),
             interposition: true,
+            queue_metrics: false,
         }
     }
 }
@@ -130,6 +136,10 @@ struct Served {
     sidecore: usize,
     id: u64,
     alive: Weak<()>,
+    /// Its I/O figures, when the server keeps them.
+    meter: Option<Arc<QueueMeter>>,
+    /// The device it belongs to.
+    device: u64,
 }
 
 /// The sidecores and which queue each serves.
@@ -169,7 +179,12 @@ impl Sidecores {
         hint: u16,
         host: &str,
     ) -> Result<(String, usize), ServerError> {
-        let Admitted { queue: q, alive } = q;
+        let Admitted {
+            queue: q,
+            alive,
+            meter,
+            device,
+        } = q;
         let load = self.load();
         let k = if usize::from(hint) < self.handles.len() {
             usize::from(hint)
@@ -189,6 +204,8 @@ impl Sidecores {
             sidecore: k,
             id,
             alive,
+            meter,
+            device,
         });
         Ok((name, k))
     }
@@ -264,6 +281,7 @@ impl IoServer {
             blk_stats: stats.clone(),
             net_stats: net_stats.clone(),
             policies: cfg.interposition.then(|| cfg.policies.clone()),
+            queue_metrics: cfg.queue_metrics,
         };
         let admitting = Arc::new(AtomicUsize::new(0));
         let policies = cfg.policies.clone();
@@ -324,6 +342,20 @@ impl IoServer {
             gate,
             policies,
         })
+    }
+
+    /// Each live queue's I/O figures (name, device id, figures), when
+    /// [`IoServerConfig::queue_metrics`] is on; net RX queues have none
+    /// (their frames are the switch ports' figures).
+    pub fn queue_meters(&self) -> Vec<(String, u64, Arc<QueueMeter>)> {
+        let Ok(mut scs) = self.sidecores.lock() else {
+            return Vec::new();
+        };
+        scs.prune();
+        scs.queues
+            .iter()
+            .filter_map(|s| Some((s.name.clone(), s.device, s.meter.clone()?)))
+            .collect()
     }
 
     /// The devices' interposition policies: set one to change it live, read
@@ -550,12 +582,15 @@ struct Kinds {
     net_stats: Arc<RemoteStats>,
     /// None: no interposition (`IoServerConfig::interposition` off).
     policies: Option<Arc<Policies>>,
+    queue_metrics: bool,
 }
 
 /// A queue ready for a sidecore, and its liveness token.
 struct Admitted {
     queue: Box<dyn ServedQueue>,
     alive: Weak<()>,
+    meter: Option<Arc<QueueMeter>>,
+    device: u64,
 }
 
 /// Why a new endpoint got no queue (logged as "attach refused").
@@ -757,11 +792,17 @@ fn admit_queue(
             if let Some(p) = &kinds.policies {
                 q.set_interposer(p.interposer(attach.device_id));
             }
+            let meter = kinds.queue_metrics.then(|| Arc::new(QueueMeter::default()));
+            if let Some(m) = &meter {
+                q.set_meter(m.clone());
+            }
             q.reply_attach(config, features)?;
             let alive = q.liveness();
             return Ok(Admitted {
                 queue: Box::new(q),
                 alive,
+                meter,
+                device: attach.device_id,
             });
         }
         Kind::Net(mac) => mac,
@@ -777,11 +818,17 @@ fn admit_queue(
             if let Some(p) = &kinds.policies {
                 q.set_interposer(p.interposer(attach.device_id));
             }
+            let meter = kinds.queue_metrics.then(|| Arc::new(QueueMeter::default()));
+            if let Some(m) = &meter {
+                q.set_meter(m.clone());
+            }
             q.reply_attach(config, 0)?;
             let alive = q.liveness();
             Admitted {
                 queue: Box::new(q),
                 alive,
+                meter,
+                device: attach.device_id,
             }
         }
         NetQueue::Rx => {
@@ -792,6 +839,8 @@ fn admit_queue(
             Admitted {
                 queue: Box::new(q),
                 alive,
+                meter: None,
+                device: attach.device_id,
             }
         }
     })

@@ -29,7 +29,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::ring::{Intake, ServerRing, Stage, Wake};
-use crate::interpose::{Admit, Interposed, Interposer, Pipeline, Refusal, Request};
+use crate::interpose::{
+    Admit, Interposed, Interposer, Pipeline, QueueMeter, Refusal, Request, Stage as _,
+};
 use crate::proto::config::RemoteQueueConfig;
 use crate::proto::queue_error::RemoteQueueError;
 use crate::proto::staging::StagedChain;
@@ -57,6 +59,10 @@ pub struct RequestQueue<D> {
     spare_chains: Vec<DescriptorChain>,
     /// The device's interposition stages, if the server has any for it.
     interposed: Option<Interposed>,
+    /// The queue's own I/O figures, when the server keeps them.
+    meter: Option<Arc<QueueMeter>>,
+    /// Runs metered requests through no stages.
+    no_stages: Arc<Pipeline>,
     /// The batch's admission through them (empty without stages).
     admission: Admission,
 }
@@ -118,8 +124,16 @@ impl<D: DeviceModel> RequestQueue<D> {
             stage: Stage::Idle,
             spare_chains: Vec::new(),
             interposed: None,
+            meter: None,
+            no_stages: Arc::new(Pipeline::empty()),
             admission: Admission::default(),
         })
+    }
+
+    /// Keeps the queue's own I/O figures in `m` (requests, bytes and
+    /// status by op, latency, requests in flight).
+    pub fn set_meter(&mut self, m: Arc<QueueMeter>) {
+        self.meter = Some(m);
     }
 
     /// Runs the device's requests through `i`'s stages (live: a policy
@@ -203,6 +217,9 @@ impl<D: DeviceModel> RequestQueue<D> {
             Intake::Ready { rtts } => rtts,
         };
         self.admission.arrived = Some(self.ring.now());
+        if let Some(m) = &self.meter {
+            m.in_flight.store(self.batch.len() as u64, Relaxed);
+        }
         self.oversize.clear();
         let max_request = self.ring.cfg.max_request as u64;
         for (_, r) in self.batch.iter_mut() {
@@ -281,14 +298,19 @@ impl<D: DeviceModel> RequestQueue<D> {
         let a = &mut self.admission;
         if !a.started {
             a.started = true;
-            let Some(ip) = self.interposed.as_mut() else {
-                return true;
-            };
-            let device = ip.device();
-            let pipe = ip.current().clone();
-            if pipe.is_empty() {
+            let pipe = self
+                .interposed
+                .as_mut()
+                .map(|ip| (ip.device(), ip.current().clone()))
+                .filter(|(_, p)| !p.is_empty());
+            let metered = self.meter.is_some();
+            if pipe.is_none() && !metered {
                 return true;
             }
+            let device = match &pipe {
+                Some((d, _)) => *d,
+                None => self.ring.device_id(),
+            };
             let arrived = a.arrived.unwrap_or_else(|| self.ring.now());
             for ((_, c), base) in self.batch.iter().zip(&self.bases) {
                 let req = c.as_ref().ok().and_then(|chain| {
@@ -304,7 +326,10 @@ impl<D: DeviceModel> RequestQueue<D> {
                 a.refused.push(None);
                 a.status.push(0);
             }
-            a.pipe = Some(pipe);
+            a.pipe = Some(match pipe {
+                Some((_, p)) => p,
+                None => self.no_stages.clone(),
+            });
         }
         let Some(pipe) = a.pipe.as_ref() else {
             return true;
@@ -424,8 +449,14 @@ impl<D: DeviceModel> RequestQueue<D> {
                 if let Some(req) = req {
                     let latency = now.saturating_duration_since(req.arrived);
                     pipe.completed(req, *status, latency);
+                    if let Some(m) = &self.meter {
+                        m.meter.completed(req, *status, latency);
+                    }
                 }
             }
+        }
+        if let Some(m) = &self.meter {
+            m.in_flight.store(0, Relaxed);
         }
         a.reset();
         for (_, c) in self.batch.drain(..) {

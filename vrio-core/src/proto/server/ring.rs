@@ -158,6 +158,8 @@ pub struct ServerRing {
     pub(crate) staging: UnsafeCell<StagingBuffer>,
     recv: StagingBuffer,
     pub(crate) name: String,
+    /// The device the agent attached the queue for.
+    device_id: u64,
     pub(crate) cfg: RemoteQueueConfig,
     pub(crate) areas: Areas,
     pub(crate) mode: NotifyMode,
@@ -311,7 +313,13 @@ impl ServerRing {
             busy_polls: 0,
             scratch: Vec::new(),
             failed: None,
+            device_id: attach.device_id,
         })
+    }
+
+    /// The device the agent attached the queue for.
+    pub fn device_id(&self) -> u64 {
+        self.device_id
     }
 
     /// [`ServerRing::new`], named as the server names the queue.
