@@ -9,7 +9,8 @@
 //! the server's collector ([`ServerMetrics`]) registered and served on a
 //! loopback port, and a scraper thread GETting `/metrics` every
 //! `--scrape-ms` (100 ms: ten times Prometheus's usual rate) for the whole
-//! run. The runs build the remote model from the testkit's pieces, as
+//! run, and the queues keep their own figures (`queue_metrics`), as
+//! with `--metrics-listen`. The runs build the remote model from the testkit's pieces, as
 //! `run_remote_with` does (credentials on), because the collector needs
 //! the `IoServer`.
 
@@ -166,6 +167,8 @@ pub fn run_once(a: &CostArgs, fabric: Backend, arm: &Arm) -> Result<Sample, BoxE
             blk: BlockConfig::default(),
             keys: Some(keys.clone()),
             interposition: !matches!(arm, Arm::NoInterposition),
+            // As vrio-server --metrics-listen: the queues' own figures.
+            queue_metrics: metrics,
             ..IoServerConfig::default()
         },
     )?);
