@@ -6,14 +6,33 @@
 //! guessed. The walker validates the copy it acts on, so a guest that
 //! rewrites its table afterwards cannot get past a check.
 
+use rustc_hash::FxHashMap;
+
 use crate::virtio::memory::{GuestMemory, MemoryError};
+
+/// Ranges up to this long are found by their start address alone (the
+/// walker reads whole descriptors, at their start); longer ones (tables,
+/// inline payloads) are scanned.
+const SMALL: usize = 16;
 
 /// Guest bytes held at their guest addresses; reads of anything else fail
 /// with [`MemoryError::NotPresent`]. Writes are refused.
+///
+/// A batch can hold a hundred ranges (a doorbell's descriptors, one each),
+/// so a lookup is not a scan: ranges are indexed by start address, and only
+/// the few long ones are scanned. Where copies overlap, the newest that
+/// starts at the address read, or the newest long one, wins; a short range
+/// that covers the address without starting there is found only when no
+/// other does. Each is a copy of guest memory that the walker validates as
+/// it reads it, so which copy wins is never a safety question.
 #[derive(Debug, Default)]
 pub struct Shadow {
-    /// (guest address, bytes), few and small: a linear scan is fastest.
+    /// (guest address, bytes), in insert order.
     ranges: Vec<(u64, Vec<u8>)>,
+    /// Start address -> index of the newest range starting there.
+    starts: FxHashMap<u64, usize>,
+    /// Indices of the ranges longer than [`SMALL`], in insert order.
+    long: Vec<usize>,
     /// Reused buffers, so steady state allocates nothing.
     spare: Vec<Vec<u8>>,
 }
@@ -25,22 +44,26 @@ impl Shadow {
             b.clear();
             self.spare.push(b);
         }
+        self.starts.clear();
+        self.long.clear();
     }
 
     /// Adds (or replaces) the bytes at `gpa`.
     pub fn insert(&mut self, gpa: u64, bytes: &[u8]) {
-        let mut b = self.spare.pop().unwrap_or_default();
-        b.extend_from_slice(bytes);
-        self.ranges.push((gpa, b));
+        self.slot(gpa, bytes.len()).copy_from_slice(bytes);
     }
 
     /// A buffer of `len` zero bytes at `gpa`, to be filled by a READ.
     pub fn slot(&mut self, gpa: u64, len: usize) -> &mut Vec<u8> {
         let mut b = self.spare.pop().unwrap_or_default();
         b.resize(len, 0);
+        let i = self.ranges.len();
         self.ranges.push((gpa, b));
-        let last = self.ranges.len() - 1;
-        &mut self.ranges[last].1
+        self.starts.insert(gpa, i);
+        if len > SMALL {
+            self.long.push(i);
+        }
+        &mut self.ranges[i].1
     }
 
     /// The `len` bytes at `addr`, if one range holds them all.
@@ -50,11 +73,31 @@ impl Shadow {
 
     fn find(&self, addr: u64, len: usize) -> Option<&[u8]> {
         let end = addr.checked_add(len as u64)?;
-        // Latest insert wins: scan from the back.
-        self.ranges.iter().rev().find_map(|(g, b)| {
-            let bend = g + b.len() as u64;
+        let covers = |i: usize| -> Option<&[u8]> {
+            let (g, b) = &self.ranges[i];
+            let bend = g.checked_add(b.len() as u64)?;
             (addr >= *g && end <= bend).then(|| &b[(addr - g) as usize..(end - g) as usize])
-        })
+        };
+        let at = self
+            .starts
+            .get(&addr)
+            .copied()
+            .filter(|&i| covers(i).is_some());
+        // A long range newer than the one starting here wins.
+        let newer = self
+            .long
+            .iter()
+            .rev()
+            .take_while(|&&j| at.is_none_or(|i| j > i))
+            .find_map(|&j| covers(j));
+        if let Some(b) = newer {
+            return Some(b);
+        }
+        if let Some(i) = at {
+            return covers(i);
+        }
+        // Rare: a short range covering `addr` without starting there.
+        (0..self.ranges.len()).rev().find_map(covers)
     }
 }
 
@@ -100,5 +143,29 @@ mod tests {
         s.clear();
         assert!(s.read(0x1000, &mut b).is_err());
         assert!(s.read(u64::MAX, &mut b).is_err());
+    }
+
+    #[test]
+    fn newer_long_ranges_win_over_older_descriptors() {
+        let mut s = Shadow::default();
+        let mut d = [0u8; 16];
+        s.insert(0x2000, &[1; 16]);
+        s.insert(0x2010, &[2; 16]);
+        // A READ of the whole table, newer than both.
+        s.insert(0x2000, &[7; 64]);
+        s.read(0x2010, &mut d).unwrap();
+        assert_eq!(d, [7; 16]);
+        // A descriptor pushed after the table wins over it.
+        s.insert(0x2020, &[3; 16]);
+        s.read(0x2020, &mut d).unwrap();
+        assert_eq!(d, [3; 16]);
+        s.read(0x2030, &mut d).unwrap();
+        assert_eq!(d, [7; 16]);
+        // Inside a short range without starting there.
+        let mut two = [0u8; 2];
+        s.insert(0x9000, &[5; 16]);
+        s.read(0x9004, &mut two).unwrap();
+        assert_eq!(two, [5, 5]);
+        assert!(s.read(0x9010, &mut two).is_err());
     }
 }

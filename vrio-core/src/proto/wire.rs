@@ -367,6 +367,49 @@ impl R<'_> {
         a.copy_from_slice(s);
         Ok(u64::from_le_bytes(a))
     }
+    /// A DOORBELL's body into `out` (whose entries are empty), each entry
+    /// taken from `spare` when it has one: its buffers are reused.
+    fn doorbell_into(
+        &mut self,
+        out: &mut Doorbell,
+        spare: &mut Vec<DoorbellEntry>,
+    ) -> Result<(), WireError> {
+        out.avail_idx = self.u16()?;
+        let n = self.u16()?;
+        out.entries.reserve(usize::from(n).min(256));
+        for _ in 0..n {
+            let mut e = spare.pop().unwrap_or_default();
+            e.pos = self.u16()?;
+            e.head = self.u16()?;
+            e.descs.clear();
+            let nd = self.u16()?;
+            e.descs.reserve(usize::from(nd).min(64));
+            for _ in 0..nd {
+                let gpa = self.u64()?;
+                let mut d = [0u8; 16];
+                d.copy_from_slice(self.take(16)?);
+                e.descs.push((gpa, d));
+            }
+            let ni = usize::from(self.u16()?);
+            for k in 0..ni {
+                let gpa = self.u64()?;
+                // take() bounds the length by the message's bytes.
+                let len = self.u32()? as usize;
+                let bytes = self.take(len)?;
+                match e.inline.get_mut(k) {
+                    Some((g, b)) => {
+                        *g = gpa;
+                        b.clear();
+                        b.extend_from_slice(bytes);
+                    }
+                    None => e.inline.push((gpa, bytes.to_vec())),
+                }
+            }
+            e.inline.truncate(ni);
+            out.entries.push(e);
+        }
+        Ok(())
+    }
     fn attach(&mut self) -> Result<Attach, WireError> {
         let device_id = self.u64()?;
         let queue = self.u16()?;
@@ -482,6 +525,31 @@ impl Message {
         Ok(())
     }
 
+    /// Decodes `b` into `out` if it is a DOORBELL (true), reusing the
+    /// buffers of `out`'s entries and of `spare` (where `out`'s old entries
+    /// go first), so that a server's steady stream of doorbells allocates
+    /// nothing. False, with `out` untouched, for any other message: decode
+    /// it with [`Message::decode`]. Checks exactly what `decode` checks.
+    pub fn decode_doorbell_into(
+        b: &[u8],
+        out: &mut Doorbell,
+        spare: &mut Vec<DoorbellEntry>,
+    ) -> Result<bool, WireError> {
+        if b.len() > MAX_MSG {
+            return Err(WireError::TooLarge);
+        }
+        let mut r = R { b };
+        if r.u32()? != MAGIC || r.u16()? != VERSION {
+            return Err(WireError::BadHeader);
+        }
+        if r.u16()? != DOORBELL {
+            return Ok(false);
+        }
+        spare.append(&mut out.entries);
+        r.doorbell_into(out, spare)?;
+        Ok(true)
+    }
+
     /// Decodes one message, refusing anything malformed.
     pub fn decode(b: &[u8]) -> Result<Message, WireError> {
         if b.len() > MAX_MSG {
@@ -532,36 +600,9 @@ impl Message {
                 })
             }
             DOORBELL => {
-                let avail_idx = r.u16()?;
-                let n = r.u16()?;
-                let mut entries = Vec::with_capacity(usize::from(n).min(256));
-                for _ in 0..n {
-                    let pos = r.u16()?;
-                    let head = r.u16()?;
-                    let nd = r.u16()?;
-                    let mut descs = Vec::with_capacity(usize::from(nd).min(64));
-                    for _ in 0..nd {
-                        let gpa = r.u64()?;
-                        let mut d = [0u8; 16];
-                        d.copy_from_slice(r.take(16)?);
-                        descs.push((gpa, d));
-                    }
-                    let ni = r.u16()?;
-                    let mut inline = Vec::with_capacity(usize::from(ni).min(64));
-                    for _ in 0..ni {
-                        let gpa = r.u64()?;
-                        // take() bounds the length by the message's bytes.
-                        let len = r.u32()? as usize;
-                        inline.push((gpa, r.take(len)?.to_vec()));
-                    }
-                    entries.push(DoorbellEntry {
-                        pos,
-                        head,
-                        descs,
-                        inline,
-                    });
-                }
-                Message::Doorbell(Doorbell { avail_idx, entries })
+                let mut d = Doorbell::default();
+                r.doorbell_into(&mut d, &mut Vec::new())?;
+                Message::Doorbell(d)
             }
             SET_MODE => Message::SetMode(SetMode {
                 poll: r.u8()? != 0,
@@ -577,6 +618,44 @@ impl Message {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decoding_a_doorbell_into_reused_buffers_gives_what_decode_gives() {
+        let mk = |k: u8| {
+            Message::Doorbell(Doorbell {
+                avail_idx: 9 + u16::from(k),
+                entries: (0..k)
+                    .map(|i| DoorbellEntry {
+                        pos: u16::from(i),
+                        head: u16::from(i) * 3,
+                        descs: (0..i).map(|j| (u64::from(j) * 16, [j; 16])).collect(),
+                        inline: (0..(i % 3))
+                            .map(|j| (0x1000 + u64::from(j), vec![k; usize::from(j) * 7]))
+                            .collect(),
+                    })
+                    .collect(),
+            })
+        };
+        let (mut out, mut spare) = (Doorbell::default(), Vec::new());
+        // Larger, smaller, then larger again: buffers grow, shrink, regrow.
+        for k in [5u8, 2, 6, 0, 4] {
+            let mut b = Vec::new();
+            let m = mk(k);
+            m.encode(&mut b).unwrap();
+            assert!(Message::decode_doorbell_into(&b, &mut out, &mut spare).unwrap());
+            assert_eq!(Message::Doorbell(out.clone()), m);
+            assert_eq!(Message::decode(&b).unwrap(), m);
+        }
+        let mut b = Vec::new();
+        Message::Quiesce.encode(&mut b).unwrap();
+        assert!(!Message::decode_doorbell_into(&b, &mut out, &mut spare).unwrap());
+        // A truncated doorbell fails as decode fails.
+        let mut b = Vec::new();
+        mk(3).encode(&mut b).unwrap();
+        b.truncate(b.len() - 1);
+        assert!(Message::decode_doorbell_into(&b, &mut out, &mut spare).is_err());
+        assert!(Message::decode(&b).is_err());
+    }
 
     /// A doorbell-mode attach of an 8-entry ring without regions.
     fn small_attach() -> Attach {

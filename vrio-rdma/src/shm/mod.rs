@@ -23,7 +23,7 @@ mod endpoint;
 mod peer;
 mod socket;
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -113,7 +113,7 @@ struct Shared {
 
 #[derive(Debug, Default)]
 struct DomainState {
-    regions: HashMap<u32, Shared>,
+    regions: FxHashMap<u32, Shared>,
     conns: Vec<Weak<Conn>>,
 }
 

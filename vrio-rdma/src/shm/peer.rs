@@ -7,7 +7,7 @@
 //! the peer announced is hostile input too: a lie can only deny the peer
 //! its own service, never open memory it did not hand us.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use super::channel::{file_size, Mapping};
@@ -131,7 +131,7 @@ fn cma(pid: i32, raddr: u64, buf: *mut u8, len: usize, write: bool) -> std::io::
 /// The peer's regions, keyed by rkey.
 #[derive(Debug)]
 pub(crate) struct PeerRegions {
-    regions: HashMap<u32, PeerRegion>,
+    regions: FxHashMap<u32, PeerRegion>,
     pid: i32,
     /// The peer's pidfd: readable once it has exited, so a CMA copy never
     /// lands in a process that reused its pid.
@@ -151,7 +151,7 @@ impl PeerRegions {
             unsafe { OwnedFd::from_raw_fd(fd as i32) }
         });
         Self {
-            regions: HashMap::new(),
+            regions: FxHashMap::default(),
             pid,
             pidfd,
             cma_ok,

@@ -7,7 +7,7 @@
 //! `ptr::copy_nonoverlapping` (or lets the kernel copy via `sendmsg`).
 //! Deregistration takes the write lock, so it waits for in-flight copies.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
@@ -24,13 +24,13 @@ struct Entry {
 /// The regions of one domain, keyed by their key (lkey == rkey in `soft`).
 #[derive(Debug)]
 pub(crate) struct Registry {
-    map: RwLock<HashMap<u32, Entry>>,
+    map: RwLock<FxHashMap<u32, Entry>>,
     next_key: AtomicU32,
 }
 
 /// Proof that no region can be deregistered while it is held.
 pub(crate) struct RegistryGuard<'a> {
-    map: RwLockReadGuard<'a, HashMap<u32, Entry>>,
+    map: RwLockReadGuard<'a, FxHashMap<u32, Entry>>,
 }
 
 impl Registry {
@@ -43,7 +43,7 @@ impl Registry {
                 .map_or(0, |d| d.subsec_nanos()),
         );
         Arc::new(Self {
-            map: RwLock::new(HashMap::new()),
+            map: RwLock::new(FxHashMap::default()),
             next_key: AtomicU32::new(seed | 1),
         })
     }

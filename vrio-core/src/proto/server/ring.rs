@@ -172,6 +172,12 @@ pub struct ServerRing {
     pub(crate) next_used: Wrapping<u16>,
     pub(crate) known_avail: Wrapping<u16>,
     pending: Vec<Option<DoorbellEntry>>,
+    /// The last doorbell decoded, and entries done with: their buffers
+    /// are reused, so a stream of doorbells allocates nothing.
+    doorbell: crate::proto::wire::Doorbell,
+    spare_entries: Vec<DoorbellEntry>,
+    /// The learned heads' buffer, reused from batch to batch.
+    spare_heads: Vec<u16>,
     walker: Walker,
     shadow: Shadow,
     pub(crate) stage_started: Instant,
@@ -291,6 +297,9 @@ impl ServerRing {
             next_used: Wrapping(attach.start),
             known_avail: Wrapping(attach.start),
             pending: vec![None; size],
+            doorbell: crate::proto::wire::Doorbell::default(),
+            spare_entries: Vec::new(),
+            spare_heads: Vec::new(),
             walker: Walker::new(),
             shadow: Shadow::default(),
             stage_started: now,
@@ -509,41 +518,79 @@ impl ServerRing {
         }
         let mut buf = std::mem::take(&mut self.msg);
         buf.resize(len, 0);
+        let mut d = std::mem::take(&mut self.doorbell);
         let r = self.recv.get(i * MAX_MSG, &mut buf);
-        let decoded = r
-            .map_err(RemoteQueueError::from)
-            .and_then(|_| Message::decode(&buf).map_err(RemoteQueueError::BadMessage));
+        let doorbell = r.map_err(RemoteQueueError::from).and_then(|_| {
+            Message::decode_doorbell_into(&buf, &mut d, &mut self.spare_entries)
+                .map_err(RemoteQueueError::BadMessage)
+        });
+        let decoded = match doorbell {
+            Ok(true) => Ok(None),
+            Ok(false) => Message::decode(&buf)
+                .map(Some)
+                .map_err(RemoteQueueError::BadMessage),
+            Err(e) => Err(e),
+        };
         self.msg = buf;
         let wr = self.recv_wr(i);
         self.out_recvs.push(wr);
-        match decoded? {
-            Message::Doorbell(d) => {
-                self.stats.doorbells.fetch_add(1, Relaxed);
-                let idx = Wrapping(d.avail_idx);
-                if (idx - self.next_avail).0 > self.layout.size {
-                    // Behind us rather than too far ahead: a doorbell the
-                    // agent built before it took in SET_MODE(poll), overtaken
-                    // by a remote poll that already took its entries (and
-                    // more). It carries nothing new; it is not a broken ring.
-                    if (self.next_avail - idx).0 <= self.layout.size {
-                        tracing::debug!(queue = %self.name, idx = idx.0, next = self.next_avail.0, "stale doorbell ignored");
-                        return Ok(());
-                    }
-                    return Err(self.avail_jump(idx).into());
-                }
-                if (idx - self.next_avail).0 > (self.known_avail - self.next_avail).0 {
-                    self.known_avail = idx;
-                }
-                for e in d.entries {
-                    // Entries already consumed, or not yet announced, are stale.
-                    let ahead = (Wrapping(e.pos) - self.next_avail).0;
-                    if ahead < (idx - self.next_avail).0 {
-                        let slot = usize::from(e.pos % self.layout.size);
-                        self.pending[slot] = Some(e);
-                    }
-                }
-                Ok(())
+        let r = match decoded? {
+            None => self.on_doorbell(&mut d),
+            Some(m) => self.on_message(m),
+        };
+        self.doorbell = d;
+        r
+    }
+
+    /// Takes in a DOORBELL's entries (their buffers go back to the spares
+    /// once the walk has used them).
+    fn on_doorbell(
+        &mut self,
+        d: &mut crate::proto::wire::Doorbell,
+    ) -> Result<(), RemoteQueueError> {
+        self.stats.doorbells.fetch_add(1, Relaxed);
+        let idx = Wrapping(d.avail_idx);
+        if (idx - self.next_avail).0 > self.layout.size {
+            // Behind us rather than too far ahead: a doorbell the
+            // agent built before it took in SET_MODE(poll), overtaken
+            // by a remote poll that already took its entries (and
+            // more). It carries nothing new; it is not a broken ring.
+            if (self.next_avail - idx).0 <= self.layout.size {
+                tracing::debug!(queue = %self.name, idx = idx.0, next = self.next_avail.0, "stale doorbell ignored");
+                return Ok(());
             }
+            return Err(self.avail_jump(idx).into());
+        }
+        if (idx - self.next_avail).0 > (self.known_avail - self.next_avail).0 {
+            self.known_avail = idx;
+        }
+        for e in d.entries.drain(..) {
+            // Entries already consumed, or not yet announced, are stale.
+            let ahead = (Wrapping(e.pos) - self.next_avail).0;
+            if ahead < (idx - self.next_avail).0 {
+                let slot = usize::from(e.pos % self.layout.size);
+                if let Some(old) = self.pending[slot].replace(e) {
+                    self.recycle(old);
+                }
+            } else {
+                self.recycle(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps `e`'s buffers for a later doorbell, up to two rings' worth
+    /// (a peer's odd doorbell must not pin memory forever).
+    fn recycle(&mut self, e: DoorbellEntry) {
+        if self.spare_entries.len() < 2 * usize::from(self.layout.size) {
+            self.spare_entries.push(e);
+        }
+    }
+
+    /// Any message but a DOORBELL.
+    fn on_message(&mut self, m: Message) -> Result<(), RemoteQueueError> {
+        match m {
+            Message::Doorbell(mut d) => self.on_doorbell(&mut d),
             Message::Quiesce => {
                 self.quiescing = true;
                 Ok(())
@@ -672,11 +719,14 @@ impl ServerRing {
                 .as_ref()
                 .is_some_and(|e| e.pos == p.0 && e.head == head);
             if !keep {
-                self.pending[slot] = Some(DoorbellEntry {
-                    pos: p.0,
-                    head,
-                    ..DoorbellEntry::default()
-                });
+                let mut e = self.spare_entries.pop().unwrap_or_default();
+                e.pos = p.0;
+                e.head = head;
+                e.descs.clear();
+                e.inline.clear();
+                if let Some(old) = self.pending[slot].replace(e) {
+                    self.recycle(old);
+                }
             }
             p += 1;
         }
@@ -948,6 +998,7 @@ impl ServerRing {
                 }
             }
         }
+        self.spare_heads = heads;
         Ok(Intake::Ready {
             rtts: st.learn_rtts + st.walk_rtts,
         })
@@ -1022,7 +1073,8 @@ impl ServerRing {
             self.scratch = tmp;
             r?;
         }
-        let mut heads = Vec::with_capacity(n);
+        let mut heads = std::mem::take(&mut self.spare_heads);
+        heads.clear();
         for k in 0..n {
             let pos = self.next_avail + Wrapping(k as u16);
             let slot = usize::from(pos.0 % self.layout.size);
@@ -1036,6 +1088,7 @@ impl ServerRing {
                 self.shadow.insert(*gpa, b);
             }
             heads.push(e.head);
+            self.recycle(e);
         }
         self.next_avail += Wrapping(n as u16);
         Ok(Some(Some(heads)))
