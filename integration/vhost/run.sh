@@ -43,7 +43,19 @@
 #        kills or moves are over and the last client runs every vring,
 #        HOTPLUG (MiB: QEMU gets -m MEM,slots=2,maxmem=MEM+HOTPLUG and an HMP
 #        monitor socket; when the guest prints "HOTPLUG READY", a pc-dimm
-#        of that size on a shared memfd is plugged; guest: hotplug.sh)
+#        of that size on a shared memfd is plugged; guest: hotplug.sh),
+#        DISK_IMAGE (the backing file instead of WORK/disk.raw, left in
+#        place afterwards; an existing one is used as it is: a second run
+#        reads back what the first wrote),
+#        CRYPT_KEY (128 hex digits, BACKEND=vrio only: vrio-server gets
+#        --policy CRYPT_DEVICE=FILE, an AES-XTS-256 "crypt" stage with this
+#        key, for the device vrio-client attaches as (CRYPT_DEVICE, default
+#        0, its --device-id); the backing file then holds ciphertext, so the
+#        host's plaintext checks (pattern md5, e2fsck -fn, debugfs) give way
+#        to the marker check; guest: crypt.sh),
+#        MARKER (a string the guest wrote, default VRIO-PLAINTEXT-MARKER
+#        with CRYPT_KEY: run.sh counts it in the backing file, "HOST MARKER
+#        count=N"; with CRYPT_KEY any occurrence fails the run)
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 SERVER=${1:?usage: run.sh VRIO-SERVER VRIO-CLIENT [GUEST-SCRIPT]}
@@ -54,7 +66,7 @@ BLKMB=${BLKMB:-64}; PATOFF=${PATOFF:-192}; FSMB=${FSMB:-128}; DISKMB=${DISKMB:-2
 KVER=${KVER:-$(ls /boot/vmlinuz-*-amd64 | sed "s|/boot/vmlinuz-||" | sort -V | tail -n1)}
 WORK=${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/vrio-vhost.XXXXXX")}
 mkdir -p "$WORK"
-DISK=$WORK/disk.raw; SOCK=$WORK/vub.sock; SERIAL=$WORK/serial.log
+DISK=${DISK_IMAGE:-$WORK/disk.raw}; SOCK=$WORK/vub.sock; SERIAL=$WORK/serial.log
 SPID=; CPID=; KPID=; SPIDS=(); MPID=; HPID=
 cleanup() {
   [ -n "$HPID" ] && kill "$HPID" 2>/dev/null
@@ -74,6 +86,16 @@ el() { awk -v a="$(date +%s.%N)" -v b="$T0" 'BEGIN{printf "%.1f", a-b}'; }
 "$HERE/build-initramfs.sh" "$WORK/initramfs.cpio.gz" "$SCRIPT" || { echo "RESULT: FAIL (initramfs)"; exit 1; }
 
 BACKEND=${BACKEND:-vrio}; CHECKS=${CHECKS:-1}; BOOTS=${BOOTS:-1}
+CRYPT_KEY=${CRYPT_KEY:-}; CRYPT_DEVICE=${CRYPT_DEVICE:-0}
+MARKER=${MARKER:-}; [ -n "$CRYPT_KEY" ] && MARKER=${MARKER:-VRIO-PLAINTEXT-MARKER}
+if [ -n "$CRYPT_KEY" ] && [ "$BACKEND" != vrio ]; then
+  echo "CRYPT_KEY needs BACKEND=vrio (the I/O server encrypts)"; echo "RESULT: FAIL"; exit 1
+fi
+# A fresh backing file, unless DISK_IMAGE names one that exists.
+new_disk() {
+  [ -n "${DISK_IMAGE:-}" ] && [ -e "$DISK" ] && return 0
+  qemu-img create -f raw "$DISK" "${DISKMB}M" > /dev/null
+}
 FABRIC=${FABRIC:-soft}
 # Where an I/O server named $1 listens on $FABRIC.
 listen_addr() { if [ "$FABRIC" = shm ]; then echo "unix:$WORK/io-$1.sock"; else echo 127.0.0.1:0; fi; }
@@ -195,7 +217,7 @@ restarts() {
   wait "$CPID"
 }
 if [ "$BACKEND" = qsd ]; then
-  qemu-img create -f raw "$DISK" "${DISKMB}M" > /dev/null
+  new_disk
   qemu-storage-daemon --blockdev driver=file,node-name=file0,filename="$DISK",cache.direct=off \
     --blockdev driver=raw,node-name=disk0,file=file0 \
     --export type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path="$SOCK",writable=on,num-queues="$NQ" \
@@ -207,7 +229,7 @@ if [ "$BACKEND" = qsd ]; then
 elif [ "$BACKEND" = controlled ]; then
 BIN=$(dirname "$SERVER")
 export VRIO_TOKEN=vhost-run-token
-qemu-img create -f raw "$DISK" "${DISKMB}M" > /dev/null
+new_disk
 # Credentials on: the controller signs them with the key both servers check.
 "$BIN/vrio-ctl" key generate --out "$WORK/data.key" > /dev/null || { echo "RESULT: FAIL"; exit 1; }
 "$BIN/vrio-controller" --listen 127.0.0.1:0 --memory --lease-ttl-ms 3000 --tick-ms 200 \
@@ -266,7 +288,7 @@ movers() {
   host_done
 }
 elif [ "$BACKEND" = local ]; then
-qemu-img create -f raw "$DISK" "${DISKMB}M" > /dev/null
+new_disk
 CLIENT_ARGS=(vhost-user-blk --socket "$SOCK" --local-file "$DISK" --queues "$NQ" $ONCE)
 start_client || exit 1
 else
@@ -277,8 +299,14 @@ BIN=$(dirname "$SERVER")
 "$BIN/vrio-ctl" key generate --out "$WORK/data.key" > /dev/null || { echo "RESULT: FAIL"; exit 1; }
 "$BIN/vrio-ctl" credential mint --key-file "$WORK/data.key" --device-id 0 --volume default --mode rw \
   > "$WORK/device0.cred" || { echo "RESULT: FAIL"; exit 1; }
+# CRYPT_KEY: encryption at rest on the server, for the client's device.
+POLICY=()
+if [ -n "$CRYPT_KEY" ]; then
+  (umask 077; printf '{"stages":[{"stage":"crypt","key":"%s"}]}\n' "$CRYPT_KEY" > "$WORK/crypt.json")
+  POLICY=(--policy "$CRYPT_DEVICE=$WORK/crypt.json")
+fi
 "$SERVER" --fabric "$FABRIC" --listen "$(listen_addr io)" --disk file --file "$DISK" --size-mib "$DISKMB" \
-  --key-file "$WORK/data.key" --sidecores 1 --stats-every 0 > "$WORK/server.log" 2>&1 &
+  --key-file "$WORK/data.key" --sidecores 1 --stats-every 0 "${POLICY[@]}" > "$WORK/server.log" 2>&1 &
 SPID=$!
 for _ in $(seq 100); do grep -q "listening on" "$WORK/server.log" && break; sleep 0.1; done
 ADDR=$(sed -n 's/.*listening on \([^ ]*\).*/\1/p' "$WORK/server.log" | head -n1)
@@ -400,7 +428,20 @@ fi
 ok=1
 G=$(tr -d '\r' < "$SERIAL")
 grep -q "VRIO-GUEST-DONE rc=0" <<< "$G" || { echo "host: the guest script failed"; ok=0; }
-if [ "$CHECKS" = 1 ]; then
+# MARKER: the guest's plaintext in the backing file (none with CRYPT_KEY).
+if [ -n "$MARKER" ]; then
+  NM=$(LC_ALL=C grep -aoF -- "$MARKER" "$DISK" | wc -l)
+  echo "HOST MARKER count=$NM ($MARKER in $DISK)"
+  if [ -n "$CRYPT_KEY" ] && [ "$NM" != 0 ]; then echo "HOST MARKER FOUND: plaintext in the encrypted backing file"; ok=0; fi
+fi
+if [ "$CHECKS" = 1 ] && [ -n "$CRYPT_KEY" ]; then
+# The backing file holds ciphertext: the guest checked its data (crypt.sh);
+# the host sees no ext4 superblock (magic 0xef53 at byte 1080).
+grep -q "BLK CHECKS OK" <<< "$G" || { echo "host: the guest checks did not pass"; ok=0; }
+MAGIC=$(od -An -tx1 -j1080 -N2 "$DISK" | tr -d ' \n')
+if [ "$MAGIC" = 53ef ]; then echo "HOST EXT4 SUPERBLOCK IN PLAINTEXT"; ok=0; else echo "HOST NO PLAINTEXT EXT4 SUPERBLOCK (bytes 1080-1081: $MAGIC)"; fi
+echo "host: pattern md5, e2fsck -fn and debugfs skipped (CRYPT_KEY: ciphertext)"
+elif [ "$CHECKS" = 1 ]; then
 grep -q "BLK CHECKS OK" <<< "$G" || { echo "host: the guest checks did not pass"; ok=0; }
 GP=$(sed -n 's/.*PATTERN md5=\([0-9a-f]*\).*/\1/p' <<< "$G" | head -n1)
 HP=$(dd if="$DISK" bs=1M skip="$PATOFF" count="$BLKMB" 2>/dev/null | md5sum | cut -d' ' -f1)
