@@ -1,10 +1,12 @@
 //! The I/O-server side of the control plane: register, keep the lease with
 //! load reports (registering again if it was lost), move queues between
-//! this server's sidecores as the controller decides, and optionally create
-//! the images of the controller's volumes ([`JoinOptions::volume_dir`]).
-//! Moves between servers are the VM host's to make ([`crate::vm_host`]).
+//! this server's sidecores as the controller decides, apply every device's
+//! interposition policy (and report the stages' counters with the load),
+//! and optionally create the images of the controller's volumes
+//! ([`JoinOptions::volume_dir`]). Moves between servers are the VM host's
+//! to make ([`crate::vm_host`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -13,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tonic::Code;
+use vrio_core::interpose::PolicySpec;
 use vrio_core::remote::{device_key, queue_name, IoServer, ServerError};
 use vrio_core::tenancy::{image_path, valid_volume_name};
 
@@ -32,15 +35,17 @@ pub async fn keep_registered(
     load: impl FnMut() -> Vec<pb::SidecoreLoad> + Send,
     shutdown: impl Future<Output = ()> + Send,
 ) {
-    lease_loop(client, reg, load, shutdown, None).await
+    let mut load = load;
+    lease_loop(client, reg, move || (load(), Vec::new()), shutdown, None).await
 }
 
-/// [`keep_registered`], telling `renewed` after each registration and
-/// each renewal that succeeded.
+/// [`keep_registered`], `sample` giving the load and the stage reports of
+/// each report, telling `renewed` after each registration and each renewal
+/// that succeeded.
 async fn lease_loop(
     mut client: Client,
     reg: pb::RegisterServerRequest,
-    mut load: impl FnMut() -> Vec<pb::SidecoreLoad> + Send,
+    mut sample: impl FnMut() -> (Vec<pb::SidecoreLoad>, Vec<pb::DeviceStageReports>) + Send,
     shutdown: impl Future<Output = ()> + Send,
     renewed: Option<watch::Sender<()>>,
 ) {
@@ -71,9 +76,11 @@ async fn lease_loop(
                     }
                 }
             } else {
+                let (load, stage_reports) = sample();
                 let req = pb::ReportLoadRequest {
                     server_id: reg.id.clone(),
-                    load: load(),
+                    load,
+                    stage_reports,
                 };
                 match client.report_load(req).await {
                     Ok(_) => renewed(),
@@ -190,18 +197,26 @@ pub fn join_as_server_with(
                 None => std::future::pending().await,
             }
         };
+        let policies = server.policies().clone();
         let lease = lease_loop(
             client.clone(),
             reg,
-            move || sampler.sample(),
+            move || {
+                (
+                    sampler.sample(),
+                    crate::policy::reports_to_pb(&policies.reports()),
+                )
+            },
             std::future::pending(),
             Some(renewed),
         );
+        let policies = follow_policies(client.clone(), id.clone(), server.clone());
         let follow = follow_assignments(client, id, server);
         tokio::select! {
             _ = stop => {}
             _ = lease => {}
             _ = follow => {}
+            _ = policies => {}
             _ = provision => {}
         }
     })?)
@@ -334,6 +349,106 @@ async fn follow_assignments(mut client: Client, id: String, server: Arc<IoServer
             Err(e) => tracing::warn!(error = %e, "cannot watch assignments"),
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Applies every device's interposition policy as the controller keeps it,
+/// watching again whenever the stream ends. Each watch starts with every
+/// policy (so a server that joins late, or comes back, gets them all);
+/// devices this loop applied a policy to that the new watch does not
+/// replay were cleared meanwhile, and are cleared here too.
+async fn follow_policies(mut client: Client, id: String, server: Arc<IoServer>) {
+    // Devices that got a policy from the controller.
+    let mut applied: HashSet<String> = HashSet::new();
+    loop {
+        let req = pb::WatchPoliciesRequest {
+            server_id: id.clone(),
+        };
+        match client.watch_policies(req).await {
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                let mut replayed: HashSet<String> = HashSet::new();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(ev)) => {
+                            on_policy_event(&server, ev, &mut applied, &mut replayed);
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "policy watch ended");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot watch policies"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Applies one event of the policy watch.
+fn on_policy_event(
+    server: &IoServer,
+    ev: pb::PolicyEvent,
+    applied: &mut HashSet<String>,
+    replayed: &mut HashSet<String>,
+) {
+    match pb::PolicyEventKind::try_from(ev.kind) {
+        Ok(pb::PolicyEventKind::Snapshot) => {
+            replayed.insert(ev.device.clone());
+            apply_policy(server, &ev.device, &ev.policy_json, ev.version, applied);
+        }
+        Ok(pb::PolicyEventKind::Set) => {
+            apply_policy(server, &ev.device, &ev.policy_json, ev.version, applied);
+        }
+        Ok(pb::PolicyEventKind::Cleared) => {
+            apply_policy(server, &ev.device, "", ev.version, applied);
+        }
+        Ok(pb::PolicyEventKind::Synced) => {
+            let gone: Vec<String> = applied.difference(replayed).cloned().collect();
+            for device in gone {
+                apply_policy(server, &device, "", ev.version, applied);
+            }
+            replayed.clear();
+        }
+        _ => tracing::warn!(kind = ev.kind, device = %ev.device, "unknown policy event"),
+    }
+}
+
+/// Puts `json` (empty: no stages) in force for `device`, unless it is in
+/// force already. A policy that does not parse or build is logged (without
+/// its keys) and the device keeps the one it has.
+fn apply_policy(
+    server: &IoServer,
+    device: &str,
+    json: &str,
+    version: u64,
+    applied: &mut HashSet<String>,
+) {
+    let key = device_key(device);
+    let result = PolicySpec::parse(json).and_then(|spec| {
+        // The same policy again (a watch replaying after a controller
+        // restart) keeps the stages, and their counters, as they are.
+        if server.policies().spec(key) != spec {
+            server.policies().set(key, &spec)?;
+        }
+        Ok(spec)
+    });
+    match result {
+        Ok(spec) if spec.stages.is_empty() => {
+            applied.remove(device);
+        }
+        Ok(spec) => {
+            tracing::debug!(device, version, stages = %spec.summary(), "policy applied");
+            applied.insert(device.to_string());
+        }
+        Err(e) => tracing::error!(
+            device,
+            version,
+            error = %crate::policy::scrub(&e.to_string(), json),
+            "cannot apply the controller's policy; the device keeps its old one"
+        ),
     }
 }
 

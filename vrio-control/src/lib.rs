@@ -2,7 +2,8 @@
 //!
 //! The controller decides which sidecore on which I/O server serves each guest
 //! queue, and which device may attach which volume (signing the attach
-//! credentials the I/O servers check). [`state::Controller`] holds the logic (pure, synchronous, clock passed
+//! credentials the I/O servers check), and which interposition policy each
+//! device has ([`policy`]). [`state::Controller`] holds the logic (pure, synchronous, clock passed
 //! in); [`placement`] decides; [`store`] makes it survive restarts; [`service`]
 //! exposes it over gRPC with bearer-token auth ([`auth`]).
 //!
@@ -12,9 +13,9 @@
 //!   [`server::serve`] it; or [`embedded_controller`] for one in-process
 //!   (demos, tests);
 //! - I/O server: [`join_as_server`] registers a `vrio_core::remote::IoServer`,
-//!   keeps its lease with load reports and moves its queues between its
-//!   sidecores ([`io_server`]; [`io_server::keep_registered`] alone for the
-//!   lease);
+//!   keeps its lease with load reports, moves its queues between its
+//!   sidecores and applies every device's interposition policy
+//!   ([`io_server`]; [`io_server::keep_registered`] alone for the lease);
 //! - VM host (a VMM linking vrio-core): [`place_devices`] says where to
 //!   attach each queue, then [`follow_placement`] moves the attached
 //!   queues as the controller decides, handing each completed move or
@@ -42,6 +43,7 @@ pub mod io_server;
 pub mod metrics;
 pub mod model;
 pub mod placement;
+pub mod policy;
 pub mod server;
 pub mod service;
 pub mod state;

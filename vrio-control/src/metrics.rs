@@ -10,9 +10,9 @@
 //! The code is the response headers' `grpc-status`, or OK when they have
 //! none. That is exact for unary calls: tonic answers an error as a
 //! trailers-only response (the status in the headers) and success with
-//! the status in the trailers. For the one streaming call
-//! (`WatchAssignments`) the code and the latency are those of the stream's
-//! start: its headers. A call the client abandons before an answer counts
+//! the status in the trailers. For the streaming calls
+//! (`WatchAssignments`, `WatchPolicies`) the code and the latency are those
+//! of the stream's start: its headers. A call the client abandons before an answer counts
 //! as `Cancelled`.
 
 use std::collections::BTreeMap;

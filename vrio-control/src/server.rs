@@ -114,6 +114,13 @@ async fn serve_inner(
         .build_v1()?;
     let maintenance = spawn_maintenance(ctrl.clone(), &opts);
     let svc = ControlService::new(ctrl);
+    let closer = svc.clone();
+    // Watch streams never end on their own: end them, or the graceful
+    // shutdown would wait for the followers forever.
+    let shutdown = async move {
+        shutdown.await;
+        closer.close_watches();
+    };
     let mut builder = tonic::transport::Server::builder();
     if let Some(t) = &opts.tls {
         builder = builder.tls_config(t.config())?;

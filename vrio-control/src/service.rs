@@ -2,12 +2,14 @@
 
 use crate::model::{mode_from_pb, CoreLoad, Device, QueueKey, Slot, Volume, VolumeGrant};
 use crate::pb;
+use crate::policy::{check, report_from_pb, report_to_pb};
 use crate::state::{device_kind, Controller, Registration};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
-use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::wrappers::{BroadcastStream, WatchStream};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
@@ -27,6 +29,8 @@ pub fn now_ms() -> u64 {
 pub struct ControlService {
     ctrl: Arc<Controller>,
     started: std::time::Instant,
+    /// True once the server shuts down: watch streams end.
+    closing: Arc<watch::Sender<bool>>,
 }
 
 impl ControlService {
@@ -35,7 +39,31 @@ impl ControlService {
         ControlService {
             ctrl,
             started: std::time::Instant::now(),
+            closing: Arc::new(watch::channel(false).0),
         }
+    }
+
+    /// Ends every watch stream, now and from now on: a graceful shutdown
+    /// waits for open streams, and followers only hang up on theirs when
+    /// it ends (they then watch again, elsewhere or after a restart).
+    pub fn close_watches(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// `s`, ending when it ends or once [`ControlService::close_watches`]
+    /// is called.
+    fn until_closed<T: Send + 'static>(
+        &self,
+        s: impl Stream<Item = T> + Send + 'static,
+    ) -> impl Stream<Item = T> + Send + 'static {
+        let stop = WatchStream::new(self.closing.subscribe())
+            .filter(|closing| *closing)
+            .map(|_| None);
+        s.map(Some)
+            .chain(tokio_stream::once(None))
+            .merge(stop)
+            .take_while(Option::is_some)
+            .filter_map(|item| item)
     }
 }
 
@@ -44,6 +72,7 @@ fn matches(a: &pb::Assignment, device: &str, server: &str) -> bool {
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::AssignmentEvent, Status>> + Send>>;
+type PolicyStream = Pin<Box<dyn Stream<Item = Result<pb::PolicyEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl pb::control_server::Control for ControlService {
@@ -92,7 +121,18 @@ impl pb::control_server::Control for ControlService {
                 )
             })
             .collect();
-        let lease_ttl_ms = self.ctrl.report_load(&r.server_id, &load, now_ms())?;
+        let now = now_ms();
+        let lease_ttl_ms = self.ctrl.report_load(&r.server_id, &load, now)?;
+        let reports = r
+            .stage_reports
+            .iter()
+            .map(|d| (d.device_key, d.stages.iter().map(report_from_pb).collect()))
+            .collect();
+        // The lease is renewed: a report that cannot be kept must not fail
+        // the call (report_load just found the server).
+        if let Err(e) = self.ctrl.record_stage_reports(&r.server_id, reports, now) {
+            tracing::warn!(server = %r.server_id, error = %e, "stage report dropped");
+        }
         Ok(Response::new(pb::ReportLoadResponse { lease_ttl_ms }))
     }
 
@@ -268,7 +308,9 @@ impl pb::control_server::Control for ControlService {
                 Ok(e) => keep(e),
                 Err(_) => true,
             });
-        Ok(Response::new(Box::pin(snapshot.chain(live)) as EventStream))
+        Ok(Response::new(
+            Box::pin(self.until_closed(snapshot.chain(live))) as EventStream,
+        ))
     }
 
     async fn stats(
@@ -373,5 +415,93 @@ impl pb::control_server::Control for ControlService {
             .issue_credential(&req.into_inner().device_id, now_ms())?
             .unwrap_or_default();
         Ok(Response::new(pb::IssueCredentialResponse { credential }))
+    }
+
+    async fn set_device_policy(
+        &self,
+        req: Request<pb::SetDevicePolicyRequest>,
+    ) -> Result<Response<pb::SetDevicePolicyResponse>, Status> {
+        let r = req.into_inner();
+        if r.device.is_empty() {
+            return Err(Status::invalid_argument("device is empty"));
+        }
+        // Parsed and built as a server will build it (for a crypt stage,
+        // an AES key schedule: microseconds, fine on a runtime thread).
+        let spec = check(&r.device, &r.policy_json)?;
+        let set = self.ctrl.set_device_policy(&r.device, spec)?;
+        Ok(Response::new(pb::SetDevicePolicyResponse {
+            version: set.version,
+            cleared: set.policy.is_none(),
+            policy_json: set
+                .policy
+                .as_ref()
+                .map(|p| p.json_redacted())
+                .unwrap_or_default(),
+        }))
+    }
+
+    async fn get_device_policy(
+        &self,
+        req: Request<pb::GetDevicePolicyRequest>,
+    ) -> Result<Response<pb::GetDevicePolicyResponse>, Status> {
+        let device = req.into_inner().device;
+        let p = self
+            .ctrl
+            .device_policy(&device)
+            .ok_or_else(|| Status::not_found(format!("device {device} has no policy")))?;
+        let reports = self
+            .ctrl
+            .stage_reports(&device)
+            .into_iter()
+            .map(|r| pb::ServerStageReports {
+                server_id: r.server,
+                reported_unix_ms: r.at_ms,
+                stages: r.stages.iter().map(report_to_pb).collect(),
+            })
+            .collect();
+        Ok(Response::new(pb::GetDevicePolicyResponse {
+            policy_json: p.json_redacted(),
+            version: p.version,
+            device,
+            reports,
+        }))
+    }
+
+    type WatchPoliciesStream = PolicyStream;
+
+    async fn watch_policies(
+        &self,
+        req: Request<pb::WatchPoliciesRequest>,
+    ) -> Result<Response<Self::WatchPoliciesStream>, Status> {
+        let server = req.into_inner().server_id;
+        let (current, rx) = self.ctrl.subscribe_policies();
+        tracing::info!(server = %server, policies = current.len(), "policy watch started");
+        let mut first: Vec<Result<pb::PolicyEvent, Status>> = current
+            .iter()
+            .map(|p| {
+                Ok(pb::PolicyEvent {
+                    kind: pb::PolicyEventKind::Snapshot as i32,
+                    device: p.device.clone(),
+                    policy_json: p.json_with_keys(),
+                    version: p.version,
+                })
+            })
+            .collect();
+        first.push(Ok(pb::PolicyEvent {
+            kind: pb::PolicyEventKind::Synced as i32,
+            device: String::new(),
+            policy_json: String::new(),
+            version: current.iter().map(|p| p.version).max().unwrap_or(0),
+        }));
+        // As for assignments: a watcher that falls behind must resync.
+        let live = BroadcastStream::new(rx).map(|e| match e {
+            Ok(e) => Ok(e.to_pb()),
+            Err(BroadcastStreamRecvError::Lagged(n)) => Err(Status::data_loss(format!(
+                "policy watch fell {n} events behind; watch again to resync"
+            ))),
+        });
+        Ok(Response::new(
+            Box::pin(self.until_closed(tokio_stream::iter(first).chain(live))) as PolicyStream,
+        ))
     }
 }

@@ -10,6 +10,10 @@
 //! ([`VolumeGrant`]s), and, given the data-plane key
 //! ([`ControllerConfig::credentials`]), signs the credential each attached
 //! device's agent presents to the I/O servers.
+//!
+//! It also keeps each device's interposition policy ([`DevicePolicy`],
+//! persisted with the rest) and, in memory only, the stage counters the
+//! servers last reported for them.
 
 use crate::error::ControlError;
 use crate::model::{
@@ -17,11 +21,13 @@ use crate::model::{
     VolumeGrant,
 };
 use crate::placement::{ClusterView, PlacementPolicy};
+use crate::policy::{DevicePolicy, PolicyEvent, MAX_REPORTED_DEVICES, MAX_REPORTED_ITEMS};
 use crate::store::{Counters, Snapshot, StateStore, SNAPSHOT_VERSION};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::broadcast;
+use vrio_core::interpose::StageReport;
 use vrio_core::tenancy::{valid_volume_name, AccessMode, Capability, Keyring};
 
 /// Largest volume the controller records (1 EiB): guards against absurd
@@ -88,6 +94,37 @@ struct State {
     volumes: BTreeMap<String, Volume>,
     /// By (volume, device).
     grants: BTreeMap<(String, String), VolumeGrant>,
+    /// Interposition policies by device name.
+    policies: BTreeMap<String, DevicePolicy>,
+    /// The version of the last policy change.
+    policy_version: u64,
+}
+
+/// What setting a device's policy did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicySet {
+    /// The change's version (the current one when nothing changed).
+    pub version: u64,
+    /// The policy now in force; None when it was cleared.
+    pub policy: Option<DevicePolicy>,
+}
+
+/// The stage counters one server last reported for one device.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServerStageReport {
+    /// The reporting server's id.
+    pub server: String,
+    /// When the controller received the report, in ms on its clock.
+    pub at_ms: u64,
+    /// The device's stages, in chain order.
+    pub stages: Vec<StageReport>,
+}
+
+/// One server's latest report: device key to stages.
+#[derive(Debug, Default)]
+struct ServerReports {
+    at_ms: u64,
+    devices: BTreeMap<u64, Vec<StageReport>>,
 }
 
 /// What attaching a device gave: where its queues run, and the credential
@@ -140,6 +177,9 @@ pub struct Controller {
     store: Box<dyn StateStore>,
     policy: Box<dyn PlacementPolicy>,
     events: broadcast::Sender<Event>,
+    policy_events: broadcast::Sender<PolicyEvent>,
+    /// The servers' latest stage reports, by server id; not persisted.
+    stage_reports: Mutex<BTreeMap<String, ServerReports>>,
     cfg: ControllerConfig,
 }
 
@@ -204,6 +244,8 @@ impl State {
             counters: self.counters.clone(),
             volumes: self.volumes.values().cloned().collect(),
             grants: self.grants.values().cloned().collect(),
+            policies: self.policies.values().cloned().collect(),
+            policy_version: self.policy_version,
         }
     }
 
@@ -441,21 +483,30 @@ impl Controller {
             for g in snap.grants {
                 state.grants.insert((g.volume.clone(), g.device.clone()), g);
             }
+            for p in snap.policies {
+                state.policy_version = state.policy_version.max(p.version);
+                state.policies.insert(p.device.clone(), p);
+            }
+            state.policy_version = state.policy_version.max(snap.policy_version);
             tracing::info!(
                 servers = state.servers.len(),
                 devices = state.devices.len(),
                 assignments = state.assignments.len(),
                 volumes = state.volumes.len(),
                 grants = state.grants.len(),
+                policies = state.policies.len(),
                 "recovered controller state"
             );
         }
         let (events, _) = broadcast::channel(1024);
+        let (policy_events, _) = broadcast::channel(1024);
         Ok(Controller {
             state: Mutex::new(state),
             store,
             policy,
             events,
+            policy_events,
+            stage_reports: Mutex::new(BTreeMap::new()),
             cfg,
         })
     }
@@ -1039,6 +1090,154 @@ impl Controller {
         let st = self.lock();
         let rx = self.events.subscribe();
         (st.assignments.values().cloned().collect(), rx)
+    }
+
+    /// Sets device `device`'s interposition policy to `spec`, already
+    /// checked ([`crate::policy::check`]); no stages clears it. Saved
+    /// before it takes effect, then announced to policy watchers
+    /// ([`Controller::subscribe_policies`]). Setting the policy in force
+    /// again, or clearing none, changes nothing (the stages' counters on the
+    /// servers keep counting). The device need not be attached: its queues
+    /// pick the policy up when they attach, and detaching a device keeps
+    /// its policy. Fails with `InvalidArgument` for a bad device name.
+    pub fn set_device_policy(
+        &self,
+        device: &str,
+        spec: vrio_core::interpose::PolicySpec,
+    ) -> Result<PolicySet, ControlError> {
+        check_device_name(device)?;
+        let mut live = self.lock();
+        let current = live.policies.get(device);
+        let unchanged = match current {
+            Some(p) => p.spec == spec,
+            None => spec.stages.is_empty(),
+        };
+        if unchanged {
+            return Ok(PolicySet {
+                version: current.map_or(live.policy_version, |p| p.version),
+                policy: current.cloned(),
+            });
+        }
+        let mut next = live.clone();
+        next.policy_version += 1;
+        let version = next.policy_version;
+        let (event, policy) = if spec.stages.is_empty() {
+            next.policies.remove(device);
+            let e = PolicyEvent::Cleared {
+                device: device.to_string(),
+                version,
+            };
+            (e, None)
+        } else {
+            let p = DevicePolicy {
+                device: device.to_string(),
+                version,
+                spec,
+            };
+            next.policies.insert(device.to_string(), p.clone());
+            (PolicyEvent::Set(p.clone()), Some(p))
+        };
+        self.store.save(&next.snapshot())?;
+        *live = next;
+        match &policy {
+            Some(p) => tracing::info!(
+                device,
+                version,
+                stages = %p.spec.summary(),
+                "interposition policy set"
+            ),
+            None => tracing::info!(device, version, "interposition policy cleared"),
+        }
+        // Sent under the lock so watchers see changes in commit order.
+        let _ = self.policy_events.send(event);
+        Ok(PolicySet { version, policy })
+    }
+
+    /// Device `device`'s policy, keys included; None when it has none.
+    pub fn device_policy(&self, device: &str) -> Option<DevicePolicy> {
+        self.lock().policies.get(device).cloned()
+    }
+
+    /// Every device's policy, keys included, by device name.
+    pub fn policies(&self) -> Vec<DevicePolicy> {
+        self.lock().policies.values().cloned().collect()
+    }
+
+    /// Every current policy plus a receiver for every later change, taken
+    /// atomically as [`Controller::subscribe`] does.
+    pub fn subscribe_policies(&self) -> (Vec<DevicePolicy>, broadcast::Receiver<PolicyEvent>) {
+        let st = self.lock();
+        let rx = self.policy_events.subscribe();
+        (st.policies.values().cloned().collect(), rx)
+    }
+
+    /// Keeps `reports` (device key to its stages, as the server's
+    /// `Policies::reports()`) as server `server`'s latest, received at
+    /// `now_ms`, replacing its previous report. In memory only. Reports
+    /// beyond [`MAX_REPORTED_DEVICES`] devices or [`MAX_REPORTED_ITEMS`]
+    /// stages are dropped. Fails with `NotFound` for an unknown server.
+    pub fn record_stage_reports(
+        &self,
+        server: &str,
+        reports: Vec<(u64, Vec<StageReport>)>,
+        now_ms: u64,
+    ) -> Result<(), ControlError> {
+        if !self.lock().servers.contains_key(server) {
+            return Err(ControlError::NotFound(format!("server {server}")));
+        }
+        if reports.len() > MAX_REPORTED_DEVICES {
+            tracing::warn!(
+                server,
+                devices = reports.len(),
+                kept = MAX_REPORTED_DEVICES,
+                "stage report too large; dropping the rest"
+            );
+        }
+        let devices = reports
+            .into_iter()
+            .take(MAX_REPORTED_DEVICES)
+            .map(|(k, mut stages)| {
+                stages.truncate(MAX_REPORTED_ITEMS);
+                (k, stages)
+            })
+            .collect();
+        self.stage_reports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                server.to_string(),
+                ServerReports {
+                    at_ms: now_ms,
+                    devices,
+                },
+            );
+        Ok(())
+    }
+
+    /// What each live server last reported for device `device`'s stages,
+    /// by server id.
+    pub fn stage_reports(&self, device: &str) -> Vec<ServerStageReport> {
+        let key = vrio_core::remote::device_key(device);
+        let alive: Vec<String> = self
+            .lock()
+            .servers
+            .values()
+            .filter(|s| s.alive)
+            .map(|s| s.id.clone())
+            .collect();
+        let reports = self.stage_reports.lock().unwrap_or_else(|p| p.into_inner());
+        alive
+            .into_iter()
+            .filter_map(|id| {
+                let r = reports.get(&id)?;
+                let stages = r.devices.get(&key)?.clone();
+                Some(ServerStageReport {
+                    server: id,
+                    at_ms: r.at_ms,
+                    stages,
+                })
+            })
+            .collect()
     }
 }
 

@@ -1,12 +1,15 @@
 //! Where controller state survives restarts. [`FileStore`] is the embedded
 //! default: every change writes a full snapshot to a temp file, fsyncs it,
 //! renames it over the old one and fsyncs the directory, so a crash leaves
-//! either the old or the new snapshot, never a torn one.
+//! either the old or the new snapshot, never a torn one. The file is the
+//! owner's only (mode 0600): it holds the interposition policies' keys.
 
 use crate::model::{Assignment, Device, Server, Volume, VolumeGrant};
+use crate::policy::DevicePolicy;
 use serde::{Deserialize, Serialize};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -43,6 +46,13 @@ pub struct Snapshot {
     /// Every grant of a volume to a device (absent likewise).
     #[serde(default)]
     pub grants: Vec<VolumeGrant>,
+    /// Every device's interposition policy, keys included (absent from
+    /// snapshots written before policies existed).
+    #[serde(default)]
+    pub policies: Vec<DevicePolicy>,
+    /// The version of the last policy change (absent likewise).
+    #[serde(default)]
+    pub policy_version: u64,
 }
 
 impl Snapshot {
@@ -161,11 +171,15 @@ impl StateStore for FileStore {
     fn save(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
         let bytes =
             serde_json::to_vec_pretty(snapshot).map_err(|e| StoreError::Other(e.to_string()))?;
+        // Owner only: the snapshot holds the crypt stages' keys.
         let mut f = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(0o600)
             .open(&self.tmp)
+            .map_err(self.io(&self.tmp))?;
+        f.set_permissions(fs::Permissions::from_mode(0o600))
             .map_err(self.io(&self.tmp))?;
         f.write_all(&bytes).map_err(self.io(&self.tmp))?;
         f.sync_all().map_err(self.io(&self.tmp))?;
@@ -197,6 +211,8 @@ mod tests {
             },
             volumes: vec![],
             grants: vec![],
+            policies: vec![],
+            policy_version: 0,
         }
     }
 
@@ -256,6 +272,28 @@ mod tests {
         store.save(&s).unwrap();
         let text = fs::read_to_string(store.path()).unwrap();
         assert!(text.contains("\"mode\": \"ro\""), "{text}");
+        assert_eq!(store.load().unwrap(), Some(s));
+    }
+
+    #[test]
+    fn policies_round_trip_with_their_keys_in_an_owner_only_file() {
+        use crate::policy::DevicePolicy;
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let mut s = snap(0);
+        let key = "ab".repeat(32) + &"cd".repeat(32);
+        let json =
+            format!(r#"{{"stages":[{{"stage":"meter"}},{{"stage":"crypt","key":"{key}"}}]}}"#);
+        s.policies.push(DevicePolicy {
+            device: "d1".into(),
+            version: 4,
+            spec: vrio_core::interpose::PolicySpec::parse(&json).unwrap(),
+        });
+        s.policy_version = 5;
+        store.save(&s).unwrap();
+        let mode = fs::metadata(store.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(fs::read_to_string(store.path()).unwrap().contains(&key));
         assert_eq!(store.load().unwrap(), Some(s));
     }
 

@@ -210,3 +210,38 @@ async fn when_the_leader_dies_another_controller_takes_over_with_the_state() {
     assert!(c3.servers().iter().all(|(s, _)| s.id != "zombie"));
     second.resign().await.unwrap();
 }
+
+#[test]
+fn policies_survive_in_etcd_with_their_keys() {
+    use vrio_core::interpose::PolicySpec;
+    let key = "11".repeat(32) + &"22".repeat(32);
+    let json = format!(r#"{{"stages":[{{"stage":"meter"}},{{"stage":"crypt","key":"{key}"}}]}}"#);
+    let etcd = start_etcd();
+    let (set, cleared);
+    {
+        let c = open(&etcd.url);
+        set = c
+            .set_device_policy("disk0", PolicySpec::parse(&json).unwrap())
+            .unwrap();
+        c.set_device_policy(
+            "net0",
+            PolicySpec::parse(r#"{"stages":[{"stage":"meter"}]}"#).unwrap(),
+        )
+        .unwrap();
+        cleared = c.set_device_policy("net0", PolicySpec::default()).unwrap();
+    }
+    // Another controller on the same etcd (a new leader) serves the same
+    // policies, keys included, and keeps counting versions.
+    let c = open(&etcd.url);
+    let p = c.device_policy("disk0").expect("disk0's policy");
+    assert_eq!(Some(&p), set.policy.as_ref());
+    assert!(p.json_with_keys().contains(&key));
+    assert!(c.device_policy("net0").is_none());
+    let next = c
+        .set_device_policy(
+            "net0",
+            PolicySpec::parse(r#"{"stages":[{"stage":"meter"}]}"#).unwrap(),
+        )
+        .unwrap();
+    assert!(next.version > cleared.version);
+}

@@ -13,6 +13,11 @@
 //!   vrio-ctl volume grant VOLUME DEVICE [--mode rw|ro|shared] [--host IP]
 //!   vrio-ctl volume revoke VOLUME DEVICE
 //!
+//! Interposition policies of devices (QoS, encryption, metering, faults):
+//!   vrio-ctl policy set DEVICE (--file F | --json JSON)
+//!   vrio-ctl policy show DEVICE [--json]
+//!   vrio-ctl policy clear DEVICE
+//!
 //! Data-plane tenancy (local: no controller needed):
 //!   vrio-ctl key generate --out FILE
 //!   vrio-ctl credential mint --key-file FILE (--device NAME | --device-id N) --volume V [--mode rw|ro|shared]
@@ -113,6 +118,104 @@ enum Cmd {
     /// --dir the raw images in a server's --volume-dir (local).
     #[command(subcommand)]
     Volume(VolumeCmd),
+    /// Devices' interposition policies: QoS limits, encryption at rest,
+    /// metering, fault injection, net ACLs and rate limits, applied by the
+    /// I/O servers (see `vrio-ctl policy set --help`).
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+}
+
+/// `vrio-ctl policy set --help`.
+const POLICY_SET_HELP: &str = r#"Set a device's interposition policy at the controller.
+
+Every I/O server applies it within about a second, to the device's queues
+there now and to those that attach later: a policy follows its device
+through moves and failovers. The device need not be attached yet, and
+detaching it keeps its policy. An empty policy ('' or {"stages": []})
+clears it, as `vrio-ctl policy clear` does. The controller checks the
+policy as a server builds it and refuses a bad one; the device then keeps
+the policy it has.
+
+A policy is JSON: {"stages": [STAGE, ...]}, in the order requests pass the
+stages. Each STAGE is an object whose "stage" field names its kind:
+
+  meter     ops, bytes, errors and latency per op (blk and net); no fields
+  qos       blk limits, 0 = unlimited: rw_ios_per_sec, rw_mbytes_per_sec,
+            r_mbytes_per_sec, w_mbytes_per_sec; burst_ms (default 100)
+  crypt     AES-XTS-256 at rest (blk): key, 128 hex digits (two different
+            AES-256 keys); cipher, "aes_xts_256" (the default)
+  fault     errors or delays on sectors first_sector .. first_sector +
+            sectors (blk): ops (read, write, flush, discard, write_zeroes;
+            none = all), error ("ioerr" or "unsupp"), delay_ms
+  net_acl   sources a guest may send from (net): allow_macs
+            ("52:54:00:12:34:56"), allow_ipv4 ("10.0.0.0/24")
+  net_rate  limits on frames a guest sends (net), 0 = unlimited:
+            mbits_per_sec, frames_per_sec; burst_ms (default 100)
+
+Example:
+
+  vrio-ctl policy set disk0 --json '{"stages": [{"stage": "meter"},
+      {"stage": "qos", "rw_ios_per_sec": 2000, "w_mbytes_per_sec": 50}]}'
+
+Give a policy with a key in a file (--file, mode 0600, or - for stdin),
+not with --json: other users of the machine can read command lines. The
+controller keeps keys in its state and sends them only to the I/O servers;
+`policy show` and error messages print "redacted" in their place."#;
+
+#[derive(Subcommand, Debug)]
+enum PolicyCmd {
+    /// Set (or with an empty policy, clear) a device's policy.
+    #[command(long_about = POLICY_SET_HELP)]
+    Set {
+        /// The device's id at the controller.
+        device: String,
+        /// Read the policy JSON from this file (- for stdin).
+        #[arg(long, value_name = "FILE", conflicts_with = "policy_json")]
+        file: Option<std::path::PathBuf>,
+        /// The policy JSON itself (`--json JSON` after `policy set` means
+        /// this too).
+        #[arg(long = "policy-json", value_name = "JSON")]
+        policy_json: Option<String>,
+    },
+    /// Show a device's policy (keys redacted) and, per I/O server, its
+    /// stages' counters: for a meter stage requests, bytes and errors by
+    /// op and the p50 and p99 latency.
+    Show {
+        /// The device's id at the controller.
+        device: String,
+    },
+    /// Clear a device's policy: nothing is interposed any more.
+    Clear {
+        /// The device's id at the controller.
+        device: String,
+    },
+}
+
+/// Lets `policy set DEVICE --json JSON` work although `--json` is also the
+/// global output flag (a flag without a value, which clap will not let a
+/// subcommand redefine): after `policy set`, a `--json` followed by a
+/// value becomes `--policy-json`.
+fn policy_json_args(mut argv: Vec<String>) -> Vec<String> {
+    let Some(set) = argv
+        .windows(2)
+        .position(|w| w[0] == "policy" && w[1] == "set")
+    else {
+        return argv;
+    };
+    let mut i = set + 2;
+    while i < argv.len() {
+        if argv[i] == "--" {
+            break;
+        }
+        if argv[i] == "--json" && argv.get(i + 1).is_some_and(|v| !v.starts_with("--")) {
+            argv[i] = "--policy-json".into();
+            i += 1;
+        } else if let Some(v) = argv[i].strip_prefix("--json=") {
+            argv[i] = format!("--policy-json={v}");
+        }
+        i += 1;
+    }
+    argv
 }
 
 #[derive(Subcommand, Debug)]
@@ -237,7 +340,7 @@ macro_rules! out {
 #[tokio::main]
 async fn main() -> ExitCode {
     vrio_examples::init_tracing();
-    let args = Args::parse();
+    let args = Args::parse_from(policy_json_args(std::env::args().collect()));
     if let Some(r) = local(&args) {
         return match r {
             Ok(()) => ExitCode::SUCCESS,
@@ -661,6 +764,7 @@ async fn run(c: &mut Client, args: &Args) -> Result<(), tonic::Status> {
             }
         }
         Cmd::Volume(v) => volume(c, v, args.json).await?,
+        Cmd::Policy(p) => policy(c, p, args.json).await?,
         Cmd::Top {
             interval,
             count,
@@ -930,6 +1034,239 @@ async fn volume(c: &mut Client, cmd: &VolumeCmd, json: bool) -> Result<(), tonic
         VolumeCmd::Create { dir: Some(_), .. }
         | VolumeCmd::List { dir: Some(_) }
         | VolumeCmd::Delete { dir: Some(_), .. } => {}
+    }
+    Ok(())
+}
+
+/// The policy subcommands.
+async fn policy(c: &mut Client, cmd: &PolicyCmd, json: bool) -> Result<(), tonic::Status> {
+    let (device, text) = match cmd {
+        PolicyCmd::Show { device } => return policy_show(c, device, json).await,
+        PolicyCmd::Clear { device } => (device, String::new()),
+        PolicyCmd::Set {
+            device,
+            file,
+            policy_json,
+        } => {
+            let text = match (file, policy_json) {
+                (Some(f), _) => read_policy_file(f)?,
+                (None, Some(j)) => j.clone(),
+                (None, None) => {
+                    return Err(tonic::Status::invalid_argument(
+                        "give the policy with --file FILE or --json JSON \
+                         (vrio-ctl policy set --help explains it)",
+                    ))
+                }
+            };
+            (device, text)
+        }
+    };
+    let r = c
+        .set_device_policy(pb::SetDevicePolicyRequest {
+            device: device.clone(),
+            policy_json: text,
+        })
+        .await?
+        .into_inner();
+    let policy: Value = if r.policy_json.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&r.policy_json).unwrap_or(Value::Null)
+    };
+    if json {
+        print_json(&json!({
+            "device": device, "version": r.version, "cleared": r.cleared, "policy": policy,
+        }));
+    } else if r.cleared {
+        out!(
+            "cleared the policy of device {device} (version {})",
+            r.version
+        );
+    } else {
+        let summary = vrio_core::interpose::PolicySpec::parse(&r.policy_json)
+            .map(|p| p.summary())
+            .unwrap_or_default();
+        out!(
+            "set the policy of device {device} (version {}): {summary}",
+            r.version
+        );
+    }
+    Ok(())
+}
+
+/// The policy text of `--file` (`-`: stdin).
+fn read_policy_file(f: &std::path::Path) -> Result<String, tonic::Status> {
+    use std::io::Read;
+    let mut text = String::new();
+    let read = if f.as_os_str() == "-" {
+        std::io::stdin().read_to_string(&mut text).map(drop)
+    } else {
+        std::fs::File::open(f).and_then(|mut h| h.read_to_string(&mut text).map(drop))
+    };
+    read.map_err(|e| tonic::Status::invalid_argument(format!("--file {}: {e}", f.display())))?;
+    Ok(text)
+}
+
+/// Quantile `q` of `h` as a bucket bound, short: `50us`, `2.5ms`, `1s`;
+/// `>10s` in the last bucket (above the last bound), `-` when empty.
+fn latency_text(h: &vrio_core::interpose::LatencyHistogram, q: f64) -> String {
+    match h.quantile(q) {
+        None => "-".into(),
+        Some(s) if s.is_infinite() => {
+            format!(">{}s", h.bounds.last().copied().unwrap_or(0.0))
+        }
+        Some(s) if s < 1e-3 => format!("{}us", (s * 1e6 * 100.0).round() / 100.0),
+        Some(s) if s < 1.0 => format!("{}ms", (s * 1e3 * 100.0).round() / 100.0),
+        Some(s) => format!("{s}s"),
+    }
+}
+
+/// Requests, bytes and errors by op of a meter stage, for the ops it saw.
+fn meter_ops(r: &vrio_core::interpose::StageReport) -> Vec<(String, [u64; 3])> {
+    let mut ops: Vec<String> = Vec::new();
+    for c in &r.counters {
+        if !ops.contains(&c.label) {
+            ops.push(c.label.clone());
+        }
+    }
+    ops.into_iter()
+        .map(|op| {
+            let v = [
+                r.counter("requests", &op),
+                r.counter("bytes", &op),
+                r.counter("errors", &op),
+            ];
+            (op, v)
+        })
+        .filter(|(_, v)| v.iter().any(|&n| n > 0))
+        .collect()
+}
+
+fn stage_json(r: &vrio_core::interpose::StageReport) -> Value {
+    let mut v = json!({
+        "kind": r.kind,
+        "counters": r.counters.iter().map(|c| json!({
+            "name": c.name, "label": c.label, "value": c.value,
+        })).collect::<Vec<_>>(),
+    });
+    if let Some(h) = &r.latency {
+        v["latency"] = json!({
+            "bounds": h.bounds, "counts": h.counts, "sum": h.sum, "count": h.count(),
+            // null when empty, or in the last (+Inf) bucket.
+            "p50_s": h.quantile(0.5).filter(|q| q.is_finite()),
+            "p99_s": h.quantile(0.99).filter(|q| q.is_finite()),
+        });
+    }
+    if r.kind == "meter" {
+        let ops: serde_json::Map<String, Value> = meter_ops(r)
+            .into_iter()
+            .map(|(op, [requests, bytes, errors])| {
+                (
+                    op,
+                    json!({"requests": requests, "bytes": bytes, "errors": errors}),
+                )
+            })
+            .collect();
+        v["ops"] = Value::Object(ops);
+    }
+    v
+}
+
+async fn policy_show(c: &mut Client, device: &str, json: bool) -> Result<(), tonic::Status> {
+    let r = c
+        .get_device_policy(pb::GetDevicePolicyRequest {
+            device: device.to_string(),
+        })
+        .await?
+        .into_inner();
+    let policy: Value = serde_json::from_str(&r.policy_json).unwrap_or(Value::Null);
+    let servers: Vec<(String, u64, Vec<vrio_core::interpose::StageReport>)> = r
+        .reports
+        .iter()
+        .map(|s| {
+            (
+                s.server_id.clone(),
+                s.reported_unix_ms,
+                s.stages
+                    .iter()
+                    .map(vrio_control::policy::report_from_pb)
+                    .collect(),
+            )
+        })
+        .collect();
+    if json {
+        print_json(&json!({
+            "device": r.device,
+            "version": r.version,
+            "policy": policy,
+            "servers": servers.iter().map(|(id, at, stages)| json!({
+                "server": id,
+                "reported_unix_ms": at,
+                "stages": stages.iter().map(stage_json).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        }));
+        return Ok(());
+    }
+    out!("device {} policy version {}", r.device, r.version);
+    out!(
+        "{}",
+        serde_json::to_string_pretty(&policy).unwrap_or_else(|_| r.policy_json.clone())
+    );
+    if servers.is_empty() {
+        out!("no live I/O server has reported the device's stages yet");
+    }
+    let now = vrio_control::service::now_ms();
+    for (id, at, stages) in &servers {
+        out!("");
+        out!(
+            "server {id} (reported {:.1}s ago)",
+            now.saturating_sub(*at) as f64 / 1e3
+        );
+        for (i, st) in stages.iter().enumerate() {
+            out!("  stage {i}: {}", st.kind);
+            if st.kind == "meter" {
+                let ops = meter_ops(st);
+                if ops.is_empty() {
+                    out!("    no requests yet");
+                } else {
+                    let rows: Vec<Vec<String>> = ops
+                        .iter()
+                        .map(|(op, [requests, bytes, errors])| {
+                            vec![
+                                format!("    {op}"),
+                                requests.to_string(),
+                                bytes.to_string(),
+                                errors.to_string(),
+                            ]
+                        })
+                        .collect();
+                    print_table(&["    OP", "REQUESTS", "BYTES", "ERRORS"], &rows);
+                }
+            } else if st.counters.is_empty() {
+                out!("    no counters");
+            } else {
+                let rows: Vec<Vec<String>> = st
+                    .counters
+                    .iter()
+                    .map(|c| {
+                        vec![
+                            format!("    {}", c.name),
+                            dash(&c.label),
+                            c.value.to_string(),
+                        ]
+                    })
+                    .collect();
+                print_table(&["    COUNTER", "LABEL", "VALUE"], &rows);
+            }
+            if let Some(h) = &st.latency {
+                out!(
+                    "    latency: p50 {}  p99 {}  ({} requests)",
+                    latency_text(h, 0.5),
+                    latency_text(h, 0.99),
+                    h.count()
+                );
+            }
+        }
     }
     Ok(())
 }

@@ -341,6 +341,10 @@ impl<D: DeviceModel> RequestQueue<D> {
             {
                 match pipe.admit(req, now, &mut a.passed[i]) {
                     Admit::Go => {}
+                    // A queue asked to hand over (a move) is not held
+                    // hostage by a low limit: its batch goes now, so the
+                    // move completes in time.
+                    Admit::Wait(_) if self.ring.quiescing => {}
                     Admit::Wait(_) => return false,
                     Admit::Refuse(r) => a.refused[i] = Some(r),
                 }
