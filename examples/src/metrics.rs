@@ -631,7 +631,7 @@ fn encode_meters(
         format!("{prefix}_latency_seconds"),
         format!(
             "Request latency at the I/O server, from the batch's intake to its \
-             reply landing in guest memory ({whose})."
+             reply being posted to the guest ({whose})."
         ),
     );
     let mut m = enc.encode_descriptor(&name, &help, None, MetricType::Histogram)?;
@@ -1362,12 +1362,14 @@ mod tests {
             attach_guests_placed(&guests, &placed, Backend::Soft, None, NotifyMode::Doorbell)
                 .unwrap();
         let r = drive_guests(guests, &rc, &Default::default(), &Default::default());
-        drop(agents);
         assert_eq!(r.failures(), 0);
+        // Scraped while the queues are still attached (their series end
+        // when they leave).
         let mut reg = Registry::default();
         reg.register_collector(Box::new(ServerMetrics::new(server.clone())));
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
+        drop(agents);
         let dev = format!("dev{}", placed[0].0);
         let want = format!(
             "vrio_device_requests_total{{device=\"{dev}\",op=\"read\"}} {}",

@@ -17,6 +17,14 @@ mod common;
 
 use common::legit::{assert_clean, rc, run_until, soft, Legit, BLOCK, BLOCKS};
 
+/// The timing tests (rates within 5%, a neighbour's throughput) must not
+/// share the machine with each other: they run one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 const KEY: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\
                    f0e0d0c0b0a090807060504030201000f1e1d1c1b1a191817161514131211101";
 
@@ -63,6 +71,7 @@ fn is_pattern(block: &[u8], b: u64) -> bool {
 
 #[test]
 fn encrypted_blocks_reach_the_disk_as_ciphertext_and_read_back_as_written() {
+    let _one_at_a_time = serial();
     let (s, disk) = server();
     let spec = policy(&format!(
         r#"{{"stages":[{{"stage":"crypt","key":"{KEY}"}}]}}"#
@@ -118,6 +127,7 @@ fn iops(r: &QueueReport, secs: f64) -> f64 {
 
 #[test]
 fn an_iops_limit_holds_within_five_percent_over_ten_seconds() {
+    let _one_at_a_time = serial();
     let (s, _) = server();
     let limit = 400.0;
     s.policies()
@@ -142,6 +152,7 @@ fn an_iops_limit_holds_within_five_percent_over_ten_seconds() {
 
 #[test]
 fn a_bandwidth_limit_holds_within_five_percent() {
+    let _one_at_a_time = serial();
     let (s, _) = server();
     // 1 MiB/s of 4 KiB blocks: 256 reads and writes a second.
     s.policies()
@@ -161,6 +172,7 @@ fn a_bandwidth_limit_holds_within_five_percent() {
 
 #[test]
 fn an_unlimited_neighbour_on_the_same_sidecore_keeps_its_throughput() {
+    let _one_at_a_time = serial();
     let (s, _) = server();
     s.policies()
         .set(
@@ -174,7 +186,7 @@ fn an_unlimited_neighbour_on_the_same_sidecore_keeps_its_throughput() {
     // Fresh blocks for every run: limited runs from 0, neighbour runs after.
     let mut next = (0..).map(|i| i * BLOCKS);
     let mut fresh = move || next.next().unwrap();
-    for _ in 0..3 {
+    for _ in 0..4 {
         let r = timed(s.addr(), 2, fresh(), 2, &Legit::default())
             .join()
             .unwrap()
@@ -201,6 +213,7 @@ fn an_unlimited_neighbour_on_the_same_sidecore_keeps_its_throughput() {
 
 #[test]
 fn a_limit_changed_live_takes_effect_within_a_second() {
+    let _one_at_a_time = serial();
     let (s, _) = server();
     s.policies()
         .set(
@@ -246,6 +259,7 @@ fn a_limit_changed_live_takes_effect_within_a_second() {
 
 #[test]
 fn injected_errors_reach_the_guest_and_the_meter_counts_what_the_guest_saw() {
+    let _one_at_a_time = serial();
     let (s, _) = server();
     s.policies()
         .set(1, &policy(r#"{"stages":[{"stage":"meter"}]}"#))

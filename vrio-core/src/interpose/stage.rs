@@ -16,7 +16,7 @@ use super::request::{Admit, Refusal, Request};
 /// 2. [`write_data`](Stage::write_data) on data going to the back-end, or
 ///    [`read_data`](Stage::read_data) in reverse chain order on data
 ///    coming from it;
-/// 3. [`completed`](Stage::completed) once the guest can see the result.
+/// 3. [`completed`](Stage::completed) as the result is posted to the guest.
 pub trait Stage: Send + Sync + std::fmt::Debug {
     /// The stage's kind in policies, logs and metrics (`qos`, `crypt`).
     fn kind(&self) -> &'static str;
@@ -42,9 +42,9 @@ pub trait Stage: Send + Sync + std::fmt::Debug {
         Ok(())
     }
 
-    /// The request completed with virtio `status` (0 is OK),
-    /// `latency` after the server learnt of it. Refused requests come
-    /// here too.
+    /// The request completed with virtio `status` (0 is OK): its reply is
+    /// posted to the guest, `latency` after the server learnt of it.
+    /// Refused requests come here too.
     fn completed(&self, _req: &Request, _status: u8, _latency: Duration) {}
 
     /// What the stage counted, for metrics and `vrio-ctl policy show`.
