@@ -9,6 +9,8 @@
 //! - MoveQueue every 100 ms while the workload runs: nothing lost, nothing
 //!   duplicated.
 //! - A second server joining a loaded one: rebalancing converges.
+//! - A device's interposition policy, set at the controller, follows it to
+//!   the server that takes over its queue when the first one dies.
 //!
 //! Credentials are on throughout: the controller signs them with a data
 //! key the servers check (`--data-key`, `--key-file`), for the `default`
@@ -593,5 +595,88 @@ fn rebalancing_converges_when_a_server_joins() {
         .map(|(_, l)| l.clone())
         .unwrap_or_default();
     assert!(ok && verdict.contains(", 0 errors"), "client: {verdict}");
+    s.remove_dir();
+}
+
+/// The `meter` stage's request count that `server` last reported for
+/// `device` (None: no report from it yet).
+fn metered(rt: &tokio::runtime::Runtime, ctl: &str, device: &str, server: &str) -> Option<u64> {
+    rt.block_on(async {
+        let mut c = connect(ctl, Some(TOKEN)).await.unwrap();
+        let r = c
+            .get_device_policy(pb::GetDevicePolicyRequest {
+                device: device.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        r.reports
+            .iter()
+            .find(|s| s.server_id == server)
+            .and_then(|s| s.stages.iter().find(|st| st.kind == "meter"))
+            .map(|st| {
+                st.counters
+                    .iter()
+                    .filter(|c| c.name == "requests")
+                    .map(|c| c.value)
+                    .sum()
+            })
+    })
+}
+
+/// Waits (bounded) until `cond` holds, asking every 100 ms.
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + EVENT_DEADLINE;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_policy_follows_its_device_through_failover() {
+    let s = setup("policy-failover", 1500, 0);
+    let mut servers = [("io-a", s.server("io-a")), ("io-b", s.server("io-b"))];
+    s.wait_servers(2);
+    // Set before the device exists: it applies when it attaches, wherever.
+    s.rt.block_on(async {
+        let mut c = connect(&s.addr, Some(TOKEN)).await.unwrap();
+        c.set_device_policy(pb::SetDevicePolicyRequest {
+            device: "synthetic-d0".into(),
+            policy_json: r#"{"stages":[{"stage":"meter"}]}"#.into(),
+        })
+        .await
+        .unwrap();
+    });
+    let mut c = s.client(1);
+    // Kill the server of the device's first queue, once its meter counts.
+    let victim = s
+        .assignments()
+        .into_iter()
+        .find(|x| x.device_id == "synthetic-d0" && x.queue == 0)
+        .expect("queue 0 placed")
+        .server_id;
+    let k = servers
+        .iter()
+        .position(|(id, _)| *id == victim)
+        .unwrap_or_else(|| panic!("queue 0 on an unknown server {victim:?}"));
+    let survivor = servers[1 - k].0;
+    wait_until("the victim's meter counts the device's requests", || {
+        metered(&s.rt, &s.addr, "synthetic-d0", &victim).is_some_and(|n| n > 0)
+    });
+    let before = metered(&s.rt, &s.addr, "synthetic-d0", survivor).unwrap_or(0);
+    let victim_proc = &mut servers[k].1;
+    victim_proc.child.kill().unwrap();
+    victim_proc.child.wait().unwrap();
+    c.wait_for("failover:", Duration::from_secs(60));
+    // The survivor applied the policy to the queue it took over: its meter
+    // for the device counts on.
+    wait_until("the survivor's meter counts the failed-over queue", || {
+        metered(&s.rt, &s.addr, "synthetic-d0", survivor).is_some_and(|n| n > before + 100)
+    });
+    c.sigterm();
+    let (ok, lines) = c.finish(Duration::from_secs(120));
+    let total = verdict_total(&lines);
+    assert_verified(ok, &lines, total);
     s.remove_dir();
 }
