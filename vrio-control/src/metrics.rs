@@ -10,10 +10,13 @@
 //! The code is the response headers' `grpc-status`, or OK when they have
 //! none. That is exact for unary calls: tonic answers an error as a
 //! trailers-only response (the status in the headers) and success with
-//! the status in the trailers. For the streaming calls
-//! (`WatchAssignments`, `WatchPolicies`) the code and the latency are those
-//! of the stream's start: its headers. A call the client abandons before an answer counts
-//! as `Cancelled`.
+//! the status in the trailers. The streaming calls (`WatchAssignments`,
+//! `WatchPolicies`) last as long as their follower: their latency is the
+//! time to the stream's start (its headers), and their code is the one the
+//! stream ended with (its trailers' `grpc-status`; `Cancelled` when the
+//! follower went away first), counted when it ends, so a stream the
+//! controller ended with `DATA_LOSS` or `UNAVAILABLE` shows as such. A call
+//! the client abandons before an answer counts as `Cancelled`.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -202,15 +205,68 @@ struct Pending {
     method: &'static str,
     start: Instant,
     done: bool,
+    /// Set for a stream once its headers are out: the latency to record.
+    started: Option<f64>,
 }
 
 impl Pending {
     fn finish(&mut self, code: Code) {
         if !self.done {
             self.done = true;
-            let secs = self.start.elapsed().as_secs_f64();
+            let secs = self
+                .started
+                .unwrap_or_else(|| self.start.elapsed().as_secs_f64());
             self.metrics.record(self.method, code, secs);
         }
+    }
+}
+
+/// The methods whose answer is a stream that lasts as long as its
+/// follower.
+fn is_stream(method: &str) -> bool {
+    matches!(method, "WatchAssignments" | "WatchPolicies")
+}
+
+/// A streaming response's body that records the call when the stream
+/// ends: with its trailers' code, or `Cancelled` when dropped first.
+struct EndObserved<B> {
+    inner: B,
+    pending: Pending,
+}
+
+impl<B> tonic::codegen::Body for EndObserved<B>
+where
+    B: tonic::codegen::Body + Unpin,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(t) = frame.trailers_ref() {
+                    this.pending.finish(code_of(t));
+                }
+            }
+            Poll::Ready(Some(Err(_))) => this.pending.finish(Code::Unknown),
+            // Ended without trailers: nothing said otherwise.
+            Poll::Ready(None) => this.pending.finish(Code::Ok),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -224,8 +280,10 @@ impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for Observed<S>
 where
     S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
     S::Future: Send + 'static,
+    ResBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + Unpin + 'static,
+    ResBody::Error: Into<tonic::codegen::StdError>,
 {
-    type Response = S::Response;
+    type Response = http::Response<tonic::body::Body>;
     type Error = S::Error;
     type Future = BoxFuture<Self::Response, Self::Error>;
 
@@ -239,16 +297,27 @@ where
             metrics: self.metrics.clone(),
             start: Instant::now(),
             done: false,
+            started: None,
         };
         let fut = self.inner.call(req);
         Box::pin(async move {
             let out = fut.await;
-            pending.finish(match &out {
+            let code = match &out {
                 Ok(resp) => code_of(resp.headers()),
                 // The transport failed the call: no gRPC status was sent.
                 Err(_) => Code::Unknown,
-            });
-            out
+            };
+            match out {
+                // A stream that started: counted when it ends.
+                Ok(resp) if is_stream(pending.method) && code == Code::Ok => {
+                    pending.started = Some(pending.start.elapsed().as_secs_f64());
+                    Ok(resp.map(|inner| tonic::body::Body::new(EndObserved { inner, pending })))
+                }
+                out => {
+                    pending.finish(code);
+                    out.map(|resp| resp.map(tonic::body::Body::new))
+                }
+            }
         })
     }
 }
@@ -256,6 +325,79 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body::Frame;
+    use http_body_util::{BodyExt, StreamBody};
+    use tonic::codegen::Bytes;
+
+    type Frames = tonic::codegen::tokio_stream::Iter<
+        std::vec::IntoIter<Result<Frame<Bytes>, std::convert::Infallible>>,
+    >;
+
+    /// A service answering every call with a stream of one message, then
+    /// trailers with `code`.
+    #[derive(Clone)]
+    struct Streams(Code);
+
+    impl Service<http::Request<()>> for Streams {
+        type Response = http::Response<StreamBody<Frames>>;
+        type Error = std::convert::Infallible;
+        type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<()>) -> Self::Future {
+            let mut trailers = http::HeaderMap::new();
+            let code = (self.0 as i32).to_string();
+            trailers.insert(
+                "grpc-status",
+                http::HeaderValue::from_str(&code).expect("digits"),
+            );
+            let frames = vec![
+                Ok(Frame::data(Bytes::from_static(b"event"))),
+                Ok(Frame::trailers(trailers)),
+            ];
+            let body = StreamBody::new(tonic::codegen::tokio_stream::iter(frames));
+            std::future::ready(Ok(http::Response::new(body)))
+        }
+    }
+
+    fn call_of(m: &RpcSnapshot, method: &str, code: Code) -> u64 {
+        m.calls
+            .iter()
+            .filter(|(n, c, _)| *n == method && *c == code)
+            .map(|(_, _, k)| k)
+            .sum()
+    }
+
+    #[tokio::test]
+    async fn a_watch_stream_counts_when_it_ends_with_the_code_it_ended_with() {
+        let m = Arc::new(RpcMetrics::new());
+        let mut svc = Observed::new(Streams(Code::DataLoss), m.clone());
+        let path = "/vrio.control.v1.Control/WatchPolicies";
+        let req = || http::Request::builder().uri(path).body(()).expect("request");
+        let resp = svc.call(req()).await.expect("infallible");
+        // Started, not ended: not counted yet.
+        assert_eq!(call_of(&m.snapshot(), "WatchPolicies", Code::Ok), 0);
+        assert_eq!(call_of(&m.snapshot(), "WatchPolicies", Code::DataLoss), 0);
+        resp.into_body().collect().await.expect("body");
+        assert_eq!(call_of(&m.snapshot(), "WatchPolicies", Code::DataLoss), 1);
+        // A follower that goes away mid-stream: Cancelled.
+        let resp = svc.call(req()).await.expect("infallible");
+        drop(resp);
+        assert_eq!(call_of(&m.snapshot(), "WatchPolicies", Code::Cancelled), 1);
+        // A unary call is counted at once, with its headers' code.
+        let mut unary = Observed::new(Streams(Code::Ok), m.clone());
+        let r = http::Request::builder()
+            .uri("/vrio.control.v1.Control/Stats")
+            .body(())
+            .expect("request");
+        let _resp = unary.call(r).await.expect("infallible");
+        assert_eq!(call_of(&m.snapshot(), "Stats", Code::Ok), 1);
+        let lat = m.snapshot().latency;
+        assert_eq!(lat.get("WatchPolicies").map(|l| l.count), Some(2));
+    }
 
     #[test]
     fn methods_come_from_the_proto_and_unknown_paths_share_a_label() {
