@@ -415,9 +415,40 @@ impl Collector for BuildInfo {
 
 /// Per-sidecore counters: an I/O server's sidecores (by index), or the
 /// local sidecore of `vrio-client vhost-user-blk --local-file`.
+/// Idle time per sidecore: the time since the clock started, less the
+/// busy time added since (the sidecores' stats count busy time only).
+#[derive(Debug)]
+struct IdleClock {
+    t0: Instant,
+    busy0: Vec<u64>,
+}
+
+impl IdleClock {
+    fn start(loads: &[StatsSnapshot]) -> Self {
+        Self {
+            t0: Instant::now(),
+            busy0: loads.iter().map(|s| s.busy_ns).collect(),
+        }
+    }
+
+    /// Seconds each sidecore of `loads` was idle since the start.
+    fn idle(&self, loads: &[(StatsSnapshot, Option<usize>)]) -> Vec<f64> {
+        let wall = self.t0.elapsed().as_secs_f64();
+        loads
+            .iter()
+            .enumerate()
+            .map(|(i, (s, _))| {
+                let busy = s.busy_ns.saturating_sub(self.busy0.get(i).copied().unwrap_or(0));
+                (wall - secs(busy)).max(0.0)
+            })
+            .collect()
+    }
+}
+
 fn encode_sidecores(
     enc: &mut DescriptorEncoder,
     loads: &[(StatsSnapshot, Option<usize>)],
+    clock: &IdleClock,
 ) -> std::fmt::Result {
     let label = |i: usize| vec![("sidecore", i.to_string())];
     let each = |f: fn(&StatsSnapshot) -> u64| {
@@ -468,6 +499,17 @@ fn encode_sidecores(
     )?;
     counters(
         enc,
+        "vrio_sidecore_idle_seconds",
+        "Time since the metrics endpoint started that the sidecore spent \
+         in rounds that served nothing (polling, sleeping or blocked).",
+        clock
+            .idle(loads)
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| (label(i), v)),
+    )?;
+    counters(
+        enc,
         "vrio_sidecore_sleeps",
         "Times the sidecore slept or blocked for lack of work.",
         each(|s| s.sleeps),
@@ -508,12 +550,17 @@ fn encode_sidecores(
 /// sidecores, its queues, its refused attaches and its switch ports.
 pub struct ServerMetrics {
     server: Arc<IoServer>,
+    clock: IdleClock,
 }
 
 impl ServerMetrics {
     /// The metrics of `server`, read at each scrape.
     pub fn new(server: Arc<IoServer>) -> Self {
-        Self { server }
+        let loads: Vec<_> = server.sidecore_loads().into_iter().map(|(s, _)| s).collect();
+        Self {
+            clock: IdleClock::start(&loads),
+            server,
+        }
     }
 }
 
@@ -539,7 +586,7 @@ impl Collector for ServerMetrics {
             .into_iter()
             .map(|(st, n)| (st, Some(n)))
             .collect();
-        encode_sidecores(&mut enc, &loads)?;
+        encode_sidecores(&mut enc, &loads, &self.clock)?;
         counters(
             &mut enc,
             "vrio_server_sidecore_moves",
@@ -938,7 +985,8 @@ pub enum Agents {
 pub struct ClientMetrics {
     agents: Agents,
     completed: Option<Arc<AtomicU64>>,
-    sidecore: Option<Arc<SidecoreStats>>,
+    /// A local sidecore, and the clock of its idle time.
+    sidecore: Option<(Arc<SidecoreStats>, IdleClock)>,
 }
 
 impl ClientMetrics {
@@ -960,7 +1008,8 @@ impl ClientMetrics {
 
     /// Also exports a local sidecore as `vrio_sidecore_*{sidecore="0"}`.
     pub fn with_sidecore(mut self, stats: Arc<SidecoreStats>) -> Self {
-        self.sidecore = Some(stats);
+        let clock = IdleClock::start(&[stats.snapshot()]);
+        self.sidecore = Some((stats, clock));
         self
     }
 
@@ -1011,8 +1060,8 @@ impl Collector for ClientMetrics {
                 [(Labels::new(), done.load(Relaxed))],
             )?;
         }
-        if let Some(sc) = &self.sidecore {
-            encode_sidecores(&mut enc, &[(sc.snapshot(), None)])?;
+        if let Some((sc, clock)) = &self.sidecore {
+            encode_sidecores(&mut enc, &[(sc.snapshot(), None)], clock)?;
         }
         if matches!(self.agents, Agents::None) {
             return Ok(());
@@ -1385,6 +1434,7 @@ mod tests {
             "vrio_interpose_events_total{{device=\"{dev}\",stage=\"qos\",event=\"waits\",reason=\"\"}}"
         );
         assert!(text.contains(&want), "no {want:?} in:\n{text}");
+        assert!(text.contains("vrio_sidecore_idle_seconds_total{sidecore=\"0\"}"));
         // The queue's own figures agree with the device's.
         let want = format!(
             "vrio_queue_requests_total{{device=\"{dev}\",queue=\"{dev}.q0\",op=\"write\"}} {}",
