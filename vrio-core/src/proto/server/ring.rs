@@ -301,7 +301,11 @@ impl ServerRing {
             spare_entries: Vec::new(),
             spare_heads: Vec::new(),
             walker: Walker::new(),
-            shadow: Shadow::default(),
+            shadow: {
+                let mut s = Shadow::default();
+                s.set_table(layout.desc, layout.size);
+                s
+            },
             stage_started: now,
             done_wr: 0,
             posted_wr: 0,
