@@ -357,7 +357,8 @@ pub fn attach_placed(
             // Every line the agent logs (resumes after a move or a
             // failover, lost servers) carries its device: operators act on
             // device and queue.
-            let _span = tracing::info_span!("agent", device = format_args!("{device:#x}")).entered();
+            let _span =
+                tracing::info_span!("agent", device = format_args!("{device:#x}")).entered();
             run(queues, &ctx, epoll, &w, &sp, &rx);
             ctx.stats.cpu_ns.store(thread_cpu_ns(), Relaxed);
             // Queues (and their endpoints) went with `run`; now the memory.
