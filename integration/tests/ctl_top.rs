@@ -1,9 +1,12 @@
 //! `vrio-ctl top` against a real `vrio-controller --memory` and a
-//! `vrio-server` registered with it and serving `--metrics-listen`: with
-//! stdout piped, it prints plain snapshots (no escape sequences) naming
-//! the server and its sidecores and the scraped endpoint; a metrics URL
-//! that fails is shown, not fatal; `--json` prints one object per refresh;
-//! an unreachable controller is a clear error.
+//! `vrio-server` registered with it and serving `--metrics-listen`, while a
+//! `vrio-client synthetic` the controller placed on it runs: with stdout
+//! piped, it prints plain snapshots (no escape sequences) naming the server
+//! and its sidecores and the scraped endpoint, and the client's queues with
+//! their own req/s and p99 from the server's `vrio_queue_*` figures; a
+//! metrics URL that fails is shown, not fatal; `--json` prints one object
+//! per refresh, with the queues' own figures; an unreachable controller is
+//! a clear error.
 
 mod common;
 
@@ -13,7 +16,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::soft_server;
+use common::{soft_server, synthetic_client};
 use vrio_integration::rxe;
 
 const TOKEN: &str = "ctl-top-test-token";
@@ -21,6 +24,7 @@ const TOKEN: &str = "ctl-top-test-token";
 struct Bins {
     server: PathBuf,
     controller: PathBuf,
+    client: PathBuf,
     ctl: PathBuf,
 }
 
@@ -29,6 +33,7 @@ fn bins() -> &'static Bins {
     BINS.get_or_init(|| Bins {
         server: rxe::bin("vrio-examples", "vrio-server"),
         controller: rxe::bin("vrio-examples", "vrio-controller"),
+        client: rxe::bin("vrio-examples", "vrio-client"),
         ctl: rxe::bin("vrio-examples", "vrio-ctl"),
     })
 }
@@ -175,6 +180,18 @@ fn top_shows_servers_sidecores_and_scraped_metrics() {
         std::thread::sleep(Duration::from_millis(200));
     }
 
+    // A workload on the server: one guest with two queues, placed by the
+    // controller (so top knows the queues' devices), running until the
+    // test ends (Drop kills it).
+    let mut client = Proc::spawn(
+        "client",
+        synthetic_client(&b.client, "--controller", &control_addr, 1)
+            .args(["--queues", "2", "--seconds", "600", "--depth", "4"])
+            .env("VRIO_TOKEN", TOKEN)
+            .env_remove("VRIO_LOG_FORMAT"),
+    );
+    client.wait_for("attached to", Duration::from_secs(60));
+
     // Piped: two plain snapshots, a blank line between them.
     let dead_url = "http://127.0.0.1:1/metrics";
     let out = ctl(
@@ -247,6 +264,38 @@ fn top_shows_servers_sidecores_and_scraped_metrics() {
             "no rate for sidecore {i} in:\n{last}"
         );
     }
+    // The client's queues, on io-top, with their own req/s (> 0) and p99
+    // (a bound of the server's latency histogram) from vrio_queue_*.
+    let queues = last.split("\nQUEUES").nth(1).unwrap_or_default();
+    assert!(
+        queues
+            .lines()
+            .nth(1)
+            .is_some_and(|h| h.contains("REQ/S") && h.contains("P99") && h.contains("IN FLIGHT")),
+        "no REQ/S and P99 columns in:\n{last}"
+    );
+    let bounds = [
+        "10us", "25us", "50us", "100us", "250us", "500us", "1ms", "2.5ms", "5ms", "10ms", "25ms",
+        "50ms", "100ms", "250ms", "500ms", "1s", "2.5s", "5s", "10s", ">10s",
+    ];
+    for q in ["0", "1"] {
+        let row: Vec<&str> = queues
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|w| w.first() == Some(&"synthetic-d0") && w.get(1) == Some(&q))
+            .unwrap_or_else(|| panic!("no row for synthetic-d0 queue {q} in:\n{last}"));
+        // DEVICE QUEUE SERVER SIDECORE REQ/S P99 IN-FLIGHT, then the
+        // sidecore's BUSY REQ/S FROM.
+        assert_eq!(row.len(), 10, "{row:?}");
+        assert_eq!(row[2], "io-top", "{row:?}");
+        let rps: f64 = row[4]
+            .parse()
+            .unwrap_or_else(|_| panic!("no req/s for queue {q}: {row:?}\n{last}"));
+        assert!(rps > 0.0, "queue {q} did no requests: {row:?}\n{last}");
+        assert!(bounds.contains(&row[5]), "no p99 for queue {q}: {row:?}");
+        assert!(row[6].parse::<u64>().is_ok(), "no in flight: {row:?}");
+        assert_eq!(row[9], "metrics", "{row:?}");
+    }
 
     // --json: one object per refresh.
     let out = ctl(
@@ -277,6 +326,54 @@ fn top_shows_servers_sidecores_and_scraped_metrics() {
         Some(2),
         "{v}"
     );
+    // The queues' own figures: counts from the first scrape, no rates yet.
+    let queues = v["queues"].as_array().cloned().unwrap_or_default();
+    assert_eq!(queues.len(), 2, "{v}");
+    for q in &queues {
+        assert!(
+            q["queue_load"]["requests_total"].as_f64() > Some(0.0),
+            "{q}"
+        );
+        assert!(q["queue_load"]["requests_per_sec"].is_null(), "{q}");
+        assert_eq!(q["from"], "metrics", "{q}");
+    }
+
+    // --json, two refreshes: the second has the queues' rates and p99s,
+    // ranked by them.
+    let out = ctl(
+        &b.ctl,
+        &[
+            "--addr",
+            &control_addr,
+            "--json",
+            "top",
+            "--count",
+            "2",
+            "--interval",
+            "0.5",
+            "--metrics",
+            &metrics_url,
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "vrio-ctl --json top failed");
+    let text = String::from_utf8(out.stdout).expect("UTF-8 output");
+    assert_eq!(text.lines().count(), 2, "not two lines:\n{text}");
+    let v: serde_json::Value =
+        serde_json::from_str(text.lines().last().unwrap_or_default()).expect("a JSON object");
+    let queues = v["queues"].as_array().cloned().unwrap_or_default();
+    assert_eq!(queues.len(), 2, "{v}");
+    let mut last_rps = f64::INFINITY;
+    for q in &queues {
+        let load = &q["queue_load"];
+        let rps = load["requests_per_sec"].as_f64().unwrap_or(0.0);
+        assert!(rps > 0.0, "{q}");
+        assert!(rps <= last_rps, "not ranked by req/s: {v}");
+        last_rps = rps;
+        assert!(load["p99_s"].as_f64() > Some(0.0), "{q}");
+        assert!(load["p99"].as_str().is_some(), "{q}");
+        assert_eq!(q["ranked_by"], "queue", "{q}");
+    }
 
     // An unreachable controller: a clear error, exit status 1.
     let out = ctl(

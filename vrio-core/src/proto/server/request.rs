@@ -76,6 +76,10 @@ struct Admission {
     started: bool,
     /// When the queue learnt of the batch.
     arrived: Option<Instant>,
+    /// The same moment by the real clock: latencies are measured with it,
+    /// as the ring's time stands still within one poll (an inline batch
+    /// is taken in and answered in the same poll).
+    took_in: Option<Instant>,
     /// Per batch entry: what the stages see of it (None: not a request).
     reqs: Vec<Option<Request>>,
     /// Per entry: stages it passed (see `Pipeline::admit`).
@@ -93,6 +97,7 @@ impl Admission {
         self.pipe = None;
         self.started = false;
         self.arrived = None;
+        self.took_in = None;
         self.reqs.clear();
         self.passed.clear();
         self.refused.clear();
@@ -217,6 +222,7 @@ impl<D: DeviceModel> RequestQueue<D> {
             Intake::Ready { rtts } => rtts,
         };
         self.admission.arrived = Some(self.ring.now());
+        self.admission.took_in = Some(Instant::now());
         if let Some(m) = &self.meter {
             m.in_flight.store(self.batch.len() as u64, Relaxed);
         }
@@ -453,10 +459,9 @@ impl<D: DeviceModel> RequestQueue<D> {
         }
         let a = &self.admission;
         let Some(pipe) = &a.pipe else { return };
-        let now = self.ring.now();
+        let latency = a.took_in.map(|t| t.elapsed()).unwrap_or_default();
         for (req, status) in a.reqs.iter().zip(&a.status) {
             if let Some(req) = req {
-                let latency = now.saturating_duration_since(req.arrived);
                 pipe.completed(req, *status, latency);
                 if let Some(m) = &self.meter {
                     m.meter.completed(req, *status, latency);
