@@ -16,7 +16,7 @@ use aes::{Aes256, Block};
 use zeroize::Zeroizing;
 
 use super::request::{Op, Refusal, Request};
-use super::spec::CryptSpec;
+use super::params::CryptSpec;
 use super::stage::Stage;
 
 /// Bytes per XTS data unit: the virtio-blk sector.
@@ -55,7 +55,7 @@ impl XtsStage {
             ));
         }
         let hex = spec.key.expose().trim();
-        if hex == super::spec::REDACTED {
+        if hex == super::params::REDACTED {
             return Err("the key is redacted: give the key itself".into());
         }
         if hex.len() != 128 {
@@ -171,7 +171,7 @@ impl Stage for XtsStage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::interpose::spec::Secret;
+    use crate::interpose::params::Secret;
 
     fn key() -> [u8; 64] {
         let mut k = [0u8; 64];
@@ -264,7 +264,7 @@ mod tests {
             XtsStage::from_spec(&mk(&"11".repeat(64))).is_err(),
             "equal halves"
         );
-        assert!(XtsStage::from_spec(&mk(super::super::spec::REDACTED)).is_err());
+        assert!(XtsStage::from_spec(&mk(super::super::params::REDACTED)).is_err());
         let mut other = mk(&"12".repeat(64));
         other.cipher = "aes_cbc".into();
         assert!(XtsStage::from_spec(&other).is_err());

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use super::request::{Admit, Op, Refusal, Request};
-use super::spec::FaultSpec;
+use super::params::FaultSpec;
 use super::stage::{Stage, StageCounter, StageReport};
 
 /// The `fault` stage.

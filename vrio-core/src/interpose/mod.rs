@@ -24,6 +24,7 @@ mod crypt;
 mod fault;
 mod meter;
 mod net;
+mod params;
 mod pipeline;
 mod qos;
 mod request;
@@ -37,10 +38,10 @@ pub use net::{frame_info, AclStage, NetRateStage};
 pub use pipeline::{Interposed, Interposer, Pipeline, Policies};
 pub use qos::QosStage;
 pub use request::{Admit, FrameInfo, Op, Refusal, Request};
-pub use spec::{
-    CryptSpec, FaultSpec, MeterSpec, NetAclSpec, NetRateSpec, PolicyError, PolicySpec, QosSpec,
-    Secret, StageSpec, REDACTED,
+pub use params::{
+    CryptSpec, FaultSpec, MeterSpec, NetAclSpec, NetRateSpec, QosSpec, Secret, REDACTED,
 };
+pub use spec::{PolicyError, PolicySpec, StageSpec};
 pub use stage::{LatencyHistogram, Stage, StageCounter, StageReport};
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::qos::Buckets;
 use super::request::{Admit, FrameInfo, Op, Refusal, Request};
-use super::spec::{NetAclSpec, NetRateSpec};
+use super::params::{NetAclSpec, NetRateSpec};
 use super::stage::{Stage, StageCounter, StageReport};
 
 /// Reads the addresses an ACL checks from an Ethernet frame (no virtio-net

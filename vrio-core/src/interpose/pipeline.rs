@@ -79,6 +79,13 @@ impl Pipeline {
     }
 }
 
+impl PolicySpec {
+    /// Checks every stage and builds the pipeline for `device`.
+    pub fn build(&self, device: u64) -> Result<Pipeline, PolicyError> {
+        Ok(Pipeline::new(self.clone(), self.stages(device)?))
+    }
+}
+
 /// One device's current pipeline, which a policy change swaps while its
 /// queues run. Queues read it through an [`Interposed`], which costs one
 /// atomic load per batch while nothing changes.

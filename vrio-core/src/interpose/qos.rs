@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::request::{Admit, Op, Request};
-use super::spec::QosSpec;
+use super::params::QosSpec;
 use super::stage::{Stage, StageCounter, StageReport};
 
 const MIB: f64 = 1024.0 * 1024.0;
