@@ -438,7 +438,9 @@ impl IdleClock {
             .iter()
             .enumerate()
             .map(|(i, (s, _))| {
-                let busy = s.busy_ns.saturating_sub(self.busy0.get(i).copied().unwrap_or(0));
+                let busy = s
+                    .busy_ns
+                    .saturating_sub(self.busy0.get(i).copied().unwrap_or(0));
                 (wall - secs(busy)).max(0.0)
             })
             .collect()
@@ -556,7 +558,11 @@ pub struct ServerMetrics {
 impl ServerMetrics {
     /// The metrics of `server`, read at each scrape.
     pub fn new(server: Arc<IoServer>) -> Self {
-        let loads: Vec<_> = server.sidecore_loads().into_iter().map(|(s, _)| s).collect();
+        let loads: Vec<_> = server
+            .sidecore_loads()
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
         Self {
             clock: IdleClock::start(&loads),
             server,

@@ -376,7 +376,12 @@ mod tests {
         let m = Arc::new(RpcMetrics::new());
         let mut svc = Observed::new(Streams(Code::DataLoss), m.clone());
         let path = "/vrio.control.v1.Control/WatchPolicies";
-        let req = || http::Request::builder().uri(path).body(()).expect("request");
+        let req = || {
+            http::Request::builder()
+                .uri(path)
+                .body(())
+                .expect("request")
+        };
         let resp = svc.call(req()).await.expect("infallible");
         // Started, not ended: not counted yet.
         assert_eq!(call_of(&m.snapshot(), "WatchPolicies", Code::Ok), 0);

@@ -15,8 +15,8 @@ use aes::cipher::{BlockDecrypt, BlockEncrypt, KeyInit};
 use aes::{Aes256, Block};
 use zeroize::Zeroizing;
 
-use super::request::{Op, Refusal, Request};
 use super::params::CryptSpec;
+use super::request::{Op, Refusal, Request};
 use super::stage::Stage;
 
 /// Bytes per XTS data unit: the virtio-blk sector.

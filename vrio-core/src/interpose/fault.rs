@@ -4,8 +4,8 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use super::request::{Admit, Op, Refusal, Request};
 use super::params::FaultSpec;
+use super::request::{Admit, Op, Refusal, Request};
 use super::stage::{Stage, StageCounter, StageReport};
 
 /// The `fault` stage.

@@ -35,12 +35,12 @@ pub use crypt::XtsStage;
 pub use fault::FaultStage;
 pub use meter::{Meter, QueueMeter, LATENCY_BOUNDS};
 pub use net::{frame_info, AclStage, NetRateStage};
-pub use pipeline::{Interposed, Interposer, Pipeline, Policies};
-pub use qos::QosStage;
-pub use request::{Admit, FrameInfo, Op, Refusal, Request};
 pub use params::{
     CryptSpec, FaultSpec, MeterSpec, NetAclSpec, NetRateSpec, QosSpec, Secret, REDACTED,
 };
+pub use pipeline::{Interposed, Interposer, Pipeline, Policies};
+pub use qos::QosStage;
+pub use request::{Admit, FrameInfo, Op, Refusal, Request};
 pub use spec::{PolicyError, PolicySpec, StageSpec};
 pub use stage::{LatencyHistogram, Stage, StageCounter, StageReport};
 

@@ -6,9 +6,9 @@ use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
+use super::params::{NetAclSpec, NetRateSpec};
 use super::qos::Buckets;
 use super::request::{Admit, FrameInfo, Op, Refusal, Request};
-use super::params::{NetAclSpec, NetRateSpec};
 use super::stage::{Stage, StageCounter, StageReport};
 
 /// Reads the addresses an ACL checks from an Ethernet frame (no virtio-net

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::request::{Admit, Op, Request};
 use super::params::QosSpec;
+use super::request::{Admit, Op, Request};
 use super::stage::{Stage, StageCounter, StageReport};
 
 const MIB: f64 = 1024.0 * 1024.0;

@@ -14,10 +14,10 @@ use serde::{Deserialize, Serialize};
 use super::crypt::XtsStage;
 use super::fault::FaultStage;
 use super::meter::Meter;
+use super::net::{AclStage, NetRateStage};
 use super::params::{
     CryptSpec, FaultSpec, MeterSpec, NetAclSpec, NetRateSpec, QosSpec, Secret, REDACTED,
 };
-use super::net::{AclStage, NetRateStage};
 use super::qos::QosStage;
 use super::stage::Stage;
 
