@@ -299,3 +299,45 @@ fn injected_errors_reach_the_guest_and_the_meter_counts_what_the_guest_saw() {
     assert_eq!(fault.counter("failed", ""), r.io_errors);
     assert_eq!(meter.counter("errors", "read"), r.io_errors);
 }
+
+/// A stage of the test's own, put in with `Interposer::replace`: it sees
+/// every request with its device, VM host, op and length.
+#[derive(Debug, Default)]
+struct Seen(std::sync::Mutex<Vec<vrio_core::interpose::Request>>);
+
+#[derive(Debug)]
+struct Recorder(Arc<Seen>);
+
+impl vrio_core::interpose::Stage for Recorder {
+    fn kind(&self) -> &'static str {
+        "recorder"
+    }
+    fn completed(&self, req: &vrio_core::interpose::Request, _status: u8, _latency: Duration) {
+        self.0 .0.lock().unwrap().push(*req);
+    }
+}
+
+#[test]
+fn a_stage_of_ones_own_sees_device_vm_host_op_and_length() {
+    use vrio_core::interpose::{Op, Pipeline};
+    let _one_at_a_time = serial();
+    let (s, _) = server();
+    let seen = Arc::new(Seen::default());
+    s.policies().interposer(5).replace(Pipeline::new(
+        PolicySpec::default(),
+        vec![Box::new(Recorder(seen.clone()))],
+    ));
+    let r = run_until(s.addr(), &rc(1, 500), &[5], &[], &Legit::default()).unwrap();
+    assert_clean(&r);
+    let seen = seen.0.lock().unwrap();
+    assert_eq!(seen.len() as u64, r.completed);
+    // The agent connects from loopback.
+    let host = vrio_core::proto::device_key("127.0.0.1");
+    assert!(seen.iter().all(|q| q.device == 5 && q.vm_host == host));
+    let reads = seen.iter().filter(|q| q.op == Op::Read).count() as u64;
+    assert_eq!(reads, r.reads);
+    assert!(seen
+        .iter()
+        .filter(|q| matches!(q.op, Op::Read | Op::Write))
+        .all(|q| q.len == BLOCK && q.sector % 8 == 0));
+}

@@ -242,6 +242,7 @@ fn ctl_sets_and_shows_policies_with_the_servers_counters() {
             len: 4096,
             frame: None,
             arrived: Instant::now(),
+            vm_host: 0,
         };
         pipeline.completed(&req, status, Duration::from_micros(us));
     }

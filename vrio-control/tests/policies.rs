@@ -409,6 +409,7 @@ fn stage_counters_travel_from_the_servers_to_get_device_policy() {
             len: 4096,
             frame: None,
             arrived: Instant::now(),
+            vm_host: 0,
         };
         pipeline.completed(&req, 0, Duration::from_micros(us));
     }

@@ -142,6 +142,7 @@ mod tests {
             len,
             frame: None,
             arrived,
+            vm_host: 0,
         }
     }
 

@@ -126,6 +126,7 @@ mod tests {
             len: 4096,
             frame: None,
             arrived: Instant::now(),
+            vm_host: 0,
         };
         m.completed(&r, 0, Duration::from_micros(30));
         m.completed(&r, 0, Duration::from_micros(30));

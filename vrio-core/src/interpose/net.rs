@@ -221,6 +221,7 @@ mod tests {
             len: f.len() as u64,
             frame: frame_info(f),
             arrived: Instant::now(),
+            vm_host: 0,
         }
     }
 

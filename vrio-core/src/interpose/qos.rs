@@ -169,6 +169,7 @@ mod tests {
             len,
             frame: None,
             arrived: Instant::now(),
+            vm_host: 0,
         }
     }
 

@@ -102,6 +102,11 @@ pub struct Request {
     pub frame: Option<FrameInfo>,
     /// When the server learnt of the request (its batch's intake).
     pub arrived: Instant,
+    /// The VM host the request came from: `proto::device_key` of the host
+    /// part of its agent's address (0 when unknown). vrio's data path has
+    /// no other VM identity: a device belongs to one VM, and the device
+    /// id says which.
+    pub vm_host: u64,
 }
 
 /// Why a stage refused a request: the virtio status the guest gets and a

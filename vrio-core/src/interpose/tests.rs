@@ -68,6 +68,7 @@ fn admission_resumes_where_it_stopped() {
         len: 512,
         frame: None,
         arrived: t,
+        vm_host: 0,
     };
     let mut passed = 0;
     assert_eq!(

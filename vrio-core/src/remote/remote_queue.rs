@@ -58,9 +58,10 @@ impl<D: DeviceModel> RemoteQueue<D> {
             .reply_attach(&mut self.core.ring, config, features)
     }
 
-    /// Runs the queue's requests through `i`'s interposition stages.
-    pub fn set_interposer(&mut self, i: Arc<crate::interpose::Interposer>) {
-        self.core.set_interposer(i);
+    /// Runs the queue's requests through `i`'s interposition stages, as
+    /// coming from VM host `vm_host` (see `interpose::Request::vm_host`).
+    pub fn set_interposer(&mut self, i: Arc<crate::interpose::Interposer>, vm_host: u64) {
+        self.core.set_interposer(i, vm_host);
     }
 
     /// Keeps the queue's own I/O figures in `m`.

@@ -779,6 +779,7 @@ fn admit_queue(
         send_depth: cfg.endpoint.send_depth as usize,
         ..cfg.queue
     };
+    let vm_host = crate::proto::device_key(peer_host(&ep.peer()));
     let mac = match kind {
         Kind::Blk(claim) => {
             let dev = BlockDevice::new(Arc::new(claim), cfg.blk.clone());
@@ -790,7 +791,7 @@ fn admit_queue(
             };
             let mut q = RemoteQueue::new(domain, ep, attach, dev, qcfg, kinds.blk_stats.clone())?;
             if let Some(p) = &kinds.policies {
-                q.set_interposer(p.interposer(attach.device_id));
+                q.set_interposer(p.interposer(attach.device_id), vm_host);
             }
             let meter = kinds.queue_metrics.then(|| Arc::new(QueueMeter::default()));
             if let Some(m) = &meter {
@@ -816,7 +817,7 @@ fn admit_queue(
             let dev = SwitchPort::tx(kinds.net.switch().clone(), port);
             let mut q = RemoteQueue::new(domain, ep, attach, dev, qcfg, stats)?;
             if let Some(p) = &kinds.policies {
-                q.set_interposer(p.interposer(attach.device_id));
+                q.set_interposer(p.interposer(attach.device_id), vm_host);
             }
             let meter = kinds.queue_metrics.then(|| Arc::new(QueueMeter::default()));
             if let Some(m) = &meter {

@@ -63,6 +63,8 @@ pub struct RequestQueue<D> {
     meter: Option<Arc<QueueMeter>>,
     /// Runs metered requests through no stages.
     no_stages: Arc<Pipeline>,
+    /// The VM host the queue's agent connects from (see `Request::vm_host`).
+    vm_host: u64,
     /// The batch's admission through them (empty without stages).
     admission: Admission,
 }
@@ -131,6 +133,7 @@ impl<D: DeviceModel> RequestQueue<D> {
             interposed: None,
             meter: None,
             no_stages: Arc::new(Pipeline::empty()),
+            vm_host: 0,
             admission: Admission::default(),
         })
     }
@@ -142,9 +145,11 @@ impl<D: DeviceModel> RequestQueue<D> {
     }
 
     /// Runs the device's requests through `i`'s stages (live: a policy
-    /// set on it later applies from the next batch).
-    pub fn set_interposer(&mut self, i: Arc<Interposer>) {
+    /// set on it later applies from the next batch); `vm_host` is what
+    /// stages see as the requests' [`Request::vm_host`].
+    pub fn set_interposer(&mut self, i: Arc<Interposer>, vm_host: u64) {
         self.interposed = Some(Interposed::new(i));
+        self.vm_host = vm_host;
     }
 
     /// What the sidecore must do before the queue may sleep (see
@@ -325,7 +330,9 @@ impl<D: DeviceModel> RequestQueue<D> {
                         chain,
                         base: *base,
                     };
-                    self.device.describe(&view, chain, device, arrived)
+                    let mut r = self.device.describe(&view, chain, device, arrived)?;
+                    r.vm_host = self.vm_host;
+                    Some(r)
                 });
                 a.reqs.push(req);
                 a.passed.push(0);

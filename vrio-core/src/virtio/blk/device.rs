@@ -164,6 +164,7 @@ impl BlockDevice {
             len,
             frame: None,
             arrived,
+            vm_host: 0,
         })
     }
 

@@ -142,6 +142,7 @@ impl DeviceModel for TxDevice {
             len,
             frame: frame_info(&head[..n]),
             arrived,
+            vm_host: 0,
         })
     }
 
