@@ -180,34 +180,46 @@ fn an_unlimited_neighbour_on_the_same_sidecore_keeps_its_throughput() {
             &policy(r#"{"stages":[{"stage":"qos","rw_ios_per_sec":200}]}"#),
         )
         .unwrap();
-    // Alone and beside the limited device, alternately (the machine's
-    // load drifts; the best of each is compared).
-    let (mut alone, mut beside) = (0.0f64, 0.0f64);
-    // Fresh blocks for every run: limited runs from 0, neighbour runs after.
+    // Alone and beside the limited device, in ABBA pairs: each pair's two
+    // runs share the machine's load of the moment. What the claim is about
+    // (a held queue costing its sidecore's neighbours) would lower every
+    // pair; other load on the machine lowers some pairs, by chance, so the
+    // least disturbed pair is compared.
+    // Fresh blocks for every run: the guests expect unwritten blocks.
     let mut next = (0..).map(|i| i * BLOCKS);
     let mut fresh = move || next.next().unwrap();
-    for _ in 0..4 {
+    let mut run_neighbour = |with_limited: bool| -> f64 {
+        let limited = with_limited.then(|| timed(s.addr(), 1, fresh(), 3, &Legit::default()));
+        if limited.is_some() {
+            std::thread::sleep(Duration::from_millis(300));
+        }
         let r = timed(s.addr(), 2, fresh(), 2, &Legit::default())
             .join()
             .unwrap()
             .unwrap();
         assert_eq!((r.io_errors, r.corrupt, r.lost), (0, 0, 0));
-        alone = alone.max(iops(&r, 2.0));
-        let limited = timed(s.addr(), 1, fresh(), 3, &Legit::default());
-        std::thread::sleep(Duration::from_millis(300));
-        let r = timed(s.addr(), 2, fresh(), 2, &Legit::default())
-            .join()
-            .unwrap()
-            .unwrap();
-        assert_eq!((r.io_errors, r.corrupt, r.lost), (0, 0, 0));
-        beside = beside.max(iops(&r, 2.0));
-        let l = limited.join().unwrap().unwrap();
-        assert_eq!((l.io_errors, l.corrupt, l.lost), (0, 0, 0));
+        if let Some(l) = limited {
+            let l = l.join().unwrap().unwrap();
+            assert_eq!((l.io_errors, l.corrupt, l.lost), (0, 0, 0));
+        }
+        iops(&r, 2.0)
+    };
+    let mut ratios = Vec::new();
+    for pair in 0..4 {
+        let (alone, beside) = if pair % 2 == 0 {
+            let a = run_neighbour(false);
+            (a, run_neighbour(true))
+        } else {
+            let b = run_neighbour(true);
+            (run_neighbour(false), b)
+        };
+        ratios.push((beside / alone.max(1.0), beside, alone));
     }
     assert_eq!(s.sidecore_count(), 1, "both devices share the one sidecore");
+    let best = ratios.iter().map(|r| r.0).fold(0.0, f64::max);
     assert!(
-        beside >= 0.9 * alone,
-        "neighbour: {beside:.0}/s beside the limited device, {alone:.0}/s alone"
+        best >= 0.9,
+        "neighbour beside the limited device / alone, per pair (ratio, beside/s, alone/s): {ratios:.2?}"
     );
 }
 

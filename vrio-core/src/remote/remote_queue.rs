@@ -26,7 +26,14 @@ pub struct RemoteQueue<D> {
     /// Lives as long as the queue; the server's registry holds a weak
     /// reference to tell served queues from dropped ones.
     alive: Arc<()>,
+    /// When a batch held by a stage last looked at its endpoint.
+    held_look: Instant,
 }
+
+/// How often a queue whose batch a stage holds back (a QoS limit) looks at
+/// its endpoint for a QUIESCE or a failure: not every sidecore round, which
+/// would cost its neighbours a syscall each time.
+const HELD_LOOK: std::time::Duration = std::time::Duration::from_millis(1);
 
 impl<D: DeviceModel> RemoteQueue<D> {
     /// Builds the server side of a queue from the agent's ATTACH, on an
@@ -47,6 +54,7 @@ impl<D: DeviceModel> RemoteQueue<D> {
                 link,
                 core,
                 alive: Arc::new(()),
+                held_look: Instant::now(),
             })
         };
         open().map_err(|e| e.at(&name))
@@ -91,6 +99,13 @@ impl<D: DeviceModel> RemoteQueue<D> {
     }
 
     fn serve(&mut self, budget: usize) -> Result<PollOutcome, RemoteQueueError> {
+        if let Some(until) = self.core.held_until() {
+            let now = Instant::now();
+            if now < until && now.saturating_duration_since(self.held_look) < HELD_LOOK {
+                return Ok(PollOutcome::default());
+            }
+            self.held_look = now;
+        }
         self.link.pump(&mut self.core.ring)?;
         let r = self.core.serve(budget);
         // Post what was queued even when the batch failed: a QUIESCED

@@ -92,6 +92,8 @@ struct Admission {
     status: Vec<u8>,
     /// Entries before this one are admitted.
     next: usize,
+    /// A stage holds the batch until then.
+    held_until: Option<Instant>,
 }
 
 impl Admission {
@@ -105,6 +107,7 @@ impl Admission {
         self.refused.clear();
         self.status.clear();
         self.next = 0;
+        self.held_until = None;
     }
 }
 
@@ -309,11 +312,12 @@ impl<D: DeviceModel> RequestQueue<D> {
         let a = &mut self.admission;
         if !a.started {
             a.started = true;
-            let pipe = self
-                .interposed
-                .as_mut()
-                .map(|ip| (ip.device(), ip.current().clone()))
-                .filter(|(_, p)| !p.is_empty());
+            // No stages: one atomic load, no reference taken.
+            let pipe = self.interposed.as_mut().and_then(|ip| {
+                let device = ip.device();
+                let p = ip.current();
+                (!p.is_empty()).then(|| (device, p.clone()))
+            });
             let metered = self.meter.is_some();
             if pipe.is_none() && !metered {
                 return true;
@@ -358,13 +362,24 @@ impl<D: DeviceModel> RequestQueue<D> {
                     // hostage by a low limit: its batch goes now, so the
                     // move completes in time.
                     Admit::Wait(_) if self.ring.quiescing => {}
-                    Admit::Wait(_) => return false,
+                    Admit::Wait(t) => {
+                        a.held_until = Some(t);
+                        return false;
+                    }
                     Admit::Refuse(r) => a.refused[i] = Some(r),
                 }
             }
             a.next += 1;
         }
+        a.held_until = None;
         true
+    }
+
+    /// Until when a stage holds the batch back, if one does: the runtime
+    /// need not look at the queue before then (but may, to notice a
+    /// QUIESCE or a dead link).
+    pub fn held_until(&self) -> Option<Instant> {
+        self.admission.held_until
     }
 
     /// 4-5. Runs the device model over the staged bytes and posts the reply
