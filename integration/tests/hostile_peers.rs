@@ -231,6 +231,7 @@ fn fake_attach(device_id: u64, size: u16, mode: NotifyMode) -> Attach {
         mode,
         start: 0,
         sidecore: ANY_SIDECORE,
+        logging: false,
         regions: vec![WireRegion {
             gpa: 0,
             remote: RemoteRegion {

@@ -27,12 +27,14 @@ use vrio_rdma::{FabricError, WcStatus};
 
 use super::wire::{
     doorbell_entry_size, Doorbell, DoorbellEntry, Message, NotifyMode, WireError, ANY_SIDECORE,
-    DOORBELL_HEADER, MAX_MSG, NOTIFY_IMM,
+    DOORBELL_HEADER, MAX_MSG, NOTIFY_IMM, PUBLISH_IMM,
 };
+use crate::virtio::dirty_log::DirtyLog;
 use crate::virtio::memory::{GuestMemory, MemoryError, MemoryMap};
 use crate::virtio::ring::layout::VRING_USED_F_NO_NOTIFY;
 use crate::virtio::ring::{
-    Descriptor, DeviceQueue, QueueError, RingFeatures, RingLayout, RingState,
+    Descriptor, DescriptorChain, DeviceQueue, QueueError, RingFeatures, RingLayout, RingState,
+    Walker,
 };
 
 /// Why attaching, serving or moving a queue failed.
@@ -112,6 +114,9 @@ pub enum AgentError {
     /// The old server did not answer QUIESCE within the timeout.
     #[error("no answer to QUIESCE")]
     NoQuiesceAnswer,
+    /// The server did not answer SET_LOG within the timeout.
+    #[error("no answer to SET_LOG")]
+    NoLogAnswer,
     /// A move (a quiesce and an attach) did not end within twice the
     /// timeout.
     #[error("moving queue {0} did not finish")]
@@ -219,6 +224,12 @@ pub struct AgentStats {
     pub failovers: AtomicU64,
     /// Queues that lost their server.
     pub orphaned: AtomicU64,
+    /// Used-index updates the agent published for the server while
+    /// logging (one per batch).
+    pub logged_batches: AtomicU64,
+    /// Guest ranges marked dirty for the server's WRITEs (data segments,
+    /// used elements, used.idx).
+    pub logged_ranges: AtomicU64,
 }
 
 /// What the runtime must do for the queue, in order.
@@ -242,6 +253,10 @@ pub enum Action {
     Interrupt,
     /// The move command under way ended; answer it with this.
     MoveDone(Result<MoveReport, AgentError>),
+    /// A dirty-log switch ([`HostQueue::set_log`]) is in effect: the server
+    /// confirmed it, or the queue has no server (the next attach carries
+    /// it).
+    LogSwitched,
 }
 
 /// The protocol limits of a queue's VM-host side.
@@ -309,6 +324,14 @@ pub struct HostQueue {
     failovers: u64,
     stats: Arc<AgentStats>,
     actions: VecDeque<Action>,
+    /// The guest's memory, for walking completed chains while logging.
+    map: MemoryMap,
+    walker: Walker,
+    chain: DescriptorChain,
+    /// The VMM's dirty log while a migration runs.
+    log: Option<Arc<DirtyLog>>,
+    /// SET_LOG sent, its LOGGING not yet back.
+    log_pending: Option<Instant>,
 }
 
 impl HostQueue {
@@ -345,6 +368,11 @@ impl HostQueue {
             failovers: 0,
             stats,
             actions: VecDeque::new(),
+            map: map.clone(),
+            walker: Walker::new(),
+            chain: DescriptorChain::default(),
+            log: None,
+            log_pending: None,
         })
     }
 
@@ -387,9 +415,54 @@ impl HostQueue {
 
     /// When [`HostQueue::on_timer`] must run next, if ever.
     pub fn deadline(&self) -> Option<Instant> {
-        match &self.link {
+        let quiesce = match &self.link {
             Link::Quiescing { started, .. } => Some(*started + self.cfg.timeout),
             _ => None,
+        };
+        let log = self.log_pending.map(|t| t + self.cfg.timeout);
+        match (quiesce, log) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Whether the agent logs the server's writes (an attach must say so).
+    pub fn logging(&self) -> bool {
+        self.log.is_some()
+    }
+
+    /// Starts (`Some`) or stops logging the server's writes in the VMM's
+    /// dirty log. The server is told with SET_LOG; [`Action::LogSwitched`]
+    /// follows once it answered (every batch it published the old way is
+    /// then in guest memory), or at once when the queue has no server.
+    pub fn set_log(&mut self, log: Option<Arc<DirtyLog>>, now: Instant) {
+        let on = log.is_some();
+        // Marking starts now: a batch the server queued before SET_LOG is
+        // published by the server itself, one after it comes here.
+        self.log = log;
+        match self.link {
+            Link::Serving => {
+                self.actions.push_back(Action::Send(Message::SetLog(on)));
+                self.log_pending = Some(now);
+            }
+            // The old server finishes its batch the old way; once QUIESCED
+            // is here its writes are in memory, and the next server is
+            // attached with the new state.
+            Link::Quiescing { .. } => self.log_pending = Some(now),
+            Link::Attaching { .. } | Link::Orphaned { .. } => {
+                self.actions.push_back(Action::LogSwitched)
+            }
+        }
+    }
+
+    /// Whether a SET_LOG waits for its answer.
+    pub fn log_switching(&self) -> bool {
+        self.log_pending.is_some()
+    }
+
+    fn log_settled(&mut self) {
+        if self.log_pending.take().is_some() {
+            self.actions.push_back(Action::LogSwitched);
         }
     }
 
@@ -431,6 +504,12 @@ impl HostQueue {
     /// and the index itself and only sends this when the guest's
     /// suppression asks for it, so the VM host does nothing per request.
     pub fn on_used<M: GuestMemory + ?Sized>(&mut self, mem: &M, imm: u32, now: Instant) {
+        if imm & PUBLISH_IMM != 0 {
+            if let Err(e) = self.publish_logged(mem, imm as u16) {
+                self.on_link_error(e, now);
+            }
+            return;
+        }
         if let Err(e) = self.note_used(mem, imm as u16) {
             self.on_link_error(e, now);
             return;
@@ -462,6 +541,80 @@ impl HostQueue {
             ..st
         });
         self.stats.completions.fetch_add(1, Relaxed);
+        Ok(())
+    }
+
+    /// A batch the server wrote while the agent logs: its used elements are
+    /// in the used ring up to `new`, used.idx is not. Marks every page the
+    /// server wrote (the writable segments of each completed chain, the
+    /// used elements), then publishes used.idx, marks it, and interrupts
+    /// the guest if its suppression asks for it.
+    ///
+    /// The chains are walked in guest memory: the driver may not touch a
+    /// chain until it is used, so they are the ones the server served. A
+    /// guest that rewrites its descriptors in flight can only hide its own
+    /// pages from its own migration.
+    fn publish_logged<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        new: u16,
+    ) -> Result<(), AgentError> {
+        let old = self.dq.state().next_used;
+        let avail = mem.load_u16(self.layout.avail_idx())?;
+        let count = new.wrapping_sub(old);
+        if !self.plausible_used(new, avail) || count > self.layout.size {
+            return Err(AgentError::CompletedPastAvail {
+                idx: new,
+                avail,
+                used: old,
+            });
+        }
+        let mut ranges = 0u64;
+        if let Some(log) = &self.log {
+            for k in 0..count {
+                let at = self.layout.used_ring(old.wrapping_add(k));
+                let mut e = [0u8; 8];
+                mem.read(at, &mut e)?;
+                log.mark(at, 8);
+                ranges += 1;
+                let id = u32::from_le_bytes([e[0], e[1], e[2], e[3]]);
+                let Ok(head) = u16::try_from(id) else {
+                    continue;
+                };
+                let walked = self.walker.walk(
+                    mem,
+                    &self.map,
+                    &self.layout,
+                    self.features,
+                    head,
+                    &mut self.chain,
+                );
+                if let Err(e) = walked {
+                    // The server failed such a chain without writing it.
+                    tracing::debug!(queue = self.index, head, error = %e, "completed chain does not walk; nothing to log");
+                    continue;
+                }
+                for seg in &self.chain.writable {
+                    log.mark(seg.addr, u64::from(seg.len));
+                    ranges += 1;
+                }
+            }
+        }
+        // The marks before the index: the VMM may copy a page as soon as
+        // the guest could have seen it change.
+        fence(Ordering::SeqCst);
+        self.dq.publish_used(mem, new)?;
+        if let Some(log) = &self.log {
+            log.mark(self.layout.used_idx(), 2);
+            ranges += 1;
+        }
+        self.stats.logged_batches.fetch_add(1, Relaxed);
+        self.stats.logged_ranges.fetch_add(ranges, Relaxed);
+        self.stats.completions.fetch_add(1, Relaxed);
+        if self.dq.needs_notification(mem)? {
+            self.actions.push_back(Action::Interrupt);
+            self.stats.interrupts.fetch_add(1, Relaxed);
+        }
         Ok(())
     }
 
@@ -518,6 +671,15 @@ impl HostQueue {
             }
             // Everything before it arrived first (RC ordering).
             Message::Quiesced(q) => self.on_quiesced(q.next),
+            Message::Logging(l) if self.log_pending.is_some() => {
+                tracing::debug!(
+                    queue = self.index,
+                    on = l.on,
+                    server_next = l.next_used,
+                    "the server switched dirty logging"
+                );
+                self.log_settled();
+            }
             other => self.on_link_error(AgentError::UnexpectedMessage(Box::new(other)), now),
         }
     }
@@ -553,6 +715,7 @@ impl HostQueue {
     /// The old server answered QUIESCE, stopping at `next`: resume on the
     /// new one at the index published here.
     fn on_quiesced(&mut self, next: u16) {
+        self.log_settled();
         let Link::Quiescing { to, started } = std::mem::replace(&mut self.link, Link::Serving)
         else {
             tracing::warn!(queue = self.index, "QUIESCED without a move; ignored");
@@ -663,6 +826,9 @@ impl HostQueue {
     /// posted, a broken rule): fail over if a move was under way, else wait
     /// for a new placement.
     pub fn on_link_error(&mut self, e: AgentError, now: Instant) {
+        // No server writes for this link any more; the next attach carries
+        // the log state.
+        self.log_settled();
         match std::mem::replace(&mut self.link, Link::Orphaned { since: now }) {
             Link::Quiescing { to, started } => {
                 tracing::warn!(queue = self.index, error = %e, "the old server failed during a move; failing over");
@@ -689,6 +855,12 @@ impl HostQueue {
     /// Time passed: a quiesce without an answer means the old server is
     /// lost.
     pub fn on_timer(&mut self, now: Instant) {
+        if self
+            .log_pending
+            .is_some_and(|t| now >= t + self.cfg.timeout)
+        {
+            self.on_link_error(AgentError::NoLogAnswer, now);
+        }
         if self.deadline().is_some_and(|d| now >= d) {
             self.on_link_error(AgentError::NoQuiesceAnswer, now);
         }

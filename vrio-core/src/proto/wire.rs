@@ -11,6 +11,9 @@
 //! | QUIESCE | agent → server | SEND | finish the batch in flight, start no other |
 //! | QUIESCED | server → agent | SEND | where the server stopped; the queue is handed back |
 //! | (interrupt) | server → agent | WRITE_WITH_IMM, len 0 | imm = [`NOTIFY_IMM`] \| the used.idx the server published; sent only when the guest's suppression asks for an interrupt |
+//! | SET_LOG | agent → server | SEND | on: from the next batch, WRITE the used elements but not used.idx, and leave publishing (and the interrupt decision) to the agent, which marks the written pages in the VMM's dirty log first (live migration); off: publish again |
+//! | LOGGING | server → agent | SEND | SET_LOG taken, and the used index so far: every batch published without the agent is in guest memory (RC order) |
+//! | (publish) | server → agent | WRITE_WITH_IMM, len 0 | imm = [`PUBLISH_IMM`] \| the used index up to which the server WROTE used elements; the agent marks, publishes and decides on the interrupt |
 //!
 //! A queue is served strictly in avail order, so "where the server stopped"
 //! is one index: every request before it is in the used ring, none after it
@@ -25,7 +28,7 @@ use crate::virtio::ring::{RingFeatures, RingLayout};
 pub const MAGIC: u32 = 0x4f49_5256; // "VRIO"
 /// Protocol version; a message of another version is refused
 /// ([`WireError::BadHeader`]).
-pub const VERSION: u16 = 5;
+pub const VERSION: u16 = 6;
 /// Largest message (and receive buffer): room for a 4 KiB write's payload
 /// inline in a doorbell, with its header and descriptors.
 pub const MAX_MSG: usize = 8192;
@@ -39,11 +42,17 @@ const SET_MODE: u16 = 4;
 const QUIESCE: u16 = 5;
 const QUIESCED: u16 = 6;
 const ATTACH_DEVICE: u16 = 7;
+const SET_LOG: u16 = 8;
+const LOGGING: u16 = 9;
 /// Set in the immediate of the WRITE_WITH_IMM by which the server asks the
 /// VM host to interrupt the guest; the low 16 bits are the used index it
 /// published in guest memory (used elements and used.idx are the server's
 /// own WRITEs).
 pub const NOTIFY_IMM: u32 = 1 << 16;
+/// Set in the immediate of the WRITE_WITH_IMM that ends a batch while the
+/// agent logs (SET_LOG): the server WROTE the used elements up to the low
+/// 16 bits but not used.idx; the agent publishes it.
+pub const PUBLISH_IMM: u32 = 1 << 17;
 /// `Attach::sidecore` when the server may choose.
 pub const ANY_SIDECORE: u16 = u16::MAX;
 
@@ -134,6 +143,9 @@ pub struct Attach {
     pub start: u16,
     /// The sidecore the controller placed the queue on, or [`ANY_SIDECORE`].
     pub sidecore: u16,
+    /// The agent logs dirty pages (a live migration is under way): serve
+    /// as after SET_LOG(on) from the first batch.
+    pub logging: bool,
     /// The guest's memory, region by region, as the server may reach it.
     pub regions: Vec<WireRegion>,
 }
@@ -277,6 +289,15 @@ pub struct Quiesced {
     pub next: u16,
 }
 
+/// The server's answer to SET_LOG.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Logging {
+    /// Whether the agent publishes from now on.
+    pub on: bool,
+    /// The server's next used index when it took SET_LOG.
+    pub next_used: u16,
+}
+
 /// One message of the table above.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -296,6 +317,10 @@ pub enum Message {
     Quiesce,
     /// QUIESCED.
     Quiesced(Quiesced),
+    /// SET_LOG.
+    SetLog(bool),
+    /// LOGGING.
+    Logging(Logging),
 }
 
 struct W<'a> {
@@ -325,6 +350,7 @@ impl W<'_> {
         self.u8(a.mode.code());
         self.u16(a.start);
         self.u16(a.sidecore);
+        self.u8(u8::from(a.logging));
         self.u64(a.layout.desc);
         self.u64(a.layout.avail);
         self.u64(a.layout.used);
@@ -417,6 +443,7 @@ impl R<'_> {
         let features = RingFeatures::from_bits(u64::from(self.u32()?));
         let mode = NotifyMode::from_code(self.u8()?)?;
         let (start, sidecore) = (self.u16()?, self.u16()?);
+        let logging = self.u8()? != 0;
         let (desc, avail, used) = (self.u64()?, self.u64()?, self.u64()?);
         let layout =
             RingLayout::new(size, desc, avail, used).map_err(|_| WireError::Bad("ring layout"))?;
@@ -439,6 +466,7 @@ impl R<'_> {
             mode,
             start,
             sidecore,
+            logging,
             regions,
         })
     }
@@ -517,6 +545,15 @@ impl Message {
             Message::Quiesced(q) => {
                 w.u16(QUIESCED);
                 w.u16(q.next);
+            }
+            Message::SetLog(on) => {
+                w.u16(SET_LOG);
+                w.u8(u8::from(*on));
+            }
+            Message::Logging(l) => {
+                w.u16(LOGGING);
+                w.u8(u8::from(l.on));
+                w.u16(l.next_used);
             }
         }
         if out.len() > MAX_MSG {
@@ -610,6 +647,11 @@ impl Message {
             }),
             QUIESCE => Message::Quiesce,
             QUIESCED => Message::Quiesced(Quiesced { next: r.u16()? }),
+            SET_LOG => Message::SetLog(r.u8()? != 0),
+            LOGGING => Message::Logging(Logging {
+                on: r.u8()? != 0,
+                next_used: r.u16()?,
+            }),
             k => return Err(WireError::UnexpectedKind(k)),
         })
     }
@@ -667,6 +709,7 @@ mod tests {
             mode: NotifyMode::Doorbell,
             start: 0,
             sidecore: ANY_SIDECORE,
+            logging: false,
             regions: vec![],
         }
     }
@@ -694,6 +737,7 @@ mod tests {
             mode: NotifyMode::Adaptive,
             start: 65000,
             sidecore: 3,
+            logging: true,
             regions: vec![WireRegion {
                 gpa: 0,
                 remote: RemoteRegion {
@@ -753,6 +797,12 @@ mod tests {
             next_avail: 65535,
         }));
         round_trip(Message::Quiesced(Quiesced { next: 4097 }));
+        round_trip(Message::SetLog(true));
+        round_trip(Message::SetLog(false));
+        round_trip(Message::Logging(Logging {
+            on: true,
+            next_used: 65535,
+        }));
         let mut b = Vec::new();
         Message::Quiesce.encode(&mut b).unwrap();
         assert_eq!(Message::decode(&b).unwrap(), Message::Quiesce);

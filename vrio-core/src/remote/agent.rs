@@ -36,6 +36,7 @@ use crate::proto::staging::StagingBuffer;
 use crate::proto::wire::{
     Attach, AttachDevice, AttachReply, DeviceKind, Message, NotifyMode, WireRegion, MAX_MSG,
 };
+use crate::virtio::dirty_log::DirtyLog;
 use crate::virtio::memory::{LocalMemory, MemoryMap};
 use crate::virtio::ring::{RingFeatures, RingLayout};
 
@@ -149,6 +150,8 @@ struct AgentQueue {
     kick: EventFd,
     call: EventFd,
     reply: Option<mpsc::Sender<Result<MoveReport, AgentError>>>,
+    /// Told when a dirty-log switch is in effect on this queue.
+    log_reply: Option<mpsc::Sender<u16>>,
 }
 
 enum Command {
@@ -156,6 +159,10 @@ enum Command {
         queue: u16,
         to: QueueTarget,
         reply: mpsc::Sender<Result<MoveReport, AgentError>>,
+    },
+    SetLog {
+        log: Option<Arc<DirtyLog>>,
+        reply: mpsc::Sender<u16>,
     },
 }
 
@@ -210,6 +217,29 @@ impl AttachedDevice {
             Err(mpsc::RecvTimeoutError::Timeout) => Err(AgentError::MoveUnfinished(queue)),
             Err(mpsc::RecvTimeoutError::Disconnected) => Err(AgentError::Stopped),
         }
+    }
+    /// Starts (`Some`) or stops logging the I/O servers' writes into the
+    /// guest in the VMM's dirty log (live migration). Blocks until every
+    /// queue's server confirmed, so that from the return on no write of
+    /// theirs escapes the log; a queue whose server does not answer within
+    /// the timeout loses its link (and is re-attached with the log state).
+    pub fn set_log(&self, log: Option<Arc<DirtyLog>>) -> Result<(), AgentError> {
+        let queues = self.status.lock().map(|s| s.len()).unwrap_or(0);
+        let (tx, rx) = mpsc::channel();
+        self.commands
+            .send(Command::SetLog { log, reply: tx })
+            .map_err(|_| AgentError::Stopped)?;
+        self.wake.write(1)?;
+        let deadline = Instant::now() + self.timeout + Duration::from_secs(1);
+        for _ in 0..queues {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(_) => {}
+                Err(mpsc::RecvTimeoutError::Timeout) => return Err(AgentError::NoLogAnswer),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Err(AgentError::Stopped),
+            }
+        }
+        Ok(())
     }
     /// Detaches: stops forwarding, closes the endpoints, deregisters memory.
     pub fn detach(&self) {
@@ -293,7 +323,7 @@ pub fn attach_placed(
     let mut reply = AttachReply::default();
     for ((i, q), target) in dev.queues.into_iter().enumerate().zip(targets) {
         let index = i as u16;
-        let (conn, r) = connect(&ctx, index, q.layout, q.features, &target, q.start)?;
+        let (conn, r) = connect(&ctx, index, q.layout, q.features, &target, q.start, false)?;
         reply = r;
         let host_cfg = HostQueueConfig {
             mode: cfg.mode,
@@ -318,6 +348,7 @@ pub fn attach_placed(
             kick: q.kick,
             call: q.call,
             reply: None,
+            log_reply: None,
         });
     }
     let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
@@ -499,8 +530,9 @@ impl Conn {
     }
 }
 
-/// Connects to `to` and attaches queue `index` there, resuming at `start`;
-/// returns the link and the server's reply (config space, features).
+/// Connects to `to` and attaches queue `index` there, resuming at `start`
+/// (with the agent logging dirty pages if `logging`); returns the link and
+/// the server's reply (config space, features).
 fn connect(
     ctx: &Ctx,
     index: u16,
@@ -508,6 +540,7 @@ fn connect(
     features: RingFeatures,
     to: &QueueTarget,
     start: u16,
+    logging: bool,
 ) -> Result<(Conn, AttachReply), AgentError> {
     let mut conn = Conn::open(&*ctx.domain, &to.server, ctx.cfg.endpoint)?;
     let attach = Attach {
@@ -518,6 +551,7 @@ fn connect(
         mode: ctx.cfg.mode,
         start,
         sidecore: to.sidecore,
+        logging,
         regions: ctx.wire.clone(),
     };
     conn.send(&match (ctx.cfg.device, &ctx.credential) {
@@ -602,6 +636,7 @@ impl AgentQueue {
                         self.proto.features(),
                         &to,
                         start,
+                        self.proto.logging(),
                     )
                     .and_then(|(mut conn, _)| {
                         epoll.ctl(
@@ -627,6 +662,11 @@ impl AgentQueue {
                     self.publish(ctx);
                     if let Some(reply) = self.reply.take() {
                         let _ = reply.send(r);
+                    }
+                }
+                Action::LogSwitched => {
+                    if let Some(reply) = self.log_reply.take() {
+                        let _ = reply.send(self.proto.index());
                     }
                 }
             }
@@ -739,7 +779,9 @@ fn run(
     let mut events = vec![EpollEvent::default(); 32];
     let mut published = Instant::now();
     loop {
-        let moving = queues.iter().any(|q| q.proto.is_moving());
+        let moving = queues
+            .iter()
+            .any(|q| q.proto.is_moving() || q.proto.log_switching());
         let repush = queues.iter().any(|q| q.proto.needs_push());
         let timeout = if repush {
             0
@@ -761,11 +803,22 @@ fn run(
             if stopping.load(Relaxed) {
                 return;
             }
-            while let Ok(Command::Move { queue, to, reply }) = commands.try_recv() {
-                match queues.get_mut(usize::from(queue)) {
-                    Some(q) => q.on_move(ctx, &epoll, to, reply),
-                    None => {
-                        let _ = reply.send(Err(AgentError::NoSuchQueue(queue)));
+            while let Ok(c) = commands.try_recv() {
+                match c {
+                    Command::Move { queue, to, reply } => {
+                        match queues.get_mut(usize::from(queue)) {
+                            Some(q) => q.on_move(ctx, &epoll, to, reply),
+                            None => {
+                                let _ = reply.send(Err(AgentError::NoSuchQueue(queue)));
+                            }
+                        }
+                    }
+                    Command::SetLog { log, reply } => {
+                        for q in queues.iter_mut() {
+                            q.log_reply = Some(reply.clone());
+                            q.proto.set_log(log.clone(), Instant::now());
+                            q.act(ctx, &epoll);
+                        }
                     }
                 }
             }

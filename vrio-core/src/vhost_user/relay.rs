@@ -15,6 +15,13 @@
 //!   (a fresh region, [`InflightRegion::create`]) and maps the region of
 //!   SET_INFLIGHT_FD for the session's back-end.
 //!
+//! - Dirty logging (LOG_SHMFD), with [`RelayOptions::log`]: the relay adds
+//!   the feature to the daemon's GET_PROTOCOL_FEATURES reply, strips it
+//!   from SET_PROTOCOL_FEATURES, maps SET_LOG_BASE's log for the session's
+//!   back-end and answers it (QEMU waits for that reply, although the spec
+//!   lists none). The daemon's own handler would log only writes made
+//!   through its memory objects, and never stop.
+//!
 //! When QEMU asks for an ack (NEED_REPLY) of a message the relay takes, the
 //! relay answers itself; QEMU waits for one reply at a time, so it never
 //! interleaves with the daemon's. Front-end messages are relayed whole with
@@ -33,6 +40,7 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::backend::VrioBackend;
 use super::inflight::InflightRegion;
+use crate::virtio::dirty_log::DirtyLog;
 
 const HDR_LEN: usize = 12;
 /// Header flags (vhost-user spec): protocol version 1, reply, need reply.
@@ -44,6 +52,9 @@ const MAX_FDS: usize = 32;
 /// `struct VhostUserInflight` as QEMU sizes it (20 bytes, padded).
 const INFLIGHT_MSG: usize = 24;
 const INFLIGHT_SHMFD: u64 = VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits();
+const LOG_SHMFD: u64 = VhostUserProtocolFeatures::LOG_SHMFD.bits();
+/// `struct VhostUserLog`: mmap_size, mmap_offset.
+const LOG_MSG: usize = 16;
 
 /// Why the relay refused bytes a peer sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -158,21 +169,43 @@ impl InflightMsg {
 /// back-end).
 pub type InflightSink = Arc<dyn Fn(InflightRegion) + Send + Sync>;
 
+/// Who takes the dirty log of SET_LOG_BASE (the session's back-end).
+pub type LogSink = Arc<dyn Fn(DirtyLog) + Send + Sync>;
+
 /// What the relay adds to the daemon.
 #[derive(Clone, Default)]
 pub struct RelayOptions {
     /// Offer INFLIGHT_SHMFD and hand SET_INFLIGHT_FD's region here.
     pub inflight: Option<InflightSink>,
+    /// Offer LOG_SHMFD and hand SET_LOG_BASE's log here.
+    pub log: Option<LogSink>,
+}
+
+impl RelayOptions {
+    /// The protocol features the relay serves itself.
+    fn extra_features(&self) -> u64 {
+        let mut f = 0;
+        if self.inflight.is_some() {
+            f |= INFLIGHT_SHMFD;
+        }
+        if self.log.is_some() {
+            f |= LOG_SHMFD;
+        }
+        f
+    }
 }
 
 /// Serves one VMM on `socket` through the relay: the daemon connects to a
 /// private socket next to it (`<socket>.daemon`), the VMM's connection is
-/// relayed to it until either side closes. With `backend`, inflight
-/// tracking is offered and its region goes to that back-end.
+/// relayed to it until either side closes. With `inflight`, inflight
+/// tracking is offered and its region goes to `backend`; the dirty log
+/// goes there too when the back-end can log (see
+/// [`VrioBackend::can_log`]).
 pub fn serve_relayed(
     daemon: &mut VhostUserDaemon<Arc<VrioBackend>>,
     socket: &Path,
-    backend: Option<Arc<VrioBackend>>,
+    backend: &Arc<VrioBackend>,
+    inflight: bool,
 ) -> Result<(), String> {
     let e = |what: &str, err: io::Error| format!("{what}: {err}");
     let _ = std::fs::remove_file(socket);
@@ -191,8 +224,14 @@ pub fn serve_relayed(
     let _ = std::fs::remove_file(&inner);
     let (back, _) = back?;
     let options = RelayOptions {
-        inflight: backend.map(|b| {
+        inflight: inflight.then(|| {
+            let b = backend.clone();
             let sink: InflightSink = Arc::new(move |r| b.set_inflight(r));
+            sink
+        }),
+        log: backend.can_log().then(|| {
+            let b = backend.clone();
+            let sink: LogSink = Arc::new(move |l| b.set_dirty_log(l));
             sink
         }),
     };
@@ -211,7 +250,7 @@ pub fn relay(front: UnixStream, back: UnixStream, options: RelayOptions) -> io::
     let front_w = Arc::new(Mutex::new(front));
     let replies_to = front_w.clone();
     let mut back_r = back;
-    let patch = options.inflight.is_some();
+    let patch = options.extra_features();
     let replies = std::thread::Builder::new()
         .name("vhost-user-relay".into())
         .spawn(move || {
@@ -242,13 +281,9 @@ fn to_front(front: &Mutex<UnixStream>, msg: &[u8], fds: &[RawFd]) -> io::Result<
     Ok(())
 }
 
-/// Daemon replies back to the VMM, one message at a time; with `patch`,
-/// GET_PROTOCOL_FEATURES replies gain INFLIGHT_SHMFD.
-fn forward_replies(
-    back: &mut UnixStream,
-    front: &Mutex<UnixStream>,
-    patch: bool,
-) -> io::Result<()> {
+/// Daemon replies back to the VMM, one message at a time;
+/// GET_PROTOCOL_FEATURES replies gain the features in `patch`.
+fn forward_replies(back: &mut UnixStream, front: &Mutex<UnixStream>, patch: u64) -> io::Result<()> {
     let mut buf = vec![0u8; HDR_LEN + MAX_MSG_SIZE];
     loop {
         let mut got = 0;
@@ -271,11 +306,14 @@ fn forward_replies(
             io::Error::new(io::ErrorKind::InvalidData, what)
         })?;
         back.read_exact(&mut buf[HDR_LEN..HDR_LEN + size])?;
-        if patch && request == FrontendReq::GET_PROTOCOL_FEATURES as u32 {
+        if patch != 0 && request == FrontendReq::GET_PROTOCOL_FEATURES as u32 {
             if let Ok(f) = parse_u64_body(&buf[HDR_LEN..HDR_LEN + size]) {
-                let f = f | INFLIGHT_SHMFD;
+                let f = f | patch;
                 buf[HDR_LEN..HDR_LEN + 8].copy_from_slice(&f.to_le_bytes());
-                tracing::debug!(features = format!("{f:#x}"), "offering INFLIGHT_SHMFD");
+                tracing::debug!(
+                    features = format!("{f:#x}"),
+                    "offering the relay's protocol features"
+                );
             }
         }
         to_front(front, &buf[..HDR_LEN + size], &[])?;
@@ -362,6 +400,33 @@ fn set_inflight(body: &[u8], fds: Vec<OwnedFd>, sink: &InflightSink) -> bool {
     }
 }
 
+/// SET_LOG_BASE: maps the VMM's log (size and offset checked by the
+/// mapping) for `sink`; whether it was taken.
+fn set_log_base(body: &[u8], fds: Vec<OwnedFd>, sink: &LogSink) -> bool {
+    let Some(fd) = (fds.len() == 1).then(|| fds.into_iter().next()).flatten() else {
+        tracing::error!("SET_LOG_BASE without exactly one fd; the server's writes are not logged");
+        return false;
+    };
+    if body.len() < LOG_MSG {
+        tracing::error!(
+            bytes = body.len(),
+            "short SET_LOG_BASE; the server's writes are not logged"
+        );
+        return false;
+    }
+    let (size, offset) = (le_u64(body, 0), le_u64(body, 8));
+    match DirtyLog::from_file(std::fs::File::from(fd), size, offset) {
+        Ok(log) => {
+            sink(log);
+            true
+        }
+        Err(e) => {
+            tracing::error!(size, offset, error = %e, "cannot map the VMM's dirty log; the server's writes are not logged");
+            false
+        }
+    }
+}
+
 /// The `i`th little-endian u32 of `b` (within the header and body read).
 fn word(b: &[u8], i: usize) -> u32 {
     b.get(4 * i..4 * i + 4)
@@ -422,6 +487,23 @@ fn forward_requests(
             }
             continue;
         }
+        if let Some(sink) = &options.log {
+            let body = &buf[HDR_LEN..HDR_LEN + size];
+            if request == FrontendReq::SET_LOG_BASE as u32 {
+                let ok = set_log_base(body, fds, sink);
+                // Always answered: QEMU reads a reply with LOG_SHMFD.
+                ack(request, ok)?;
+                continue;
+            }
+            if request == FrontendReq::SET_LOG_FD as u32 {
+                // An eventfd to signal log updates; QEMU polls the log
+                // anyway (and sends it only without LOG_SHMFD).
+                if flags & NEED_REPLY != 0 {
+                    ack(request, true)?;
+                }
+                continue;
+            }
+        }
         if let Some(sink) = &options.inflight {
             let body = &buf[HDR_LEN..HDR_LEN + size];
             if request == FrontendReq::GET_INFLIGHT_FD as u32 {
@@ -435,15 +517,17 @@ fn forward_requests(
                 }
                 continue;
             }
-            if request == FrontendReq::SET_PROTOCOL_FEATURES as u32 {
-                if let Ok(f) = parse_u64_body(body) {
-                    // The daemon does not know the bit; the relay serves it.
-                    tracing::info!(
-                        inflight = f & INFLIGHT_SHMFD != 0,
-                        "the VMM acked the protocol features"
-                    );
-                    buf[HDR_LEN..HDR_LEN + 8].copy_from_slice(&(f & !INFLIGHT_SHMFD).to_le_bytes());
-                }
+        }
+        let extra = options.extra_features();
+        if extra != 0 && request == FrontendReq::SET_PROTOCOL_FEATURES as u32 {
+            if let Ok(f) = parse_u64_body(&buf[HDR_LEN..HDR_LEN + size]) {
+                // The daemon does not know these bits; the relay serves them.
+                tracing::info!(
+                    inflight = f & INFLIGHT_SHMFD != 0,
+                    log = f & LOG_SHMFD != 0,
+                    "the VMM acked the protocol features"
+                );
+                buf[HDR_LEN..HDR_LEN + 8].copy_from_slice(&(f & !extra).to_le_bytes());
             }
         }
         let raw_fds: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
@@ -666,6 +750,7 @@ mod tests {
         let sink: InflightSink = Arc::new(move |r| t2.lock().unwrap().push(r));
         let options = RelayOptions {
             inflight: Some(sink),
+            log: None,
         };
         let t = std::thread::spawn(move || relay(front, back, options));
 
@@ -763,6 +848,92 @@ mod tests {
         let (m, _) = recv(&daemon);
         assert_eq!(m, features);
         assert_eq!(taken.lock().unwrap().len(), 2);
+        drop(qemu);
+        t.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn the_relay_offers_log_shmfd_and_maps_set_log_base() {
+        let (qemu, front) = UnixStream::pair().unwrap();
+        let (back, daemon) = UnixStream::pair().unwrap();
+        let taken: Arc<Mutex<Vec<DirtyLog>>> = Arc::default();
+        let t2 = taken.clone();
+        let sink: LogSink = Arc::new(move |l| t2.lock().unwrap().push(l));
+        let options = RelayOptions {
+            inflight: None,
+            log: Some(sink),
+        };
+        let t = std::thread::spawn(move || relay(front, back, options));
+
+        // GET_PROTOCOL_FEATURES: the reply gains LOG_SHMFD (bit 1), and
+        // SET_PROTOCOL_FEATURES reaches the daemon without it.
+        let get = msg(FrontendReq::GET_PROTOCOL_FEATURES, &[]);
+        qemu.send_with_fds(&[&get[..]], &[]).unwrap();
+        let (m, _) = recv(&daemon);
+        assert_eq!(m, get);
+        let offered = VhostUserProtocolFeatures::MQ.bits();
+        let r = reply(
+            FrontendReq::GET_PROTOCOL_FEATURES as u32,
+            &offered.to_le_bytes(),
+        );
+        (&daemon).write_all(&r).unwrap();
+        let (m, _) = recv(&qemu);
+        assert_eq!(le_u64(&m, HDR_LEN), offered | LOG_SHMFD);
+        let set = msg(
+            FrontendReq::SET_PROTOCOL_FEATURES,
+            &(offered | LOG_SHMFD).to_le_bytes(),
+        );
+        qemu.send_with_fds(&[&set[..]], &[]).unwrap();
+        let (m, _) = recv(&daemon);
+        assert_eq!(le_u64(&m, HDR_LEN), offered, "LOG_SHMFD stripped");
+
+        // SET_LOG_BASE (no NEED_REPLY, as QEMU sends it): mapped, handed
+        // over, and answered anyway.
+        let memfd = {
+            let f = vmm_sys_util::tempfile::TempFile::new().unwrap().into_file();
+            f.set_len(8192).unwrap();
+            f
+        };
+        let body = |size: u64, off: u64| {
+            let mut b = size.to_le_bytes().to_vec();
+            b.extend_from_slice(&off.to_le_bytes());
+            b
+        };
+        let set = msg(FrontendReq::SET_LOG_BASE, &body(4096, 4096));
+        qemu.send_with_fds(&[&set[..]], &[memfd.as_raw_fd()])
+            .unwrap();
+        let (m, _) = recv(&qemu);
+        assert_eq!(word(&m, 0), FrontendReq::SET_LOG_BASE as u32);
+        assert_eq!(le_u64(&m, HDR_LEN), 0, "success");
+        {
+            let logs = taken.lock().unwrap();
+            assert_eq!(logs.len(), 1);
+            assert_eq!(logs[0].len(), 4096);
+            logs[0].mark(8 * 4096 * 3, 1);
+        }
+        let mut b = [0u8; 1];
+        use std::os::unix::fs::FileExt;
+        memfd.read_exact_at(&mut b, 4096 + 3).unwrap();
+        assert_eq!(b[0], 1, "the mark is in the VMM's file");
+
+        // Hostile ones: no fd, a short body, a zero size: a failure
+        // answer each, nothing handed over, the session goes on.
+        for (body, fd) in [
+            (body(4096, 0), false),
+            (vec![0u8; 8], true),
+            (body(0, 0), true),
+        ] {
+            let set = msg(FrontendReq::SET_LOG_BASE, &body);
+            let fds: &[RawFd] = if fd { &[memfd.as_raw_fd()] } else { &[] };
+            qemu.send_with_fds(&[&set[..]], fds).unwrap();
+            let (m, _) = recv(&qemu);
+            assert_ne!(le_u64(&m, HDR_LEN), 0, "failure answered");
+        }
+        assert_eq!(taken.lock().unwrap().len(), 1);
+        let features = msg(FrontendReq::SET_FEATURES, &[0; 8]);
+        qemu.send_with_fds(&[&features[..]], &[]).unwrap();
+        let (m, _) = recv(&daemon);
+        assert_eq!(m, features);
         drop(qemu);
         t.join().unwrap().unwrap();
     }

@@ -39,7 +39,7 @@ pub fn serve(
 enum Relay {
     /// The daemon serves the socket itself.
     None,
-    /// Through [`super::relay`] (held early enables).
+    /// Through [`super::relay`] (held early enables, the dirty log).
     Plain,
     /// Through [`super::relay`], offering inflight I/O tracking to the
     /// session's back-end.
@@ -81,10 +81,8 @@ fn serve_loop(
         tracing::info!(socket = %socket.display(), "waiting for a VMM");
         let r = match relay {
             Relay::None => daemon.serve(socket).map_err(|e| e.to_string()),
-            Relay::Plain => super::relay::serve_relayed(&mut daemon, socket, None),
-            Relay::WithInflight => {
-                super::relay::serve_relayed(&mut daemon, socket, Some(backend.clone()))
-            }
+            Relay::Plain => super::relay::serve_relayed(&mut daemon, socket, &backend, false),
+            Relay::WithInflight => super::relay::serve_relayed(&mut daemon, socket, &backend, true),
         };
         backend.detach_all();
         match r {

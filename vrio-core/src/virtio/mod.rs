@@ -7,6 +7,7 @@
 
 pub mod blk;
 pub mod device;
+pub mod dirty_log;
 pub mod memory;
 pub mod net;
 pub mod ring;

@@ -23,6 +23,7 @@ use crate::proto::staging::StagingBuffer;
 use crate::proto::stats::RemoteStats;
 use crate::proto::wire::{
     Attach, DoorbellEntry, Message, NotifyMode, SetMode, WireRegion, MAX_MSG, NOTIFY_IMM,
+    PUBLISH_IMM,
 };
 use crate::sidecore::{PollOutcome, QueueFailure};
 use crate::virtio::memory::{GuestRegion, MemoryError, MemoryMap};
@@ -206,6 +207,11 @@ pub struct ServerRing {
     /// interrupt is decided once the wave's READ of the guest's
     /// suppression word is back.
     notify_span: Option<(u16, u16)>,
+    /// The agent logs dirty pages (SET_LOG): batches leave used.idx, and
+    /// the interrupt, to it.
+    logging: bool,
+    /// The reply wave in flight was queued while logging.
+    span_logged: bool,
     scratch: Vec<u8>,
     /// The avail READ in flight brings the descriptor table too.
     table_read: bool,
@@ -322,6 +328,8 @@ impl ServerRing {
             backlog: Vec::new(),
             intake: IntakeState::default(),
             notify_span: None,
+            logging: attach.logging,
+            span_logged: false,
             table_read: false,
             busy_polls: 0,
             scratch: Vec::new(),
@@ -597,6 +605,19 @@ impl ServerRing {
             Message::Doorbell(mut d) => self.on_doorbell(&mut d),
             Message::Quiesce => {
                 self.quiescing = true;
+                Ok(())
+            }
+            // Taken between batches (a batch queues and posts its reply
+            // wave in one go), so the answer goes out behind every WRITE of
+            // a batch published the old way: when the agent reads it, those
+            // are in guest memory.
+            Message::SetLog(on) => {
+                self.logging = on;
+                tracing::info!(queue = %self.name, logging = on, next_used = self.next_used.0, "dirty logging switched by the VM host");
+                self.send(Message::Logging(crate::proto::wire::Logging {
+                    on,
+                    next_used: self.next_used.0,
+                }))?;
                 Ok(())
             }
             other => Err(RemoteQueueError::UnexpectedMessage(Box::new(other))),
@@ -1163,6 +1184,12 @@ impl ServerRing {
             start += Wrapping(run as u16);
             left -= run;
         }
+        self.notify_span = Some((first.0, self.next_used.0));
+        self.span_logged = self.logging;
+        if self.logging {
+            // The agent marks what the batch wrote, then publishes.
+            return Ok(());
+        }
         let at = self.areas.notify;
         let idx = self.next_used.0.to_le_bytes();
         self.staging().put(at, &idx)?;
@@ -1173,7 +1200,6 @@ impl ServerRing {
             self.layout.avail_flags()
         };
         self.queue_wr(Dir::Read, word, at + 8, 2)?;
-        self.notify_span = Some((first.0, self.next_used.0));
         Ok(())
     }
 
@@ -1185,6 +1211,13 @@ impl ServerRing {
         let Some((old, new)) = self.notify_span.take() else {
             return Ok(());
         };
+        if self.span_logged {
+            // Every logged batch goes to the agent, which publishes it.
+            let imm = Dir::WriteImm(u32::from(new) | PUBLISH_IMM);
+            self.queue_wr(imm, self.layout.used_idx(), self.areas.send, 0)?;
+            self.post_wave()?;
+            return Ok(());
+        }
         let mut b = [0u8; 2];
         let at = self.areas.notify + 8;
         self.staging().get(at, &mut b)?;

@@ -162,6 +162,7 @@ impl World {
                 }
                 Action::Interrupt => self.interrupts += 1,
                 Action::MoveDone(r) => self.reports.push(r),
+                Action::LogSwitched => {}
             }
         }
     }

@@ -34,15 +34,19 @@ use crate::proto::staging::StagingBuffer;
 use crate::proto::stats::RemoteStats;
 use crate::proto::wire::{Attach, Message, NotifyMode, WireRegion, ANY_SIDECORE, MAX_MSG};
 use crate::virtio::device::{DeviceModel, RequestError};
+use crate::virtio::dirty_log::DirtyLog;
 use crate::virtio::memory::{anonymous_memory, GuestMemory, LocalMemory, MemoryMap};
 use crate::virtio::ring::{DescriptorChain, DriverQueue, RingFeatures, RingLayout, Segment};
 
 const SIZE: u16 = 16;
-const MEM: usize = 0x10000;
+const MEM: usize = 0x40000;
 const RING: u64 = 0x1000;
 /// Request buffers: 16 bytes per head, the readable tag then the writable
 /// answer.
 const BUF: u64 = 0x8000;
+/// With [`Pair::spread`]: head h's answer goes to its own page here, so the
+/// dirty log shows exactly which answers were marked.
+const SPREAD: u64 = 0x20000;
 /// The agent's message slots per link, each way.
 const SLOTS: usize = 16;
 const RECV_TAG: u64 = 1 << 63;
@@ -149,6 +153,8 @@ enum Step {
     Kill,
     /// Time passes.
     Tick,
+    /// The VMM turns dirty logging on or off.
+    Log,
 }
 
 struct Pair {
@@ -180,6 +186,19 @@ struct Pair {
     /// churn or hostile requests must have none (`run` re-places an
     /// orphaned queue, which would hide a server failing for no reason).
     server_errors: Vec<String>,
+    agent_stats: Arc<AgentStats>,
+    /// Answers on a page per head (see [`SPREAD`]).
+    spread: bool,
+    /// The VMM's dirty log, and whether the scheduler switches it.
+    log: Arc<DirtyLog>,
+    log_churn: bool,
+    /// Logging is asked for.
+    logging: bool,
+    /// Logging is confirmed: requests from this tag on must be logged.
+    log_since: Option<u32>,
+    log_switches: u64,
+    /// Completions checked against the log.
+    logged_checks: u64,
 }
 
 impl Pair {
@@ -204,8 +223,17 @@ impl Pair {
             timeout: TIMEOUT,
         };
         let stats = Arc::new(AgentStats::default());
-        let mut hq =
-            HostQueue::new(0, layout, features, &map, 0, target(0), host_cfg, stats).unwrap();
+        let mut hq = HostQueue::new(
+            0,
+            layout,
+            features,
+            &map,
+            0,
+            target(0),
+            host_cfg,
+            stats.clone(),
+        )
+        .unwrap();
         hq.start(&mem);
         let mut p = Self {
             rng: SmallRng::seed_from_u64(seed),
@@ -230,6 +258,14 @@ impl Pair {
             moves: 0,
             kills: 0,
             server_errors: Vec::new(),
+            agent_stats: stats,
+            spread: false,
+            log: Arc::new(DirtyLog::anonymous(MEM / 4096 / 8).unwrap()),
+            log_churn: false,
+            logging: false,
+            log_since: None,
+            log_switches: 0,
+            logged_checks: 0,
         };
         p.link = Some(p.open_link(0));
         p
@@ -246,6 +282,7 @@ impl Pair {
             mode: self.mode,
             start,
             sidecore: ANY_SIDECORE,
+            logging: self.hq.logging(),
             regions: vec![WireRegion {
                 gpa: 0,
                 remote: self.guest_mr.remote(),
@@ -399,6 +436,12 @@ impl Pair {
                     self.link = Some(self.open_link(start));
                     self.hq.attached(&self.mem, self.now);
                 }
+                Action::LogSwitched => {
+                    self.log_switches += 1;
+                    if self.logging && self.log_since.is_none() {
+                        self.log_since = Some(self.next_tag);
+                    }
+                }
                 Action::Interrupt | Action::MoveDone(_) => {}
             }
         }
@@ -432,9 +475,10 @@ impl Pair {
                     .unwrap();
                 // Point the chain at this head's own buffers.
                 let r = BUF + 16 * u64::from(head);
-                self.rewrite_chain(head, r, r + 8);
+                let w = self.answer(head);
+                self.rewrite_chain(head, r, w);
                 self.mem.write(r, &tag.to_le_bytes()).unwrap();
-                self.mem.write(r + 8, &[0xff; 4]).unwrap();
+                self.mem.write(w, &[0xff; 4]).unwrap();
                 head
             };
             self.inflight[usize::from(head)] = Some((tag, bad));
@@ -448,6 +492,28 @@ impl Pair {
             }
             self.act();
         }
+    }
+
+    /// Where `head`'s answer goes.
+    fn answer(&self, head: u16) -> u64 {
+        if self.spread {
+            SPREAD + 0x1000 * u64::from(head)
+        } else {
+            BUF + 16 * u64::from(head) + 8
+        }
+    }
+
+    /// The VMM switches logging (on with a clean log, as a migration
+    /// starts).
+    fn switch_log(&mut self) {
+        self.logging = !self.logging;
+        self.log_since = None;
+        if self.logging {
+            self.log.clear();
+        }
+        let log = self.logging.then(|| self.log.clone());
+        self.hq.set_log(log, self.now);
+        self.act();
     }
 
     /// Rewrites the two descriptors of `head`'s chain to the given buffers.
@@ -476,13 +542,32 @@ impl Pair {
             } else {
                 assert_eq!(len, 4);
                 let mut got = [0u8; 4];
-                let w = BUF + 16 * u64::from(head) + 8;
+                let w = self.answer(head);
                 self.mem.read(w, &mut got).unwrap();
                 assert_eq!(
                     u32::from_le_bytes(got),
                     tag,
                     "head {head} got another answer"
                 );
+                if self.log_since.is_some_and(|t| tag >= t) {
+                    // The server wrote the answer, its used element and
+                    // used.idx while logging: all marked before the guest
+                    // could see them. The VMM copies (clears) the answer's
+                    // page; the ring's pages are marked again every batch.
+                    if self.spread {
+                        assert!(self.log.take(w), "head {head}'s answer page was not logged");
+                    } else {
+                        assert!(
+                            self.log.is_dirty(w),
+                            "head {head}'s answer page was not logged"
+                        );
+                    }
+                    assert!(
+                        self.log.is_dirty(self.layout.used_idx()),
+                        "used.idx not logged"
+                    );
+                    self.logged_checks += 1;
+                }
             }
             self.completed += 1;
         }
@@ -522,6 +607,7 @@ impl Pair {
             80..=91 => Step::Reap,
             92..=94 if churn => Step::Move,
             95 if churn => Step::Kill,
+            96 if self.log_churn => Step::Log,
             _ => Step::Tick,
         }
     }
@@ -542,6 +628,7 @@ impl Pair {
             Step::Reap => self.reap(),
             Step::Move => self.move_queue(),
             Step::Kill => self.kill(),
+            Step::Log => self.switch_log(),
             Step::Tick => {
                 // Mostly a millisecond; now and then past every timeout.
                 let big = churn && self.rng.gen_range(0..50) == 0;
@@ -802,4 +889,62 @@ fn a_doorbell_overtaken_by_remote_polls_is_ignored() {
     p.run(0, false, false);
     assert_eq!(p.hq.status().failovers, 0);
     assert_eq!(p.hq.status().state, LinkState::Serving);
+}
+
+/// Live migration: while the VMM logs, the server leaves used.idx to the
+/// agent, which marks every page the batch wrote first; turned off, the
+/// server publishes by itself again.
+#[test]
+fn logging_marks_every_written_page_before_the_guest_sees_it() {
+    let mut p = Pair::new(11, NotifyMode::Doorbell, small_queue());
+    p.spread = true;
+    p.run(500, false, false);
+    let st = |p: &Pair| {
+        p.agent_stats
+            .logged_batches
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert_eq!(st(&p), 0, "nothing logged before the VMM asks");
+    p.switch_log();
+    p.settle(4);
+    assert!(p.log_since.is_some(), "the server confirmed SET_LOG");
+    let checked = p.logged_checks;
+    p.run(1500, false, false);
+    assert!(
+        p.logged_checks > checked + 50,
+        "{} completions checked",
+        p.logged_checks
+    );
+    let logged = st(&p);
+    assert!(logged > 0);
+    // Off: the server publishes again, the agent marks nothing more.
+    p.switch_log();
+    p.settle(4);
+    let before = (st(&p), p.log.pages_marked());
+    let done = p.completed;
+    p.run(1500, false, false);
+    assert_eq!(
+        (st(&p), p.log.pages_marked()),
+        before,
+        "no logging after LOG_ALL off"
+    );
+    assert!(p.completed > done + 50, "{} then {}", done, p.completed);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// Logging switched on and off at random while queues move, servers
+    /// die and adaptive mode switches: every request completes exactly
+    /// once, and every one posted while logging was confirmed has its
+    /// pages marked when the guest sees it.
+    #[test]
+    fn logging_under_churn_marks_every_write_and_loses_nothing(seed in any::<u64>(), mode in 0u8..3) {
+        let mode = [NotifyMode::Doorbell, NotifyMode::Adaptive, NotifyMode::RemotePoll][usize::from(mode)];
+        let mut p = Pair::new(seed, mode, small_queue());
+        p.spread = true;
+        p.log_churn = true;
+        p.run(3000, true, mode == NotifyMode::Doorbell);
+        prop_assert!(p.log_switches > 0 || p.logging, "logging never switched");
+    }
 }

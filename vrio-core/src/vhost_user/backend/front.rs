@@ -30,7 +30,7 @@ impl VhostUserBackend for VrioBackend {
     }
 
     fn acked_features(&self, features: u64) {
-        self.lock().acked = features;
+        self.set_acked(features);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {

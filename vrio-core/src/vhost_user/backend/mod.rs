@@ -22,7 +22,8 @@
 //! - `placement.rs`: where each vring goes and which agent serves it;
 //! - `config_space.rs`: the config space and features, patched to the
 //!   server's request limit;
-//! - `memory_update.rs`: a new memory table while vrings run.
+//! - `memory_update.rs`: a new memory table while vrings run;
+//! - `migration.rs`: the dirty log, for live migration.
 //!
 //! This module holds the back-end's state, which the others share.
 
@@ -44,10 +45,12 @@ use super::inflight::InflightRegion;
 mod config_space;
 mod front;
 mod memory_update;
+mod migration;
 mod placement;
 mod serving;
 mod vrings;
 
+pub use migration::VHOST_F_LOG_ALL;
 pub use placement::Placement;
 pub use serving::{FrontConfig, LocalFront, RemoteFront, Serving};
 use vrings::QueueState;
@@ -67,6 +70,9 @@ struct State {
     queues: Vec<QueueState>,
     /// The VMM's inflight region (SET_INFLIGHT_FD through the relay).
     inflight: Option<Arc<InflightRegion>>,
+    /// The VMM's dirty log (SET_LOG_BASE through the relay), used while
+    /// LOG_ALL is acked.
+    dirty_log: Option<Arc<crate::virtio::dirty_log::DirtyLog>>,
 }
 
 /// The vhost-user back-end; share it as `Arc<VrioBackend>`. It serves
@@ -105,6 +111,11 @@ impl VrioBackend {
         kind: DeviceKind,
     ) -> Self {
         let queues = (0..cfg.queues).map(|_| QueueState::default()).collect();
+        // Offered only where every write to the guest can be logged.
+        let features = match cfg.serving {
+            Serving::Remote(_) => features | VHOST_F_LOG_ALL,
+            Serving::Local(_) => features,
+        };
         Self {
             cfg,
             config,

@@ -89,6 +89,19 @@ struct Attached {
 }
 
 impl VrioBackend {
+    /// The agents of the vrings a remote server serves now.
+    pub(super) fn remote_devices(&self) -> Vec<(usize, Arc<AttachedDevice>)> {
+        self.lock()
+            .queues
+            .iter()
+            .enumerate()
+            .filter_map(|(q, qs)| match &qs.dev {
+                Some(Served::Remote(d)) => Some((q, d.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Records vring `q`'s progress in the inflight region.
     fn sync_inflight(&self, q: usize) {
         Self::sync_locked(&mut self.lock(), q);
@@ -227,6 +240,11 @@ impl VrioBackend {
         if qs.failed || qs.paused {
             return false;
         }
+        let log = if acked & super::VHOST_F_LOG_ALL != 0 {
+            st.dirty_log.clone()
+        } else {
+            None
+        };
         let mem_for_ring = mem.clone();
         match self.attach_queue(q, vring, mem, acked, st.inflight.as_deref()) {
             Ok(a) => {
@@ -234,6 +252,12 @@ impl VrioBackend {
                     return false;
                 };
                 let base = a.base;
+                if let (Some(log), Served::Remote(d)) = (log, &a.dev) {
+                    // A vring started while the VMM migrates.
+                    if let Err(e) = d.set_log(Some(log)) {
+                        tracing::error!(queue = q, error = %e, "the I/O server did not confirm dirty logging");
+                    }
+                }
                 qs.ring = Some((a.layout, mem_for_ring, vring.clone()));
                 qs.dev = Some(a.dev);
                 qs.kick = Some(a.kick);
