@@ -217,6 +217,11 @@ struct VhostArgs {
     /// Exit when the first VMM disconnects instead of waiting for the next.
     #[arg(long)]
     once: bool,
+    /// TEST ONLY: during a live migration, do not mark the data the I/O
+    /// server writes in the VMM's dirty log, so the destination loses it
+    /// (the test that proves the log matters).
+    #[arg(long, hide = true)]
+    test_unlogged_writes: bool,
     /// Let this vrio-controller (host:port) place the vrings, instead of
     /// --server, and follow its moves and failovers while the guest runs.
     #[arg(long, conflicts_with_all = ["server", "local_file"])]
@@ -403,6 +408,7 @@ fn vhost_user_blk(a: &VhostArgs) -> Result<(), Box<dyn std::error::Error>> {
         device_id,
         agent: AgentConfig {
             mode: a.link.mode.notify(),
+            log_data: !a.test_unlogged_writes,
             ..AgentConfig::default()
         },
         placement,

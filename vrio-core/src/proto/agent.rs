@@ -275,6 +275,10 @@ pub struct HostQueueConfig {
     pub inline_max: usize,
     /// QUIESCE answers must arrive within this.
     pub timeout: Duration,
+    /// While logging, mark the data segments the server wrote. Always true
+    /// but in the test that proves the marks matter (a migration then
+    /// loses the guest's data).
+    pub log_data: bool,
 }
 
 /// Readable segments up to this size always go inline: request headers,
@@ -592,6 +596,9 @@ impl HostQueue {
                 if let Err(e) = walked {
                     // The server failed such a chain without writing it.
                     tracing::debug!(queue = self.index, head, error = %e, "completed chain does not walk; nothing to log");
+                    continue;
+                }
+                if !self.cfg.log_data {
                     continue;
                 }
                 for seg in &self.chain.writable {

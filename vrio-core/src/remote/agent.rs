@@ -92,6 +92,10 @@ pub struct AgentConfig {
     pub queue_base: u16,
     /// What the queues belong to; a net device names its port's MAC.
     pub device: DeviceKind,
+    /// While the VMM migrates the guest, mark the data the servers wrote
+    /// in its dirty log. Only the test that proves the marks matter turns
+    /// this off (`vrio-client --test-unlogged-writes`).
+    pub log_data: bool,
 }
 
 impl Default for AgentConfig {
@@ -104,6 +108,7 @@ impl Default for AgentConfig {
             timeout: Duration::from_secs(10),
             queue_base: 0,
             device: DeviceKind::Blk,
+            log_data: true,
         }
     }
 }
@@ -330,6 +335,7 @@ pub fn attach_placed(
             chain_copy: cfg.chain_copy,
             inline_max: cfg.inline_max,
             timeout: cfg.timeout,
+            log_data: cfg.log_data,
         };
         let mut proto = HostQueue::new(
             index,

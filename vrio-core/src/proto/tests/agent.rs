@@ -66,6 +66,7 @@ impl World {
             chain_copy: 8,
             inline_max: 4096,
             timeout: TIMEOUT,
+            log_data: true,
         };
         let stats = Arc::new(AgentStats::default());
         let mut hq = HostQueue::new(0, layout, features, &map, 0, target("a"), cfg, stats).unwrap();

@@ -221,6 +221,7 @@ impl Pair {
             chain_copy: 8,
             inline_max: 4096,
             timeout: TIMEOUT,
+            log_data: true,
         };
         let stats = Arc::new(AgentStats::default());
         let mut hq = HostQueue::new(
