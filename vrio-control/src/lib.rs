@@ -71,4 +71,6 @@ pub use embedded::{embedded_controller, embedded_controller_with};
 pub use error::{ControlError, GlueError};
 pub use io_server::{join_as_server, join_as_server_with, JoinOptions};
 pub use state::{Attached, Controller, ControllerConfig, CredentialConfig};
-pub use vm_host::{follow_placement, place_devices, AttachedSet, Followed, Placed, QueueMoved};
+pub use vm_host::{
+    claim_device, follow_placement, place_devices, AttachedSet, Followed, Placed, QueueMoved,
+};

@@ -159,6 +159,20 @@ impl pb::control_server::Control for ControlService {
         }))
     }
 
+    async fn claim_device(
+        &self,
+        req: Request<pb::ClaimDeviceRequest>,
+    ) -> Result<Response<pb::ClaimDeviceResponse>, Status> {
+        let r = req.into_inner();
+        let (agent, vm) = self
+            .ctrl
+            .claim_device(&r.device_id, &r.agent_address, &r.vm_id)?;
+        Ok(Response::new(pb::ClaimDeviceResponse {
+            previous_agent_address: agent,
+            previous_vm_id: vm,
+        }))
+    }
+
     async fn detach_device(
         &self,
         req: Request<pb::DetachDeviceRequest>,

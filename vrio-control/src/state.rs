@@ -906,6 +906,43 @@ impl Controller {
         })
     }
 
+    /// A live migration moved device `id`'s guest to the VM host whose
+    /// agent is `agent_address` (and, if not empty, to VM id `vm_id`): that
+    /// agent owns its rings now. The placement stays as it is. Returns the
+    /// owner before, (agent address, VM id). Fails with `NotFound` for an
+    /// unknown device, `InvalidArgument` for an empty agent address.
+    pub fn claim_device(
+        &self,
+        id: &str,
+        agent_address: &str,
+        vm_id: &str,
+    ) -> Result<(String, String), ControlError> {
+        if agent_address.is_empty() {
+            return Err(bad("agent address is empty"));
+        }
+        self.mutate(|st, _, _| {
+            let d = st
+                .devices
+                .get_mut(id)
+                .ok_or_else(|| ControlError::NotFound(format!("device {id}")))?;
+            let before = (d.agent_address.clone(), d.vm_id.clone());
+            d.agent_address = agent_address.to_string();
+            if !vm_id.is_empty() {
+                d.vm_id = vm_id.to_string();
+            }
+            if before != (d.agent_address.clone(), d.vm_id.clone()) {
+                tracing::info!(
+                    device = %id,
+                    from = %before.0,
+                    to = %d.agent_address,
+                    vm = %d.vm_id,
+                    "device moved VM hosts (live migration); its placement stays"
+                );
+            }
+            Ok(before)
+        })
+    }
+
     /// Moves one queue to `to` by hand; returns its new assignment (the
     /// current one if it is already there). Fails when the queue, server or
     /// sidecore does not exist, the device is pinned elsewhere, or the target

@@ -153,6 +153,33 @@ pub fn place_devices(
     })
 }
 
+/// Tells the controller that this VM host's agent (`agent_address`) owns
+/// device `device`'s rings now: a live migration brought its guest here.
+/// The placement stays. Returns the owner before (agent address, VM id),
+/// equal to this one when nothing moved.
+///
+/// Blocks on a runtime of its own: call it outside any tokio runtime.
+pub fn claim_device(
+    ctl: &ControlOpts,
+    device: &str,
+    agent_address: &str,
+    vm_id: &str,
+) -> Result<(String, String), GlueError> {
+    let rt = runtime()?;
+    rt.block_on(async {
+        let mut client = ctl.connect().await?;
+        let r = client
+            .claim_device(pb::ClaimDeviceRequest {
+                device_id: device.to_string(),
+                agent_address: agent_address.to_string(),
+                vm_id: vm_id.to_string(),
+            })
+            .await?
+            .into_inner();
+        Ok((r.previous_agent_address, r.previous_vm_id))
+    })
+}
+
 /// What a VM host follows: controller device ids, and for each of their
 /// queues the attached device serving it now (if its ring runs) and that
 /// queue's index there. A trait, because a VMM may attach rings late (a

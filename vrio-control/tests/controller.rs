@@ -428,3 +428,48 @@ fn rebalance_uses_reported_load_and_then_settles() {
     assert!(c.rebalance(now + 1).unwrap().is_empty());
     assert_eq!(c.stats().counters.rebalance_moves, moved.len() as u64);
 }
+
+/// A live migration moves a device's guest to another VM host: the
+/// controller records the new owner (across a restart), keeps every
+/// assignment as it was, and refuses an unknown device or an empty owner
+/// without changing anything.
+#[test]
+fn a_claimed_device_changes_vm_host_and_keeps_its_placement() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let c = open(Box::new(FileStore::open(dir.path()).unwrap()), 0);
+        c.register_server(reg("a", 2, 8), 0).unwrap();
+        c.attach_device(dev("disk0", 2), 0).unwrap();
+        let placed = c.assignments();
+        let before = c.claim_device("disk0", "10.0.1.2:7000", "").unwrap();
+        assert_eq!(
+            before,
+            ("10.0.1.1:7000".to_string(), "vm-disk0".to_string())
+        );
+        let d = c.devices().into_iter().find(|d| d.id == "disk0").unwrap();
+        assert_eq!(
+            (d.agent_address.as_str(), d.vm_id.as_str()),
+            ("10.0.1.2:7000", "vm-disk0")
+        );
+        assert_eq!(c.assignments(), placed, "placement unchanged");
+        // Claiming again is a no-op that reports the current owner.
+        let again = c.claim_device("disk0", "10.0.1.2:7000", "").unwrap();
+        assert_eq!(again.0, "10.0.1.2:7000");
+        let seen = observe(&c);
+        assert!(matches!(
+            c.claim_device("nope", "h", ""),
+            Err(ControlError::NotFound(_))
+        ));
+        assert!(matches!(
+            c.claim_device("disk0", "", "vm"),
+            Err(ControlError::InvalidArgument(_))
+        ));
+        assert_eq!(observe(&c), seen);
+    }
+    let c = open(Box::new(FileStore::open(dir.path()).unwrap()), 10);
+    let d = c.devices().into_iter().find(|d| d.id == "disk0").unwrap();
+    assert_eq!(
+        d.agent_address, "10.0.1.2:7000",
+        "the claim survives a restart"
+    );
+}

@@ -21,14 +21,17 @@ use std::time::{Duration, Instant};
 use std::path::PathBuf;
 
 use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
-use vrio_control::{follow_placement, place_devices, AttachedSet, ControlOpts, Followed};
+use vrio_control::{
+    claim_device, follow_placement, place_devices, AttachedSet, ControlOpts, Followed,
+};
 use vrio_core::blk::{BlockBackend, BlockConfig, FileBackend};
 use vrio_core::net::MacAddr;
 use vrio_core::remote::{device_key, AttachedDevice, QueueTarget};
 use vrio_core::remote::{AgentConfig, NotifyMode};
 use vrio_core::sidecore::{SidecoreConfig, SidecoreThread};
 use vrio_core::vhost_user::{
-    fetch_config, serve, serve_net, FrontConfig, LocalFront, Placement, RemoteFront, Serving,
+    fetch_config, serve, serve_net, AttachHook, FrontConfig, LocalFront, Placement, RemoteFront,
+    Serving,
 };
 use vrio_examples::control::print_move;
 use vrio_examples::metrics::{Agents, ClientMetrics, MetricsListener, MetricsServer, ObsArgs};
@@ -232,6 +235,12 @@ struct VhostArgs {
     /// VM id reported to the controller.
     #[arg(long, default_value = "vhost-user", requires = "controller")]
     vm_id: String,
+    /// This VM host's name for the controller (the device's agent
+    /// address). When the VMM starts the vrings here, the controller
+    /// records that the device runs on this host: after a live migration,
+    /// the destination's. Default: HOSTNAME:SOCKET.
+    #[arg(long, requires = "controller")]
+    vm_host: Option<String>,
     /// Bearer token for the controller.
     #[arg(long, env = "VRIO_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -239,6 +248,37 @@ struct VhostArgs {
     tls: vrio_examples::control::TlsArgs,
     #[command(flatten)]
     obs: ObsArgs,
+}
+
+/// This host's name, for the controller.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// When a vring attaches, tells the controller (off the attaching thread)
+/// that device `name` runs on `vm_host` now; prints it when that is news
+/// (a live migration brought the guest here).
+fn claim_on_attach(ctl: ControlOpts, name: String, vm_host: String, vm_id: String) -> AttachHook {
+    Arc::new(move |q| {
+        let (ctl, name, vm_host, vm_id) =
+            (ctl.clone(), name.clone(), vm_host.clone(), vm_id.clone());
+        let spawned = std::thread::Builder::new()
+            .name("vrio-claim".into())
+            .spawn(move || match claim_device(&ctl, &name, &vm_host, &vm_id) {
+                Ok((before, _)) if before != vm_host => println!(
+                    "vrio-client: device {name} moved VM hosts: {before} -> {vm_host} (vring {q} attached here)"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(device = %name, error = %e, "cannot tell the controller the device runs here"),
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the controller claim");
+        }
+    })
 }
 
 /// The vrings of one vhost-user device, as a controller follower sees them.
@@ -375,7 +415,19 @@ fn vhost_user_blk(a: &VhostArgs) -> Result<(), Box<dyn std::error::Error>> {
                 .device_name
                 .clone()
                 .unwrap_or_else(|| format!("vhost-user-{}", a.device_id));
-            let placed = place_devices(&ctl, &a.vm_id, "vrio-client", &[(name.clone(), a.queues)])?;
+            let vm_host = a
+                .vm_host
+                .clone()
+                .unwrap_or_else(|| format!("{}:{}", host_name(), a.socket.display()));
+            let placed = place_devices(&ctl, &a.vm_id, &vm_host, &[(name.clone(), a.queues)])?;
+            if let Ok(mut h) = placement.on_attach.lock() {
+                *h = Some(claim_on_attach(
+                    ctl.clone(),
+                    name.clone(),
+                    vm_host,
+                    a.vm_id.clone(),
+                ));
+            }
             let (targets, issued) = placed
                 .into_iter()
                 .next()

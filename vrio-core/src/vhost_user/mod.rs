@@ -24,7 +24,9 @@ pub mod probe;
 pub mod relay;
 pub mod serve;
 
-pub use backend::{FrontConfig, LocalFront, Placement, RemoteFront, Serving, VrioBackend};
+pub use backend::{
+    AttachHook, FrontConfig, LocalFront, Placement, RemoteFront, Serving, VrioBackend,
+};
 pub use net::{net_backend, serve_net};
 pub use probe::{fetch_config, ProbeError, ServerDevice, PROBE_QUEUE};
 pub use serve::{serve, serve_with, ServeError};

@@ -51,7 +51,7 @@ mod serving;
 mod vrings;
 
 pub use migration::VHOST_F_LOG_ALL;
-pub use placement::Placement;
+pub use placement::{AttachHook, Placement};
 pub use serving::{FrontConfig, LocalFront, RemoteFront, Serving};
 use vrings::QueueState;
 

@@ -14,7 +14,15 @@ pub struct Placement {
     pub targets: Mutex<Vec<Option<QueueTarget>>>,
     /// The agent serving vring q while it runs (its one queue, index 0).
     pub attached: Mutex<Vec<Option<Arc<AttachedDevice>>>>,
+    /// Called with q each time vring q attaches (on the thread that
+    /// attaches it: do not block). A controller-placed front tells the
+    /// controller from here that the rings run on this VM host now, which
+    /// is news after a live migration.
+    pub on_attach: Mutex<Option<AttachHook>>,
 }
+
+/// See [`Placement::on_attach`].
+pub type AttachHook = Arc<dyn Fn(usize) + Send + Sync>;
 
 impl std::fmt::Debug for Placement {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -44,11 +52,16 @@ impl Placement {
         self.attached.lock().ok()?.get(q).cloned().flatten()
     }
     pub(super) fn set_attached(&self, q: usize, d: Option<Arc<AttachedDevice>>) {
+        let attached = d.is_some();
         if let Ok(mut v) = self.attached.lock() {
             if v.len() <= q {
                 v.resize(q + 1, None);
             }
             v[q] = d;
+        }
+        let hook = self.on_attach.lock().ok().and_then(|h| h.clone());
+        if let (true, Some(hook)) = (attached, hook) {
+            hook(q);
         }
     }
 }
