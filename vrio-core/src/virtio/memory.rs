@@ -176,6 +176,22 @@ pub trait GuestMemory {
         std::sync::atomic::fence(Ordering::Release);
         self.write(addr, &val.to_le_bytes())
     }
+
+    /// Lends bytes `skip..skip + len` of the readable part (or the
+    /// writable part) of the one chain this memory is a view of to `f`, in
+    /// place, when it holds that part as one run of bytes: an I/O server's
+    /// staging buffer does, so a block back-end reads and writes there
+    /// with no copy. Returns false without calling `f` otherwise (the
+    /// default: guest RAM is no chain's view; the caller copies).
+    fn lend_chain_part(
+        &self,
+        _writable: bool,
+        _skip: u64,
+        _len: u64,
+        _f: &mut dyn FnMut(&mut [u8]),
+    ) -> bool {
+        false
+    }
 }
 
 impl<T: GuestMemory + ?Sized> GuestMemory for &T {
@@ -190,6 +206,15 @@ impl<T: GuestMemory + ?Sized> GuestMemory for &T {
     }
     fn store_u16(&self, addr: u64, val: u16) -> Result<(), MemoryError> {
         (**self).store_u16(addr, val)
+    }
+    fn lend_chain_part(
+        &self,
+        writable: bool,
+        skip: u64,
+        len: u64,
+        f: &mut dyn FnMut(&mut [u8]),
+    ) -> bool {
+        (**self).lend_chain_part(writable, skip, len, f)
     }
 }
 

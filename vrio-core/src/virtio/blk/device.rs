@@ -194,6 +194,22 @@ impl BlockDevice {
             VIRTIO_BLK_T_IN => {
                 let len = req.in_len;
                 let offset = self.check_io(sector, len)?;
+                // Straight into the server's staging buffer when the memory
+                // lends it (no bounce copy).
+                let mut done = Ok(());
+                let backend = &self.backend;
+                let lent = mem.lend_chain_part(true, 0, len, &mut |buf| {
+                    done = backend
+                        .read_vectored_at(offset, &mut [IoSliceMut::new(buf)])
+                        .map_err(RequestError::from)
+                        .and_then(|_| match interposed {
+                            Some((r, p)) => p.read_data(r, buf).map_err(RequestError::Refused),
+                            None => Ok(()),
+                        });
+                });
+                if lent {
+                    return done.map(|()| len);
+                }
                 let buf = grow(&mut self.bounce, len);
                 self.backend
                     .read_vectored_at(offset, &mut [IoSliceMut::new(buf)])?;
@@ -207,6 +223,23 @@ impl BlockDevice {
                 self.check_writable()?;
                 let len = req.out_len;
                 let offset = self.check_io(sector, len)?;
+                let mut done = Ok(());
+                let backend = &self.backend;
+                let lent = mem.lend_chain_part(false, HEADER_SIZE, len, &mut |buf| {
+                    done = match interposed {
+                        Some((r, p)) => p.write_data(r, buf).map_err(RequestError::Refused),
+                        None => Ok(()),
+                    }
+                    .and_then(|()| {
+                        backend
+                            .write_vectored_at(offset, &[IoSlice::new(buf)])
+                            .map(|_| ())
+                            .map_err(RequestError::from)
+                    });
+                });
+                if lent {
+                    return done.map(|()| 0);
+                }
                 let buf = grow(&mut self.bounce, len);
                 read_segments(mem, &chain.readable, HEADER_SIZE, buf)?;
                 if let Some((r, p)) = interposed {
