@@ -336,6 +336,9 @@ pub struct HostQueue {
     log: Option<Arc<DirtyLog>>,
     /// SET_LOG sent, its LOGGING not yet back.
     log_pending: Option<Instant>,
+    /// SET_LOGs on this link not answered yet: the switch is in effect
+    /// only once the last one is.
+    log_unanswered: u32,
 }
 
 impl HostQueue {
@@ -377,6 +380,7 @@ impl HostQueue {
             chain: DescriptorChain::default(),
             log: None,
             log_pending: None,
+            log_unanswered: 0,
         })
     }
 
@@ -447,6 +451,7 @@ impl HostQueue {
         match self.link {
             Link::Serving => {
                 self.actions.push_back(Action::Send(Message::SetLog(on)));
+                self.log_unanswered += 1;
                 self.log_pending = Some(now);
             }
             // The old server finishes its batch the old way; once QUIESCED
@@ -563,20 +568,37 @@ impl HostQueue {
         mem: &M,
         new: u16,
     ) -> Result<(), AgentError> {
-        let old = self.dq.state().next_used;
+        let st = self.dq.state();
         let avail = mem.load_u16(self.layout.avail_idx())?;
-        let count = new.wrapping_sub(old);
-        if !self.plausible_used(new, avail) || count > self.layout.size {
+        let cur = mem.load_u16(self.layout.used_idx())?;
+        if !self.plausible_used(new, avail) || !self.plausible_used(cur, avail) {
             return Err(AgentError::CompletedPastAvail {
                 idx: new,
                 avail,
-                used: old,
+                used: cur,
             });
         }
+        // Distances back from avail order the indexes without wrapping.
+        let back = |i: u16| avail.wrapping_sub(i);
+        if back(cur) <= back(new) {
+            // The server published past this batch itself: SET_LOG(off)
+            // reached it and its next batch overtook us. Its index covers
+            // ours (never taken back); its interrupt decision saw only its
+            // own batch, so interrupt for ours.
+            self.dq.set_state(RingState {
+                next_used: cur,
+                ..st
+            });
+            self.actions.push_back(Action::Interrupt);
+            self.stats.interrupts.fetch_add(1, Relaxed);
+            return Ok(());
+        }
+        // What the guest cannot see yet: from the index in guest memory.
+        let count = new.wrapping_sub(cur);
         let mut ranges = 0u64;
         if let Some(log) = &self.log {
             for k in 0..count {
-                let at = self.layout.used_ring(old.wrapping_add(k));
+                let at = self.layout.used_ring(cur.wrapping_add(k));
                 let mut e = [0u8; 8];
                 mem.read(at, &mut e)?;
                 log.mark(at, 8);
@@ -610,7 +632,21 @@ impl HostQueue {
         // The marks before the index: the VMM may copy a page as soon as
         // the guest could have seen it change.
         fence(Ordering::SeqCst);
-        self.dq.publish_used(mem, new)?;
+        // Atomically against a server that publishes again meanwhile
+        // (after SET_LOG(off)): its index is past ours, and stays.
+        let published = match mem.compare_exchange_u16(self.layout.used_idx(), cur, new)? {
+            Ok(_) => new,
+            Err(theirs) => theirs,
+        };
+        self.dq.set_state(RingState {
+            next_used: published,
+            ..st
+        });
+        if published != new {
+            self.actions.push_back(Action::Interrupt);
+            self.stats.interrupts.fetch_add(1, Relaxed);
+            return Ok(());
+        }
         if let Some(log) = &self.log {
             log.mark(self.layout.used_idx(), 2);
             ranges += 1;
@@ -678,14 +714,19 @@ impl HostQueue {
             }
             // Everything before it arrived first (RC ordering).
             Message::Quiesced(q) => self.on_quiesced(q.next),
-            Message::Logging(l) if self.log_pending.is_some() => {
+            // An answer to an earlier SET_LOG that a newer one replaced is
+            // not an error; the newer one's answer follows.
+            Message::Logging(l) => {
                 tracing::debug!(
                     queue = self.index,
                     on = l.on,
                     server_next = l.next_used,
                     "the server switched dirty logging"
                 );
-                self.log_settled();
+                self.log_unanswered = self.log_unanswered.saturating_sub(1);
+                if self.log_unanswered == 0 {
+                    self.log_settled();
+                }
             }
             other => self.on_link_error(AgentError::UnexpectedMessage(Box::new(other)), now),
         }
@@ -742,8 +783,10 @@ impl HostQueue {
         down_since: Option<Instant>,
         commanded: bool,
     ) {
-        // Messages queued for the old link are void.
+        // Messages queued for the old link are void (a SET_LOG among
+        // them: the new ATTACH carries the log state).
         self.actions.retain(|a| !matches!(a, Action::Send(_)));
+        self.log_unanswered = 0;
         self.actions.push_back(Action::CloseLink);
         let start = self.dq.state().next_used;
         self.actions.push_back(Action::Attach { to: to.clone() });
@@ -835,6 +878,7 @@ impl HostQueue {
     pub fn on_link_error(&mut self, e: AgentError, now: Instant) {
         // No server writes for this link any more; the next attach carries
         // the log state.
+        self.log_unanswered = 0;
         self.log_settled();
         match std::mem::replace(&mut self.link, Link::Orphaned { since: now }) {
             Link::Quiescing { to, started } => {

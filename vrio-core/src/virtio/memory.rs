@@ -177,6 +177,25 @@ pub trait GuestMemory {
         self.write(addr, &val.to_le_bytes())
     }
 
+    /// Replaces the ring index at `addr` with `new` if it still holds
+    /// `current`: Ok(current), or Err(what it holds). Memory that another
+    /// party writes concurrently (guest RAM that an I/O server WRITEs) must
+    /// do it atomically; the default is a plain load and store, for
+    /// memories nobody else writes.
+    fn compare_exchange_u16(
+        &self,
+        addr: u64,
+        current: u16,
+        new: u16,
+    ) -> Result<Result<u16, u16>, MemoryError> {
+        let v = self.load_u16(addr)?;
+        if v != current {
+            return Ok(Err(v));
+        }
+        self.store_u16(addr, new)?;
+        Ok(Ok(v))
+    }
+
     /// Lends bytes `skip..skip + len` of the readable part (or the
     /// writable part) of the one chain this memory is a view of to `f`, in
     /// place, when it holds that part as one run of bytes: an I/O server's
@@ -206,6 +225,14 @@ impl<T: GuestMemory + ?Sized> GuestMemory for &T {
     }
     fn store_u16(&self, addr: u64, val: u16) -> Result<(), MemoryError> {
         (**self).store_u16(addr, val)
+    }
+    fn compare_exchange_u16(
+        &self,
+        addr: u64,
+        current: u16,
+        new: u16,
+    ) -> Result<Result<u16, u16>, MemoryError> {
+        (**self).compare_exchange_u16(addr, current, new)
     }
     fn lend_chain_part(
         &self,
@@ -246,6 +273,29 @@ impl GuestMemory for LocalMemory {
     fn store_u16(&self, addr: u64, val: u16) -> Result<(), MemoryError> {
         self.store(val.to_le(), GuestAddress(addr), Ordering::Release)
             .map_err(|e| access_err(addr, e))
+    }
+    fn compare_exchange_u16(
+        &self,
+        addr: u64,
+        current: u16,
+        new: u16,
+    ) -> Result<Result<u16, u16>, MemoryError> {
+        use vm_memory::VolatileMemory;
+        let s = self
+            .get_slice(GuestAddress(addr), 2)
+            .map_err(|e| access_err(addr, e))?;
+        // Checks the alignment, which an atomic needs.
+        let a = s
+            .get_atomic_ref::<std::sync::atomic::AtomicU16>(0)
+            .map_err(|e| access_err(addr, e))?;
+        Ok(a.compare_exchange(
+            current.to_le(),
+            new.to_le(),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        )
+        .map(u16::from_le)
+        .map_err(u16::from_le))
     }
 }
 

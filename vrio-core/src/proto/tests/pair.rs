@@ -932,6 +932,48 @@ fn logging_marks_every_written_page_before_the_guest_sees_it() {
     assert!(p.completed > done + 50, "{} then {}", done, p.completed);
 }
 
+/// LOG_ALL off while a logged batch's PUBLISH waits in the agent's queue:
+/// the server publishes its next batch itself, and the agent, taking the
+/// old PUBLISH afterwards, must not take used.idx back (the guest would
+/// lose the newer completions and wait for them forever).
+#[test]
+fn a_late_publish_after_logging_stops_never_takes_used_idx_back() {
+    let mut p = Pair::new(21, NotifyMode::Doorbell, small_queue());
+    p.spread = true;
+    let mut rng = SmallRng::seed_from_u64(21);
+    p.switch_log();
+    p.settle(4);
+    assert!(p.log_since.is_some());
+    let mut wire = |p: &mut Pair| {
+        for _ in 0..4 {
+            p.net.run(&mut rng, 10_000);
+            p.serve();
+        }
+        p.net.run(&mut rng, 10_000);
+    };
+    // Batch A, logged: its PUBLISH reaches the agent, which does not look.
+    p.post(2, false);
+    wire(&mut p);
+    let used = p.layout.used_idx();
+    assert_eq!(p.mem.load_u16(used).unwrap(), 0, "A waits for the agent");
+    // Logging off reaches the server; batch B is published by the server.
+    p.switch_log();
+    wire(&mut p);
+    p.post(2, false);
+    wire(&mut p);
+    assert_eq!(
+        p.mem.load_u16(used).unwrap(),
+        4,
+        "B published by the server"
+    );
+    // Now the agent takes A's PUBLISH (and the rest).
+    p.agent_poll();
+    assert_eq!(p.mem.load_u16(used).unwrap(), 4, "used.idx never goes back");
+    p.reap();
+    assert_eq!(p.completed, 4);
+    p.run(500, false, false);
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 
