@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use vrio_core::interpose::XtsStage;
-use vrio_integration::rxe;
+use vrio_integration::vhost::{require_tools, run_script, vrio_binaries};
 
 /// The test's key: 64 bytes (data key, tweak key) as 128 hex digits.
 const KEY: &str = "6b2f0e51a39c4d78e0125f6a9b3c7d41f80e2a6c5b9d1347a8e6f0c2b4d69e13\
@@ -47,31 +47,6 @@ const RAW_MIB: u64 = 4;
 /// Whole marker lines ("MARKER\n") in the raw region and in /marker.txt.
 const RAW_MARKERS: usize = (RAW_MIB as usize) * 1048576 / (MARKER.len() + 1);
 const FILE_MARKERS: usize = 1048576 / (MARKER.len() + 1);
-
-fn on_path(tool: &str) -> bool {
-    let dirs = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&dirs)
-        .chain(["/usr/sbin".into(), "/sbin".into()])
-        .any(|d| d.join(tool).is_file())
-}
-
-/// The log without terminal colour codes (tracing colours `key=value`).
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut it = s.chars();
-    while let Some(c) = it.next() {
-        if c == '\u{1b}' {
-            for d in it.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
 
 /// A directory of the test's own, removed at the end (kept with KEEP=1).
 struct TempDir(PathBuf);
@@ -96,47 +71,17 @@ impl Drop for TempDir {
 /// vrio-server and vrio-client (and vrio-ctl, which run.sh finds next to
 /// vrio-server), built once; the host's tools checked.
 fn binaries() -> (PathBuf, PathBuf) {
-    rxe::require_host("the vhost-user-blk guest");
-    for tool in ["mke2fs", "e2fsck", "debugfs", "md5sum", "qemu-img", "fio"] {
-        assert!(
-            on_path(tool),
-            "{tool} is missing on the host (e2fsprogs/coreutils/qemu-utils/fio; run scripts/setup.sh)"
-        );
-    }
-    let server = rxe::bin("vrio-examples", "vrio-server");
-    let client = rxe::bin("vrio-examples", "vrio-client");
-    rxe::bin("vrio-examples", "vrio-ctl");
-    (server, client)
+    require_tools(
+        "the vhost-user-blk guest",
+        &["mke2fs", "e2fsck", "debugfs", "md5sum", "qemu-img", "fio"],
+    );
+    vrio_binaries()
 }
 
 /// Runs `integration/vhost/run.sh` with `env` and `crypt.sh`; returns its
 /// whole output and whether it exited successfully.
 fn run_guest(bins: &(PathBuf, PathBuf), env: &[(&str, &str)]) -> (String, bool) {
-    let (server, client) = bins;
-    let dir = rxe::workspace_root().join("integration").join("vhost");
-    let script = dir.join("run.sh");
-    let guest = dir.join("crypt.sh");
-    for f in [&script, &guest] {
-        assert!(f.is_file(), "{} missing", f.display());
-    }
-    let t0 = std::time::Instant::now();
-    let out = Command::new("bash")
-        .arg(&script)
-        .arg(server)
-        .arg(client)
-        .arg(&guest)
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
-    let mut log = String::from_utf8_lossy(&out.stdout).into_owned();
-    log.push_str(&String::from_utf8_lossy(&out.stderr));
-    let log = strip_ansi(&log);
-    println!("{log}");
-    println!(
-        "vhost-user-blk crypt guest run took {:.1} s",
-        t0.elapsed().as_secs_f64()
-    );
-    (log, out.status.success())
+    run_script("run.sh", "crypt.sh", bins, env)
 }
 
 /// One boot of crypt.sh in `phase` on the encrypted `image`.

@@ -35,81 +35,17 @@
 //! O_DIRECT buffers, larger than its boot memory, reach the device.
 //! Everything runs from `integration/vhost/run.sh`.
 
-use std::path::Path;
-use std::process::Command;
-
-use vrio_integration::rxe;
-
-fn on_path(tool: &str) -> bool {
-    let dirs = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&dirs)
-        .chain(["/usr/sbin".into(), "/sbin".into()])
-        .any(|d| d.join(tool).is_file())
-}
-
-/// The log without terminal colour codes (tracing colours `key=value`).
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut it = s.chars();
-    while let Some(c) = it.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ parameters final-byte (a letter).
-            for d in it.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
+use vrio_integration::vhost::{require_tools, run_script, vrio_binaries};
 
 /// Runs `integration/vhost/run.sh` with `env` and the guest script
 /// `guest` (in `integration/vhost/`); returns its whole output and whether
 /// it exited successfully.
 fn run_guests(env: &[(&str, &str)], guest: &str) -> (String, bool) {
-    // QEMU, the kernel, busybox (and e2fsprogs): scripts/setup.sh installs
-    // them when missing; a host where that fails must fail here, loudly.
-    rxe::require_host("the vhost-user-blk guest");
-    for tool in ["mke2fs", "e2fsck", "debugfs", "md5sum", "qemu-img"] {
-        assert!(
-            on_path(tool),
-            "{tool} is missing on the host (e2fsprogs/coreutils/qemu-utils; run scripts/setup.sh)"
-        );
-    }
-    let server = rxe::bin("vrio-examples", "vrio-server");
-    let client = rxe::bin("vrio-examples", "vrio-client");
-    // run.sh finds these next to vrio-server (BACKEND=controlled).
-    for bin in ["vrio-controller", "vrio-ctl"] {
-        rxe::bin("vrio-examples", bin);
-    }
-    let dir = rxe::workspace_root().join("integration").join("vhost");
-    let script = dir.join("run.sh");
-    let guest = dir.join(guest);
-    for f in [&script, &guest] {
-        assert!(Path::new(f).is_file(), "{} missing", f.display());
-    }
-
-    let t0 = std::time::Instant::now();
-    let out = Command::new("bash")
-        .arg(&script)
-        .arg(&server)
-        .arg(&client)
-        .arg(&guest)
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
-    let mut log = String::from_utf8_lossy(&out.stdout).into_owned();
-    log.push_str(&String::from_utf8_lossy(&out.stderr));
-    let log = strip_ansi(&log);
-    println!("{log}");
-    println!(
-        "vhost-user-blk guest run took {:.1} s (TCG: correctness only)",
-        t0.elapsed().as_secs_f64()
+    require_tools(
+        "the vhost-user-blk guest",
+        &["mke2fs", "e2fsck", "debugfs", "md5sum", "qemu-img"],
     );
-    (log, out.status.success())
+    run_script("run.sh", guest, &vrio_binaries(), env)
 }
 
 /// The end of a guest loop run by `script` (its lines start with SCRIPT):

@@ -16,10 +16,7 @@
 //! host's side of the servers' gateway) pings both guests and sends them
 //! data over TCP.
 
-use std::path::Path;
-use std::process::Command;
-
-use vrio_integration::rxe;
+use vrio_integration::vhost::{require_tools, run_script, vrio_binaries};
 
 /// Runs `run-net.sh` with `env`; checks what every topology shares (both
 /// agents served, the guests pinged each other, the data guest 1 sent of
@@ -27,37 +24,11 @@ use vrio_integration::rxe;
 fn run_net(env: &[(&str, &str)], mib: u64) -> String {
     // QEMU, the kernel and busybox: scripts/setup.sh installs them when
     // missing; a host where that fails must fail here, loudly.
-    if let Err(e) = rxe::ensure_host() {
-        panic!("cannot run the vhost-user-net guests: {e}");
-    }
-    let server = rxe::build_bin("vrio-examples", "vrio-server").unwrap_or_else(|e| panic!("{e}"));
-    let client = rxe::build_bin("vrio-examples", "vrio-client").unwrap_or_else(|e| panic!("{e}"));
-    // run-net.sh mints the devices' credentials with it.
-    rxe::build_bin("vrio-examples", "vrio-ctl").unwrap_or_else(|e| panic!("{e}"));
-    let dir = rxe::workspace_root().join("integration").join("vhost");
-    let script = dir.join("run-net.sh");
-    let guest = dir.join("net.sh");
-    for f in [&script, &guest] {
-        assert!(Path::new(f).is_file(), "{} missing", f.display());
-    }
-    let t0 = std::time::Instant::now();
+    require_tools("the vhost-user-net guests", &[]);
     let netmb = mib.to_string();
-    let out = Command::new("bash")
-        .arg(&script)
-        .arg(&server)
-        .arg(&client)
-        .arg(&guest)
-        .envs([("NETMB", netmb.as_str()), ("TMO", "240"), ("NO_COLOR", "1")])
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
-    let mut log = String::from_utf8_lossy(&out.stdout).into_owned();
-    log.push_str(&String::from_utf8_lossy(&out.stderr));
-    println!("{log}");
-    println!(
-        "vhost-user-net guest run took {:.1} s (TCG: correctness only)",
-        t0.elapsed().as_secs_f64()
-    );
+    let mut all = vec![("NETMB", netmb.as_str()), ("TMO", "240")];
+    all.extend_from_slice(env);
+    let (log, ok) = run_script("run-net.sh", "net.sh", &vrio_binaries(), &all);
     let has = |s: &str| log.contains(s);
     for i in 1..=2 {
         assert!(
@@ -93,7 +64,7 @@ fn run_net(env: &[(&str, &str)], mib: u64) -> String {
         println!("{l}");
     }
     assert!(has("RESULT: PASS"), "run-net.sh result");
-    assert!(out.status.success(), "run-net.sh failed");
+    assert!(ok, "run-net.sh failed");
     log
 }
 

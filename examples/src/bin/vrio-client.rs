@@ -166,6 +166,10 @@ struct VhostNetArgs {
     /// Exit when the first VMM disconnects instead of waiting for the next.
     #[arg(long)]
     once: bool,
+    /// TEST ONLY: during a live migration, do not mark the RX buffers the
+    /// I/O server writes in the VMM's dirty log (see vhost-user-blk's).
+    #[arg(long, hide = true)]
+    test_unlogged_writes: bool,
     #[command(flatten)]
     obs: ObsArgs,
 }
@@ -518,6 +522,7 @@ fn vhost_user_net(a: &VhostNetArgs) -> Result<(), Box<dyn std::error::Error>> {
         device_id: a.device_id,
         agent: AgentConfig {
             mode: a.link.mode.notify(),
+            log_data: !a.test_unlogged_writes,
             ..AgentConfig::default()
         },
         placement: Arc::new(Placement::default()),
