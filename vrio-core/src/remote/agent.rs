@@ -388,14 +388,17 @@ pub fn attach_placed(
     let stats = ctx.stats.clone();
     let (w, sp) = (wake.clone(), stopping.clone());
     let device = dev.device_id;
+    let queue_base = cfg.queue_base;
     let join = std::thread::Builder::new()
         .name(format!("vrio-agent-{device}"))
         .spawn(move || {
             // Every line the agent logs (resumes after a move or a
             // failover, lost servers) carries its device: operators act on
             // device and queue.
+            // (A vhost-user vring is a device of one queue from its base.)
             let _span =
-                tracing::info_span!("agent", device = format_args!("{device:#x}")).entered();
+                tracing::info_span!("agent", device = format_args!("{device:#x}"), queue_base)
+                    .entered();
             run(queues, &ctx, epoll, &w, &sp, &rx);
             ctx.stats.cpu_ns.store(thread_cpu_ns(), Relaxed);
             // Queues (and their endpoints) went with `run`; now the memory.

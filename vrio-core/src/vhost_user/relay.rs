@@ -241,7 +241,14 @@ pub fn serve_relayed(
         h.send_exit_event();
     }
     relayed.map_err(|x| e("relay", x))?;
-    waited.map_err(|x| x.to_string())
+    match waited {
+        // The VMM went away (it quit, or a migration ended): the usual end
+        // of a session, not an error.
+        Err(vhost_user_backend::Error::HandleRequest(vhost::vhost_user::Error::Disconnected)) => {
+            Ok(())
+        }
+        w => w.map_err(|x| x.to_string()),
+    }
 }
 
 /// Relays `front` (QEMU) <-> `back` (the daemon) until either side closes.

@@ -182,7 +182,14 @@ impl VrioBackend {
             _ => DRAIN_TIMEOUT,
         };
         let stopped_at = match (&ring, drain) {
-            (Some((layout, mem, _)), true) => Some(drain_ring(q, layout, mem, wait)),
+            (Some((layout, mem, _)), true) => {
+                // vhost-user-backend took the kick fd off its epoll before
+                // calling us: a kick it had not read yet is gone. Announce
+                // whatever the guest made available, or the drain waits
+                // for requests the agent never heard of.
+                self.forward_kick(q);
+                Some(drain_ring(q, layout, mem, wait))
+            }
             _ => None,
         };
         if stopped_at.is_some() {
