@@ -167,30 +167,7 @@ start_qemu() {  # SIDE [INCOMING-URI]: QEMU number QN+1
   QPIDS[$n]=$!
   say "QEMU $n (pid ${QPIDS[$n]}) on side $side${inc:+, -incoming $inc}"
 }
-qemu_alive() { kill -0 "${QPIDS[$1]}" 2>/dev/null; }
-# Waits for QEMU N to end (up to S s), then kills it; prints its log.
-reap_qemu() {  # N S
-  local n=$1
-  for _ in $(seq $(($2 * 10))); do qemu_alive "$n" || break; sleep 0.1; done
-  qemu_alive "$n" && { say "QEMU $n still running: killed"; kill "${QPIDS[$n]}"; }
-  wait "${QPIDS[$n]}" 2>/dev/null; local rc=$?
-  unset "QPIDS[$n]"
-  say "QEMU $n exited rc=$rc"
-  [ -s "$WORK/qemu-$n.log" ] && sed "s/^/  qemu $n: /" "$WORK/qemu-$n.log"
-  return 0
-}
-# A free TCP port, and QEMU N listening on it (-incoming).
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-listening() {  # N PORT
-  for _ in $(seq 600); do
-    ss -Hltn "sport = :$2" 2>/dev/null | grep -q . && return 0
-    qemu_alive "$1" || break
-    sleep 0.1
-  done
-  echo "FAIL host: QEMU $1 does not listen on port $2 (alive: $(qemu_alive "$1" && echo yes || echo no))"
-  [ -s "$WORK/qemu-$1.log" ] && sed "s/^/  qemu $1: /" "$WORK/qemu-$1.log"
-  return 1
-}
+. "$HERE/migrate-lib.sh"
 # The guest's serial lines ("VRIO[") so far, over every QEMU.
 serial() { cat "$WORK"/serial-*.log 2>/dev/null | tr -d '\r'; }
 wait_serial() {  # N MARK SECONDS
