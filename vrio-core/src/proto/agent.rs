@@ -524,8 +524,7 @@ impl HostQueue {
             return;
         }
         if imm & NOTIFY_IMM != 0 {
-            self.actions.push_back(Action::Interrupt);
-            self.stats.interrupts.fetch_add(1, Relaxed);
+            self.interrupt();
         }
     }
 
@@ -589,8 +588,7 @@ impl HostQueue {
                 next_used: cur,
                 ..st
             });
-            self.actions.push_back(Action::Interrupt);
-            self.stats.interrupts.fetch_add(1, Relaxed);
+            self.interrupt();
             return Ok(());
         }
         // What the guest cannot see yet: from the index in guest memory.
@@ -643,8 +641,7 @@ impl HostQueue {
             ..st
         });
         if published != new {
-            self.actions.push_back(Action::Interrupt);
-            self.stats.interrupts.fetch_add(1, Relaxed);
+            self.interrupt();
             return Ok(());
         }
         if let Some(log) = &self.log {
@@ -655,10 +652,15 @@ impl HostQueue {
         self.stats.logged_ranges.fetch_add(ranges, Relaxed);
         self.stats.completions.fetch_add(1, Relaxed);
         if self.dq.needs_notification(mem)? {
-            self.actions.push_back(Action::Interrupt);
-            self.stats.interrupts.fetch_add(1, Relaxed);
+            self.interrupt();
         }
         Ok(())
+    }
+
+    /// Interrupts the guest (counted).
+    fn interrupt(&mut self) {
+        self.actions.push_back(Action::Interrupt);
+        self.stats.interrupts.fetch_add(1, Relaxed);
     }
 
     /// Whether a used index `idx` can be the server's with the guest's avail
@@ -827,8 +829,7 @@ impl HostQueue {
         // The old server may have published completions and died (or
         // handed over) before it asked for their interrupt: one spurious
         // interrupt makes the guest look, a missing one could hang it.
-        self.actions.push_back(Action::Interrupt);
-        self.stats.interrupts.fetch_add(1, Relaxed);
+        self.interrupt();
         if !self.polled_by_server {
             // Requests the guest posted while the queue was moving.
             if let Err(e) = self.push(mem) {
