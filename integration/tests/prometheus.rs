@@ -407,13 +407,18 @@ fn prometheus_scrapes_server_client_and_controller_during_a_verified_workload() 
     let body = loop {
         let (status, body) = http_get(&controller_metrics, "/metrics").expect("GET /metrics");
         assert_eq!(status, 200, "{body}");
-        if body.contains("vrio_controller_leader 1") || Instant::now() > deadline {
+        // The sample's own line: the HELP text also says "... 1 when".
+        let leads = body.lines().any(|l| l == "vrio_controller_leader 1");
+        if leads || Instant::now() > deadline {
             break body;
         }
         std::thread::sleep(Duration::from_millis(50));
     };
+    assert!(
+        body.lines().any(|l| l == "vrio_controller_leader 1"),
+        "the controller did not lead within 30 s:\n{body}"
+    );
     for family in [
-        "vrio_controller_leader 1",
         "vrio_controller_servers_alive 0",
         "# TYPE vrio_controller_rpcs_total counter",
         "vrio_controller_rpcs_total{method=\"RegisterServer\",code=\"OK\"} 0",
