@@ -108,14 +108,17 @@ fi
 # Starts vrio-client with CLIENT_ARGS, appending to client.log, its pid in
 # CPID and $WORK/client.pid; returns once it listens on the socket.
 start_client() {
-  local before
+  local before up=
   before=$(grep -c 'waiting for a VMM' "$WORK/client.log" 2>/dev/null); before=${before:-0}
+  # A killed client leaves its socket file, which the new one unlinks
+  # before it binds (after it logs): gone first, the file means bound.
+  rm -f "$SOCK"
   RUST_LOG=${RUST_LOG:-info} "$CLIENT" "${CLIENT_ARGS[@]}" >> "$WORK/client.log" 2>&1 &
   CPID=$!; echo "$CPID" > "$WORK/client.pid"
   listening() { [ -S "$SOCK" ] && [ "$(grep -c 'waiting for a VMM' "$WORK/client.log")" -gt "$before" ]; }
   # Up to 30 s: a restart under load must not fail on a slow start.
-  for _ in $(seq 600); do listening && break; sleep 0.05; done
-  listening || { echo "vrio-client did not start on $SOCK:"; cat "$WORK/client.log"; echo "RESULT: FAIL"; return 1; }
+  for _ in $(seq 600); do listening && { up=1; break; }; sleep 0.05; done
+  [ -n "$up" ] || { echo "vrio-client did not start on $SOCK:"; cat "$WORK/client.log"; echo "RESULT: FAIL"; return 1; }
   [ "$before" != 0 ] || head -n1 "$WORK/client.log"
 }
 

@@ -449,6 +449,12 @@ pub trait Endpoint: Send {
     fn arm(&mut self) -> Result<(), FabricError>;
     /// Short description of the peer.
     fn peer(&self) -> String;
+    /// Whether the peer's CPU serves this endpoint's one-sided operations
+    /// (the software fabric's threads do; an RNIC and `shm` do not), so
+    /// that a protocol can weigh a READ against a message.
+    fn one_sided_costs_peer_cpu(&self) -> bool {
+        false
+    }
 }
 
 /// Which back-end to use.

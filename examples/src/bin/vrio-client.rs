@@ -48,7 +48,8 @@ enum Mode {
     Doorbell,
     /// The server READs the guests' avail rings; guest kicks are suppressed.
     RemotePoll,
-    /// Doorbells while quiet, remote polling while busy.
+    /// Doorbells or remote polling, whichever costs the server's sidecore
+    /// less CPU per request (it measures both); doorbells while quiet.
     Adaptive,
 }
 

@@ -63,7 +63,8 @@ pub enum NotifyMode {
     RemotePoll,
     /// The agent pushes new avail entries with their descriptors.
     Doorbell,
-    /// Doorbells while quiet, remote polling while busy.
+    /// Doorbells or remote polling, whichever costs the server's sidecore
+    /// less CPU per request (it measures both); doorbells while quiet.
     Adaptive,
 }
 

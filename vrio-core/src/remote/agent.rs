@@ -117,6 +117,9 @@ const SEND_SLOTS: usize = 64;
 const RECV_SLOTS: usize = 32;
 const RECV_TAG: u64 = 1 << 63;
 const WAKE: u64 = u64::MAX;
+/// Marks a guest kick fd's epoll token (the rest is the queue index), so
+/// that a wake for the link alone costs no read of the kick fd.
+const KICK: u64 = 1 << 32;
 /// How long a message may wait for a send slot before the link is given up.
 const SEND_WAIT: Duration = Duration::from_secs(10);
 
@@ -368,7 +371,7 @@ pub fn attach_placed(
         epoll.ctl(
             ControlOperation::Add,
             q.kick.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, i as u64),
+            EpollEvent::new(EventSet::IN, KICK | i as u64),
         )?;
         if let Some(c) = &mut q.conn {
             epoll.ctl(
@@ -682,17 +685,21 @@ impl AgentQueue {
         }
     }
 
-    /// Handles this queue's events; errors end its link.
-    fn service(&mut self, ctx: &Ctx, epoll: &Epoll) {
+    /// Handles this queue's events (`kicked`: epoll reported its kick fd,
+    /// which is level-triggered, so one not reported is not readable);
+    /// errors end its link.
+    fn service(&mut self, ctx: &Ctx, epoll: &Epoll, kicked: bool) {
         let now = Instant::now();
         if self.conn.is_none() {
             // Orphaned: kicks are remembered by the ring itself.
-            let _ = self.kick.read();
+            if kicked {
+                let _ = self.kick.read();
+            }
         } else {
             if let Err(e) = self.completions(ctx) {
                 self.proto.on_link_error(e, now);
             }
-            if self.kick.read().is_ok() || self.proto.needs_push() {
+            if (kicked && self.kick.read().is_ok()) || self.proto.needs_push() {
                 self.proto.on_kick(&*ctx.mem, now);
             }
             if let Some(c) = &mut self.conn {
@@ -832,8 +839,9 @@ fn run(
                 }
             }
         }
-        for q in queues.iter_mut() {
-            q.service(ctx, &epoll);
+        for (i, q) in queues.iter_mut().enumerate() {
+            let kicked = events[..n].iter().any(|e| e.data() == KICK | i as u64);
+            q.service(ctx, &epoll, kicked);
         }
         // Keeps the used indexes fresh; state changes publish at once.
         if published.elapsed() > Duration::from_millis(100) {

@@ -146,6 +146,15 @@ impl<D: DeviceModel> ServedQueue for RemoteQueue<D> {
         }
     }
 
+    fn advise_remote_poll(&mut self, remote_poll: bool) -> Option<bool> {
+        let ring = &mut self.core.ring;
+        if ring.mode != NotifyMode::Adaptive {
+            return None;
+        }
+        ring.advice = Some(remote_poll);
+        Some(!self.link.ep.one_sided_costs_peer_cpu())
+    }
+
     fn name(&self) -> &str {
         &self.core.ring.name
     }

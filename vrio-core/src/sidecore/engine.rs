@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::chooser::{ChooserConfig, Discovery, ModeChooser};
 use super::{Backoff, ServedQueue, SidecoreStats};
 
 /// How a sidecore batches, when its queues go back to kicks, and how it
@@ -18,6 +19,9 @@ pub struct SidecoreConfig {
     pub poll_idle: Duration,
     /// How the sidecore waits when no queue has work.
     pub backoff: Backoff,
+    /// How adaptive remote queues choose between doorbells and remote
+    /// polling (see [`ModeChooser`]).
+    pub chooser: ChooserConfig,
 }
 
 impl Default for SidecoreConfig {
@@ -26,6 +30,7 @@ impl Default for SidecoreConfig {
             batch: 32,
             poll_idle: Duration::from_millis(100),
             backoff: Backoff::default(),
+            chooser: ChooserConfig::default(),
         }
     }
 }
@@ -54,6 +59,9 @@ struct Slot {
     queue: Box<dyn ServedQueue>,
     polling: bool,
     last_work: Instant,
+    /// Takes the chooser's advice (an adaptive remote queue), and
+    /// whether its remote polls cost the VM host no CPU.
+    adaptive: Option<bool>,
 }
 
 /// The scheduling state of one sidecore: its queues, each in poll or
@@ -67,6 +75,11 @@ pub struct Sidecore {
     stats: Arc<SidecoreStats>,
     empty_rounds: u32,
     next_id: u64,
+    chooser: ModeChooser,
+    /// The way the adaptive queues were last advised to use.
+    advice: Discovery,
+    /// An adaptive queue's remote polls cost its VM host CPU.
+    doorbells_only: bool,
 }
 
 impl Sidecore {
@@ -79,6 +92,9 @@ impl Sidecore {
             stats: Arc::default(),
             empty_rounds: 0,
             next_id: 1,
+            chooser: ModeChooser::new(cfg.chooser),
+            advice: Discovery::Doorbells,
+            doorbells_only: false,
         }
     }
 
@@ -119,14 +135,68 @@ impl Sidecore {
         if let Err(e) = queue.set_notifications(false) {
             tracing::warn!(queue = queue.name(), error = %e, "cannot suppress kicks");
         }
+        let adaptive = queue.advise_remote_poll(self.advice == Discovery::RemotePoll);
         self.slots.push(Slot {
             id,
             queue,
             polling: true,
             last_work: now,
+            adaptive,
         });
         self.empty_rounds = 0;
+        self.restart_chooser();
         id
+    }
+
+    /// The queues changed: what the chooser measured no longer describes
+    /// them, and the tie may go the other way.
+    fn restart_chooser(&mut self) {
+        let mut adaptive = self.slots.iter().filter_map(|s| s.adaptive).peekable();
+        let any = adaptive.peek().is_some();
+        let cheap = adaptive.all(|c| c);
+        self.chooser.lean_remote(any && cheap);
+        // Where a queue's remote polls cost its VM host CPU (`soft`: the
+        // host's fabric threads serve every READ), doorbells, unmeasured:
+        // remote polls cost the sidecore more there too, at every load of
+        // the bench grid (0.3-0.8x the per-core rate), and each comparison
+        // would spend an epoch in them.
+        self.doorbells_only = any && !cheap;
+        self.chooser.restart();
+    }
+
+    /// The way adaptive remote queues are advised to use now.
+    pub fn discovery(&self) -> Discovery {
+        self.advice
+    }
+
+    /// The chooser's comparisons so far, and how many changed its choice.
+    pub fn discovery_counts(&self) -> (u64, u64) {
+        self.chooser.counts()
+    }
+
+    /// The runtime's CPU clock (`cpu_ns`, of the thread that drives the
+    /// rounds) at `now`: feeds the chooser, and advises the adaptive queues
+    /// when its answer changes. Call it every few milliseconds; it does
+    /// nothing while no queue is adaptive. An adaptive queue whose remote
+    /// polls cost its VM host CPU (`soft`) keeps every queue here on
+    /// doorbells without measuring.
+    pub fn observe_cpu(&mut self, now: Instant, cpu_ns: u64) {
+        if !self.slots.iter().any(|s| s.adaptive.is_some()) {
+            return;
+        }
+        let d = if self.doorbells_only {
+            Discovery::Doorbells
+        } else {
+            let requests = self.stats.requests.load(Relaxed);
+            self.chooser.observe(now, cpu_ns, requests)
+        };
+        if d != self.advice {
+            self.advice = d;
+            let on = d == Discovery::RemotePoll;
+            for s in self.slots.iter_mut().filter(|s| s.adaptive.is_some()) {
+                s.queue.advise_remote_poll(on);
+            }
+        }
     }
 
     /// Removes a queue (to move it elsewhere or detach it). Guest kicks are
@@ -134,6 +204,7 @@ impl Sidecore {
     pub fn remove(&mut self, id: u64) -> Option<Box<dyn ServedQueue>> {
         let i = self.slots.iter().position(|s| s.id == id)?;
         let mut slot = self.slots.remove(i);
+        self.restart_chooser();
         if let Err(e) = slot.queue.set_notifications(true) {
             tracing::warn!(queue = slot.queue.name(), error = %e, "cannot re-enable kicks");
         }

@@ -7,6 +7,7 @@
 //! epoll set of kick fds for when every queue sleeps, and a command channel.
 
 mod backoff;
+mod chooser;
 mod engine;
 mod stats;
 mod thread;
@@ -14,6 +15,7 @@ mod thread;
 use std::os::fd::RawFd;
 
 pub use backoff::Backoff;
+pub use chooser::{ChooserConfig, Discovery, ModeChooser};
 pub use engine::{RoundOutcome, Sidecore, SidecoreConfig};
 pub use stats::{SidecoreStats, StatsSnapshot};
 pub use thread::{SidecoreHandle, SidecoreThread};
@@ -48,6 +50,15 @@ pub trait ServedQueue: Send {
     /// queue costs no fabric traffic while its guest is idle.
     fn take_kick(&mut self) -> bool {
         true
+    }
+    /// The sidecore's advice on how to learn of requests, from what it
+    /// measured ([`ModeChooser`]): by remote polls while busy (`true`), or
+    /// by the VM host's doorbells. An adaptive remote queue takes it (it
+    /// switches at its next batch) and returns whether its remote polls
+    /// cost the VM host no CPU (see [`ModeChooser::lean_remote`]); the
+    /// default ignores it and returns None.
+    fn advise_remote_poll(&mut self, _remote_poll: bool) -> Option<bool> {
+        None
     }
     /// The queue's name (`dev<key>.q<queue>` on an I/O server).
     fn name(&self) -> &str;

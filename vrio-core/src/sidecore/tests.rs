@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::RawFd;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,10 @@ struct FakeState {
     race_on_enable: u32,
     served_batches: VecDeque<u32>,
     fail: bool,
+    /// Takes the chooser's advice, and the advice it was given.
+    adaptive: bool,
+    remote_cheap: bool,
+    advice: Vec<bool>,
 }
 
 struct FakeQueue {
@@ -60,6 +65,13 @@ impl ServedQueue for FakeQueue {
     fn take_kick(&mut self) -> bool {
         std::mem::take(&mut self.s.lock().unwrap().kicked)
     }
+    fn advise_remote_poll(&mut self, remote_poll: bool) -> Option<bool> {
+        let mut s = self.s.lock().unwrap();
+        if s.adaptive {
+            s.advice.push(remote_poll);
+        }
+        s.adaptive.then_some(s.remote_cheap)
+    }
     fn name(&self) -> &str {
         &self.name
     }
@@ -85,6 +97,7 @@ fn cfg() -> SidecoreConfig {
             min_sleep: Duration::from_micros(10),
             max_sleep: Duration::from_micros(80),
         },
+        ..SidecoreConfig::default()
     }
 }
 
@@ -286,4 +299,169 @@ fn in_flight_work_keeps_the_queue_polled_without_counting_as_done() {
     let st = sc.stats().snapshot();
     assert_eq!(st.requests, 4);
     assert_eq!(st.empty_polls, 0);
+}
+
+/// A steady load through a chooser: `rate` requests per second, each
+/// costing `ns(way)` of CPU in the way the chooser asks for, observed every
+/// 2 ms from `t0` for `secs`. Returns the time spent in each way after
+/// `from` seconds (doorbells, remote polls).
+fn drive(
+    c: &mut ModeChooser,
+    t0: Instant,
+    secs: f64,
+    rate: f64,
+    ns: impl Fn(Discovery, f64) -> f64,
+    from: f64,
+) -> (Duration, Duration) {
+    let step = Duration::from_millis(2);
+    let (mut cpu, mut reqs) = (0f64, 0f64);
+    let (mut db, mut rp) = (Duration::ZERO, Duration::ZERO);
+    let mut way = c.observe(t0, 0, 0);
+    let steps = (secs / 0.002) as u32;
+    for i in 1..=steps {
+        let t = i as f64 * 0.002;
+        let n = rate * 0.002;
+        reqs += n;
+        cpu += n * ns(way, t);
+        if t > from {
+            match way {
+                Discovery::Doorbells => db += step,
+                Discovery::RemotePoll => rp += step,
+            }
+        }
+        way = c.observe(t0 + step * i, cpu as u64, reqs as u64);
+    }
+    (db, rp)
+}
+
+#[test]
+fn the_chooser_takes_remote_polls_when_they_cost_the_sidecore_less() {
+    let mut c = ModeChooser::new(ChooserConfig::default());
+    let cost = |w, _| match w {
+        Discovery::Doorbells => 1_000.0,
+        Discovery::RemotePoll => 700.0,
+    };
+    // Chosen within the first comparison, then kept: probes of doorbells
+    // take a small share of the time.
+    let (db, rp) = drive(&mut c, Instant::now(), 10.0, 500_000.0, cost, 0.1);
+    assert_eq!(c.chosen(), Discovery::RemotePoll);
+    assert!(
+        db.as_secs_f64() < 0.04 * rp.as_secs_f64(),
+        "{db:?} in doorbells, {rp:?} in remote polls"
+    );
+    let (comparisons, switches) = c.counts();
+    assert_eq!(switches, 1);
+    assert!((3..=12).contains(&comparisons), "{comparisons} comparisons");
+}
+
+#[test]
+fn the_chooser_keeps_doorbells_when_remote_polls_cost_more_or_about_the_same() {
+    for remote in [1_500.0, 980.0] {
+        let mut c = ModeChooser::new(ChooserConfig::default());
+        let cost = |w, _| match w {
+            Discovery::Doorbells => 1_000.0,
+            Discovery::RemotePoll => remote,
+        };
+        let (db, rp) = drive(&mut c, Instant::now(), 10.0, 200_000.0, cost, 0.0);
+        assert_eq!(c.chosen(), Discovery::Doorbells, "remote at {remote} ns");
+        assert_eq!(c.counts().1, 0, "a choice within the margin flapped");
+        assert!(
+            rp.as_secs_f64() < 0.04 * db.as_secs_f64(),
+            "{rp:?} probing remote polls at {remote} ns"
+        );
+    }
+}
+
+#[test]
+fn a_tie_goes_to_remote_polls_when_they_cost_the_vm_host_nothing() {
+    for (remote, want) in [
+        (1_030.0, Discovery::RemotePoll),
+        (900.0, Discovery::RemotePoll),
+        (1_200.0, Discovery::Doorbells),
+    ] {
+        let mut c = ModeChooser::new(ChooserConfig::default());
+        c.lean_remote(true);
+        let cost = |w, _| match w {
+            Discovery::Doorbells => 1_000.0,
+            Discovery::RemotePoll => remote,
+        };
+        drive(&mut c, Instant::now(), 5.0, 200_000.0, cost, 0.0);
+        assert_eq!(c.chosen(), want, "remote polls at {remote} ns");
+    }
+}
+
+#[test]
+fn the_chooser_keeps_doorbells_under_too_little_load_to_tell() {
+    let mut c = ModeChooser::new(ChooserConfig::default());
+    // 5,000 requests/s: 100 an epoch, under min_requests; remote polls
+    // would look cheaper, but an idle queue pays for every empty poll.
+    let cost = |w, _| match w {
+        Discovery::Doorbells => 1_000.0,
+        Discovery::RemotePoll => 100.0,
+    };
+    let (_, rp) = drive(&mut c, Instant::now(), 5.0, 5_000.0, cost, 0.0);
+    assert_eq!(rp, Duration::ZERO);
+    assert_eq!(c.counts(), (0, 0));
+}
+
+#[test]
+fn the_chooser_follows_a_change_of_load_within_its_longest_hold() {
+    let mut c = ModeChooser::new(ChooserConfig::default());
+    // Remote polls cheaper for 6 s, then doorbells (the load fell to
+    // one request in flight, say).
+    let cost = |w, t: f64| match (w, t < 6.0) {
+        (Discovery::Doorbells, true) | (Discovery::RemotePoll, false) => 1_000.0,
+        _ => 600.0,
+    };
+    let t0 = Instant::now();
+    let max_hold = ChooserConfig::default().max_hold.as_secs_f64();
+    let (db, rp) = drive(&mut c, t0, 6.0 + max_hold + 0.2, 300_000.0, cost, 6.0);
+    assert_eq!(c.chosen(), Discovery::Doorbells);
+    assert!(rp.as_secs_f64() <= max_hold + 0.1, "{rp:?} {db:?}");
+    assert_eq!(c.counts().1, 2);
+}
+
+/// A sidecore with an adaptive queue (whose remote polls cost its VM host
+/// nothing when `cheap`) and a doorbell queue, driven for 400 ms where
+/// remote polls cost the sidecore 600 ns a request and doorbells 1,000.
+fn advised(cheap: bool) -> (Sidecore, Vec<bool>, Vec<bool>) {
+    let mut sc = Sidecore::new(cfg());
+    let t0 = Instant::now();
+    let (a, sa) = fake("adaptive");
+    sa.lock().unwrap().adaptive = true;
+    sa.lock().unwrap().remote_cheap = cheap;
+    let (b, sb) = fake("doorbell");
+    sc.add(a, t0);
+    sc.add(b, t0);
+    let (mut cpu, mut t) = (0u64, t0);
+    for _ in 0..200 {
+        t += Duration::from_millis(2);
+        let remote = sc.discovery() == Discovery::RemotePoll;
+        cpu += 1_000 * if remote { 600 } else { 1_000 };
+        sc.stats().requests.fetch_add(1_000, Relaxed);
+        sc.observe_cpu(t, cpu);
+    }
+    let a = sa.lock().unwrap().advice.clone();
+    let b = sb.lock().unwrap().advice.clone();
+    (sc, a, b)
+}
+
+#[test]
+fn adaptive_queues_take_the_sidecores_advice_and_others_are_left_alone() {
+    let (sc, a, b) = advised(true);
+    // Told doorbells when added, then remote polls once measured.
+    assert_eq!(a.first(), Some(&false));
+    assert_eq!(sc.discovery(), Discovery::RemotePoll);
+    assert_eq!(a.last(), Some(&true), "{a:?}");
+    assert!(b.is_empty());
+}
+
+#[test]
+fn queues_whose_remote_polls_cost_the_vm_host_cpu_keep_doorbells() {
+    // Over `soft` the VM host's fabric threads serve every READ: no
+    // comparison, however cheap remote polls look to the sidecore.
+    let (sc, a, _) = advised(false);
+    assert_eq!(sc.discovery(), Discovery::Doorbells);
+    assert!(a.iter().all(|r| !r), "{a:?}");
+    assert_eq!(sc.discovery_counts(), (0, 0));
 }

@@ -110,6 +110,8 @@ impl Drop for SidecoreHandle {
 }
 
 const WAKE_TOKEN: u64 = u64::MAX;
+/// How often the thread reads its CPU clock for the chooser.
+const OBSERVE_EVERY: Duration = Duration::from_millis(2);
 
 fn rebuild_epoll(epoll: &Epoll, registered: &mut Vec<RawFd>, core: &Sidecore, wake: RawFd) {
     for fd in registered.drain(..) {
@@ -138,6 +140,7 @@ fn run(
     let mut registered = Vec::new();
     rebuild_epoll(&epoll, &mut registered, &core, wake.as_raw_fd());
     let mut events = vec![EpollEvent::default(); 64];
+    let mut observed = Instant::now();
     loop {
         let mut changed = false;
         while let Ok(cmd) = rx.try_recv() {
@@ -159,7 +162,13 @@ fn run(
         if changed {
             rebuild_epoll(&epoll, &mut registered, &core, wake.as_raw_fd());
         }
-        match core.round(Instant::now()) {
+        let now = Instant::now();
+        // The chooser's clock: a few readings per epoch, each a syscall.
+        if now.saturating_duration_since(observed) >= OBSERVE_EVERY {
+            observed = now;
+            core.observe_cpu(now, thread_cpu_ns());
+        }
+        match core.round(now) {
             RoundOutcome::Worked => {}
             RoundOutcome::InFlight => std::thread::yield_now(),
             RoundOutcome::Idle { sleep: None, .. } => std::hint::spin_loop(),

@@ -406,6 +406,11 @@ impl Endpoint for SoftEndpoint {
         Ok(())
     }
 
+    fn one_sided_costs_peer_cpu(&self) -> bool {
+        // The target's fabric thread executes every READ and WRITE.
+        true
+    }
+
     fn peer(&self) -> String {
         self.peer.clone()
     }

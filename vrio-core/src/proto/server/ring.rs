@@ -165,6 +165,12 @@ pub struct ServerRing {
     pub(crate) areas: Areas,
     pub(crate) mode: NotifyMode,
     pub(crate) polling_remote: bool,
+    /// Adaptive: the sidecore's measured advice (remote polls or
+    /// doorbells), once it gave one; until then the queue's own
+    /// heuristic (busy batches) decides.
+    pub(crate) advice: Option<bool>,
+    /// Advised to doorbells while taking a batch: switch once it is taken.
+    leave_polls: bool,
     pub(crate) layout: RingLayout,
     features: RingFeatures,
     map: MemoryMap,
@@ -295,6 +301,8 @@ impl ServerRing {
             areas,
             mode: attach.mode,
             polling_remote: attach.mode == NotifyMode::RemotePoll,
+            advice: None,
+            leave_polls: false,
             layout,
             features: attach.features,
             map,
@@ -924,6 +932,9 @@ impl ServerRing {
         if self.mode != NotifyMode::Adaptive {
             return Ok(());
         }
+        if let Some(remote) = self.advice {
+            return self.follow_advice(remote, n);
+        }
         if self.polling_remote {
             if n == 0 {
                 self.idle_run += 1;
@@ -936,19 +947,44 @@ impl ServerRing {
         } else if n >= self.cfg.busy_batch {
             self.busy_run += 1;
             if self.busy_run >= self.cfg.busy_polls {
-                self.busy_run = 0;
-                self.idle_run = 0;
-                self.polling_remote = true;
-                self.stats.mode_switches.fetch_add(1, Relaxed);
-                self.send(Message::SetMode(SetMode {
-                    poll: true,
-                    next_avail: self.next_avail.0,
-                }))?;
+                self.start_remote_polls()?;
             }
         } else {
             self.busy_run = 0;
         }
         Ok(())
+    }
+
+    /// Adaptive with the sidecore's advice: remote polls while the queue
+    /// has work, if they are the cheaper way; doorbells otherwise, and
+    /// after `idle_polls` empty polls (an idle queue costs nothing with
+    /// doorbells, a READ a poll without).
+    fn follow_advice(&mut self, remote: bool, n: usize) -> Result<(), RemoteQueueError> {
+        if self.polling_remote {
+            self.idle_run = if n == 0 { self.idle_run + 1 } else { 0 };
+            if n > 0 && !remote {
+                // After this batch is taken: the agent pushes from the
+                // index the switch names, which must be past it.
+                self.leave_polls = true;
+            } else if !remote || self.idle_run >= self.cfg.idle_polls {
+                self.switch_to_doorbells()?;
+            }
+        } else if remote && n > 0 {
+            self.start_remote_polls()?;
+        }
+        Ok(())
+    }
+
+    fn start_remote_polls(&mut self) -> Result<(), RemoteQueueError> {
+        self.busy_run = 0;
+        self.idle_run = 0;
+        self.polling_remote = true;
+        self.stats.mode_switches.fetch_add(1, Relaxed);
+        self.send(Message::SetMode(SetMode {
+            poll: true,
+            next_avail: self.next_avail.0,
+        }))
+        .map(|_| ())
     }
 
     /// Hands discovery back to the agent. It pushes everything from our
@@ -1116,6 +1152,9 @@ impl ServerRing {
             self.recycle(e);
         }
         self.next_avail += Wrapping(n as u16);
+        if std::mem::take(&mut self.leave_polls) {
+            self.switch_to_doorbells()?;
+        }
         Ok(Some(Some(heads)))
     }
 

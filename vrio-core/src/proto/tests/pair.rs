@@ -186,6 +186,10 @@ struct Pair {
     /// churn or hostile requests must have none (`run` re-places an
     /// orphaned queue, which would hide a server failing for no reason).
     server_errors: Vec<String>,
+    /// The sidecore's advice given to every server queue (adaptive).
+    advice: Option<bool>,
+    /// Change the advice at random steps.
+    advice_churn: bool,
     agent_stats: Arc<AgentStats>,
     /// Answers on a page per head (see [`SPREAD`]).
     spread: bool,
@@ -259,6 +263,8 @@ impl Pair {
             moves: 0,
             kills: 0,
             server_errors: Vec::new(),
+            advice: None,
+            advice_churn: false,
             agent_stats: stats,
             spread: false,
             log: Arc::new(DirtyLog::anonymous(MEM / 4096 / 8).unwrap()),
@@ -291,6 +297,7 @@ impl Pair {
         };
         let mut server =
             RequestQueue::new(&attach, Echo, self.cfg, self.stats.clone(), self.now).unwrap();
+        server.ring.advice = self.advice;
         let server_dom = self.net.domain().unwrap();
         let [(sp, sl), (rp, rl)] = server.ring.buffers();
         // SAFETY: the ring owns both buffers; the link drops these
@@ -614,6 +621,10 @@ impl Pair {
     }
 
     fn step(&mut self, churn: bool, hostile: bool, posting: bool) {
+        if self.advice_churn && self.rng.gen_range(0..64) == 0 {
+            let a = [None, Some(false), Some(true)][self.rng.gen_range(0..3)];
+            self.advise(a);
+        }
         match self.pick(churn) {
             Step::Net => {
                 let mut rng = SmallRng::seed_from_u64(self.rng.gen());
@@ -765,6 +776,43 @@ fn adaptive_switches_both_ways_and_loses_nothing() {
     assert_eq!(p.completed, before + 4);
 }
 
+impl Pair {
+    /// The sidecore advises remote polls (`Some(true)`) or doorbells.
+    fn advise(&mut self, advice: Option<bool>) {
+        self.advice = advice;
+        if let Some(q) = self.link.as_mut().and_then(|l| l.server.as_mut()) {
+            q.ring.advice = advice;
+        }
+    }
+}
+
+#[test]
+fn adaptive_follows_the_sidecores_advice_and_loses_nothing() {
+    // The queue's own heuristic would never poll: only the advice does.
+    let cfg = RemoteQueueConfig {
+        busy_batch: usize::MAX,
+        ..small_queue()
+    };
+    let mut p = Pair::new(11, NotifyMode::Adaptive, cfg);
+    p.run(2000, false, false);
+    assert_eq!(p.stats.snapshot().mode_switches, 0);
+    p.advise(Some(true));
+    p.run(4000, false, false);
+    let s = p.stats.snapshot();
+    assert!(s.mode_switches >= 1 && s.remote_polls > 0, "{s:?}");
+    // Advised back to doorbells: the queue switches at its next poll and
+    // polls no more.
+    p.advise(Some(false));
+    p.run(2000, false, false);
+    let s = p.stats.snapshot();
+    assert!(s.mode_switches % 2 == 0, "ends on doorbells: {s:?}");
+    p.run(4000, false, false);
+    assert_eq!(p.stats.snapshot().remote_polls, s.remote_polls);
+    // And with moves, kills and switches at random, still exactly once.
+    p.advise(Some(true));
+    p.run(6000, true, false);
+}
+
 #[test]
 fn a_hostile_guests_bad_chains_complete_empty_and_the_queue_goes_on() {
     let mut p = Pair::new(3, NotifyMode::Doorbell, small_queue());
@@ -813,6 +861,18 @@ proptest! {
         let mode = if adaptive { NotifyMode::Adaptive } else { NotifyMode::Doorbell };
         let mut p = Pair::new(seed, mode, small_queue());
         p.run(2000, true, true);
+    }
+
+    /// Adaptive with the sidecore's advice changing at random (remote
+    /// polls, doorbells, none) mid-batch: alone (so that no move or
+    /// re-attach can cover a loss), then with the same churn.
+    #[test]
+    fn changing_advice_completes_exactly_once(seed in any::<u64>()) {
+        let mut p = Pair::new(seed, NotifyMode::Adaptive, small_queue());
+        p.advice_churn = true;
+        p.run(3000, false, false);
+        p.run(3000, true, true);
+        prop_assert!(p.stats.snapshot().mode_switches > 0);
     }
 
     /// The same in remote-poll mode, where the server reads the avail ring.
