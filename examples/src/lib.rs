@@ -168,6 +168,9 @@ pub fn model_json(r: &ModelReport) -> serde_json::Value {
             "busy_s": r.cost.stats.busy_ns as f64 / 1e9,
             "poll_mode_on": r.cost.stats.poll_mode_on,
             "poll_mode_off": r.cost.stats.poll_mode_off,
+            "discovery_comparisons": r.cost.stats.discovery_comparisons,
+            "discovery_switches": r.cost.stats.discovery_switches,
+            "remote_poll_advised": r.cost.stats.remote_poll_advised,
         },
     });
     with_cost(j, &r.cost)

@@ -534,6 +534,26 @@ fn encode_sidecores(
             ]
         }),
     )?;
+    counters(
+        enc,
+        "vrio_sidecore_discovery_comparisons",
+        "Times the sidecore compared its CPU per request with doorbells \
+         and with remote polls (adaptive queues).",
+        each(|s| s.discovery_comparisons),
+    )?;
+    counters(
+        enc,
+        "vrio_sidecore_discovery_switches",
+        "Comparisons that changed how the adaptive queues learn of requests.",
+        each(|s| s.discovery_switches),
+    )?;
+    gauges(
+        enc,
+        "vrio_sidecore_remote_poll_advised",
+        "1 while the sidecore advises its adaptive queues to poll the \
+         guests' rings, 0 while it advises doorbells.",
+        each(|s| s.remote_poll_advised),
+    )?;
     if loads.iter().any(|(_, n)| n.is_some()) {
         gauges(
             enc,

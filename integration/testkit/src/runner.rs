@@ -254,6 +254,9 @@ fn sum(a: StatsSnapshot, b: StatsSnapshot) -> StatsSnapshot {
         sleeps: a.sleeps + b.sleeps,
         poll_mode_on: a.poll_mode_on + b.poll_mode_on,
         poll_mode_off: a.poll_mode_off + b.poll_mode_off,
+        discovery_comparisons: a.discovery_comparisons + b.discovery_comparisons,
+        discovery_switches: a.discovery_switches + b.discovery_switches,
+        remote_poll_advised: a.remote_poll_advised + b.remote_poll_advised,
     }
 }
 

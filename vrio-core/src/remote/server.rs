@@ -487,6 +487,9 @@ impl IoServer {
                 t.sleeps += s.sleeps;
                 t.poll_mode_on += s.poll_mode_on;
                 t.poll_mode_off += s.poll_mode_off;
+                t.discovery_comparisons += s.discovery_comparisons;
+                t.discovery_switches += s.discovery_switches;
+                t.remote_poll_advised += s.remote_poll_advised;
             }
         }
         t

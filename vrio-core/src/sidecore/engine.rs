@@ -190,9 +190,13 @@ impl Sidecore {
             let requests = self.stats.requests.load(Relaxed);
             self.chooser.observe(now, cpu_ns, requests)
         };
+        let (comparisons, switches) = self.chooser.counts();
+        self.stats.discovery_comparisons.store(comparisons, Relaxed);
+        self.stats.discovery_switches.store(switches, Relaxed);
         if d != self.advice {
             self.advice = d;
             let on = d == Discovery::RemotePoll;
+            self.stats.remote_poll_advised.store(u64::from(on), Relaxed);
             for s in self.slots.iter_mut().filter(|s| s.adaptive.is_some()) {
                 s.queue.advise_remote_poll(on);
             }

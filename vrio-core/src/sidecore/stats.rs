@@ -24,6 +24,12 @@ pub struct SidecoreStats {
     pub poll_mode_on: AtomicU64,
     /// Queue switches back to guest notifications.
     pub poll_mode_off: AtomicU64,
+    /// Comparisons of doorbells and remote polls by the adaptive chooser.
+    pub discovery_comparisons: AtomicU64,
+    /// Comparisons that changed the advice to the adaptive queues.
+    pub discovery_switches: AtomicU64,
+    /// 1 while the adaptive queues are advised remote polls, else 0.
+    pub remote_poll_advised: AtomicU64,
 }
 
 /// The counters of [`SidecoreStats`] read at one moment; each field as the
@@ -48,6 +54,12 @@ pub struct StatsSnapshot {
     pub poll_mode_on: u64,
     /// See [`SidecoreStats::poll_mode_off`].
     pub poll_mode_off: u64,
+    /// See [`SidecoreStats::discovery_comparisons`].
+    pub discovery_comparisons: u64,
+    /// See [`SidecoreStats::discovery_switches`].
+    pub discovery_switches: u64,
+    /// See [`SidecoreStats::remote_poll_advised`].
+    pub remote_poll_advised: u64,
 }
 
 impl SidecoreStats {
@@ -63,6 +75,9 @@ impl SidecoreStats {
             sleeps: self.sleeps.load(Relaxed),
             poll_mode_on: self.poll_mode_on.load(Relaxed),
             poll_mode_off: self.poll_mode_off.load(Relaxed),
+            discovery_comparisons: self.discovery_comparisons.load(Relaxed),
+            discovery_switches: self.discovery_switches.load(Relaxed),
+            remote_poll_advised: self.remote_poll_advised.load(Relaxed),
         }
     }
 }

@@ -454,6 +454,13 @@ fn adaptive_queues_take_the_sidecores_advice_and_others_are_left_alone() {
     assert_eq!(sc.discovery(), Discovery::RemotePoll);
     assert_eq!(a.last(), Some(&true), "{a:?}");
     assert!(b.is_empty());
+    // The counters an operator sees follow.
+    let st = sc.stats().snapshot();
+    assert_eq!(st.remote_poll_advised, 1);
+    assert!(
+        st.discovery_comparisons >= 1 && st.discovery_switches == 1,
+        "{st:?}"
+    );
 }
 
 #[test]
