@@ -544,7 +544,7 @@ fn encode_sidecores(
     counters(
         enc,
         "vrio_sidecore_discovery_switches",
-        "Comparisons that changed how the adaptive queues learn of requests.",
+        "Changes of how the adaptive queues are advised to learn of requests.",
         each(|s| s.discovery_switches),
     )?;
     gauges(

@@ -15,7 +15,7 @@ use vrio_core::ring::layout::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DE
 use vrio_core::ring::{Descriptor, RingFeatures};
 use vrio_rdma::{Backend, Domain};
 use vrio_testkit::guest::{GuestConfig, SyntheticGuest, WorkloadConfig};
-use vrio_testkit::runner::{run_remote, run_remote_with, RunConfig};
+use vrio_testkit::runner::{run_remote, run_remote_with, ModelReport, RemoteFigures, RunConfig};
 
 fn soft() -> Arc<dyn Domain> {
     Arc::from(vrio_rdma::open(Backend::Soft, None).unwrap())
@@ -23,7 +23,11 @@ fn soft() -> Arc<dyn Domain> {
 
 /// 8 guests x 2 queues on 2 sidecores, 100,000+ mixed requests, every
 /// block verified: zero lost, zero duplicated, zero corrupt.
-fn exactly_once_under_load(mode: NotifyMode, fabric: Backend, requests_per_queue: u64) {
+fn exactly_once_under_load(
+    mode: NotifyMode,
+    fabric: Backend,
+    requests_per_queue: u64,
+) -> (ModelReport, RemoteFigures) {
     let rc = RunConfig {
         guests: 8,
         queues_per_guest: 2,
@@ -65,6 +69,7 @@ fn exactly_once_under_load(mode: NotifyMode, fabric: Backend, requests_per_queue
         "server saw each request once"
     );
     assert_eq!(fig.fabric.bad_requests, 0);
+    (r, fig)
 }
 
 #[test]
@@ -78,7 +83,8 @@ fn remote_poll_and_adaptive_modes_are_exactly_once() {
     exactly_once_under_load(NotifyMode::Adaptive, Backend::Soft, 1_000);
     // Over shm the sidecores measure both ways and advise their queues,
     // which switch mid-run (over soft they keep doorbells).
-    exactly_once_under_load(NotifyMode::Adaptive, Backend::Shm, 3_000);
+    let (_, fig) = exactly_once_under_load(NotifyMode::Adaptive, Backend::Shm, 3_000);
+    assert!(fig.fabric.mode_switches > 0, "the sidecores never compared");
 }
 
 /// A send queue far smaller than a batch's work requests (32 requests in

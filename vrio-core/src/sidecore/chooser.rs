@@ -116,10 +116,13 @@ pub struct ModeChooser {
     comparisons: u64,
     switches: u64,
     lean_remote: bool,
+    /// Queues changed during a hold: warm up again when it ends.
+    rewarm: bool,
 }
 
 impl ModeChooser {
-    /// A chooser that starts with doorbells and compares at once.
+    /// A chooser that starts with doorbells and compares after the
+    /// warm-up.
     pub fn new(cfg: ChooserConfig) -> Self {
         Self {
             cfg,
@@ -130,6 +133,7 @@ impl ModeChooser {
             comparisons: 0,
             switches: 0,
             lean_remote: false,
+            rewarm: false,
         }
     }
 
@@ -155,7 +159,8 @@ impl ModeChooser {
         self.chosen
     }
 
-    /// Comparisons made, and how many changed the choice.
+    /// Comparisons made, and how many times the choice changed (a
+    /// comparison, or too little load sending it back to doorbells).
     pub fn counts(&self) -> (u64, u64) {
         (self.comparisons, self.switches)
     }
@@ -164,8 +169,10 @@ impl ModeChooser {
     /// measured no longer describes them) and measures again from `now`.
     pub fn restart(&mut self) {
         self.mark = None;
-        if !matches!(self.phase, Phase::Hold(_)) {
-            self.phase = Phase::Warmup;
+        match self.phase {
+            // The choice stands; the warm-up comes when the hold ends.
+            Phase::Hold(_) => self.rewarm = true,
+            _ => self.phase = Phase::Warmup,
         }
     }
 
@@ -180,7 +187,9 @@ impl ModeChooser {
         match self.phase {
             Phase::Warmup => self.phase = Phase::Hold(now + self.cfg.warmup),
             Phase::Hold(until) => {
-                if now >= until {
+                if now >= until && std::mem::take(&mut self.rewarm) {
+                    self.phase = Phase::Hold(now + self.cfg.warmup);
+                } else if now >= until {
                     self.phase = Phase::Current;
                     self.mark = Some(here);
                 }
@@ -207,7 +216,7 @@ impl ModeChooser {
                     return self.current();
                 }
                 let served = requests.saturating_sub(m.requests);
-                if served < self.cfg.min_requests {
+                if served < self.cfg.min_requests.max(1) {
                     // Too little load to tell: doorbells, and measure on
                     // (measuring the way in use costs nothing).
                     if self.chosen != Discovery::Doorbells {

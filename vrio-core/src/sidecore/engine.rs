@@ -135,6 +135,8 @@ impl Sidecore {
         if let Err(e) = queue.set_notifications(false) {
             tracing::warn!(queue = queue.name(), error = %e, "cannot suppress kicks");
         }
+        // Told the current advice at once; a queue whose remote polls cost
+        // its VM host CPU makes it doorbells for all (restart_chooser).
         let adaptive = queue.advise_remote_poll(self.advice == Discovery::RemotePoll);
         self.slots.push(Slot {
             id,
@@ -162,6 +164,25 @@ impl Sidecore {
         // would spend an epoch in them.
         self.doorbells_only = any && !cheap;
         self.chooser.restart();
+        // No adaptive queue left, or one that must keep doorbells: the
+        // advice is doorbells from now on (a later queue starts there).
+        if !any || self.doorbells_only {
+            self.advise(Discovery::Doorbells);
+        }
+    }
+
+    /// Advises every adaptive queue to use `d`, if it is not the advice
+    /// already.
+    fn advise(&mut self, d: Discovery) {
+        if d == self.advice {
+            return;
+        }
+        self.advice = d;
+        let on = d == Discovery::RemotePoll;
+        self.stats.remote_poll_advised.store(u64::from(on), Relaxed);
+        for s in self.slots.iter_mut().filter(|s| s.adaptive.is_some()) {
+            s.queue.advise_remote_poll(on);
+        }
     }
 
     /// The way adaptive remote queues are advised to use now.
@@ -193,14 +214,7 @@ impl Sidecore {
         let (comparisons, switches) = self.chooser.counts();
         self.stats.discovery_comparisons.store(comparisons, Relaxed);
         self.stats.discovery_switches.store(switches, Relaxed);
-        if d != self.advice {
-            self.advice = d;
-            let on = d == Discovery::RemotePoll;
-            self.stats.remote_poll_advised.store(u64::from(on), Relaxed);
-            for s in self.slots.iter_mut().filter(|s| s.adaptive.is_some()) {
-                s.queue.advise_remote_poll(on);
-            }
-        }
+        self.advise(d);
     }
 
     /// Removes a queue (to move it elsewhere or detach it). Guest kicks are
@@ -227,6 +241,7 @@ impl Sidecore {
         // kicks now (as NAPI does), so that the runtime can block on the
         // kick fds instead of sleeping blind and adding latency.
         let spun_out = self.empty_rounds >= self.cfg.backoff.spin_rounds;
+        let before = self.slots.len();
         self.slots.retain_mut(|slot| {
             if !slot.polling && !slot.queue.take_kick() {
                 return true;
@@ -288,9 +303,13 @@ impl Sidecore {
             }
             true
         });
+        if self.slots.len() != before {
+            // Queues that failed or left: the chooser's view changed too.
+            self.restart_chooser();
+        }
         if worked {
             self.empty_rounds = 0;
-            stats
+            self.stats
                 .busy_ns
                 .fetch_add(started.elapsed().as_nanos() as u64, Relaxed);
             if completed {

@@ -26,7 +26,8 @@ pub struct SidecoreStats {
     pub poll_mode_off: AtomicU64,
     /// Comparisons of doorbells and remote polls by the adaptive chooser.
     pub discovery_comparisons: AtomicU64,
-    /// Comparisons that changed the advice to the adaptive queues.
+    /// Changes of the advice to the adaptive queues (by a comparison, or
+    /// back to doorbells for too little load).
     pub discovery_switches: AtomicU64,
     /// 1 while the adaptive queues are advised remote polls, else 0.
     pub remote_poll_advised: AtomicU64,

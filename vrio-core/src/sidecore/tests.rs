@@ -67,9 +67,7 @@ impl ServedQueue for FakeQueue {
     }
     fn advise_remote_poll(&mut self, remote_poll: bool) -> Option<bool> {
         let mut s = self.s.lock().unwrap();
-        if s.adaptive {
-            s.advice.push(remote_poll);
-        }
+        s.advice.push(remote_poll);
         s.adaptive.then_some(s.remote_cheap)
     }
     fn name(&self) -> &str {
@@ -453,7 +451,8 @@ fn adaptive_queues_take_the_sidecores_advice_and_others_are_left_alone() {
     assert_eq!(a.first(), Some(&false));
     assert_eq!(sc.discovery(), Discovery::RemotePoll);
     assert_eq!(a.last(), Some(&true), "{a:?}");
-    assert!(b.is_empty());
+    // The doorbell queue was asked once, when added, and said no.
+    assert_eq!(b, vec![false]);
     // The counters an operator sees follow.
     let st = sc.stats().snapshot();
     assert_eq!(st.remote_poll_advised, 1);
@@ -461,6 +460,30 @@ fn adaptive_queues_take_the_sidecores_advice_and_others_are_left_alone() {
         st.discovery_comparisons >= 1 && st.discovery_switches == 1,
         "{st:?}"
     );
+}
+
+#[test]
+fn a_queue_that_leaves_takes_its_fabrics_veto_with_it() {
+    // Remote polls advised; a `soft` adaptive queue joins: doorbells for
+    // all. It fails and is dropped in a round: measuring resumes.
+    let (mut sc, _, _) = advised(true);
+    let t = Instant::now();
+    let (c, scq) = fake("soft");
+    scq.lock().unwrap().adaptive = true;
+    sc.add(c, t);
+    assert_eq!(sc.discovery(), Discovery::Doorbells);
+    scq.lock().unwrap().fail = true;
+    sc.round(t);
+    assert_eq!(sc.len(), 2);
+    let (mut cpu, mut now) = (0u64, t);
+    for _ in 0..300 {
+        now += Duration::from_millis(2);
+        let remote = sc.discovery() == Discovery::RemotePoll;
+        cpu += 1_000 * if remote { 600 } else { 1_000 };
+        sc.stats().requests.fetch_add(1_000, Relaxed);
+        sc.observe_cpu(now, cpu);
+    }
+    assert_eq!(sc.discovery(), Discovery::RemotePoll);
 }
 
 #[test]

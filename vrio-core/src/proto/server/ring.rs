@@ -962,10 +962,10 @@ impl ServerRing {
     fn follow_advice(&mut self, remote: bool, n: usize) -> Result<(), RemoteQueueError> {
         if self.polling_remote {
             self.idle_run = if n == 0 { self.idle_run + 1 } else { 0 };
-            if n > 0 && !remote {
+            if n > 0 {
                 // After this batch is taken: the agent pushes from the
                 // index the switch names, which must be past it.
-                self.leave_polls = true;
+                self.leave_polls = !remote;
             } else if !remote || self.idle_run >= self.cfg.idle_polls {
                 self.switch_to_doorbells()?;
             }
