@@ -422,31 +422,39 @@ fn the_chooser_follows_a_change_of_load_within_its_longest_hold() {
 /// A sidecore with an adaptive queue (whose remote polls cost its VM host
 /// nothing when `cheap`) and a doorbell queue, driven for 400 ms where
 /// remote polls cost the sidecore 600 ns a request and doorbells 1,000.
-fn advised(cheap: bool) -> (Sidecore, Vec<bool>, Vec<bool>) {
+fn advised(cheap: bool) -> (Sidecore, Clock, Vec<bool>, Vec<bool>) {
     let mut sc = Sidecore::new(cfg());
-    let t0 = Instant::now();
+    let mut clock = (Instant::now(), 0);
     let (a, sa) = fake("adaptive");
     sa.lock().unwrap().adaptive = true;
     sa.lock().unwrap().remote_cheap = cheap;
     let (b, sb) = fake("doorbell");
-    sc.add(a, t0);
-    sc.add(b, t0);
-    let (mut cpu, mut t) = (0u64, t0);
-    for _ in 0..200 {
-        t += Duration::from_millis(2);
-        let remote = sc.discovery() == Discovery::RemotePoll;
-        cpu += 1_000 * if remote { 600 } else { 1_000 };
-        sc.stats().requests.fetch_add(1_000, Relaxed);
-        sc.observe_cpu(t, cpu);
-    }
+    sc.add(a, clock.0);
+    sc.add(b, clock.0);
+    feed(&mut sc, &mut clock, 200);
     let a = sa.lock().unwrap().advice.clone();
     let b = sb.lock().unwrap().advice.clone();
-    (sc, a, b)
+    (sc, clock, a, b)
+}
+
+/// The time and the sidecore thread's CPU clock, both fake.
+type Clock = (Instant, u64);
+
+/// `steps` of 2 ms at 1,000 requests each, costing the sidecore 600 ns a
+/// request with remote polls and 1,000 with doorbells.
+fn feed(sc: &mut Sidecore, clock: &mut Clock, steps: u32) {
+    for _ in 0..steps {
+        clock.0 += Duration::from_millis(2);
+        let remote = sc.discovery() == Discovery::RemotePoll;
+        clock.1 += 1_000 * if remote { 600 } else { 1_000 };
+        sc.stats().requests.fetch_add(1_000, Relaxed);
+        sc.observe_cpu(clock.0, clock.1);
+    }
 }
 
 #[test]
 fn adaptive_queues_take_the_sidecores_advice_and_others_are_left_alone() {
-    let (sc, a, b) = advised(true);
+    let (sc, _, a, b) = advised(true);
     // Told doorbells when added, then remote polls once measured.
     assert_eq!(a.first(), Some(&false));
     assert_eq!(sc.discovery(), Discovery::RemotePoll);
@@ -466,23 +474,15 @@ fn adaptive_queues_take_the_sidecores_advice_and_others_are_left_alone() {
 fn a_queue_that_leaves_takes_its_fabrics_veto_with_it() {
     // Remote polls advised; a `soft` adaptive queue joins: doorbells for
     // all. It fails and is dropped in a round: measuring resumes.
-    let (mut sc, _, _) = advised(true);
-    let t = Instant::now();
+    let (mut sc, mut clock, _, _) = advised(true);
     let (c, scq) = fake("soft");
     scq.lock().unwrap().adaptive = true;
-    sc.add(c, t);
+    sc.add(c, clock.0);
     assert_eq!(sc.discovery(), Discovery::Doorbells);
     scq.lock().unwrap().fail = true;
-    sc.round(t);
+    sc.round(clock.0);
     assert_eq!(sc.len(), 2);
-    let (mut cpu, mut now) = (0u64, t);
-    for _ in 0..300 {
-        now += Duration::from_millis(2);
-        let remote = sc.discovery() == Discovery::RemotePoll;
-        cpu += 1_000 * if remote { 600 } else { 1_000 };
-        sc.stats().requests.fetch_add(1_000, Relaxed);
-        sc.observe_cpu(now, cpu);
-    }
+    feed(&mut sc, &mut clock, 300);
     assert_eq!(sc.discovery(), Discovery::RemotePoll);
 }
 
@@ -490,7 +490,7 @@ fn a_queue_that_leaves_takes_its_fabrics_veto_with_it() {
 fn queues_whose_remote_polls_cost_the_vm_host_cpu_keep_doorbells() {
     // Over `soft` the VM host's fabric threads serve every READ: no
     // comparison, however cheap remote polls look to the sidecore.
-    let (sc, a, _) = advised(false);
+    let (sc, _, a, _) = advised(false);
     assert_eq!(sc.discovery(), Discovery::Doorbells);
     assert!(a.iter().all(|r| !r), "{a:?}");
     assert_eq!(sc.discovery_counts(), (0, 0));
