@@ -166,7 +166,8 @@ impl ModeChooser {
     }
 
     /// Forgets the measurement under way (the queues changed: what was
-    /// measured no longer describes them) and measures again from `now`.
+    /// measured no longer describes them) and measures again after a
+    /// warm-up; a hold under way is kept, and the warm-up follows it.
     pub fn restart(&mut self) {
         self.mark = None;
         match self.phase {
