@@ -1,6 +1,7 @@
 # Shared by migrate.sh and migrate-net.sh (sourced): QEMU processes by
-# number (QPIDS[N], logs in WORK/qemu-N.log) and the ports they listen on.
-# Needs WORK, QPIDS and say().
+# number (QPIDS[N], logs in WORK/qemu-N.log), the ports they listen on, and
+# the start of each migration. Needs WORK, QPIDS, say(), and for
+# next_destination also QSIDE, CUR and start_qemu().
 
 qemu_alive() { [ -n "${QPIDS[$1]:-}" ] && kill -0 "${QPIDS[$1]}" 2>/dev/null; }
 # Waits up to S s for QEMU N to end, then kills it; prints its log.
@@ -26,4 +27,15 @@ listening() {  # N PORT
   echo "FAIL host: QEMU $1 does not listen on port $2 (alive: $(qemu_alive "$1" && echo yes || echo no))"
   [ -s "$WORK/qemu-$1.log" ] && sed "s/^/  qemu $1: /" "$WORK/qemu-$1.log"
   return 1
+}
+other() { [ "$1" = a ] && echo b || echo a; }
+# Migration I of the guest in QEMU $CUR (named WHAT in messages): starts the
+# destination QEMU on the other side, listening on a free port. Sets src,
+# dst, port and d (the destination's number); false (reported) on failure.
+next_destination() {  # I WHAT
+  src=${QSIDE[$CUR]}; dst=$(other "$src"); port=$(free_port)
+  qemu_alive "$CUR" || { echo "FAIL host: QEMU $CUR ($2) is gone before migration $1"; return 1; }
+  start_qemu "$dst" "tcp:127.0.0.1:$port" || return 1
+  d=$QN
+  listening "$d" "$port"
 }

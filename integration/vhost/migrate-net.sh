@@ -165,7 +165,6 @@ received() { local b; b=$(tr -d '\r' < "$WORK/serial-$1.log" 2>/dev/null | sed -
 # Its latest socket queue ("rxq=").
 rxq() { tr -d '\r' < "$WORK/serial-$1.log" 2>/dev/null | sed -n 's/.*NET RECEIVED bytes=[0-9]* rxq=\([0-9]*\).*/\1/p' | tail -n1; }
 sent_done() { grep -aq "NET SENT" "$WORK/serial-g1.log" 2>/dev/null; }
-other() { [ "$1" = a ] && echo b || echo a; }
 
 ok=1; RES=(); CUR=1
 start_qemu a || { echo "RESULT: FAIL"; exit 1; }
@@ -190,9 +189,7 @@ fi
 # ---- CANCEL: a migration that cannot finish, cancelled; the source goes on
 # receiving, and its agent stops logging (LOG_ALL off).
 if [ $ok = 1 ] && [ "$CANCEL" = 1 ]; then
-  src=${QSIDE[$CUR]}; dst=$(other "$src"); port=$(free_port)
-  if start_qemu "$dst" "tcp:127.0.0.1:$port" && listening "$QN" "$port"; then
-    d=$QN
+  if next_destination "0 (the cancelled one)" "the receiver"; then
     BW0=$(hmp "$WORK/mon-$CUR.sock" --raw "info migrate_parameters" | sed -n 's/.*max-bandwidth: \([0-9]*\) bytes.*/\1/p')
     off0=$(grep -c "logging=false" "$WORK/client-$src.log")
     hmp "$WORK/mon-$CUR.sock" "migrate_set_parameter max-bandwidth $CANCEL_BW"
@@ -220,11 +217,7 @@ fi
 # ---- the migrations of guest 2, back and forth
 for i in $(seq "$MIGRATIONS"); do
   [ $ok = 1 ] || break
-  src=${QSIDE[$CUR]}; dst=$(other "$src"); port=$(free_port)
-  qemu_alive "$CUR" || { echo "FAIL host: QEMU $CUR (the receiver) is gone before migration $i"; ok=0; break; }
-  start_qemu "$dst" "tcp:127.0.0.1:$port" || { ok=0; break; }
-  d=$QN
-  listening "$d" "$port" || { ok=0; break; }
+  next_destination "$i" "the receiver" || { ok=0; break; }
   b0=$(received "$CUR"); rq=$(rxq "$CUR")
   say "migration $i: QEMU $CUR ($src) -> QEMU $d ($dst) over tcp:127.0.0.1:$port; the receiver has $b0 bytes, ${rq:-?} more queued in its socket"
   hmp "$WORK/mon-$CUR.sock" --migrate "tcp:127.0.0.1:$port" "$MIGTMO" | tee "$WORK/mig-$i.txt"

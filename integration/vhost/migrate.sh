@@ -199,7 +199,6 @@ else
   [ -n "$MAXBW" ] && hmp "$WORK/mon-1.sock" "migrate_set_parameter max-bandwidth $MAXBW"
   [ -n "$DOWNTIME_MS" ] && hmp "$WORK/mon-1.sock" "migrate_set_parameter downtime-limit $DOWNTIME_MS"
 fi
-other() { [ "$1" = a ] && echo b || echo a; }
 # A guest that stopped: QEMU's view of the vrings (the guest's indexes in
 # memory, and the back-end's) and the guest's blocked tasks (sysrq w).
 diagnose() {  # N
@@ -234,9 +233,7 @@ diagnose() {  # N
 
 # ---- CANCEL: a migration that cannot finish, cancelled; the source goes on.
 if [ $ok = 1 ] && [ "$CANCEL" = 1 ]; then
-  src=${QSIDE[$CUR]}; dst=$(other "$src"); port=$(free_port)
-  if start_qemu "$dst" "tcp:127.0.0.1:$port" && listening "$QN" "$port"; then
-    d=$QN
+  if next_destination "0 (the cancelled one)" "the guest"; then
     hmp "$WORK/mon-$CUR.sock" "migrate_set_parameter max-bandwidth $CANCEL_BW"
     hmp "$WORK/mon-$CUR.sock" --migrate "tcp:127.0.0.1:$port" 120 "$CANCEL_AFTER" | tee "$WORK/cancel.txt"
     st=$(sed -n 's/^MIGSTAT status=\([^ ]*\).*/\1/p' "$WORK/cancel.txt")
@@ -265,11 +262,7 @@ fi
 # ---- the migrations, back and forth
 for i in $(seq "$MIGRATIONS"); do
   [ $ok = 1 ] || break
-  src=${QSIDE[$CUR]}; dst=$(other "$src"); port=$(free_port)
-  qemu_alive "$CUR" || { echo "FAIL host: QEMU $CUR (the guest) is gone before migration $i"; ok=0; break; }
-  start_qemu "$dst" "tcp:127.0.0.1:$port" || { ok=0; break; }
-  d=$QN
-  listening "$d" "$port" || { ok=0; break; }
+  next_destination "$i" "the guest" || { ok=0; break; }
   say "migration $i: QEMU $CUR ($src) -> QEMU $d ($dst) over tcp:127.0.0.1:$port"
   hmp "$WORK/mon-$CUR.sock" --migrate "tcp:127.0.0.1:$port" "$MIGTMO" | tee "$WORK/mig-$i.txt"
   st=$(sed -n 's/^MIGSTAT status=\([^ ]*\).*/\1/p' "$WORK/mig-$i.txt")
