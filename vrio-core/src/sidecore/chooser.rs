@@ -7,10 +7,10 @@
 //!
 //! Why measure instead of fixed thresholds (`vrio-bench blk`, 4 KiB reads,
 //! medians of five runs over `shm`, two sets): remote polling costs the
-//! sidecore about what doorbells do at 1 x 32, 0-25% more at 4 x 1,
-//! 4 x 32, 16 x 1 and 16 x 32, and 30-35% more at 1 x 1 (a queue with
-//! one request in flight pays for empty polls), while it halves the VM
-//! host's CPU per request under load. The ratios move with the machine,
+//! sidecore within 10% of doorbells (either way) at 1 x 32, 4 x 1 and
+//! 4 x 32, 5-30% more at 16 x 1 and 16 x 32, and 45-60% more at 1 x 1 (a
+//! queue with one request in flight pays for empty polls), while it
+//! halves the VM host's CPU per request under load. The ratios move with the machine,
 //! the guests and the run; no batch-size threshold tells them apart, the
 //! sidecore's CPU clock does. (Over `soft` remote
 //! polling costs more at every load, and the engine does not measure it;
