@@ -185,6 +185,13 @@ impl Sidecore {
         }
     }
 
+    /// Whether [`Sidecore::observe_cpu`] has anything to measure (an
+    /// adaptive queue, none of whose remote polls cost its VM host CPU):
+    /// the runtime reads its CPU clock only then.
+    pub fn measures(&self) -> bool {
+        !self.doorbells_only && self.slots.iter().any(|s| s.adaptive.is_some())
+    }
+
     /// The way adaptive remote queues are advised to use now.
     pub fn discovery(&self) -> Discovery {
         self.advice
@@ -202,15 +209,12 @@ impl Sidecore {
     /// polls cost its VM host CPU (`soft`) keeps every queue here on
     /// doorbells without measuring.
     pub fn observe_cpu(&mut self, now: Instant, cpu_ns: u64) {
-        if !self.slots.iter().any(|s| s.adaptive.is_some()) {
+        // Otherwise restart_chooser has advised doorbells already.
+        if !self.measures() {
             return;
         }
-        let d = if self.doorbells_only {
-            Discovery::Doorbells
-        } else {
-            let requests = self.stats.requests.load(Relaxed);
-            self.chooser.observe(now, cpu_ns, requests)
-        };
+        let requests = self.stats.requests.load(Relaxed);
+        let d = self.chooser.observe(now, cpu_ns, requests);
         let (comparisons, switches) = self.chooser.counts();
         self.stats.discovery_comparisons.store(comparisons, Relaxed);
         self.stats.discovery_switches.store(switches, Relaxed);

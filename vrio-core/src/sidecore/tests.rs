@@ -332,13 +332,19 @@ fn drive(
     (db, rp)
 }
 
+/// Costs per request that never change: doorbells 1,000 ns, remote polls
+/// `remote` ns.
+fn flat(remote: f64) -> impl Fn(Discovery, f64) -> f64 {
+    move |w, _| match w {
+        Discovery::Doorbells => 1_000.0,
+        Discovery::RemotePoll => remote,
+    }
+}
+
 #[test]
 fn the_chooser_takes_remote_polls_when_they_cost_the_sidecore_less() {
     let mut c = ModeChooser::new(ChooserConfig::default());
-    let cost = |w, _| match w {
-        Discovery::Doorbells => 1_000.0,
-        Discovery::RemotePoll => 700.0,
-    };
+    let cost = flat(700.0);
     // Chosen within the first comparison, then kept: probes of doorbells
     // take a small share of the time.
     let (db, rp) = drive(&mut c, Instant::now(), 10.0, 500_000.0, cost, 0.1);
@@ -356,10 +362,7 @@ fn the_chooser_takes_remote_polls_when_they_cost_the_sidecore_less() {
 fn the_chooser_keeps_doorbells_when_remote_polls_cost_more_or_about_the_same() {
     for remote in [1_500.0, 980.0] {
         let mut c = ModeChooser::new(ChooserConfig::default());
-        let cost = |w, _| match w {
-            Discovery::Doorbells => 1_000.0,
-            Discovery::RemotePoll => remote,
-        };
+        let cost = flat(remote);
         let (db, rp) = drive(&mut c, Instant::now(), 10.0, 200_000.0, cost, 0.0);
         assert_eq!(c.chosen(), Discovery::Doorbells, "remote at {remote} ns");
         assert_eq!(c.counts().1, 0, "a choice within the margin flapped");
@@ -379,10 +382,7 @@ fn a_tie_goes_to_remote_polls_when_they_cost_the_vm_host_nothing() {
     ] {
         let mut c = ModeChooser::new(ChooserConfig::default());
         c.lean_remote(true);
-        let cost = |w, _| match w {
-            Discovery::Doorbells => 1_000.0,
-            Discovery::RemotePoll => remote,
-        };
+        let cost = flat(remote);
         drive(&mut c, Instant::now(), 5.0, 200_000.0, cost, 0.0);
         assert_eq!(c.chosen(), want, "remote polls at {remote} ns");
     }
@@ -393,10 +393,7 @@ fn the_chooser_keeps_doorbells_under_too_little_load_to_tell() {
     let mut c = ModeChooser::new(ChooserConfig::default());
     // 5,000 requests/s: 100 an epoch, under min_requests; remote polls
     // would look cheaper, but an idle queue pays for every empty poll.
-    let cost = |w, _| match w {
-        Discovery::Doorbells => 1_000.0,
-        Discovery::RemotePoll => 100.0,
-    };
+    let cost = flat(100.0);
     let (_, rp) = drive(&mut c, Instant::now(), 5.0, 5_000.0, cost, 0.0);
     assert_eq!(rp, Duration::ZERO);
     assert_eq!(c.counts(), (0, 0));

@@ -163,8 +163,9 @@ fn run(
             rebuild_epoll(&epoll, &mut registered, &core, wake.as_raw_fd());
         }
         let now = Instant::now();
-        // The chooser's clock: a few readings per epoch, each a syscall.
-        if now.saturating_duration_since(observed) >= OBSERVE_EVERY {
+        // The chooser's clock: a few readings per epoch, each a syscall,
+        // and none while no queue is measured.
+        if core.measures() && now.saturating_duration_since(observed) >= OBSERVE_EVERY {
             observed = now;
             core.observe_cpu(now, thread_cpu_ns());
         }
