@@ -357,6 +357,30 @@ pub enum FabricChoice {
     Shm,
 }
 
+/// `--mode` choices: how a remote queue's server learns of new requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModeChoice {
+    /// The VM host pushes new requests (with their descriptors) to the server.
+    Doorbell,
+    /// The server READs the guests' avail rings; guest kicks are suppressed.
+    RemotePoll,
+    /// Doorbells or remote polling, whichever costs the server's sidecore
+    /// less CPU per request (it measures both); doorbells while quiet.
+    Adaptive,
+}
+
+impl ModeChoice {
+    /// The protocol's mode.
+    pub fn notify(self) -> vrio_core::remote::NotifyMode {
+        use vrio_core::remote::NotifyMode;
+        match self {
+            ModeChoice::Doorbell => NotifyMode::Doorbell,
+            ModeChoice::RemotePoll => NotifyMode::RemotePoll,
+            ModeChoice::Adaptive => NotifyMode::Adaptive,
+        }
+    }
+}
+
 /// Resolves `--fabric` to a back-end once, so every later domain (one per
 /// guest) uses the same one.
 pub fn resolve_fabric(

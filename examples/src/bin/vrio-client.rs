@@ -20,14 +20,14 @@ use std::time::{Duration, Instant};
 
 use std::path::PathBuf;
 
-use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
+use clap::{Args as ClapArgs, Parser, Subcommand};
 use vrio_control::{
     claim_device, follow_placement, place_devices, AttachedSet, ControlOpts, Followed,
 };
 use vrio_core::blk::{BlockBackend, BlockConfig, FileBackend};
 use vrio_core::net::MacAddr;
+use vrio_core::remote::AgentConfig;
 use vrio_core::remote::{device_key, AttachedDevice, QueueTarget};
-use vrio_core::remote::{AgentConfig, NotifyMode};
 use vrio_core::sidecore::{SidecoreConfig, SidecoreThread};
 use vrio_core::vhost_user::{
     fetch_config, serve, serve_net, AttachHook, FrontConfig, LocalFront, Placement, RemoteFront,
@@ -37,31 +37,10 @@ use vrio_examples::control::print_move;
 use vrio_examples::metrics::{Agents, ClientMetrics, MetricsListener, MetricsServer, ObsArgs};
 use vrio_examples::{
     backend_name, block_signals, init_tracing_as, print_table, resolve_fabric, verdict_exit,
-    wait_for_signal, FabricChoice, Progress, WorkloadArgs,
+    wait_for_signal, FabricChoice, ModeChoice, Progress, WorkloadArgs,
 };
 use vrio_testkit::guest::WorkloadConfig;
 use vrio_testkit::runner::{any_placement, attach_guests_credentialed, drive_guests, make_guests};
-
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-enum Mode {
-    /// The VM host pushes new requests (with their descriptors) to the server.
-    Doorbell,
-    /// The server READs the guests' avail rings; guest kicks are suppressed.
-    RemotePoll,
-    /// Doorbells or remote polling, whichever costs the server's sidecore
-    /// less CPU per request (it measures both); doorbells while quiet.
-    Adaptive,
-}
-
-impl Mode {
-    fn notify(self) -> NotifyMode {
-        match self {
-            Mode::Doorbell => NotifyMode::Doorbell,
-            Mode::RemotePoll => NotifyMode::RemotePoll,
-            Mode::Adaptive => NotifyMode::Adaptive,
-        }
-    }
-}
 
 /// A VM host whose guests' virtio-blk queues a remote vrio I/O server serves.
 #[derive(Parser, Debug)]
@@ -99,8 +78,8 @@ enum Cmd {
 #[derive(ClapArgs, Debug)]
 struct LinkArgs {
     /// How the server learns of requests.
-    #[arg(long, value_enum, default_value_t = Mode::Doorbell)]
-    mode: Mode,
+    #[arg(long, value_enum, default_value_t = ModeChoice::Doorbell)]
+    mode: ModeChoice,
     /// Fabric back-end.
     #[arg(long, value_enum, default_value_t = FabricChoice::Auto)]
     fabric: FabricChoice,

@@ -5,6 +5,7 @@
 //! still flows.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use vrio_core::memory::{GuestMemory, LocalMemory};
 use vrio_core::net::{
@@ -157,7 +158,7 @@ fn bad_frames_are_dropped_counted_and_completed() {
     mem.write(layout.desc_addr(l), &looped.to_bytes()).unwrap();
     drv.publish(&*mem).unwrap();
 
-    let out = a.tx.poll(64).unwrap();
+    let out = a.tx.poll(64, Instant::now()).unwrap();
     assert_eq!(out.requests + out.errors, cases.len() as u32 + 1);
     // Every chain came back, with nothing written.
     let mut back = Vec::new();
@@ -202,7 +203,7 @@ fn bad_rx_chains_are_completed_and_frames_still_arrive() {
     drv.publish(&*mem).unwrap();
     let (ma, mb) = (a.guest.cfg.mac, b.guest.cfg.mac);
     sw.forward(&a.port, build_frame(mb, ma, 5, 100));
-    let out = b.rx.poll(8).unwrap();
+    let out = b.rx.poll(8, Instant::now()).unwrap();
     assert_eq!((out.requests, out.errors), (1, 3));
     let mut used = Vec::new();
     while let Some(u) = drv.pop_used(&*mem).unwrap() {
@@ -288,7 +289,7 @@ fn a_partial_udp_checksum_is_completed_before_switching() {
     drv.add(&*mem, &[tx_buf(&a, 0, hdr, &f)], &[], false)
         .unwrap();
     drv.publish(&*mem).unwrap();
-    a.tx.poll(8).unwrap();
+    a.tx.poll(8, Instant::now()).unwrap();
     assert_eq!(a.port.stats().snapshot().checksummed, 1);
     let got = vrio_core::net::FrameSource::pop(&*b.port).expect("the frame was switched");
     assert_eq!(got.len(), f.len());

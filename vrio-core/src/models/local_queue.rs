@@ -1,6 +1,7 @@
 //! A queue whose rings live in local (shared) guest memory.
 
 use std::os::fd::RawFd;
+use std::time::Instant;
 
 use super::local_ring::{LocalRing, Popped};
 use crate::sidecore::{PollOutcome, QueueFailure, ServedQueue};
@@ -43,7 +44,7 @@ impl<D: DeviceModel> LocalQueue<D> {
 }
 
 impl<D: DeviceModel> ServedQueue for LocalQueue<D> {
-    fn poll(&mut self, budget: usize) -> Result<PollOutcome, QueueFailure> {
+    fn poll(&mut self, budget: usize, _now: Instant) -> Result<PollOutcome, QueueFailure> {
         let mut out = PollOutcome::default();
         for _ in 0..budget {
             let (head, len) = match self.ring.pop(&mut self.chain)? {
@@ -177,7 +178,7 @@ mod tests {
         // A first back-end serves 1..=5 (the ring wraps past SIZE later).
         let mut q = LocalQueue::new(side(&mem, layout), Recorder(seen.clone())).unwrap();
         post(&mut drv, &mem, &[1, 2, 3, 4, 5]);
-        assert_eq!(q.poll(64).unwrap().requests, 5);
+        assert_eq!(q.poll(64, Instant::now()).unwrap().requests, 5);
         assert_eq!(pop_all(&mut drv, &mem), 5);
         // 6 and 7 are made available; the back-end dies before serving
         // them, so used.idx stays at 5, where the VMM resumes the ring.
@@ -190,7 +191,7 @@ mod tests {
         let mut q = LocalQueue::resume(side(&mem, layout), Recorder(seen.clone()), state).unwrap();
         assert_eq!(q.ring().state(), state);
         post(&mut drv, &mem, &[8, 9, 10]);
-        assert_eq!(q.poll(64).unwrap().requests, 5);
+        assert_eq!(q.poll(64, Instant::now()).unwrap().requests, 5);
         assert_eq!(pop_all(&mut drv, &mem), 5, "every request completes");
         assert_eq!(q.ring().next_used(), 10);
         assert_eq!(*seen.lock().unwrap(), (1..=10).collect::<Vec<u8>>());
@@ -199,7 +200,7 @@ mod tests {
         // 10 requests "available" on a ring of 8 is refused.
         let mut fresh = LocalQueue::new(side(&mem, layout), Recorder(seen.clone())).unwrap();
         assert!(
-            fresh.poll(64).is_err(),
+            fresh.poll(64, Instant::now()).is_err(),
             "a fresh ring must not accept a jump"
         );
     }

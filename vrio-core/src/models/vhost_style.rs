@@ -5,6 +5,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -128,10 +129,12 @@ fn serve_until_empty(
     q: &mut dyn ServedQueue,
     stats: &SidecoreStats,
 ) -> Result<(), crate::sidecore::QueueFailure> {
+    // One clock read per kick, as the sidecore reads one per round.
+    let now = Instant::now();
     loop {
         q.set_notifications(false)?;
         loop {
-            let out = q.poll(256)?;
+            let out = q.poll(256, now)?;
             stats.polls.fetch_add(1, Relaxed);
             stats.requests.fetch_add(u64::from(out.requests), Relaxed);
             stats.errors.fetch_add(u64::from(out.errors), Relaxed);

@@ -4,6 +4,7 @@
 use std::collections::VecDeque;
 use std::os::fd::RawFd;
 use std::sync::Arc;
+use std::time::Instant;
 
 use super::port::Port;
 use super::stats::DropReason;
@@ -94,7 +95,7 @@ impl NetRxQueue {
 }
 
 impl ServedQueue for NetRxQueue {
-    fn poll(&mut self, budget: usize) -> Result<PollOutcome, QueueFailure> {
+    fn poll(&mut self, budget: usize, _now: Instant) -> Result<PollOutcome, QueueFailure> {
         let mut out = PollOutcome::default();
         'frames: for _ in 0..budget {
             let Some(len) = self.source.peek_len() else {

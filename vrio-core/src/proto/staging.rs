@@ -5,7 +5,7 @@
 //! So the unchanged virtio-blk code serves remote guests, and whatever it
 //! touches goes over the fabric in one batch per direction.
 
-use std::cell::UnsafeCell;
+use std::cell::{RefCell, UnsafeCell};
 
 use crate::virtio::memory::{GuestMemory, MemoryError};
 use crate::virtio::ring::DescriptorChain;
@@ -125,10 +125,60 @@ impl Drop for StagingBuffer {
 
 /// One chain's view of the staging buffer: segment i of the chain lives at
 /// staging offset `offsets[i]` (readable segments first, then writable).
+/// What the device writes into the writable part is recorded in `written`.
 pub struct StagedChain<'a> {
     pub buf: &'a UnsafeCell<StagingBuffer>,
     pub chain: &'a DescriptorChain,
     pub base: usize,
+    pub written: &'a Written,
+}
+
+/// The ranges of a chain's writable part that its device wrote, as offsets
+/// into that part: all the server WRITEs back. Bytes the device left alone
+/// are not sent, so the guest keeps its own there and nothing stale in the
+/// staging buffer (another guest's data) can reach it, without zeroing the
+/// staging bytes of every request first.
+#[derive(Debug, Default)]
+pub struct Written(RefCell<Vec<(u64, u64)>>);
+
+impl Written {
+    /// Forgets every range (before the next chain).
+    pub fn clear(&self) {
+        self.0.borrow_mut().clear();
+    }
+
+    /// Adds `start..end`; joins it to the last range when they touch (a
+    /// device writes its data, then the status byte after it).
+    fn add(&self, start: u64, end: u64) {
+        if start >= end {
+            return;
+        }
+        let mut v = self.0.borrow_mut();
+        if let Some(last) = v.last_mut() {
+            if start <= last.1 && end >= last.0 {
+                *last = (last.0.min(start), last.1.max(end));
+                return;
+            }
+        }
+        v.push((start, end));
+    }
+
+    /// The ranges, sorted and merged, into `out` (cleared first).
+    pub fn merged_into(&self, out: &mut Vec<(u64, u64)>) {
+        out.clear();
+        out.extend_from_slice(&self.0.borrow());
+        out.sort_unstable();
+        let mut w = 0;
+        for i in 0..out.len() {
+            if w > 0 && out[i].0 <= out[w - 1].1 {
+                out[w - 1].1 = out[w - 1].1.max(out[i].1);
+            } else {
+                out[w] = out[i];
+                w += 1;
+            }
+        }
+        out.truncate(w);
+    }
 }
 
 impl StagedChain<'_> {
@@ -180,7 +230,10 @@ impl GuestMemory for StagedChain<'_> {
     fn write(&self, addr: u64, buf: &[u8]) -> Result<(), MemoryError> {
         let off = self.locate(addr, buf.len(), true)?;
         // SAFETY: as in `read`; the device call holds the only access.
-        unsafe { &mut *self.buf.get() }.put(off, buf)
+        unsafe { &mut *self.buf.get() }.put(off, buf)?;
+        let at = (off - self.base) as u64 - self.chain.readable_len();
+        self.written.add(at, at + buf.len() as u64);
+        Ok(())
     }
     /// The chain's segments are staged back to back, readable part first:
     /// any run of either part is one run of staging bytes.
@@ -210,6 +263,11 @@ impl GuestMemory for StagedChain<'_> {
         match unsafe { &mut *self.buf.get() }.slice_mut(off, len) {
             Ok(s) => {
                 f(s);
+                if writable {
+                    // The borrower leaves every lent byte defined (the
+                    // trait's contract).
+                    self.written.add(skip, skip + len as u64);
+                }
                 true
             }
             Err(_) => false,
@@ -266,6 +324,19 @@ mod tests {
     use super::*;
     use crate::virtio::ring::Segment;
 
+    /// A 4 KiB virtio-blk read: header at 0x1000, data at 0x3000, status
+    /// at 0x4000.
+    fn read_4k() -> DescriptorChain {
+        let seg = |addr, len| Segment { addr, len };
+        DescriptorChain {
+            head: 0,
+            readable: vec![seg(0x1000, 16)],
+            writable: vec![seg(0x3000, 4096), seg(0x4000, 1)],
+            descriptors: 3,
+            indirect: false,
+        }
+    }
+
     #[test]
     fn a_staged_chain_lends_either_part_in_place_and_nothing_past_it() {
         let chain = DescriptorChain {
@@ -294,12 +365,17 @@ mod tests {
             indirect: false,
         };
         let buf = UnsafeCell::new(StagingBuffer::new(8192).unwrap());
+        let written = Written::default();
         let view = StagedChain {
             buf: &buf,
             chain: &chain,
             base: 100,
+            written: &written,
         };
         view.write(0x4000, &[7]).unwrap();
+        let mut got = Vec::new();
+        written.merged_into(&mut got);
+        assert_eq!(got, [(1024, 1025)], "the status byte, at the part's end");
         // The writable part: 1024 data bytes, then the status byte.
         let mut seen = 0;
         assert!(view.lend_chain_part(true, 0, 1025, &mut |b| {
@@ -308,6 +384,8 @@ mod tests {
             b[0] = 9;
         }));
         assert_eq!(seen, 1025);
+        written.merged_into(&mut got);
+        assert_eq!(got, [(0, 1025)], "the lent part joins the status byte");
         let mut x = [0u8; 1];
         // The writable part is not readable.
         view.read(0x3000, &mut x).unwrap_err();
@@ -324,6 +402,27 @@ mod tests {
             assert!(!view.lend_chain_part(w, skip, len, &mut |_| called = true));
         }
         assert!(!called);
+        // Reading lends nothing the server would send back.
+        written.clear();
+        view.lend_chain_part(false, 0, 16, &mut |_| {});
+        written.merged_into(&mut got);
+        assert!(got.is_empty());
+    }
+
+    #[test]
+    fn written_ranges_merge_in_any_order() {
+        let w = Written::default();
+        let mut got = Vec::new();
+        w.merged_into(&mut got);
+        assert!(got.is_empty());
+        for (a, b) in [(10, 20), (30, 40), (0, 5), (5, 10), (35, 50), (60, 60)] {
+            w.add(a, b);
+        }
+        w.merged_into(&mut got);
+        assert_eq!(got, [(0, 20), (30, 50)]);
+        w.clear();
+        w.merged_into(&mut got);
+        assert!(got.is_empty());
     }
 
     /// A remote request's data goes between the back-end and the staging
@@ -334,10 +433,13 @@ mod tests {
         use std::sync::Arc;
         let backend = Arc::new(MemoryBackend::new(64 * 512));
         let mut blk = BlockDevice::new(backend, BlockConfig::default());
-        let chain = |t: u32| DescriptorChain {
-            head: 0,
-            readable: if t == 1 {
-                vec![
+        let chain = |t: u32| {
+            if t != 1 {
+                return read_4k();
+            }
+            DescriptorChain {
+                head: 0,
+                readable: vec![
                     Segment {
                         addr: 0x1000,
                         len: 16,
@@ -346,32 +448,14 @@ mod tests {
                         addr: 0x2000,
                         len: 4096,
                     },
-                ]
-            } else {
-                vec![Segment {
-                    addr: 0x1000,
-                    len: 16,
-                }]
-            },
-            writable: if t == 1 {
-                vec![Segment {
+                ],
+                writable: vec![Segment {
                     addr: 0x4000,
                     len: 1,
-                }]
-            } else {
-                vec![
-                    Segment {
-                        addr: 0x3000,
-                        len: 4096,
-                    },
-                    Segment {
-                        addr: 0x4000,
-                        len: 1,
-                    },
-                ]
-            },
-            descriptors: 3,
-            indirect: false,
+                }],
+                descriptors: 3,
+                indirect: false,
+            }
         };
         let buf = UnsafeCell::new(StagingBuffer::new(16384).unwrap());
         let mut hdr = [0u8; 16];
@@ -379,10 +463,12 @@ mod tests {
         hdr[0] = 1;
         hdr[8] = 8;
         let w = chain(1);
+        let written = Written::default();
         let view = StagedChain {
             buf: &buf,
             chain: &w,
             base: 0,
+            written: &written,
         };
         // SAFETY: no view uses the buffer between device calls.
         unsafe { &mut *buf.get() }.put(0, &hdr).unwrap();
@@ -395,6 +481,7 @@ mod tests {
             buf: &buf,
             chain: &r,
             base: 8192,
+            written: &written,
         };
         // SAFETY: no view uses the buffer between device calls.
         unsafe { &mut *buf.get() }.put(8192, &hdr).unwrap();
@@ -409,5 +496,78 @@ mod tests {
         );
         assert_eq!(back[4096], 0, "status OK");
         assert_eq!(blk.bounce_len(), 0, "no bounce buffer");
+        let mut got = Vec::new();
+        written.merged_into(&mut got);
+        assert_eq!(got, [(0, 4097)], "data and status go back");
+    }
+
+    /// A read the back-end fails leaves no stale staging bytes to send back:
+    /// the lent data is zeroed, and the status says IOERR.
+    #[test]
+    fn a_failed_read_sends_back_zeroes_not_stale_bytes() {
+        use crate::blk::{BlockConfig, BlockDevice};
+        use crate::virtio::blk::BlockBackend;
+        use std::sync::Arc;
+        struct Failing;
+        impl BlockBackend for Failing {
+            fn capacity(&self) -> u64 {
+                2048
+            }
+            fn read_only(&self) -> bool {
+                false
+            }
+            fn id(&self) -> [u8; crate::virtio::blk::ID_BYTES] {
+                [0; crate::virtio::blk::ID_BYTES]
+            }
+            fn read_vectored_at(
+                &self,
+                _: u64,
+                bufs: &mut [std::io::IoSliceMut<'_>],
+            ) -> std::io::Result<()> {
+                // Half a read, then an error.
+                let n = bufs[0].len() / 2;
+                bufs[0][..n].fill(0x11);
+                Err(std::io::Error::from_raw_os_error(libc::EIO))
+            }
+            fn write_vectored_at(&self, _: u64, _: &[std::io::IoSlice<'_>]) -> std::io::Result<()> {
+                Err(std::io::Error::from_raw_os_error(libc::EIO))
+            }
+            fn flush(&self) -> std::io::Result<()> {
+                Ok(())
+            }
+            fn discard(&self, _: u64, _: u64) -> std::io::Result<()> {
+                Ok(())
+            }
+            fn write_zeroes(&self, _: u64, _: u64, _: bool) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut blk = BlockDevice::new(Arc::new(Failing), BlockConfig::default());
+        let chain = read_4k();
+        let buf = UnsafeCell::new(StagingBuffer::new(8192).unwrap());
+        // Another guest's data, left in the staging buffer.
+        // SAFETY: no view uses the buffer between device calls.
+        unsafe { &mut *buf.get() }.put(0, &[0xee; 8192]).unwrap();
+        // SAFETY: as above.
+        unsafe { &mut *buf.get() }.put(0, &[0u8; 16]).unwrap(); // VIRTIO_BLK_T_IN
+        let written = Written::default();
+        let view = StagedChain {
+            buf: &buf,
+            chain: &chain,
+            base: 0,
+            written: &written,
+        };
+        assert_eq!(blk.process(&view, &chain).unwrap(), 1, "status only");
+        let mut got = Vec::new();
+        written.merged_into(&mut got);
+        let mut back = vec![0u8; 4097];
+        // SAFETY: no view uses the buffer between device calls.
+        unsafe { &*buf.get() }.get(16, &mut back).unwrap();
+        assert_eq!(got, [(0, 4097)], "the lent data and the status go back");
+        assert!(
+            back[..4096].iter().all(|&x| x == 0),
+            "a byte sent back holds stale or partial data"
+        );
+        assert_eq!(back[4096], 1, "IOERR");
     }
 }

@@ -45,8 +45,8 @@ impl Link {
     }
 
     /// Tells the ring the time and feeds it every completion waiting.
-    pub fn pump(&mut self, ring: &mut ServerRing) -> Result<(), RemoteQueueError> {
-        ring.set_now(Instant::now());
+    pub fn pump(&mut self, ring: &mut ServerRing, now: Instant) -> Result<(), RemoteQueueError> {
+        ring.set_now(now);
         loop {
             let n = self.ep.poll(&mut self.cqes)?;
             ring.on_completions(&self.cqes[..n])?;
@@ -76,10 +76,10 @@ impl Link {
             Wake::Poll => true,
             Wake::Sleep => false,
             Wake::ArmDoorbells => {
-                self.pump(ring)?;
+                self.pump(ring, Instant::now())?;
                 let _ = self.ep.arm();
                 // What arrived while arming.
-                self.pump(ring)?;
+                self.pump(ring, Instant::now())?;
                 ring.has_news()
             }
         };

@@ -92,8 +92,8 @@ impl RemoteRxQueue {
         self.core.held()
     }
 
-    fn serve(&mut self, budget: usize) -> Result<PollOutcome, RemoteQueueError> {
-        self.link.pump(&mut self.core.ring)?;
+    fn serve(&mut self, budget: usize, now: Instant) -> Result<PollOutcome, RemoteQueueError> {
+        self.link.pump(&mut self.core.ring, now)?;
         let r = self.core.serve(budget);
         self.link.flush(&mut self.core.ring)?;
         r
@@ -101,9 +101,9 @@ impl RemoteRxQueue {
 }
 
 impl ServedQueue for RemoteRxQueue {
-    fn poll(&mut self, budget: usize) -> Result<PollOutcome, QueueFailure> {
+    fn poll(&mut self, budget: usize, now: Instant) -> Result<PollOutcome, QueueFailure> {
         self.core.ring.check()?;
-        let r = self.serve(budget);
+        let r = self.serve(budget, now);
         self.core.ring.latch(r)
     }
 

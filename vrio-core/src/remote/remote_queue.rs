@@ -98,15 +98,14 @@ impl<D: DeviceModel> RemoteQueue<D> {
         self.core.ring.position()
     }
 
-    fn serve(&mut self, budget: usize) -> Result<PollOutcome, RemoteQueueError> {
+    fn serve(&mut self, budget: usize, now: Instant) -> Result<PollOutcome, RemoteQueueError> {
         if let Some(until) = self.core.held_until() {
-            let now = Instant::now();
             if now < until && now.saturating_duration_since(self.held_look) < HELD_LOOK {
                 return Ok(PollOutcome::default());
             }
             self.held_look = now;
         }
-        self.link.pump(&mut self.core.ring)?;
+        self.link.pump(&mut self.core.ring, now)?;
         let r = self.core.serve(budget);
         // Post what was queued even when the batch failed: a QUIESCED
         // answer, say, goes out before the queue retires.
@@ -116,9 +115,9 @@ impl<D: DeviceModel> RemoteQueue<D> {
 }
 
 impl<D: DeviceModel> ServedQueue for RemoteQueue<D> {
-    fn poll(&mut self, budget: usize) -> Result<PollOutcome, QueueFailure> {
+    fn poll(&mut self, budget: usize, now: Instant) -> Result<PollOutcome, QueueFailure> {
         self.core.ring.check()?;
-        let r = self.serve(budget);
+        let r = self.serve(budget, now);
         self.core.ring.latch(r)
     }
 

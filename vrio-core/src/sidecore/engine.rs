@@ -251,7 +251,7 @@ impl Sidecore {
                 return true;
             }
             stats.polls.fetch_add(1, Relaxed);
-            let out = match slot.queue.poll(batch) {
+            let out = match slot.queue.poll(batch, now) {
                 Ok(o) => o,
                 Err(e) if e.routine => {
                     tracing::info!(queue = %e.queue, reason = %e.reason, "queue left the sidecore");

@@ -13,6 +13,7 @@ mod stats;
 mod thread;
 
 use std::os::fd::RawFd;
+use std::time::Instant;
 
 pub use backoff::Backoff;
 pub use chooser::{ChooserConfig, Discovery, ModeChooser};
@@ -38,8 +39,10 @@ pub struct PollOutcome {
 /// the fabric. Implementations do the per-request work; the sidecore only
 /// schedules.
 pub trait ServedQueue: Send {
-    /// Serves at most `budget` requests without blocking.
-    fn poll(&mut self, budget: usize) -> Result<PollOutcome, QueueFailure>;
+    /// Serves at most `budget` requests without blocking. `now` is the
+    /// sidecore round's clock, read once per round: most polls find
+    /// nothing, and a clock read per queue would cost as much as one.
+    fn poll(&mut self, budget: usize, now: Instant) -> Result<PollOutcome, QueueFailure>;
     /// Turns guest kicks on (`true`) or off (polling). Turning them on
     /// returns whether work arrived meanwhile, which must then be served.
     fn set_notifications(&mut self, enabled: bool) -> Result<bool, QueueFailure>;

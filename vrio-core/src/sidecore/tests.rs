@@ -31,7 +31,7 @@ struct FakeQueue {
 }
 
 impl ServedQueue for FakeQueue {
-    fn poll(&mut self, budget: usize) -> Result<PollOutcome, QueueFailure> {
+    fn poll(&mut self, budget: usize, _now: Instant) -> Result<PollOutcome, QueueFailure> {
         let mut s = self.s.lock().unwrap();
         if s.fail {
             return Err(QueueFailure {
@@ -260,7 +260,7 @@ fn spinning_out_hands_queues_back_to_kicks_before_poll_idle() {
 fn in_flight_work_keeps_the_queue_polled_without_counting_as_done() {
     struct InFlightQueue(u32);
     impl ServedQueue for InFlightQueue {
-        fn poll(&mut self, _budget: usize) -> Result<PollOutcome, QueueFailure> {
+        fn poll(&mut self, _budget: usize, _now: Instant) -> Result<PollOutcome, QueueFailure> {
             self.0 += 1;
             // Two polls with a wave in flight, then the batch completes.
             Ok(if self.0 < 3 {

@@ -202,6 +202,10 @@ pub trait GuestMemory {
     /// staging buffer does, so a block back-end reads and writes there
     /// with no copy. Returns false without calling `f` otherwise (the
     /// default: guest RAM is no chain's view; the caller copies).
+    ///
+    /// A borrower of the writable part leaves every lent byte defined,
+    /// even when its I/O fails (it zeroes them then): the lender may send
+    /// all of them to the guest.
     fn lend_chain_part(
         &self,
         _writable: bool,

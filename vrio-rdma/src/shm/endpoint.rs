@@ -33,9 +33,15 @@ use crate::eventfd::EventFd;
 const RNR_WAIT: Duration = Duration::from_secs(5);
 /// How long the handshake waits for the peer's HELLO.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often a busy-polling caller checks the socket (peer death,
-/// announcements) when nothing else made it look.
-const SOCKET_CHECK: Duration = Duration::from_millis(1);
+/// How often a busy-polling caller checks the socket when nothing else made
+/// it look. Only a crashed peer's EOF needs it: announcements are read when
+/// an unknown key is used, revocations when the epoch moves, and a peer
+/// that closes also says so in shared memory. A `recvmsg` costs about as
+/// much as serving a request, and a sidecore polls many endpoints.
+const SOCKET_CHECK: Duration = Duration::from_millis(5);
+/// Polls between two reads of the clock for [`SOCKET_CHECK`]: most polls
+/// find nothing, and a clock read costs as much as an empty poll.
+const CLOCK_EVERY: u32 = 64;
 /// `ibv_wc_status` IBV_WC_LOC_LEN_ERR: a message longer than the receive.
 const LOC_LEN_ERR: u32 = 1;
 /// A word the peer reads with CMA at connect time, to learn whether CMA
@@ -93,6 +99,8 @@ pub struct ShmEndpoint {
     seen_epoch: u64,
     dead: bool,
     last_check: Instant,
+    /// Polls and posts since the clock was last read for the socket check.
+    unclocked: u32,
     rnr_since: Option<Instant>,
 }
 
@@ -224,6 +232,7 @@ impl ShmEndpoint {
             seen_epoch: 0,
             dead: false,
             last_check: Instant::now(),
+            unclocked: 0,
             rnr_since: None,
         })
     }
@@ -389,9 +398,20 @@ impl ShmEndpoint {
 
     // ---- progress ---------------------------------------------------------
 
+    /// Whether the periodic socket check is due; reads the clock only
+    /// every [`CLOCK_EVERY`] calls.
+    fn socket_due(&mut self) -> bool {
+        self.unclocked += 1;
+        if self.unclocked < CLOCK_EVERY {
+            return false;
+        }
+        self.unclocked = 0;
+        self.last_check.elapsed() >= SOCKET_CHECK
+    }
+
     /// One round of everything that can move without waiting.
     fn progress(&mut self) {
-        if self.last_check.elapsed() >= SOCKET_CHECK {
+        if self.socket_due() {
             self.service_socket();
         }
         if self.dead {
@@ -856,7 +876,7 @@ impl Endpoint for ShmEndpoint {
             self.cq.extend(wrs.iter().map(Completion::flushed));
             return Ok(());
         }
-        if self.last_check.elapsed() >= SOCKET_CHECK {
+        if self.socket_due() {
             // A dead peer fails new requests, not only polls.
             self.service_socket();
             if self.dead {
@@ -939,7 +959,11 @@ impl Endpoint for ShmEndpoint {
 
     fn arm(&mut self) -> Result<(), FabricError> {
         self.wake.drain();
-        self.service_socket();
+        // Not at every arm: an agent arms at every wake, and a peer that
+        // closes says so in shared memory (checked below) and wakes us.
+        if self.last_check.elapsed() >= SOCKET_CHECK {
+            self.service_socket();
+        }
         if self.arm_inner() {
             // Something is ready already: fire at once, as soft does.
             self.wake.signal();

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use vrio_core::blk::{BlockConfig, MemoryBackend};
 use vrio_core::remote::NotifyMode;
-use vrio_examples::model_json;
+use vrio_examples::{model_json, ModeChoice};
 
 use super::cpu::{self, RemoteCpu, RoleCpu};
 use super::{Fabrics, Model};
@@ -41,6 +41,11 @@ pub struct Args {
     /// Leave out the remote-sidecore models (local models only).
     #[arg(long)]
     pub local_only: bool,
+    /// Remote notification modes to measure, comma-separated [default:
+    /// doorbell,remote-poll,adaptive]. The local models always run: they
+    /// are the baseline of every ratio.
+    #[arg(long, value_delimiter = ',', value_enum, conflicts_with_all = ["local_only", "metrics_cost", "interpose_cost"])]
+    pub modes: Option<Vec<ModeChoice>>,
     /// Instead of the model comparison, measure what Prometheus metrics
     /// cost: the remote doorbell model at one load point (default 4 guests
     /// x QD32), over each fabric of --fabric, --pairs times with metrics
@@ -167,16 +172,21 @@ pub fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     let guests = a.guests.clone().unwrap_or_else(|| vec![1, 4, 16]);
     let depths = a.depths.clone().unwrap_or_else(|| vec![1, 32]);
-    let remote: &[NotifyMode] = if a.local_only {
-        &[]
-    } else {
-        &[
+    let remote: Vec<NotifyMode> = match (&a.modes, a.local_only) {
+        (_, true) => Vec::new(),
+        (Some(m), false) => m.iter().fold(Vec::new(), |mut v, m| {
+            if !v.contains(&m.notify()) {
+                v.push(m.notify());
+            }
+            v
+        }),
+        (None, false) => vec![
             NotifyMode::Doorbell,
             NotifyMode::RemotePoll,
             NotifyMode::Adaptive,
-        ]
+        ],
     };
-    let models = Model::all(remote, &a.fabrics);
+    let models = Model::all(&remote, &a.fabrics);
     let mut rows = Vec::new();
     let mut json = Vec::new();
     let points = guests.len() * depths.len() * models.len();

@@ -34,7 +34,7 @@ use crate::interpose::{
 };
 use crate::proto::config::RemoteQueueConfig;
 use crate::proto::queue_error::RemoteQueueError;
-use crate::proto::staging::StagedChain;
+use crate::proto::staging::{StagedChain, Written};
 use crate::proto::stats::RemoteStats;
 use crate::proto::wire::Attach;
 use crate::sidecore::PollOutcome;
@@ -53,6 +53,11 @@ pub struct RequestQueue<D> {
     /// Per batch entry: too large to serve, failed with an error status.
     oversize: Vec<bool>,
     used: Vec<(u16, u32)>,
+    /// What the device wrote of the chain it runs on, and of the batch:
+    /// (batch entry, start, end) in the writable part. Only that goes back.
+    written: Written,
+    extents: Vec<(u64, u64)>,
+    writes: Vec<(usize, u64, u64)>,
     batch_rtts: u64,
     batch_out: PollOutcome,
     stage: Stage,
@@ -129,6 +134,9 @@ impl<D: DeviceModel> RequestQueue<D> {
             bases: Vec::new(),
             oversize: Vec::new(),
             used: Vec::new(),
+            written: Written::default(),
+            extents: Vec::new(),
+            writes: Vec::new(),
             batch_rtts: 0,
             batch_out: PollOutcome::default(),
             stage: Stage::Idle,
@@ -281,10 +289,8 @@ impl<D: DeviceModel> RequestQueue<D> {
                 self.ring.stage_readable(s.addr, off, s.len as usize)?;
                 off += s.len as usize;
             }
-            // Writable bytes start zeroed, so nothing stale leaks back.
-            let wl = c.writable_len() as usize;
-            self.ring.staging().zero(off, wl)?;
-            off += wl;
+            // Not zeroed: only what the device writes goes back.
+            off += c.writable_len() as usize;
         }
         self.batch = batch;
         self.batch_rtts = rtts;
@@ -333,6 +339,7 @@ impl<D: DeviceModel> RequestQueue<D> {
                         buf: &self.ring.staging,
                         chain,
                         base: *base,
+                        written: &self.written,
                     };
                     let mut r = self.device.describe(&view, chain, device, arrived)?;
                     r.vm_host = self.vm_host;
@@ -389,14 +396,17 @@ impl<D: DeviceModel> RequestQueue<D> {
         let bases = std::mem::take(&mut self.bases);
         let mut out = PollOutcome::default();
         self.used.clear();
+        self.writes.clear();
         let name = &self.ring.name;
         for (i, ((head, c), base)) in batch.iter().zip(&bases).enumerate() {
+            self.written.clear();
             let len = match c {
                 Ok(chain) if self.oversize.get(i).copied().unwrap_or(false) => {
                     let view = StagedChain {
                         buf: &self.ring.staging,
                         chain,
                         base: *base,
+                        written: &self.written,
                     };
                     tracing::warn!(queue = %name, head, max = self.ring.cfg.max_request, "request too large; failed with the device's error status");
                     out.errors += 1;
@@ -407,6 +417,7 @@ impl<D: DeviceModel> RequestQueue<D> {
                         buf: &self.ring.staging,
                         chain,
                         base: *base,
+                        written: &self.written,
                     };
                     out.requests += 1;
                     out.bytes += chain.readable_len() + chain.writable_len();
@@ -446,11 +457,16 @@ impl<D: DeviceModel> RequestQueue<D> {
                 }
             };
             self.used.push((*head, len));
+            self.written.merged_into(&mut self.extents);
+            self.writes
+                .extend(self.extents.iter().map(|&(a, b)| (i, a, b)));
         }
-        for ((_, c), base) in batch.iter().zip(&bases) {
-            let Ok(c) = c else { continue };
+        for &(i, start, end) in &self.writes {
+            let (Some((_, Ok(c))), Some(base)) = (batch.get(i), bases.get(i)) else {
+                continue;
+            };
             let o = *base + c.readable_len() as usize;
-            self.ring.queue_writes(&c.writable, o, c.writable_len())?;
+            self.ring.queue_write_range(&c.writable, o, start, end)?;
         }
         let n = batch.len();
         self.ring.queue_used(&self.used)?;

@@ -1193,6 +1193,35 @@ impl ServerRing {
         Ok(())
     }
 
+    /// Queues the WRITEs of bytes `start..end` of the writable part `segs`,
+    /// staged from staging offset `off`.
+    pub(crate) fn queue_write_range(
+        &mut self,
+        segs: &[crate::virtio::ring::Segment],
+        off: usize,
+        start: u64,
+        end: u64,
+    ) -> Result<(), RemoteQueueError> {
+        let mut at = 0u64;
+        for s in segs {
+            let next = at + u64::from(s.len);
+            let (lo, hi) = (start.max(at), end.min(next));
+            if lo < hi {
+                self.queue_wr(
+                    Dir::Write,
+                    s.addr + (lo - at),
+                    off + lo as usize,
+                    (hi - lo) as usize,
+                )?;
+            }
+            if next >= end {
+                break;
+            }
+            at = next;
+        }
+        Ok(())
+    }
+
     /// Queues the used elements `used` (from `next_used` on, split where the
     /// ring wraps), then the WRITE of the new used index (RC puts it after
     /// the elements, so the guest never sees an index before its entries),

@@ -51,6 +51,9 @@ const SPREAD: u64 = 0x20000;
 const SLOTS: usize = 16;
 const RECV_TAG: u64 = 1 << 63;
 const TIMEOUT: Duration = Duration::from_secs(10);
+/// The guest's own bytes after each answer, which the device never writes:
+/// the server must leave them alone.
+const UNWRITTEN: [u8; 4] = [0xa5; 4];
 
 /// A device that answers each request with the 4-byte tag it carries, so
 /// the guest can check that its own request was served.
@@ -476,18 +479,7 @@ impl Pair {
                 };
                 self.driver.add(&self.mem, &[seg], &[], false).unwrap()
             } else {
-                let placeholder = Segment { addr: BUF, len: 4 };
-                let head = self
-                    .driver
-                    .add(&self.mem, &[placeholder], &[placeholder], false)
-                    .unwrap();
-                // Point the chain at this head's own buffers.
-                let r = BUF + 16 * u64::from(head);
-                let w = self.answer(head);
-                self.rewrite_chain(head, r, w);
-                self.mem.write(r, &tag.to_le_bytes()).unwrap();
-                self.mem.write(w, &[0xff; 4]).unwrap();
-                head
+                self.add_echo(tag)
             };
             self.inflight[usize::from(head)] = Some((tag, bad));
             self.posted += 1;
@@ -500,6 +492,26 @@ impl Pair {
             }
             self.act();
         }
+    }
+
+    /// Adds one echo request carrying `tag` (not yet published): its own
+    /// buffers, with room for 8 bytes of answer of which the device writes
+    /// 4. Returns its head.
+    fn add_echo(&mut self, tag: u32) -> u16 {
+        let placeholder = Segment { addr: BUF, len: 4 };
+        let answer = Segment { addr: BUF, len: 8 };
+        let head = self
+            .driver
+            .add(&self.mem, &[placeholder], &[answer], false)
+            .unwrap();
+        // Point the chain at this head's own buffers.
+        let r = BUF + 16 * u64::from(head);
+        let w = self.answer(head);
+        self.rewrite_chain(head, r, w);
+        self.mem.write(r, &tag.to_le_bytes()).unwrap();
+        self.mem.write(w, &[0xff; 4]).unwrap();
+        self.mem.write(w + 4, &UNWRITTEN).unwrap();
+        head
     }
 
     /// Where `head`'s answer goes.
@@ -556,6 +568,12 @@ impl Pair {
                     u32::from_le_bytes(got),
                     tag,
                     "head {head} got another answer"
+                );
+                let mut rest = [0u8; 4];
+                self.mem.read(w + 4, &mut rest).unwrap();
+                assert_eq!(
+                    rest, UNWRITTEN,
+                    "head {head}: the server sent back bytes its device did not write"
                 );
                 if self.log_since.is_some_and(|t| tag >= t) {
                     // The server wrote the answer, its used element and
@@ -885,15 +903,7 @@ proptest! {
 
 /// Adds one 4-byte echo request (not yet published); see [`Pair::post`].
 fn add_request(p: &mut Pair) {
-    let placeholder = Segment { addr: BUF, len: 4 };
-    let head = p
-        .driver
-        .add(&p.mem, &[placeholder], &[placeholder], false)
-        .unwrap();
-    let r = BUF + 16 * u64::from(head);
-    p.rewrite_chain(head, r, r + 8);
-    p.mem.write(r, &p.next_tag.to_le_bytes()).unwrap();
-    p.mem.write(r + 8, &[0xff; 4]).unwrap();
+    let head = p.add_echo(p.next_tag);
     p.inflight[usize::from(head)] = Some((p.next_tag, false));
     p.next_tag += 1;
     p.posted += 1;

@@ -206,6 +206,11 @@ impl BlockDevice {
                             Some((r, p)) => p.read_data(r, buf).map_err(RequestError::Refused),
                             None => Ok(()),
                         });
+                    if done.is_err() {
+                        // Lent bytes are sent back whatever happens: none
+                        // may hold a partial read, or a refused one.
+                        buf.fill(0);
+                    }
                 });
                 if lent {
                     return done.map(|()| len);
