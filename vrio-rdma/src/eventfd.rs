@@ -40,17 +40,19 @@ impl EventFd {
     }
 
     /// Makes the fd unreadable again (reads the count to zero).
-    pub(crate) fn drain(&self) {
+    /// Resets the counter; true when it had been signalled.
+    pub(crate) fn drain(&self) -> bool {
         let mut v: u64 = 0;
         // SAFETY: reads at most 8 bytes into a live u64 from our
         // non-blocking eventfd (EAGAIN when already drained is fine).
-        unsafe {
+        let n = unsafe {
             libc::read(
                 self.0.as_raw_fd(),
                 (&mut v as *mut u64).cast(),
                 std::mem::size_of::<u64>(),
             )
         };
+        n == std::mem::size_of::<u64>() as isize
     }
 }
 

@@ -129,12 +129,10 @@ fn serve_until_empty(
     q: &mut dyn ServedQueue,
     stats: &SidecoreStats,
 ) -> Result<(), crate::sidecore::QueueFailure> {
-    // One clock read per kick, as the sidecore reads one per round.
-    let now = Instant::now();
     loop {
         q.set_notifications(false)?;
         loop {
-            let out = q.poll(256, now)?;
+            let out = q.poll(256, Instant::now())?;
             stats.polls.fetch_add(1, Relaxed);
             stats.requests.fetch_add(u64::from(out.requests), Relaxed);
             stats.errors.fetch_add(u64::from(out.errors), Relaxed);

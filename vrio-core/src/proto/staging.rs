@@ -136,8 +136,9 @@ pub struct StagedChain<'a> {
 /// The ranges of a chain's writable part that its device wrote, as offsets
 /// into that part: all the server WRITEs back. Bytes the device left alone
 /// are not sent, so the guest keeps its own there and nothing stale in the
-/// staging buffer (another guest's data) can reach it, without zeroing the
-/// staging bytes of every request first.
+/// staging buffer (earlier requests' data, ciphertext an interposed stage
+/// left) can reach it, without zeroing the staging bytes of every request
+/// first.
 #[derive(Debug, Default)]
 pub struct Written(RefCell<Vec<(u64, u64)>>);
 

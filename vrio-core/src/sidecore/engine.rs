@@ -246,12 +246,17 @@ impl Sidecore {
         // kick fds instead of sleeping blind and adding latency.
         let spun_out = self.empty_rounds >= self.cfg.backoff.spin_rounds;
         let before = self.slots.len();
+        // The queues' clock: the round's, moved on after each poll that
+        // worked (which may have blocked on a disk), so that a queue's
+        // deadlines do not count time the sidecore spent on other queues.
+        // Empty polls read no clock.
+        let mut poll_now = now;
         self.slots.retain_mut(|slot| {
             if !slot.polling && !slot.queue.take_kick() {
                 return true;
             }
             stats.polls.fetch_add(1, Relaxed);
-            let out = match slot.queue.poll(batch, now) {
+            let out = match slot.queue.poll(batch, poll_now) {
                 Ok(o) => o,
                 Err(e) if e.routine => {
                     tracing::info!(queue = %e.queue, reason = %e.reason, "queue left the sidecore");
@@ -267,6 +272,9 @@ impl Sidecore {
                 }
             };
             let served = out.requests + out.errors + out.pending;
+            if served > 0 {
+                poll_now = now + started.elapsed();
+            }
             stats.requests.fetch_add(u64::from(out.requests), Relaxed);
             stats.errors.fetch_add(u64::from(out.errors), Relaxed);
             stats.bytes.fetch_add(out.bytes, Relaxed);

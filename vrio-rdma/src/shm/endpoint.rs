@@ -40,8 +40,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// much as serving a request, and a sidecore polls many endpoints.
 const SOCKET_CHECK: Duration = Duration::from_millis(5);
 /// Polls between two reads of the clock for [`SOCKET_CHECK`]: most polls
-/// find nothing, and a clock read costs as much as an empty poll.
-const CLOCK_EVERY: u32 = 64;
+/// find nothing, and a clock read costs as much as an empty poll. Small
+/// enough that an endpoint polled every 10 ms still checks within 100 ms.
+const CLOCK_EVERY: u32 = 8;
 /// `ibv_wc_status` IBV_WC_LOC_LEN_ERR: a message longer than the receive.
 const LOC_LEN_ERR: u32 = 1;
 /// A word the peer reads with CMA at connect time, to learn whether CMA
@@ -958,10 +959,12 @@ impl Endpoint for ShmEndpoint {
     }
 
     fn arm(&mut self) -> Result<(), FabricError> {
-        self.wake.drain();
-        // Not at every arm: an agent arms at every wake, and a peer that
-        // closes says so in shared memory (checked below) and wakes us.
-        if self.last_check.elapsed() >= SOCKET_CHECK {
+        // The socket only when the eventfd did not wake us (the socket may
+        // have: messages, hang-up) or the check is due. An agent arms at
+        // every wake, mostly for the peer's signal, and a `recvmsg` then
+        // costs as much as the rest of the wake; a socket message left
+        // unread keeps the notify set readable, so the next arm reads it.
+        if !self.wake.drain() || self.last_check.elapsed() >= SOCKET_CHECK {
             self.service_socket();
         }
         if self.arm_inner() {
