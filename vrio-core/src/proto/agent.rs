@@ -339,6 +339,39 @@ pub struct HostQueue {
     /// SET_LOGs on this link not answered yet: the switch is in effect
     /// only once the last one is.
     log_unanswered: u32,
+    /// Doorbell buffers the runtime gave back ([`HostQueue::recycle`]), so
+    /// that building a doorbell allocates nothing in steady state.
+    spare: Spare,
+}
+
+/// Buffers of sent doorbells, for the next ones.
+#[derive(Debug, Default)]
+struct Spare {
+    lists: Vec<Vec<DoorbellEntry>>,
+    entries: Vec<DoorbellEntry>,
+    bytes: Vec<Vec<u8>>,
+}
+
+impl Spare {
+    /// Keeps `d`'s buffers, up to `max` entries and byte buffers (a ring's
+    /// worth is all a queue ever needs at once).
+    fn keep(&mut self, d: Doorbell, max: usize) {
+        let mut list = d.entries;
+        for mut e in list.drain(..) {
+            for (_, b) in e.inline.drain(..) {
+                if self.bytes.len() < max {
+                    self.bytes.push(b);
+                }
+            }
+            e.descs.clear();
+            if self.entries.len() < max {
+                self.entries.push(e);
+            }
+        }
+        if self.lists.len() < 4 {
+            self.lists.push(list);
+        }
+    }
 }
 
 impl HostQueue {
@@ -381,6 +414,7 @@ impl HostQueue {
             log: None,
             log_pending: None,
             log_unanswered: 0,
+            spare: Spare::default(),
         })
     }
 
@@ -408,6 +442,14 @@ impl HostQueue {
     /// The next action to carry out, if any.
     pub fn poll_action(&mut self) -> Option<Action> {
         self.actions.pop_front()
+    }
+
+    /// Takes back a message the runtime has sent, to reuse its buffers
+    /// (optional: a dropped message costs only the allocations).
+    pub fn recycle(&mut self, m: Message) {
+        if let Message::Doorbell(d) = m {
+            self.spare.keep(d, 2 * usize::from(self.layout.size));
+        }
     }
 
     /// Whether the queue has a link to serve on (the runtime drops guest
@@ -946,7 +988,7 @@ impl HostQueue {
             while self.last_pushed != avail {
                 let mut d = Doorbell {
                     avail_idx: avail.0,
-                    entries: Vec::new(),
+                    entries: self.spare.lists.pop().unwrap_or_default(),
                 };
                 let mut bytes = DOORBELL_HEADER;
                 while self.last_pushed != avail {
@@ -984,15 +1026,14 @@ impl HostQueue {
     }
 
     /// Copies a chain's descriptors (not validated: the server does that).
-    fn copy_chain<M: GuestMemory + ?Sized>(&self, mem: &M, pos: u16) -> DoorbellEntry {
+    fn copy_chain<M: GuestMemory + ?Sized>(&mut self, mem: &M, pos: u16) -> DoorbellEntry {
         let max = self.cfg.chain_copy;
         let head = mem.load_u16(self.layout.avail_ring(pos)).unwrap_or(0);
-        let mut e = DoorbellEntry {
-            pos,
-            head,
-            descs: Vec::new(),
-            inline: Vec::new(),
-        };
+        let mut e = self.spare.entries.pop().unwrap_or_default();
+        e.pos = pos;
+        e.head = head;
+        e.descs.clear();
+        e.inline.clear();
         let mut idx = head;
         while e.descs.len() < max && idx < self.layout.size {
             let gpa = self.layout.desc_addr(idx);
@@ -1027,7 +1068,7 @@ impl HostQueue {
     /// [`HostQueueConfig::inline_max`]). Unvalidated, like the descriptors:
     /// the server uses a copy only for a segment it validated and that the
     /// copy covers exactly, and otherwise READs.
-    fn copy_inline<M: GuestMemory + ?Sized>(&self, mem: &M, e: &mut DoorbellEntry) {
+    fn copy_inline<M: GuestMemory + ?Sized>(&mut self, mem: &M, e: &mut DoorbellEntry) {
         let readable = || {
             e.descs
                 .iter()
@@ -1040,7 +1081,7 @@ impl HostQueue {
             .map(|d| u64::from(d.len))
             .sum();
         let whole = payload <= self.cfg.inline_max as u64;
-        let mut inline = Vec::new();
+        let mut inline = std::mem::take(&mut e.inline);
         let mut bytes = 0usize;
         for d in readable() {
             if !whole && d.len > INLINE_HEADER {
@@ -1052,10 +1093,14 @@ impl HostQueue {
             if bytes + len > MAX_MSG - 1024 {
                 break;
             }
-            let mut b = vec![0u8; len];
+            let mut b = self.spare.bytes.pop().unwrap_or_default();
+            b.clear();
+            b.resize(len, 0);
             if mem.read(d.addr, &mut b).is_ok() {
                 bytes += len;
                 inline.push((d.addr, b));
+            } else {
+                self.spare.bytes.push(b);
             }
         }
         e.inline = inline;

@@ -453,8 +453,10 @@ impl Conn {
 
     fn send(&mut self, m: &Message) -> Result<(), AgentError> {
         m.encode(&mut self.scratch).map_err(AgentError::Encode)?;
-        let deadline = Instant::now() + SEND_WAIT;
+        // The clock is read only when a slot must be waited for.
+        let mut deadline = None;
         while self.free_send.is_empty() {
+            let deadline = *deadline.get_or_insert_with(|| Instant::now() + SEND_WAIT);
             self.reap_for_send()?;
             if !self.free_send.is_empty() {
                 break;
@@ -628,6 +630,7 @@ impl AgentQueue {
                         Some(c) => c.send(&m),
                         None => Err(AgentError::NoServer),
                     };
+                    self.proto.recycle(m);
                     if let Err(e) = r {
                         self.proto.on_link_error(e, Instant::now());
                     }

@@ -39,6 +39,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// that closes also says so in shared memory. A `recvmsg` costs about as
 /// much as serving a request, and a sidecore polls many endpoints.
 const SOCKET_CHECK: Duration = Duration::from_millis(5);
+/// How often `arm` reads the socket when the eventfd did not fire: the
+/// longest a sleeper can spin on a socket message it has not read.
+const ARM_SOCKET_CHECK: Duration = Duration::from_millis(1);
 /// Polls between two reads of the clock for [`SOCKET_CHECK`]: most polls
 /// find nothing, and a clock read costs as much as an empty poll. Small
 /// enough that an endpoint polled every 10 ms still checks within 100 ms.
@@ -959,12 +962,17 @@ impl Endpoint for ShmEndpoint {
     }
 
     fn arm(&mut self) -> Result<(), FabricError> {
-        // The socket only when the eventfd did not wake us (the socket may
-        // have: messages, hang-up) or the check is due. An agent arms at
-        // every wake, mostly for the peer's signal, and a `recvmsg` then
-        // costs as much as the rest of the wake; a socket message left
-        // unread keeps the notify set readable, so the next arm reads it.
-        if !self.wake.drain() || self.last_check.elapsed() >= SOCKET_CHECK {
+        // An agent arms at every wake, and a `recvmsg` costs as much as
+        // the rest of the wake: the socket is read only when due. Sooner
+        // when the peer's signal did not wake us (the socket may have: a
+        // message, a hang-up, which keep the notify set readable, so a
+        // sleeper re-arms in a loop until it reads them).
+        let due = if self.wake.drain() {
+            SOCKET_CHECK
+        } else {
+            ARM_SOCKET_CHECK
+        };
+        if self.last_check.elapsed() >= due {
             self.service_socket();
         }
         if self.arm_inner() {

@@ -425,6 +425,8 @@ impl Pair {
                 Action::Send(m) => {
                     let mut b = Vec::new();
                     m.encode(&mut b).unwrap();
+                    // As the runtime does: later doorbells reuse its buffers.
+                    self.hq.recycle(m);
                     let posted = self.link.as_mut().and_then(|l| {
                         let slot = l.free_send.pop()?;
                         l.msgs.put(slot * MAX_MSG, &b).ok()?;
