@@ -10,7 +10,8 @@
 //! sidecore within 10% of doorbells (either way) at 1 x 32, 4 x 1 and
 //! 4 x 32, 5-30% more at 16 x 1 and 16 x 32, and 45-60% more at 1 x 1 (a
 //! queue with one request in flight pays for empty polls), while it
-//! halves the VM host's CPU per request under load. The ratios move with the machine,
+//! halves the VM host's CPU per request under load and takes three or
+//! four round trips per request to doorbells' one. The ratios move with the machine,
 //! the guests and the run; no batch-size threshold tells them apart, the
 //! sidecore's CPU clock does. (Over `soft` remote
 //! polling costs more at every load, and the engine does not measure it;
@@ -57,8 +58,9 @@ pub struct ChooserConfig {
     pub min_requests: u64,
     /// Two ways within this many percent of each other cost the sidecore
     /// the same (5: the spread of two epochs of one way under a steady
-    /// load), and the tie goes by [`ModeChooser::lean_remote`], so noise
-    /// does not make the queues flap.
+    /// load), and the tie goes by [`ModeChooser::lean_remote`] (doorbells
+    /// unless [`Self::ties_to_remote_poll`]), so noise does not make the
+    /// queues flap.
     pub margin_percent: u8,
     /// A new choice is kept this long before the next comparison. Short,
     /// because a choice just made is the one most likely to be wrong
@@ -69,6 +71,14 @@ pub struct ChooserConfig {
     /// costs two switches, so they grow rarer (about 1.4% of the time at
     /// this hold) while the load stays alike.
     pub max_hold: Duration,
+    /// Where remote polls cost the VM host nothing (an RNIC, `shm`),
+    /// whether a tie goes to them, which halves the VM host's CPU per
+    /// request under load, rather than to doorbells, which keep a 4 KiB
+    /// request at one round trip instead of three or four (the avail
+    /// ring's READ, an indirect table's, the header's, then the reply).
+    /// Off: latency first; a queue in remote-poll mode makes the other
+    /// trade for whoever asks.
+    pub ties_to_remote_poll: bool,
 }
 
 impl Default for ChooserConfig {
@@ -81,6 +91,7 @@ impl Default for ChooserConfig {
             margin_percent: 5,
             first_hold: Duration::from_millis(200),
             max_hold: Duration::from_millis(1600),
+            ties_to_remote_poll: false,
         }
     }
 }
@@ -138,11 +149,12 @@ impl ModeChooser {
         }
     }
 
-    /// Whether remote polls cost the VM host nothing (its fabric's
+    /// Whether a tie within the margin goes to remote polls. The engine
+    /// says so only where they cost the VM host nothing (its fabric's
     /// one-sided operations take none of its CPU, as with an RNIC or
-    /// `shm`), where doorbells cost it a message per kick: then a tie
-    /// within the margin goes to remote polls. Over `soft` the VM host's
-    /// fabric threads serve every READ, and a tie goes to doorbells.
+    /// `shm`, where doorbells cost it a message per kick) and its
+    /// configuration asks for it ([`ChooserConfig::ties_to_remote_poll`]).
+    /// Over `soft` the VM host's fabric threads serve every READ.
     pub fn lean_remote(&mut self, on: bool) {
         self.lean_remote = on;
     }

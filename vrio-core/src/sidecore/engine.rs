@@ -156,7 +156,8 @@ impl Sidecore {
         let mut adaptive = self.slots.iter().filter_map(|s| s.adaptive).peekable();
         let any = adaptive.peek().is_some();
         let cheap = adaptive.all(|c| c);
-        self.chooser.lean_remote(any && cheap);
+        self.chooser
+            .lean_remote(any && cheap && self.cfg.chooser.ties_to_remote_poll);
         // Where a queue's remote polls cost its VM host CPU (`soft`: the
         // host's fabric threads serve every READ), doorbells, unmeasured:
         // remote polls cost the sidecore more there too, at every load of

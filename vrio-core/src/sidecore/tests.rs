@@ -420,7 +420,16 @@ fn the_chooser_follows_a_change_of_load_within_its_longest_hold() {
 /// nothing when `cheap`) and a doorbell queue, driven for 400 ms where
 /// remote polls cost the sidecore 600 ns a request and doorbells 1,000.
 fn advised(cheap: bool) -> (Sidecore, Clock, Vec<bool>, Vec<bool>) {
-    let mut sc = Sidecore::new(cfg());
+    advised_with(cfg(), cheap, 600)
+}
+
+/// [`advised`] with `config` and remote polls at `remote` ns a request.
+fn advised_with(
+    config: SidecoreConfig,
+    cheap: bool,
+    remote: u64,
+) -> (Sidecore, Clock, Vec<bool>, Vec<bool>) {
+    let mut sc = Sidecore::new(config);
     let mut clock = (Instant::now(), 0);
     let (a, sa) = fake("adaptive");
     sa.lock().unwrap().adaptive = true;
@@ -428,7 +437,7 @@ fn advised(cheap: bool) -> (Sidecore, Clock, Vec<bool>, Vec<bool>) {
     let (b, sb) = fake("doorbell");
     sc.add(a, clock.0);
     sc.add(b, clock.0);
-    feed(&mut sc, &mut clock, 200);
+    feed_costs(&mut sc, &mut clock, 200, remote);
     let a = sa.lock().unwrap().advice.clone();
     let b = sb.lock().unwrap().advice.clone();
     (sc, clock, a, b)
@@ -440,10 +449,15 @@ type Clock = (Instant, u64);
 /// `steps` of 2 ms at 1,000 requests each, costing the sidecore 600 ns a
 /// request with remote polls and 1,000 with doorbells.
 fn feed(sc: &mut Sidecore, clock: &mut Clock, steps: u32) {
+    feed_costs(sc, clock, steps, 600);
+}
+
+/// [`feed`] with remote polls at `remote_ns` a request.
+fn feed_costs(sc: &mut Sidecore, clock: &mut Clock, steps: u32, remote_ns: u64) {
     for _ in 0..steps {
         clock.0 += Duration::from_millis(2);
         let remote = sc.discovery() == Discovery::RemotePoll;
-        clock.1 += 1_000 * if remote { 600 } else { 1_000 };
+        clock.1 += 1_000 * if remote { remote_ns } else { 1_000 };
         sc.stats().requests.fetch_add(1_000, Relaxed);
         sc.observe_cpu(clock.0, clock.1);
     }
@@ -481,6 +495,22 @@ fn a_queue_that_leaves_takes_its_fabrics_veto_with_it() {
     assert_eq!(sc.len(), 2);
     feed(&mut sc, &mut clock, 300);
     assert_eq!(sc.discovery(), Discovery::RemotePoll);
+}
+
+#[test]
+fn a_tie_goes_to_doorbells_unless_the_configuration_says_otherwise() {
+    // Remote polls 3% dearer than doorbells (a tie), where they cost the
+    // VM host nothing: doorbells, one round trip a request, by default.
+    let (sc, _, a, _) = advised_with(cfg(), true, 1_030);
+    assert!(sc.discovery_counts().0 >= 1, "it compared");
+    assert_eq!(sc.discovery(), Discovery::Doorbells);
+    assert_eq!(a.last(), Some(&false), "{a:?}");
+    // Asked to, the sidecore gives the tie to remote polls.
+    let mut config = cfg();
+    config.chooser.ties_to_remote_poll = true;
+    let (sc, _, a, _) = advised_with(config, true, 1_030);
+    assert_eq!(sc.discovery(), Discovery::RemotePoll);
+    assert_eq!(a.last(), Some(&true), "{a:?}");
 }
 
 #[test]
