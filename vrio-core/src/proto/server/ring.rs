@@ -12,7 +12,7 @@ use std::cell::UnsafeCell;
 use std::num::Wrapping;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use vrio_rdma::{Completion, Opcode, RecvRequest, SendRequest, Sge, WcStatus};
 
@@ -74,6 +74,10 @@ const RECV_TAG: u64 = 1 << 63;
 /// completions (many polls at shm speed), and an idle queue should still
 /// drop to one READ a poll within a few milliseconds.
 const TABLE_POLLS: u16 = 256;
+/// ... and for at least this long after it: a count of polls alone runs
+/// out sooner the cheaper a poll is, while a guest on a loaded host
+/// refills its queue as late as ever.
+const TABLE_WINDOW: Duration = Duration::from_millis(5);
 
 /// Receives posted per queue: one per ring slot, at most [`MAX_RECVS`].
 /// The agent keeps at most 64 messages in flight; a peer that sends more
@@ -223,6 +227,9 @@ pub struct ServerRing {
     table_read: bool,
     /// Polls left that read the table too: refilled when a poll finds work.
     busy_polls: u16,
+    /// When a poll last found work (the table is read for
+    /// [`TABLE_WINDOW`] after it, whatever the count of polls).
+    found_at: Option<Instant>,
     /// Why the queue stopped: every later poll reports it again.
     failed: Option<RemoteQueueError>,
 }
@@ -340,6 +347,7 @@ impl ServerRing {
             span_logged: false,
             table_read: false,
             busy_polls: 0,
+            found_at: None,
             scratch: Vec::new(),
             failed: None,
             device_id: attach.device_id,
@@ -718,12 +726,16 @@ impl ServerRing {
     /// first: RC executes the READs in order, so every descriptor of an
     /// entry the ring shows (the guest writes them before it publishes the
     /// entry) is in the table read after it. After [`TABLE_POLLS`] empty
-    /// polls the table READ stops: an idle queue costs one READ a poll.
+    /// polls and [`TABLE_WINDOW`] the table READ stops: an idle queue
+    /// costs one READ a poll.
     fn post_avail_read(&mut self) -> Result<u64, RemoteQueueError> {
         let l = self.layout;
         let ring = 4 + 2 * usize::from(l.size);
         self.queue_wr(Dir::Read, l.avail, self.areas.avail, ring)?;
-        self.table_read = self.busy_polls > 0;
+        let recent = self
+            .found_at
+            .is_some_and(|t| self.now.saturating_duration_since(t) < TABLE_WINDOW);
+        self.table_read = self.busy_polls > 0 || recent;
         if self.table_read {
             let table = l.desc_table_bytes() as usize;
             self.queue_wr(Dir::Read, l.desc, self.areas.desc, table)?;
@@ -1109,6 +1121,7 @@ impl ServerRing {
             // empty polls after (a guest refills its queue a moment after
             // its completions): an idle queue soon costs one READ a poll.
             self.busy_polls = if n > 0 {
+                self.found_at = Some(self.now);
                 TABLE_POLLS
             } else {
                 self.busy_polls.saturating_sub(1)
