@@ -53,11 +53,10 @@ pub struct RequestQueue<D> {
     /// Per batch entry: too large to serve, failed with an error status.
     oversize: Vec<bool>,
     used: Vec<(u16, u32)>,
-    /// What the device wrote of the chain it runs on, and of the batch:
-    /// (batch entry, start, end) in the writable part. Only that goes back.
+    /// What the device wrote of the chain it runs on, merged into
+    /// `extents` (start, end in the writable part): only that goes back.
     written: Written,
     extents: Vec<(u64, u64)>,
-    writes: Vec<(usize, u64, u64)>,
     batch_rtts: u64,
     batch_out: PollOutcome,
     stage: Stage,
@@ -136,7 +135,6 @@ impl<D: DeviceModel> RequestQueue<D> {
             used: Vec::new(),
             written: Written::default(),
             extents: Vec::new(),
-            writes: Vec::new(),
             batch_rtts: 0,
             batch_out: PollOutcome::default(),
             stage: Stage::Idle,
@@ -396,8 +394,6 @@ impl<D: DeviceModel> RequestQueue<D> {
         let bases = std::mem::take(&mut self.bases);
         let mut out = PollOutcome::default();
         self.used.clear();
-        self.writes.clear();
-        let name = &self.ring.name;
         for (i, ((head, c), base)) in batch.iter().zip(&bases).enumerate() {
             self.written.clear();
             let len = match c {
@@ -408,7 +404,7 @@ impl<D: DeviceModel> RequestQueue<D> {
                         base: *base,
                         written: &self.written,
                     };
-                    tracing::warn!(queue = %name, head, max = self.ring.cfg.max_request, "request too large; failed with the device's error status");
+                    tracing::warn!(queue = %self.ring.name, head, max = self.ring.cfg.max_request, "request too large; failed with the device's error status");
                     out.errors += 1;
                     self.device.fail_request(&view, chain).unwrap_or(0)
                 }
@@ -441,7 +437,7 @@ impl<D: DeviceModel> RequestQueue<D> {
                     match staged {
                         Ok(l) => l,
                         Err(e) => {
-                            tracing::warn!(queue = %name, head, error = %e, "request failed");
+                            tracing::warn!(queue = %self.ring.name, head, error = %e, "request failed");
                             out.errors += 1;
                             if let Some(s) = a.status.get_mut(i) {
                                 *s = virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR as u8;
@@ -451,22 +447,19 @@ impl<D: DeviceModel> RequestQueue<D> {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(queue = %name, head, error = %e, "bad descriptor chain");
+                    tracing::warn!(queue = %self.ring.name, head, error = %e, "bad descriptor chain");
                     out.errors += 1;
                     0
                 }
             };
             self.used.push((*head, len));
-            self.written.merged_into(&mut self.extents);
-            self.writes
-                .extend(self.extents.iter().map(|&(a, b)| (i, a, b)));
-        }
-        for &(i, start, end) in &self.writes {
-            let (Some((_, Ok(c))), Some(base)) = (batch.get(i), bases.get(i)) else {
-                continue;
-            };
-            let o = *base + c.readable_len() as usize;
-            self.ring.queue_write_range(&c.writable, o, start, end)?;
+            if let Ok(c) = c {
+                self.written.merged_into(&mut self.extents);
+                let o = *base + c.readable_len() as usize;
+                for &(start, end) in &self.extents {
+                    self.ring.queue_write_range(&c.writable, o, start, end)?;
+                }
+            }
         }
         let n = batch.len();
         self.ring.queue_used(&self.used)?;
