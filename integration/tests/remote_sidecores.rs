@@ -1,5 +1,5 @@
-//! The vRIO data path end to end, in one process: synthetic guests, one
-//! VM-host agent per guest, and an I/O server with remote sidecores, over
+//! The vRIO data path end to end, in one process: synthetic guests, the
+//! VM-host agent (one thread for all of them), and an I/O server with remote sidecores, over
 //! the software fabric on loopback TCP.
 
 use std::sync::atomic::AtomicU64;
@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use vrio_core::blk::{BlockConfig, MemoryBackend};
 use vrio_core::memory::GuestMemory;
 use vrio_core::remote::{
-    attach, AgentConfig, DeviceAttach, IoServer, IoServerConfig, NotifyMode, QueueAttach,
+    attach, Agent, AgentConfig, DeviceAttach, IoServer, IoServerConfig, NotifyMode, QueueAttach,
 };
 use vrio_core::ring::layout::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vrio_core::ring::{Descriptor, RingFeatures};
@@ -152,6 +152,98 @@ fn one_sidecore(
     let backend = Arc::new(MemoryBackend::new(blocks * 4096));
     let done = Arc::new(AtomicU64::new(0));
     run_remote(mode, 1, fabric, backend, BlockConfig::default(), rc, &done).unwrap()
+}
+
+/// Threads of this process whose name is `name`.
+fn threads_named(name: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|c| c.trim_end() == name)
+        .count()
+}
+
+#[test]
+fn one_agent_thread_serves_many_devices_and_lets_them_go_one_by_one() {
+    // A VM host's agent is one thread, as its local sidecore would be: the
+    // devices share its wakes. A device that detaches takes only its own
+    // queues away; the thread ends with the last handle.
+    let backend = Arc::new(MemoryBackend::new(3 * 64 * 4096));
+    let server = IoServer::start(
+        soft(),
+        backend,
+        IoServerConfig {
+            listen: "127.0.0.1:0".into(),
+            sidecores: 1,
+            ..IoServerConfig::default()
+        },
+    )
+    .unwrap();
+    let rc = RunConfig {
+        guests: 3,
+        queues_per_guest: 1,
+        workload: WorkloadConfig {
+            requests: 1000,
+            depth: 8,
+            read_pct: 50,
+            flush_pct: 0,
+            blocks: 64,
+            ..WorkloadConfig::default()
+        },
+        ..RunConfig::default()
+    };
+    let mut guests = vrio_testkit::runner::make_guests(&rc).unwrap();
+    const NAME: &str = "vrio-agent-test";
+    let agent = Agent::new(NAME).unwrap();
+    let devs: Vec<_> = guests
+        .iter()
+        .enumerate()
+        .map(|(g, guest)| {
+            let side = guest.device_side(0).unwrap();
+            agent
+                .attach(
+                    soft(),
+                    server.addr(),
+                    DeviceAttach {
+                        device_id: g as u64,
+                        mem: guest.memory().clone(),
+                        queues: vec![vrio_testkit::runner::queue_attach(side)],
+                        credential: None,
+                    },
+                    AgentConfig::default(),
+                )
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(threads_named(NAME), 1, "one thread for three devices");
+    // Device 0 leaves before any request; the others must not notice.
+    devs[0].detach();
+    assert!(devs[0]
+        .move_queue(0, devs[1].queues()[0].target.clone())
+        .is_err());
+    guests.remove(0);
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let io = vrio_testkit::runner::drive_guests(guests, &rc, &done, &stop);
+    assert_eq!(io.completed, 2 * 1000);
+    assert_eq!((io.lost, io.corrupt, io.io_errors), (0, 0, 0));
+    let doorbells = |d: &vrio_core::remote::AttachedDevice| {
+        d.stats()
+            .doorbells
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert_eq!(doorbells(&devs[0]), 0);
+    assert!(doorbells(&devs[1]) > 0 && doorbells(&devs[2]) > 0);
+    assert!(agent.cpu_ns() > 0);
+    // The devices' handles go; the agent's keeps the thread.
+    drop(devs);
+    assert_eq!(threads_named(NAME), 1);
+    drop(agent);
+    assert_eq!(
+        threads_named(NAME),
+        0,
+        "the thread ended with its last handle"
+    );
 }
 
 #[test]

@@ -19,3 +19,18 @@ fn clock_ns(clock: libc::clockid_t) -> u64 {
 pub(crate) fn thread_cpu_ns() -> u64 {
     clock_ns(libc::CLOCK_THREAD_CPUTIME_ID)
 }
+
+/// CPU time used so far by the thread of `handle`, in nanoseconds; `None`
+/// once it has exited (its clock is gone).
+pub(crate) fn clock_of<T>(handle: &std::thread::JoinHandle<T>) -> Option<u64> {
+    use std::os::unix::thread::JoinHandleExt;
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: the handle is not joined (we borrow it), so its pthread_t
+    // still names the thread or, if it exited, a zombie that the kernel
+    // reports as such; the call writes only `clock`.
+    let rc = unsafe { libc::pthread_getcpuclockid(handle.as_pthread_t(), &mut clock) };
+    if rc != 0 {
+        return None;
+    }
+    Some(clock_ns(clock)).filter(|&ns| ns != 0)
+}

@@ -437,22 +437,31 @@ pub fn attach_guests_credentialed(
     credentials: &[String],
 ) -> Result<Vec<vrio_core::remote::AttachedDevice>, RunError> {
     let domains = open_domains(backend, device, guests.len())?;
-    let agent = vrio_core::remote::AgentConfig {
+    let cfg = vrio_core::remote::AgentConfig {
         mode,
         ..Default::default()
     };
-    attach_in_domains(guests, placed, &domains, agent, credentials)
+    let agent = new_agent()?;
+    attach_in_domains(&agent, guests, placed, &domains, cfg, credentials)
 }
 
-/// [`attach_guests_placed`] with guest `g`'s agent in `domains[g]`.
+/// The VM host's agent: one thread for all the guests of a run, as the
+/// local sidecore is one thread for all of them.
+pub fn new_agent() -> Result<vrio_core::remote::Agent, RunError> {
+    vrio_core::remote::Agent::new("vrio-agent").map_err(|e| RunError::Model(e.to_string()))
+}
+
+/// [`attach_guests_placed`] with guest `g`'s device in `domains[g]`, all
+/// served by `agent`.
 fn attach_in_domains(
+    agent: &vrio_core::remote::Agent,
     guests: &[SyntheticGuest],
     placed: &[(u64, Vec<vrio_core::remote::QueueTarget>)],
     domains: &[Arc<dyn vrio_rdma::Domain>],
-    agent: vrio_core::remote::AgentConfig,
+    cfg: vrio_core::remote::AgentConfig,
     credentials: &[String],
 ) -> Result<Vec<vrio_core::remote::AttachedDevice>, RunError> {
-    use vrio_core::remote::{attach_placed, DeviceAttach};
+    use vrio_core::remote::DeviceAttach;
     if placed.len() != guests.len() || domains.len() != guests.len() {
         return Err(RunError::Model(format!(
             "{} placements and {} domains for {} guests",
@@ -469,18 +478,19 @@ fn attach_in_domains(
         for q in 0..usize::from(guest.cfg.queues) {
             queues.push(queue_attach(guest.device_side(q)?));
         }
-        let dev = attach_placed(
-            Arc::clone(domain),
-            targets.clone(),
-            DeviceAttach {
-                device_id: *device_id,
-                mem: guest.memory().clone(),
-                queues,
-                credential: credentials.get(g).cloned(),
-            },
-            agent,
-        )
-        .map_err(|e| RunError::Model(e.to_string()))?;
+        let dev = agent
+            .attach_placed(
+                Arc::clone(domain),
+                targets.clone(),
+                DeviceAttach {
+                    device_id: *device_id,
+                    mem: guest.memory().clone(),
+                    queues,
+                    credential: credentials.get(g).cloned(),
+                },
+                cfg,
+            )
+            .map_err(|e| RunError::Model(e.to_string()))?;
         agents.push(dev);
     }
     Ok(agents)
@@ -519,7 +529,7 @@ pub fn any_placement(
 }
 
 /// Runs `rc` against remote sidecores: an in-process I/O server and one
-/// agent per guest, over `fabric` on this host (listening where
+/// agent thread for all guests, over `fabric` on this host (listening where
 /// [`listen_addr_for`] says).
 pub fn run_remote(
     mode: vrio_core::remote::NotifyMode,
@@ -573,11 +583,12 @@ pub fn run_remote_with(
     let guests = make_guests(rc)?;
     let host_domains = open_domains(fabric, None, guests.len())?;
     let placed = any_placement(&guests, server.addr());
-    let agent = vrio_core::remote::AgentConfig {
+    let cfg = vrio_core::remote::AgentConfig {
         mode,
         inline_max: rc.inline_max,
         ..Default::default()
     };
+    let agent = new_agent()?;
     let credentials = placed
         .iter()
         .map(|(device, _)| {
@@ -591,7 +602,7 @@ pub fn run_remote_with(
         })
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| RunError::Model(e.to_string()))?;
-    let mut agents = attach_in_domains(&guests, &placed, &host_domains, agent, &credentials)?;
+    let mut agents = attach_in_domains(&agent, &guests, &placed, &host_domains, cfg, &credentials)?;
     let stop = Arc::new(AtomicBool::new(false));
     let fabric_clock = FabricCpuClock::start(&server_domain, &host_domains);
     let clock = RunClock::start();
@@ -600,10 +611,10 @@ pub fn run_remote_with(
     let mut fig = RemoteFigures::default();
     for a in agents.iter_mut() {
         a.detach();
-        fig.vmhost_cpu_ns += a.stats().cpu_ns.load(Relaxed);
         fig.doorbells += a.stats().doorbells.load(Relaxed);
         fig.interrupts += a.stats().interrupts.load(Relaxed);
     }
+    fig.vmhost_cpu_ns = agent.cpu_ns();
     // Before `stop`, whose own connection to the server is no request's.
     (fig.vmhost_fabric_cpu_ns, fig.server_fabric_cpu_ns) = fabric_clock.elapsed();
     let stats = server.sidecore_stats();

@@ -13,8 +13,9 @@
 //! request after it is re-served, which virtio allows (it never completed).
 //! Closing the old endpoint fences the old server out of guest memory.
 
+use std::collections::HashMap;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -27,7 +28,7 @@ use vrio_rdma::{
     SendRequest, Sge, WcOpcode,
 };
 
-use crate::cputime::thread_cpu_ns;
+use crate::cputime::{clock_of, thread_cpu_ns};
 use crate::proto::agent::{Action, HostQueue, HostQueueConfig};
 pub use crate::proto::agent::{
     AgentError, AgentStats, LinkState, MoveReport, QueueStatus, QueueTarget,
@@ -116,12 +117,26 @@ impl Default for AgentConfig {
 const SEND_SLOTS: usize = 64;
 const RECV_SLOTS: usize = 32;
 const RECV_TAG: u64 = 1 << 63;
+/// The epoll token of the agent's own wake eventfd (commands, stop).
 const WAKE: u64 = u64::MAX;
-/// Marks a guest kick fd's epoll token (the rest is the queue index), so
-/// that a wake for the link alone costs no read of the kick fd.
+/// Marks a guest kick fd's epoll token, so that a wake for the link alone
+/// costs no read of the kick fd. Below it, the queue index; above it, the
+/// device's slot on the agent thread.
 const KICK: u64 = 1 << 32;
+const SLOT_SHIFT: u32 = 33;
+/// Slots wrap at 2^30 (no agent lives through a billion attachments), so
+/// a token never equals [`WAKE`].
+const SLOT_MASK: u32 = (1 << 30) - 1;
 /// How long a message may wait for a send slot before the link is given up.
 const SEND_WAIT: Duration = Duration::from_secs(10);
+/// Every queue is looked at this often even without an event (timers, the
+/// status the owner reads), and the thread's CPU clock published.
+const SWEEP: Duration = Duration::from_millis(100);
+
+/// The epoll token of queue `queue` of the device in `slot`.
+fn token(slot: u32, queue: u16) -> u64 {
+    (u64::from(slot) << SLOT_SHIFT) | u64::from(queue)
+}
 
 /// One queue's link to its server: the endpoint and its message buffers.
 struct Conn {
@@ -157,29 +172,186 @@ struct AgentQueue {
     conn: Option<Conn>,
     kick: EventFd,
     call: EventFd,
+    /// Its epoll token (its device's slot and its index).
+    token: u64,
+    /// The last round of the agent thread that serviced it (a queue is
+    /// serviced at most once per round).
+    round: u64,
     reply: Option<mpsc::Sender<Result<MoveReport, AgentError>>>,
     /// Told when a dirty-log switch is in effect on this queue.
     log_reply: Option<mpsc::Sender<u16>>,
 }
 
+/// A device on the agent thread.
+struct Device {
+    // The queues (their links) before the registrations of guest memory
+    // their servers reach through, and those before the memory (drop
+    // order).
+    queues: Vec<AgentQueue>,
+    _regions: Vec<Box<dyn MemoryRegion>>,
+    ctx: Ctx,
+    /// Every line the agent logs for the device (resumes after a move or a
+    /// failover, lost servers) carries it: operators act on device and
+    /// queue. (A vhost-user vring is a device of one queue from its base.)
+    span: tracing::Span,
+}
+
 enum Command {
+    Add {
+        slot: u32,
+        device: Box<Device>,
+        reply: mpsc::Sender<Result<(), AgentError>>,
+    },
+    Detach {
+        slot: u32,
+        reply: mpsc::Sender<()>,
+    },
     Move {
+        slot: u32,
         queue: u16,
         to: QueueTarget,
         reply: mpsc::Sender<Result<MoveReport, AgentError>>,
     },
     SetLog {
+        slot: u32,
         log: Option<Arc<DirtyLog>>,
         reply: mpsc::Sender<u16>,
     },
 }
 
-/// A device attached to I/O servers; dropping it detaches.
-pub struct AttachedDevice {
+/// A VM host's agent: one thread that serves the queues of any number of
+/// devices, as one local sidecore serves all of a host's guests.
+///
+/// Devices share its wakes: under load one wake finds kicks and
+/// completions of several guests, where a thread per device would wake
+/// once for each. [`attach`] gives a device an agent (a thread) of its own.
+/// Cloning gives another handle to the same thread, which ends when the
+/// last handle and the last device attached through it are dropped.
+#[derive(Clone)]
+pub struct Agent {
+    inner: Arc<AgentInner>,
+}
+
+struct AgentInner {
     wake: Arc<EventFd>,
     stopping: Arc<AtomicBool>,
     commands: mpsc::Sender<Command>,
     join: Mutex<Option<JoinHandle<()>>>,
+    cpu_ns: Arc<AtomicU64>,
+    next_slot: AtomicU32,
+}
+
+impl Agent {
+    /// Starts the agent thread, named `name`.
+    pub fn new(name: &str) -> Result<Self, AgentError> {
+        let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+        let epoll = Epoll::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            wake.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, WAKE),
+        )?;
+        let stopping = Arc::new(AtomicBool::new(false));
+        let cpu_ns = Arc::new(AtomicU64::new(0));
+        let (commands, rx) = mpsc::channel();
+        let (w, sp, c) = (wake.clone(), stopping.clone(), cpu_ns.clone());
+        let join = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || run(epoll, &w, &sp, &rx, &c))?;
+        Ok(Self {
+            inner: Arc::new(AgentInner {
+                wake,
+                stopping,
+                commands,
+                join: Mutex::new(Some(join)),
+                cpu_ns,
+                next_slot: AtomicU32::new(0),
+            }),
+        })
+    }
+
+    /// CPU time of the agent thread so far, in ns (read from its clock
+    /// while it runs; what it used in all once it ended).
+    pub fn cpu_ns(&self) -> u64 {
+        let live = self
+            .inner
+            .join
+            .lock()
+            .ok()
+            .and_then(|j| j.as_ref().and_then(clock_of));
+        live.unwrap_or_else(|| self.inner.cpu_ns.load(Relaxed))
+    }
+
+    /// Registers the guest's memory in `domain` (which should be this
+    /// guest's alone) and attaches every queue to the I/O server at
+    /// `server`; the agent thread serves them from the return on.
+    pub fn attach(
+        &self,
+        domain: Arc<dyn Domain>,
+        server: &str,
+        dev: DeviceAttach,
+        cfg: AgentConfig,
+    ) -> Result<AttachedDevice, AgentError> {
+        let targets = vec![QueueTarget::any(server); dev.queues.len()];
+        self.attach_placed(domain, targets, dev, cfg)
+    }
+
+    /// Like [`Agent::attach`], with each queue placed on its own server and
+    /// sidecore (`targets[i]` for queue `i`), as a controller decided.
+    pub fn attach_placed(
+        &self,
+        domain: Arc<dyn Domain>,
+        targets: Vec<QueueTarget>,
+        dev: DeviceAttach,
+        cfg: AgentConfig,
+    ) -> Result<AttachedDevice, AgentError> {
+        let slot = self.inner.next_slot.fetch_add(1, Relaxed) & SLOT_MASK;
+        let (device, attached) = build(slot, domain, targets, dev, cfg)?;
+        let (stats, status) = (device.ctx.stats.clone(), device.ctx.status.clone());
+        let (reply, rx) = mpsc::channel();
+        self.command(Command::Add {
+            slot,
+            device: Box::new(device),
+            reply,
+        })?;
+        rx.recv().map_err(|_| AgentError::Stopped)??;
+        Ok(AttachedDevice {
+            agent: Mutex::new(Some(self.clone())),
+            slot,
+            stats,
+            status,
+            config: attached.config,
+            features: attached.features,
+            timeout: cfg.timeout,
+        })
+    }
+
+    fn command(&self, c: Command) -> Result<(), AgentError> {
+        self.inner
+            .commands
+            .send(c)
+            .map_err(|_| AgentError::Stopped)?;
+        self.inner.wake.write(1)?;
+        Ok(())
+    }
+}
+
+impl Drop for AgentInner {
+    fn drop(&mut self) {
+        self.stopping.store(true, Relaxed);
+        let _ = self.wake.write(1);
+        let join = self.join.lock().ok().and_then(|mut j| j.take());
+        if let Some(j) = join {
+            let _ = j.join();
+        }
+    }
+}
+
+/// A device attached to I/O servers; dropping it detaches.
+pub struct AttachedDevice {
+    /// The agent serving it; `None` once detached.
+    agent: Mutex<Option<Agent>>,
+    slot: u32,
     stats: Arc<AgentStats>,
     status: Arc<Mutex<Vec<QueueStatus>>>,
     config: Vec<u8>,
@@ -205,20 +377,26 @@ impl AttachedDevice {
     pub fn queues(&self) -> Vec<QueueStatus> {
         self.status.lock().map(|s| s.clone()).unwrap_or_default()
     }
+    /// The agent serving the device, unless it was detached.
+    fn agent(&self) -> Result<Agent, AgentError> {
+        self.agent
+            .lock()
+            .ok()
+            .and_then(|a| a.clone())
+            .ok_or(AgentError::Stopped)
+    }
     /// Moves `queue` to `to` while the guest keeps running: a handover from
     /// a live server, or a failover if its server is gone. Blocks until the
     /// queue is served again (or the move failed; the queue is then
     /// orphaned and a later move can place it).
     pub fn move_queue(&self, queue: u16, to: QueueTarget) -> Result<MoveReport, AgentError> {
         let (tx, rx) = mpsc::channel();
-        self.commands
-            .send(Command::Move {
-                queue,
-                to,
-                reply: tx,
-            })
-            .map_err(|_| AgentError::Stopped)?;
-        self.wake.write(1)?;
+        self.agent()?.command(Command::Move {
+            slot: self.slot,
+            queue,
+            to,
+            reply: tx,
+        })?;
         // A quiesce and an attach, each bounded by the timeout.
         match rx.recv_timeout(self.timeout * 2 + Duration::from_secs(1)) {
             Ok(r) => r,
@@ -234,10 +412,11 @@ impl AttachedDevice {
     pub fn set_log(&self, log: Option<Arc<DirtyLog>>) -> Result<(), AgentError> {
         let queues = self.status.lock().map(|s| s.len()).unwrap_or(0);
         let (tx, rx) = mpsc::channel();
-        self.commands
-            .send(Command::SetLog { log, reply: tx })
-            .map_err(|_| AgentError::Stopped)?;
-        self.wake.write(1)?;
+        self.agent()?.command(Command::SetLog {
+            slot: self.slot,
+            log,
+            reply: tx,
+        })?;
         let deadline = Instant::now() + self.timeout + Duration::from_secs(1);
         for _ in 0..queues {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -250,12 +429,22 @@ impl AttachedDevice {
         Ok(())
     }
     /// Detaches: stops forwarding, closes the endpoints, deregisters memory.
+    /// Blocks until the agent thread let go of the device; an agent of the
+    /// device's own ([`attach`]) ends with it.
     pub fn detach(&self) {
-        self.stopping.store(true, Relaxed);
-        let _ = self.wake.write(1);
-        let join = self.join.lock().ok().and_then(|mut j| j.take());
-        if let Some(j) = join {
-            let _ = j.join();
+        let agent = self.agent.lock().ok().and_then(|mut a| a.take());
+        if let Some(agent) = agent {
+            let (reply, rx) = mpsc::channel();
+            if agent
+                .command(Command::Detach {
+                    slot: self.slot,
+                    reply,
+                })
+                .is_ok()
+            {
+                // An error means the thread is gone, and the device with it.
+                let _ = rx.recv();
+            }
         }
     }
 }
@@ -267,15 +456,17 @@ impl Drop for AttachedDevice {
 }
 
 /// Registers the guest's memory in `domain` (which should be this guest's
-/// alone) and attaches every queue to the I/O server at `server`.
+/// alone) and attaches every queue to the I/O server at `server`, served
+/// by an agent thread of the device's own ([`Agent`] shares one thread
+/// among devices).
 pub fn attach(
     domain: Arc<dyn Domain>,
     server: &str,
     dev: DeviceAttach,
     cfg: AgentConfig,
 ) -> Result<AttachedDevice, AgentError> {
-    let targets = vec![QueueTarget::any(server); dev.queues.len()];
-    attach_placed(domain, targets, dev, cfg)
+    // The device holds the only handle: its detach ends the thread.
+    own_agent(&dev)?.attach(domain, server, dev, cfg)
 }
 
 /// Like [`attach`], with each queue placed on its own server and sidecore
@@ -286,6 +477,23 @@ pub fn attach_placed(
     dev: DeviceAttach,
     cfg: AgentConfig,
 ) -> Result<AttachedDevice, AgentError> {
+    own_agent(&dev)?.attach_placed(domain, targets, dev, cfg)
+}
+
+/// An agent thread for `dev` alone.
+fn own_agent(dev: &DeviceAttach) -> Result<Agent, AgentError> {
+    Agent::new(&format!("vrio-agent-{}", dev.device_id))
+}
+
+/// Registers the device's memory and attaches its queues (on the caller's
+/// thread: attaching blocks on the servers' replies).
+fn build(
+    slot: u32,
+    domain: Arc<dyn Domain>,
+    targets: Vec<QueueTarget>,
+    dev: DeviceAttach,
+    cfg: AgentConfig,
+) -> Result<(Device, AttachReply), AgentError> {
     if targets.len() != dev.queues.len() {
         return Err(AgentError::TargetCount {
             targets: targets.len(),
@@ -297,10 +505,11 @@ pub fn attach_placed(
     for r in dev.mem.iter() {
         let (ptr, len) = (r.as_ptr(), r.len() as usize);
         // SAFETY: the region is guest RAM mapped by `dev.mem`, which the
-        // agent thread keeps alive (an Arc) for as long as the registration;
-        // when it has a file, it is a shared mapping of that file from
-        // `start` (vm-memory's FileOffset), so a fabric that hands the file
-        // to the server (shm) gives it the same memory.
+        // device keeps alive (an Arc in its `Ctx`, dropped after the
+        // registrations) for as long as the registration; when it has a
+        // file, it is a shared mapping of that file from `start`
+        // (vm-memory's FileOffset), so a fabric that hands the file to the
+        // server (shm) gives it the same memory.
         let mr = unsafe {
             match r.file_offset() {
                 Some(f) => {
@@ -356,68 +565,29 @@ pub fn attach_placed(
             conn: Some(conn),
             kick: q.kick,
             call: q.call,
+            token: token(slot, index),
+            round: 0,
             reply: None,
             log_reply: None,
         });
     }
-    let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
-    let epoll = Epoll::new()?;
-    epoll.ctl(
-        ControlOperation::Add,
-        wake.as_raw_fd(),
-        EpollEvent::new(EventSet::IN, WAKE),
-    )?;
-    for (i, q) in queues.iter_mut().enumerate() {
-        epoll.ctl(
-            ControlOperation::Add,
-            q.kick.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, KICK | i as u64),
-        )?;
-        if let Some(c) = &mut q.conn {
-            epoll.ctl(
-                ControlOperation::Add,
-                c.ep.notify_fd(),
-                EpollEvent::new(EventSet::IN, i as u64),
-            )?;
-            c.ep.arm()?;
-        }
-    }
     if let Ok(mut s) = ctx.status.lock() {
         *s = queues.iter().map(|q| q.proto.status()).collect();
     }
-    let status = ctx.status.clone();
-    let stopping = Arc::new(AtomicBool::new(false));
-    let (commands, rx) = mpsc::channel();
-    let stats = ctx.stats.clone();
-    let (w, sp) = (wake.clone(), stopping.clone());
-    let device = dev.device_id;
-    let queue_base = cfg.queue_base;
-    let join = std::thread::Builder::new()
-        .name(format!("vrio-agent-{device}"))
-        .spawn(move || {
-            // Every line the agent logs (resumes after a move or a
-            // failover, lost servers) carries its device: operators act on
-            // device and queue.
-            // (A vhost-user vring is a device of one queue from its base.)
-            let _span =
-                tracing::info_span!("agent", device = format_args!("{device:#x}"), queue_base)
-                    .entered();
-            run(queues, &ctx, epoll, &w, &sp, &rx);
-            ctx.stats.cpu_ns.store(thread_cpu_ns(), Relaxed);
-            // Queues (and their endpoints) went with `run`; now the memory.
-            drop(regions);
-        })?;
-    Ok(AttachedDevice {
-        wake,
-        stopping,
-        commands,
-        join: Mutex::new(Some(join)),
-        stats,
-        status,
-        config: reply.config,
-        features: reply.features,
-        timeout: cfg.timeout,
-    })
+    let span = tracing::info_span!(
+        "agent",
+        device = format_args!("{:#x}", dev.device_id),
+        queue_base = cfg.queue_base
+    );
+    Ok((
+        Device {
+            queues,
+            _regions: regions,
+            ctx,
+            span,
+        },
+        reply,
+    ))
 }
 
 impl Conn {
@@ -592,6 +762,15 @@ impl AgentQueue {
         }
     }
 
+    /// Whether it must be serviced though no fd of its is ready: it must
+    /// push again, waits for a timer, or a send put completions aside.
+    fn needs_attention(&self) -> bool {
+        self.proto.needs_push()
+            || self.proto.is_moving()
+            || self.proto.log_switching()
+            || self.conn.as_ref().is_some_and(|c| !c.stash.is_empty())
+    }
+
     /// Closes the link to the current server (fencing it out of guest
     /// memory: its rkeys die with the endpoint's registration scope).
     fn drop_conn(&mut self, epoll: &Epoll) {
@@ -657,7 +836,7 @@ impl AgentQueue {
                         epoll.ctl(
                             ControlOperation::Add,
                             conn.ep.notify_fd(),
-                            EpollEvent::new(EventSet::IN, u64::from(self.proto.index())),
+                            EpollEvent::new(EventSet::IN, self.token),
                         )?;
                         conn.ep.arm()?;
                         Ok(conn)
@@ -787,71 +966,193 @@ impl AgentQueue {
     }
 }
 
+impl Device {
+    /// Puts the device's fds in the agent's epoll and arms its links.
+    fn enlist(&mut self, epoll: &Epoll) -> Result<(), AgentError> {
+        for q in self.queues.iter_mut() {
+            epoll.ctl(
+                ControlOperation::Add,
+                q.kick.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, q.token | KICK),
+            )?;
+            if let Some(c) = &mut q.conn {
+                epoll.ctl(
+                    ControlOperation::Add,
+                    c.ep.notify_fd(),
+                    EpollEvent::new(EventSet::IN, q.token),
+                )?;
+                c.ep.arm()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the device's fds out of the agent's epoll and closes its
+    /// links. The kick fds must go explicitly: the guest's side keeps them
+    /// open, and epoll would go on reporting them.
+    fn delist(&mut self, epoll: &Epoll) {
+        for q in self.queues.iter_mut() {
+            let _ = epoll.ctl(
+                ControlOperation::Delete,
+                q.kick.as_raw_fd(),
+                EpollEvent::default(),
+            );
+            q.drop_conn(epoll);
+        }
+    }
+}
+
+/// Carries out a command of a device's owner.
+fn command(c: Command, devices: &mut HashMap<u32, Device>, epoll: &Epoll) {
+    match c {
+        Command::Add {
+            slot,
+            mut device,
+            reply,
+        } => match device.enlist(epoll) {
+            Ok(()) => {
+                devices.insert(slot, *device);
+                let _ = reply.send(Ok(()));
+            }
+            Err(e) => {
+                device.delist(epoll);
+                let _ = reply.send(Err(e));
+            }
+        },
+        Command::Detach { slot, reply } => {
+            if let Some(mut d) = devices.remove(&slot) {
+                d.delist(epoll);
+                // For an agent of the device's own, its whole thread.
+                d.ctx.stats.cpu_ns.store(thread_cpu_ns(), Relaxed);
+            }
+            let _ = reply.send(());
+        }
+        Command::Move {
+            slot,
+            queue,
+            to,
+            reply,
+        } => {
+            let Some(d) = devices.get_mut(&slot) else {
+                let _ = reply.send(Err(AgentError::Stopped));
+                return;
+            };
+            let _span = d.span.enter();
+            match d.queues.get_mut(usize::from(queue)) {
+                Some(q) => q.on_move(&d.ctx, epoll, to, reply),
+                None => {
+                    let _ = reply.send(Err(AgentError::NoSuchQueue(queue)));
+                }
+            }
+        }
+        Command::SetLog { slot, log, reply } => {
+            let Some(d) = devices.get_mut(&slot) else {
+                return;
+            };
+            let _span = d.span.enter();
+            for q in d.queues.iter_mut() {
+                q.log_reply = Some(reply.clone());
+                q.proto.set_log(log.clone(), Instant::now());
+                q.act(&d.ctx, epoll);
+            }
+        }
+    }
+}
+
+/// The agent thread: waits for kicks, completions and commands, and
+/// services the queues they concern (plus those that wait for a timer or
+/// must push again, and every queue each [`SWEEP`]).
 fn run(
-    mut queues: Vec<AgentQueue>,
-    ctx: &Ctx,
     epoll: Epoll,
     wake: &EventFd,
     stopping: &AtomicBool,
     commands: &mpsc::Receiver<Command>,
+    cpu_ns: &AtomicU64,
 ) {
-    let mut events = vec![EpollEvent::default(); 32];
-    let mut published = Instant::now();
+    let mut devices: HashMap<u32, Device> = HashMap::new();
+    let mut events = vec![EpollEvent::default(); 64];
+    // (slot, queue, kicked) of the queues this round's events concern.
+    let mut ready: Vec<(u32, u16, bool)> = Vec::with_capacity(64);
+    let mut swept = Instant::now();
+    let mut round = 0u64;
     loop {
-        let moving = queues
-            .iter()
-            .any(|q| q.proto.is_moving() || q.proto.log_switching());
-        let repush = queues.iter().any(|q| q.proto.needs_push());
+        let (mut repush, mut moving) = (false, false);
+        for q in devices.values().flat_map(|d| &d.queues) {
+            repush |= q.proto.needs_push();
+            moving |= q.proto.is_moving() || q.proto.log_switching();
+        }
         let timeout = if repush {
             0
         } else if moving {
             20
         } else {
-            1000
+            SWEEP.as_millis() as i32
         };
         let n = match epoll.wait(timeout, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 tracing::error!(error = %e, "agent epoll failed");
-                return;
+                break;
             }
         };
-        if events[..n].iter().any(|e| e.data() == WAKE) {
+        round += 1;
+        ready.clear();
+        let mut woken = false;
+        for e in &events[..n] {
+            let t = e.data();
+            if t == WAKE {
+                woken = true;
+                continue;
+            }
+            let (slot, queue, kicked) = ((t >> SLOT_SHIFT) as u32, t as u16, t & KICK != 0);
+            match ready.iter_mut().find(|r| r.0 == slot && r.1 == queue) {
+                Some(r) => r.2 |= kicked,
+                None => ready.push((slot, queue, kicked)),
+            }
+        }
+        if woken {
             let _ = wake.read();
             if stopping.load(Relaxed) {
-                return;
+                break;
             }
             while let Ok(c) = commands.try_recv() {
-                match c {
-                    Command::Move { queue, to, reply } => {
-                        match queues.get_mut(usize::from(queue)) {
-                            Some(q) => q.on_move(ctx, &epoll, to, reply),
-                            None => {
-                                let _ = reply.send(Err(AgentError::NoSuchQueue(queue)));
-                            }
-                        }
-                    }
-                    Command::SetLog { log, reply } => {
-                        for q in queues.iter_mut() {
-                            q.log_reply = Some(reply.clone());
-                            q.proto.set_log(log.clone(), Instant::now());
-                            q.act(ctx, &epoll);
-                        }
-                    }
+                command(c, &mut devices, &epoll);
+            }
+        }
+        for &(slot, queue, kicked) in &ready {
+            let Some(d) = devices.get_mut(&slot) else {
+                continue; // detached this round
+            };
+            if let Some(q) = d.queues.get_mut(usize::from(queue)) {
+                let _span = d.span.enter();
+                q.round = round;
+                q.service(&d.ctx, &epoll, kicked);
+            }
+        }
+        let sweep = swept.elapsed() >= SWEEP;
+        for d in devices.values_mut() {
+            for q in d.queues.iter_mut() {
+                if q.round != round && (sweep || q.needs_attention()) {
+                    let _span = d.span.enter();
+                    q.round = round;
+                    q.service(&d.ctx, &epoll, false);
                 }
             }
         }
-        for (i, q) in queues.iter_mut().enumerate() {
-            let kicked = events[..n].iter().any(|e| e.data() == KICK | i as u64);
-            q.service(ctx, &epoll, kicked);
-        }
-        // Keeps the used indexes fresh; state changes publish at once.
-        if published.elapsed() > Duration::from_millis(100) {
-            published = Instant::now();
-            for q in &queues {
-                q.publish(ctx);
+        if sweep {
+            // Keeps the used indexes fresh; state changes publish at once.
+            swept = Instant::now();
+            for d in devices.values() {
+                for q in &d.queues {
+                    q.publish(&d.ctx);
+                }
             }
         }
+    }
+    cpu_ns.store(thread_cpu_ns(), Relaxed);
+    for (_, mut d) in devices.drain() {
+        d.delist(&epoll);
+        d.ctx.stats.cpu_ns.store(thread_cpu_ns(), Relaxed);
     }
 }

@@ -27,8 +27,8 @@ pub use crate::proto::queue_error::RemoteQueueError;
 pub use crate::proto::stats::{RemoteSnapshot, RemoteStats};
 pub use crate::proto::wire::{DeviceKind, NotifyMode, ANY_SIDECORE};
 pub use agent::{
-    attach, attach_placed, AgentConfig, AgentError, AgentStats, AttachedDevice, DeviceAttach,
-    LinkState, MoveReport, QueueAttach, QueueStatus, QueueTarget,
+    attach, attach_placed, Agent, AgentConfig, AgentError, AgentStats, AttachedDevice,
+    DeviceAttach, LinkState, MoveReport, QueueAttach, QueueStatus, QueueTarget,
 };
 pub use net_devices::{NetDeviceError, NetDevices, NetServerConfig};
 pub use net_rx::RemoteRxQueue;

@@ -190,7 +190,9 @@ pub fn attach_net_remote(
     mode: vrio_core::remote::NotifyMode,
     fabric: vrio_rdma::Backend,
 ) -> Result<vrio_core::remote::AttachedDevice, RunError> {
+    let agent = crate::runner::new_agent()?;
     attach_net_in(
+        &agent,
         open_domain(fabric, None)?,
         guest,
         device_id,
@@ -200,8 +202,9 @@ pub fn attach_net_remote(
     )
 }
 
-/// [`attach_net_remote`] with the agent in `domain`.
+/// [`attach_net_remote`] with the device in `domain`, served by `agent`.
 fn attach_net_in(
+    agent: &vrio_core::remote::Agent,
     domain: Arc<dyn vrio_rdma::Domain>,
     guest: &NetGuest,
     device_id: u64,
@@ -209,27 +212,28 @@ fn attach_net_in(
     mode: vrio_core::remote::NotifyMode,
     credential: Option<String>,
 ) -> Result<vrio_core::remote::AttachedDevice, RunError> {
-    use vrio_core::remote::{attach, AgentConfig, DeviceAttach};
+    use vrio_core::remote::{AgentConfig, DeviceAttach};
     let mut queues = Vec::new();
     for q in [RX_QUEUE, TX_QUEUE] {
         queues.push(queue_attach(guest.device_side(q)?));
     }
-    attach(
-        domain,
-        server,
-        DeviceAttach {
-            device_id,
-            mem: guest.memory().clone(),
-            queues,
-            credential,
-        },
-        AgentConfig {
-            mode,
-            device: vrio_core::remote::DeviceKind::Net { mac: guest.cfg.mac },
-            ..AgentConfig::default()
-        },
-    )
-    .map_err(|e| RunError::Model(e.to_string()))
+    agent
+        .attach(
+            domain,
+            server,
+            DeviceAttach {
+                device_id,
+                mem: guest.memory().clone(),
+                queues,
+                credential,
+            },
+            AgentConfig {
+                mode,
+                device: vrio_core::remote::DeviceKind::Net { mac: guest.cfg.mac },
+                ..AgentConfig::default()
+            },
+        )
+        .map_err(|e| RunError::Model(e.to_string()))
 }
 
 /// The I/O server's view of a remote net run.
@@ -255,7 +259,6 @@ pub fn run_net_remote(
     rc: &NetRunConfig,
     progress: &Arc<AtomicU64>,
 ) -> Result<(NetReport, RemoteNetFigures), RunError> {
-    use std::sync::atomic::Ordering::Relaxed;
     use vrio_core::remote::{IoServer, IoServerConfig, NetServerConfig};
     let cfgs = guest_configs(rc);
     let server_domain = open_domain(fabric, None)?;
@@ -280,6 +283,7 @@ pub fn run_net_remote(
     .map_err(|e| RunError::Model(e.to_string()))?;
     let mut guests = Vec::new();
     let mut agents = Vec::new();
+    let agent = crate::runner::new_agent()?;
     let host_domains = open_domains(fabric, None, cfgs.len())?;
     for (c, domain) in cfgs.into_iter().zip(&host_domains) {
         let g = NetGuest::new(c)?;
@@ -295,6 +299,7 @@ pub fn run_net_remote(
             )
             .map_err(|e| RunError::Model(e.to_string()))?;
         agents.push(attach_net_in(
+            &agent,
             Arc::clone(domain),
             &g,
             id,
@@ -312,8 +317,8 @@ pub fn run_net_remote(
     let mut fig = RemoteNetFigures::default();
     for a in agents.iter_mut() {
         a.detach();
-        fig.vmhost_cpu_ns += a.stats().cpu_ns.load(Relaxed);
     }
+    fig.vmhost_cpu_ns = agent.cpu_ns();
     // Before `stop`, whose own connection to the server is no request's.
     (fig.vmhost_fabric_cpu_ns, fig.server_fabric_cpu_ns) = fabric_clock.elapsed();
     // After the sidecores stopped: nothing is counted any more.
