@@ -27,11 +27,13 @@ use vrio_rdma::{FabricError, WcStatus};
 
 use super::wire::{
     doorbell_entry_size, Doorbell, DoorbellEntry, Message, NotifyMode, WireError, ANY_SIDECORE,
-    DOORBELL_HEADER, MAX_MSG, NOTIFY_IMM, PUBLISH_IMM,
+    DOORBELL_HEADER, EARLY_IMM, EARLY_SPAN_SHIFT, MAX_MSG, NOTIFY_IMM, PUBLISH_IMM,
 };
 use crate::virtio::dirty_log::DirtyLog;
 use crate::virtio::memory::{GuestMemory, MemoryError, MemoryMap};
-use crate::virtio::ring::layout::VRING_USED_F_NO_NOTIFY;
+use crate::virtio::ring::layout::{
+    vring_need_event, VRING_AVAIL_F_NO_INTERRUPT, VRING_USED_F_NO_NOTIFY,
+};
 use crate::virtio::ring::{
     Descriptor, DescriptorChain, DeviceQueue, QueueError, RingFeatures, RingLayout, RingState,
     Walker,
@@ -216,7 +218,9 @@ pub struct AgentStats {
     pub interrupts: AtomicU64,
     /// Guest kicks seen.
     pub kicks: AtomicU64,
-    /// CPU time of the agent thread, in ns (set when it ends).
+    /// CPU time of the agent thread, in ns, set when the device detaches.
+    /// A thread shared by several devices (`remote::Agent`) reports its
+    /// whole time to each: read `Agent::cpu_ns` instead.
     pub cpu_ns: AtomicU64,
     /// Handovers from a live server.
     pub moves: AtomicU64,
@@ -567,7 +571,34 @@ impl HostQueue {
         }
         if imm & NOTIFY_IMM != 0 {
             self.interrupt();
+        } else if imm & EARLY_IMM != 0 {
+            let span = (imm >> EARLY_SPAN_SHIFT) as u16;
+            match self.wants_early(mem, imm as u16, span) {
+                Ok(true) => self.interrupt(),
+                Ok(false) => {}
+                Err(e) => self.on_link_error(e, now),
+            }
         }
+    }
+
+    /// An early interrupt request (`EARLY_IMM`) for the `span` used entries
+    /// up to `new`: decided here as a device decides, from the guest's
+    /// suppression word read after used.idx (which landed before the
+    /// immediate: RC order).
+    fn wants_early<M: GuestMemory + ?Sized>(
+        &self,
+        mem: &M,
+        new: u16,
+        span: u16,
+    ) -> Result<bool, AgentError> {
+        fence(Ordering::SeqCst);
+        Ok(if self.features.event_idx {
+            let event = mem.load_u16(self.layout.used_event())?;
+            vring_need_event(event, new, new.wrapping_sub(span))
+        } else {
+            let flags = mem.load_u16(self.layout.avail_flags())?;
+            flags & VRING_AVAIL_F_NO_INTERRUPT == 0
+        })
     }
 
     /// Records that the server published used entries: the interrupt's

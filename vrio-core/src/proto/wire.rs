@@ -13,6 +13,7 @@
 //! | (interrupt) | server → agent | WRITE_WITH_IMM, len 0 | imm = [`NOTIFY_IMM`] \| the used.idx the server published; sent only when the guest's suppression asks for an interrupt |
 //! | SET_LOG | agent → server | SEND | on: from the next batch, WRITE the used elements but not used.idx, and leave publishing (and the interrupt decision) to the agent, which marks the written pages in the VMM's dirty log first (live migration); off: publish again |
 //! | LOGGING | server → agent | SEND | SET_LOG taken, and the used index so far: every batch published without the agent is in guest memory (RC order) |
+//! | (early interrupt) | server → agent | WRITE_WITH_IMM, len 0 | imm = [`EARLY_IMM`] \| batch size << [`EARLY_SPAN_SHIFT`] \| the used.idx published; sent in the reply wave right behind used.idx when the guest's suppression word, as last read, says it wants one; the agent reads the word itself and decides |
 //! | (publish) | server → agent | WRITE_WITH_IMM, len 0 | imm = [`PUBLISH_IMM`] \| the used index up to which the server WROTE used elements; the agent marks, publishes and decides on the interrupt |
 //!
 //! A queue is served strictly in avail order, so "where the server stopped"
@@ -28,7 +29,7 @@ use crate::virtio::ring::{RingFeatures, RingLayout};
 pub const MAGIC: u32 = 0x4f49_5256; // "VRIO"
 /// Protocol version; a message of another version is refused
 /// ([`WireError::BadHeader`]).
-pub const VERSION: u16 = 6;
+pub const VERSION: u16 = 7;
 /// Largest message (and receive buffer): room for a 4 KiB write's payload
 /// inline in a doorbell, with its header and descriptors.
 pub const MAX_MSG: usize = 8192;
@@ -53,6 +54,18 @@ pub const NOTIFY_IMM: u32 = 1 << 16;
 /// agent logs (SET_LOG): the server WROTE the used elements up to the low
 /// 16 bits but not used.idx; the agent publishes it.
 pub const PUBLISH_IMM: u32 = 1 << 17;
+/// Set in the immediate of a WRITE_WITH_IMM the server posts right behind
+/// used.idx, in the same wave, when the guest's suppression word as last
+/// read says it will want an interrupt: the VM host decides on it itself,
+/// as a device does (used.idx landed first, RC order, so it reads the word
+/// after the index), and the interrupt costs no round trip more. The low
+/// 16 bits are the used index published, bits [`EARLY_SPAN_SHIFT`].. the
+/// batch's size (entries it published).
+pub const EARLY_IMM: u32 = 1 << 18;
+/// Where an [`EARLY_IMM`] immediate keeps the batch's size.
+pub const EARLY_SPAN_SHIFT: u32 = 19;
+/// Largest batch an [`EARLY_IMM`] immediate can describe (13 bits).
+pub const EARLY_SPAN_MAX: u16 = (1 << (32 - EARLY_SPAN_SHIFT)) - 1;
 /// `Attach::sidecore` when the server may choose.
 pub const ANY_SIDECORE: u16 = u16::MAX;
 

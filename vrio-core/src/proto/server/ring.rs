@@ -22,8 +22,8 @@ use crate::proto::shadow::Shadow;
 use crate::proto::staging::StagingBuffer;
 use crate::proto::stats::RemoteStats;
 use crate::proto::wire::{
-    Attach, DoorbellEntry, Message, NotifyMode, SetMode, WireRegion, MAX_MSG, NOTIFY_IMM,
-    PUBLISH_IMM,
+    Attach, DoorbellEntry, Message, NotifyMode, SetMode, WireRegion, EARLY_IMM, EARLY_SPAN_MAX,
+    EARLY_SPAN_SHIFT, MAX_MSG, NOTIFY_IMM, PUBLISH_IMM,
 };
 use crate::sidecore::{PollOutcome, QueueFailure};
 use crate::virtio::memory::{GuestRegion, MemoryError, MemoryMap};
@@ -217,6 +217,11 @@ pub struct ServerRing {
     /// interrupt is decided once the wave's READ of the guest's
     /// suppression word is back.
     notify_span: Option<(u16, u16)>,
+    /// The guest's suppression word as the last reply wave read it: it
+    /// predicts the next batch's (see [`ServerRing::queue_used`]).
+    last_word: Option<u16>,
+    /// The reply wave in flight asked for its interrupt early.
+    asked_early: bool,
     /// The agent logs dirty pages (SET_LOG): batches leave used.idx, and
     /// the interrupt, to it.
     logging: bool,
@@ -343,6 +348,8 @@ impl ServerRing {
             backlog: Vec::new(),
             intake: IntakeState::default(),
             notify_span: None,
+            last_word: None,
+            asked_early: false,
             logging: attach.logging,
             span_logged: false,
             table_read: false,
@@ -1275,6 +1282,29 @@ impl ServerRing {
         let idx = self.next_used.0.to_le_bytes();
         self.staging().put(at, &idx)?;
         self.queue_wr(Dir::Write, self.layout.used_idx(), at, 2)?;
+        // If the guest's word, as last read, wants an interrupt for this
+        // batch (a guest that waits for each completion keeps saying so),
+        // ask for it now, behind the index, rather than a round trip later
+        // when the READ below is back. The agent reads the word itself
+        // once the index landed, as a device must, so a guest that
+        // suppressed meanwhile is not interrupted; a wrong guess the other
+        // way only falls back to the READ.
+        let span = self.next_used.0.wrapping_sub(first.0);
+        self.asked_early = span <= EARLY_SPAN_MAX
+            && self
+                .last_word
+                .is_some_and(|w| self.wants_interrupt(w, first.0, self.next_used.0));
+        if self.asked_early {
+            self.stats.interrupts.fetch_add(1, Relaxed);
+            let imm =
+                u32::from(self.next_used.0) | EARLY_IMM | (u32::from(span) << EARLY_SPAN_SHIFT);
+            self.queue_wr(
+                Dir::WriteImm(imm),
+                self.layout.used_idx(),
+                self.areas.send,
+                0,
+            )?;
+        }
         let word = if self.features.event_idx {
             self.layout.used_event()
         } else {
@@ -1303,12 +1333,8 @@ impl ServerRing {
         let at = self.areas.notify + 8;
         self.staging().get(at, &mut b)?;
         let word = u16::from_le_bytes(b);
-        let wanted = if self.features.event_idx {
-            crate::virtio::ring::layout::vring_need_event(word, new, old)
-        } else {
-            word & crate::virtio::ring::layout::VRING_AVAIL_F_NO_INTERRUPT == 0
-        };
-        if !wanted {
+        self.last_word = Some(word);
+        if self.asked_early || !self.wants_interrupt(word, old, new) {
             return Ok(());
         }
         self.stats.interrupts.fetch_add(1, Relaxed);
@@ -1317,6 +1343,16 @@ impl ServerRing {
         // Not waited for: RC completes it before anything posted later.
         self.post_wave()?;
         Ok(())
+    }
+
+    /// Whether suppression word `word` (used_event with EVENT_IDX, else
+    /// the avail flags) asks for an interrupt for used entries `old..new`.
+    fn wants_interrupt(&self, word: u16, old: u16, new: u16) -> bool {
+        if self.features.event_idx {
+            crate::virtio::ring::layout::vring_need_event(word, new, old)
+        } else {
+            word & crate::virtio::ring::layout::VRING_AVAIL_F_NO_INTERRUPT == 0
+        }
     }
 
     /// Requests announced but not taken, or a quiesce to answer.

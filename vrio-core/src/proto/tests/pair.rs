@@ -755,6 +755,81 @@ fn small_queue() -> RemoteQueueConfig {
     }
 }
 
+impl Pair {
+    /// One request, then server visits (the wire drained and the agent
+    /// polled after each) until it is back and the agent has decided on its
+    /// interrupt. Returns the visits its interrupt took, if it had one.
+    fn one_request(&mut self) -> Option<usize> {
+        let raised = self
+            .agent_stats
+            .interrupts
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let mut rng = SmallRng::seed_from_u64(7);
+        self.post(1, false);
+        let mut got = None;
+        for visit in 1..=4 {
+            self.net.run(&mut rng, 10_000);
+            self.serve();
+            self.net.run(&mut rng, 10_000);
+            self.agent_poll();
+            if got.is_none()
+                && self
+                    .agent_stats
+                    .interrupts
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    > raised
+            {
+                got = Some(visit);
+            }
+        }
+        self.reap();
+        assert_eq!(self.completed, self.posted);
+        got
+    }
+}
+
+#[test]
+fn the_interrupt_rides_the_reply_wave_when_the_guest_waits_for_it() {
+    // A guest that waits for every completion wants every interrupt. The
+    // first batch learns that from the READ of its suppression word (a
+    // second visit of the server, a round trip later); from then on the
+    // server asks for the interrupt right behind used.idx, in the wave
+    // that carries the reply: one visit.
+    let mut p = Pair::new(1, NotifyMode::Doorbell, RemoteQueueConfig::default());
+    assert_eq!(p.one_request(), Some(2), "first batch: decided on the READ");
+    for _ in 0..3 {
+        assert_eq!(
+            p.one_request(),
+            Some(1),
+            "the interrupt came with the reply"
+        );
+    }
+    // The guest turns interrupts off (as a polling driver does): the early
+    // request, made on the old word, reaches the agent, which reads the
+    // word itself after used.idx and raises nothing.
+    let asked = p.stats.snapshot().interrupts;
+    p.mem
+        .store_u16(
+            p.layout.avail_flags(),
+            crate::virtio::ring::layout::VRING_AVAIL_F_NO_INTERRUPT,
+        )
+        .unwrap();
+    assert_eq!(
+        p.one_request(),
+        None,
+        "a suppressed guest is not interrupted"
+    );
+    assert_eq!(p.stats.snapshot().interrupts, asked + 1);
+    // The server read the new word with that batch: it asks no more.
+    assert_eq!(p.one_request(), None);
+    assert_eq!(p.stats.snapshot().interrupts, asked + 1);
+    // Interrupts on again: the next batch decides on the READ, the one
+    // after rides the reply again.
+    p.mem.store_u16(p.layout.avail_flags(), 0).unwrap();
+    assert_eq!(p.one_request(), Some(2));
+    assert_eq!(p.one_request(), Some(1));
+}
+
 #[test]
 fn the_same_seed_gives_the_same_run() {
     let run = |seed| {
