@@ -46,6 +46,11 @@ const ARM_SOCKET_CHECK: Duration = Duration::from_millis(1);
 /// find nothing, and a clock read costs as much as an empty poll. Small
 /// enough that an endpoint polled every 10 ms still checks within 100 ms.
 const CLOCK_EVERY: u32 = 8;
+/// `arm` reads our eventfd only when the armed flag was taken (the peer
+/// signals only after taking it), and at least every this many arms: a
+/// count written unasked (a peer's close, a hostile peer) then keeps the
+/// notify fd readable for at most this many wakes.
+const DRAIN_EVERY: u32 = 8;
 /// `ibv_wc_status` IBV_WC_LOC_LEN_ERR: a message longer than the receive.
 const LOC_LEN_ERR: u32 = 1;
 /// A word the peer reads with CMA at connect time, to learn whether CMA
@@ -105,6 +110,8 @@ pub struct ShmEndpoint {
     last_check: Instant,
     /// Polls and posts since the clock was last read for the socket check.
     unclocked: u32,
+    /// Arms since our eventfd was last read.
+    undrained: u32,
     rnr_since: Option<Instant>,
 }
 
@@ -237,6 +244,7 @@ impl ShmEndpoint {
             dead: false,
             last_check: Instant::now(),
             unclocked: 0,
+            undrained: 0,
             rnr_since: None,
         })
     }
@@ -967,7 +975,19 @@ impl Endpoint for ShmEndpoint {
         // when the peer's signal did not wake us (the socket may have: a
         // message, a hang-up, which keep the notify set readable, so a
         // sleeper re-arms in a loop until it reads them).
-        let due = if self.wake.drain() {
+        //
+        // Nor is the eventfd read while our armed flag is still up: then
+        // nobody signalled since the last arm (the peer takes the flag
+        // before it signals, and so do we), and a kick woke us.
+        let taken = self.mine().u32_at(Ctrl::Armed).load(Ordering::SeqCst) == 0;
+        let signalled = if taken || self.undrained >= DRAIN_EVERY {
+            self.undrained = 0;
+            self.wake.drain()
+        } else {
+            self.undrained += 1;
+            false
+        };
+        let due = if signalled {
             SOCKET_CHECK
         } else {
             ARM_SOCKET_CHECK
