@@ -247,6 +247,112 @@ fn one_agent_thread_serves_many_devices_and_lets_them_go_one_by_one() {
 }
 
 #[test]
+fn a_server_that_does_not_answer_stalls_only_its_own_device() {
+    // Two devices on one agent thread. Device 0 moves to a "server" that
+    // takes the connection and never answers its ATTACH: the agent makes
+    // that link off its thread, so device 1's requests go on meanwhile.
+    let server = IoServer::start(
+        soft(),
+        Arc::new(MemoryBackend::new(2 * 64 * 4096)),
+        IoServerConfig {
+            listen: "127.0.0.1:0".into(),
+            sidecores: 1,
+            ..IoServerConfig::default()
+        },
+    )
+    .unwrap();
+    let mut mute = soft()
+        .listen("127.0.0.1:0", vrio_rdma::EndpointConfig::default())
+        .unwrap();
+    let mute_addr = mute.local_addr();
+    // Takes connections and keeps them, reading nothing.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        while let Ok(ep) = mute.accept() {
+            held.push(ep);
+        }
+    });
+    let rc = RunConfig {
+        guests: 2,
+        queues_per_guest: 1,
+        workload: WorkloadConfig {
+            requests: 1_000_000,
+            depth: 4,
+            read_pct: 50,
+            flush_pct: 0,
+            blocks: 64,
+            ..WorkloadConfig::default()
+        },
+        ..RunConfig::default()
+    };
+    let mut guests = vrio_testkit::runner::make_guests(&rc).unwrap();
+    let agent = Agent::new("vrio-agent-mute").unwrap();
+    let answer_within = Duration::from_secs(5);
+    let devs: Vec<_> = guests
+        .iter()
+        .enumerate()
+        .map(|(g, guest)| {
+            let side = guest.device_side(0).unwrap();
+            agent
+                .attach(
+                    soft(),
+                    server.addr(),
+                    DeviceAttach {
+                        device_id: g as u64,
+                        mem: guest.memory().clone(),
+                        queues: vec![vrio_testkit::runner::queue_attach(side)],
+                        credential: None,
+                    },
+                    AgentConfig {
+                        timeout: answer_within,
+                        ..AgentConfig::default()
+                    },
+                )
+                .unwrap()
+        })
+        .collect();
+    guests.remove(0);
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    std::thread::scope(|s| {
+        let moving =
+            s.spawn(|| devs[0].move_queue(0, vrio_core::remote::QueueTarget::any(&mute_addr)));
+        let (rc2, d2, s2) = (&rc, done.clone(), stop.clone());
+        let io = s.spawn(move || vrio_testkit::runner::drive_guests(guests, rc2, &d2, &s2));
+        // Device 1 serves a few hundred requests while device 0's ATTACH
+        // waits for its answer.
+        let started = Instant::now();
+        while done.load(std::sync::atomic::Ordering::Relaxed) < 300 && !moving.is_finished() {
+            assert!(started.elapsed() < 4 * answer_within, "device 1 stalled");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(
+            !moving.is_finished(),
+            "device 1 served only {} requests while device 0's attach hung for {answer_within:?}",
+            done.load(std::sync::atomic::Ordering::Relaxed)
+        );
+        // The mute server never answers: the move fails within the
+        // timeout, and device 0 waits for another placement.
+        let r = moving.join().unwrap();
+        assert!(r.is_err(), "a move to a mute server failed: {r:?}");
+        assert_eq!(
+            devs[0].queues()[0].state,
+            vrio_core::remote::LinkState::Orphaned
+        );
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let io = io.join().unwrap();
+        assert_eq!((io.lost, io.corrupt, io.io_errors), (0, 0, 0));
+    });
+    // Device 0 is placed again, on the real server, and serves.
+    let to = vrio_core::remote::QueueTarget::any(server.addr());
+    devs[0].move_queue(0, to).unwrap();
+    assert_eq!(
+        devs[0].queues()[0].state,
+        vrio_core::remote::LinkState::Serving
+    );
+}
+
+#[test]
 fn doorbell_mode_meets_the_round_trip_target() {
     // Counts, not times: a doorbell carries a request's header, and a 4 KiB
     // write's payload, inline, so 4 KiB reads and writes take one round

@@ -13,7 +13,7 @@
 //! request after it is re-served, which virtio allows (it never completed).
 //! Closing the old endpoint fences the old server out of guest memory.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{mpsc, Arc, Mutex};
@@ -127,8 +127,12 @@ const SLOT_SHIFT: u32 = 33;
 /// Slots wrap at 2^30 (no agent lives through a billion attachments), so
 /// a token never equals [`WAKE`].
 const SLOT_MASK: u32 = (1 << 30) - 1;
-/// How long a message may wait for a send slot before the link is given up.
+/// How long the backlog of messages waiting for send slots may stand still
+/// before the link is given up.
 const SEND_WAIT: Duration = Duration::from_secs(10);
+/// Messages a link may hold back for want of send slots (a guest kicks on
+/// while its server does not acknowledge) before it is given up.
+const BACKLOG_MAX: usize = 1024;
 /// Every queue is looked at this often even without an event (timers, the
 /// status the owner reads), and the thread's CPU clock published.
 const SWEEP: Duration = Duration::from_millis(100);
@@ -147,14 +151,20 @@ struct Conn {
     free_send: Vec<usize>,
     /// Encoding space, reused for every message.
     scratch: Vec<u8>,
-    /// Completions [`Conn::send`] polled while waiting for a send slot that
-    /// were not its business (messages, interrupts): they wait here for
-    /// [`AgentQueue::completions`], never dropped.
-    stash: Vec<Completion>,
+    /// Messages waiting for a send slot, encoded, oldest first. Nothing on
+    /// the agent thread waits for a server: one that stops acknowledging
+    /// must not stall the other devices the thread serves.
+    backlog: VecDeque<Vec<u8>>,
+    /// Since when the backlog has not moved.
+    stuck_since: Option<Instant>,
 }
 
 /// What every queue of a device shares on the agent thread.
 struct Ctx {
+    /// The device's slot on the agent thread, and the way back to it for
+    /// a link made off the thread.
+    slot: u32,
+    back: Back,
     domain: Arc<dyn Domain>,
     device_id: u64,
     wire: Vec<WireRegion>,
@@ -163,6 +173,22 @@ struct Ctx {
     mem: Arc<LocalMemory>,
     stats: Arc<AgentStats>,
     status: Arc<Mutex<Vec<QueueStatus>>>,
+}
+
+/// How a thread other than the agent's hands it something: a command,
+/// then a wake.
+#[derive(Clone)]
+struct Back {
+    commands: mpsc::Sender<Command>,
+    wake: Arc<EventFd>,
+}
+
+impl Back {
+    fn send(&self, c: Command) -> Result<(), AgentError> {
+        self.commands.send(c).map_err(|_| AgentError::Stopped)?;
+        self.wake.write(1)?;
+        Ok(())
+    }
 }
 
 /// One queue on the agent thread: the protocol state machine, its link,
@@ -180,6 +206,13 @@ struct AgentQueue {
     reply: Option<mpsc::Sender<Result<MoveReport, AgentError>>>,
     /// Told when a dirty-log switch is in effect on this queue.
     log_reply: Option<mpsc::Sender<u16>>,
+    /// The dial whose link the queue waits for (see [`Dial`]), if any.
+    linking: Option<u64>,
+    /// Dials made so far (a late link from an older one is dropped).
+    dials: u64,
+    /// A dirty-log switch that came while the queue was being linked: made
+    /// once it is (the ATTACH in flight carried the state before it).
+    deferred_log: Option<(Option<Arc<DirtyLog>>, mpsc::Sender<u16>)>,
 }
 
 /// A device on the agent thread.
@@ -216,6 +249,13 @@ enum Command {
         slot: u32,
         log: Option<Arc<DirtyLog>>,
         reply: mpsc::Sender<u16>,
+    },
+    /// A dial made off the thread ended.
+    Linked {
+        slot: u32,
+        queue: u16,
+        dial: u64,
+        result: Result<Conn, AgentError>,
     },
 }
 
@@ -306,7 +346,11 @@ impl Agent {
         cfg: AgentConfig,
     ) -> Result<AttachedDevice, AgentError> {
         let slot = self.inner.next_slot.fetch_add(1, Relaxed) & SLOT_MASK;
-        let (device, attached) = build(slot, domain, targets, dev, cfg)?;
+        let back = Back {
+            commands: self.inner.commands.clone(),
+            wake: self.inner.wake.clone(),
+        };
+        let (device, attached) = build(slot, back, domain, targets, dev, cfg)?;
         let (stats, status) = (device.ctx.stats.clone(), device.ctx.status.clone());
         let (reply, rx) = mpsc::channel();
         self.command(Command::Add {
@@ -489,6 +533,7 @@ fn own_agent(dev: &DeviceAttach) -> Result<Agent, AgentError> {
 /// thread: attaching blocks on the servers' replies).
 fn build(
     slot: u32,
+    back: Back,
     domain: Arc<dyn Domain>,
     targets: Vec<QueueTarget>,
     dev: DeviceAttach,
@@ -527,6 +572,8 @@ fn build(
     }
     let map = MemoryMap::of(&*dev.mem)?;
     let ctx = Ctx {
+        slot,
+        back,
         domain,
         device_id: dev.device_id,
         wire,
@@ -540,7 +587,8 @@ fn build(
     let mut reply = AttachReply::default();
     for ((i, q), target) in dev.queues.into_iter().enumerate().zip(targets) {
         let index = i as u16;
-        let (conn, r) = connect(&ctx, index, q.layout, q.features, &target, q.start, false)?;
+        let (conn, r) =
+            Dial::new(&ctx, index, q.layout, q.features, &target, q.start, false).dial()?;
         reply = r;
         let host_cfg = HostQueueConfig {
             mode: cfg.mode,
@@ -569,12 +617,18 @@ fn build(
             round: 0,
             reply: None,
             log_reply: None,
+            linking: None,
+            dials: 0,
+            deferred_log: None,
         });
     }
     if let Ok(mut s) = ctx.status.lock() {
         *s = queues.iter().map(|q| q.proto.status()).collect();
     }
+    // Its own root, as it was on a thread of its own: not a child of
+    // whatever the attaching caller was doing.
     let span = tracing::info_span!(
+        parent: None,
         "agent",
         device = format_args!("{:#x}", dev.device_id),
         queue_base = cfg.queue_base
@@ -603,7 +657,8 @@ impl Conn {
             bufs,
             free_send: (0..SEND_SLOTS).collect(),
             scratch: Vec::with_capacity(MAX_MSG),
-            stash: Vec::new(),
+            backlog: VecDeque::new(),
+            stuck_since: None,
         };
         let recvs: Vec<RecvRequest> = (0..RECV_SLOTS).map(|s| c.recv_wr(s)).collect();
         c.ep.post_recv(&recvs)?;
@@ -621,50 +676,64 @@ impl Conn {
         }
     }
 
+    /// Sends `m`, or keeps it for [`Conn::flush`] when every send slot is
+    /// taken (or older messages wait): never blocks.
     fn send(&mut self, m: &Message) -> Result<(), AgentError> {
         m.encode(&mut self.scratch).map_err(AgentError::Encode)?;
-        // The clock is read only when a slot must be waited for.
-        let mut deadline = None;
-        while self.free_send.is_empty() {
-            let deadline = *deadline.get_or_insert_with(|| Instant::now() + SEND_WAIT);
-            self.reap_for_send()?;
-            if !self.free_send.is_empty() {
-                break;
+        if self.backlog.is_empty() {
+            if let Some(slot) = self.free_send.pop() {
+                let msg = std::mem::take(&mut self.scratch);
+                let r = self.post(slot, &msg);
+                self.scratch = msg;
+                return r;
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(AgentError::SendQueueStuck);
-            }
-            // Sleep until the server acknowledges something, rather than
-            // spin a core for as long as it does not.
-            self.ep.wait(left.min(Duration::from_millis(50)))?;
         }
-        let slot = self.free_send.pop().unwrap_or(0);
-        self.bufs.put(slot * MAX_MSG, &self.scratch)?;
+        if self.backlog.len() >= BACKLOG_MAX {
+            return Err(AgentError::SendQueueStuck);
+        }
+        self.backlog.push_back(self.scratch.clone());
+        self.stuck_since.get_or_insert_with(Instant::now);
+        Ok(())
+    }
+
+    /// Posts encoded message `msg` from send slot `slot`.
+    fn post(&mut self, slot: usize, msg: &[u8]) -> Result<(), AgentError> {
+        self.bufs.put(slot * MAX_MSG, msg)?;
         self.ep.post_send(&[SendRequest {
             wr_id: slot as u64,
             opcode: Opcode::Send,
             local: Sge {
                 lkey: self.mr.lkey(),
                 addr: self.bufs.addr() + (slot * MAX_MSG) as u64,
-                len: self.scratch.len() as u32,
+                len: msg.len() as u32,
             },
             signaled: true,
         }])?;
         Ok(())
     }
 
-    /// Takes send completions while the send ring is full; keeps the rest
-    /// (an interrupt or a SET_MODE dropped here would stall the guest).
-    fn reap_for_send(&mut self) -> Result<(), AgentError> {
-        let mut c = [Completion::EMPTY; 16];
-        let n = self.ep.poll(&mut c)?;
-        for c in &c[..n] {
-            if c.wr_id & RECV_TAG == 0 && c.status.is_ok() {
-                self.free_send.push(c.wr_id as usize);
-            } else {
-                self.stash.push(*c);
+    /// Sends held-back messages, in order, as far as slots are free; fails
+    /// the link when the backlog stood still for [`SEND_WAIT`].
+    fn flush(&mut self, now: Instant) -> Result<(), AgentError> {
+        let mut moved = false;
+        while !self.backlog.is_empty() {
+            let Some(slot) = self.free_send.pop() else {
+                break;
+            };
+            if let Some(msg) = self.backlog.pop_front() {
+                self.post(slot, &msg)?;
+                moved = true;
             }
+        }
+        if self.backlog.is_empty() {
+            self.stuck_since = None;
+        } else if moved {
+            self.stuck_since = Some(now);
+        } else if self
+            .stuck_since
+            .is_some_and(|t| now.saturating_duration_since(t) >= SEND_WAIT)
+        {
+            return Err(AgentError::SendQueueStuck);
         }
         Ok(())
     }
@@ -714,41 +783,69 @@ impl Conn {
     }
 }
 
-/// Connects to `to` and attaches queue `index` there, resuming at `start`
-/// (with the agent logging dirty pages if `logging`); returns the link and
-/// the server's reply (config space, features).
-fn connect(
-    ctx: &Ctx,
+/// What attaching a queue takes, owned, so that a move or a failover can
+/// attach off the agent thread (a server that is slow to answer must not
+/// stall the other devices the thread serves).
+struct Dial {
+    domain: Arc<dyn Domain>,
+    server: String,
+    endpoint: EndpointConfig,
+    timeout: Duration,
     index: u16,
-    layout: RingLayout,
-    features: RingFeatures,
-    to: &QueueTarget,
-    start: u16,
-    logging: bool,
-) -> Result<(Conn, AttachReply), AgentError> {
-    let mut conn = Conn::open(&*ctx.domain, &to.server, ctx.cfg.endpoint)?;
-    let attach = Attach {
-        device_id: ctx.device_id,
-        queue: ctx.cfg.queue_base.wrapping_add(index),
-        layout,
-        features,
-        mode: ctx.cfg.mode,
-        start,
-        sidecore: to.sidecore,
-        logging,
-        regions: ctx.wire.clone(),
-    };
-    conn.send(&match (ctx.cfg.device, &ctx.credential) {
-        // Plain ATTACH means blk (what every server understands).
-        (DeviceKind::Blk, None) => Message::Attach(attach),
-        (device, credential) => Message::AttachDevice(AttachDevice {
-            attach,
-            device,
-            credential: credential.clone(),
-        }),
-    })?;
-    let reply = conn.wait_reply(index, ctx.cfg.timeout)?;
-    Ok((conn, reply))
+    message: Message,
+}
+
+impl Dial {
+    /// Attaching queue `index` at `to`, resuming at `start` (with the agent
+    /// logging dirty pages if `logging`).
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        ctx: &Ctx,
+        index: u16,
+        layout: RingLayout,
+        features: RingFeatures,
+        to: &QueueTarget,
+        start: u16,
+        logging: bool,
+    ) -> Self {
+        let attach = Attach {
+            device_id: ctx.device_id,
+            queue: ctx.cfg.queue_base.wrapping_add(index),
+            layout,
+            features,
+            mode: ctx.cfg.mode,
+            start,
+            sidecore: to.sidecore,
+            logging,
+            regions: ctx.wire.clone(),
+        };
+        let message = match (ctx.cfg.device, &ctx.credential) {
+            // Plain ATTACH means blk (what every server understands).
+            (DeviceKind::Blk, None) => Message::Attach(attach),
+            (device, credential) => Message::AttachDevice(AttachDevice {
+                attach,
+                device,
+                credential: credential.clone(),
+            }),
+        };
+        Self {
+            domain: ctx.domain.clone(),
+            server: to.server.clone(),
+            endpoint: ctx.cfg.endpoint,
+            timeout: ctx.cfg.timeout,
+            index,
+            message,
+        }
+    }
+
+    /// Connects and attaches; returns the link and the server's reply
+    /// (config space, features). Blocks up to the timeout.
+    fn dial(&self) -> Result<(Conn, AttachReply), AgentError> {
+        let mut conn = Conn::open(&*self.domain, &self.server, self.endpoint)?;
+        conn.send(&self.message)?;
+        let reply = conn.wait_reply(self.index, self.timeout)?;
+        Ok((conn, reply))
+    }
 }
 
 impl AgentQueue {
@@ -763,12 +860,9 @@ impl AgentQueue {
     }
 
     /// Whether it must be serviced though no fd of its is ready: it must
-    /// push again, waits for a timer, or a send put completions aside.
+    /// push again, or waits for a timer.
     fn needs_attention(&self) -> bool {
-        self.proto.needs_push()
-            || self.proto.is_moving()
-            || self.proto.log_switching()
-            || self.conn.as_ref().is_some_and(|c| !c.stash.is_empty())
+        self.proto.needs_push() || self.proto.is_moving() || self.proto.log_switching()
     }
 
     /// Closes the link to the current server (fencing it out of guest
@@ -800,6 +894,57 @@ impl AgentQueue {
         self.act(ctx, epoll);
     }
 
+    /// Dial `dial` ended with `result`: the queue is served on its link,
+    /// or waits for another placement.
+    fn linked(&mut self, ctx: &Ctx, epoll: &Epoll, dial: u64, result: Result<Conn, AgentError>) {
+        if self.linking != Some(dial) {
+            return; // an older dial's: its link closes here
+        }
+        self.linking = None;
+        let r = result.and_then(|mut conn| {
+            epoll.ctl(
+                ControlOperation::Add,
+                conn.ep.notify_fd(),
+                EpollEvent::new(EventSet::IN, self.token),
+            )?;
+            conn.ep.arm()?;
+            Ok(conn)
+        });
+        let now = Instant::now();
+        match r {
+            Ok(conn) => {
+                self.conn = Some(conn);
+                self.proto.attached(&*ctx.mem, now);
+            }
+            Err(e) => self.proto.attach_failed(e, now),
+        }
+        if let Some((log, reply)) = self.deferred_log.take() {
+            self.log_reply = Some(reply);
+            self.proto.set_log(log, now);
+        }
+        self.act(ctx, epoll);
+    }
+
+    /// A dirty-log switch: now, or once the link being made is up.
+    fn set_log(
+        &mut self,
+        ctx: &Ctx,
+        epoll: &Epoll,
+        log: Option<Arc<DirtyLog>>,
+        reply: &mpsc::Sender<u16>,
+    ) {
+        if self.linking.is_some() {
+            // A switch this one overrides is as good as done.
+            if let Some((_, older)) = self.deferred_log.replace((log, reply.clone())) {
+                let _ = older.send(self.proto.index());
+            }
+            return;
+        }
+        self.log_reply = Some(reply.clone());
+        self.proto.set_log(log, Instant::now());
+        self.act(ctx, epoll);
+    }
+
     /// Carries out what the protocol asked for.
     fn act(&mut self, ctx: &Ctx, epoll: &Epoll) {
         while let Some(a) = self.proto.poll_action() {
@@ -823,7 +968,7 @@ impl AgentQueue {
                     // The old link is closed: the used index is final now.
                     let start = self.proto.resume_index(&*ctx.mem);
                     let l = *self.proto.layout();
-                    let r = connect(
+                    let dial = Dial::new(
                         ctx,
                         self.proto.index(),
                         l,
@@ -831,22 +976,28 @@ impl AgentQueue {
                         &to,
                         start,
                         self.proto.logging(),
-                    )
-                    .and_then(|(mut conn, _)| {
-                        epoll.ctl(
-                            ControlOperation::Add,
-                            conn.ep.notify_fd(),
-                            EpollEvent::new(EventSet::IN, self.token),
-                        )?;
-                        conn.ep.arm()?;
-                        Ok(conn)
-                    });
-                    match r {
-                        Ok(conn) => {
-                            self.conn = Some(conn);
-                            self.proto.attached(&*ctx.mem, Instant::now());
-                        }
-                        Err(e) => self.proto.attach_failed(e, Instant::now()),
+                    );
+                    self.dials += 1;
+                    let (id, back, slot, queue) =
+                        (self.dials, ctx.back.clone(), ctx.slot, self.proto.index());
+                    // Off the thread: connecting and the server's answer can
+                    // take up to the timeout. The protocol waits for it in
+                    // its Attaching state; `linked` takes the answer.
+                    let spawned = std::thread::Builder::new()
+                        .name("vrio-agent-dial".into())
+                        .spawn(move || {
+                            let result = dial.dial().map(|(conn, _)| conn);
+                            // Gone (detached, stopped): the link closes here.
+                            let _ = back.send(Command::Linked {
+                                slot,
+                                queue,
+                                dial: id,
+                                result,
+                            });
+                        });
+                    match spawned {
+                        Ok(_) => self.linking = Some(id),
+                        Err(e) => self.proto.attach_failed(e.into(), Instant::now()),
                     }
                 }
                 Action::Interrupt => {
@@ -872,13 +1023,21 @@ impl AgentQueue {
     /// errors end its link.
     fn service(&mut self, ctx: &Ctx, epoll: &Epoll, kicked: bool) {
         let now = Instant::now();
-        if self.conn.is_none() {
-            // Orphaned: kicks are remembered by the ring itself.
+        if self.linking.is_some() || self.conn.is_none() {
+            // Orphaned, or its next link is being made: kicks are
+            // remembered by the ring itself.
             if kicked {
                 let _ = self.kick.read();
             }
+            if self.linking.is_some() {
+                // The protocol waits for the link (`AgentQueue::linked`).
+                return;
+            }
         } else {
             if let Err(e) = self.completions(ctx) {
+                self.proto.on_link_error(e, now);
+            }
+            if let Some(Err(e)) = self.conn.as_mut().map(|c| c.flush(now)) {
                 self.proto.on_link_error(e, now);
             }
             if (kicked && self.kick.read().is_ok()) || self.proto.needs_push() {
@@ -896,17 +1055,6 @@ impl AgentQueue {
         }
         self.proto.on_timer(now);
         self.act(ctx, epoll);
-        // A send that waited for a slot may have put completions aside:
-        // take them now, not at the next event, which may never come.
-        for _ in 0..8 {
-            if self.conn.as_ref().is_none_or(|c| c.stash.is_empty()) {
-                break;
-            }
-            if let Err(e) = self.completions(ctx) {
-                self.proto.on_link_error(e, Instant::now());
-            }
-            self.act(ctx, epoll);
-        }
     }
 
     /// Feeds the link's completions to the protocol: used-index updates,
@@ -917,17 +1065,7 @@ impl AgentQueue {
             let Some(conn) = &mut self.conn else {
                 return Ok(());
             };
-            // What a send put aside first: it arrived before anything polled
-            // now.
-            let n = if conn.stash.is_empty() {
-                conn.ep.poll(&mut c)?
-            } else {
-                let n = conn.stash.len().min(c.len());
-                for (d, s) in c.iter_mut().zip(conn.stash.drain(..n)) {
-                    *d = s;
-                }
-                n
-            };
+            let n = conn.ep.poll(&mut c)?;
             for c in &c[..n] {
                 if !c.status.is_ok() {
                     return Err(AgentError::Completion {
@@ -1051,9 +1189,22 @@ fn command(c: Command, devices: &mut HashMap<u32, Device>, epoll: &Epoll) {
             };
             let _span = d.span.enter();
             for q in d.queues.iter_mut() {
-                q.log_reply = Some(reply.clone());
-                q.proto.set_log(log.clone(), Instant::now());
-                q.act(&d.ctx, epoll);
+                q.set_log(&d.ctx, epoll, log.clone(), &reply);
+            }
+        }
+        Command::Linked {
+            slot,
+            queue,
+            dial,
+            result,
+        } => {
+            // A device detached meanwhile: the link closes here.
+            let Some(d) = devices.get_mut(&slot) else {
+                return;
+            };
+            let _span = d.span.enter();
+            if let Some(q) = d.queues.get_mut(usize::from(queue)) {
+                q.linked(&d.ctx, epoll, dial, result);
             }
         }
     }
