@@ -163,6 +163,30 @@ fn threads_named(name: &str) -> usize {
         .count()
 }
 
+/// Attaches queue 0 of each guest (guest `g` as device `g`) to `server`
+/// through `agent`, over the soft fabric.
+fn attach_all(
+    agent: &Agent,
+    guests: &[SyntheticGuest],
+    server: &str,
+    cfg: AgentConfig,
+) -> Vec<vrio_core::remote::AttachedDevice> {
+    guests
+        .iter()
+        .enumerate()
+        .map(|(g, guest)| {
+            let side = guest.device_side(0).unwrap();
+            let dev = DeviceAttach {
+                device_id: g as u64,
+                mem: guest.memory().clone(),
+                queues: vec![vrio_testkit::runner::queue_attach(side)],
+                credential: None,
+            };
+            agent.attach(soft(), server, dev, cfg).unwrap()
+        })
+        .collect()
+}
+
 #[test]
 fn one_agent_thread_serves_many_devices_and_lets_them_go_one_by_one() {
     // A VM host's agent is one thread, as its local sidecore would be: the
@@ -195,26 +219,7 @@ fn one_agent_thread_serves_many_devices_and_lets_them_go_one_by_one() {
     let mut guests = vrio_testkit::runner::make_guests(&rc).unwrap();
     const NAME: &str = "vrio-agent-test";
     let agent = Agent::new(NAME).unwrap();
-    let devs: Vec<_> = guests
-        .iter()
-        .enumerate()
-        .map(|(g, guest)| {
-            let side = guest.device_side(0).unwrap();
-            agent
-                .attach(
-                    soft(),
-                    server.addr(),
-                    DeviceAttach {
-                        device_id: g as u64,
-                        mem: guest.memory().clone(),
-                        queues: vec![vrio_testkit::runner::queue_attach(side)],
-                        credential: None,
-                    },
-                    AgentConfig::default(),
-                )
-                .unwrap()
-        })
-        .collect();
+    let devs = attach_all(&agent, &guests, server.addr(), AgentConfig::default());
     assert_eq!(threads_named(NAME), 1, "one thread for three devices");
     // Device 0 leaves before any request; the others must not notice.
     devs[0].detach();
@@ -288,29 +293,11 @@ fn a_server_that_does_not_answer_stalls_only_its_own_device() {
     let mut guests = vrio_testkit::runner::make_guests(&rc).unwrap();
     let agent = Agent::new("vrio-agent-mute").unwrap();
     let answer_within = Duration::from_secs(5);
-    let devs: Vec<_> = guests
-        .iter()
-        .enumerate()
-        .map(|(g, guest)| {
-            let side = guest.device_side(0).unwrap();
-            agent
-                .attach(
-                    soft(),
-                    server.addr(),
-                    DeviceAttach {
-                        device_id: g as u64,
-                        mem: guest.memory().clone(),
-                        queues: vec![vrio_testkit::runner::queue_attach(side)],
-                        credential: None,
-                    },
-                    AgentConfig {
-                        timeout: answer_within,
-                        ..AgentConfig::default()
-                    },
-                )
-                .unwrap()
-        })
-        .collect();
+    let cfg = AgentConfig {
+        timeout: answer_within,
+        ..AgentConfig::default()
+    };
+    let devs = attach_all(&agent, &guests, server.addr(), cfg);
     guests.remove(0);
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
