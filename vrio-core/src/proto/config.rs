@@ -24,6 +24,12 @@ pub struct RemoteQueueConfig {
     /// Work requests the endpoint's send queue holds: a wave larger than
     /// what is free is posted in parts, each waiting for room.
     pub send_depth: usize,
+    /// Ask for a batch's interrupt in its reply wave, behind used.idx, when
+    /// the guest's suppression word as last read predicts it wants one
+    /// (the agent then decides on the word itself): an interrupt-driven
+    /// guest gets its completion a round trip sooner; a guest that finds
+    /// its completions before it sleeps gets the agent woken for nothing.
+    pub early_interrupts: bool,
 }
 
 impl Default for RemoteQueueConfig {
@@ -37,6 +43,7 @@ impl Default for RemoteQueueConfig {
             idle_polls: 256,
             op_timeout: Duration::from_secs(10),
             send_depth: vrio_rdma::EndpointConfig::default().send_depth as usize,
+            early_interrupts: true,
         }
     }
 }

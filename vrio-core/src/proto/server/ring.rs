@@ -46,6 +46,13 @@ pub(crate) struct Areas {
 }
 
 const FETCH_MAX: usize = 64 << 10;
+/// The smallest batch whose interrupt is asked for early. A batch of one
+/// is a guest with one request out, which finds its completion itself as
+/// often as not (it looks at the ring once more before it sleeps): an
+/// early request then wakes the VM host for nothing and, on a busy host,
+/// delays the guest that was about to find it. Measured on `shm` at 1 x 1:
+/// p50 7 us without, 26 us with; at 16 x 32, 29% more requests/s with.
+const EARLY_MIN_BATCH: u16 = 2;
 /// Control messages (SET_MODE, QUIESCED, the ATTACH reply) in flight at
 /// once; more wait in order until a slot's SEND has completed.
 const MSG_SLOTS: usize = 4;
@@ -217,9 +224,10 @@ pub struct ServerRing {
     /// interrupt is decided once the wave's READ of the guest's
     /// suppression word is back.
     notify_span: Option<(u16, u16)>,
-    /// The guest's suppression word as the last reply wave read it: it
-    /// predicts the next batch's (see [`ServerRing::queue_used`]).
-    last_word: Option<u16>,
+    /// The guest's suppression word as the last reply wave read it, and
+    /// the used index that batch started at: it predicts the next batch's
+    /// (see [`ServerRing::queue_used`]).
+    last_word: Option<(u16, u16)>,
     /// The reply wave in flight asked for its interrupt early.
     asked_early: bool,
     /// The agent logs dirty pages (SET_LOG): batches leave used.idx, and
@@ -1289,11 +1297,21 @@ impl ServerRing {
         // once the index landed, as a device must, so a guest that
         // suppressed meanwhile is not interrupted; a wrong guess the other
         // way only falls back to the READ.
+        // With EVENT_IDX the word is an index, which a driver moves along
+        // with the ring (one that waits for each completion sets it to the
+        // last entry it saw): it is predicted at the same distance from
+        // this batch's start as it was from the last one's.
         let span = self.next_used.0.wrapping_sub(first.0);
-        self.asked_early = span <= EARLY_SPAN_MAX
-            && self
-                .last_word
-                .is_some_and(|w| self.wants_interrupt(w, first.0, self.next_used.0));
+        self.asked_early = self.cfg.early_interrupts
+            && (EARLY_MIN_BATCH..=EARLY_SPAN_MAX).contains(&span)
+            && self.last_word.is_some_and(|(w, at)| {
+                let w = if self.features.event_idx {
+                    first.0.wrapping_add(w.wrapping_sub(at))
+                } else {
+                    w
+                };
+                self.wants_interrupt(w, first.0, self.next_used.0)
+            });
         if self.asked_early {
             self.stats.interrupts.fetch_add(1, Relaxed);
             let imm =
@@ -1333,7 +1351,7 @@ impl ServerRing {
         let at = self.areas.notify + 8;
         self.staging().get(at, &mut b)?;
         let word = u16::from_le_bytes(b);
-        self.last_word = Some(word);
+        self.last_word = Some((word, old));
         if self.asked_early || !self.wants_interrupt(word, old, new) {
             return Ok(());
         }

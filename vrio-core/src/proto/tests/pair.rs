@@ -210,6 +210,15 @@ struct Pair {
 
 impl Pair {
     fn new(seed: u64, mode: NotifyMode, cfg: RemoteQueueConfig) -> Self {
+        Self::with_features(seed, mode, cfg, RingFeatures::default())
+    }
+
+    fn with_features(
+        seed: u64,
+        mode: NotifyMode,
+        cfg: RemoteQueueConfig,
+        features: RingFeatures,
+    ) -> Self {
         let mem = anonymous_memory(MEM).unwrap();
         let net = SimNet::new();
         let agent_dom = net.domain().unwrap();
@@ -218,7 +227,6 @@ impl Pair {
         // pair owns and drops after this registration (declared later).
         let guest_mr = unsafe { agent_dom.register(host, MEM, Access::GUEST_RAM) }.unwrap();
         let (layout, _) = RingLayout::packed(SIZE, RING).unwrap();
-        let features = RingFeatures::default();
         let driver = DriverQueue::new(layout, features, None);
         driver.init(&mem).unwrap();
         let map = MemoryMap::of(&mem).unwrap();
@@ -288,7 +296,7 @@ impl Pair {
             device_id: 1,
             queue: 0,
             layout: self.layout,
-            features: RingFeatures::default(),
+            features: self.hq.features(),
             mode: self.mode,
             start,
             sidecore: ANY_SIDECORE,
@@ -756,16 +764,24 @@ fn small_queue() -> RemoteQueueConfig {
 }
 
 impl Pair {
-    /// One request, then server visits (the wire drained and the agent
-    /// polled after each) until it is back and the agent has decided on its
-    /// interrupt. Returns the visits its interrupt took, if it had one.
-    fn one_request(&mut self) -> Option<usize> {
+    /// Two requests in one kick (the smallest batch whose interrupt may be
+    /// asked early), then server visits (the wire drained and the agent
+    /// polled after each) until they are back and the agent has decided on
+    /// their interrupt (then, if `rearm`, asks for the next one, as a
+    /// driver that waits for its completions does). Returns the visits the
+    /// interrupt took, if there was one.
+    fn one_batch(&mut self, rearm: bool) -> Option<usize> {
+        self.batch_of(2, rearm)
+    }
+
+    /// [`Pair::one_batch`] with `n` requests.
+    fn batch_of(&mut self, n: usize, rearm: bool) -> Option<usize> {
         let raised = self
             .agent_stats
             .interrupts
             .load(std::sync::atomic::Ordering::Relaxed);
         let mut rng = SmallRng::seed_from_u64(7);
-        self.post(1, false);
+        self.post(n, false);
         let mut got = None;
         for visit in 1..=4 {
             self.net.run(&mut rng, 10_000);
@@ -784,6 +800,9 @@ impl Pair {
         }
         self.reap();
         assert_eq!(self.completed, self.posted);
+        if rearm {
+            assert!(!self.driver.enable_interrupts(&self.mem).unwrap());
+        }
         got
     }
 }
@@ -796,10 +815,14 @@ fn the_interrupt_rides_the_reply_wave_when_the_guest_waits_for_it() {
     // server asks for the interrupt right behind used.idx, in the wave
     // that carries the reply: one visit.
     let mut p = Pair::new(1, NotifyMode::Doorbell, RemoteQueueConfig::default());
-    assert_eq!(p.one_request(), Some(2), "first batch: decided on the READ");
+    assert_eq!(
+        p.one_batch(false),
+        Some(2),
+        "first batch: decided on the READ"
+    );
     for _ in 0..3 {
         assert_eq!(
-            p.one_request(),
+            p.one_batch(false),
             Some(1),
             "the interrupt came with the reply"
         );
@@ -815,19 +838,74 @@ fn the_interrupt_rides_the_reply_wave_when_the_guest_waits_for_it() {
         )
         .unwrap();
     assert_eq!(
-        p.one_request(),
+        p.one_batch(false),
         None,
         "a suppressed guest is not interrupted"
     );
     assert_eq!(p.stats.snapshot().interrupts, asked + 1);
     // The server read the new word with that batch: it asks no more.
-    assert_eq!(p.one_request(), None);
+    assert_eq!(p.one_batch(false), None);
     assert_eq!(p.stats.snapshot().interrupts, asked + 1);
     // Interrupts on again: the next batch decides on the READ, the one
     // after rides the reply again.
     p.mem.store_u16(p.layout.avail_flags(), 0).unwrap();
-    assert_eq!(p.one_request(), Some(2));
-    assert_eq!(p.one_request(), Some(1));
+    assert_eq!(p.one_batch(false), Some(2));
+    assert_eq!(p.one_batch(false), Some(1));
+    // A batch of one (a guest with one request out, which often finds it
+    // before it sleeps) waits for the READ: no early request.
+    assert_eq!(p.batch_of(1, false), Some(2));
+    assert_eq!(p.batch_of(1, false), Some(2));
+}
+
+#[test]
+fn without_early_interrupts_every_interrupt_waits_for_the_read() {
+    let cfg = RemoteQueueConfig {
+        early_interrupts: false,
+        ..RemoteQueueConfig::default()
+    };
+    let mut p = Pair::new(3, NotifyMode::Doorbell, cfg);
+    for _ in 0..4 {
+        assert_eq!(p.one_batch(false), Some(2));
+    }
+}
+
+#[test]
+fn with_event_idx_the_interrupt_rides_the_reply_wave_too() {
+    // With EVENT_IDX the word is used_event, which a waiting driver moves
+    // to the last entry it saw: the server predicts it at the same
+    // distance from each batch.
+    let features = RingFeatures {
+        event_idx: true,
+        ..RingFeatures::default()
+    };
+    let mut p = Pair::with_features(
+        2,
+        NotifyMode::Doorbell,
+        RemoteQueueConfig::default(),
+        features,
+    );
+    assert!(!p.driver.enable_interrupts(&p.mem).unwrap());
+    assert_eq!(
+        p.one_batch(true),
+        Some(2),
+        "first batch: decided on the READ"
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            p.one_batch(true),
+            Some(1),
+            "the interrupt came with the reply"
+        );
+    }
+    // The driver stops moving used_event: the entry it armed for still
+    // interrupts; the next does not, though the server asked early (the
+    // agent reads used_event itself); then the server stops asking.
+    assert_eq!(p.one_batch(false), Some(1));
+    let asked = p.stats.snapshot().interrupts;
+    assert_eq!(p.one_batch(false), None, "past used_event: no interrupt");
+    assert_eq!(p.stats.snapshot().interrupts, asked + 1);
+    assert_eq!(p.one_batch(false), None);
+    assert_eq!(p.stats.snapshot().interrupts, asked + 1);
 }
 
 #[test]
