@@ -163,6 +163,24 @@ fn threads_named(name: &str) -> usize {
         .count()
 }
 
+/// `guests` guests of one queue, each `requests` half reads and half
+/// writes at depth `depth` over 64 blocks of its own.
+fn mixed_guests(guests: u32, requests: u64, depth: u16) -> RunConfig {
+    RunConfig {
+        guests,
+        queues_per_guest: 1,
+        workload: WorkloadConfig {
+            requests,
+            depth,
+            read_pct: 50,
+            flush_pct: 0,
+            blocks: 64,
+            ..WorkloadConfig::default()
+        },
+        ..RunConfig::default()
+    }
+}
+
 /// Attaches queue 0 of each guest (guest `g` as device `g`) to `server`
 /// through `agent`, over the soft fabric.
 fn attach_all(
@@ -203,19 +221,7 @@ fn one_agent_thread_serves_many_devices_and_lets_them_go_one_by_one() {
         },
     )
     .unwrap();
-    let rc = RunConfig {
-        guests: 3,
-        queues_per_guest: 1,
-        workload: WorkloadConfig {
-            requests: 1000,
-            depth: 8,
-            read_pct: 50,
-            flush_pct: 0,
-            blocks: 64,
-            ..WorkloadConfig::default()
-        },
-        ..RunConfig::default()
-    };
+    let rc = mixed_guests(3, 1000, 8);
     let mut guests = vrio_testkit::runner::make_guests(&rc).unwrap();
     const NAME: &str = "vrio-agent-test";
     let agent = Agent::new(NAME).unwrap();
@@ -277,19 +283,7 @@ fn a_server_that_does_not_answer_stalls_only_its_own_device() {
             held.push(ep);
         }
     });
-    let rc = RunConfig {
-        guests: 2,
-        queues_per_guest: 1,
-        workload: WorkloadConfig {
-            requests: 1_000_000,
-            depth: 4,
-            read_pct: 50,
-            flush_pct: 0,
-            blocks: 64,
-            ..WorkloadConfig::default()
-        },
-        ..RunConfig::default()
-    };
+    let rc = mixed_guests(2, 1_000_000, 4);
     let mut guests = vrio_testkit::runner::make_guests(&rc).unwrap();
     let agent = Agent::new("vrio-agent-mute").unwrap();
     let answer_within = Duration::from_secs(5);
