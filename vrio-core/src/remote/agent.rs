@@ -665,6 +665,18 @@ impl Conn {
         Ok(c)
     }
 
+    /// Puts the link's notify fd in the agent's epoll under `token` and
+    /// arms it.
+    fn enlist(&mut self, epoll: &Epoll, token: u64) -> Result<(), AgentError> {
+        epoll.ctl(
+            ControlOperation::Add,
+            self.ep.notify_fd(),
+            EpollEvent::new(EventSet::IN, token),
+        )?;
+        self.ep.arm()?;
+        Ok(())
+    }
+
     fn recv_wr(&self, s: usize) -> RecvRequest {
         RecvRequest {
             wr_id: RECV_TAG | s as u64,
@@ -902,12 +914,7 @@ impl AgentQueue {
         }
         self.linking = None;
         let r = result.and_then(|mut conn| {
-            epoll.ctl(
-                ControlOperation::Add,
-                conn.ep.notify_fd(),
-                EpollEvent::new(EventSet::IN, self.token),
-            )?;
-            conn.ep.arm()?;
+            conn.enlist(epoll, self.token)?;
             Ok(conn)
         });
         let now = Instant::now();
@@ -1114,12 +1121,7 @@ impl Device {
                 EpollEvent::new(EventSet::IN, q.token | KICK),
             )?;
             if let Some(c) = &mut q.conn {
-                epoll.ctl(
-                    ControlOperation::Add,
-                    c.ep.notify_fd(),
-                    EpollEvent::new(EventSet::IN, q.token),
-                )?;
-                c.ep.arm()?;
+                c.enlist(epoll, q.token)?;
             }
         }
         Ok(())
