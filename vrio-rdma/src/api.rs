@@ -447,6 +447,12 @@ pub trait Endpoint: Send {
     fn notify_fd(&self) -> RawFd;
     /// Re-arms `notify_fd` (verbs: `ibv_req_notify_cq` and ack events).
     fn arm(&mut self) -> Result<(), FabricError>;
+    /// Tells the endpoint that its owner watches `notify_fd`
+    /// edge-triggered (`EPOLLET`), which reports each new signal once: `arm`
+    /// then need not clear the signals already seen, and back-ends that
+    /// can save that system call do. A level-triggered watcher must not
+    /// call this: the fd would stay readable and wake it in a loop.
+    fn set_edge_triggered(&mut self) {}
     /// Short description of the peer.
     fn peer(&self) -> String;
     /// Whether the peer's CPU serves this endpoint's one-sided operations

@@ -354,3 +354,74 @@ fn a_target_process_survives_a_scribbling_initiator_and_serves_the_suite_again()
     let mut rest = String::new();
     let _ = child.stdout.take().map(|mut s| s.read_to_string(&mut rest));
 }
+
+/// Waits up to `ms` on `epfd`; returns how many events it reported.
+fn epoll_wait(epfd: i32, ms: i32) -> i32 {
+    let mut ev = [libc::epoll_event { events: 0, u64: 0 }; 4];
+    // SAFETY: waits on a live epoll fd into a correctly sized array.
+    unsafe { libc::epoll_wait(epfd, ev.as_mut_ptr(), 4, ms) }
+}
+
+/// A VM host's agent watches the notify fd edge-triggered and never reads
+/// it (`set_edge_triggered`): every WRITE_WITH_IMM must wake it exactly
+/// once, with its completion ready, and a signal already seen must not
+/// wake it again.
+#[test]
+fn an_edge_triggered_watcher_wakes_once_per_signal_and_never_reads_the_fd() {
+    let mut p = pair("edge");
+    p.b_recvs(8);
+    // SAFETY: creates a new epoll fd, closed below.
+    let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    assert!(epfd >= 0);
+    let mut ev = libc::epoll_event {
+        events: (libc::EPOLLIN | libc::EPOLLET) as u32,
+        u64: 7,
+    };
+    // SAFETY: adds a live fd to the live epoll fd.
+    let rc = unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, p.b().notify_fd(), &mut ev) };
+    assert_eq!(rc, 0);
+    p.b().set_edge_triggered();
+    p.b().arm().unwrap();
+    // Whatever the fd held at registration is reported once.
+    epoll_wait(epfd, 0);
+    let mut done = [Completion::EMPTY; 8];
+    for i in 0..20u32 {
+        assert_eq!(epoll_wait(epfd, 20), 0, "round {i}: woken with nothing new");
+        let mut w = p.a_write(100 + u64::from(i), 0, 64);
+        let Opcode::Write { remote_addr, rkey } = w.opcode else {
+            unreachable!()
+        };
+        w.opcode = Opcode::WriteWithImm {
+            remote_addr,
+            rkey,
+            imm: i,
+        };
+        p.a.post_send(&[w]).unwrap();
+        assert_eq!(
+            epoll_wait(epfd, 2000),
+            1,
+            "round {i}: the signal did not wake"
+        );
+        // What an agent does at each wake: poll, arm, poll again (for what
+        // raced with arming).
+        let n = p.b().poll(&mut done).unwrap();
+        assert_eq!(n, 1, "round {i}");
+        assert_eq!(done[0].imm, Some(i));
+        p.b().arm().unwrap();
+        assert_eq!(p.b().poll(&mut done[1..]).unwrap(), 0, "round {i}");
+        let wr = RecvRequest {
+            wr_id: done[0].wr_id,
+            local: Sge {
+                lkey: p.b_mr.lkey(),
+                addr: p.b_mr.addr() + done[0].wr_id * 512,
+                len: 512,
+            },
+        };
+        p.b().post_recv(&[wr]).unwrap();
+        let n = p.a.poll(&mut done).unwrap();
+        assert!(done[..n].iter().all(|c| c.status.is_ok()));
+    }
+    assert!(p.canaries_intact());
+    // SAFETY: closes the epoll fd created above, once.
+    unsafe { libc::close(epfd) };
+}

@@ -119,8 +119,8 @@ const RECV_SLOTS: usize = 32;
 const RECV_TAG: u64 = 1 << 63;
 /// The epoll token of the agent's own wake eventfd (commands, stop).
 const WAKE: u64 = u64::MAX;
-/// Marks a guest kick fd's epoll token, so that a wake for the link alone
-/// costs no read of the kick fd. Below it, the queue index; above it, the
+/// Marks a guest kick fd's epoll token, so that a wake tells a kick from
+/// news on the link. Below it, the queue index; above it, the
 /// device's slot on the agent thread.
 const KICK: u64 = 1 << 32;
 const SLOT_SHIFT: u32 = 33;
@@ -665,14 +665,18 @@ impl Conn {
         Ok(c)
     }
 
-    /// Puts the link's notify fd in the agent's epoll under `token` and
-    /// arms it.
+    /// Puts the link's notify fd in the agent's epoll under `token`,
+    /// edge-triggered, and arms it. Edge-triggered: the endpoint then
+    /// need not read its fd at every wake, a system call that costs as
+    /// much as the rest of a wake; `service` arms and polls it after every
+    /// event, which is all an edge-triggered fd asks.
     fn enlist(&mut self, epoll: &Epoll, token: u64) -> Result<(), AgentError> {
         epoll.ctl(
             ControlOperation::Add,
             self.ep.notify_fd(),
-            EpollEvent::new(EventSet::IN, token),
+            EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, token),
         )?;
+        self.ep.set_edge_triggered();
         self.ep.arm()?;
         Ok(())
     }
@@ -1025,17 +1029,13 @@ impl AgentQueue {
         }
     }
 
-    /// Handles this queue's events (`kicked`: epoll reported its kick fd,
-    /// which is level-triggered, so one not reported is not readable);
-    /// errors end its link.
+    /// Handles this queue's events (`kicked`: epoll reported a write to its
+    /// kick fd since the last report); errors end its link.
     fn service(&mut self, ctx: &Ctx, epoll: &Epoll, kicked: bool) {
         let now = Instant::now();
         if self.linking.is_some() || self.conn.is_none() {
             // Orphaned, or its next link is being made: kicks are
             // remembered by the ring itself.
-            if kicked {
-                let _ = self.kick.read();
-            }
             if self.linking.is_some() {
                 // The protocol waits for the link (`AgentQueue::linked`).
                 return;
@@ -1047,7 +1047,7 @@ impl AgentQueue {
             if let Some(Err(e)) = self.conn.as_mut().map(|c| c.flush(now)) {
                 self.proto.on_link_error(e, now);
             }
-            if (kicked && self.kick.read().is_ok()) || self.proto.needs_push() {
+            if kicked || self.proto.needs_push() {
                 self.proto.on_kick(&*ctx.mem, now);
             }
             if let Some(c) = &mut self.conn {
@@ -1112,13 +1112,18 @@ impl AgentQueue {
 }
 
 impl Device {
-    /// Puts the device's fds in the agent's epoll and arms its links.
+    /// Puts the device's fds in the agent's epoll and arms its links. Kick
+    /// fds are edge-triggered: a kick is news of the ring, not a count to
+    /// consume, so they are never read (a read per kick was one more
+    /// system call on the VM host for every QD-1 request). The count they
+    /// keep is harmless: eventfds count to 2^64 - 2, and whoever takes the
+    /// fd next reads it once.
     fn enlist(&mut self, epoll: &Epoll) -> Result<(), AgentError> {
         for q in self.queues.iter_mut() {
             epoll.ctl(
                 ControlOperation::Add,
                 q.kick.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, q.token | KICK),
+                EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, q.token | KICK),
             )?;
             if let Some(c) = &mut q.conn {
                 c.enlist(epoll, q.token)?;

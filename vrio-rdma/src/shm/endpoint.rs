@@ -112,6 +112,9 @@ pub struct ShmEndpoint {
     unclocked: u32,
     /// Arms since our eventfd was last read.
     undrained: u32,
+    /// The owner watches `notify_fd` edge-triggered: `arm` never reads
+    /// the eventfd.
+    edge: bool,
     rnr_since: Option<Instant>,
 }
 
@@ -245,6 +248,7 @@ impl ShmEndpoint {
             last_check: Instant::now(),
             unclocked: 0,
             undrained: 0,
+            edge: false,
             rnr_since: None,
         })
     }
@@ -979,8 +983,13 @@ impl Endpoint for ShmEndpoint {
         // Nor is the eventfd read while our armed flag is still up: then
         // nobody signalled since the last arm (the peer takes the flag
         // before it signals, and so do we), and a kick woke us.
+        //
+        // An edge-triggered watcher is not woken again by an old count, so
+        // the eventfd is never read: a taken flag is the signal.
         let taken = self.mine().u32_at(Ctrl::Armed).load(Ordering::SeqCst) == 0;
-        let signalled = if taken || self.undrained >= DRAIN_EVERY {
+        let signalled = if self.edge {
+            taken
+        } else if taken || self.undrained >= DRAIN_EVERY {
             self.undrained = 0;
             self.wake.drain()
         } else {
@@ -1000,6 +1009,14 @@ impl Endpoint for ShmEndpoint {
             self.wake.signal();
         }
         Ok(())
+    }
+
+    /// The eventfd is then never read. A peer that dies without a word
+    /// shows only on the socket, which `arm` reads at most every
+    /// millisecond: its one edge, if it comes sooner, is noticed at the
+    /// owner's next arm (the agent's sweep arms every queue every 100 ms).
+    fn set_edge_triggered(&mut self) {
+        self.edge = true;
     }
 
     fn peer(&self) -> String {

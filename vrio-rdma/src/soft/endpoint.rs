@@ -183,6 +183,9 @@ pub struct SoftEndpoint {
     threads: Vec<JoinHandle<()>>,
     /// Per request of the batch being posted: transmit it? (reused)
     plan: Vec<bool>,
+    /// The owner watches `notify_fd` edge-triggered: `arm` does not read
+    /// the eventfd.
+    edge: bool,
 }
 
 impl std::fmt::Debug for SoftEndpoint {
@@ -253,6 +256,7 @@ impl SoftEndpoint {
             peer,
             threads: vec![rx_thread, tx_thread],
             plan: Vec::with_capacity(sq_depth),
+            edge: false,
         })
     }
 }
@@ -397,13 +401,19 @@ impl Endpoint for SoftEndpoint {
     }
 
     fn arm(&mut self) -> Result<(), FabricError> {
-        self.shared.notify.drain();
+        if !self.edge {
+            self.shared.notify.drain();
+        }
         let mut st = self.shared.lock();
         st.armed = true;
         // Completions that are already queued fire at once, so a caller that
         // arms and then waits on the fd cannot miss them.
         self.shared.wake(&mut st);
         Ok(())
+    }
+
+    fn set_edge_triggered(&mut self) {
+        self.edge = true;
     }
 
     fn one_sided_costs_peer_cpu(&self) -> bool {
