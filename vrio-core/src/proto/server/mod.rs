@@ -17,5 +17,7 @@ mod ring;
 mod rx;
 
 pub use request::RequestQueue;
+#[cfg(test)]
+pub(crate) use ring::SLEEPER_STREAK;
 pub use ring::{ServerRing, Wake};
 pub use rx::RxQueue;

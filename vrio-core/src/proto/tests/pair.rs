@@ -29,7 +29,7 @@ use crate::proto::agent::{
 };
 use crate::proto::config::RemoteQueueConfig;
 use crate::proto::queue_error::RemoteQueueError;
-use crate::proto::server::RequestQueue;
+use crate::proto::server::{RequestQueue, SLEEPER_STREAK};
 use crate::proto::staging::StagingBuffer;
 use crate::proto::stats::RemoteStats;
 use crate::proto::wire::{Attach, Message, NotifyMode, WireRegion, ANY_SIDECORE, MAX_MSG};
@@ -774,6 +774,23 @@ impl Pair {
         self.batch_of(2, rearm)
     }
 
+    /// A doorbell pair whose ring has EVENT_IDX, its driver armed for
+    /// the first completion.
+    fn armed_event_idx(seed: u64) -> Self {
+        let features = RingFeatures {
+            event_idx: true,
+            ..RingFeatures::default()
+        };
+        let mut p = Self::with_features(
+            seed,
+            NotifyMode::Doorbell,
+            RemoteQueueConfig::default(),
+            features,
+        );
+        assert!(!p.driver.enable_interrupts(&p.mem).unwrap());
+        p
+    }
+
     /// [`Pair::one_batch`] with `n` requests.
     fn batch_of(&mut self, n: usize, rearm: bool) -> Option<usize> {
         let raised = self
@@ -852,7 +869,29 @@ fn the_interrupt_rides_the_reply_wave_when_the_guest_waits_for_it() {
     assert_eq!(p.one_batch(false), Some(2));
     assert_eq!(p.one_batch(false), Some(1));
     // A batch of one (a guest with one request out, which often finds it
-    // before it sleeps) waits for the READ: no early request.
+    // before it sleeps) waits for the READ: no early request, until
+    // SLEEPER_STREAK of them in a row found the guest already waiting.
+    for _ in 0..SLEEPER_STREAK {
+        assert_eq!(p.batch_of(1, false), Some(2));
+    }
+    for _ in 0..3 {
+        assert_eq!(
+            p.batch_of(1, false),
+            Some(1),
+            "a sleeping guest's single rides the reply"
+        );
+    }
+    // A guest that stops waiting (it suppresses) ends the streak: the
+    // early request it got is dropped by the agent, and the next batches
+    // of one wait for the READ again.
+    p.mem
+        .store_u16(
+            p.layout.avail_flags(),
+            crate::virtio::ring::layout::VRING_AVAIL_F_NO_INTERRUPT,
+        )
+        .unwrap();
+    assert_eq!(p.batch_of(1, false), None);
+    p.mem.store_u16(p.layout.avail_flags(), 0).unwrap();
     assert_eq!(p.batch_of(1, false), Some(2));
     assert_eq!(p.batch_of(1, false), Some(2));
 }
@@ -874,17 +913,7 @@ fn with_event_idx_the_interrupt_rides_the_reply_wave_too() {
     // With EVENT_IDX the word is used_event, which a waiting driver moves
     // to the last entry it saw: the server predicts it at the same
     // distance from each batch.
-    let features = RingFeatures {
-        event_idx: true,
-        ..RingFeatures::default()
-    };
-    let mut p = Pair::with_features(
-        2,
-        NotifyMode::Doorbell,
-        RemoteQueueConfig::default(),
-        features,
-    );
-    assert!(!p.driver.enable_interrupts(&p.mem).unwrap());
+    let mut p = Pair::armed_event_idx(2);
     assert_eq!(
         p.one_batch(true),
         Some(2),
@@ -906,6 +935,20 @@ fn with_event_idx_the_interrupt_rides_the_reply_wave_too() {
     assert_eq!(p.stats.snapshot().interrupts, asked + 1);
     assert_eq!(p.one_batch(false), None);
     assert_eq!(p.stats.snapshot().interrupts, asked + 1);
+}
+
+#[test]
+fn with_event_idx_a_guest_that_sleeps_on_each_request_gets_it_with_the_reply() {
+    // Linux's virtio-blk at QD 1: one request out, used_event moved to
+    // the next entry before it sleeps. Once the READs showed it waiting
+    // SLEEPER_STREAK times in a row, its interrupt rides the reply.
+    let mut p = Pair::armed_event_idx(5);
+    for _ in 0..SLEEPER_STREAK {
+        assert_eq!(p.batch_of(1, true), Some(2), "decided on the READ");
+    }
+    for _ in 0..4 {
+        assert_eq!(p.batch_of(1, true), Some(1), "came with the reply");
+    }
 }
 
 #[test]
