@@ -667,9 +667,9 @@ impl Conn {
 
     /// Puts the link's notify fd in the agent's epoll under `token`,
     /// edge-triggered, and arms it. Edge-triggered: the endpoint then
-    /// need not read its fd at every wake, a system call that costs as
-    /// much as the rest of a wake; `service` arms and polls it after every
-    /// event, which is all an edge-triggered fd asks.
+    /// need not read its fd at every wake, one system call less per wake;
+    /// `service` arms and polls it after every event, which is all an
+    /// edge-triggered fd asks.
     fn enlist(&mut self, epoll: &Epoll, token: u64) -> Result<(), AgentError> {
         epoll.ctl(
             ControlOperation::Add,
