@@ -4,8 +4,11 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read};
+use std::os::fd::BorrowedFd;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 
 use vrio_rdma::conformance::{self, memory::MemfdMemory, InitiatorOptions};
 use vrio_rdma::shm::ShmDomain;
@@ -355,11 +358,10 @@ fn a_target_process_survives_a_scribbling_initiator_and_serves_the_suite_again()
     let _ = child.stdout.take().map(|mut s| s.read_to_string(&mut rest));
 }
 
-/// Waits up to `ms` on `epfd`; returns how many events it reported.
-fn epoll_wait(epfd: i32, ms: i32) -> i32 {
-    let mut ev = [libc::epoll_event { events: 0, u64: 0 }; 4];
-    // SAFETY: waits on a live epoll fd into a correctly sized array.
-    unsafe { libc::epoll_wait(epfd, ev.as_mut_ptr(), 4, ms) }
+/// Waits up to `ms` on `epoll`; returns how many events it reported.
+fn epoll_wait(epoll: &Epoll, ms: u16) -> usize {
+    let mut ev = [EpollEvent::empty(); 4];
+    epoll.wait(&mut ev, ms).unwrap()
 }
 
 /// A VM host's agent watches the notify fd edge-triggered and never reads
@@ -370,23 +372,22 @@ fn epoll_wait(epfd: i32, ms: i32) -> i32 {
 fn an_edge_triggered_watcher_wakes_once_per_signal_and_never_reads_the_fd() {
     let mut p = pair("edge");
     p.b_recvs(8);
-    // SAFETY: creates a new epoll fd, closed below.
-    let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-    assert!(epfd >= 0);
-    let mut ev = libc::epoll_event {
-        events: (libc::EPOLLIN | libc::EPOLLET) as u32,
-        u64: 7,
-    };
-    // SAFETY: adds a live fd to the live epoll fd.
-    let rc = unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, p.b().notify_fd(), &mut ev) };
-    assert_eq!(rc, 0);
+    let epfd = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).unwrap();
+    // SAFETY: the endpoint owns its notify fd and outlives this borrow.
+    let notify = unsafe { BorrowedFd::borrow_raw(p.b().notify_fd()) };
+    let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLET;
+    epfd.add(notify, EpollEvent::new(flags, 7)).unwrap();
     p.b().set_edge_triggered();
     p.b().arm().unwrap();
     // Whatever the fd held at registration is reported once.
-    epoll_wait(epfd, 0);
+    epoll_wait(&epfd, 0);
     let mut done = [Completion::EMPTY; 8];
     for i in 0..20u32 {
-        assert_eq!(epoll_wait(epfd, 20), 0, "round {i}: woken with nothing new");
+        assert_eq!(
+            epoll_wait(&epfd, 20),
+            0,
+            "round {i}: woken with nothing new"
+        );
         let mut w = p.a_write(100 + u64::from(i), 0, 64);
         let Opcode::Write { remote_addr, rkey } = w.opcode else {
             unreachable!()
@@ -398,7 +399,7 @@ fn an_edge_triggered_watcher_wakes_once_per_signal_and_never_reads_the_fd() {
         };
         p.a.post_send(&[w]).unwrap();
         assert_eq!(
-            epoll_wait(epfd, 2000),
+            epoll_wait(&epfd, 2000),
             1,
             "round {i}: the signal did not wake"
         );
@@ -422,6 +423,4 @@ fn an_edge_triggered_watcher_wakes_once_per_signal_and_never_reads_the_fd() {
         assert!(done[..n].iter().all(|c| c.status.is_ok()));
     }
     assert!(p.canaries_intact());
-    // SAFETY: closes the epoll fd created above, once.
-    unsafe { libc::close(epfd) };
 }
